@@ -1,0 +1,362 @@
+//! Dense GEMMs on the CPU: FP32/FP64 through the `gemm` crate (SIMD micro-kernels chosen at run time,
+//! multi-threaded with rayon), and BF16 operands with FP32 accumulation.
+//!
+//! All `unsafe` of the crate's GEMM path is in [`gemm_into`]: the views are validated first, so the
+//! raw-pointer call only ever touches memory that the borrowed slices own.
+
+use half::bf16;
+
+use crate::tensor::fmt_shape;
+use crate::{KernelError, Real, Result, Tensor};
+
+/// Below this many multiply-adds a GEMM runs on the calling thread.
+const PARALLEL_THRESHOLD: usize = 1 << 18;
+
+/// A read-only strided matrix view into a slice.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// A mutable strided matrix view into a slice, with no two elements sharing memory.
+#[derive(Debug)]
+pub struct MatMut<'a, T> {
+    data: &'a mut [T],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+fn last_index(offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    if rows == 0 || cols == 0 {
+        return Some(offset);
+    }
+    offset.checked_add((rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)?)
+}
+
+fn check_view(
+    operand: &'static str,
+    len: usize,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<()> {
+    match last_index(offset, rows, cols, rs, cs) {
+        Some(last) if rows == 0 || cols == 0 || last < len => Ok(()),
+        _ => Err(KernelError::shape(
+            operand,
+            format!("a view of {rows}x{cols} (offset {offset}, strides {rs},{cs}) inside the buffer"),
+            format!("a buffer of {len} elements"),
+        )),
+    }
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Result<Self> {
+        Self::strided(data, 0, rows, cols, cols, 1)
+    }
+
+    /// A general strided view: element `(i, j)` is `data[offset + i * row_stride + j * col_stride]`.
+    pub fn strided(
+        data: &'a [T],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
+        check_view("matrix view", data.len(), offset, rows, cols, row_stride, col_stride)?;
+        Ok(Self {
+            data,
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
+    /// The transposed view (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Rows of the view.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns of the view.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+impl<'a, T> MatMut<'a, T> {
+    /// A contiguous row-major `rows x cols` matrix.
+    pub fn row_major(data: &'a mut [T], rows: usize, cols: usize) -> Result<Self> {
+        Self::strided(data, 0, rows, cols, cols, 1)
+    }
+
+    /// A general strided view; the strides must not make two elements share memory.
+    pub fn strided(
+        data: &'a mut [T],
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
+        check_view("output view", data.len(), offset, rows, cols, row_stride, col_stride)?;
+        let disjoint = rows <= 1 && (cols <= 1 || col_stride >= 1)
+            || cols <= 1 && row_stride >= 1
+            || (col_stride >= 1 && row_stride >= cols * col_stride)
+            || (row_stride >= 1 && col_stride >= rows * row_stride);
+        if !disjoint {
+            return Err(KernelError::shape(
+                "output view",
+                "strides that give every element its own memory",
+                format!("{rows}x{cols} with strides {row_stride},{col_stride}"),
+            ));
+        }
+        Ok(Self {
+            data,
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+}
+
+/// `c = a * b`, or `c += a * b` when `accumulate` is set.
+pub fn gemm_into<T: Real>(
+    c: MatMut<'_, T>,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    accumulate: bool,
+) -> Result<()> {
+    if a.cols != b.rows || c.rows != a.rows || c.cols != b.cols {
+        return Err(KernelError::shape(
+            "gemm operands",
+            format!("[m, k] x [k, n] -> [m, n] with c = [{}, {}]", c.rows, c.cols),
+            format!("a = [{}, {}], b = [{}, {}]", a.rows, a.cols, b.rows, b.cols),
+        ));
+    }
+    let (m, n, k) = (c.rows, c.cols, a.cols);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[c.offset + i * c.row_stride + j * c.col_stride] = T::zero();
+                }
+            }
+        }
+        return Ok(());
+    }
+    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let as_isize = |v: usize| v as isize;
+    // SAFETY: the three views were bounds-checked at construction (every element index they can
+    // produce lies inside their slice), the output view's strides were checked to be
+    // non-overlapping, and the output is borrowed mutably while the inputs are borrowed shared, so
+    // they cannot alias. `T` is f32 or f64 (the only `Real` types), both supported by `gemm`.
+    // All strides fit in `isize` because they index into allocated slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr().add(c.offset),
+            as_isize(c.col_stride),
+            as_isize(c.row_stride),
+            accumulate,
+            a.data.as_ptr().add(a.offset),
+            as_isize(a.col_stride),
+            as_isize(a.row_stride),
+            b.data.as_ptr().add(b.offset),
+            as_isize(b.col_stride),
+            as_isize(b.row_stride),
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+fn matrix_view<'a, T: Real>(
+    operand: &'static str,
+    t: &'a Tensor<T>,
+    transpose: bool,
+) -> Result<MatRef<'a, T>> {
+    let dims = t.expect_rank(operand, 2)?;
+    let view = MatRef::row_major(t.data(), dims[0], dims[1])?;
+    Ok(if transpose { view.t() } else { view })
+}
+
+/// `op(a) * op(b)` for 2-D tensors, where `op` transposes when its flag is set.
+pub fn matmul<T: Real>(
+    a: &Tensor<T>,
+    transpose_a: bool,
+    b: &Tensor<T>,
+    transpose_b: bool,
+) -> Result<Tensor<T>> {
+    let av = matrix_view("matmul.a", a, transpose_a)?;
+    let bv = matrix_view("matmul.b", b, transpose_b)?;
+    if av.cols != bv.rows {
+        return Err(KernelError::shape(
+            "matmul.b",
+            format!("{} rows to match a's inner dimension", av.cols),
+            format!(
+                "{} (b is {}{})",
+                bv.rows,
+                fmt_shape(b.shape()),
+                if transpose_b { " transposed" } else { "" }
+            ),
+        ));
+    }
+    let mut out = Tensor::zeros([av.rows, bv.cols]);
+    let (m, n) = (av.rows, bv.cols);
+    gemm_into(MatMut::row_major(out.data_mut(), m, n)?, av, bv, false)?;
+    Ok(out)
+}
+
+/// Rounds every element to the nearest BF16 value (ties to even), kept in `f32` storage.
+pub fn round_bf16(x: &mut [f32]) {
+    for v in x {
+        *v = bf16::from_f32(*v).to_f32();
+    }
+}
+
+/// BF16 GEMM: BF16 operands, products and sums in FP32 (BF16 products are exact in FP32), FP32 out.
+/// Round the result with [`round_bf16`] for a BF16 output.
+pub fn matmul_bf16(
+    a: &Tensor<bf16>,
+    transpose_a: bool,
+    b: &Tensor<bf16>,
+    transpose_b: bool,
+) -> Result<Tensor<f32>> {
+    matmul(&a.map(bf16::to_f32), transpose_a, &b.map(bf16::to_f32), transpose_b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &Tensor<f64>, ta: bool, b: &Tensor<f64>, tb: bool) -> Tensor<f64> {
+        let get = |t: &Tensor<f64>, tr: bool, i: usize, j: usize| {
+            let c = t.shape()[1];
+            if tr { t.data()[j * c + i] } else { t.data()[i * c + j] }
+        };
+        let (m, k) = if ta {
+            (a.shape()[1], a.shape()[0])
+        } else {
+            (a.shape()[0], a.shape()[1])
+        };
+        let n = if tb { b.shape()[0] } else { b.shape()[1] };
+        let mut out = Tensor::zeros([m, n]);
+        for i in 0..m {
+            for j in 0..n {
+                out.data_mut()[i * n + j] = (0..k).map(|p| get(a, ta, i, p) * get(b, tb, p, j)).sum();
+            }
+        }
+        out
+    }
+
+    fn seq(shape: [usize; 2], seed: f64) -> Tensor<f64> {
+        let n = shape[0] * shape[1];
+        Tensor::new(shape, (0..n).map(|i| ((i as f64 + seed) * 0.37).sin()).collect()).unwrap()
+    }
+
+    #[test]
+    fn all_transpose_combinations_match_naive() {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (m, k, n) = (70, 133, 65);
+            let a = seq(if ta { [k, m] } else { [m, k] }, 1.0);
+            let b = seq(if tb { [n, k] } else { [k, n] }, 2.0);
+            let got = matmul(&a, ta, &b, tb).unwrap();
+            let want = naive(&a, ta, &b, tb);
+            assert!(got.max_abs_diff(&want).unwrap() < 1e-10, "ta={ta} tb={tb}");
+        }
+    }
+
+    #[test]
+    fn large_parallel_f32_matches_f64() {
+        let (m, k, n) = (257, 300, 129);
+        let a = seq([m, k], 0.5);
+        let b = seq([k, n], 1.5);
+        let want = matmul(&a, false, &b, false).unwrap();
+        let got = matmul(&a.cast::<f32>(), false, &b.cast::<f32>(), false).unwrap();
+        assert!(got.cast::<f64>().max_abs_diff(&want).unwrap() < 1e-3);
+    }
+
+    #[test]
+    fn accumulate_adds_into_output() {
+        let a = seq([3, 4], 0.0);
+        let b = seq([4, 5], 1.0);
+        let mut c = vec![1.0f64; 15];
+        gemm_into(
+            MatMut::row_major(&mut c, 3, 5).unwrap(),
+            MatRef::row_major(a.data(), 3, 4).unwrap(),
+            MatRef::row_major(b.data(), 4, 5).unwrap(),
+            true,
+        )
+        .unwrap();
+        let want = naive(&a, false, &b, false);
+        for (g, w) in c.iter().zip(want.data()) {
+            assert!((g - (w + 1.0)).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_operand() {
+        let a = Tensor::<f32>::zeros([2, 3]);
+        let b = Tensor::<f32>::zeros([4, 5]);
+        let err = matmul(&a, false, &b, false).unwrap_err();
+        assert!(err.to_string().contains("matmul.b"), "{err}");
+        let v = Tensor::<f32>::zeros([6]);
+        let err = matmul(&v, false, &b, false).unwrap_err();
+        assert!(err.to_string().contains("matmul.a"), "{err}");
+        assert!(MatRef::strided(&[0.0f32; 4], 1, 2, 2, 2, 1).is_err());
+        assert!(MatMut::strided(&mut [0.0f32; 8], 0, 2, 2, 0, 1).is_err());
+    }
+
+    #[test]
+    fn bf16_gemm_accumulates_in_f32() {
+        // 1 + 2^-9 * 256 terms: a BF16 accumulator would lose every small term.
+        let k = 257;
+        let a = Tensor::new([1, k], vec![bf16::ONE; k]).unwrap();
+        let mut bv = vec![bf16::from_f32(2f32.powi(-9)); k];
+        bv[0] = bf16::ONE;
+        let b = Tensor::new([k, 1], bv).unwrap();
+        let c = matmul_bf16(&a, false, &b, false).unwrap();
+        assert_eq!(c.data()[0], 1.0 + 256.0 * 2f32.powi(-9));
+    }
+}

@@ -1,0 +1,171 @@
+//! A dense, row-major, owned tensor: the operand type of every operator.
+
+use crate::{KernelError, Real, Result};
+
+/// A dense row-major tensor that owns its elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor<T> {
+    shape: Vec<usize>,
+    data: Vec<T>,
+}
+
+/// Formats a shape as `[a, b, c]` for error messages.
+pub(crate) fn fmt_shape(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl<T: Copy> Tensor<T> {
+    /// Wraps `data` with `shape`; fails if the element count does not match.
+    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Result<Self> {
+        let shape = shape.into();
+        let numel: usize = shape.iter().product();
+        if numel != data.len() {
+            return Err(KernelError::shape(
+                "tensor.data",
+                format!("{numel} elements for shape {}", fmt_shape(&shape)),
+                format!("{} elements", data.len()),
+            ));
+        }
+        Ok(Self { shape, data })
+    }
+
+    /// Wraps data whose length the caller has already matched to `shape`.
+    pub(crate) fn from_parts(shape: Vec<usize>, data: Vec<T>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self { shape, data }
+    }
+
+    /// A tensor of `shape` filled with `value`.
+    pub fn full(shape: impl Into<Vec<usize>>, value: T) -> Self {
+        let shape = shape.into();
+        let numel = shape.iter().product();
+        Self {
+            shape,
+            data: vec![value; numel],
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    /// The elements, row-major, mutably.
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Gives up the elements.
+    pub fn into_data(self) -> Vec<T> {
+        self.data
+    }
+
+    /// The number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The size of the last dimension (1 for a scalar).
+    pub fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// The product of all dimensions but the last: the number of rows when viewed as a matrix.
+    pub fn rows(&self) -> usize {
+        match self.shape.split_last() {
+            Some((_, lead)) => lead.iter().product(),
+            None => 1,
+        }
+    }
+
+    /// The same elements under another shape with the same element count.
+    pub fn reshape(self, shape: impl Into<Vec<usize>>) -> Result<Self> {
+        Self::new(shape, self.data)
+    }
+
+    /// Applies `f` to every element.
+    pub fn map<U: Copy>(&self, f: impl Fn(T) -> U) -> Tensor<U> {
+        Tensor {
+            shape: self.shape.clone(),
+            data: self.data.iter().map(|&v| f(v)).collect(),
+        }
+    }
+
+    /// Fails unless the shape is exactly `expected`.
+    pub fn expect_shape(&self, operand: &'static str, expected: &[usize]) -> Result<()> {
+        if self.shape != expected {
+            return Err(KernelError::shape(
+                operand,
+                fmt_shape(expected),
+                fmt_shape(&self.shape),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fails unless the tensor has `n` dimensions; returns them.
+    pub fn expect_rank(&self, operand: &'static str, n: usize) -> Result<&[usize]> {
+        if self.shape.len() != n {
+            return Err(KernelError::shape(
+                operand,
+                format!("{n} dimensions"),
+                fmt_shape(&self.shape),
+            ));
+        }
+        Ok(&self.shape)
+    }
+
+    /// Views the tensor as a matrix `[rows, last_dim]`, failing for a scalar.
+    pub fn as_matrix(&self, operand: &'static str) -> Result<(usize, usize)> {
+        if self.shape.is_empty() {
+            return Err(KernelError::shape(
+                operand,
+                "at least 1 dimension",
+                fmt_shape(&self.shape),
+            ));
+        }
+        Ok((self.rows(), self.last_dim()))
+    }
+}
+
+impl<T: Real> Tensor<T> {
+    /// A tensor of zeros.
+    pub fn zeros(shape: impl Into<Vec<usize>>) -> Self {
+        Self::full(shape, T::zero())
+    }
+
+    /// Fails with [`KernelError::NonFinite`] if any element is NaN or infinite.
+    pub fn check_finite(&self, operand: &'static str) -> Result<()> {
+        crate::error::check_finite(operand, &self.data)
+    }
+
+    /// Converts element type through `f64`.
+    pub fn cast<U: Real>(&self) -> Tensor<U> {
+        self.map(|v| U::of(v.f64()))
+    }
+
+    /// Adds `other` element-wise into `self`.
+    pub fn add_assign(&mut self, other: &Self, operand: &'static str) -> Result<()> {
+        other.expect_shape(operand, &self.shape)?;
+        for (a, &b) in self.data.iter_mut().zip(&other.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    /// The largest absolute element-wise difference to `other` (shapes must match).
+    pub fn max_abs_diff(&self, other: &Self) -> Result<f64> {
+        other.expect_shape("other", &self.shape)?;
+        Ok(self
+            .data
+            .iter()
+            .zip(&other.data)
+            .map(|(&a, &b)| (a - b).abs().f64())
+            .fold(0.0, f64::max))
+    }
+}
