@@ -52,7 +52,11 @@ pub enum KernelError {
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
 impl KernelError {
-    pub(crate) fn shape(operand: &'static str, expected: impl ToString, got: impl ToString) -> Self {
+    pub(crate) fn shape(
+        operand: &'static str,
+        expected: impl ToString,
+        got: impl ToString,
+    ) -> Self {
         Self::ShapeMismatch {
             operand,
             expected: expected.to_string(),

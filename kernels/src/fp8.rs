@@ -134,8 +134,16 @@ fn encode_with(l: &Layout, x: f32) -> u8 {
     let sub = (f32::from_bits(abs) + magic).to_bits() - magic.to_bits();
 
     let min_normal_bits = ((127 + 1 - l.bias) as u32) << 23;
-    let code = if abs < min_normal_bits { sub } else { normal.min(l.max_code) };
-    let code = if abs > 0x7F80_0000 { l.nan_code as u32 } else { code };
+    let code = if abs < min_normal_bits {
+        sub
+    } else {
+        normal.min(l.max_code)
+    };
+    let code = if abs > 0x7F80_0000 {
+        l.nan_code as u32
+    } else {
+        code
+    };
     sign | code as u8
 }
 
@@ -146,7 +154,11 @@ const fn decode_with(l: &Layout, e5m2: bool, code: u8) -> f32 {
     let exp = (abs as u32) >> l.man_bits;
     let max_exp = (1u32 << (7 - l.man_bits)) - 1;
     if e5m2 && exp == max_exp {
-        return if man == 0 { sign * f32::INFINITY } else { f32::NAN };
+        return if man == 0 {
+            sign * f32::INFINITY
+        } else {
+            f32::NAN
+        };
     }
     if !e5m2 && abs == 0x7F {
         return f32::NAN;
@@ -217,7 +229,10 @@ mod tests {
         for f in FORMATS {
             for c in 0..=255u8 {
                 let (a, b) = (f.decode(c), reference_decode(f, c));
-                assert!(a.is_nan() && b.is_nan() || a == b, "{f:?} {c:#x}: {a} vs {b}");
+                assert!(
+                    a.is_nan() && b.is_nan() || a == b,
+                    "{f:?} {c:#x}: {a} vs {b}"
+                );
             }
         }
     }
@@ -295,7 +310,12 @@ mod tests {
                 if x.is_nan() {
                     continue;
                 }
-                assert_eq!(f.encode(x), reference(f, x), "{f:?} x={x:e} bits={:#x}", x.to_bits());
+                assert_eq!(
+                    f.encode(x),
+                    reference(f, x),
+                    "{f:?} x={x:e} bits={:#x}",
+                    x.to_bits()
+                );
             }
             let table = f.table();
             for c in 0..0x7Cu8 {
@@ -304,8 +324,11 @@ mod tests {
                     continue;
                 }
                 let mid = (a + b) / 2.0;
-                for x in [mid, f32::from_bits(mid.to_bits() + 1), f32::from_bits(mid.to_bits() - 1)]
-                {
+                for x in [
+                    mid,
+                    f32::from_bits(mid.to_bits() + 1),
+                    f32::from_bits(mid.to_bits() - 1),
+                ] {
                     assert_eq!(f.encode(x), reference(f, x), "{f:?} x={x:e}");
                     assert_eq!(f.encode(-x), reference(f, -x), "{f:?} x=-{x:e}");
                 }

@@ -61,14 +61,20 @@ impl TensorCoreModel {
             ));
         }
         if self.group == 0 {
-            return Err(KernelError::invalid("tensor_core.group", "must be at least 1"));
+            return Err(KernelError::invalid(
+                "tensor_core.group",
+                "must be at least 1",
+            ));
         }
         if let Some(nc) = self.promotion_interval
             && (nc == 0 || nc % self.group != 0)
         {
             return Err(KernelError::invalid(
                 "tensor_core.promotion_interval",
-                format!("must be a positive multiple of group {}, got {nc}", self.group),
+                format!(
+                    "must be a positive multiple of group {}, got {nc}",
+                    self.group
+                ),
             ));
         }
         Ok(())
@@ -148,7 +154,9 @@ fn emulated(a: &Fp8Matrix, b: &Fp8Matrix, model: TensorCoreModel) -> Tensor<f32>
     let bits = model.mantissa_bits;
     out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
         let arow = &ad[i * k..(i + 1) * k];
-        let sa: Vec<f64> = (0..blocks(k)).map(|kb| f64::from(a.scale_at(i, kb * QUANT_BLOCK))).collect();
+        let sa: Vec<f64> = (0..blocks(k))
+            .map(|kb| f64::from(a.scale_at(i, kb * QUANT_BLOCK)))
+            .collect();
         for (j, o) in row.iter_mut().enumerate() {
             let brow = &bd[j * k..(j + 1) * k];
             let mut fp32 = 0f32;
@@ -193,10 +201,14 @@ mod tests {
     use crate::quant::QuantConfig;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -271,7 +283,10 @@ mod tests {
         let (_, b) = operands(4, 4, 128);
         assert!(matches!(
             fp8_gemm(&a, &b, Accumulation::Fp32),
-            Err(KernelError::ShapeMismatch { operand: "fp8_gemm.b", .. })
+            Err(KernelError::ShapeMismatch {
+                operand: "fp8_gemm.b",
+                ..
+            })
         ));
         let (a, b) = operands(4, 4, 128);
         let bad = TensorCoreModel {
@@ -285,7 +300,10 @@ mod tests {
     #[test]
     fn truncation_rounds_toward_zero() {
         assert_eq!(truncate_mantissa(1.0 + 2f64.powi(-20), 14), 1.0);
-        assert_eq!(truncate_mantissa(-(1.0 + 2f64.powi(-14)), 14), -(1.0 + 2f64.powi(-14)));
+        assert_eq!(
+            truncate_mantissa(-(1.0 + 2f64.powi(-14)), 14),
+            -(1.0 + 2f64.powi(-14))
+        );
         assert_eq!(truncate_mantissa(1.0 + 2f64.powi(-15), 14), 1.0);
     }
 }

@@ -38,7 +38,11 @@ fn last_index(offset: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> 
     if rows == 0 || cols == 0 {
         return Some(offset);
     }
-    offset.checked_add((rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)?)
+    offset.checked_add(
+        (rows - 1)
+            .checked_mul(rs)?
+            .checked_add((cols - 1).checked_mul(cs)?)?,
+    )
 }
 
 fn check_view(
@@ -54,7 +58,9 @@ fn check_view(
         Some(last) if rows == 0 || cols == 0 || last < len => Ok(()),
         _ => Err(KernelError::shape(
             operand,
-            format!("a view of {rows}x{cols} (offset {offset}, strides {rs},{cs}) inside the buffer"),
+            format!(
+                "a view of {rows}x{cols} (offset {offset}, strides {rs},{cs}) inside the buffer"
+            ),
             format!("a buffer of {len} elements"),
         )),
     }
@@ -75,7 +81,15 @@ impl<'a, T> MatRef<'a, T> {
         row_stride: usize,
         col_stride: usize,
     ) -> Result<Self> {
-        check_view("matrix view", data.len(), offset, rows, cols, row_stride, col_stride)?;
+        check_view(
+            "matrix view",
+            data.len(),
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        )?;
         Ok(Self {
             data,
             offset,
@@ -123,7 +137,15 @@ impl<'a, T> MatMut<'a, T> {
         row_stride: usize,
         col_stride: usize,
     ) -> Result<Self> {
-        check_view("output view", data.len(), offset, rows, cols, row_stride, col_stride)?;
+        check_view(
+            "output view",
+            data.len(),
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        )?;
         let disjoint = rows <= 1 && (cols <= 1 || col_stride >= 1)
             || cols <= 1 && row_stride >= 1
             || (col_stride >= 1 && row_stride >= cols * col_stride)
@@ -156,7 +178,10 @@ pub fn gemm_into<T: Real>(
     if a.cols != b.rows || c.rows != a.rows || c.cols != b.cols {
         return Err(KernelError::shape(
             "gemm operands",
-            format!("[m, k] x [k, n] -> [m, n] with c = [{}, {}]", c.rows, c.cols),
+            format!(
+                "[m, k] x [k, n] -> [m, n] with c = [{}, {}]",
+                c.rows, c.cols
+            ),
             format!("a = [{}, {}], b = [{}, {}]", a.rows, a.cols, b.rows, b.cols),
         ));
     }
@@ -263,7 +288,12 @@ pub fn matmul_bf16(
     b: &Tensor<bf16>,
     transpose_b: bool,
 ) -> Result<Tensor<f32>> {
-    matmul(&a.map(bf16::to_f32), transpose_a, &b.map(bf16::to_f32), transpose_b)
+    matmul(
+        &a.map(bf16::to_f32),
+        transpose_a,
+        &b.map(bf16::to_f32),
+        transpose_b,
+    )
 }
 
 #[cfg(test)]
@@ -273,7 +303,11 @@ mod tests {
     fn naive(a: &Tensor<f64>, ta: bool, b: &Tensor<f64>, tb: bool) -> Tensor<f64> {
         let get = |t: &Tensor<f64>, tr: bool, i: usize, j: usize| {
             let c = t.shape()[1];
-            if tr { t.data()[j * c + i] } else { t.data()[i * c + j] }
+            if tr {
+                t.data()[j * c + i]
+            } else {
+                t.data()[i * c + j]
+            }
         };
         let (m, k) = if ta {
             (a.shape()[1], a.shape()[0])
@@ -284,7 +318,8 @@ mod tests {
         let mut out = Tensor::zeros([m, n]);
         for i in 0..m {
             for j in 0..n {
-                out.data_mut()[i * n + j] = (0..k).map(|p| get(a, ta, i, p) * get(b, tb, p, j)).sum();
+                out.data_mut()[i * n + j] =
+                    (0..k).map(|p| get(a, ta, i, p) * get(b, tb, p, j)).sum();
             }
         }
         out
@@ -292,7 +327,11 @@ mod tests {
 
     fn seq(shape: [usize; 2], seed: f64) -> Tensor<f64> {
         let n = shape[0] * shape[1];
-        Tensor::new(shape, (0..n).map(|i| ((i as f64 + seed) * 0.37).sin()).collect()).unwrap()
+        Tensor::new(
+            shape,
+            (0..n).map(|i| ((i as f64 + seed) * 0.37).sin()).collect(),
+        )
+        .unwrap()
     }
 
     #[test]

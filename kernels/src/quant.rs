@@ -9,12 +9,16 @@
 //! * Dimensions that are not multiples of 128 give partial tiles and blocks at the edges.
 
 use half::bf16;
+use rayon::prelude::*;
 
 use crate::fp8::Fp8Format;
 use crate::{KernelError, Result, Tensor};
 
 /// Tile and block edge length.
 pub const QUANT_BLOCK: usize = 128;
+/// Inputs of at least this many elements are quantized on several threads.
+const PARALLEL_ELEMENTS: usize = 1 << 20;
+
 /// The smallest amax a scale is computed from (so scales are never zero).
 pub const AMAX_FLOOR: f32 = 1e-4;
 
@@ -80,22 +84,19 @@ fn pow2_ceil(x: f32) -> f32 {
     f32::from_bits((x.to_bits() + 0x007F_FFFF) & 0xFF80_0000)
 }
 
+/// The largest magnitude in `x`, and whether every element is finite. For non-negative floats the
+/// integer order of the bit patterns is the numeric order, and NaN and the infinities have the
+/// largest patterns, so one integer max (which vectorises) gives both answers.
 #[inline(always)]
 fn amax_of(x: &[f32]) -> (f32, bool) {
-    let mut amax = 0.0f32;
-    let mut finite = true;
+    let mut m = 0u32;
     for &v in x {
-        amax = amax.max(v.abs());
-        finite &= v.is_finite();
+        m = m.max(v.to_bits() & 0x7FFF_FFFF);
     }
-    (amax, finite)
+    (f32::from_bits(m), m < 0x7F80_0000)
 }
 
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[inline(always)]
 fn encode_scaled(src: &[f32], dst: &mut [u8], mul: f32, format: Fp8Format) {
     match format {
         Fp8Format::E4M3 => {
@@ -133,6 +134,60 @@ fn quantize_row(src: &[f32], codes: &mut [u8], scales: &mut [f32], cfg: QuantCon
     ok
 }
 
+/// Encodes whole rows of a block-quantized matrix, given each block's multiplier.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn encode_block_rows(
+    x: &[f32],
+    codes: &mut [u8],
+    cols: usize,
+    kb: usize,
+    muls: &[f32],
+    format: Fp8Format,
+) {
+    for (r, (src, dst)) in x.chunks(cols).zip(codes.chunks_mut(cols)).enumerate() {
+        let bi = r / QUANT_BLOCK;
+        for (j, (s, d)) in src
+            .chunks(QUANT_BLOCK)
+            .zip(dst.chunks_mut(QUANT_BLOCK))
+            .enumerate()
+        {
+            encode_scaled(s, d, muls[bi * kb + j], format);
+        }
+    }
+}
+
+/// Quantizes whole rows in 1x128 tiles; large inputs are split into bands of rows across rayon's
+/// threads (tiles are independent, so the result does not depend on the split).
+fn quantize_rows(
+    x: &[f32],
+    codes: &mut [u8],
+    scales: &mut [f32],
+    cols: usize,
+    cfg: QuantConfig,
+) -> bool {
+    let kb = blocks(cols);
+    let band = |((src, dst), sc): ((&[f32], &mut [u8]), &mut [f32])| {
+        src.chunks(cols)
+            .zip(dst.chunks_mut(cols))
+            .zip(sc.chunks_mut(kb))
+            .fold(true, |ok, ((s, d), c)| quantize_row(s, d, c, cfg) & ok)
+    };
+    if x.len() < PARALLEL_ELEMENTS {
+        return band(((x, codes), scales));
+    }
+    let rows = x.len() / cols;
+    let rows_per_band = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    x.par_chunks(rows_per_band * cols)
+        .zip(codes.par_chunks_mut(rows_per_band * cols))
+        .zip(scales.par_chunks_mut(rows_per_band * kb))
+        .map(band)
+        .reduce(|| true, |a, b| a & b)
+}
+
 fn non_finite(operand: &'static str, x: &[f32]) -> KernelError {
     match crate::error::check_finite(operand, x) {
         Err(e) => e,
@@ -154,31 +209,46 @@ fn check_len(operand: &'static str, x: &[f32], rows: usize, cols: usize) -> Resu
 impl Fp8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix per 1x128 tile along `cols`.
     pub fn quantize_tiles(x: &[f32], rows: usize, cols: usize, cfg: QuantConfig) -> Result<Self> {
-        check_len("quantize.input", x, rows, cols)?;
-        let kb = blocks(cols);
-        let mut codes = vec![0u8; rows * cols];
-        let mut scales = vec![0f32; rows * kb];
-        let mut ok = true;
-        if cols > 0 {
-            for ((src, dst), sc) in x
-                .chunks(cols)
-                .zip(codes.chunks_mut(cols))
-                .zip(scales.chunks_mut(kb))
-            {
-                ok &= quantize_row(src, dst, sc, cfg);
-            }
-        }
-        if !ok {
-            return Err(non_finite("quantize.input", x));
-        }
-        Ok(Self {
-            rows,
-            cols,
+        let mut q = Self {
+            rows: 0,
+            cols: 0,
             format: cfg.format,
             granularity: Granularity::Tile1x128,
-            codes,
-            scales,
-        })
+            codes: Vec::new(),
+            scales: Vec::new(),
+        };
+        q.requantize_tiles(x, rows, cols, cfg)?;
+        Ok(q)
+    }
+
+    /// Like [`Fp8Matrix::quantize_tiles`], but reuses this matrix's buffers (a training loop
+    /// quantizes same-shaped activations every step). On error the matrix is left empty.
+    pub fn requantize_tiles(
+        &mut self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        cfg: QuantConfig,
+    ) -> Result<()> {
+        self.rows = 0;
+        self.cols = 0;
+        self.codes.clear();
+        self.scales.clear();
+        check_len("quantize.input", x, rows, cols)?;
+        let kb = blocks(cols);
+        self.codes.resize(rows * cols, 0);
+        self.scales.resize(rows * kb, 0.0);
+        let ok = cols == 0 || quantize_rows(x, &mut self.codes, &mut self.scales, cols, cfg);
+        if !ok {
+            self.codes.clear();
+            self.scales.clear();
+            return Err(non_finite("quantize.input", x));
+        }
+        self.rows = rows;
+        self.cols = cols;
+        self.format = cfg.format;
+        self.granularity = Granularity::Tile1x128;
+        Ok(())
     }
 
     /// Quantizes a tensor viewed as `[rows, last_dim]` per 1x128 tile.
@@ -230,16 +300,7 @@ impl Fp8Matrix {
         }
         let mut codes = vec![0u8; rows * cols];
         if cols > 0 {
-            for (r, (src, dst)) in x.chunks(cols).zip(codes.chunks_mut(cols)).enumerate() {
-                let bi = r / QUANT_BLOCK;
-                for (j, (s, d)) in src
-                    .chunks(QUANT_BLOCK)
-                    .zip(dst.chunks_mut(QUANT_BLOCK))
-                    .enumerate()
-                {
-                    encode_scaled(s, d, muls[bi * kb + j], cfg.format);
-                }
-            }
+            encode_block_rows(x, &mut codes, cols, kb, &muls, cfg.format);
         }
         Ok(Self {
             rows,
@@ -399,7 +460,9 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize, seed: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 + seed) * 0.731).sin() * (1.0 + (i % 7) as f32)).collect()
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.731).sin() * (1.0 + (i % 7) as f32))
+            .collect()
     }
 
     #[test]
@@ -480,14 +543,51 @@ mod tests {
             x[257] = bad;
             let err = Fp8Matrix::quantize_tiles(&x, 1, 300, QuantConfig::default()).unwrap_err();
             assert!(
-                matches!(err, KernelError::NonFinite { index: 257, operand: "quantize.input", .. }),
+                matches!(
+                    err,
+                    KernelError::NonFinite {
+                        index: 257,
+                        operand: "quantize.input",
+                        ..
+                    }
+                ),
                 "{err}"
             );
             let err = Fp8Matrix::quantize_blocks(&x, 3, 100, QuantConfig::default()).unwrap_err();
-            assert!(matches!(err, KernelError::NonFinite { index: 257, .. }), "{err}");
+            assert!(
+                matches!(err, KernelError::NonFinite { index: 257, .. }),
+                "{err}"
+            );
         }
         let err = Fp8Matrix::quantize_tiles(&[1.0; 5], 2, 3, QuantConfig::default()).unwrap_err();
         assert!(err.to_string().contains("quantize.input"));
+    }
+
+    #[test]
+    fn threaded_quantization_equals_row_by_row() {
+        let (rows, cols) = (1100, 1000);
+        assert!(rows * cols >= PARALLEL_ELEMENTS);
+        let x = ramp(rows * cols, 4.0);
+        let cfg = QuantConfig::default();
+        let all = Fp8Matrix::quantize_tiles(&x, rows, cols, cfg).unwrap();
+        for r in [0, 1, 517, rows - 1] {
+            let one =
+                Fp8Matrix::quantize_tiles(&x[r * cols..(r + 1) * cols], 1, cols, cfg).unwrap();
+            assert_eq!(&all.codes()[r * cols..(r + 1) * cols], one.codes());
+            assert_eq!(&all.scales()[r * 8..(r + 1) * 8], one.scales());
+        }
+        let mut bad = x.clone();
+        bad[rows * cols - 3] = f32::NAN;
+        let mut reused = all.clone();
+        let err = reused.requantize_tiles(&bad, rows, cols, cfg).unwrap_err();
+        assert!(matches!(err, KernelError::NonFinite { index, .. } if index == rows * cols - 3));
+        assert_eq!(
+            (reused.rows(), reused.codes().len()),
+            (0, 0),
+            "a failed requantize leaves it empty"
+        );
+        reused.requantize_tiles(&x, rows, cols, cfg).unwrap();
+        assert_eq!(reused, all);
     }
 
     #[test]

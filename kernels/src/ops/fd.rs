@@ -44,12 +44,14 @@ pub(crate) fn numeric_grad(x: &Tensor<f64>, f: impl Fn(&Tensor<f64>) -> f64) -> 
 
 /// Asserts that the analytic gradient agrees with the numeric one to `tol`, relative to the
 /// largest gradient magnitude (at least 1).
-pub(crate) fn assert_grad_close(name: &str, analytic: &Tensor<f64>, numeric: &Tensor<f64>, tol: f64) {
+pub(crate) fn assert_grad_close(
+    name: &str,
+    analytic: &Tensor<f64>,
+    numeric: &Tensor<f64>,
+    tol: f64,
+) {
     assert_eq!(analytic.shape(), numeric.shape(), "{name}: shapes differ");
-    let scale = numeric
-        .data()
-        .iter()
-        .fold(1.0f64, |m, v| m.max(v.abs()));
+    let scale = numeric.data().iter().fold(1.0f64, |m, v| m.max(v.abs()));
     let err = analytic.max_abs_diff(numeric).expect("shapes agree");
     assert!(
         err <= tol * scale,

@@ -1,0 +1,4 @@
+//! `shoal bench`: benchmarks that print ratios against peers measured in the same run.
+
+pub mod kernels;
+mod numpy;

@@ -1,0 +1,80 @@
+//! The `shoal` binary, run as a separate process.
+
+use shoal_tests::run_shoal;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = run_shoal(&["--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in ["train", "bench"] {
+        assert!(text.contains(sub), "help does not mention {sub}: {text}");
+    }
+}
+
+#[test]
+fn train_says_it_is_not_available_yet_and_fails() {
+    let out = run_shoal(&["train"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not available yet"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn unknown_arguments_are_refused_by_name() {
+    let out = run_shoal(&["bench", "kernels", "--frobnicate"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--frobnicate"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_python_without_numpy_is_a_clear_error() {
+    let out = run_shoal(&[
+        "bench",
+        "kernels",
+        "--quick",
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--python /nonexistent/python3") && err.contains("numpy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn quick_kernel_bench_reports_every_measurement() {
+    let out = run_shoal(&["bench", "kernels", "--quick", "--no-numpy", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let q = &report["quantize"];
+    for key in ["quantize_gb_s", "memcpy_gb_s", "ratio_vs_memcpy"] {
+        let v = q[key].as_f64().unwrap_or(0.0);
+        assert!(v.is_finite() && v > 0.0, "quantize.{key} = {v}");
+    }
+    let gemm = report["gemm"].as_array().expect("gemm rows");
+    let sizes: Vec<u64> = gemm.iter().filter_map(|r| r["n"].as_u64()).collect();
+    assert_eq!(sizes, [256, 512]);
+    for row in gemm {
+        for key in ["fp32_gflops", "bf16_gflops", "fp8_exact_gflops"] {
+            let v = row[key].as_f64().unwrap_or(0.0);
+            assert!(v.is_finite() && v > 0.0, "{key} = {v} in {row}");
+        }
+        assert!(row["numpy_fp32_gflops"].is_null(), "numpy was skipped");
+    }
+    assert!(
+        report["fp8_tensor_core_emulation"]["gflops"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
+}
