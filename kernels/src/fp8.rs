@@ -88,6 +88,16 @@ impl Fp8Format {
         }
     }
 
+    /// Encodes a value known to be finite (NaN handling is skipped; saturation is kept). Used by
+    /// quantization, which has already checked its input; for NaN the result is unspecified.
+    #[inline(always)]
+    pub fn encode_finite(self, x: f32) -> u8 {
+        match self {
+            Fp8Format::E4M3 => encode_inner::<false>(&E4M3, x),
+            Fp8Format::E5M2 => encode_inner::<false>(&E5M2, x),
+        }
+    }
+
     /// Decodes a code to `f32` (exactly: every FP8 value is an `f32` value).
     #[inline(always)]
     pub fn decode(self, code: u8) -> f32 {
@@ -116,8 +126,13 @@ impl Fp8Format {
 /// selected, so loops over slices vectorise.
 #[inline(always)]
 fn encode_with(l: &Layout, x: f32) -> u8 {
+    encode_inner::<true>(l, x)
+}
+
+#[inline(always)]
+fn encode_inner<const NAN: bool>(l: &Layout, x: f32) -> u8 {
     let bits = x.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
+    let sign = (bits >> 24) & 0x80;
     let abs = bits & 0x7FFF_FFFF;
     let shift = 23 - l.man_bits;
 
@@ -139,12 +154,13 @@ fn encode_with(l: &Layout, x: f32) -> u8 {
     } else {
         normal.min(l.max_code)
     };
-    let code = if abs > 0x7F80_0000 {
+    let code = if NAN && abs > 0x7F80_0000 {
         l.nan_code as u32
     } else {
         code
     };
-    sign | code as u8
+    // Combine in 32 bits so that a vectorised loop narrows to bytes only once.
+    (sign | code) as u8
 }
 
 const fn decode_with(l: &Layout, e5m2: bool, code: u8) -> f32 {

@@ -101,12 +101,12 @@ fn encode_scaled(src: &[f32], dst: &mut [u8], mul: f32, format: Fp8Format) {
     match format {
         Fp8Format::E4M3 => {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = Fp8Format::E4M3.encode(s * mul);
+                *d = Fp8Format::E4M3.encode_finite(s * mul);
             }
         }
         Fp8Format::E5M2 => {
             for (d, &s) in dst.iter_mut().zip(src) {
-                *d = Fp8Format::E5M2.encode(s * mul);
+                *d = Fp8Format::E5M2.encode_finite(s * mul);
             }
         }
     }
@@ -119,17 +119,32 @@ fn encode_scaled(src: &[f32], dst: &mut [u8], mul: f32, format: Fp8Format) {
     "aarch64+neon"
 ))]
 fn quantize_row(src: &[f32], codes: &mut [u8], scales: &mut [f32], cfg: QuantConfig) -> bool {
+    // Short passes over a group of tiles (which stays in L1): every tile's amax, then every
+    // scale, then the encoding. Keeping the divisions out of the per-tile chain lets the core
+    // overlap tiles instead of waiting on each scale.
+    const GROUP: usize = 16;
     let mut ok = true;
-    for ((tile, out), scale) in src
-        .chunks(QUANT_BLOCK)
-        .zip(codes.chunks_mut(QUANT_BLOCK))
-        .zip(scales.iter_mut())
+    let mut muls = [0f32; GROUP];
+    for ((src, codes), scales) in src
+        .chunks(GROUP * QUANT_BLOCK)
+        .zip(codes.chunks_mut(GROUP * QUANT_BLOCK))
+        .zip(scales.chunks_mut(GROUP))
     {
-        let (amax, finite) = amax_of(tile);
-        ok &= finite;
-        let (s, mul) = scale_for(amax, cfg);
-        *scale = s;
-        encode_scaled(tile, out, mul, cfg.format);
+        for (tile, scale) in src.chunks(QUANT_BLOCK).zip(scales.iter_mut()) {
+            let (amax, finite) = amax_of(tile);
+            ok &= finite;
+            *scale = amax;
+        }
+        for (scale, mul) in scales.iter_mut().zip(muls.iter_mut()) {
+            (*scale, *mul) = scale_for(*scale, cfg);
+        }
+        for ((tile, out), &mul) in src
+            .chunks(QUANT_BLOCK)
+            .zip(codes.chunks_mut(QUANT_BLOCK))
+            .zip(muls.iter())
+        {
+            encode_scaled(tile, out, mul, cfg.format);
+        }
     }
     ok
 }
