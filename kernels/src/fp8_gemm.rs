@@ -97,6 +97,7 @@ pub fn fp8_gemm(a: &Fp8Matrix, b: &Fp8Matrix, acc: Accumulation) -> Result<Tenso
             format!("[{}, {}]", b.rows(), b.cols()),
         ));
     }
+    crate::checked_numel("fp8_gemm.output", &[a.rows(), b.rows()], 4)?;
     match acc {
         Accumulation::Fp32 => exact(a, b),
         Accumulation::TensorCore(model) => {
@@ -124,12 +125,12 @@ fn exact(a: &Fp8Matrix, b: &Fp8Matrix) -> Result<Tensor<f32>> {
             MatRef::strided(&bd, k0, n, len, k, 1)?.t(),
             false,
         )?;
-        let sb: Vec<f32> = (0..n).map(|j| b.scale_at(j, k0)).collect();
+        let sb: Vec<f32> = (0..n).map(|j| b.scale(j, k0)).collect();
         out.par_chunks_mut(n)
             .zip(partial.par_chunks(n))
             .enumerate()
             .for_each(|(i, (o, p))| {
-                let sa = a.scale_at(i, k0);
+                let sa = a.scale(i, k0);
                 for ((o, &p), &sb) in o.iter_mut().zip(p).zip(&sb) {
                     *o += p * (sa * sb);
                 }
@@ -150,7 +151,7 @@ fn emulated(a: &Fp8Matrix, b: &Fp8Matrix, model: TensorCoreModel) -> Tensor<f32>
     out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
         let arow = &ad[i * k..(i + 1) * k];
         let sa: Vec<f64> = (0..blocks(k))
-            .map(|kb| f64::from(a.scale_at(i, kb * QUANT_BLOCK)))
+            .map(|kb| f64::from(a.scale(i, kb * QUANT_BLOCK)))
             .collect();
         for (j, o) in row.iter_mut().enumerate() {
             let brow = &bd[j * k..(j + 1) * k];
@@ -164,7 +165,7 @@ fn emulated(a: &Fp8Matrix, b: &Fp8Matrix, model: TensorCoreModel) -> Tensor<f32>
                 // are their products with two f32 scales up to f64 rounding far below the model's).
                 let mut g = 0f64;
                 for p in k0..end {
-                    let s = sa[p / QUANT_BLOCK] * f64::from(b.scale_at(j, p));
+                    let s = sa[p / QUANT_BLOCK] * f64::from(b.scale(j, p));
                     g += f64::from(arow[p]) * f64::from(brow[p]) * s;
                 }
                 tc = truncate_mantissa(tc + g, bits);
@@ -245,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn wide_accumulator_agrees_with_exact_mode() {
+    fn wide_accumulator_agrees_with_the_f64_product() {
         let (a, b) = operands(8, 8, 1024);
         let model = TensorCoreModel {
             mantissa_bits: 52,

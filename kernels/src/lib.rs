@@ -23,4 +23,4 @@ pub use fp8::Fp8Format;
 pub use fp8_gemm::{Accumulation, TensorCoreModel, fp8_gemm};
 pub use quant::{Fp8Matrix, Granularity, QuantConfig};
 pub use real::Real;
-pub use tensor::Tensor;
+pub use tensor::{Tensor, checked_numel};

@@ -211,10 +211,11 @@ fn non_finite(operand: &'static str, x: &[f32]) -> KernelError {
 }
 
 fn check_len(operand: &'static str, x: &[f32], rows: usize, cols: usize) -> Result<()> {
-    if x.len() != rows * cols {
+    let n = crate::checked_numel(operand, &[rows, cols], 4)?;
+    if x.len() != n {
         return Err(KernelError::shape(
             operand,
-            format!("{rows}x{cols} = {} elements", rows * cols),
+            format!("{rows}x{cols} = {n} elements"),
             format!("{} elements", x.len()),
         ));
     }
@@ -290,7 +291,11 @@ impl Fp8Matrix {
     /// Quantizes a row-major `[rows, cols]` matrix per 128x128 block.
     pub fn quantize_blocks(x: &[f32], rows: usize, cols: usize, cfg: QuantConfig) -> Result<Self> {
         check_len("quantize.input", x, rows, cols)?;
-        let (rb, kb) = (blocks(rows), blocks(cols));
+        let (rb, kb) = if x.is_empty() {
+            (0, 0)
+        } else {
+            (blocks(rows), blocks(cols))
+        };
         let mut scales = vec![0f32; rb * kb];
         let mut muls = vec![0f32; rb * kb];
         let mut ok = true;
@@ -372,9 +377,17 @@ impl Fp8Matrix {
         }
     }
 
-    /// The scale that applies to element `(row, col)`.
+    /// The scale that applies to element `(row, col)`, or `None` outside the matrix.
+    pub fn scale_at(&self, row: usize, col: usize) -> Option<f32> {
+        if row >= self.rows || col >= self.cols {
+            return None;
+        }
+        Some(self.scale(row, col))
+    }
+
+    /// [`Fp8Matrix::scale_at`] for callers that iterate inside the matrix.
     #[inline(always)]
-    pub fn scale_at(&self, row: usize, col: usize) -> f32 {
+    pub(crate) fn scale(&self, row: usize, col: usize) -> f32 {
         let kb = blocks(self.cols);
         let r = match self.granularity {
             Granularity::Tile1x128 => row,
@@ -403,7 +416,7 @@ impl Fp8Matrix {
                     .zip(src.chunks(QUANT_BLOCK))
                     .enumerate()
                 {
-                    let scale = self.scale_at(r, j * QUANT_BLOCK);
+                    let scale = self.scale(r, j * QUANT_BLOCK);
                     for (o, &c) in d.iter_mut().zip(s) {
                         *o = table[c as usize] * scale;
                     }
@@ -504,7 +517,8 @@ mod tests {
         let q = Fp8Matrix::quantize_blocks(&x, rows, cols, QuantConfig::default()).unwrap();
         assert_eq!(q.scale_shape(), [2, 2]);
         assert_eq!(q.scales()[3], 100.0 / 448.0);
-        assert_eq!(q.scale_at(150, 129), 100.0 / 448.0);
+        assert_eq!(q.scale_at(150, 129), Some(100.0 / 448.0));
+        assert_eq!(q.scale_at(200, 0), None);
         assert!(q.scales()[0] < 100.0 / 448.0);
     }
 
@@ -549,6 +563,31 @@ mod tests {
         assert!(qt.transpose().is_err());
         let rt = qt.requantize_transposed(QuantConfig::default()).unwrap();
         assert_eq!((rt.rows(), rt.cols()), (cols, rows));
+        let direct = Fp8Matrix::quantize_tiles_transposed(
+            qt.dequantize().data(),
+            rows,
+            cols,
+            QuantConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(rt, direct);
+        // The values survive the round trip to within the FP8 error of both quantizations.
+        let back = rt.dequantize();
+        let orig = qt.dequantize();
+        for i in 0..rows {
+            for j in 0..cols {
+                let (a, b) = (orig.data()[i * cols + j], back.data()[j * rows + i]);
+                assert!((a - b).abs() <= 0.0625 * a.abs() + 1e-3, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_shapes_are_quick_and_overflow_is_an_error() {
+        let q = Fp8Matrix::quantize_blocks(&[], 1 << 40, 0, QuantConfig::default()).unwrap();
+        assert!(q.codes().is_empty() && q.scales().is_empty());
+        let e = Fp8Matrix::quantize_tiles(&[], 1 << 40, 1 << 40, QuantConfig::default());
+        assert!(e.is_err());
     }
 
     #[test]

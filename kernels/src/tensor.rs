@@ -9,6 +9,32 @@ pub struct Tensor<T> {
     data: Vec<T>,
 }
 
+/// The element count of `shape`, or an error naming `operand` when it overflows or exceeds what
+/// one allocation of `elem_size`-byte elements can hold. A zero dimension makes the count zero
+/// whatever the others are.
+pub fn checked_numel(operand: &'static str, shape: &[usize], elem_size: usize) -> Result<usize> {
+    let too_big = || {
+        KernelError::shape(
+            operand,
+            "a shape whose element count fits in memory",
+            fmt_shape(shape),
+        )
+    };
+    if shape.contains(&0) {
+        return Ok(0);
+    }
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(too_big)?;
+    if n.checked_mul(elem_size.max(1))
+        .is_none_or(|b| b > isize::MAX as usize)
+    {
+        return Err(too_big());
+    }
+    Ok(n)
+}
+
 /// Formats a shape as `[a, b, c]` for error messages.
 pub(crate) fn fmt_shape(shape: &[usize]) -> String {
     format!("{shape:?}")
@@ -18,7 +44,7 @@ impl<T: Copy> Tensor<T> {
     /// Wraps `data` with `shape`; fails if the element count does not match.
     pub fn new(shape: impl Into<Vec<usize>>, data: Vec<T>) -> Result<Self> {
         let shape = shape.into();
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("tensor.shape", &shape, std::mem::size_of::<T>())?;
         if numel != data.len() {
             return Err(KernelError::shape(
                 "tensor.data",
@@ -36,6 +62,9 @@ impl<T: Copy> Tensor<T> {
     }
 
     /// A tensor of `shape` filled with `value`.
+    ///
+    /// Panics, like `vec!`, if the element count overflows; shapes that come from users go
+    /// through [`Tensor::try_full`] or [`checked_numel`] first.
     pub fn full(shape: impl Into<Vec<usize>>, value: T) -> Self {
         let shape = shape.into();
         let numel = shape.iter().product();
@@ -43,6 +72,17 @@ impl<T: Copy> Tensor<T> {
             shape,
             data: vec![value; numel],
         }
+    }
+
+    /// A tensor of `shape` filled with `value`, or an error naming `operand` if the shape is too
+    /// large to allocate.
+    pub fn try_full(operand: &'static str, shape: impl Into<Vec<usize>>, value: T) -> Result<Self> {
+        let shape = shape.into();
+        let numel = checked_numel(operand, &shape, std::mem::size_of::<T>())?;
+        Ok(Self {
+            shape,
+            data: vec![value; numel],
+        })
     }
 
     /// The shape.
@@ -134,9 +174,15 @@ impl<T: Copy> Tensor<T> {
 }
 
 impl<T: Real> Tensor<T> {
-    /// A tensor of zeros.
+    /// A tensor of zeros (panics like `vec!` if the element count overflows; see
+    /// [`Tensor::try_zeros`]).
     pub fn zeros(shape: impl Into<Vec<usize>>) -> Self {
         Self::full(shape, T::zero())
+    }
+
+    /// A tensor of zeros, or an error naming `operand` if the shape is too large to allocate.
+    pub fn try_zeros(operand: &'static str, shape: impl Into<Vec<usize>>) -> Result<Self> {
+        Self::try_full(operand, shape, T::zero())
     }
 
     /// Fails with [`KernelError::NonFinite`] if any element is NaN or infinite.
@@ -167,5 +213,20 @@ impl<T: Real> Tensor<T> {
             .zip(&other.data)
             .map(|(&a, &b)| (a - b).abs().f64())
             .fold(0.0, f64::max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_shapes_are_errors_not_panics() {
+        let e = Tensor::<f32>::new([2, 1 << 63], vec![]).unwrap_err();
+        assert!(e.to_string().contains("tensor.shape"), "{e}");
+        assert!(Tensor::<f32>::new([1 << 40, 1 << 40, 0], vec![]).is_ok());
+        assert!(Tensor::<f32>::try_zeros("x", [1 << 62]).is_err());
+        assert_eq!(checked_numel("x", &[3, 0, usize::MAX], 4).unwrap(), 0);
+        assert_eq!(checked_numel("x", &[3, 5], 4).unwrap(), 15);
     }
 }

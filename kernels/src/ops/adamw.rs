@@ -97,6 +97,23 @@ impl AdamWConfig {
                 format!("must be finite and >= 0, got {}", self.weight_decay),
             ));
         }
+        // A BF16 value has 8 significant bits: multiplying by beta changes it by less than half
+        // an ULP (2^-9 to 2^-8 relative) when 1 - beta < 2^-8, so a stored moment could stop
+        // decaying.
+        if self.bf16_moments {
+            for (name, beta) in [("adamw.beta1", self.beta1), ("adamw.beta2", self.beta2)] {
+                if beta > 0.0 && 1.0 - beta < 2f32.powi(-8) {
+                    return Err(KernelError::invalid(
+                        name,
+                        format!(
+                            "{beta} is too close to 1 for bf16 moments (they could never decay); \
+                             use fp32 moments or a beta below {}",
+                            1.0 - 2f32.powi(-8)
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -415,6 +432,26 @@ mod tests {
             let vhat = *v / (1.0 - b2.powi(t));
             *p -= lr * mhat / (vhat.sqrt() + eps);
         }
+    }
+
+    #[test]
+    fn betas_too_close_to_one_are_refused_for_bf16_moments() {
+        let cfg = AdamWConfig {
+            beta2: 0.996,
+            ..AdamWConfig::default()
+        };
+        assert!(cfg.validate().is_ok(), "0.996 still decays in bf16");
+        let cfg = AdamWConfig {
+            beta2: 0.999,
+            ..AdamWConfig::default()
+        };
+        let e = cfg.validate().unwrap_err();
+        assert!(e.to_string().contains("adamw.beta2"), "{e}");
+        let fp32 = AdamWConfig {
+            bf16_moments: false,
+            ..cfg
+        };
+        assert!(fp32.validate().is_ok());
     }
 
     #[test]

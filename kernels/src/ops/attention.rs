@@ -93,6 +93,8 @@ fn check_qkv<T: Real>(q: &Tensor<T>, k: &Tensor<T>, v: &Tensor<T>) -> Result<Dim
             fmt_shape(vs),
         ));
     }
+    // The lse and per-head work lists hold batch * heads * seq entries: make sure that fits.
+    crate::checked_numel("attention.q", &[batch, heads, seq], 8)?;
     Ok(Dims {
         batch,
         seq,
@@ -220,6 +222,9 @@ fn forward_impl<T: Real>(
         scale: T::of(softmax_scale),
         block: block.max(1),
     };
+    if seq == 0 || batch == 0 || heads == 0 {
+        return Ok((out, AttentionSaved { lse }));
+    }
     let per_head = (0..batch * heads)
         .into_par_iter()
         .map(|p| forward_head(&ops, p / heads, p % heads))
@@ -388,13 +393,16 @@ fn backward_impl<T: Real>(
         out: out.data(),
         lse: saved.lse.data(),
     };
+    let mut dq = Tensor::zeros([batch, seq, heads, dk]);
+    let mut dkt = Tensor::zeros([batch, seq, heads, dk]);
+    let mut dvt = Tensor::zeros([batch, seq, heads, dv]);
+    if seq == 0 || batch == 0 || heads == 0 {
+        return Ok((dq, dkt, dvt));
+    }
     let per_head = (0..batch * heads)
         .into_par_iter()
         .map(|p| backward_head(&ops, &grads, p / heads, p % heads))
         .collect::<Result<Vec<_>>>()?;
-    let mut dq = Tensor::zeros([batch, seq, heads, dk]);
-    let mut dkt = Tensor::zeros([batch, seq, heads, dk]);
-    let mut dvt = Tensor::zeros([batch, seq, heads, dv]);
     for (p, (gq, gk, gv)) in per_head.iter().enumerate() {
         let (b, h) = (p / heads, p % heads);
         scatter(dq.data_mut(), gq, dims, dk, b, h);

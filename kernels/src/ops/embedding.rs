@@ -51,7 +51,7 @@ pub fn embedding_backward<T: Real>(dy: &Tensor<T>, ids: &[u32], vocab: usize) ->
     let d = dims[1];
     dy.expect_shape("embedding.dy", &[ids.len(), d])?;
     check_ids(ids, vocab)?;
-    let mut grad = Tensor::zeros([vocab, d]);
+    let mut grad = Tensor::try_zeros("embedding.vocab", [vocab, d])?;
     if d == 0 {
         return Ok(grad);
     }

@@ -343,6 +343,48 @@ mod tests {
         }
     }
 
+    /// Relative (to the largest reference magnitude) error.
+    fn rel64(got: &Tensor<f32>, want: &Tensor<f64>) -> f64 {
+        rel_err(got, want)
+    }
+
+    #[test]
+    fn fp8_runs_all_three_gemms_on_the_quantized_operands() {
+        let (x, w, dy) = case();
+        let (xf, wf, dyf) = (x.cast::<f32>(), w.cast::<f32>(), dy.cast::<f32>());
+        let cfg = QuantConfig::default();
+        let (rows, inf, outf) = (140, 200, 150);
+        let xq = Fp8Matrix::quantize_tiles(xf.data(), rows, inf, cfg).unwrap();
+        let wq = Fp8Matrix::quantize_blocks(wf.data(), outf, inf, cfg).unwrap();
+        let dyq = Fp8Matrix::quantize_tiles(dyf.data(), rows, outf, cfg).unwrap();
+        let dyt = Fp8Matrix::quantize_tiles_transposed(dyf.data(), rows, outf, cfg).unwrap();
+        let xt = xq.requantize_transposed(cfg).unwrap();
+        let reference = crate::fp8_gemm::fp8_gemm_f64_reference;
+        let y_ref = reference(&xq, &wq).unwrap().reshape([2, 70, 150]).unwrap();
+        let dx_ref = reference(&dyq, &wq.transpose().unwrap())
+            .unwrap()
+            .reshape([2, 70, 200])
+            .unwrap();
+        let dw_ref = reference(&dyt, &xt).unwrap();
+
+        let (y, saved) = linear_forward_mp(&xf, &wf, Precision::Fp8).unwrap();
+        let dx = linear_backward_input_mp(&dyf, &wf, Precision::Fp8).unwrap();
+        let dw = linear_backward_weight_mp(&dyf, &saved).unwrap();
+        // BF16 outputs: within one BF16 rounding of the exact product of the FP8 operands.
+        for (name, got, want) in [("y", &y, &y_ref), ("dx", &dx, &dx_ref)] {
+            for (&g, &r) in got.data().iter().zip(want.data()) {
+                let err = (f64::from(g) - r).abs();
+                assert!(err <= r.abs() * 2f64.powi(-8) + 1e-6, "{name}: {g} vs {r}");
+            }
+        }
+        assert!(rel64(&dw, &dw_ref) < 1e-5, "dw: {}", rel64(&dw, &dw_ref));
+
+        // And the FP8 path really is coarser than BF16 against the exact f64 result.
+        let exact = linear_forward(&x, &w).unwrap();
+        let (yb, _) = linear_forward_mp(&xf, &wf, Precision::Bf16).unwrap();
+        assert!(rel64(&y, &exact) > 2.0 * rel64(&yb, &exact));
+    }
+
     #[test]
     fn fp8_caches_a_quarter_of_the_fp32_bytes() {
         let (x, w, _) = case();

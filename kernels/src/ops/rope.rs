@@ -90,12 +90,7 @@ impl RopeTable {
             ));
         }
         let half = inv_freq.len();
-        let len = max_positions.checked_mul(half).ok_or_else(|| {
-            KernelError::invalid(
-                "rope.max_positions",
-                format!("{max_positions} positions x {half} frequencies overflow"),
-            )
-        })?;
+        let len = crate::checked_numel("rope.max_positions", &[max_positions, half], 16)?;
         let mut cos = Vec::with_capacity(len);
         let mut sin = Vec::with_capacity(len);
         for pos in 0..max_positions {
