@@ -1,7 +1,12 @@
 //! # shoal-worker
 //!
-//! The worker: the DeepSeek-V3 model built from `shoal-kernels`, the stage, expert and
-//! communication actors, and the pipeline schedules. It meets the coordinator over gRPC only and
-//! never depends on `shoal-coordinator`.
-//!
-//! Empty until the model issue lands.
+//! The worker: the DeepSeek-V3 model built from `shoal-kernels` with explicit forward, B and W
+//! passes, training data, checkpoints and the single-process trainer. Actors, pipeline schedules
+//! and communication join it with the distributed-execution work. It meets the coordinator over
+//! gRPC only and never depends on `shoal-coordinator`.
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+
+pub use error::{Result, WorkerError};
