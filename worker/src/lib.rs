@@ -8,5 +8,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod model;
+pub mod train;
 
 pub use error::{Result, WorkerError};

@@ -1,0 +1,289 @@
+//! Multi-head Latent Attention (DeepSeek-V2/V3).
+//!
+//! Queries and keys/values go through low-rank compressions: `q = W_qb · norm(W_qa · x)` and
+//! `[c_kv | k_pe] = W_kva · x`, `[k_nope | v] = W_kvb · norm(c_kv)` per head. RoPE is decoupled:
+//! it applies only to the `qk_rope_head_dim` part of each query head and to `k_pe`, a single key
+//! shared by all heads. Each head attends with `[q_nope | rope(q_pe)] · [k_nope | rope(k_pe)]`.
+//!
+//! Memory as in the report: the forward pass keeps only the compressed `W_qa · x` and
+//! `[c_kv | k_pe]`, the attention output and its log-sum-exp; the backward pass recomputes the
+//! norms and the up-projections.
+
+use shoal_kernels::ops::attention::{AttentionSaved, attention_backward, attention_forward};
+use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
+use shoal_kernels::ops::rope::{rope_backward, rope_forward};
+use shoal_kernels::Tensor;
+use shoal_spec::ModelConfig;
+
+use super::ctx::Ctx;
+use super::linear::ModelFloat;
+use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
+use super::tensor_ops::{add, join_groups, repeat_groups, split_groups, sum_groups};
+use super::wgrad::WTask;
+use crate::Result;
+
+/// Query projection: compressed (`q_lora_rank`) or plain.
+#[derive(Clone, Debug)]
+enum QProj {
+    Lora { a: ParamId, norm: ParamId, b: ParamId },
+    Plain(ParamId),
+}
+
+/// One MLA layer's parameters.
+#[derive(Clone, Debug)]
+pub struct Mla {
+    q: QProj,
+    kv_a: ParamId,
+    kv_norm: ParamId,
+    kv_b: ParamId,
+    o: ParamId,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    kv_lora: usize,
+}
+
+/// What the forward pass keeps for backward.
+#[derive(Debug)]
+pub struct MlaSaved<T> {
+    q_a: Option<Tensor<T>>,
+    ckv: Tensor<T>,
+    out: Tensor<T>,
+    lse: AttentionSaved<T>,
+}
+
+struct Assembled<T> {
+    q: Tensor<T>,
+    k: Tensor<T>,
+    v: Tensor<T>,
+}
+
+impl Mla {
+    /// Declares the parameters under `prefix` (e.g. `model.layers.0.self_attn`).
+    pub fn declare(layout: &mut Layout, prefix: &str, cfg: &ModelConfig) -> Self {
+        let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let std = cfg.initializer_range;
+        let mut lin = |name: &str, out: usize, inp: usize| {
+            layout.add(format!("{prefix}.{name}.weight"), vec![out, inp], Init::Normal(std), Trainable::Yes)
+        };
+        let qk = cfg.qk_head_dim();
+        let q = match cfg.q_lora_rank {
+            Some(r) => {
+                let a = lin("q_a_proj", r, h);
+                let b = lin("q_b_proj", heads * qk, r);
+                let norm = layout.add(format!("{prefix}.q_a_layernorm.weight"), vec![r], Init::Ones, Trainable::Yes);
+                QProj::Lora { a, norm, b }
+            }
+            None => QProj::Plain(lin("q_proj", heads * qk, h)),
+        };
+        let mut lin = |name: &str, out: usize, inp: usize| {
+            layout.add(format!("{prefix}.{name}.weight"), vec![out, inp], Init::Normal(std), Trainable::Yes)
+        };
+        let kv_a = lin("kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, h);
+        let kv_b = lin("kv_b_proj", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank);
+        let o = lin("o_proj", h, heads * cfg.v_head_dim);
+        let kv_norm = layout.add(
+            format!("{prefix}.kv_a_layernorm.weight"),
+            vec![cfg.kv_lora_rank],
+            Init::Ones,
+            Trainable::Yes,
+        );
+        Self {
+            q,
+            kv_a,
+            kv_norm,
+            kv_b,
+            o,
+            heads,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            v: cfg.v_head_dim,
+            kv_lora: cfg.kv_lora_rank,
+        }
+    }
+
+    /// Queries before RoPE, `[tokens, heads * (nope + rope)]`, and the compressed query.
+    fn queries<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Tensor<T>,
+        q_a: Option<&Tensor<T>>,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Tensor<T>, Option<Tensor<T>>, Option<Tensor<T>>)> {
+        match &self.q {
+            QProj::Lora { a, norm, b } => {
+                let qa = match q_a {
+                    Some(t) => t.clone(),
+                    None => T::linear(x, p.get(*a), ctx.precision)?,
+                };
+                let qn = rmsnorm_forward(&qa, p.get(*norm), ctx.eps)?;
+                let q = T::linear(&qn, p.get(*b), ctx.precision)?;
+                Ok((q, Some(qa), Some(qn)))
+            }
+            QProj::Plain(w) => Ok((T::linear(x, p.get(*w), ctx.precision)?, None, None)),
+        }
+    }
+
+    fn assemble<T: ModelFloat>(
+        &self,
+        q: &Tensor<T>,
+        k_pe: &Tensor<T>,
+        kv: &Tensor<T>,
+        ctx: &Ctx<'_>,
+    ) -> Result<Assembled<T>> {
+        let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
+        let qp = split_groups(q, hd, &[self.nope, self.rope])?;
+        let q_pe = rope_forward(&qp[1].clone().reshape([b, s, hd, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
+            .reshape([b * s, hd * self.rope])?;
+        let q_full = join_groups(&[&qp[0], &q_pe], hd)?.reshape([b, s, hd, self.nope + self.rope])?;
+        let k_pe = rope_forward(&k_pe.clone().reshape([b, s, 1, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
+            .reshape([b * s, self.rope])?;
+        let kvp = split_groups(kv, hd, &[self.nope, self.v])?;
+        let k_full = join_groups(&[&kvp[0], &repeat_groups(&k_pe, hd)?], hd)?
+            .reshape([b, s, hd, self.nope + self.rope])?;
+        let v = kvp[1].clone().reshape([b, s, hd, self.v])?;
+        Ok(Assembled { q: q_full, k: k_full, v })
+    }
+
+    fn keys_values<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        ckv: &Tensor<T>,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Tensor<T>, Tensor<T>, Tensor<T>, Tensor<T>)> {
+        let parts = split_groups(ckv, 1, &[self.kv_lora, self.rope])?;
+        let [c, k_pe]: [Tensor<T>; 2] = parts.try_into().map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
+        let cn = rmsnorm_forward(&c, p.get(self.kv_norm), ctx.eps)?;
+        let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
+        Ok((c, k_pe, cn, kv))
+    }
+
+    /// Forward on the normalised input `x: [tokens, hidden]`.
+    pub fn forward<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Tensor<T>,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Tensor<T>, MlaSaved<T>)> {
+        let (q, q_a, _) = self.queries(p, x, None, ctx)?;
+        let ckv = T::linear(x, p.get(self.kv_a), ctx.precision)?;
+        let (_, k_pe, _, kv) = self.keys_values(p, &ckv, ctx)?;
+        let a = self.assemble(&q, &k_pe, &kv, ctx)?;
+        let (out, lse) = attention_forward(&a.q, &a.k, &a.v, ctx.softmax_scale)?;
+        let out = out.reshape([ctx.tokens(), self.heads * self.v])?;
+        let y = T::linear(&out, p.get(self.o), ctx.precision)?;
+        Ok((y, MlaSaved { q_a, ckv, out, lse }))
+    }
+
+    /// B pass: the gradient of the normalised input; pushes the W work onto `w`.
+    pub fn backward<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Tensor<T>,
+        saved: MlaSaved<T>,
+        dy: Tensor<T>,
+        ctx: &Ctx<'_>,
+        w: &mut Vec<WTask<T>>,
+    ) -> Result<Tensor<T>> {
+        let prec = ctx.precision;
+        let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
+        // Recompute the norms and up-projections.
+        let (q, q_a, qn) = self.queries(p, x, saved.q_a.as_ref(), ctx)?;
+        let (c, k_pe, cn, kv) = self.keys_values(p, &saved.ckv, ctx)?;
+        let a = self.assemble(&q, &k_pe, &kv, ctx)?;
+
+        // o_proj.
+        let d_out = T::linear_b(&dy, p.get(self.o), prec)?;
+        let out4 = saved.out.clone().reshape([b, s, hd, self.v])?;
+        w.push(WTask::Linear {
+            param: self.o,
+            dy,
+            x: T::save(saved.out, prec)?,
+        });
+        // Attention core.
+        let (dq, dk, dv) = attention_backward(
+            &d_out.reshape([b, s, hd, self.v])?,
+            &a.q,
+            &a.k,
+            &a.v,
+            &out4,
+            &saved.lse,
+            ctx.softmax_scale,
+        )?;
+        let (dq, dk, dv) = (
+            dq.reshape([b * s, hd * (self.nope + self.rope)])?,
+            dk.reshape([b * s, hd * (self.nope + self.rope)])?,
+            dv.reshape([b * s, hd * self.v])?,
+        );
+        // Undo the assembly: RoPE backward on the rope parts, the shared key's gradient summed
+        // over heads.
+        let dqp = split_groups(&dq, hd, &[self.nope, self.rope])?;
+        let dq_pe = rope_backward(&dqp[1].clone().reshape([b, s, hd, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
+            .reshape([b * s, hd * self.rope])?;
+        let dq = join_groups(&[&dqp[0], &dq_pe], hd)?;
+        let dkp = split_groups(&dk, hd, &[self.nope, self.rope])?;
+        let dk_pe = sum_groups(&dkp[1], hd)?;
+        let dk_pe = rope_backward(&dk_pe.reshape([b, s, 1, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
+            .reshape([b * s, self.rope])?;
+        let dkv = join_groups(&[&dkp[0], &dv], hd)?;
+
+        // kv_b_proj and kv_a_layernorm.
+        let dcn = T::linear_b(&dkv, p.get(self.kv_b), prec)?;
+        w.push(WTask::Linear {
+            param: self.kv_b,
+            dy: dkv,
+            x: T::save(cn, prec)?,
+        });
+        let dc = rmsnorm_backward_input(&dcn, &c, p.get(self.kv_norm), ctx.eps)?;
+        w.push(WTask::RmsNorm {
+            param: self.kv_norm,
+            dy: dcn,
+            x: c,
+            eps: ctx.eps,
+        });
+        let dckv = join_groups(&[&dc, &dk_pe], 1)?;
+        let mut dx = T::linear_b(&dckv, p.get(self.kv_a), prec)?;
+        let x_saved = T::save(x.clone(), prec)?;
+        w.push(WTask::Linear {
+            param: self.kv_a,
+            dy: dckv,
+            x: x_saved.clone(),
+        });
+
+        // Query path.
+        match (&self.q, q_a, qn) {
+            (QProj::Lora { a, norm, b }, Some(qa), Some(qn)) => {
+                let dqn = T::linear_b(&dq, p.get(*b), prec)?;
+                w.push(WTask::Linear {
+                    param: *b,
+                    dy: dq,
+                    x: T::save(qn, prec)?,
+                });
+                let dqa = rmsnorm_backward_input(&dqn, &qa, p.get(*norm), ctx.eps)?;
+                w.push(WTask::RmsNorm {
+                    param: *norm,
+                    dy: dqn,
+                    x: qa,
+                    eps: ctx.eps,
+                });
+                dx = add(&dx, &T::linear_b(&dqa, p.get(*a), prec)?)?;
+                w.push(WTask::Linear {
+                    param: *a,
+                    dy: dqa,
+                    x: x_saved,
+                });
+            }
+            (QProj::Plain(wq), _, _) => {
+                dx = add(&dx, &T::linear_b(&dq, p.get(*wq), prec)?)?;
+                w.push(WTask::Linear {
+                    param: *wq,
+                    dy: dq,
+                    x: x_saved,
+                });
+            }
+            _ => return Err(crate::WorkerError::invalid("mla", "compressed query was not kept")),
+        }
+        Ok(dx)
+    }
+}

@@ -1,0 +1,89 @@
+//! The SwiGLU MLP: `down(silu(gate · x) * (up · x))`. Dense layers, shared experts and each routed
+//! expert are all one of these.
+
+use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
+use shoal_kernels::Tensor;
+
+use super::ctx::Ctx;
+use super::linear::ModelFloat;
+use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
+use super::tensor_ops::add;
+use super::wgrad::WTask;
+use crate::Result;
+
+/// One SwiGLU MLP's weights.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    gate: ParamId,
+    up: ParamId,
+    down: ParamId,
+}
+
+/// What the forward pass keeps: the two pre-activation projections.
+#[derive(Debug)]
+pub struct MlpSaved<T> {
+    g: Tensor<T>,
+    u: Tensor<T>,
+}
+
+impl Mlp {
+    /// Declares `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
+    pub fn declare(layout: &mut Layout, prefix: &str, hidden: usize, inner: usize, std: f64) -> Self {
+        let mut lin = |name: &str, shape: Vec<usize>| {
+            layout.add(format!("{prefix}.{name}.weight"), shape, Init::Normal(std), Trainable::Yes)
+        };
+        Self {
+            gate: lin("gate_proj", vec![inner, hidden]),
+            up: lin("up_proj", vec![inner, hidden]),
+            down: lin("down_proj", vec![hidden, inner]),
+        }
+    }
+
+    /// Forward on `x: [rows, hidden]`.
+    pub fn forward<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Tensor<T>,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Tensor<T>, MlpSaved<T>)> {
+        let g = T::linear(x, p.get(self.gate), ctx.precision)?;
+        let u = T::linear(x, p.get(self.up), ctx.precision)?;
+        let act = swiglu_forward(&g, &u)?;
+        let y = T::linear(&act, p.get(self.down), ctx.precision)?;
+        Ok((y, MlpSaved { g, u }))
+    }
+
+    /// B pass given the forward input `x`; pushes the W work.
+    pub fn backward<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: &Tensor<T>,
+        saved: MlpSaved<T>,
+        dy: Tensor<T>,
+        ctx: &Ctx<'_>,
+        w: &mut Vec<WTask<T>>,
+    ) -> Result<Tensor<T>> {
+        let prec = ctx.precision;
+        let act = swiglu_forward(&saved.g, &saved.u)?;
+        let dact = T::linear_b(&dy, p.get(self.down), prec)?;
+        w.push(WTask::Linear {
+            param: self.down,
+            dy,
+            x: T::save(act, prec)?,
+        });
+        let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
+        let dx = add(&T::linear_b(&dg, p.get(self.gate), prec)?, &T::linear_b(&du, p.get(self.up), prec)?)?;
+        let xs = T::save(x.clone(), prec)?;
+        w.push(WTask::Linear {
+            param: self.gate,
+            dy: dg,
+            x: xs.clone(),
+        });
+        w.push(WTask::Linear {
+            param: self.up,
+            dy: du,
+            x: xs,
+        });
+        Ok(dx)
+    }
+}

@@ -1,0 +1,553 @@
+//! The DeepSeek-V3 model: embedding, MLA + dense/MoE blocks, final norm and output head, and
+//! Multi-Token Prediction modules, with explicit forward, B and W passes.
+//!
+//! Precision: in `bf16` and `fp8` modes every Linear of attention and the MLPs/experts runs in
+//! that precision; the embedding, the output head, the router, the norms and the attention core
+//! stay in FP32 (the report's Figure 6 and section 3.3.1).
+
+mod block;
+mod ctx;
+pub mod linear;
+mod mla;
+mod mlp;
+mod moe;
+pub mod params;
+pub mod rope;
+pub mod tensor_ops;
+pub mod wgrad;
+
+use shoal_kernels::ops::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+use shoal_kernels::ops::embedding::embedding_forward;
+use shoal_kernels::ops::linear::Precision;
+use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
+use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
+use shoal_kernels::Tensor;
+use shoal_spec::ModelConfig;
+
+pub use self::block::Block;
+pub use self::ctx::Ctx;
+pub use self::linear::ModelFloat;
+pub use self::moe::MoeStats;
+use self::params::{Grads, Init, Layout, ParamId, ParamStore, Trainable};
+use self::tensor_ops::{join_groups, pad_prefix_rows, split_groups, take_prefix_rows};
+use self::wgrad::WTask;
+use crate::{Result, WorkerError};
+
+/// Loss weights of the training objective.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Objective {
+    /// MTP weight lambda: the MTP losses enter as `lambda / D * sum_k L_k`.
+    pub mtp_lambda: f64,
+    /// Sequence-wise balance-loss weight alpha.
+    pub balance_alpha: f64,
+}
+
+impl Default for Objective {
+    fn default() -> Self {
+        Self {
+            mtp_lambda: 0.3,
+            balance_alpha: 1e-4,
+        }
+    }
+}
+
+/// One Multi-Token Prediction module (depth k): `h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_{k-1})])`,
+/// then one transformer block, then `shared_head.norm` and the shared output head.
+#[derive(Clone, Debug)]
+struct Mtp {
+    enorm: ParamId,
+    hnorm: ParamId,
+    eh_proj: ParamId,
+    block: Block,
+    head_norm: ParamId,
+}
+
+/// The model: its configuration, parameters and structure.
+#[derive(Clone, Debug)]
+pub struct Model<T> {
+    cfg: ModelConfig,
+    params: ParamStore<T>,
+    embed: ParamId,
+    blocks: Vec<Block>,
+    norm: ParamId,
+    head: ParamId,
+    mtp: Vec<Mtp>,
+    rope: RopeTable,
+    softmax_scale: f64,
+    precision: Precision,
+}
+
+/// Losses and routing statistics of one forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// `main + lambda/D * sum(mtp) + alpha * sum(balance)`: the objective that was differentiated.
+    pub loss: f64,
+    /// Mean next-token cross-entropy of the main head.
+    pub main_loss: f64,
+    /// Mean cross-entropy of each MTP depth.
+    pub mtp_losses: Vec<f64>,
+    /// Sum over MoE layers of the sequence-wise balance loss (before alpha).
+    pub balance_loss: f64,
+    /// Tokens routed to each expert, per MoE layer (main layers, then MTP modules).
+    pub expert_loads: Vec<Vec<usize>>,
+    /// Predicted tokens of the main head.
+    pub tokens: usize,
+}
+
+/// What [`Model::from_named`] did besides loading tensors.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReport {
+    /// Parameters the source did not have, initialised fresh (MTP modules only).
+    pub initialized: Vec<String>,
+    /// Tensors the source had that the model does not use.
+    pub ignored: Vec<String>,
+}
+
+/// A micro-batch of token ids: `inputs` and `targets` are `[batch, seq]`, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBatch<'a> {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Input ids.
+    pub inputs: &'a [u32],
+    /// Target ids (the inputs shifted by one).
+    pub targets: &'a [u32],
+}
+
+struct MtpSaved<T> {
+    prev_len: usize,
+    len: usize,
+    ids: Vec<u32>,
+    e: Tensor<T>,
+    prev: Tensor<T>,
+    cat: Tensor<T>,
+    block: block::BlockSaved<T>,
+    out: Tensor<T>,
+    hn: Tensor<T>,
+    targets: Vec<u32>,
+    ce: shoal_kernels::ops::cross_entropy::CrossEntropy<T>,
+    logits: Tensor<T>,
+}
+
+struct Forward<T> {
+    blocks: Vec<block::BlockSaved<T>>,
+    h: Tensor<T>,
+    hn: Tensor<T>,
+    logits: Tensor<T>,
+    ce: shoal_kernels::ops::cross_entropy::CrossEntropy<T>,
+    mtp: Vec<MtpSaved<T>>,
+    out: StepOutput,
+}
+
+impl<T: ModelFloat> Model<T> {
+    /// A freshly initialised model (normal(0, initializer_range) matrices, unit norms, zero
+    /// expert biases), deterministic in `seed`.
+    pub fn new(cfg: &ModelConfig, precision: Precision, seed: u64) -> Result<Self> {
+        cfg.validate("model")?;
+        let (layout, parts) = Self::declare(cfg);
+        let params = ParamStore::init(layout, seed)?;
+        Self::assemble(cfg, params, parts, precision)
+    }
+
+    /// A model from existing parameters (a loaded checkpoint), checked against `cfg`'s layout.
+    pub fn from_params(cfg: &ModelConfig, params: ParamStore<T>, precision: Precision) -> Result<Self> {
+        let (_, parts) = Self::declare(cfg);
+        Self::assemble(cfg, params, parts, precision)
+    }
+
+    /// A model whose parameters come from `tensors` (Hugging Face names), checked against `cfg`.
+    ///
+    /// Every main-model tensor must be present with its exact shape (errors name the tensor).
+    /// MTP modules may be absent as a whole (`transformers` does not implement them and saves
+    /// none): they are then initialised from `seed` and listed in the report. Tensors the model
+    /// does not use (for example the MTP copies of the embedding and head in DeepSeek's release)
+    /// are listed as ignored.
+    pub fn from_named(
+        cfg: &ModelConfig,
+        mut tensors: std::collections::BTreeMap<String, Tensor<f32>>,
+        precision: Precision,
+        seed: u64,
+        source: &str,
+    ) -> Result<(Self, LoadReport)> {
+        cfg.validate(source)?;
+        let (layout, parts) = Self::declare(cfg);
+        let mut params = ParamStore::<T>::init(layout, seed)?;
+        let mtp_prefixes: Vec<String> = (0..cfg.num_nextn_predict_layers)
+            .map(|k| format!("model.layers.{}.", cfg.num_hidden_layers + k))
+            .collect();
+        let is_mtp = |name: &str| mtp_prefixes.iter().any(|p| name.starts_with(p.as_str()));
+        let ids: Vec<(ParamId, String)> = params.iter().map(|(id, n, _)| (id, n.to_string())).collect();
+        let mtp_present = ids.iter().any(|(_, n)| is_mtp(n) && tensors.contains_key(n));
+        let mut report = LoadReport::default();
+        for (id, name) in ids {
+            match tensors.remove(&name) {
+                Some(t) => {
+                    let expected = params.get(id).shape().to_vec();
+                    if t.shape() != expected.as_slice() {
+                        return Err(WorkerError::checkpoint(
+                            source,
+                            format!("tensor {name}: expected shape {expected:?}, got {:?}", t.shape()),
+                        ));
+                    }
+                    params.set(id, t.cast::<T>())?;
+                }
+                None if is_mtp(&name) && !mtp_present => report.initialized.push(name),
+                None => {
+                    return Err(WorkerError::checkpoint(source, format!("missing tensor {name}")));
+                }
+            }
+        }
+        report.ignored = tensors.into_keys().collect();
+        Ok((Self::assemble(cfg, params, parts, precision)?, report))
+    }
+
+    /// `(name, tensor)` of every parameter in FP32, for checkpoints.
+    pub fn named_f32(&self) -> Vec<(String, Tensor<f32>)> {
+        self.params.iter().map(|(_, n, t)| (n.to_string(), t.cast::<f32>())).collect()
+    }
+
+    /// The parameter layout of `cfg` (names, shapes, initialisers) without allocating anything.
+    pub fn layout(cfg: &ModelConfig) -> Layout {
+        Self::declare(cfg).0
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn declare(cfg: &ModelConfig) -> (Layout, (ParamId, Vec<Block>, ParamId, ParamId, Vec<Mtp>)) {
+        let mut l = Layout::default();
+        let h = cfg.hidden_size;
+        let embed = l.add(
+            "model.embed_tokens.weight".into(),
+            vec![cfg.vocab_size, h],
+            Init::Normal(cfg.initializer_range),
+            Trainable::Yes,
+        );
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|i| Block::declare(&mut l, &format!("model.layers.{i}"), cfg, cfg.is_moe_layer(i)))
+            .collect();
+        let norm = l.add("model.norm.weight".into(), vec![h], Init::Ones, Trainable::Yes);
+        let head = l.add(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            Init::Normal(cfg.initializer_range),
+            Trainable::Yes,
+        );
+        let mtp = (0..cfg.num_nextn_predict_layers)
+            .map(|k| {
+                let prefix = format!("model.layers.{}", cfg.num_hidden_layers + k);
+                let enorm = l.add(format!("{prefix}.enorm.weight"), vec![h], Init::Ones, Trainable::Yes);
+                let hnorm = l.add(format!("{prefix}.hnorm.weight"), vec![h], Init::Ones, Trainable::Yes);
+                let eh_proj = l.add(
+                    format!("{prefix}.eh_proj.weight"),
+                    vec![h, 2 * h],
+                    Init::Normal(cfg.initializer_range),
+                    Trainable::Yes,
+                );
+                let block = Block::declare(&mut l, &prefix, cfg, cfg.has_moe_layers());
+                let head_norm = l.add(format!("{prefix}.shared_head.norm.weight"), vec![h], Init::Ones, Trainable::Yes);
+                Mtp {
+                    enorm,
+                    hnorm,
+                    eh_proj,
+                    block,
+                    head_norm,
+                }
+            })
+            .collect();
+        (l, (embed, blocks, norm, head, mtp))
+    }
+
+    fn assemble(
+        cfg: &ModelConfig,
+        params: ParamStore<T>,
+        (embed, blocks, norm, head, mtp): (ParamId, Vec<Block>, ParamId, ParamId, Vec<Mtp>),
+        precision: Precision,
+    ) -> Result<Self> {
+        let rope = rope::table(cfg, cfg.max_position_embeddings.min(1 << 16))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            params,
+            embed,
+            blocks,
+            norm,
+            head,
+            mtp,
+            rope,
+            softmax_scale: rope::softmax_scale(cfg),
+            precision,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &ParamStore<T> {
+        &self.params
+    }
+
+    /// The parameters, mutably (the optimizer updates them).
+    pub fn params_mut(&mut self) -> &mut ParamStore<T> {
+        &mut self.params
+    }
+
+    /// The precision mode.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The expert-bias parameters of every MoE layer, in the order of `StepOutput::expert_loads`.
+    pub fn expert_biases(&self) -> Vec<ParamId> {
+        self.blocks
+            .iter()
+            .chain(self.mtp.iter().map(|m| &m.block))
+            .filter_map(|b| b.moe().map(|m| m.bias()))
+            .collect()
+    }
+
+    fn ctx(&self, batch: usize, seq: usize, alpha: f64) -> Ctx<'_> {
+        Ctx {
+            batch,
+            seq,
+            precision: self.precision,
+            rope: &self.rope,
+            rope_layout: if self.cfg.rope_interleave {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::HalfSplit
+            },
+            softmax_scale: self.softmax_scale,
+            eps: self.cfg.rms_norm_eps,
+            balance_alpha: alpha,
+        }
+    }
+
+    fn check_batch(&self, b: &TokenBatch<'_>) -> Result<()> {
+        let n = b.batch * b.seq;
+        if b.batch == 0 || b.seq == 0 {
+            return Err(WorkerError::invalid("batch", "batch and sequence length must be at least 1"));
+        }
+        if b.inputs.len() != n || b.targets.len() != n {
+            return Err(WorkerError::invalid(
+                "batch",
+                format!(
+                    "{} inputs and {} targets for {}x{} tokens",
+                    b.inputs.len(),
+                    b.targets.len(),
+                    b.batch,
+                    b.seq
+                ),
+            ));
+        }
+        if b.seq > self.rope.max_positions() {
+            return Err(WorkerError::invalid(
+                "seq_len",
+                format!("{} exceeds the model's {} positions", b.seq, self.rope.max_positions()),
+            ));
+        }
+        if !self.mtp.is_empty() && b.seq <= self.mtp.len() {
+            return Err(WorkerError::invalid(
+                "seq_len",
+                format!("must exceed the MTP depth {}, got {}", self.mtp.len(), b.seq),
+            ));
+        }
+        Ok(())
+    }
+
+    fn forward(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<Forward<T>> {
+        self.check_batch(b)?;
+        let p = &self.params;
+        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
+        let mut h = embedding_forward(p.get(self.embed), b.inputs)?;
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        let mut loads = Vec::new();
+        let mut balance = 0.0;
+        for blk in &self.blocks {
+            let (h2, s, st) = blk.forward(p, h, &ctx)?;
+            if let Some(st) = st {
+                balance += st.balance;
+                loads.push(st.load);
+            }
+            saved.push(s);
+            h = h2;
+        }
+        let hn = rmsnorm_forward(&h, p.get(self.norm), ctx.eps)?;
+        let logits = T::linear(&hn, p.get(self.head), Precision::Fp32)?;
+        let ce = cross_entropy_forward(&logits, b.targets, None)?;
+
+        // Multi-Token Prediction: depth k sees sequences shortened by k.
+        let mut mtp = Vec::with_capacity(self.mtp.len());
+        let mut prev = h.clone();
+        let mut prev_len = b.seq;
+        let mut mtp_losses = Vec::new();
+        for (k, m) in self.mtp.iter().enumerate() {
+            let depth = k + 1;
+            let len = b.seq - depth;
+            let pick = |src: &[u32]| -> Vec<u32> {
+                (0..b.batch)
+                    .flat_map(|s| src[s * b.seq + depth..(s + 1) * b.seq].iter().copied())
+                    .collect()
+            };
+            let ids = pick(b.inputs);
+            let targets = pick(b.targets);
+            let prev_k = take_prefix_rows(&prev, prev_len, len)?;
+            let e = embedding_forward(p.get(self.embed), &ids)?;
+            let en = rmsnorm_forward(&e, p.get(m.enorm), ctx.eps)?;
+            let pn = rmsnorm_forward(&prev_k, p.get(m.hnorm), ctx.eps)?;
+            let cat = join_groups(&[&en, &pn], 1)?;
+            let hk = T::linear(&cat, p.get(m.eh_proj), self.precision)?;
+            let mctx = ctx.with_seq(len);
+            let (out, bs, st) = m.block.forward(p, hk, &mctx)?;
+            if let Some(st) = st {
+                balance += st.balance;
+                loads.push(st.load);
+            }
+            let hn_k = rmsnorm_forward(&out, p.get(m.head_norm), ctx.eps)?;
+            let logits_k = T::linear(&hn_k, p.get(self.head), Precision::Fp32)?;
+            let ce_k = cross_entropy_forward(&logits_k, &targets, None)?;
+            mtp_losses.push(ce_k.loss);
+            prev = out.clone();
+            mtp.push(MtpSaved {
+                prev_len,
+                len,
+                ids,
+                e,
+                prev: prev_k,
+                cat,
+                block: bs,
+                out,
+                hn: hn_k,
+                targets,
+                ce: ce_k,
+                logits: logits_k,
+            });
+            prev_len = len;
+        }
+        let d = self.mtp.len().max(1) as f64;
+        let loss = ce.loss + obj.mtp_lambda / d * mtp_losses.iter().sum::<f64>() + obj.balance_alpha * balance;
+        let out = StepOutput {
+            loss,
+            main_loss: ce.loss,
+            mtp_losses,
+            balance_loss: balance,
+            expert_loads: loads,
+            tokens: ce.count,
+        };
+        Ok(Forward {
+            blocks: saved,
+            h,
+            hn,
+            logits,
+            ce,
+            mtp,
+            out,
+        })
+    }
+
+    /// Losses of a forward pass only (no gradients).
+    pub fn evaluate(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
+        Ok(self.forward(b, obj)?.out)
+    }
+
+    /// Forward and B passes of a micro-batch; returns the losses and the deferred W work.
+    pub fn forward_backward_input(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<(StepOutput, Vec<WTask<T>>)> {
+        let f = self.forward(b, obj)?;
+        let p = &self.params;
+        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
+        let mut w = Vec::new();
+        let d = self.mtp.len().max(1) as f64;
+
+        // MTP modules, deepest first; each passes a gradient to the previous depth's states.
+        let mut dprev: Option<Tensor<T>> = None;
+        for (m, s) in self.mtp.iter().zip(f.mtp).rev() {
+            let dlogits = cross_entropy_backward(&s.logits, &s.targets, &s.ce, obj.mtp_lambda / d)?;
+            let dhn = T::linear_b(&dlogits, p.get(self.head), Precision::Fp32)?;
+            w.push(WTask::Linear {
+                param: self.head,
+                dy: dlogits,
+                x: linear::Saved::Full(s.hn),
+            });
+            let mut dout = rmsnorm_backward_input(&dhn, &s.out, p.get(m.head_norm), ctx.eps)?;
+            w.push(WTask::RmsNorm {
+                param: m.head_norm,
+                dy: dhn,
+                x: s.out,
+                eps: ctx.eps,
+            });
+            if let Some(g) = dprev.take() {
+                dout.add_assign(&g, "mtp.dout")?;
+            }
+            let mctx = ctx.with_seq(s.len);
+            let dhk = m.block.backward(p, s.block, dout, &mctx, &mut w)?;
+            let dcat = T::linear_b(&dhk, p.get(m.eh_proj), self.precision)?;
+            w.push(WTask::Linear {
+                param: m.eh_proj,
+                dy: dhk,
+                x: T::save(s.cat, self.precision)?,
+            });
+            let h = self.cfg.hidden_size;
+            let parts = split_groups(&dcat, 1, &[h, h])?;
+            let de = rmsnorm_backward_input(&parts[0], &s.e, p.get(m.enorm), ctx.eps)?;
+            let dprev_k = rmsnorm_backward_input(&parts[1], &s.prev, p.get(m.hnorm), ctx.eps)?;
+            let [den, dpn]: [Tensor<T>; 2] = parts
+                .try_into()
+                .map_err(|_| WorkerError::invalid("mtp", "split"))?;
+            w.push(WTask::RmsNorm {
+                param: m.enorm,
+                dy: den,
+                x: s.e,
+                eps: ctx.eps,
+            });
+            w.push(WTask::RmsNorm {
+                param: m.hnorm,
+                dy: dpn,
+                x: s.prev,
+                eps: ctx.eps,
+            });
+            w.push(WTask::Embedding {
+                param: self.embed,
+                dy: de,
+                ids: s.ids,
+            });
+            dprev = Some(pad_prefix_rows(&dprev_k, s.prev_len, s.len)?);
+        }
+
+        // Main head.
+        let dlogits = cross_entropy_backward(&f.logits, b.targets, &f.ce, 1.0)?;
+        let dhn = T::linear_b(&dlogits, p.get(self.head), Precision::Fp32)?;
+        w.push(WTask::Linear {
+            param: self.head,
+            dy: dlogits,
+            x: linear::Saved::Full(f.hn),
+        });
+        let mut dh = rmsnorm_backward_input(&dhn, &f.h, p.get(self.norm), ctx.eps)?;
+        w.push(WTask::RmsNorm {
+            param: self.norm,
+            dy: dhn,
+            x: f.h,
+            eps: ctx.eps,
+        });
+        if let Some(g) = dprev {
+            dh.add_assign(&g, "model.dh")?;
+        }
+        for (blk, s) in self.blocks.iter().zip(f.blocks).rev() {
+            dh = blk.backward(p, s, dh, &ctx, &mut w)?;
+        }
+        w.push(WTask::Embedding {
+            param: self.embed,
+            dy: dh,
+            ids: b.inputs.to_vec(),
+        });
+        Ok((f.out, w))
+    }
+
+    /// Forward, B and W passes: accumulates the gradients of the objective into `grads`.
+    pub fn forward_backward(&self, b: &TokenBatch<'_>, obj: &Objective, grads: &mut Grads<T>) -> Result<StepOutput> {
+        let (out, w) = self.forward_backward_input(b, obj)?;
+        wgrad::run_all(w, grads)?;
+        Ok(out)
+    }
+}

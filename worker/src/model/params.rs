@@ -1,0 +1,237 @@
+//! The parameter store: every trainable tensor of the model in one flat, named list.
+//!
+//! Layers hold [`ParamId`]s into the store; gradients are a [`Grads`] of the same layout, so the
+//! optimizer, gradient clipping and checkpoints work on the whole model without knowing its
+//! structure. Names are the Hugging Face `DeepseekV3` tensor names.
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use shoal_kernels::{Real, Tensor};
+
+use crate::{Result, WorkerError};
+
+/// Index of a parameter in a [`ParamStore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParamId(usize);
+
+impl ParamId {
+    /// Position in the store.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// How a parameter is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Normal with this standard deviation.
+    Normal(f64),
+    /// All ones (norm weights).
+    Ones,
+    /// All zeros (expert biases).
+    Zeros,
+}
+
+/// Whether the optimizer updates a parameter from its gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Updated by AdamW.
+    Yes,
+    /// Has no gradient; updated by another rule (the expert bias of auxiliary-loss-free balancing).
+    No,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    name: String,
+    shape: Vec<usize>,
+    init: Init,
+    trainable: Trainable,
+    /// Weight decay applies to matrices, not to norms and biases.
+    decay: bool,
+}
+
+/// The declared layout: names, shapes and initialisers, in declaration order.
+#[derive(Clone, Debug, Default)]
+pub struct Layout {
+    entries: Vec<Entry>,
+}
+
+impl Layout {
+    /// Declares a parameter and returns its id.
+    pub fn add(&mut self, name: String, shape: Vec<usize>, init: Init, trainable: Trainable) -> ParamId {
+        let decay = shape.len() >= 2 && trainable == Trainable::Yes;
+        self.entries.push(Entry {
+            name,
+            shape,
+            init,
+            trainable,
+            decay,
+        });
+        ParamId(self.entries.len() - 1)
+    }
+
+    /// Number of parameters (tensors).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no parameter is declared.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total element count.
+    pub fn numel(&self) -> usize {
+        self.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum()
+    }
+}
+
+/// Parameter tensors, in the order of their [`Layout`].
+#[derive(Clone, Debug)]
+pub struct ParamStore<T> {
+    layout: Layout,
+    tensors: Vec<Tensor<T>>,
+}
+
+impl<T: Real> ParamStore<T> {
+    /// Initialises every parameter. Each tensor draws from its own generator seeded by
+    /// `(seed, index)`, so the values do not depend on anything but the seed and the layout.
+    pub fn init(layout: Layout, seed: u64) -> Result<Self> {
+        let mut tensors = Vec::with_capacity(layout.len());
+        for (i, e) in layout.entries.iter().enumerate() {
+            let numel = shoal_kernels::checked_numel("parameter", &e.shape, std::mem::size_of::<T>())?;
+            let data = match e.init {
+                Init::Ones => vec![T::one(); numel],
+                Init::Zeros => vec![T::zero(); numel],
+                Init::Normal(std) => {
+                    let mut rng = StdRng::seed_from_u64(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    (0..numel).map(|_| T::of(normal(&mut rng) * std)).collect()
+                }
+            };
+            tensors.push(Tensor::new(e.shape.clone(), data)?);
+        }
+        Ok(Self { layout, tensors })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A parameter.
+    pub fn get(&self, id: ParamId) -> &Tensor<T> {
+        &self.tensors[id.0]
+    }
+
+    /// A parameter, mutably.
+    pub fn get_mut(&mut self, id: ParamId) -> &mut Tensor<T> {
+        &mut self.tensors[id.0]
+    }
+
+    /// `(id, name, tensor)` for every parameter.
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &str, &Tensor<T>)> {
+        self.layout
+            .entries
+            .iter()
+            .zip(&self.tensors)
+            .enumerate()
+            .map(|(i, (e, t))| (ParamId(i), e.name.as_str(), t))
+    }
+
+    /// The name of a parameter.
+    pub fn name(&self, id: ParamId) -> &str {
+        &self.layout.entries[id.0].name
+    }
+
+    /// Whether AdamW trains the parameter.
+    pub fn trainable(&self, id: ParamId) -> bool {
+        self.layout.entries[id.0].trainable == Trainable::Yes
+    }
+
+    /// Whether weight decay applies.
+    pub fn decays(&self, id: ParamId) -> bool {
+        self.layout.entries[id.0].decay
+    }
+
+    /// Replaces a parameter's values; the shape must match.
+    pub fn set(&mut self, id: ParamId, value: Tensor<T>) -> Result<()> {
+        let e = &self.layout.entries[id.0];
+        if value.shape() != e.shape.as_slice() {
+            return Err(WorkerError::invalid(
+                &e.name,
+                format!("expected shape {:?}, got {:?}", e.shape, value.shape()),
+            ));
+        }
+        self.tensors[id.0] = value;
+        Ok(())
+    }
+
+    /// Looks a parameter up by name.
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.layout.entries.iter().position(|e| e.name == name).map(ParamId)
+    }
+
+    /// Converts every tensor to another element type.
+    pub fn cast<U: Real>(&self) -> ParamStore<U> {
+        ParamStore {
+            layout: self.layout.clone(),
+            tensors: self.tensors.iter().map(Tensor::cast).collect(),
+        }
+    }
+
+    /// Zero gradients shaped like the parameters.
+    pub fn zero_grads(&self) -> Grads<T> {
+        Grads {
+            tensors: self.tensors.iter().map(|t| Tensor::zeros(t.shape().to_vec())).collect(),
+        }
+    }
+}
+
+/// A standard normal draw (Box-Muller; deterministic for a seeded generator).
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Gradients, one tensor per parameter, accumulated by the W passes.
+#[derive(Clone, Debug)]
+pub struct Grads<T> {
+    tensors: Vec<Tensor<T>>,
+}
+
+impl<T: Real> Grads<T> {
+    /// Adds `g` into the gradient of `id`.
+    pub fn add(&mut self, id: ParamId, g: &Tensor<T>) -> Result<()> {
+        self.tensors[id.0].add_assign(g, "gradient")?;
+        Ok(())
+    }
+
+    /// The gradient of `id`.
+    pub fn get(&self, id: ParamId) -> &Tensor<T> {
+        &self.tensors[id.0]
+    }
+
+    /// The gradient of `id`, mutably (for in-place accumulation by GEMMs).
+    pub fn get_mut(&mut self, id: ParamId) -> &mut Tensor<T> {
+        &mut self.tensors[id.0]
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero(&mut self) {
+        for t in &mut self.tensors {
+            t.data_mut().fill(T::zero());
+        }
+    }
+
+    /// All gradients in parameter order.
+    pub fn tensors_mut(&mut self) -> &mut [Tensor<T>] {
+        &mut self.tensors
+    }
+
+    /// All gradients in parameter order.
+    pub fn tensors(&self) -> &[Tensor<T>] {
+        &self.tensors
+    }
+}

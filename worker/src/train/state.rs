@@ -1,0 +1,189 @@
+//! Trainer checkpoints: a Hugging Face model directory plus the optimizer and trainer state, so
+//! that training resumes exactly.
+//!
+//! ```text
+//! DIR/config.json             the model configuration (Hugging Face field names)
+//! DIR/model.safetensors       FP32 master weights under Hugging Face tensor names
+//! DIR/optimizer.safetensors   AdamW moments: NAME.exp_avg and NAME.exp_avg_sq (BF16 or F32)
+//! DIR/trainer_state.json      step, data position, options, precision, seed, data source
+//! ```
+//! The directory appears only once complete (written to a temporary sibling, then renamed).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use shoal_kernels::ops::adamw::{AdamWState, Moments};
+use shoal_kernels::ops::linear::Precision;
+use shoal_kernels::Tensor;
+use shoal_spec::ModelConfig;
+
+use super::{TrainOptions, Trainer};
+use crate::checkpoint::{CONFIG_FILE, CheckpointWriter, StoreDtype, WEIGHTS_FILE, load_model_dir, load_safetensors};
+use crate::data::{Batcher, DataPosition};
+use crate::model::Model;
+use crate::{Result, WorkerError};
+
+/// The optimizer moments file.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The trainer state file.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+
+/// `trainer_state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format version of this file.
+    pub format: u32,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Where the data stream stands.
+    pub data_position: DataPosition,
+    /// The data source's name (a path or `synthetic`).
+    pub data_source: String,
+    /// Sequence length of the data windows.
+    pub seq_len: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// The data seed (shuffling; the synthetic corpus).
+    pub data_seed: u64,
+    /// Precision mode: `fp32`, `bf16` or `fp8`.
+    pub precision: String,
+    /// Hyper-parameters.
+    pub options: TrainOptions,
+}
+
+/// The name of a precision mode in files and on the command line.
+pub fn precision_name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+        Precision::Fp8 => "fp8",
+    }
+}
+
+/// Parses `fp32`, `bf16` or `fp8`.
+pub fn parse_precision(s: &str) -> Result<Precision> {
+    match s {
+        "fp32" => Ok(Precision::Fp32),
+        "bf16" => Ok(Precision::Bf16),
+        "fp8" => Ok(Precision::Fp8),
+        other => Err(WorkerError::invalid("precision", format!("expected fp32, bf16 or fp8, got {other:?}"))),
+    }
+}
+
+fn moment_tensors(state: &AdamWState, shape: &[usize]) -> Result<(Tensor<f32>, Tensor<f32>)> {
+    let (m, v) = match &state.moments {
+        Moments::F32 { m, v } => (m.clone(), v.clone()),
+        Moments::Bf16 { m, v } => (
+            m.iter().map(|x| x.to_f32()).collect(),
+            v.iter().map(|x| x.to_f32()).collect(),
+        ),
+    };
+    Ok((Tensor::new(shape.to_vec(), m)?, Tensor::new(shape.to_vec(), v)?))
+}
+
+impl Trainer {
+    /// Writes a complete checkpoint to `dir` (replacing one that is there).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let writer = CheckpointWriter::begin(dir)?;
+        let cfg = self.model.config();
+        writer.write_json(CONFIG_FILE, &cfg.to_hf_json())?;
+        let named = self.model.named_f32();
+        let refs: Vec<(String, &Tensor<f32>)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+        writer.write_safetensors(WEIGHTS_FILE, &refs, StoreDtype::F32)?;
+
+        let mut moments = Vec::new();
+        for ((id, name, t), state) in self.model.params().iter().zip(&self.moments) {
+            let _ = id;
+            if let Some(state) = state {
+                let (m, v) = moment_tensors(state, t.shape())?;
+                moments.push((format!("{name}.exp_avg"), m));
+                moments.push((format!("{name}.exp_avg_sq"), v));
+            }
+        }
+        let refs: Vec<(String, &Tensor<f32>)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let dtype = if self.opts.bf16_moments { StoreDtype::Bf16 } else { StoreDtype::F32 };
+        writer.write_safetensors(OPTIMIZER_FILE, &refs, dtype)?;
+
+        let state = TrainerState {
+            format: 1,
+            step: self.step,
+            data_position: self.batcher.position(),
+            data_source: self.batcher.source().name().to_string(),
+            seq_len: self.batcher.seq_len(),
+            batch: self.batcher.batch_size(),
+            data_seed: self.batcher.seed(),
+            precision: precision_name(self.model.precision()).to_string(),
+            options: self.opts.clone(),
+        };
+        let json = serde_json::to_value(&state).map_err(|e| WorkerError::checkpoint(dir, e))?;
+        writer.write_json(TRAINER_STATE_FILE, &json)?;
+        writer.commit()
+    }
+
+    /// Reads `dir/trainer_state.json`.
+    pub fn read_state(dir: &Path) -> Result<TrainerState> {
+        let path = dir.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| WorkerError::checkpoint(&path, e))
+    }
+
+    /// Resumes from a checkpoint written by [`Trainer::save_checkpoint`]: weights, moments,
+    /// step and data position. `batcher` must read the same data with the same seed, sequence
+    /// length and batch size (checked against the saved state).
+    pub fn resume(dir: &Path, mut batcher: Batcher, opts: TrainOptions) -> Result<Self> {
+        let state = Self::read_state(dir)?;
+        let (cfg, tensors): (ModelConfig, BTreeMap<String, Tensor<f32>>) = load_model_dir(dir)?;
+        let precision = parse_precision(&state.precision)?;
+        let (model, _) = Model::from_named(&cfg, tensors, precision, 0, &dir.display().to_string())?;
+        for (what, saved, now) in [
+            ("seq_len", state.seq_len, batcher.seq_len()),
+            ("batch", state.batch, batcher.batch_size()),
+        ] {
+            if saved != now {
+                return Err(WorkerError::invalid(what, format!("the checkpoint was trained with {saved}, not {now}")));
+            }
+        }
+        if state.data_seed != batcher.seed() || state.data_source != batcher.source().name() {
+            return Err(WorkerError::invalid(
+                "data",
+                format!(
+                    "the checkpoint read {} with seed {}, not {} with seed {}",
+                    state.data_source,
+                    state.data_seed,
+                    batcher.source().name(),
+                    batcher.seed()
+                ),
+            ));
+        }
+        batcher.seek(state.data_position)?;
+        let mut trainer = Trainer::new(model, batcher, opts)?;
+        let opt_path = dir.join(OPTIMIZER_FILE);
+        let mut moments = load_safetensors(&opt_path)?;
+        let names: Vec<String> = trainer.model.params().iter().map(|(_, n, _)| n.to_string()).collect();
+        for (name, slot) in names.iter().zip(trainer.moments.iter_mut()) {
+            let Some(st) = slot.as_mut() else { continue };
+            let mut take = |suffix: &str| {
+                let key = format!("{name}.{suffix}");
+                moments
+                    .remove(&key)
+                    .map(Tensor::into_data)
+                    .ok_or_else(|| WorkerError::checkpoint(&opt_path, format!("missing tensor {key}")))
+            };
+            let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
+            if m.len() != st.len() || v.len() != st.len() {
+                return Err(WorkerError::checkpoint(&opt_path, format!("moments of {name} have the wrong size")));
+            }
+            st.moments = match st.moments {
+                Moments::F32 { .. } => Moments::F32 { m, v },
+                Moments::Bf16 { .. } => Moments::Bf16 {
+                    m: m.into_iter().map(half::bf16::from_f32).collect(),
+                    v: v.into_iter().map(half::bf16::from_f32).collect(),
+                },
+            };
+            st.step = state.step;
+        }
+        trainer.step = state.step;
+        Ok(trainer)
+    }
+}

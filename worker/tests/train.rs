@@ -1,0 +1,124 @@
+//! The single-process trainer: loss falls, runs are deterministic, checkpoints resume exactly,
+//! and the expert-bias rule moves biases against the load.
+
+use shoal_kernels::ops::linear::Precision;
+use shoal_spec::ModelConfig;
+use shoal_worker::data::{Batcher, DataSpec, TokenSource};
+use shoal_worker::model::Model;
+use shoal_worker::train::{TrainOptions, Trainer};
+
+fn small_cfg() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 128,
+        moe_intermediate_size: 32,
+        num_hidden_layers: 2,
+        first_k_dense_replace: 1,
+        num_attention_heads: 2,
+        n_routed_experts: 8,
+        n_shared_experts: 1,
+        num_experts_per_tok: 2,
+        n_group: 4,
+        topk_group: 2,
+        routed_scaling_factor: 2.5,
+        norm_topk_prob: true,
+        q_lora_rank: Some(32),
+        kv_lora_rank: 32,
+        qk_nope_head_dim: 16,
+        qk_rope_head_dim: 8,
+        v_head_dim: 16,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_interleave: true,
+        rope_scaling: None,
+        num_nextn_predict_layers: 1,
+        max_position_embeddings: 512,
+        initializer_range: 0.02,
+    }
+}
+
+fn trainer(precision: Precision, steps: u64, seed: u64) -> Trainer {
+    let cfg = small_cfg();
+    let model = Model::<f32>::new(&cfg, precision, seed).unwrap();
+    let source = TokenSource::load(&DataSpec::Synthetic { seed, tokens: 200_000 }, cfg.vocab_size).unwrap();
+    let batcher = Batcher::new(source, 32, 4, seed).unwrap();
+    Trainer::new(model, batcher, TrainOptions::defaults(steps, precision)).unwrap()
+}
+
+fn batcher(seed: u64) -> Batcher {
+    let source = TokenSource::load(&DataSpec::Synthetic { seed, tokens: 200_000 }, 256).unwrap();
+    Batcher::new(source, 32, 4, seed).unwrap()
+}
+
+#[test]
+fn loss_falls_and_runs_repeat_exactly() {
+    for precision in [Precision::Fp32, Precision::Fp8] {
+        let mut a = trainer(precision, 40, 5);
+        let losses: Vec<f64> = (0..40).map(|_| a.train_step().unwrap().main_loss).collect();
+        let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+        let last: f64 = losses[35..].iter().sum::<f64>() / 5.0;
+        assert!(last < first - 0.5, "{precision:?}: loss {first} -> {last}");
+        let mut b = trainer(precision, 40, 5);
+        let again: Vec<f64> = (0..40).map(|_| b.train_step().unwrap().main_loss).collect();
+        assert_eq!(losses, again, "{precision:?}: same seed, different losses");
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_changes_nothing() {
+    for precision in [Precision::Fp32, Precision::Fp8] {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let mut straight = trainer(precision, 6, 9);
+        let losses: Vec<f64> = (0..6).map(|_| straight.train_step().unwrap().loss).collect();
+
+        let mut first = trainer(precision, 6, 9);
+        for _ in 0..3 {
+            first.train_step().unwrap();
+        }
+        first.save_checkpoint(&ckpt).unwrap();
+        drop(first);
+        let opts = Trainer::read_state(&ckpt).unwrap().options;
+        let mut resumed = Trainer::resume(&ckpt, batcher(9), opts).unwrap();
+        assert_eq!(resumed.step(), 3);
+        let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
+        assert_eq!(tail, losses[3..], "{precision:?}");
+        for ((_, name, a), (_, _, b)) in straight.model().params().iter().zip(resumed.model().params().iter()) {
+            assert_eq!(a, b, "{precision:?}: {name} differs after resume");
+        }
+    }
+}
+
+#[test]
+fn resume_refuses_other_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut t = trainer(Precision::Fp32, 2, 1);
+    t.train_step().unwrap();
+    t.save_checkpoint(&ckpt).unwrap();
+    let opts = Trainer::read_state(&ckpt).unwrap().options;
+    let err = Trainer::resume(&ckpt, batcher(2), opts).err().expect("other seed refused");
+    assert!(err.to_string().contains("seed"), "{err}");
+}
+
+#[test]
+fn expert_biases_move_against_the_load() {
+    let mut t = trainer(Precision::Fp32, 3, 4);
+    let biases = t.model().expert_biases();
+    assert_eq!(biases.len(), 2, "one MoE layer plus the MTP block");
+    let before: Vec<Vec<f32>> = biases.iter().map(|b| t.model().params().get(*b).data().to_vec()).collect();
+    let m = t.train_step().unwrap();
+    assert!(m.max_vio.iter().all(|v| *v >= 0.0) && m.max_vio.len() == 2);
+    let after: Vec<Vec<f32>> = biases.iter().map(|b| t.model().params().get(*b).data().to_vec()).collect();
+    let gamma = t.options().bias_update_speed as f32;
+    let mut moved = 0;
+    for (b, a) in before.iter().zip(&after) {
+        for (x, y) in b.iter().zip(a) {
+            let d = y - x;
+            assert!(d == 0.0 || (d.abs() - gamma).abs() < 1e-6, "bias moved by {d}");
+            moved += usize::from(d != 0.0);
+        }
+    }
+    assert!(moved > 0);
+}
