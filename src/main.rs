@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cmd;
 
 /// Shoal: a DeepSeek-V3-style Mixture-of-Experts training orchestrator.
 #[derive(Debug, Parser)]
@@ -16,8 +17,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train a model (the single-process trainer lands with the model issue).
-    Train,
+    /// Train a DeepSeek-V3 model in this process.
+    Train(cmd::train::TrainArgs),
+    /// Mean next-token cross-entropy of a checkpoint on a token file.
+    Eval(cmd::eval::EvalArgs),
     /// Run a benchmark suite.
     Bench {
         #[command(subcommand)]
@@ -34,10 +37,8 @@ enum BenchSuite {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train => Err(anyhow::anyhow!(
-            "training is not available yet: the model and `shoal train` land with the model issue; \
-             this build provides `shoal bench kernels`"
-        )),
+        Command::Train(args) => cmd::train::run(&args),
+        Command::Eval(args) => cmd::eval::run(&args),
         Command::Bench {
             suite: BenchSuite::Kernels(args),
         } => bench::kernels::run(&args),

@@ -556,4 +556,3 @@ fn synthetic_counting_runs_and_copies_are_there() {
     let span = &noise[5000..5008];
     assert!(!noise[5000 - COPY_REACH..5000].windows(8).any(|w| w == span));
 }
-

@@ -3,8 +3,8 @@
 //! projection and norms, final norm, head) against central differences of the full objective
 //! (main loss + MTP loss + balance loss).
 
-use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::Tensor;
+use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_worker::model::{Model, Objective, TokenBatch};
 
@@ -48,8 +48,12 @@ fn check(cfg: &ModelConfig) {
         model.params_mut().set(id, bias).unwrap();
     }
     let (batch, seq) = (2, 6);
-    let inputs: Vec<u32> = (0..batch * seq).map(|i| ((i * 7 + 3) % 19) as u32).collect();
-    let targets: Vec<u32> = (0..batch * seq).map(|i| ((i * 5 + 1) % 19) as u32).collect();
+    let inputs: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7 + 3) % 19) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 5 + 1) % 19) as u32)
+        .collect();
     let b = TokenBatch {
         batch,
         seq,
@@ -64,7 +68,11 @@ fn check(cfg: &ModelConfig) {
     let base = model.forward_backward(&b, &obj, &mut grads).unwrap();
     assert!(base.balance_loss > 0.0 && base.mtp_losses.len() == 1);
 
-    let ids: Vec<_> = model.params().iter().map(|(id, name, _)| (id, name.to_string())).collect();
+    let ids: Vec<_> = model
+        .params()
+        .iter()
+        .map(|(id, name, _)| (id, name.to_string()))
+        .collect();
     let h = 1e-6;
     let mut checked = 0;
     for (id, name) in ids {
@@ -73,7 +81,9 @@ fn check(cfg: &ModelConfig) {
         }
         let n = model.params().get(id).numel();
         // Up to five elements spread over the tensor.
-        let picks: Vec<usize> = (0..5.min(n)).map(|i| i * n / 5.min(n) + (i * 7) % (n / 5.min(n)).max(1)).collect();
+        let picks: Vec<usize> = (0..5.min(n))
+            .map(|i| i * n / 5.min(n) + (i * 7) % (n / 5.min(n)).max(1))
+            .collect();
         for &i in &picks {
             let orig = model.params().get(id).data()[i];
             let mut eval = |v: f64| {
@@ -84,7 +94,10 @@ fn check(cfg: &ModelConfig) {
             let (up, loads_up) = eval(orig + h);
             let (down, loads_down) = eval(orig - h);
             eval(orig);
-            assert_eq!(loads_up, loads_down, "{name}[{i}]: routing changed under the probe");
+            assert_eq!(
+                loads_up, loads_down,
+                "{name}[{i}]: routing changed under the probe"
+            );
             let numeric = (up - down) / (2.0 * h);
             let analytic = grads.get(id).data()[i];
             let err = (numeric - analytic).abs();

@@ -41,13 +41,27 @@ fn small_cfg() -> ModelConfig {
 fn trainer(precision: Precision, steps: u64, seed: u64) -> Trainer {
     let cfg = small_cfg();
     let model = Model::<f32>::new(&cfg, precision, seed).unwrap();
-    let source = TokenSource::load(&DataSpec::Synthetic { seed, tokens: 200_000 }, cfg.vocab_size).unwrap();
+    let source = TokenSource::load(
+        &DataSpec::Synthetic {
+            seed,
+            tokens: 200_000,
+        },
+        cfg.vocab_size,
+    )
+    .unwrap();
     let batcher = Batcher::new(source, 32, 4, seed).unwrap();
     Trainer::new(model, batcher, TrainOptions::defaults(steps, precision)).unwrap()
 }
 
 fn batcher(seed: u64) -> Batcher {
-    let source = TokenSource::load(&DataSpec::Synthetic { seed, tokens: 200_000 }, 256).unwrap();
+    let source = TokenSource::load(
+        &DataSpec::Synthetic {
+            seed,
+            tokens: 200_000,
+        },
+        256,
+    )
+    .unwrap();
     Batcher::new(source, 32, 4, seed).unwrap()
 }
 
@@ -71,7 +85,9 @@ fn resuming_from_a_checkpoint_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
         let mut straight = trainer(precision, 6, 9);
-        let losses: Vec<f64> = (0..6).map(|_| straight.train_step().unwrap().loss).collect();
+        let losses: Vec<f64> = (0..6)
+            .map(|_| straight.train_step().unwrap().loss)
+            .collect();
 
         let mut first = trainer(precision, 6, 9);
         for _ in 0..3 {
@@ -84,7 +100,12 @@ fn resuming_from_a_checkpoint_changes_nothing() {
         assert_eq!(resumed.step(), 3);
         let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
         assert_eq!(tail, losses[3..], "{precision:?}");
-        for ((_, name, a), (_, _, b)) in straight.model().params().iter().zip(resumed.model().params().iter()) {
+        for ((_, name, a), (_, _, b)) in straight
+            .model()
+            .params()
+            .iter()
+            .zip(resumed.model().params().iter())
+        {
             assert_eq!(a, b, "{precision:?}: {name} differs after resume");
         }
     }
@@ -98,7 +119,9 @@ fn resume_refuses_other_data() {
     t.train_step().unwrap();
     t.save_checkpoint(&ckpt).unwrap();
     let opts = Trainer::read_state(&ckpt).unwrap().options;
-    let err = Trainer::resume(&ckpt, batcher(2), opts).err().expect("other seed refused");
+    let err = Trainer::resume(&ckpt, batcher(2), opts)
+        .err()
+        .expect("other seed refused");
     assert!(err.to_string().contains("seed"), "{err}");
 }
 
@@ -107,16 +130,25 @@ fn expert_biases_move_against_the_load() {
     let mut t = trainer(Precision::Fp32, 3, 4);
     let biases = t.model().expert_biases();
     assert_eq!(biases.len(), 2, "one MoE layer plus the MTP block");
-    let before: Vec<Vec<f32>> = biases.iter().map(|b| t.model().params().get(*b).data().to_vec()).collect();
+    let before: Vec<Vec<f32>> = biases
+        .iter()
+        .map(|b| t.model().params().get(*b).data().to_vec())
+        .collect();
     let m = t.train_step().unwrap();
     assert!(m.max_vio.iter().all(|v| *v >= 0.0) && m.max_vio.len() == 2);
-    let after: Vec<Vec<f32>> = biases.iter().map(|b| t.model().params().get(*b).data().to_vec()).collect();
+    let after: Vec<Vec<f32>> = biases
+        .iter()
+        .map(|b| t.model().params().get(*b).data().to_vec())
+        .collect();
     let gamma = t.options().bias_update_speed as f32;
     let mut moved = 0;
     for (b, a) in before.iter().zip(&after) {
         for (x, y) in b.iter().zip(a) {
             let d = y - x;
-            assert!(d == 0.0 || (d.abs() - gamma).abs() < 1e-6, "bias moved by {d}");
+            assert!(
+                d == 0.0 || (d.abs() - gamma).abs() < 1e-6,
+                "bias moved by {d}"
+            );
             moved += usize::from(d != 0.0);
         }
     }

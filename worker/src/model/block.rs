@@ -2,8 +2,8 @@
 //! dense SwiGLU MLP or DeepSeekMoE. Only `h` and `h1` are kept; the norms are recomputed in
 //! backward.
 
-use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
 use shoal_kernels::Tensor;
+use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
 use shoal_spec::ModelConfig;
 
 use super::ctx::Ctx;
@@ -55,9 +55,20 @@ impl Block {
         let ffn = if moe {
             Ffn::Moe(Moe::declare(layout, &format!("{prefix}.mlp"), cfg))
         } else {
-            Ffn::Dense(Mlp::declare(layout, &format!("{prefix}.mlp"), h, cfg.intermediate_size, cfg.initializer_range))
+            Ffn::Dense(Mlp::declare(
+                layout,
+                &format!("{prefix}.mlp"),
+                h,
+                cfg.intermediate_size,
+                cfg.initializer_range,
+            ))
         };
-        let in_norm = layout.add(format!("{prefix}.input_layernorm.weight"), vec![h], Init::Ones, Trainable::Yes);
+        let in_norm = layout.add(
+            format!("{prefix}.input_layernorm.weight"),
+            vec![h],
+            Init::Ones,
+            Trainable::Yes,
+        );
         let post_norm = layout.add(
             format!("{prefix}.post_attention_layernorm.weight"),
             vec![h],
@@ -118,7 +129,12 @@ impl Block {
         let dx2 = match (&self.ffn, saved.ffn) {
             (Ffn::Dense(m), FfnSaved::Dense(s)) => m.backward(p, &x2, s, dh2.clone(), ctx, w)?,
             (Ffn::Moe(m), FfnSaved::Moe(s)) => m.backward(p, &x2, s, dh2.clone(), ctx, w)?,
-            _ => return Err(crate::WorkerError::invalid("block", "saved state of another kind")),
+            _ => {
+                return Err(crate::WorkerError::invalid(
+                    "block",
+                    "saved state of another kind",
+                ));
+            }
         };
         let mut dh1 = rmsnorm_backward_input(&dx2, &saved.h1, p.get(self.post_norm), ctx.eps)?;
         dh1.add_assign(&dh2, "block.dh1")?;

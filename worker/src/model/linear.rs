@@ -5,8 +5,8 @@
 //! master weights) otherwise. `f64` exists for gradient checks and supports only `Fp32`.
 
 use shoal_kernels::ops::linear::{
-    Precision, SavedInput, linear_backward_input, linear_backward_input_mp, linear_backward_weight_into,
-    linear_backward_weight_mp, linear_forward, linear_forward_mp,
+    Precision, SavedInput, linear_backward_input, linear_backward_input_mp,
+    linear_backward_weight_into, linear_backward_weight_mp, linear_forward, linear_forward_mp,
 };
 use shoal_kernels::{Real, Tensor};
 
@@ -26,7 +26,11 @@ pub trait ModelFloat: Real {
     /// `y = x W^T`.
     fn linear(x: &Tensor<Self>, w: &Tensor<Self>, p: Precision) -> Result<Tensor<Self>>;
     /// `y = x W^T`, keeping `x` for the weight gradient in the precision's storage format.
-    fn linear_saving(x: Tensor<Self>, w: &Tensor<Self>, p: Precision) -> Result<(Tensor<Self>, Saved<Self>)>;
+    fn linear_saving(
+        x: Tensor<Self>,
+        w: &Tensor<Self>,
+        p: Precision,
+    ) -> Result<(Tensor<Self>, Saved<Self>)>;
     /// Keeps `x` for a weight gradient without running the forward GEMM.
     fn save(x: Tensor<Self>, p: Precision) -> Result<Saved<Self>>;
     /// B: `dx = dy W`.
@@ -43,7 +47,11 @@ impl ModelFloat for f32 {
         })
     }
 
-    fn linear_saving(x: Tensor<f32>, w: &Tensor<f32>, p: Precision) -> Result<(Tensor<f32>, Saved<f32>)> {
+    fn linear_saving(
+        x: Tensor<f32>,
+        w: &Tensor<f32>,
+        p: Precision,
+    ) -> Result<(Tensor<f32>, Saved<f32>)> {
         match p {
             Precision::Fp32 => Ok((linear_forward(&x, w)?, Saved::Full(x))),
             _ => {
@@ -58,9 +66,10 @@ impl ModelFloat for f32 {
         Ok(match p {
             Precision::Fp32 => Saved::Full(x),
             Precision::Bf16 => Saved::Mixed(SavedInput::Bf16(x.map(half::bf16::from_f32))),
-            Precision::Fp8 => {
-                Saved::Mixed(SavedInput::Fp8(Fp8Matrix::quantize_tensor_tiles(&x, QuantConfig::default())?))
-            }
+            Precision::Fp8 => Saved::Mixed(SavedInput::Fp8(Fp8Matrix::quantize_tensor_tiles(
+                &x,
+                QuantConfig::default(),
+            )?)),
         })
     }
 
@@ -85,7 +94,10 @@ impl ModelFloat for f32 {
 
 fn fp32_only(p: Precision) -> Result<()> {
     if p != Precision::Fp32 {
-        return Err(WorkerError::invalid("precision", format!("{p:?} needs an f32 model; f64 runs fp32 only")));
+        return Err(WorkerError::invalid(
+            "precision",
+            format!("{p:?} needs an f32 model; f64 runs fp32 only"),
+        ));
     }
     Ok(())
 }
@@ -96,7 +108,11 @@ impl ModelFloat for f64 {
         Ok(linear_forward(x, w)?)
     }
 
-    fn linear_saving(x: Tensor<f64>, w: &Tensor<f64>, p: Precision) -> Result<(Tensor<f64>, Saved<f64>)> {
+    fn linear_saving(
+        x: Tensor<f64>,
+        w: &Tensor<f64>,
+        p: Precision,
+    ) -> Result<(Tensor<f64>, Saved<f64>)> {
         fp32_only(p)?;
         Ok((linear_forward(&x, w)?, Saved::Full(x)))
     }
@@ -114,7 +130,10 @@ impl ModelFloat for f64 {
     fn linear_w(dy: &Tensor<f64>, x: &Saved<f64>, grad: &mut Tensor<f64>) -> Result<()> {
         match x {
             Saved::Full(x) => Ok(linear_backward_weight_into(grad, dy, x)?),
-            Saved::Mixed(_) => Err(WorkerError::invalid("precision", "f64 models keep full-precision inputs")),
+            Saved::Mixed(_) => Err(WorkerError::invalid(
+                "precision",
+                "f64 models keep full-precision inputs",
+            )),
         }
     }
 }

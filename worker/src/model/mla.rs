@@ -9,10 +9,10 @@
 //! `[c_kv | k_pe]`, the attention output and its log-sum-exp; the backward pass recomputes the
 //! norms and the up-projections.
 
+use shoal_kernels::Tensor;
 use shoal_kernels::ops::attention::{AttentionSaved, attention_backward, attention_forward};
 use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
 use shoal_kernels::ops::rope::{rope_backward, rope_forward};
-use shoal_kernels::Tensor;
 use shoal_spec::ModelConfig;
 
 use super::ctx::Ctx;
@@ -25,7 +25,11 @@ use crate::Result;
 /// Query projection: compressed (`q_lora_rank`) or plain.
 #[derive(Clone, Debug)]
 enum QProj {
-    Lora { a: ParamId, norm: ParamId, b: ParamId },
+    Lora {
+        a: ParamId,
+        norm: ParamId,
+        b: ParamId,
+    },
     Plain(ParamId),
 }
 
@@ -65,23 +69,46 @@ impl Mla {
         let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
         let std = cfg.initializer_range;
         let mut lin = |name: &str, out: usize, inp: usize| {
-            layout.add(format!("{prefix}.{name}.weight"), vec![out, inp], Init::Normal(std), Trainable::Yes)
+            layout.add(
+                format!("{prefix}.{name}.weight"),
+                vec![out, inp],
+                Init::Normal(std),
+                Trainable::Yes,
+            )
         };
         let qk = cfg.qk_head_dim();
         let q = match cfg.q_lora_rank {
             Some(r) => {
                 let a = lin("q_a_proj", r, h);
                 let b = lin("q_b_proj", heads * qk, r);
-                let norm = layout.add(format!("{prefix}.q_a_layernorm.weight"), vec![r], Init::Ones, Trainable::Yes);
+                let norm = layout.add(
+                    format!("{prefix}.q_a_layernorm.weight"),
+                    vec![r],
+                    Init::Ones,
+                    Trainable::Yes,
+                );
                 QProj::Lora { a, norm, b }
             }
             None => QProj::Plain(lin("q_proj", heads * qk, h)),
         };
         let mut lin = |name: &str, out: usize, inp: usize| {
-            layout.add(format!("{prefix}.{name}.weight"), vec![out, inp], Init::Normal(std), Trainable::Yes)
+            layout.add(
+                format!("{prefix}.{name}.weight"),
+                vec![out, inp],
+                Init::Normal(std),
+                Trainable::Yes,
+            )
         };
-        let kv_a = lin("kv_a_proj_with_mqa", cfg.kv_lora_rank + cfg.qk_rope_head_dim, h);
-        let kv_b = lin("kv_b_proj", heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank);
+        let kv_a = lin(
+            "kv_a_proj_with_mqa",
+            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            h,
+        );
+        let kv_b = lin(
+            "kv_b_proj",
+            heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+        );
         let o = lin("o_proj", h, heads * cfg.v_head_dim);
         let kv_norm = layout.add(
             format!("{prefix}.kv_a_layernorm.weight"),
@@ -134,16 +161,35 @@ impl Mla {
     ) -> Result<Assembled<T>> {
         let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
         let qp = split_groups(q, hd, &[self.nope, self.rope])?;
-        let q_pe = rope_forward(&qp[1].clone().reshape([b, s, hd, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
-            .reshape([b * s, hd * self.rope])?;
-        let q_full = join_groups(&[&qp[0], &q_pe], hd)?.reshape([b, s, hd, self.nope + self.rope])?;
-        let k_pe = rope_forward(&k_pe.clone().reshape([b, s, 1, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
-            .reshape([b * s, self.rope])?;
+        let q_pe = rope_forward(
+            &qp[1].clone().reshape([b, s, hd, self.rope])?,
+            ctx.rope,
+            ctx.rope_layout,
+            0,
+        )?
+        .reshape([b * s, hd * self.rope])?;
+        let q_full =
+            join_groups(&[&qp[0], &q_pe], hd)?.reshape([b, s, hd, self.nope + self.rope])?;
+        let k_pe = rope_forward(
+            &k_pe.clone().reshape([b, s, 1, self.rope])?,
+            ctx.rope,
+            ctx.rope_layout,
+            0,
+        )?
+        .reshape([b * s, self.rope])?;
         let kvp = split_groups(kv, hd, &[self.nope, self.v])?;
-        let k_full = join_groups(&[&kvp[0], &repeat_groups(&k_pe, hd)?], hd)?
-            .reshape([b, s, hd, self.nope + self.rope])?;
+        let k_full = join_groups(&[&kvp[0], &repeat_groups(&k_pe, hd)?], hd)?.reshape([
+            b,
+            s,
+            hd,
+            self.nope + self.rope,
+        ])?;
         let v = kvp[1].clone().reshape([b, s, hd, self.v])?;
-        Ok(Assembled { q: q_full, k: k_full, v })
+        Ok(Assembled {
+            q: q_full,
+            k: k_full,
+            v,
+        })
     }
 
     fn keys_values<T: ModelFloat>(
@@ -153,7 +199,9 @@ impl Mla {
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, Tensor<T>, Tensor<T>, Tensor<T>)> {
         let parts = split_groups(ckv, 1, &[self.kv_lora, self.rope])?;
-        let [c, k_pe]: [Tensor<T>; 2] = parts.try_into().map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
+        let [c, k_pe]: [Tensor<T>; 2] = parts
+            .try_into()
+            .map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
         let cn = rmsnorm_forward(&c, p.get(self.kv_norm), ctx.eps)?;
         let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
         Ok((c, k_pe, cn, kv))
@@ -219,13 +267,23 @@ impl Mla {
         // Undo the assembly: RoPE backward on the rope parts, the shared key's gradient summed
         // over heads.
         let dqp = split_groups(&dq, hd, &[self.nope, self.rope])?;
-        let dq_pe = rope_backward(&dqp[1].clone().reshape([b, s, hd, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
-            .reshape([b * s, hd * self.rope])?;
+        let dq_pe = rope_backward(
+            &dqp[1].clone().reshape([b, s, hd, self.rope])?,
+            ctx.rope,
+            ctx.rope_layout,
+            0,
+        )?
+        .reshape([b * s, hd * self.rope])?;
         let dq = join_groups(&[&dqp[0], &dq_pe], hd)?;
         let dkp = split_groups(&dk, hd, &[self.nope, self.rope])?;
         let dk_pe = sum_groups(&dkp[1], hd)?;
-        let dk_pe = rope_backward(&dk_pe.reshape([b, s, 1, self.rope])?, ctx.rope, ctx.rope_layout, 0)?
-            .reshape([b * s, self.rope])?;
+        let dk_pe = rope_backward(
+            &dk_pe.reshape([b, s, 1, self.rope])?,
+            ctx.rope,
+            ctx.rope_layout,
+            0,
+        )?
+        .reshape([b * s, self.rope])?;
         let dkv = join_groups(&[&dkp[0], &dv], hd)?;
 
         // kv_b_proj and kv_a_layernorm.
@@ -282,7 +340,12 @@ impl Mla {
                     x: x_saved,
                 });
             }
-            _ => return Err(crate::WorkerError::invalid("mla", "compressed query was not kept")),
+            _ => {
+                return Err(crate::WorkerError::invalid(
+                    "mla",
+                    "compressed query was not kept",
+                ));
+            }
         }
         Ok(dx)
     }

@@ -1,8 +1,8 @@
 //! The SwiGLU MLP: `down(silu(gate · x) * (up · x))`. Dense layers, shared experts and each routed
 //! expert are all one of these.
 
-use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
 use shoal_kernels::Tensor;
+use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
 
 use super::ctx::Ctx;
 use super::linear::ModelFloat;
@@ -28,9 +28,20 @@ pub struct MlpSaved<T> {
 
 impl Mlp {
     /// Declares `{prefix}.gate_proj`, `.up_proj`, `.down_proj`.
-    pub fn declare(layout: &mut Layout, prefix: &str, hidden: usize, inner: usize, std: f64) -> Self {
+    pub fn declare(
+        layout: &mut Layout,
+        prefix: &str,
+        hidden: usize,
+        inner: usize,
+        std: f64,
+    ) -> Self {
         let mut lin = |name: &str, shape: Vec<usize>| {
-            layout.add(format!("{prefix}.{name}.weight"), shape, Init::Normal(std), Trainable::Yes)
+            layout.add(
+                format!("{prefix}.{name}.weight"),
+                shape,
+                Init::Normal(std),
+                Trainable::Yes,
+            )
         };
         Self {
             gate: lin("gate_proj", vec![inner, hidden]),
@@ -72,7 +83,10 @@ impl Mlp {
             x: T::save(act, prec)?,
         });
         let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
-        let dx = add(&T::linear_b(&dg, p.get(self.gate), prec)?, &T::linear_b(&du, p.get(self.up), prec)?)?;
+        let dx = add(
+            &T::linear_b(&dg, p.get(self.gate), prec)?,
+            &T::linear_b(&du, p.get(self.up), prec)?,
+        )?;
         let xs = T::save(x.clone(), prec)?;
         w.push(WTask::Linear {
             param: self.gate,

@@ -16,12 +16,12 @@ pub mod rope;
 pub mod tensor_ops;
 pub mod wgrad;
 
+use shoal_kernels::Tensor;
 use shoal_kernels::ops::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use shoal_kernels::ops::embedding::embedding_forward;
 use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
 use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
-use shoal_kernels::Tensor;
 use shoal_spec::ModelConfig;
 
 pub use self::block::Block;
@@ -152,7 +152,11 @@ impl<T: ModelFloat> Model<T> {
     }
 
     /// A model from existing parameters (a loaded checkpoint), checked against `cfg`'s layout.
-    pub fn from_params(cfg: &ModelConfig, params: ParamStore<T>, precision: Precision) -> Result<Self> {
+    pub fn from_params(
+        cfg: &ModelConfig,
+        params: ParamStore<T>,
+        precision: Precision,
+    ) -> Result<Self> {
         let (_, parts) = Self::declare(cfg);
         Self::assemble(cfg, params, parts, precision)
     }
@@ -178,8 +182,13 @@ impl<T: ModelFloat> Model<T> {
             .map(|k| format!("model.layers.{}.", cfg.num_hidden_layers + k))
             .collect();
         let is_mtp = |name: &str| mtp_prefixes.iter().any(|p| name.starts_with(p.as_str()));
-        let ids: Vec<(ParamId, String)> = params.iter().map(|(id, n, _)| (id, n.to_string())).collect();
-        let mtp_present = ids.iter().any(|(_, n)| is_mtp(n) && tensors.contains_key(n));
+        let ids: Vec<(ParamId, String)> = params
+            .iter()
+            .map(|(id, n, _)| (id, n.to_string()))
+            .collect();
+        let mtp_present = ids
+            .iter()
+            .any(|(_, n)| is_mtp(n) && tensors.contains_key(n));
         let mut report = LoadReport::default();
         for (id, name) in ids {
             match tensors.remove(&name) {
@@ -188,14 +197,20 @@ impl<T: ModelFloat> Model<T> {
                     if t.shape() != expected.as_slice() {
                         return Err(WorkerError::checkpoint(
                             source,
-                            format!("tensor {name}: expected shape {expected:?}, got {:?}", t.shape()),
+                            format!(
+                                "tensor {name}: expected shape {expected:?}, got {:?}",
+                                t.shape()
+                            ),
                         ));
                     }
                     params.set(id, t.cast::<T>())?;
                 }
                 None if is_mtp(&name) && !mtp_present => report.initialized.push(name),
                 None => {
-                    return Err(WorkerError::checkpoint(source, format!("missing tensor {name}")));
+                    return Err(WorkerError::checkpoint(
+                        source,
+                        format!("missing tensor {name}"),
+                    ));
                 }
             }
         }
@@ -205,7 +220,10 @@ impl<T: ModelFloat> Model<T> {
 
     /// `(name, tensor)` of every parameter in FP32, for checkpoints.
     pub fn named_f32(&self) -> Vec<(String, Tensor<f32>)> {
-        self.params.iter().map(|(_, n, t)| (n.to_string(), t.cast::<f32>())).collect()
+        self.params
+            .iter()
+            .map(|(_, n, t)| (n.to_string(), t.cast::<f32>()))
+            .collect()
     }
 
     /// The parameter layout of `cfg` (names, shapes, initialisers) without allocating anything.
@@ -224,9 +242,21 @@ impl<T: ModelFloat> Model<T> {
             Trainable::Yes,
         );
         let blocks = (0..cfg.num_hidden_layers)
-            .map(|i| Block::declare(&mut l, &format!("model.layers.{i}"), cfg, cfg.is_moe_layer(i)))
+            .map(|i| {
+                Block::declare(
+                    &mut l,
+                    &format!("model.layers.{i}"),
+                    cfg,
+                    cfg.is_moe_layer(i),
+                )
+            })
             .collect();
-        let norm = l.add("model.norm.weight".into(), vec![h], Init::Ones, Trainable::Yes);
+        let norm = l.add(
+            "model.norm.weight".into(),
+            vec![h],
+            Init::Ones,
+            Trainable::Yes,
+        );
         let head = l.add(
             "lm_head.weight".into(),
             vec![cfg.vocab_size, h],
@@ -236,8 +266,18 @@ impl<T: ModelFloat> Model<T> {
         let mtp = (0..cfg.num_nextn_predict_layers)
             .map(|k| {
                 let prefix = format!("model.layers.{}", cfg.num_hidden_layers + k);
-                let enorm = l.add(format!("{prefix}.enorm.weight"), vec![h], Init::Ones, Trainable::Yes);
-                let hnorm = l.add(format!("{prefix}.hnorm.weight"), vec![h], Init::Ones, Trainable::Yes);
+                let enorm = l.add(
+                    format!("{prefix}.enorm.weight"),
+                    vec![h],
+                    Init::Ones,
+                    Trainable::Yes,
+                );
+                let hnorm = l.add(
+                    format!("{prefix}.hnorm.weight"),
+                    vec![h],
+                    Init::Ones,
+                    Trainable::Yes,
+                );
                 let eh_proj = l.add(
                     format!("{prefix}.eh_proj.weight"),
                     vec![h, 2 * h],
@@ -245,7 +285,12 @@ impl<T: ModelFloat> Model<T> {
                     Trainable::Yes,
                 );
                 let block = Block::declare(&mut l, &prefix, cfg, cfg.has_moe_layers());
-                let head_norm = l.add(format!("{prefix}.shared_head.norm.weight"), vec![h], Init::Ones, Trainable::Yes);
+                let head_norm = l.add(
+                    format!("{prefix}.shared_head.norm.weight"),
+                    vec![h],
+                    Init::Ones,
+                    Trainable::Yes,
+                );
                 Mtp {
                     enorm,
                     hnorm,
@@ -328,7 +373,10 @@ impl<T: ModelFloat> Model<T> {
     fn check_batch(&self, b: &TokenBatch<'_>) -> Result<()> {
         let n = b.batch * b.seq;
         if b.batch == 0 || b.seq == 0 {
-            return Err(WorkerError::invalid("batch", "batch and sequence length must be at least 1"));
+            return Err(WorkerError::invalid(
+                "batch",
+                "batch and sequence length must be at least 1",
+            ));
         }
         if b.inputs.len() != n || b.targets.len() != n {
             return Err(WorkerError::invalid(
@@ -345,13 +393,21 @@ impl<T: ModelFloat> Model<T> {
         if b.seq > self.rope.max_positions() {
             return Err(WorkerError::invalid(
                 "seq_len",
-                format!("{} exceeds the model's {} positions", b.seq, self.rope.max_positions()),
+                format!(
+                    "{} exceeds the model's {} positions",
+                    b.seq,
+                    self.rope.max_positions()
+                ),
             ));
         }
         if !self.mtp.is_empty() && b.seq <= self.mtp.len() {
             return Err(WorkerError::invalid(
                 "seq_len",
-                format!("must exceed the MTP depth {}, got {}", self.mtp.len(), b.seq),
+                format!(
+                    "must exceed the MTP depth {}, got {}",
+                    self.mtp.len(),
+                    b.seq
+                ),
             ));
         }
         Ok(())
@@ -427,7 +483,9 @@ impl<T: ModelFloat> Model<T> {
             prev_len = len;
         }
         let d = self.mtp.len().max(1) as f64;
-        let loss = ce.loss + obj.mtp_lambda / d * mtp_losses.iter().sum::<f64>() + obj.balance_alpha * balance;
+        let loss = ce.loss
+            + obj.mtp_lambda / d * mtp_losses.iter().sum::<f64>()
+            + obj.balance_alpha * balance;
         let out = StepOutput {
             loss,
             main_loss: ce.loss,
@@ -453,7 +511,11 @@ impl<T: ModelFloat> Model<T> {
     }
 
     /// Forward and B passes of a micro-batch; returns the losses and the deferred W work.
-    pub fn forward_backward_input(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<(StepOutput, Vec<WTask<T>>)> {
+    pub fn forward_backward_input(
+        &self,
+        b: &TokenBatch<'_>,
+        obj: &Objective,
+    ) -> Result<(StepOutput, Vec<WTask<T>>)> {
         let f = self.forward(b, obj)?;
         let p = &self.params;
         let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
@@ -545,7 +607,12 @@ impl<T: ModelFloat> Model<T> {
     }
 
     /// Forward, B and W passes: accumulates the gradients of the objective into `grads`.
-    pub fn forward_backward(&self, b: &TokenBatch<'_>, obj: &Objective, grads: &mut Grads<T>) -> Result<StepOutput> {
+    pub fn forward_backward(
+        &self,
+        b: &TokenBatch<'_>,
+        obj: &Objective,
+        grads: &mut Grads<T>,
+    ) -> Result<StepOutput> {
         let (out, w) = self.forward_backward_input(b, obj)?;
         wgrad::run_all(w, grads)?;
         Ok(out)

@@ -9,9 +9,11 @@
 //!   micro-batch) adds its gradient to the router logits.
 //! * Expert loads are returned for the auxiliary-loss-free bias update.
 
-use shoal_kernels::ops::linear::Precision;
-use shoal_kernels::ops::moe_gate::{GateConfig, GateOutput, expert_load, gate_backward, gate_forward};
 use shoal_kernels::Tensor;
+use shoal_kernels::ops::linear::Precision;
+use shoal_kernels::ops::moe_gate::{
+    GateConfig, GateOutput, expert_load, gate_backward, gate_forward,
+};
 use shoal_spec::ModelConfig;
 
 use super::ctx::Ctx;
@@ -48,7 +50,9 @@ pub struct MoeSaved<T> {
 
 impl<T> std::fmt::Debug for MoeSaved<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MoeSaved").field("experts", &self.experts.len()).finish()
+        f.debug_struct("MoeSaved")
+            .field("experts", &self.experts.len())
+            .finish()
     }
 }
 
@@ -65,7 +69,12 @@ impl Moe {
     /// Declares `{prefix}.gate`, `.experts.j.*` and `.shared_experts.*`.
     pub fn declare(layout: &mut Layout, prefix: &str, cfg: &ModelConfig) -> Self {
         let (h, e, std) = (cfg.hidden_size, cfg.n_routed_experts, cfg.initializer_range);
-        let router = layout.add(format!("{prefix}.gate.weight"), vec![e, h], Init::Normal(std), Trainable::Yes);
+        let router = layout.add(
+            format!("{prefix}.gate.weight"),
+            vec![e, h],
+            Init::Normal(std),
+            Trainable::Yes,
+        );
         let bias = layout.add(
             format!("{prefix}.gate.e_score_correction_bias"),
             vec![e],
@@ -73,7 +82,15 @@ impl Moe {
             Trainable::No,
         );
         let experts = (0..e)
-            .map(|j| Mlp::declare(layout, &format!("{prefix}.experts.{j}"), h, cfg.moe_intermediate_size, std))
+            .map(|j| {
+                Mlp::declare(
+                    layout,
+                    &format!("{prefix}.experts.{j}"),
+                    h,
+                    cfg.moe_intermediate_size,
+                    std,
+                )
+            })
             .collect();
         let shared = (cfg.n_shared_experts > 0).then(|| {
             Mlp::declare(
@@ -146,18 +163,36 @@ impl Moe {
                     *o += wgt * v;
                 }
             }
-            experts.push(Some(ExpertSaved { rows, slots, mlp, out }));
+            experts.push(Some(ExpertSaved {
+                rows,
+                slots,
+                mlp,
+                out,
+            }));
         }
         let stats = MoeStats {
             load: expert_load(&gate.indices, e),
             balance: self.balance(&gate, ctx, None)?,
         };
-        Ok((y.0, MoeSaved { gate, experts, shared: y.1 }, stats))
+        Ok((
+            y.0,
+            MoeSaved {
+                gate,
+                experts,
+                shared: y.1,
+            },
+            stats,
+        ))
     }
 
     /// The sequence-wise balance loss (mean over sequences of `sum_i f_i P_i`), and, when `grad`
     /// is given, adds `scale * d loss / d logits` into it.
-    fn balance<T: ModelFloat>(&self, gate: &GateOutput<T>, ctx: &Ctx<'_>, grad: Option<(&mut Tensor<T>, f64)>) -> Result<f64> {
+    fn balance<T: ModelFloat>(
+        &self,
+        gate: &GateOutput<T>,
+        ctx: &Ctx<'_>,
+        grad: Option<(&mut Tensor<T>, f64)>,
+    ) -> Result<f64> {
         let (e, k) = (self.gate.n_routed_experts, self.gate.top_k);
         let (seqs, len) = (ctx.batch, ctx.seq);
         let aff = gate.affinities.data();
@@ -171,7 +206,10 @@ impl Moe {
                     count[ex as usize] += 1.0;
                 }
             }
-            let f: Vec<f64> = count.iter().map(|c| c * e as f64 / (k as f64 * len as f64)).collect();
+            let f: Vec<f64> = count
+                .iter()
+                .map(|c| c * e as f64 / (k as f64 * len as f64))
+                .collect();
             let mut p_i = vec![0f64; e];
             for t in rows.clone() {
                 let a = &aff[t * e..(t + 1) * e];
@@ -187,7 +225,10 @@ impl Moe {
                 for t in rows {
                     let a = &aff[t * e..(t + 1) * e];
                     let sum: f64 = a.iter().map(|v| v.f64()).sum();
-                    let gs: Vec<f64> = f.iter().map(|fi| *scale / seqs as f64 * fi / len as f64).collect();
+                    let gs: Vec<f64> = f
+                        .iter()
+                        .map(|fi| *scale / seqs as f64 * fi / len as f64)
+                        .collect();
                     let dot: f64 = gs.iter().zip(a).map(|(g, v)| g * v.f64() / sum).sum();
                     for j in 0..e {
                         let aj = a[j].f64();
@@ -233,7 +274,10 @@ impl Moe {
             let dxe = self.experts[j].backward(p, &xe, es.mlp, dye, ctx, w)?;
             let dxd = dx.data_mut();
             for (r, &t) in es.rows.iter().enumerate() {
-                for (o, &v) in dxd[t * hidden..(t + 1) * hidden].iter_mut().zip(&dxe.data()[r * hidden..(r + 1) * hidden]) {
+                for (o, &v) in dxd[t * hidden..(t + 1) * hidden]
+                    .iter_mut()
+                    .zip(&dxe.data()[r * hidden..(r + 1) * hidden])
+                {
                     *o += v;
                 }
             }

@@ -59,7 +59,13 @@ pub struct Layout {
 
 impl Layout {
     /// Declares a parameter and returns its id.
-    pub fn add(&mut self, name: String, shape: Vec<usize>, init: Init, trainable: Trainable) -> ParamId {
+    pub fn add(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        init: Init,
+        trainable: Trainable,
+    ) -> ParamId {
         let decay = shape.len() >= 2 && trainable == Trainable::Yes;
         self.entries.push(Entry {
             name,
@@ -83,7 +89,10 @@ impl Layout {
 
     /// Total element count.
     pub fn numel(&self) -> usize {
-        self.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum()
+        self.entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -100,12 +109,15 @@ impl<T: Real> ParamStore<T> {
     pub fn init(layout: Layout, seed: u64) -> Result<Self> {
         let mut tensors = Vec::with_capacity(layout.len());
         for (i, e) in layout.entries.iter().enumerate() {
-            let numel = shoal_kernels::checked_numel("parameter", &e.shape, std::mem::size_of::<T>())?;
+            let numel =
+                shoal_kernels::checked_numel("parameter", &e.shape, std::mem::size_of::<T>())?;
             let data = match e.init {
                 Init::Ones => vec![T::one(); numel],
                 Init::Zeros => vec![T::zero(); numel],
                 Init::Normal(std) => {
-                    let mut rng = StdRng::seed_from_u64(seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let mut rng = StdRng::seed_from_u64(
+                        seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
                     (0..numel).map(|_| T::of(normal(&mut rng) * std)).collect()
                 }
             };
@@ -169,7 +181,11 @@ impl<T: Real> ParamStore<T> {
 
     /// Looks a parameter up by name.
     pub fn find(&self, name: &str) -> Option<ParamId> {
-        self.layout.entries.iter().position(|e| e.name == name).map(ParamId)
+        self.layout
+            .entries
+            .iter()
+            .position(|e| e.name == name)
+            .map(ParamId)
     }
 
     /// Converts every tensor to another element type.
@@ -183,7 +199,11 @@ impl<T: Real> ParamStore<T> {
     /// Zero gradients shaped like the parameters.
     pub fn zero_grads(&self) -> Grads<T> {
         Grads {
-            tensors: self.tensors.iter().map(|t| Tensor::zeros(t.shape().to_vec())).collect(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| Tensor::zeros(t.shape().to_vec()))
+                .collect(),
         }
     }
 }

@@ -7,7 +7,11 @@ use shoal_spec::ModelConfig;
 use crate::{Result, WorkerError};
 
 fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 /// Inverse frequencies of the RoPE dimensions.
@@ -17,9 +21,12 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
     let plain: Vec<f64> = (0..cfg.qk_rope_head_dim / 2)
         .map(|i| 1.0 / base.powf(2.0 * i as f64 / dim))
         .collect();
-    let Some(y) = &cfg.rope_scaling else { return plain };
+    let Some(y) = &cfg.rope_scaling else {
+        return plain;
+    };
     let orig = y.original_max_position_embeddings as f64;
-    let correction = |rot: f64| dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+    let correction =
+        |rot: f64| dim * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
     let low = correction(y.beta_fast).floor().max(0.0);
     let high = correction(y.beta_slow).ceil().min(dim - 1.0);
     let high = if low == high { high + 0.001 } else { high };

@@ -6,7 +6,11 @@ use crate::{Result, WorkerError};
 
 /// Splits each row's `groups` blocks of `sum(widths)` columns into one tensor per width:
 /// part `i` is `[rows, groups * widths[i]]`.
-pub fn split_groups<T: Real>(x: &Tensor<T>, groups: usize, widths: &[usize]) -> Result<Vec<Tensor<T>>> {
+pub fn split_groups<T: Real>(
+    x: &Tensor<T>,
+    groups: usize,
+    widths: &[usize],
+) -> Result<Vec<Tensor<T>>> {
     let total: usize = widths.iter().sum();
     let cols = x.last_dim();
     if groups * total != cols {
@@ -16,7 +20,10 @@ pub fn split_groups<T: Real>(x: &Tensor<T>, groups: usize, widths: &[usize]) -> 
         ));
     }
     let rows = x.rows();
-    let mut parts: Vec<Vec<T>> = widths.iter().map(|w| Vec::with_capacity(rows * groups * w)).collect();
+    let mut parts: Vec<Vec<T>> = widths
+        .iter()
+        .map(|w| Vec::with_capacity(rows * groups * w))
+        .collect();
     for row in x.data().chunks(cols.max(1)).take(rows) {
         for g in row.chunks(total.max(1)).take(groups) {
             let mut off = 0;
@@ -39,7 +46,10 @@ pub fn join_groups<T: Real>(parts: &[&Tensor<T>], groups: usize) -> Result<Tenso
     let mut widths = Vec::with_capacity(parts.len());
     for p in parts {
         if p.rows() != rows || p.last_dim() % groups.max(1) != 0 {
-            return Err(WorkerError::invalid("join", format!("part of shape {:?} does not fit", p.shape())));
+            return Err(WorkerError::invalid(
+                "join",
+                format!("part of shape {:?} does not fit", p.shape()),
+            ));
         }
         widths.push(p.last_dim() / groups.max(1));
     }
@@ -118,7 +128,8 @@ pub fn pad_prefix_rows<T: Real>(dx: &Tensor<T>, len: usize, keep: usize) -> Resu
     let seqs = dx.rows() / keep.max(1);
     let mut out = vec![T::zero(); seqs * len * w];
     for s in 0..seqs {
-        out[s * len * w..(s * len + keep) * w].copy_from_slice(&dx.data()[s * keep * w..(s + 1) * keep * w]);
+        out[s * len * w..(s * len + keep) * w]
+            .copy_from_slice(&dx.data()[s * keep * w..(s + 1) * keep * w]);
     }
     Ok(Tensor::new([seqs * len, w], out)?)
 }
@@ -131,7 +142,10 @@ mod tests {
     fn split_and_join_are_inverse() {
         let x = Tensor::new([2, 2 * 5], (0..20).map(f64::from).collect()).unwrap();
         let parts = split_groups(&x, 2, &[3, 2]).unwrap();
-        assert_eq!(parts[0].data(), &[0., 1., 2., 5., 6., 7., 10., 11., 12., 15., 16., 17.]);
+        assert_eq!(
+            parts[0].data(),
+            &[0., 1., 2., 5., 6., 7., 10., 11., 12., 15., 16., 17.]
+        );
         let back = join_groups(&[&parts[0], &parts[1]], 2).unwrap();
         assert_eq!(back, x);
     }

@@ -4,9 +4,9 @@
 //! [`WTask`]s; running them later (or right away) accumulates into [`Grads`]. Pipeline schedules
 //! such as DualPipe and ZB1P run the W tasks of a micro-batch at a different time from its B pass.
 
+use shoal_kernels::Tensor;
 use shoal_kernels::ops::embedding::embedding_backward;
 use shoal_kernels::ops::rmsnorm::rmsnorm_backward_weight;
-use shoal_kernels::Tensor;
 
 use super::linear::{ModelFloat, Saved};
 use super::params::{Grads, ParamId};

@@ -67,13 +67,22 @@ impl TrainOptions {
             return bad("steps", "must be at least 1".into());
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", format!("must be a finite number > 0, got {}", self.lr));
+            return bad(
+                "lr",
+                format!("must be a finite number > 0, got {}", self.lr),
+            );
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad("min_lr_ratio", format!("must be in [0, 1], got {}", self.min_lr_ratio));
+            return bad(
+                "min_lr_ratio",
+                format!("must be in [0, 1], got {}", self.min_lr_ratio),
+            );
         }
         if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
-            return bad("grad_clip", format!("must be a finite number > 0, got {}", self.grad_clip));
+            return bad(
+                "grad_clip",
+                format!("must be a finite number > 0, got {}", self.grad_clip),
+            );
         }
         for (name, v) in [
             ("gamma", self.bias_update_speed),
@@ -175,7 +184,12 @@ impl Trainer {
         let moments = model
             .params()
             .iter()
-            .map(|(id, _, t)| model.params().trainable(id).then(|| AdamWState::new(t.numel(), &cfg)))
+            .map(|(id, _, t)| {
+                model
+                    .params()
+                    .trainable(id)
+                    .then(|| AdamWState::new(t.numel(), &cfg))
+            })
             .collect();
         let grads = model.params().zero_grads();
         Ok(Self {
@@ -224,11 +238,16 @@ impl Trainer {
             targets: &batch.targets,
         };
         self.grads.zero();
-        let out = self.model.forward_backward(&tb, &self.opts.objective(), &mut self.grads)?;
+        let out = self
+            .model
+            .forward_backward(&tb, &self.opts.objective(), &mut self.grads)?;
 
         // Clip the global norm over the trained parameters.
         let params = self.model.params();
-        let trained: Vec<bool> = params.iter().map(|(id, _, _)| params.trainable(id)).collect();
+        let trained: Vec<bool> = params
+            .iter()
+            .map(|(id, _, _)| params.trainable(id))
+            .collect();
         let mut slices: Vec<&mut [f32]> = self
             .grads
             .tensors_mut()
@@ -248,8 +267,14 @@ impl Trainer {
         };
         let ids: Vec<_> = self.model.params().iter().map(|(id, _, _)| id).collect();
         for id in ids {
-            let Some(state) = self.moments[id.index()].as_mut() else { continue };
-            let c = if self.model.params().decays(id) { &cfg } else { &no_decay };
+            let Some(state) = self.moments[id.index()].as_mut() else {
+                continue;
+            };
+            let c = if self.model.params().decays(id) {
+                &cfg
+            } else {
+                &no_decay
+            };
             let g = self.grads.get(id);
             let p = self.model.params_mut().get_mut(id);
             adamw_step(p.data_mut(), g.data(), state, c, lr)?;

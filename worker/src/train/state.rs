@@ -13,13 +13,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use shoal_kernels::Tensor;
 use shoal_kernels::ops::adamw::{AdamWState, Moments};
 use shoal_kernels::ops::linear::Precision;
-use shoal_kernels::Tensor;
 use shoal_spec::ModelConfig;
 
 use super::{TrainOptions, Trainer};
-use crate::checkpoint::{CONFIG_FILE, CheckpointWriter, StoreDtype, WEIGHTS_FILE, load_model_dir, load_safetensors};
+use crate::checkpoint::{
+    CONFIG_FILE, CheckpointWriter, StoreDtype, WEIGHTS_FILE, load_model_dir, load_safetensors,
+};
 use crate::data::{Batcher, DataPosition};
 use crate::model::Model;
 use crate::{Result, WorkerError};
@@ -67,7 +69,10 @@ pub fn parse_precision(s: &str) -> Result<Precision> {
         "fp32" => Ok(Precision::Fp32),
         "bf16" => Ok(Precision::Bf16),
         "fp8" => Ok(Precision::Fp8),
-        other => Err(WorkerError::invalid("precision", format!("expected fp32, bf16 or fp8, got {other:?}"))),
+        other => Err(WorkerError::invalid(
+            "precision",
+            format!("expected fp32, bf16 or fp8, got {other:?}"),
+        )),
     }
 }
 
@@ -79,7 +84,10 @@ fn moment_tensors(state: &AdamWState, shape: &[usize]) -> Result<(Tensor<f32>, T
             v.iter().map(|x| x.to_f32()).collect(),
         ),
     };
-    Ok((Tensor::new(shape.to_vec(), m)?, Tensor::new(shape.to_vec(), v)?))
+    Ok((
+        Tensor::new(shape.to_vec(), m)?,
+        Tensor::new(shape.to_vec(), v)?,
+    ))
 }
 
 impl Trainer {
@@ -101,8 +109,13 @@ impl Trainer {
                 moments.push((format!("{name}.exp_avg_sq"), v));
             }
         }
-        let refs: Vec<(String, &Tensor<f32>)> = moments.iter().map(|(n, t)| (n.clone(), t)).collect();
-        let dtype = if self.opts.bf16_moments { StoreDtype::Bf16 } else { StoreDtype::F32 };
+        let refs: Vec<(String, &Tensor<f32>)> =
+            moments.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let dtype = if self.opts.bf16_moments {
+            StoreDtype::Bf16
+        } else {
+            StoreDtype::F32
+        };
         writer.write_safetensors(OPTIMIZER_FILE, &refs, dtype)?;
 
         let state = TrainerState {
@@ -135,13 +148,17 @@ impl Trainer {
         let state = Self::read_state(dir)?;
         let (cfg, tensors): (ModelConfig, BTreeMap<String, Tensor<f32>>) = load_model_dir(dir)?;
         let precision = parse_precision(&state.precision)?;
-        let (model, _) = Model::from_named(&cfg, tensors, precision, 0, &dir.display().to_string())?;
+        let (model, _) =
+            Model::from_named(&cfg, tensors, precision, 0, &dir.display().to_string())?;
         for (what, saved, now) in [
             ("seq_len", state.seq_len, batcher.seq_len()),
             ("batch", state.batch, batcher.batch_size()),
         ] {
             if saved != now {
-                return Err(WorkerError::invalid(what, format!("the checkpoint was trained with {saved}, not {now}")));
+                return Err(WorkerError::invalid(
+                    what,
+                    format!("the checkpoint was trained with {saved}, not {now}"),
+                ));
             }
         }
         if state.data_seed != batcher.seed() || state.data_source != batcher.source().name() {
@@ -160,19 +177,26 @@ impl Trainer {
         let mut trainer = Trainer::new(model, batcher, opts)?;
         let opt_path = dir.join(OPTIMIZER_FILE);
         let mut moments = load_safetensors(&opt_path)?;
-        let names: Vec<String> = trainer.model.params().iter().map(|(_, n, _)| n.to_string()).collect();
+        let names: Vec<String> = trainer
+            .model
+            .params()
+            .iter()
+            .map(|(_, n, _)| n.to_string())
+            .collect();
         for (name, slot) in names.iter().zip(trainer.moments.iter_mut()) {
             let Some(st) = slot.as_mut() else { continue };
             let mut take = |suffix: &str| {
                 let key = format!("{name}.{suffix}");
-                moments
-                    .remove(&key)
-                    .map(Tensor::into_data)
-                    .ok_or_else(|| WorkerError::checkpoint(&opt_path, format!("missing tensor {key}")))
+                moments.remove(&key).map(Tensor::into_data).ok_or_else(|| {
+                    WorkerError::checkpoint(&opt_path, format!("missing tensor {key}"))
+                })
             };
             let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
             if m.len() != st.len() || v.len() != st.len() {
-                return Err(WorkerError::checkpoint(&opt_path, format!("moments of {name} have the wrong size")));
+                return Err(WorkerError::checkpoint(
+                    &opt_path,
+                    format!("moments of {name} have the wrong size"),
+                ));
             }
             st.moments = match st.moments {
                 Moments::F32 { .. } => Moments::F32 { m, v },

@@ -1,0 +1,4 @@
+//! Subcommands of the `shoal` CLI.
+
+pub mod eval;
+pub mod train;
