@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+
+/// Training allocates and frees large activation buffers every step; mimalloc keeps them mapped
+/// instead of returning them to the kernel (and faulting them back in) each time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cmd;
 
 /// Shoal: a DeepSeek-V3-style Mixture-of-Experts training orchestrator.

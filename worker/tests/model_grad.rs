@@ -3,6 +3,8 @@
 //! projection and norms, final norm, head) against central differences of the full objective
 //! (main loss + MTP loss + balance loss).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use shoal_kernels::Tensor;
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;

@@ -152,11 +152,7 @@ fn forward_head<T: Real>(ops: &Operands<'_, T>, b: usize, h: usize) -> Result<(V
                 *x *= ops.scale;
                 m = m.max(*x);
             }
-            let mut sum = 0.0f64;
-            for x in live.iter_mut() {
-                *x = (*x - m).exp();
-                sum += x.f64();
-            }
+            let sum = crate::real::exp_shifted_sum(live, m);
             let l = m.f64() + sum.ln();
             if !l.is_finite() {
                 return Err(non_finite_scores(
@@ -301,7 +297,7 @@ fn backward_head<T: Real>(
             let (live, future) = row.split_at_mut(i + 1);
             future.fill(T::zero());
             for x in live.iter_mut() {
-                *x = (*x * ops.scale - lse[i]).exp();
+                *x = (*x * ops.scale - lse[i]).exp_fast();
             }
         }
         let dout_rows = ops.head_rows(g.dout, dv, b, h, i0, i1)?;

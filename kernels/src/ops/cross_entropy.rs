@@ -65,7 +65,7 @@ fn check_inputs<T: Real>(
 #[inline]
 fn row_lse<T: Real>(row: &[T]) -> f64 {
     let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-    let s: f64 = row.iter().map(|&v| (v - m).exp().f64()).sum();
+    let s = crate::real::sum_exp_shifted(row, m);
     m.f64() + s.ln()
 }
 
@@ -166,7 +166,7 @@ pub fn cross_entropy_backward<T: Real>(
                 return;
             }
             for (gv, &xv) in g.iter_mut().zip(x) {
-                *gv = scale * (xv - lse).exp();
+                *gv = scale * (xv - lse).exp_fast();
             }
             if let Some(gt) = g.get_mut(t as usize) {
                 *gt -= scale;

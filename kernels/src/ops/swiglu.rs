@@ -15,12 +15,10 @@ const CHUNK: usize = 1 << 13;
 /// The logistic sigmoid, stable for large `|g|`.
 #[inline]
 fn sigmoid<T: Real>(g: T) -> T {
-    if g >= T::zero() {
-        T::one() / (T::one() + (-g).exp())
-    } else {
-        let e = g.exp();
-        e / (T::one() + e)
-    }
+    // Branch-free so that loops vectorise: e = exp(-|g|) never overflows.
+    let e = (-g.abs()).exp_fast();
+    let s = T::one() / (T::one() + e);
+    if g >= T::zero() { s } else { e * s }
 }
 
 /// `silu(gate) * up`, element-wise. `up` must have the shape of `gate` (operand `swiglu.up`).

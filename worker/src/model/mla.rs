@@ -57,6 +57,21 @@ pub struct MlaSaved<T> {
     lse: AttentionSaved<T>,
 }
 
+/// Queries before RoPE and, with compression, the compressed query before and after its norm.
+struct Queries<T> {
+    q: Tensor<T>,
+    q_a: Option<Tensor<T>>,
+    qn: Option<Tensor<T>>,
+}
+
+/// The key/value path: latent `c`, RoPE key `k_pe`, normalised latent `cn`, up-projection `kv`.
+struct KeysValues<T> {
+    c: Tensor<T>,
+    k_pe: Tensor<T>,
+    cn: Tensor<T>,
+    kv: Tensor<T>,
+}
+
 struct Assembled<T> {
     q: Tensor<T>,
     k: Tensor<T>,
@@ -137,7 +152,7 @@ impl Mla {
         x: &Tensor<T>,
         q_a: Option<&Tensor<T>>,
         ctx: &Ctx<'_>,
-    ) -> Result<(Tensor<T>, Option<Tensor<T>>, Option<Tensor<T>>)> {
+    ) -> Result<Queries<T>> {
         match &self.q {
             QProj::Lora { a, norm, b } => {
                 let qa = match q_a {
@@ -146,9 +161,17 @@ impl Mla {
                 };
                 let qn = rmsnorm_forward(&qa, p.get(*norm), ctx.eps)?;
                 let q = T::linear(&qn, p.get(*b), ctx.precision)?;
-                Ok((q, Some(qa), Some(qn)))
+                Ok(Queries {
+                    q,
+                    q_a: Some(qa),
+                    qn: Some(qn),
+                })
             }
-            QProj::Plain(w) => Ok((T::linear(x, p.get(*w), ctx.precision)?, None, None)),
+            QProj::Plain(w) => Ok(Queries {
+                q: T::linear(x, p.get(*w), ctx.precision)?,
+                q_a: None,
+                qn: None,
+            }),
         }
     }
 
@@ -197,14 +220,14 @@ impl Mla {
         p: &ParamStore<T>,
         ckv: &Tensor<T>,
         ctx: &Ctx<'_>,
-    ) -> Result<(Tensor<T>, Tensor<T>, Tensor<T>, Tensor<T>)> {
+    ) -> Result<KeysValues<T>> {
         let parts = split_groups(ckv, 1, &[self.kv_lora, self.rope])?;
         let [c, k_pe]: [Tensor<T>; 2] = parts
             .try_into()
             .map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
         let cn = rmsnorm_forward(&c, p.get(self.kv_norm), ctx.eps)?;
         let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
-        Ok((c, k_pe, cn, kv))
+        Ok(KeysValues { c, k_pe, cn, kv })
     }
 
     /// Forward on the normalised input `x: [tokens, hidden]`.
@@ -214,9 +237,9 @@ impl Mla {
         x: &Tensor<T>,
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, MlaSaved<T>)> {
-        let (q, q_a, _) = self.queries(p, x, None, ctx)?;
+        let Queries { q, q_a, .. } = self.queries(p, x, None, ctx)?;
         let ckv = T::linear(x, p.get(self.kv_a), ctx.precision)?;
-        let (_, k_pe, _, kv) = self.keys_values(p, &ckv, ctx)?;
+        let KeysValues { k_pe, kv, .. } = self.keys_values(p, &ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
         let (out, lse) = attention_forward(&a.q, &a.k, &a.v, ctx.softmax_scale)?;
         let out = out.reshape([ctx.tokens(), self.heads * self.v])?;
@@ -237,8 +260,8 @@ impl Mla {
         let prec = ctx.precision;
         let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
         // Recompute the norms and up-projections.
-        let (q, q_a, qn) = self.queries(p, x, saved.q_a.as_ref(), ctx)?;
-        let (c, k_pe, cn, kv) = self.keys_values(p, &saved.ckv, ctx)?;
+        let Queries { q, q_a, qn } = self.queries(p, x, saved.q_a.as_ref(), ctx)?;
+        let KeysValues { c, k_pe, cn, kv } = self.keys_values(p, &saved.ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
 
         // o_proj.

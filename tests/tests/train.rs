@@ -1,0 +1,149 @@
+//! `shoal train` and `shoal eval` as a user runs them: real processes, real files.
+
+use std::fs;
+use std::path::Path;
+
+use shoal_tests::run_shoal;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn last_json(o: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {text}"))
+}
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let out = out.display().to_string();
+    let mut args = vec![
+        "train",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--json",
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    run_shoal(&args)
+}
+
+#[test]
+fn train_writes_metrics_a_checkpoint_and_a_json_summary_then_eval_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = train(&out, &["--precision", "fp32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = last_json(&o);
+    assert_eq!(s["steps"], 3);
+    assert_eq!(s["losses"].as_array().map(Vec::len), Some(3));
+    assert!(s["initial_loss"].as_f64().unwrap() > 0.0 && s["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let ckpt = s["checkpoint"].as_str().unwrap().to_string();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(Path::new(&ckpt).join(f).is_file(), "{f} missing");
+    }
+    let metrics = fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+
+    // Evaluate the checkpoint on a token file.
+    let tokens: Vec<u8> = (0..2000u32)
+        .flat_map(|i| ((i * 37) % 4096).to_le_bytes())
+        .collect();
+    let data = dir.path().join("tokens.bin");
+    fs::write(&data, tokens).unwrap();
+    let e = run_shoal(&[
+        "eval",
+        "--checkpoint",
+        &ckpt,
+        "--data",
+        &data.display().to_string(),
+        "--seq-len",
+        "64",
+        "--dtype",
+        "u32",
+        "--json",
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let r = last_json(&e);
+    assert_eq!(r["tokens"], (2000 / 65) * 64);
+    assert!(r["loss"].as_f64().unwrap() > 0.0 && r["mtp_loss"].as_f64().is_some());
+
+    // Resuming continues from step 3.
+    let outs = out.display().to_string();
+    let o = run_shoal(&[
+        "train", "--resume", &ckpt, "--steps", "4", "--json", "--out", &outs,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(last_json(&o)["steps"], 4);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = last_json(&train(&dir.path().join("a"), &["--seed", "7"]));
+    let b = last_json(&train(&dir.path().join("b"), &["--seed", "7"]));
+    assert_eq!(a["losses"], b["losses"]);
+}
+
+#[test]
+fn bad_input_is_named_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.bin");
+    fs::write(&short, [1u8, 0, 2, 0]).unwrap();
+    let big = dir.path().join("big.bin");
+    fs::write(
+        &big,
+        (0..100u16)
+            .flat_map(|i| (4000 + i).to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let file = dir.path().join("a-file");
+    fs::write(&file, "x").unwrap();
+    let bad_cfg = dir.path().join("badmodel");
+    fs::create_dir(&bad_cfg).unwrap();
+    fs::write(
+        bad_cfg.join("config.json"),
+        r#"{"model_type": "deepseek_v3", "hidden_size": 64}"#,
+    )
+    .unwrap();
+    let job = dir.path().join("job.toml");
+    fs::write(&job, "steps = 2\nlearning_rate = 3\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--data".into(), short.display().to_string()],
+            "short.bin",
+        ),
+        (vec!["--data".into(), big.display().to_string()], "4096"),
+        (
+            vec!["--model".into(), bad_cfg.display().to_string()],
+            "vocab_size",
+        ),
+        (vec!["--model".into(), "enormous".into()], "enormous"),
+        (
+            vec!["--config".into(), job.display().to_string()],
+            "learning_rate",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let o = train(&dir.path().join("out"), &extra);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert!(stderr(&o).contains(needle), "{extra:?}: {}", stderr(&o));
+    }
+    // An output directory that cannot be created.
+    let o = train(&file.join("sub"), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("a-file"), "{}", stderr(&o));
+}
