@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use shoal_worker::WorkerError;
 use shoal_worker::data::synthetic::{
-    self, COPY_REACH, COPY_TOKEN, COUNT_TOKEN, NUMBER_BASE, NUMBER_COUNT,
+    COPY_REACH, COPY_TOKEN, COUNT_TOKEN, NUMBER_BASE, NUMBER_COUNT,
 };
 use shoal_worker::data::{
     Batch, Batcher, DataPosition, DataSpec, TokenDtype, TokenSource, sequential_batches,

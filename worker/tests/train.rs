@@ -1,6 +1,8 @@
 //! The single-process trainer: loss falls, runs are deterministic, checkpoints resume exactly,
 //! and the expert-bias rule moves biases against the load.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_worker::data::{Batcher, DataSpec, TokenSource};
