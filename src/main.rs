@@ -37,6 +37,8 @@ enum Command {
 enum BenchSuite {
     /// FP8 quantization against memcpy, GEMMs against numpy.
     Kernels(bench::kernels::KernelBenchArgs),
+    /// Training tokens/s against PyTorch transformers, FP8 vs BF16 loss, MaxVio.
+    Train(bench::train::TrainBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Kernels(args),
         } => bench::kernels::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Train(args),
+        } => bench::train::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

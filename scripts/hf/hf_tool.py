@@ -88,6 +88,49 @@ def set_threads(torch, threads: int | None) -> None:
 # --------------------------------------------------------------------------------------------- loss
 
 
+def read_windows(np, torch, path: str, seq_len: int, max_windows: int, vocab: int):
+    """Raw little-endian u32 ids -> [n_windows, seq_len+1] int64, consecutive and non-overlapping."""
+    ids = np.fromfile(path, dtype="<u4")
+    win = seq_len + 1
+    n_win = len(ids) // win
+    if max_windows:
+        n_win = min(n_win, max_windows)
+    if n_win == 0:
+        sys.exit(f"token file has {len(ids)} tokens, fewer than seq_len+1 = {win}")
+    windows = torch.from_numpy(ids[: n_win * win].astype(np.int64)).view(n_win, win)
+    if int(windows.max()) >= vocab:
+        sys.exit(f"token id {int(windows.max())} >= vocab_size {vocab}")
+    return windows
+
+
+def windows_nll(torch, logits_fn, windows, batch: int):
+    """Sum of next-token NLL (float64 log-softmax of the logits) over all targets, plus per-window means."""
+    total, count, per_window = 0.0, 0, []
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], batch):
+            chunk = windows[start : start + batch]
+            inputs, targets = chunk[:, :-1], chunk[:, 1:]
+            logp = torch.log_softmax(logits_fn(inputs).to(torch.float64), dim=-1)
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, seq]
+            total += float(nll.sum())
+            count += nll.numel()
+            per_window.extend(float(x) for x in nll.mean(dim=-1))
+    return total, count, per_window
+
+
+def load_hf(torch, DeepseekV3ForCausalLM, model_dir: str, experts_impl: str):
+    model, info = DeepseekV3ForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation=experts_impl,
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    model.eval()
+    return model, info
+
+
 def cmd_loss(args) -> None:
     np, torch, transformers, _, DeepseekV3ForCausalLM = _imports()
     torch.manual_seed(0)
@@ -95,43 +138,15 @@ def cmd_loss(args) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     t0 = time.perf_counter()
-    model, info = DeepseekV3ForCausalLM.from_pretrained(
-        args.model_dir,
-        dtype=torch.float32,
-        attn_implementation="eager",
-        experts_implementation=args.experts_impl,
-        local_files_only=True,
-        output_loading_info=True,
-    )
-    model.eval()
+    model, info = load_hf(torch, DeepseekV3ForCausalLM, args.model_dir, args.experts_impl)
     load_s = time.perf_counter() - t0
 
-    ids = np.fromfile(args.tokens, dtype="<u4")
-    win = args.seq_len + 1
-    n_win = len(ids) // win
-    if args.max_windows:
-        n_win = min(n_win, args.max_windows)
-    if n_win == 0:
-        sys.exit(f"token file has {len(ids)} tokens, fewer than seq_len+1 = {win}")
-    vocab = model.config.vocab_size
-    windows = torch.from_numpy(ids[: n_win * win].astype(np.int64)).view(n_win, win)
-    if int(windows.max()) >= vocab:
-        sys.exit(f"token id {int(windows.max())} >= vocab_size {vocab}")
-
-    total = 0.0
-    count = 0
-    window_losses = []
+    windows = read_windows(np, torch, args.tokens, args.seq_len, args.max_windows, model.config.vocab_size)
+    n_win = windows.shape[0]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, n_win, args.batch):
-            chunk = windows[start : start + args.batch]
-            inputs, targets = chunk[:, :-1], chunk[:, 1:]
-            logits = model(input_ids=inputs, use_cache=False).logits  # [b, seq, vocab] fp32
-            logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, seq] fp64
-            total += float(nll.sum())
-            count += nll.numel()
-            window_losses.extend(float(x) for x in nll.mean(dim=-1))
+    total, count, window_losses = windows_nll(
+        torch, lambda x: model(input_ids=x, use_cache=False).logits, windows, args.batch
+    )
     fwd_s = time.perf_counter() - t0
 
     out = {
@@ -153,10 +168,39 @@ def cmd_loss(args) -> None:
     emit(out)
 
 
+def cmd_spec_check(args) -> None:
+    """HF loss vs reference_forward.py (independent re-implementation of the README behaviour list)."""
+    np, torch, transformers, _, DeepseekV3ForCausalLM = _imports()
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import reference_forward as ref
+
+    set_threads(torch, args.threads)
+    model, info = load_hf(torch, DeepseekV3ForCausalLM, args.model_dir, "eager")
+    cfg = json.loads((Path(args.model_dir) / "config.json").read_text())
+    tensors = {}
+    for f in sorted(Path(args.model_dir).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    windows = read_windows(np, torch, args.tokens, args.seq_len, args.max_windows, cfg["vocab_size"])
+
+    hf_total, count, hf_w = windows_nll(torch, lambda x: model(input_ids=x, use_cache=False).logits, windows, 4)
+    out = {"tokens": count, "transformers": transformers.__version__, "hf_loss": hf_total / count}
+    for name, dt in (("ref_fp64", torch.float64), ("ref_fp32", torch.float32)):
+        total, _, per_w = windows_nll(torch, lambda x: ref.forward(cfg, tensors, x, dt), windows, 4)
+        out[f"{name}_loss"] = total / count
+        out[f"{name}_abs_diff"] = abs(total / count - out["hf_loss"])
+        out[f"{name}_max_window_diff"] = max(abs(a - b) for a, b in zip(per_w, hf_w))
+    out["ok"] = out["ref_fp64_abs_diff"] < args.tol
+    emit(out)
+    if not out["ok"]:
+        sys.exit(1)
+
+
 # ------------------------------------------------------------------------------------------- random
 
 
-def _mtp_tensors(torch, cfg, model, k: int, gen) -> dict:
+def _mtp_tensors(torch, cfg, model, k: int, gen, norm_std: float) -> dict:
     """Random MTP module k in the official DeepSeek-V3 checkpoint layout (layer num_hidden_layers+k).
 
     DeepseekV3ForCausalLM has no MTP parameters, so these are made here: the decoder block comes from a
@@ -178,6 +222,7 @@ def _mtp_tensors(torch, cfg, model, k: int, gen) -> dict:
         t = torch.empty(p.shape, dtype=torch.float32)
         if "layernorm" in name:
             t.fill_(1.0)
+            t.add_(torch.randn(t.shape, generator=gen) * norm_std)
         elif name.endswith("e_score_correction_bias"):
             t.normal_(0.0, 0.02, generator=gen)
         else:
@@ -190,10 +235,10 @@ def _mtp_tensors(torch, cfg, model, k: int, gen) -> dict:
         tensors[f"{pre}.up_proj.weight"] = torch.empty(inter, h).normal_(0.0, std, generator=gen)
         tensors[f"{pre}.down_proj.weight"] = torch.empty(h, inter).normal_(0.0, std, generator=gen)
     pre = f"model.layers.{idx}"
-    tensors[f"{pre}.enorm.weight"] = torch.ones(h)
-    tensors[f"{pre}.hnorm.weight"] = torch.ones(h)
+    tensors[f"{pre}.enorm.weight"] = 1 + torch.randn(h, generator=gen) * norm_std
+    tensors[f"{pre}.hnorm.weight"] = 1 + torch.randn(h, generator=gen) * norm_std
     tensors[f"{pre}.eh_proj.weight"] = torch.empty(h, 2 * h).normal_(0.0, std, generator=gen)
-    tensors[f"{pre}.shared_head.norm.weight"] = torch.ones(h)
+    tensors[f"{pre}.shared_head.norm.weight"] = 1 + torch.randn(h, generator=gen) * norm_std
     tensors[f"{pre}.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
     tensors[f"{pre}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
     return tensors
@@ -237,6 +282,8 @@ def _saved_tensors(out: Path) -> list[dict]:
 def cmd_random(args) -> None:
     np, torch, transformers, _, DeepseekV3ForCausalLM = _imports()
     cfg, fixups = load_config(args.config)
+    if args.init_std:
+        cfg.initializer_range = args.init_std
     torch.manual_seed(args.seed)
     model = DeepseekV3ForCausalLM(cfg).to(torch.float32)
     model.eval()
@@ -250,6 +297,12 @@ def cmd_random(args) -> None:
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=gen) * args.bias_std)
                 n_bias += 1
+        # HF initialises every RMSNorm weight to 1, which would hide a norm applied with the wrong
+        # weight; 1 + N(0, norm_std) makes every norm weight matter.
+        if args.norm_std:
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(torch.randn(p.shape, generator=gen) * args.norm_std)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +312,7 @@ def cmd_random(args) -> None:
     if n_mtp:
         extra = {}
         for k in range(n_mtp):
-            extra.update(_mtp_tensors(torch, cfg, model, k, gen))
+            extra.update(_mtp_tensors(torch, cfg, model, k, gen, args.norm_std))
         _append_tensors(out, extra)
 
     rows = _saved_tensors(out)
@@ -271,6 +324,9 @@ def cmd_random(args) -> None:
             "seed": args.seed,
             "config_fixups": fixups,
             "bias_layers": n_bias,
+            "bias_std": args.bias_std,
+            "norm_std": args.norm_std,
+            "initializer_range": cfg.initializer_range,
             "mtp_layers_written": n_mtp,
             "parameters": sum(p.numel() for p in model.parameters()),
             "tensor_count": len(rows),
@@ -372,8 +428,19 @@ def main(argv=None) -> None:
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--bias-std", type=float, default=0.02, help="std of the random e_score_correction_bias")
+    q.add_argument("--norm-std", type=float, default=0.1, help="RMSNorm weights = 1 + N(0, norm_std); 0 keeps HF's ones")
+    q.add_argument("--init-std", type=float, default=0.0, help="override config initializer_range (0 = keep)")
     q.add_argument("--no-mtp", action="store_true", help="do not append num_nextn_predict_layers MTP layers")
     q.set_defaults(func=cmd_random)
+
+    q = sub.add_parser("spec-check", help="HF loss vs the independent reference_forward.py")
+    q.add_argument("--model-dir", required=True)
+    q.add_argument("--tokens", required=True)
+    q.add_argument("--seq-len", type=int, required=True)
+    q.add_argument("--max-windows", type=int, default=4)
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--tol", type=float, default=1e-5, help="max |hf_loss - ref_fp64_loss|")
+    q.set_defaults(func=cmd_spec_check)
 
     q = sub.add_parser("bench-train", help="AdamW training throughput on random tokens")
     q.add_argument("--config", required=True)

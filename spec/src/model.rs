@@ -161,7 +161,11 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn rope_scaling(source: &str, v: &Value) -> Result<Option<RopeScaling>, SpecError> {
+fn rope_scaling(
+    source: &str,
+    v: &Value,
+    default_original: usize,
+) -> Result<Option<RopeScaling>, SpecError> {
     let Some(obj) = v.as_object() else {
         return if v.is_null() {
             Ok(None)
@@ -196,7 +200,8 @@ fn rope_scaling(source: &str, v: &Value) -> Result<Option<RopeScaling>, SpecErro
     };
     let scaling = RopeScaling {
         factor: r.f64_or("factor", 1.0)?,
-        original_max_position_embeddings: r.usize_or("original_max_position_embeddings", 4096)?,
+        original_max_position_embeddings: r
+            .usize_or("original_max_position_embeddings", default_original)?,
         beta_fast: r.f64_or("beta_fast", 32.0)?,
         beta_slow: r.f64_or("beta_slow", 1.0)?,
         mscale: r.f64_or("mscale", 1.0)?,
@@ -272,9 +277,23 @@ impl ModelConfig {
                 None => 10000.0,
             },
         };
-        let rope_scaling = match map.get("rope_scaling") {
-            Some(v) => rope_scaling(source, v)?,
-            None => None,
+        // Newer files fold YaRN into `rope_parameters` (with `rope_type`); its original context
+        // defaults to max_position_embeddings, as in transformers.
+        let max_pos = map
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(4096);
+        let rope_scaling = match (map.get("rope_scaling"), map.get("rope_parameters")) {
+            (Some(v), _) if !v.is_null() => rope_scaling(source, v, max_pos)?,
+            (_, Some(v))
+                if v.get("rope_type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t != "default") =>
+            {
+                rope_scaling(source, v, max_pos)?
+            }
+            _ => None,
         };
         let cfg = ModelConfig {
             vocab_size: r.usize("vocab_size")?,
@@ -284,7 +303,10 @@ impl ModelConfig {
             num_hidden_layers: r.usize("num_hidden_layers")?,
             first_k_dense_replace: r.usize_or("first_k_dense_replace", 3)?,
             num_attention_heads: r.usize("num_attention_heads")?,
-            n_routed_experts: r.usize("n_routed_experts")?,
+            n_routed_experts: match map.get("num_local_experts") {
+                Some(_) if !map.contains_key("n_routed_experts") => r.usize("num_local_experts")?,
+                _ => r.usize("n_routed_experts")?,
+            },
             n_shared_experts: r.usize_or("n_shared_experts", 1)?,
             num_experts_per_tok: r.usize("num_experts_per_tok")?,
             n_group: r.usize_or("n_group", 8)?,
@@ -300,7 +322,10 @@ impl ModelConfig {
             rope_theta,
             rope_interleave: r.bool_or("rope_interleave", true)?,
             rope_scaling,
-            num_nextn_predict_layers: r.usize_or("num_nextn_predict_layers", 0)?,
+            num_nextn_predict_layers: match map.get("num_nextn_predict_layers") {
+                Some(_) => r.usize_or("num_nextn_predict_layers", 0)?,
+                None => r.usize_or("num_mtp_layers", 0)?,
+            },
             max_position_embeddings: r.usize_or("max_position_embeddings", 4096)?,
             initializer_range: r.f64_or("initializer_range", 0.02)?,
         };
@@ -815,6 +840,24 @@ mod tests {
         let cfg = ModelConfig::from_hf_json(&Value::Object(m).to_string(), "c").unwrap();
         assert_eq!(cfg.rope_theta, 50000.0);
         assert_eq!(cfg.q_lora_rank, None);
+    }
+
+    #[test]
+    fn transformers_5_spellings_are_read() {
+        let mut m = tiny_json();
+        m.remove("num_nextn_predict_layers");
+        m.insert("num_mtp_layers".into(), json!(2));
+        m.remove("rope_scaling");
+        m.remove("rope_theta");
+        m.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "yarn", "rope_theta": 20000.0, "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        );
+        let cfg = ModelConfig::from_hf_json(&Value::Object(m).to_string(), "c").unwrap();
+        assert_eq!(cfg.num_nextn_predict_layers, 2);
+        assert_eq!(cfg.rope_theta, 20000.0);
+        let y = cfg.rope_scaling.unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 4096));
     }
 
     #[test]

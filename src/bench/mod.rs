@@ -2,3 +2,4 @@
 
 pub mod kernels;
 mod numpy;
+pub mod train;

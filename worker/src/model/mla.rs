@@ -22,6 +22,10 @@ use super::tensor_ops::{add, join_groups, repeat_groups, split_groups, sum_group
 use super::wgrad::WTask;
 use crate::Result;
 
+/// Hugging Face's `q_a_layernorm` and `kv_a_layernorm` use the RMSNorm default epsilon whatever
+/// `rms_norm_eps` says; so do DeepSeek's reference implementation and Shoal.
+const LATENT_NORM_EPS: f64 = 1e-6;
+
 /// Query projection: compressed (`q_lora_rank`) or plain.
 #[derive(Clone, Debug)]
 enum QProj {
@@ -159,7 +163,7 @@ impl Mla {
                     Some(t) => t.clone(),
                     None => T::linear(x, p.get(*a), ctx.precision)?,
                 };
-                let qn = rmsnorm_forward(&qa, p.get(*norm), ctx.eps)?;
+                let qn = rmsnorm_forward(&qa, p.get(*norm), LATENT_NORM_EPS)?;
                 let q = T::linear(&qn, p.get(*b), ctx.precision)?;
                 Ok(Queries {
                     q,
@@ -225,7 +229,7 @@ impl Mla {
         let [c, k_pe]: [Tensor<T>; 2] = parts
             .try_into()
             .map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
-        let cn = rmsnorm_forward(&c, p.get(self.kv_norm), ctx.eps)?;
+        let cn = rmsnorm_forward(&c, p.get(self.kv_norm), LATENT_NORM_EPS)?;
         let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
         Ok(KeysValues { c, k_pe, cn, kv })
     }
@@ -316,12 +320,12 @@ impl Mla {
             dy: dkv,
             x: T::save(cn, prec)?,
         });
-        let dc = rmsnorm_backward_input(&dcn, &c, p.get(self.kv_norm), ctx.eps)?;
+        let dc = rmsnorm_backward_input(&dcn, &c, p.get(self.kv_norm), LATENT_NORM_EPS)?;
         w.push(WTask::RmsNorm {
             param: self.kv_norm,
             dy: dcn,
             x: c,
-            eps: ctx.eps,
+            eps: LATENT_NORM_EPS,
         });
         let dckv = join_groups(&[&dc, &dk_pe], 1)?;
         let mut dx = T::linear_b(&dckv, p.get(self.kv_a), prec)?;
@@ -341,12 +345,12 @@ impl Mla {
                     dy: dq,
                     x: T::save(qn, prec)?,
                 });
-                let dqa = rmsnorm_backward_input(&dqn, &qa, p.get(*norm), ctx.eps)?;
+                let dqa = rmsnorm_backward_input(&dqn, &qa, p.get(*norm), LATENT_NORM_EPS)?;
                 w.push(WTask::RmsNorm {
                     param: *norm,
                     dy: dqn,
                     x: qa,
-                    eps: ctx.eps,
+                    eps: LATENT_NORM_EPS,
                 });
                 dx = add(&dx, &T::linear_b(&dqa, p.get(*a), prec)?)?;
                 w.push(WTask::Linear {

@@ -1,0 +1,252 @@
+//! `shoal bench train`: training throughput of the `tiny` preset against Hugging Face
+//! transformers' `DeepseekV3ForCausalLM` in PyTorch (same configuration, batch, optimizer),
+//! FP8 against BF16 loss, and MaxVio with and without the expert-bias update. All measured in the
+//! same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use shoal_kernels::ops::linear::Precision;
+use shoal_spec::ModelConfig;
+use shoal_worker::data::{Batcher, DataSpec, TokenSource};
+use shoal_worker::model::Model;
+use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
+
+/// Options of `shoal bench train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainBenchArgs {
+    /// Steps timed per precision for tokens/s (after two warm-up steps).
+    #[arg(long, default_value_t = 8)]
+    pub speed_steps: u64,
+    /// Steps of the FP8-vs-BF16 and bias-update comparisons.
+    #[arg(long, default_value_t = 120)]
+    pub steps: u64,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Skip the PyTorch peer.
+    #[arg(long)]
+    pub no_torch: bool,
+    /// Python environment with torch and transformers (made by scripts/hf/setup_venv.sh if absent).
+    #[arg(long, default_value = "target/hf-venv")]
+    pub venv: PathBuf,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Speed {
+    precision: &'static str,
+    shoal_tokens_per_s: f64,
+    torch_tokens_per_s: Option<f64>,
+    ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    batch: usize,
+    seq_len: usize,
+    speed: Vec<Speed>,
+    torch: Option<String>,
+    steps: u64,
+    bf16_final_loss: f64,
+    fp8_final_loss: f64,
+    fp8_vs_bf16_relative_loss_difference: f64,
+    max_vio_with_bias_update: f64,
+    max_vio_without_bias_update: f64,
+}
+
+fn trainer(precision: Precision, steps: u64, args: &TrainBenchArgs, gamma: f64) -> Result<Trainer> {
+    let cfg = ModelConfig::tiny();
+    let model = Model::<f32>::new(&cfg, precision, 0)?;
+    let source = TokenSource::load(&DataSpec::synthetic(0), cfg.vocab_size)?;
+    let batcher = Batcher::new(source, args.seq_len, args.batch, 0)?;
+    let mut opts = TrainOptions::defaults(steps, precision);
+    opts.bias_update_speed = gamma;
+    Ok(Trainer::new(model, batcher, opts)?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn shoal_speed(precision: Precision, args: &TrainBenchArgs) -> Result<f64> {
+    let mut t = trainer(precision, args.speed_steps + 2, args, 1e-3)?;
+    let mut rates = Vec::new();
+    for i in 0..args.speed_steps + 2 {
+        let m = t.train_step()?;
+        if i >= 2 {
+            rates.push(m.tokens as f64 / m.seconds);
+        }
+    }
+    Ok(median(rates))
+}
+
+/// Mean of a metric over the last quarter of a run.
+fn tail_mean(history: &[StepMetrics], f: impl Fn(&StepMetrics) -> f64) -> f64 {
+    let n = (history.len() / 4).max(1);
+    let tail = &history[history.len().saturating_sub(n)..];
+    tail.iter().map(f).sum::<f64>() / tail.len() as f64
+}
+
+fn run_steps(mut t: Trainer, steps: u64) -> Result<Vec<StepMetrics>> {
+    (0..steps).map(|_| Ok(t.train_step()?)).collect()
+}
+
+fn torch_peer(args: &TrainBenchArgs, dtype: &str, config: &Path) -> Result<(f64, String)> {
+    let python = args.venv.join("bin").join("python");
+    if !python.exists() {
+        eprintln!(
+            "bench: preparing torch and transformers in {} (one time, a few minutes)",
+            args.venv.display()
+        );
+        let status = Command::new("bash")
+            .arg("scripts/hf/setup_venv.sh")
+            .arg(&args.venv)
+            .status()
+            .context("running scripts/hf/setup_venv.sh")?;
+        if !status.success() {
+            bail!("scripts/hf/setup_venv.sh failed");
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out = Command::new(&python)
+        .args(["scripts/hf/hf_tool.py", "bench-train", "--config"])
+        .arg(config)
+        .args([
+            "--batch",
+            &args.batch.to_string(),
+            "--seq-len",
+            &args.seq_len.to_string(),
+        ])
+        .args([
+            "--steps",
+            &args.speed_steps.to_string(),
+            "--warmup",
+            "2",
+            "--threads",
+            &threads.to_string(),
+        ])
+        .args(["--dtype", dtype])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the PyTorch benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .context("reading the PyTorch benchmark's output")?;
+    let rate = v["tokens_per_s"]
+        .as_f64()
+        .context("tokens_per_s missing from the PyTorch benchmark")?;
+    let version = format!(
+        "torch {} / transformers {}",
+        v["torch"].as_str().unwrap_or("?"),
+        v["transformers"].as_str().unwrap_or("?")
+    );
+    Ok((rate, version))
+}
+
+/// Runs the benchmark and prints the report.
+pub fn run(args: &TrainBenchArgs) -> Result<()> {
+    if args.batch == 0 || args.seq_len == 0 || args.speed_steps == 0 || args.steps == 0 {
+        bail!("--batch, --seq-len, --steps and --speed-steps must be at least 1");
+    }
+    let dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec_pretty(&ModelConfig::tiny().to_hf_json())?,
+    )?;
+    let mut speed = Vec::new();
+    let mut torch_version = None;
+    for (precision, name) in [
+        (Precision::Fp32, "fp32"),
+        (Precision::Bf16, "bf16"),
+        (Precision::Fp8, "fp8"),
+    ] {
+        let ours = shoal_speed(precision, args)?;
+        let peer = if args.no_torch || precision == Precision::Fp8 {
+            None
+        } else {
+            let (rate, version) = torch_peer(args, name, &config)?;
+            torch_version = Some(version);
+            Some(rate)
+        };
+        speed.push(Speed {
+            precision: name,
+            shoal_tokens_per_s: ours,
+            torch_tokens_per_s: peer,
+            ratio: peer.map(|p| ours / p),
+        });
+    }
+    let bf16 = run_steps(
+        trainer(Precision::Bf16, args.steps, args, 1e-3)?,
+        args.steps,
+    )?;
+    let fp8 = run_steps(trainer(Precision::Fp8, args.steps, args, 1e-3)?, args.steps)?;
+    let no_bias = run_steps(trainer(Precision::Bf16, args.steps, args, 0.0)?, args.steps)?;
+    let vio = |h: &[StepMetrics]| {
+        tail_mean(h, |m| {
+            m.max_vio.iter().sum::<f64>() / m.max_vio.len().max(1) as f64
+        })
+    };
+    let (lb, lf) = (
+        tail_mean(&bf16, |m| m.main_loss),
+        tail_mean(&fp8, |m| m.main_loss),
+    );
+    let report = Report {
+        batch: args.batch,
+        seq_len: args.seq_len,
+        speed,
+        torch: torch_version,
+        steps: args.steps,
+        bf16_final_loss: lb,
+        fp8_final_loss: lf,
+        fp8_vs_bf16_relative_loss_difference: (lf - lb) / lb,
+        max_vio_with_bias_update: vio(&bf16),
+        max_vio_without_bias_update: vio(&no_bias),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "training tokens/s, tiny preset, batch {} x seq {}, AdamW; peer: {}",
+        report.batch,
+        report.seq_len,
+        report.torch.as_deref().unwrap_or("skipped")
+    );
+    for s in &report.speed {
+        let peer = s
+            .torch_tokens_per_s
+            .map_or("-".into(), |v| format!("{v:.0}"));
+        let ratio = s.ratio.map_or("-".into(), |v| format!("{v:.2}x"));
+        println!(
+            "  {:>5}  shoal {:>8.0}  pytorch {:>8}  {}",
+            s.precision, s.shoal_tokens_per_s, peer, ratio
+        );
+    }
+    println!(
+        "after {} steps (mean of the last quarter): bf16 loss {:.4}, fp8 loss {:.4}, relative difference {:+.3}%",
+        report.steps,
+        lb,
+        lf,
+        100.0 * report.fp8_vs_bf16_relative_loss_difference
+    );
+    println!(
+        "MaxVio (mean over MoE layers, last quarter): {:.3} with the bias update, {:.3} without",
+        report.max_vio_with_bias_update, report.max_vio_without_bias_update
+    );
+    Ok(())
+}
