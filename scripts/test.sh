@@ -9,3 +9,6 @@ cargo build --locked -p shoal
 cargo test --locked --workspace --all-targets
 # Doc tests (not part of --all-targets).
 cargo test --locked --workspace --doc
+# Checkpoint interoperability with Hugging Face transformers (installs torch + transformers into
+# target/hf-venv on first use: about 2 minutes and 4.3 GB).
+bash scripts/hf_interop.sh target/debug/shoal

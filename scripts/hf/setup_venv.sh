@@ -8,8 +8,8 @@
 # passes, it does nothing.
 #
 # Environment:
-#   HF_VENV_FULL=1   install torch with all of its dependencies (adds triton, cusolver, ... : ~5.4 GB
-#                    instead of ~4.1 GB). Used automatically as a fallback if the lean install fails
+#   HF_VENV_FULL=1   install torch with all of its dependencies (adds triton, cusolver, ...: 5.6 GB
+#                    instead of 4.3 GB). Used automatically as a fallback if the lean install fails
 #                    its smoke test.
 #   PYTHON=...       interpreter used to create the venv (default: python3; the pins are for 3.11)
 #   HF_VENV_MIN_FREE_GB=8  free space required next to VENV_DIR before installing
@@ -17,7 +17,7 @@
 # Exit status: 0 ok (installed or already up to date); 75 not enough disk (nothing installed);
 # anything else: the install failed.
 #
-# Measured on the 2-core dev machine (PyPI, no pip cache): lean install 112 s, 4.3 GB; a re-run that
+# Measured on the 2-core dev machine (PyPI, no pip cache): lean install 89-112 s, 4.3 GB; a re-run that
 # finds the venv up to date takes ~6 s (it imports torch + transformers once).
 set -euo pipefail
 
@@ -30,7 +30,7 @@ full="${HF_VENV_FULL:-0}"
 req_torch="$here/requirements-torch.txt"
 req_rest="$here/requirements.txt"
 torch_version="$(sed -n 's/^torch==\([^ ]*\).*/\1/p' "$req_torch")"
-stamp_want="$(cat "$req_torch" "$req_rest" "$0" | sha256sum | cut -c1-16)-full$full"
+stamp_want="$(cat "$req_torch" "$req_rest" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)-full$full"
 stamp_file="$venv/.shoal-hf-stamp"
 
 log() { echo "[setup_venv] $*" >&2; }

@@ -43,7 +43,11 @@ pub struct TrainBenchArgs {
 #[derive(Debug, Serialize)]
 struct Speed {
     precision: &'static str,
+    /// Shoal on the tiny preset without its MTP module: the work transformers does (its
+    /// `DeepseekV3ForCausalLM` has no MTP), so this is the like-for-like figure.
     shoal_tokens_per_s: f64,
+    /// Shoal on the full tiny preset, MTP module included (more work per token).
+    shoal_with_mtp_tokens_per_s: f64,
     torch_tokens_per_s: Option<f64>,
     ratio: Option<f64>,
 }
@@ -63,7 +67,16 @@ struct Report {
 }
 
 fn trainer(precision: Precision, steps: u64, args: &TrainBenchArgs, gamma: f64) -> Result<Trainer> {
-    let cfg = ModelConfig::tiny();
+    trainer_for(ModelConfig::tiny(), precision, steps, args, gamma)
+}
+
+fn trainer_for(
+    cfg: ModelConfig,
+    precision: Precision,
+    steps: u64,
+    args: &TrainBenchArgs,
+    gamma: f64,
+) -> Result<Trainer> {
     let model = Model::<f32>::new(&cfg, precision, 0)?;
     let source = TokenSource::load(&DataSpec::synthetic(0), cfg.vocab_size)?;
     let batcher = Batcher::new(source, args.seq_len, args.batch, 0)?;
@@ -77,8 +90,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn shoal_speed(precision: Precision, args: &TrainBenchArgs) -> Result<f64> {
-    let mut t = trainer(precision, args.speed_steps + 2, args, 1e-3)?;
+fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result<f64> {
+    let mut cfg = ModelConfig::tiny();
+    if !mtp {
+        cfg.num_nextn_predict_layers = 0;
+    }
+    let mut t = trainer_for(cfg, precision, args.speed_steps + 2, args, 1e-3)?;
     let mut rates = Vec::new();
     for i in 0..args.speed_steps + 2 {
         let m = t.train_step()?;
@@ -175,7 +192,8 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         (Precision::Bf16, "bf16"),
         (Precision::Fp8, "fp8"),
     ] {
-        let ours = shoal_speed(precision, args)?;
+        let ours = shoal_speed(precision, args, false)?;
+        let with_mtp = shoal_speed(precision, args, true)?;
         let peer = if args.no_torch || precision == Precision::Fp8 {
             None
         } else {
@@ -186,6 +204,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         speed.push(Speed {
             precision: name,
             shoal_tokens_per_s: ours,
+            shoal_with_mtp_tokens_per_s: with_mtp,
             torch_tokens_per_s: peer,
             ratio: peer.map(|p| ours / p),
         });
@@ -222,7 +241,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "training tokens/s, tiny preset, batch {} x seq {}, AdamW; peer: {}",
+        "training tokens/s, tiny preset without MTP (as transformers runs it), batch {} x seq {}, AdamW; peer: {}",
         report.batch,
         report.seq_len,
         report.torch.as_deref().unwrap_or("skipped")
