@@ -4,12 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod alloc;
 mod bench;
-
-/// Training allocates and frees large activation buffers every step; mimalloc keeps them mapped
-/// instead of returning them to the kernel (and faulting them back in) each time.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cmd;
 
 /// Shoal: a DeepSeek-V3-style Mixture-of-Experts training orchestrator.
@@ -42,6 +38,7 @@ enum BenchSuite {
 }
 
 fn main() -> ExitCode {
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),
