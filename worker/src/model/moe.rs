@@ -9,6 +9,7 @@
 //!   micro-batch) adds its gradient to the router logits.
 //! * Expert loads are returned for the auxiliary-loss-free bias update.
 
+use rayon::prelude::*;
 use shoal_kernels::Tensor;
 use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::moe_gate::{
@@ -147,14 +148,25 @@ impl Moe {
             }
             None => (Tensor::zeros([tokens, hidden]), None),
         };
+        // Experts run in parallel (each on its own tokens); results are combined in expert order,
+        // so the output does not depend on the thread count.
+        let outputs = by_expert
+            .par_iter()
+            .enumerate()
+            .map(|(j, (rows, _))| {
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let xe = gather_rows(x, rows)?;
+                self.experts[j].forward(p, &xe, ctx).map(Some)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut experts = Vec::with_capacity(e);
-        for (j, (rows, slots)) in by_expert.into_iter().enumerate() {
-            if rows.is_empty() {
+        for ((rows, slots), out) in by_expert.into_iter().zip(outputs) {
+            let Some((out, mlp)) = out else {
                 experts.push(None);
                 continue;
-            }
-            let xe = gather_rows(x, &rows)?;
-            let (out, mlp) = self.experts[j].forward(p, &xe, ctx)?;
+            };
             let yd = y.0.data_mut();
             for (r, (&t, &slot)) in rows.iter().zip(&slots).enumerate() {
                 let wgt = gate.weights.data()[t * k + slot];
@@ -163,12 +175,7 @@ impl Moe {
                     *o += wgt * v;
                 }
             }
-            experts.push(Some(ExpertSaved {
-                rows,
-                slots,
-                mlp,
-                out,
-            }));
+            experts.push(Some(ExpertSaved { rows, slots, mlp, out }));
         }
         let stats = MoeStats {
             load: expert_load(&gate.indices, e),
@@ -258,22 +265,35 @@ impl Moe {
             _ => Tensor::zeros([tokens, hidden]),
         };
         let mut dweights = Tensor::zeros([tokens, k]);
-        for (j, es) in saved.experts.into_iter().enumerate() {
-            let Some(es) = es else { continue };
-            let n = es.rows.len();
-            let mut dye = Vec::with_capacity(n * hidden);
-            for (r, (&t, &slot)) in es.rows.iter().zip(&es.slots).enumerate() {
-                let wgt = saved.gate.weights.data()[t * k + slot];
-                let dyt = &dy.data()[t * hidden..(t + 1) * hidden];
-                let out = &es.out.data()[r * hidden..(r + 1) * hidden];
-                dweights.data_mut()[t * k + slot] = dyt.iter().zip(out).map(|(&a, &b)| a * b).sum();
-                dye.extend(dyt.iter().map(|&v| v * wgt));
-            }
-            let dye = Tensor::new([n, hidden], dye)?;
-            let xe = gather_rows(x, &es.rows)?;
-            let dxe = self.experts[j].backward(p, &xe, es.mlp, dye, ctx, w)?;
+        let weights = saved.gate.weights.data();
+        // Experts run their backward in parallel; gradients are combined in expert order.
+        let per_expert = saved
+            .experts
+            .into_par_iter()
+            .enumerate()
+            .map(|(j, es)| {
+                let Some(es) = es else { return Ok(None) };
+                let n = es.rows.len();
+                let mut dye = Vec::with_capacity(n * hidden);
+                let mut dw = Vec::with_capacity(n);
+                for (r, (&t, &slot)) in es.rows.iter().zip(&es.slots).enumerate() {
+                    let wgt = weights[t * k + slot];
+                    let dyt = &dy.data()[t * hidden..(t + 1) * hidden];
+                    let out = &es.out.data()[r * hidden..(r + 1) * hidden];
+                    dw.push(dyt.iter().zip(out).map(|(&a, &b)| a * b).sum::<T>());
+                    dye.extend(dyt.iter().map(|&v| v * wgt));
+                }
+                let dye = Tensor::new([n, hidden], dye)?;
+                let xe = gather_rows(x, &es.rows)?;
+                let mut tasks = Vec::new();
+                let dxe = self.experts[j].backward(p, &xe, es.mlp, dye, ctx, &mut tasks)?;
+                Ok(Some((es.rows, es.slots, dw, dxe, tasks)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (rows, slots, dw, dxe, tasks) in per_expert.into_iter().flatten() {
             let dxd = dx.data_mut();
-            for (r, &t) in es.rows.iter().enumerate() {
+            for (r, (&t, &slot)) in rows.iter().zip(&slots).enumerate() {
+                dweights.data_mut()[t * k + slot] = dw[r];
                 for (o, &v) in dxd[t * hidden..(t + 1) * hidden]
                     .iter_mut()
                     .zip(&dxe.data()[r * hidden..(r + 1) * hidden])
@@ -281,6 +301,7 @@ impl Moe {
                     *o += v;
                 }
             }
+            w.extend(tasks);
         }
         let mut dlogits = gate_backward(&dweights, &saved.gate, &self.gate)?;
         if ctx.balance_alpha != 0.0 {

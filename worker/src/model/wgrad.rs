@@ -49,25 +49,52 @@ pub enum WTask<T> {
 impl<T: ModelFloat> WTask<T> {
     /// Runs the task, accumulating into `grads`.
     pub fn run(self, grads: &mut Grads<T>) -> Result<()> {
+        let param = self.param();
+        self.run_into(grads.get_mut(param))
+    }
+
+    /// Runs the task, accumulating into its parameter's gradient `grad`.
+    fn run_into(self, grad: &mut Tensor<T>) -> Result<()> {
         match self {
-            WTask::Linear { param, dy, x } => T::linear_w(&dy, &x, grads.get_mut(param)),
-            WTask::RmsNorm { param, dy, x, eps } => {
+            WTask::Linear { dy, x, .. } => T::linear_w(&dy, &x, grad),
+            WTask::RmsNorm { dy, x, eps, .. } => {
                 let g = rmsnorm_backward_weight(&dy, &x, eps)?;
-                grads.add(param, &g)
+                Ok(grad.add_assign(&g, "rmsnorm.dweight")?)
             }
-            WTask::Embedding { param, dy, ids } => {
-                let vocab = grads.get(param).shape()[0];
+            WTask::Embedding { dy, ids, .. } => {
+                let vocab = grad.shape().first().copied().unwrap_or(0);
                 let g = embedding_backward(&dy, &ids, vocab)?;
-                grads.add(param, &g)
+                Ok(grad.add_assign(&g, "embedding.dweight")?)
             }
         }
     }
 }
 
-/// Runs every task in order.
-pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Result<()> {
-    for t in tasks {
-        t.run(grads)?;
+impl<T> WTask<T> {
+    /// The parameter whose gradient the task accumulates.
+    pub fn param(&self) -> ParamId {
+        match self {
+            WTask::Linear { param, .. } | WTask::RmsNorm { param, .. } | WTask::Embedding { param, .. } => *param,
+        }
     }
-    Ok(())
+}
+
+/// Runs every task. Tasks of different parameters run in parallel; the tasks of one parameter
+/// run in their original order, so the gradients do not depend on the thread count.
+pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Result<()> {
+    use rayon::prelude::*;
+    let n = grads.tensors().len();
+    let mut by_param: Vec<Vec<WTask<T>>> = (0..n).map(|_| Vec::new()).collect();
+    for t in tasks {
+        let i = t.param().index();
+        match by_param.get_mut(i) {
+            Some(v) => v.push(t),
+            None => return Err(crate::WorkerError::invalid("wgrad", format!("parameter {i} out of range"))),
+        }
+    }
+    grads
+        .tensors_mut()
+        .par_iter_mut()
+        .zip(by_param.into_par_iter())
+        .try_for_each(|(g, tasks)| tasks.into_iter().try_for_each(|t| t.run_into(g)))
 }
