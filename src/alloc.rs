@@ -29,9 +29,15 @@ mod tests {
         // the options next to it (eager commit delay, NUMA nodes) default to other values.
         // SAFETY: reads mimalloc's option table.
         let default = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert!(default == 10 || default == 1000, "option 15 defaults to {default}");
+        assert!(
+            default == 10 || default == 1000,
+            "option 15 defaults to {default}"
+        );
         keep_freed_memory();
         // SAFETY: as above.
-        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }, -1);
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            -1
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! backward.
 
 use shoal_kernels::Tensor;
-use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
+use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
 use shoal_spec::ModelConfig;
 
 use super::ctx::Ctx;
@@ -13,7 +13,7 @@ use super::mlp::{Mlp, MlpSaved};
 use super::moe::{Moe, MoeSaved, MoeStats};
 use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
 use super::tensor_ops::add;
-use super::wgrad::WTask;
+use super::wgrad::{WTask, rmsnorm_b};
 use crate::Result;
 
 /// The feed-forward half of a block.
@@ -136,24 +136,19 @@ impl Block {
                 ));
             }
         };
-        let mut dh1 = rmsnorm_backward_input(&dx2, &saved.h1, p.get(self.post_norm), ctx.eps)?;
+        let mut dh1 = rmsnorm_b(
+            p.get(self.post_norm),
+            self.post_norm,
+            dx2,
+            saved.h1,
+            ctx.eps,
+            w,
+        )?;
         dh1.add_assign(&dh2, "block.dh1")?;
-        w.push(WTask::RmsNorm {
-            param: self.post_norm,
-            dy: dx2,
-            x: saved.h1,
-            eps: ctx.eps,
-        });
         let x = rmsnorm_forward(&saved.h, p.get(self.in_norm), ctx.eps)?;
         let dx = self.attn.backward(p, &x, saved.attn, dh1.clone(), ctx, w)?;
-        let mut dh = rmsnorm_backward_input(&dx, &saved.h, p.get(self.in_norm), ctx.eps)?;
+        let mut dh = rmsnorm_b(p.get(self.in_norm), self.in_norm, dx, saved.h, ctx.eps, w)?;
         dh.add_assign(&dh1, "block.dh")?;
-        w.push(WTask::RmsNorm {
-            param: self.in_norm,
-            dy: dx,
-            x: saved.h,
-            eps: ctx.eps,
-        });
         Ok(dh)
     }
 }

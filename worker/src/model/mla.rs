@@ -11,15 +11,15 @@
 
 use shoal_kernels::Tensor;
 use shoal_kernels::ops::attention::{AttentionSaved, attention_backward, attention_forward};
-use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
+use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
 use shoal_kernels::ops::rope::{rope_backward, rope_forward};
 use shoal_spec::ModelConfig;
 
 use super::ctx::Ctx;
 use super::linear::ModelFloat;
 use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
-use super::tensor_ops::{add, join_groups, repeat_groups, split_groups, sum_groups};
-use super::wgrad::WTask;
+use super::tensor_ops::{join_groups, repeat_groups, split_groups, sum_groups};
+use super::wgrad::{WTask, linear_b, rmsnorm_b};
 use crate::Result;
 
 /// Hugging Face's `q_a_layernorm` and `kv_a_layernorm` use the RMSNorm default epsilon whatever
@@ -269,13 +269,15 @@ impl Mla {
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
 
         // o_proj.
-        let d_out = T::linear_b(&dy, p.get(self.o), prec)?;
         let out4 = saved.out.clone().reshape([b, s, hd, self.v])?;
-        w.push(WTask::Linear {
-            param: self.o,
+        let d_out = linear_b(
+            p.get(self.o),
+            self.o,
             dy,
-            x: T::save(saved.out, prec)?,
-        });
+            T::save(saved.out, prec)?,
+            prec,
+            w,
+        )?;
         // Attention core.
         let (dq, dk, dv) = attention_backward(
             &d_out.reshape([b, s, hd, self.v])?,
@@ -314,66 +316,42 @@ impl Mla {
         let dkv = join_groups(&[&dkp[0], &dv], hd)?;
 
         // kv_b_proj and kv_a_layernorm.
-        let dcn = T::linear_b(&dkv, p.get(self.kv_b), prec)?;
-        w.push(WTask::Linear {
-            param: self.kv_b,
-            dy: dkv,
-            x: T::save(cn, prec)?,
-        });
-        let dc = rmsnorm_backward_input(&dcn, &c, p.get(self.kv_norm), LATENT_NORM_EPS)?;
-        w.push(WTask::RmsNorm {
-            param: self.kv_norm,
-            dy: dcn,
-            x: c,
-            eps: LATENT_NORM_EPS,
-        });
+        let dcn = linear_b(
+            p.get(self.kv_b),
+            self.kv_b,
+            dkv,
+            T::save(cn, prec)?,
+            prec,
+            w,
+        )?;
+        let dc = rmsnorm_b(
+            p.get(self.kv_norm),
+            self.kv_norm,
+            dcn,
+            c,
+            LATENT_NORM_EPS,
+            w,
+        )?;
         let dckv = join_groups(&[&dc, &dk_pe], 1)?;
-        let mut dx = T::linear_b(&dckv, p.get(self.kv_a), prec)?;
         let x_saved = T::save(x.clone(), prec)?;
-        w.push(WTask::Linear {
-            param: self.kv_a,
-            dy: dckv,
-            x: x_saved.clone(),
-        });
+        let mut dx = linear_b(p.get(self.kv_a), self.kv_a, dckv, x_saved.clone(), prec, w)?;
 
         // Query path.
-        match (&self.q, q_a, qn) {
+        let dx_q = match (&self.q, q_a, qn) {
             (QProj::Lora { a, norm, b }, Some(qa), Some(qn)) => {
-                let dqn = T::linear_b(&dq, p.get(*b), prec)?;
-                w.push(WTask::Linear {
-                    param: *b,
-                    dy: dq,
-                    x: T::save(qn, prec)?,
-                });
-                let dqa = rmsnorm_backward_input(&dqn, &qa, p.get(*norm), LATENT_NORM_EPS)?;
-                w.push(WTask::RmsNorm {
-                    param: *norm,
-                    dy: dqn,
-                    x: qa,
-                    eps: LATENT_NORM_EPS,
-                });
-                dx = add(&dx, &T::linear_b(&dqa, p.get(*a), prec)?)?;
-                w.push(WTask::Linear {
-                    param: *a,
-                    dy: dqa,
-                    x: x_saved,
-                });
+                let dqn = linear_b(p.get(*b), *b, dq, T::save(qn, prec)?, prec, w)?;
+                let dqa = rmsnorm_b(p.get(*norm), *norm, dqn, qa, LATENT_NORM_EPS, w)?;
+                linear_b(p.get(*a), *a, dqa, x_saved, prec, w)?
             }
-            (QProj::Plain(wq), _, _) => {
-                dx = add(&dx, &T::linear_b(&dq, p.get(*wq), prec)?)?;
-                w.push(WTask::Linear {
-                    param: *wq,
-                    dy: dq,
-                    x: x_saved,
-                });
-            }
+            (QProj::Plain(wq), _, _) => linear_b(p.get(*wq), *wq, dq, x_saved, prec, w)?,
             _ => {
                 return Err(crate::WorkerError::invalid(
                     "mla",
                     "compressed query was not kept",
                 ));
             }
-        }
+        };
+        dx.add_assign(&dx_q, "mla.dx")?;
         Ok(dx)
     }
 }

@@ -7,8 +7,7 @@ use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
 use super::ctx::Ctx;
 use super::linear::ModelFloat;
 use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
-use super::tensor_ops::add;
-use super::wgrad::WTask;
+use super::wgrad::{WTask, linear_b};
 use crate::Result;
 
 /// One SwiGLU MLP's weights.
@@ -76,28 +75,21 @@ impl Mlp {
     ) -> Result<Tensor<T>> {
         let prec = ctx.precision;
         let act = swiglu_forward(&saved.g, &saved.u)?;
-        let dact = T::linear_b(&dy, p.get(self.down), prec)?;
-        w.push(WTask::Linear {
-            param: self.down,
+        let dact = linear_b(
+            p.get(self.down),
+            self.down,
             dy,
-            x: T::save(act, prec)?,
-        });
-        let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
-        let dx = add(
-            &T::linear_b(&dg, p.get(self.gate), prec)?,
-            &T::linear_b(&du, p.get(self.up), prec)?,
+            T::save(act, prec)?,
+            prec,
+            w,
         )?;
+        let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
         let xs = T::save(x.clone(), prec)?;
-        w.push(WTask::Linear {
-            param: self.gate,
-            dy: dg,
-            x: xs.clone(),
-        });
-        w.push(WTask::Linear {
-            param: self.up,
-            dy: du,
-            x: xs,
-        });
+        let mut dx = linear_b(p.get(self.gate), self.gate, dg, xs.clone(), prec, w)?;
+        dx.add_assign(
+            &linear_b(p.get(self.up), self.up, du, xs, prec, w)?,
+            "mlp.dx",
+        )?;
         Ok(dx)
     }
 }

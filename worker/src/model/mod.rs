@@ -20,7 +20,7 @@ use shoal_kernels::Tensor;
 use shoal_kernels::ops::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
 use shoal_kernels::ops::embedding::embedding_forward;
 use shoal_kernels::ops::linear::Precision;
-use shoal_kernels::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_forward};
+use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
 use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
 use shoal_spec::ModelConfig;
 
@@ -526,49 +526,28 @@ impl<T: ModelFloat> Model<T> {
         let mut dprev: Option<Tensor<T>> = None;
         for (m, s) in self.mtp.iter().zip(f.mtp).rev() {
             let dlogits = cross_entropy_backward(&s.logits, &s.targets, &s.ce, obj.mtp_lambda / d)?;
-            let dhn = T::linear_b(&dlogits, p.get(self.head), Precision::Fp32)?;
-            w.push(WTask::Linear {
-                param: self.head,
-                dy: dlogits,
-                x: linear::Saved::Full(s.hn),
-            });
-            let mut dout = rmsnorm_backward_input(&dhn, &s.out, p.get(m.head_norm), ctx.eps)?;
-            w.push(WTask::RmsNorm {
-                param: m.head_norm,
-                dy: dhn,
-                x: s.out,
-                eps: ctx.eps,
-            });
+            let mut dout =
+                self.head_backward(dlogits, s.hn, s.out, m.head_norm, ctx.eps, &mut w)?;
             if let Some(g) = dprev.take() {
                 dout.add_assign(&g, "mtp.dout")?;
             }
             let mctx = ctx.with_seq(s.len);
             let dhk = m.block.backward(p, s.block, dout, &mctx, &mut w)?;
-            let dcat = T::linear_b(&dhk, p.get(m.eh_proj), self.precision)?;
-            w.push(WTask::Linear {
-                param: m.eh_proj,
-                dy: dhk,
-                x: T::save(s.cat, self.precision)?,
-            });
+            let cat = T::save(s.cat, self.precision)?;
+            let dcat = wgrad::linear_b(
+                p.get(m.eh_proj),
+                m.eh_proj,
+                dhk,
+                cat,
+                self.precision,
+                &mut w,
+            )?;
             let h = self.cfg.hidden_size;
-            let parts = split_groups(&dcat, 1, &[h, h])?;
-            let de = rmsnorm_backward_input(&parts[0], &s.e, p.get(m.enorm), ctx.eps)?;
-            let dprev_k = rmsnorm_backward_input(&parts[1], &s.prev, p.get(m.hnorm), ctx.eps)?;
-            let [den, dpn]: [Tensor<T>; 2] = parts
+            let [den, dpn]: [Tensor<T>; 2] = split_groups(&dcat, 1, &[h, h])?
                 .try_into()
                 .map_err(|_| WorkerError::invalid("mtp", "split"))?;
-            w.push(WTask::RmsNorm {
-                param: m.enorm,
-                dy: den,
-                x: s.e,
-                eps: ctx.eps,
-            });
-            w.push(WTask::RmsNorm {
-                param: m.hnorm,
-                dy: dpn,
-                x: s.prev,
-                eps: ctx.eps,
-            });
+            let de = wgrad::rmsnorm_b(p.get(m.enorm), m.enorm, den, s.e, ctx.eps, &mut w)?;
+            let dprev_k = wgrad::rmsnorm_b(p.get(m.hnorm), m.hnorm, dpn, s.prev, ctx.eps, &mut w)?;
             w.push(WTask::Embedding {
                 param: self.embed,
                 dy: de,
@@ -579,19 +558,7 @@ impl<T: ModelFloat> Model<T> {
 
         // Main head.
         let dlogits = cross_entropy_backward(&f.logits, b.targets, &f.ce, 1.0)?;
-        let dhn = T::linear_b(&dlogits, p.get(self.head), Precision::Fp32)?;
-        w.push(WTask::Linear {
-            param: self.head,
-            dy: dlogits,
-            x: linear::Saved::Full(f.hn),
-        });
-        let mut dh = rmsnorm_backward_input(&dhn, &f.h, p.get(self.norm), ctx.eps)?;
-        w.push(WTask::RmsNorm {
-            param: self.norm,
-            dy: dhn,
-            x: f.h,
-            eps: ctx.eps,
-        });
+        let mut dh = self.head_backward(dlogits, f.hn, f.h, self.norm, ctx.eps, &mut w)?;
         if let Some(g) = dprev {
             dh.add_assign(&g, "model.dh")?;
         }
@@ -604,6 +571,29 @@ impl<T: ModelFloat> Model<T> {
             ids: b.inputs.to_vec(),
         });
         Ok((f.out, w))
+    }
+
+    /// B pass of `norm -> output head` (the head stays FP32): returns the gradient of the
+    /// pre-norm hidden state `h` and queues the W work.
+    fn head_backward(
+        &self,
+        dlogits: Tensor<T>,
+        hn: Tensor<T>,
+        h: Tensor<T>,
+        norm: ParamId,
+        eps: f64,
+        w: &mut Vec<WTask<T>>,
+    ) -> Result<Tensor<T>> {
+        let p = &self.params;
+        let dhn = wgrad::linear_b(
+            p.get(self.head),
+            self.head,
+            dlogits,
+            linear::Saved::Full(hn),
+            Precision::Fp32,
+            w,
+        )?;
+        wgrad::rmsnorm_b(p.get(norm), norm, dhn, h, eps, w)
     }
 
     /// Forward, B and W passes: accumulates the gradients of the objective into `grads`.

@@ -175,7 +175,12 @@ impl Moe {
                     *o += wgt * v;
                 }
             }
-            experts.push(Some(ExpertSaved { rows, slots, mlp, out }));
+            experts.push(Some(ExpertSaved {
+                rows,
+                slots,
+                mlp,
+                out,
+            }));
         }
         let stats = MoeStats {
             load: expert_load(&gate.indices, e),

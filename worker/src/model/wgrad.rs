@@ -74,9 +74,39 @@ impl<T> WTask<T> {
     /// The parameter whose gradient the task accumulates.
     pub fn param(&self) -> ParamId {
         match self {
-            WTask::Linear { param, .. } | WTask::RmsNorm { param, .. } | WTask::Embedding { param, .. } => *param,
+            WTask::Linear { param, .. }
+            | WTask::RmsNorm { param, .. }
+            | WTask::Embedding { param, .. } => *param,
         }
     }
+}
+
+/// B pass of an RMSNorm: returns the input gradient and queues the weight gradient.
+pub fn rmsnorm_b<T: ModelFloat>(
+    weight: &Tensor<T>,
+    param: ParamId,
+    dy: Tensor<T>,
+    x: Tensor<T>,
+    eps: f64,
+    w: &mut Vec<WTask<T>>,
+) -> Result<Tensor<T>> {
+    let dx = shoal_kernels::ops::rmsnorm::rmsnorm_backward_input(&dy, &x, weight, eps)?;
+    w.push(WTask::RmsNorm { param, dy, x, eps });
+    Ok(dx)
+}
+
+/// B pass of a Linear: returns the input gradient and queues the weight gradient.
+pub fn linear_b<T: ModelFloat>(
+    weight: &Tensor<T>,
+    param: ParamId,
+    dy: Tensor<T>,
+    x: Saved<T>,
+    precision: shoal_kernels::ops::linear::Precision,
+    w: &mut Vec<WTask<T>>,
+) -> Result<Tensor<T>> {
+    let dx = T::linear_b(&dy, weight, precision)?;
+    w.push(WTask::Linear { param, dy, x });
+    Ok(dx)
 }
 
 /// Runs every task. Tasks of different parameters run in parallel; the tasks of one parameter
@@ -89,7 +119,12 @@ pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Res
         let i = t.param().index();
         match by_param.get_mut(i) {
             Some(v) => v.push(t),
-            None => return Err(crate::WorkerError::invalid("wgrad", format!("parameter {i} out of range"))),
+            None => {
+                return Err(crate::WorkerError::invalid(
+                    "wgrad",
+                    format!("parameter {i} out of range"),
+                ));
+            }
         }
     }
     grads
