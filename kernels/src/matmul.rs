@@ -199,7 +199,11 @@ pub fn gemm_into<T: Real>(
         }
         return Ok(());
     }
-    let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD {
+    // Large GEMMs split across rayon's threads, unless this call already runs inside a parallel
+    // region (a rayon worker thread: attention heads, experts, weight gradients), where nested
+    // splitting only adds overhead. The result does not depend on the choice.
+    let nested = rayon::current_thread_index().is_some();
+    let parallelism = if !nested && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
