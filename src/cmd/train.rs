@@ -14,7 +14,6 @@ use shoal_spec::ModelConfig;
 use shoal_worker::checkpoint::load_model_dir;
 use shoal_worker::data::{Batcher, DataSpec, TokenDtype, TokenSource};
 use shoal_worker::model::Model;
-use shoal_worker::train::state::parse_precision;
 use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
 
 /// Precision modes on the command line.
@@ -131,6 +130,8 @@ struct JobFile {
 
 /// Resolved settings.
 struct Settings {
+    /// The job's name (from the job file), shown in the header.
+    name: Option<String>,
     model: String,
     steps: u64,
     precision: Precision,
@@ -158,8 +159,8 @@ fn settings(args: &TrainArgs) -> Result<Settings> {
         }
         None => JobFile::default(),
     };
-    let _ = &job.name;
     let s = Settings {
+        name: job.name,
         model: args
             .model
             .clone()
@@ -265,7 +266,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut trainer = match &args.resume {
         Some(dir) => {
             let state = Trainer::read_state(dir)?;
-            let precision = parse_precision(&state.precision)?;
             let cfg_text = fs::read_to_string(dir.join("config.json"))
                 .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
             let cfg = ModelConfig::from_hf_json(
@@ -277,7 +277,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
             let mut o = state.options.clone();
             o.steps = s.steps.max(state.step + 1);
-            let _ = precision;
             Trainer::resume(dir, batcher, o)?
         }
         None => {
@@ -303,7 +302,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let (params, active) = trainer.model().config().parameter_count();
     if !args.json {
         eprintln!(
-            "shoal train: {} ({:.1}M parameters, {:.1}M active), {}, data {}, {} x {} tokens per step, {} steps",
+            "shoal train{}: {} ({:.1}M parameters, {:.1}M active), {}, data {}, {} x {} tokens per step, {} steps",
+            s.name
+                .as_deref()
+                .map(|n| format!(" {n}"))
+                .unwrap_or_default(),
             s.model,
             params as f64 / 1e6,
             active as f64 / 1e6,

@@ -101,8 +101,7 @@ impl Trainer {
         writer.write_safetensors(WEIGHTS_FILE, &refs, StoreDtype::F32)?;
 
         let mut moments = Vec::new();
-        for ((id, name, t), state) in self.model.params().iter().zip(&self.moments) {
-            let _ = id;
+        for ((_, name, t), state) in self.model.params().iter().zip(&self.moments) {
             if let Some(state) = state {
                 let (m, v) = moment_tensors(state, t.shape())?;
                 moments.push((format!("{name}.exp_avg"), m));
