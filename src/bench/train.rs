@@ -21,7 +21,7 @@ pub struct TrainBenchArgs {
     #[arg(long, default_value_t = 8)]
     pub speed_steps: u64,
     /// Steps of the FP8-vs-BF16 and bias-update comparisons.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 150)]
     pub steps: u64,
     /// Sequences per step.
     #[arg(long, default_value_t = 8)]
