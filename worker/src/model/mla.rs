@@ -37,6 +37,13 @@ enum QProj {
     Plain(ParamId),
 }
 
+/// The two parts of a two-way [`split_groups`].
+fn two<T>(parts: Vec<Tensor<T>>) -> Result<[Tensor<T>; 2]> {
+    parts
+        .try_into()
+        .map_err(|_| crate::WorkerError::invalid("mla", "expected a two-way split"))
+}
+
 /// One MLA layer's parameters.
 #[derive(Clone, Debug)]
 pub struct Mla {
@@ -179,6 +186,24 @@ impl Mla {
         }
     }
 
+    /// RoPE, or its inverse for backward, on `[tokens, heads * rope]` rows.
+    fn rotate<T: ModelFloat>(
+        &self,
+        x: Tensor<T>,
+        heads: usize,
+        ctx: &Ctx<'_>,
+        inverse: bool,
+    ) -> Result<Tensor<T>> {
+        let (b, s) = (ctx.batch, ctx.seq);
+        let x = x.reshape([b, s, heads, self.rope])?;
+        let y = if inverse {
+            rope_backward(&x, ctx.rope, ctx.rope_layout, 0)?
+        } else {
+            rope_forward(&x, ctx.rope, ctx.rope_layout, 0)?
+        };
+        Ok(y.reshape([b * s, heads * self.rope])?)
+    }
+
     fn assemble<T: ModelFloat>(
         &self,
         q: &Tensor<T>,
@@ -187,31 +212,19 @@ impl Mla {
         ctx: &Ctx<'_>,
     ) -> Result<Assembled<T>> {
         let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
-        let qp = split_groups(q, hd, &[self.nope, self.rope])?;
-        let q_pe = rope_forward(
-            &qp[1].clone().reshape([b, s, hd, self.rope])?,
-            ctx.rope,
-            ctx.rope_layout,
-            0,
-        )?
-        .reshape([b * s, hd * self.rope])?;
+        let [q_nope, q_pe] = two(split_groups(q, hd, &[self.nope, self.rope])?)?;
+        let q_pe = self.rotate(q_pe, hd, ctx, false)?;
         let q_full =
-            join_groups(&[&qp[0], &q_pe], hd)?.reshape([b, s, hd, self.nope + self.rope])?;
-        let k_pe = rope_forward(
-            &k_pe.clone().reshape([b, s, 1, self.rope])?,
-            ctx.rope,
-            ctx.rope_layout,
-            0,
-        )?
-        .reshape([b * s, self.rope])?;
-        let kvp = split_groups(kv, hd, &[self.nope, self.v])?;
-        let k_full = join_groups(&[&kvp[0], &repeat_groups(&k_pe, hd)?], hd)?.reshape([
+            join_groups(&[&q_nope, &q_pe], hd)?.reshape([b, s, hd, self.nope + self.rope])?;
+        let k_pe = self.rotate(k_pe.clone(), 1, ctx, false)?;
+        let [k_nope, v] = two(split_groups(kv, hd, &[self.nope, self.v])?)?;
+        let k_full = join_groups(&[&k_nope, &repeat_groups(&k_pe, hd)?], hd)?.reshape([
             b,
             s,
             hd,
             self.nope + self.rope,
         ])?;
-        let v = kvp[1].clone().reshape([b, s, hd, self.v])?;
+        let v = v.reshape([b, s, hd, self.v])?;
         Ok(Assembled {
             q: q_full,
             k: k_full,
@@ -225,10 +238,7 @@ impl Mla {
         ckv: &Tensor<T>,
         ctx: &Ctx<'_>,
     ) -> Result<KeysValues<T>> {
-        let parts = split_groups(ckv, 1, &[self.kv_lora, self.rope])?;
-        let [c, k_pe]: [Tensor<T>; 2] = parts
-            .try_into()
-            .map_err(|_| crate::WorkerError::invalid("mla", "split"))?;
+        let [c, k_pe] = two(split_groups(ckv, 1, &[self.kv_lora, self.rope])?)?;
         let cn = rmsnorm_forward(&c, p.get(self.kv_norm), LATENT_NORM_EPS)?;
         let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
         Ok(KeysValues { c, k_pe, cn, kv })
@@ -295,25 +305,11 @@ impl Mla {
         );
         // Undo the assembly: RoPE backward on the rope parts, the shared key's gradient summed
         // over heads.
-        let dqp = split_groups(&dq, hd, &[self.nope, self.rope])?;
-        let dq_pe = rope_backward(
-            &dqp[1].clone().reshape([b, s, hd, self.rope])?,
-            ctx.rope,
-            ctx.rope_layout,
-            0,
-        )?
-        .reshape([b * s, hd * self.rope])?;
-        let dq = join_groups(&[&dqp[0], &dq_pe], hd)?;
-        let dkp = split_groups(&dk, hd, &[self.nope, self.rope])?;
-        let dk_pe = sum_groups(&dkp[1], hd)?;
-        let dk_pe = rope_backward(
-            &dk_pe.reshape([b, s, 1, self.rope])?,
-            ctx.rope,
-            ctx.rope_layout,
-            0,
-        )?
-        .reshape([b * s, self.rope])?;
-        let dkv = join_groups(&[&dkp[0], &dv], hd)?;
+        let [dq_nope, dq_pe] = two(split_groups(&dq, hd, &[self.nope, self.rope])?)?;
+        let dq = join_groups(&[&dq_nope, &self.rotate(dq_pe, hd, ctx, true)?], hd)?;
+        let [dk_nope, dk_pe] = two(split_groups(&dk, hd, &[self.nope, self.rope])?)?;
+        let dk_pe = self.rotate(sum_groups(&dk_pe, hd)?, 1, ctx, true)?;
+        let dkv = join_groups(&[&dk_nope, &dv], hd)?;
 
         // kv_b_proj and kv_a_layernorm.
         let dcn = linear_b(
