@@ -51,6 +51,26 @@ struct Operands<'a, T> {
     block: usize,
 }
 
+impl<'a, T: Real> Operands<'a, T> {
+    fn new(
+        q: &'a Tensor<T>,
+        k: &'a Tensor<T>,
+        v: &'a Tensor<T>,
+        dims: Dims,
+        scale: f64,
+        block: usize,
+    ) -> Self {
+        Self {
+            q: q.data(),
+            k: k.data(),
+            v: v.data(),
+            dims,
+            scale: T::of(scale),
+            block: block.max(1),
+        }
+    }
+}
+
 impl<T> Operands<'_, T> {
     /// Rows `r0..r1` of head `(b, h)` of a `[batch, seq, heads, dim]` buffer, as a strided matrix
     /// (row stride `heads * dim`).
@@ -210,14 +230,7 @@ fn forward_impl<T: Real>(
     } = dims;
     let mut out = Tensor::zeros([batch, seq, heads, dv]);
     let mut lse = Tensor::zeros([batch, heads, seq]);
-    let ops = Operands {
-        q: q.data(),
-        k: k.data(),
-        v: v.data(),
-        dims,
-        scale: T::of(softmax_scale),
-        block: block.max(1),
-    };
+    let ops = Operands::new(q, k, v, dims, softmax_scale, block);
     if seq == 0 || batch == 0 || heads == 0 {
         return Ok((out, AttentionSaved { lse }));
     }
@@ -376,14 +389,7 @@ fn backward_impl<T: Real>(
     v.check_finite("attention.v")?;
     out.check_finite("attention.out")?;
     check_finite("attention.lse", saved.lse.data())?;
-    let ops = Operands {
-        q: q.data(),
-        k: k.data(),
-        v: v.data(),
-        dims,
-        scale: T::of(softmax_scale),
-        block: block.max(1),
-    };
+    let ops = Operands::new(q, k, v, dims, softmax_scale, block);
     let grads = Grads {
         dout: dout.data(),
         out: out.data(),
