@@ -35,6 +35,12 @@ pub struct TrainBenchArgs {
     /// Python environment with torch and transformers (made by scripts/hf/setup_venv.sh if absent).
     #[arg(long, default_value = "target/hf-venv")]
     pub venv: PathBuf,
+    /// Precisions to time (repeat the flag; default all three).
+    #[arg(long = "precision", value_parser = ["fp32", "bf16", "fp8"])]
+    pub precisions: Vec<String>,
+    /// Skip the FP8-vs-BF16 and bias-update comparisons (only the tokens/s table).
+    #[arg(long)]
+    pub speed_only: bool,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +64,12 @@ struct Report {
     seq_len: usize,
     speed: Vec<Speed>,
     torch: Option<String>,
+    /// Absent with `--speed-only`.
+    comparison: Option<Comparison>,
+}
+
+#[derive(Debug, Serialize)]
+struct Comparison {
     steps: u64,
     bf16_final_loss: f64,
     fp8_final_loss: f64,
@@ -192,6 +204,9 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         (Precision::Bf16, "bf16"),
         (Precision::Fp8, "fp8"),
     ] {
+        if !args.precisions.is_empty() && !args.precisions.iter().any(|p| p == name) {
+            continue;
+        }
         let ours = shoal_speed(precision, args, false)?;
         let with_mtp = shoal_speed(precision, args, true)?;
         let peer = if args.no_torch || precision == Precision::Fp8 {
@@ -209,32 +224,17 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             ratio: peer.map(|p| ours / p),
         });
     }
-    let bf16 = run_steps(
-        trainer(Precision::Bf16, args.steps, args, 1e-3)?,
-        args.steps,
-    )?;
-    let fp8 = run_steps(trainer(Precision::Fp8, args.steps, args, 1e-3)?, args.steps)?;
-    let no_bias = run_steps(trainer(Precision::Bf16, args.steps, args, 0.0)?, args.steps)?;
-    let vio = |h: &[StepMetrics]| {
-        tail_mean(h, |m| {
-            m.max_vio.iter().sum::<f64>() / m.max_vio.len().max(1) as f64
-        })
+    let comparison = if args.speed_only {
+        None
+    } else {
+        Some(compare(args)?)
     };
-    let (lb, lf) = (
-        tail_mean(&bf16, |m| m.main_loss),
-        tail_mean(&fp8, |m| m.main_loss),
-    );
     let report = Report {
         batch: args.batch,
         seq_len: args.seq_len,
         speed,
         torch: torch_version,
-        steps: args.steps,
-        bf16_final_loss: lb,
-        fp8_final_loss: lf,
-        fp8_vs_bf16_relative_loss_difference: (lf - lb) / lb,
-        max_vio_with_bias_update: vio(&bf16),
-        max_vio_without_bias_update: vio(&no_bias),
+        comparison,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -256,16 +256,45 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             s.precision, s.shoal_tokens_per_s, peer, ratio
         );
     }
-    println!(
-        "after {} steps (mean of the last quarter): bf16 loss {:.4}, fp8 loss {:.4}, relative difference {:+.3}%",
-        report.steps,
-        lb,
-        lf,
-        100.0 * report.fp8_vs_bf16_relative_loss_difference
-    );
-    println!(
-        "MaxVio (mean over MoE layers, last quarter): {:.3} with the bias update, {:.3} without",
-        report.max_vio_with_bias_update, report.max_vio_without_bias_update
-    );
+    if let Some(c) = &report.comparison {
+        println!(
+            "after {} steps (mean of the last quarter): bf16 loss {:.4}, fp8 loss {:.4}, relative difference {:+.3}%",
+            c.steps,
+            c.bf16_final_loss,
+            c.fp8_final_loss,
+            100.0 * c.fp8_vs_bf16_relative_loss_difference
+        );
+        println!(
+            "MaxVio (mean over MoE layers, last quarter): {:.3} with the bias update, {:.3} without",
+            c.max_vio_with_bias_update, c.max_vio_without_bias_update
+        );
+    }
     Ok(())
+}
+
+/// FP8 against BF16 loss and MaxVio with and without the bias update, over `args.steps` steps.
+fn compare(args: &TrainBenchArgs) -> Result<Comparison> {
+    let bf16 = run_steps(
+        trainer(Precision::Bf16, args.steps, args, 1e-3)?,
+        args.steps,
+    )?;
+    let fp8 = run_steps(trainer(Precision::Fp8, args.steps, args, 1e-3)?, args.steps)?;
+    let no_bias = run_steps(trainer(Precision::Bf16, args.steps, args, 0.0)?, args.steps)?;
+    let vio = |h: &[StepMetrics]| {
+        tail_mean(h, |m| {
+            m.max_vio.iter().sum::<f64>() / m.max_vio.len().max(1) as f64
+        })
+    };
+    let (lb, lf) = (
+        tail_mean(&bf16, |m| m.main_loss),
+        tail_mean(&fp8, |m| m.main_loss),
+    );
+    Ok(Comparison {
+        steps: args.steps,
+        bf16_final_loss: lb,
+        fp8_final_loss: lf,
+        fp8_vs_bf16_relative_loss_difference: (lf - lb) / lb,
+        max_vio_with_bias_update: vio(&bf16),
+        max_vio_without_bias_update: vio(&no_bias),
+    })
 }
