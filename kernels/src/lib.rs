@@ -15,7 +15,7 @@ pub mod fp8_gemm;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
-mod real;
+pub mod real;
 mod tensor;
 
 pub use error::{KernelError, Result};

@@ -31,7 +31,10 @@ pub trait Real:
 
 /// Writes `exp(x - shift)` for every `x` of `row` (in place) and returns their sum accumulated
 /// in `f64` over 16 fixed lanes (deterministic, and vectorisable).
-#[inline]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 pub fn exp_shifted_sum<T: Real>(row: &mut [T], shift: T) -> f64 {
     let mut lanes = [0f64; 16];
     let mut chunks = row.chunks_exact_mut(16);
@@ -49,7 +52,10 @@ pub fn exp_shifted_sum<T: Real>(row: &mut [T], shift: T) -> f64 {
 }
 
 /// The sum of `exp(x - shift)` over `row`, accumulated as [`exp_shifted_sum`] does.
-#[inline]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
 pub fn sum_exp_shifted<T: Real>(row: &[T], shift: T) -> f64 {
     let mut lanes = [0f64; 16];
     let mut chunks = row.chunks_exact(16);
@@ -64,17 +70,80 @@ pub fn sum_exp_shifted<T: Real>(row: &[T], shift: T) -> f64 {
     lanes.iter().sum()
 }
 
+/// `a += b` element-wise (over the shorter length).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn add_into<T: Real>(a: &mut [T], b: &[T]) {
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// `sum(x^2)` over `row`, accumulated in `f64` over 16 fixed lanes.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn sum_sq_f64<T: Real>(row: &[T]) -> f64 {
+    let mut lanes = [0f64; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (x, l) in c.iter().zip(lanes.iter_mut()) {
+            let v = x.f64();
+            *l += v * v;
+        }
+    }
+    for (x, l) in chunks.remainder().iter().zip(lanes.iter_mut()) {
+        let v = x.f64();
+        *l += v * v;
+    }
+    lanes.iter().sum()
+}
+
+/// `sum(a * b * c)` (element-wise products), accumulated in `f64` over 16 fixed lanes; the
+/// product `a * b` is formed in `T`.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn dot3_f64<T: Real>(a: &[T], b: &[T], c: &[T]) -> f64 {
+    let mut lanes = [0f64; 16];
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut i = 0;
+    while i + 16 <= n {
+        for (j, l) in lanes.iter_mut().enumerate() {
+            *l += (a[i + j] * b[i + j]).f64() * c[i + j].f64();
+        }
+        i += 16;
+    }
+    for (j, l) in lanes.iter_mut().enumerate().take(n - i) {
+        *l += (a[i + j] * b[i + j]).f64() * c[i + j].f64();
+    }
+    lanes.iter().sum()
+}
+
 /// The `f32` exponential behind [`Real::exp_fast`].
+///
+/// Written for the vectoriser: no float-to-int conversion (the integer part of `x log2(e)` is
+/// read from the bits of the rounded sum), and the special cases are selects.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick (vectorises, unlike
-    // f32::round).
+    const LO: f32 = -126.0 * std::f32::consts::LN_2;
+    const HI: f32 = 88.72;
+    // Adding 1.5 * 2^23 rounds x * log2(e) to the nearest integer k and leaves k in the low
+    // mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = x.clamp(-126.0 * std::f32::consts::LN_2, 88.72);
-    let k = (xc * LOG2E + MAGIC) - MAGIC;
+    let xc = if x < LO { LO } else { x };
+    let xc = if xc > HI { HI } else { xc };
+    let kf = xc * LOG2E + MAGIC;
+    let k = kf - MAGIC;
+    let ki = (kf.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let r = (xc - k * LN2_HI) - k * LN2_LO;
     // e^r on |r| <= ln2/2: Taylor to degree 7 (truncation error below 2e-8 relative).
     let p = 1.0
@@ -83,19 +152,11 @@ pub fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scaled = f32::from_bits(p.to_bits().wrapping_add(((k as i32) << 23) as u32));
-    let scaled = if x < -126.0 * std::f32::consts::LN_2 {
-        0.0
-    } else {
-        scaled
-    };
-    if x > 88.72 {
-        f32::INFINITY
-    } else if x.is_nan() {
-        x
-    } else {
-        scaled
-    }
+    let scaled = f32::from_bits((p.to_bits() as i32).wrapping_add(ki << 23) as u32);
+    let scaled = if x < LO { 0.0 } else { scaled };
+    let scaled = if x > HI { f32::INFINITY } else { scaled };
+    // NaN fails every comparison above; pass it through.
+    if x.is_nan() { x } else { scaled }
 }
 
 impl Real for f32 {

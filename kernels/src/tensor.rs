@@ -198,9 +198,7 @@ impl<T: Real> Tensor<T> {
     /// Adds `other` element-wise into `self`.
     pub fn add_assign(&mut self, other: &Self, operand: &'static str) -> Result<()> {
         other.expect_shape(operand, &self.shape)?;
-        for (a, &b) in self.data.iter_mut().zip(&other.data) {
-            *a += b;
-        }
+        crate::real::add_into(&mut self.data, &other.data);
         Ok(())
     }
 

@@ -2,4 +2,5 @@
 
 pub mod kernels;
 mod numpy;
+mod profile;
 pub mod train;

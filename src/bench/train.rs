@@ -13,6 +13,7 @@ use shoal_spec::ModelConfig;
 use shoal_worker::data::{Batcher, DataSpec, TokenSource};
 use shoal_worker::model::Model;
 use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
+use tracing_subscriber::layer::SubscriberExt;
 
 /// Options of `shoal bench train`.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +39,9 @@ pub struct TrainBenchArgs {
     /// Precisions to time (repeat the flag; default all three).
     #[arg(long = "precision", value_parser = ["fp32", "bf16", "fp8"])]
     pub precisions: Vec<String>,
+    /// Print where the time of a step goes (per model phase) after each timed run.
+    #[arg(long)]
+    pub profile: bool,
     /// Skip the FP8-vs-BF16 and bias-update comparisons (only the tokens/s table).
     #[arg(long)]
     pub speed_only: bool,
@@ -108,12 +112,25 @@ fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result
         cfg.num_nextn_predict_layers = 0;
     }
     let mut t = trainer_for(cfg, precision, args.speed_steps + 2, args, 1e-3)?;
+    let times = super::profile::SpanTimes::default();
+    let subscriber = tracing_subscriber::registry().with(times.clone());
+    let _guard = args
+        .profile
+        .then(|| tracing::subscriber::set_default(subscriber));
     let mut rates = Vec::new();
     for i in 0..args.speed_steps + 2 {
+        if i == 2 {
+            times.reset();
+        }
         let m = t.train_step()?;
         if i >= 2 {
             rates.push(m.tokens as f64 / m.seconds);
         }
+    }
+    if args.profile {
+        let name = shoal_worker::train::state::precision_name(precision);
+        let title = format!("{name}, {}", if mtp { "with MTP" } else { "without MTP" });
+        super::profile::print(&title, &times, args.speed_steps);
     }
     Ok(median(rates))
 }

@@ -227,13 +227,35 @@ struct Coeffs {
 
 impl Coeffs {
     /// Updates one parameter; returns the new `(m, v)` in FP32.
-    #[inline]
+    #[inline(always)]
     fn apply(&self, p: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
         let m = self.beta1 * m + self.one_minus_beta1 * g;
         let v = self.beta2 * v + self.one_minus_beta2 * (g * g);
         let denom = v.sqrt() * self.inv_sqrt_bc2 + self.eps;
         *p = *p * self.decay - self.step_size * m / denom;
         (m, v)
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn update_f32(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+        (*m, *v) = k.apply(p, g, *m, *v);
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn update_bf16(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [bf16], v: &mut [bf16]) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+        let (mn, vn) = k.apply(p, g, m.to_f32(), v.to_f32());
+        *m = bf16::from_f32(mn);
+        *v = bf16::from_f32(vn);
     }
 }
 
@@ -307,11 +329,7 @@ pub fn adamw_step(
                 .zip(grads.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((pc, gc), mc), vc)| {
-                    for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc).zip(vc) {
-                        (*m, *v) = k.apply(p, g, *m, *v);
-                    }
-                });
+                .for_each(|(((pc, gc), mc), vc)| update_f32(&k, pc, gc, mc, vc));
         }
         Moments::Bf16 { m, v } => {
             params
@@ -319,13 +337,7 @@ pub fn adamw_step(
                 .zip(grads.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((pc, gc), mc), vc)| {
-                    for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc).zip(vc) {
-                        let (mn, vn) = k.apply(p, g, m.to_f32(), v.to_f32());
-                        *m = bf16::from_f32(mn);
-                        *v = bf16::from_f32(vn);
-                    }
-                });
+                .for_each(|(((pc, gc), mc), vc)| update_bf16(&k, pc, gc, mc, vc));
         }
     }
     state.step = t;
@@ -334,17 +346,7 @@ pub fn adamw_step(
 
 /// Sum of squares of `x` in `f64`, over fixed chunks summed in order (deterministic).
 fn sum_sq(x: &[f32]) -> f64 {
-    let parts: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| {
-            c.iter()
-                .map(|&v| {
-                    let f = f64::from(v);
-                    f * f
-                })
-                .sum::<f64>()
-        })
-        .collect();
+    let parts: Vec<f64> = x.par_chunks(CHUNK).map(crate::real::sum_sq_f64).collect();
     parts.iter().sum()
 }
 

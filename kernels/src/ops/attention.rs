@@ -151,6 +151,56 @@ fn non_finite_scores(index: usize, value: f64) -> KernelError {
     }
 }
 
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn scale_and_max<T: Real>(row: &mut [T], scale: T) -> T {
+    let mut lanes = [T::neg_infinity(); 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (x, m) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x *= scale;
+            *m = if *x > *m { *x } else { *m };
+        }
+    }
+    for (x, m) in chunks.into_remainder().iter_mut().zip(lanes.iter_mut()) {
+        *x *= scale;
+        *m = if *x > *m { *x } else { *m };
+    }
+    lanes.iter().fold(T::neg_infinity(), |a, &b| a.max(b))
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn scale_in_place<T: Real>(row: &mut [T], factor: T) {
+    for x in row.iter_mut() {
+        *x *= factor;
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn probabilities<T: Real>(row: &mut [T], scale: T, lse: T) {
+    for x in row.iter_mut() {
+        *x = (*x * scale - lse).exp_fast();
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn score_grads<T: Real>(row: &mut [T], p: &[T], scale: T, delta: T) {
+    for (x, &pv) in row.iter_mut().zip(p) {
+        *x = scale * pv * (*x - delta);
+    }
+}
+
 /// Output rows (`seq x dv`, contiguous) and log-sum-exp (`seq`) of one `(batch, head)` pair.
 fn forward_head<T: Real>(ops: &Operands<'_, T>, b: usize, h: usize) -> Result<(Vec<T>, Vec<T>)> {
     let Dims { seq, dv, .. } = ops.dims;
@@ -167,11 +217,7 @@ fn forward_head<T: Real>(ops: &Operands<'_, T>, b: usize, h: usize) -> Result<(V
             let i = i0 + ii;
             let (live, future) = row.split_at_mut(i + 1);
             future.fill(T::zero());
-            let mut m = T::neg_infinity();
-            for x in live.iter_mut() {
-                *x *= ops.scale;
-                m = m.max(*x);
-            }
+            let m = scale_and_max(live, ops.scale);
             let sum = crate::real::exp_shifted_sum(live, m);
             let l = m.f64() + sum.ln();
             if !l.is_finite() {
@@ -180,10 +226,7 @@ fn forward_head<T: Real>(ops: &Operands<'_, T>, b: usize, h: usize) -> Result<(V
                     l,
                 ));
             }
-            let inv = T::of(1.0 / sum);
-            for x in live.iter_mut() {
-                *x *= inv;
-            }
+            scale_in_place(live, T::of(1.0 / sum));
             lse[i] = T::of(l);
         }
         gemm_into(
@@ -309,9 +352,7 @@ fn backward_head<T: Real>(
             let i = i0 + ii;
             let (live, future) = row.split_at_mut(i + 1);
             future.fill(T::zero());
-            for x in live.iter_mut() {
-                *x = (*x * ops.scale - lse[i]).exp_fast();
-            }
+            probabilities(live, ops.scale, lse[i]);
         }
         let dout_rows = ops.head_rows(g.dout, dv, b, h, i0, i1)?;
         // dP = dO V^T.
@@ -333,9 +374,7 @@ fn backward_head<T: Real>(
             let i = i0 + ii;
             let (live, future) = drow.split_at_mut(i + 1);
             future.fill(T::zero());
-            for (x, &pv) in live.iter_mut().zip(prow) {
-                *x = ops.scale * pv * (*x - delta[i]);
-            }
+            score_grads(live, prow, ops.scale, delta[i]);
         }
         // dQ[i0..i1] = dS K[0..c].
         gemm_into(

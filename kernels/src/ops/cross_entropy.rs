@@ -57,16 +57,66 @@ fn check_inputs<T: Real>(
         }
         count += 1;
     }
-    logits.check_finite("cross_entropy.logits")?;
     Ok((n, vocab, count))
 }
 
-/// The log-sum-exp of a non-empty row of finite values, accumulated in `f64`.
+/// The row maximum, and whether every element is finite (`x * 0` is `0` for finite `x` and NaN
+/// otherwise, so one vectorised pass checks both).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn row_max_finite<T: Real>(row: &[T]) -> (T, bool) {
+    let mut max = [T::neg_infinity(); 16];
+    let mut probe = [T::zero(); 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for ((m, z), &x) in max.iter_mut().zip(probe.iter_mut()).zip(c) {
+            *m = if x > *m { x } else { *m };
+            *z += x * T::zero();
+        }
+    }
+    for ((m, z), &x) in max.iter_mut().zip(probe.iter_mut()).zip(chunks.remainder()) {
+        *m = if x > *m { x } else { *m };
+        *z += x * T::zero();
+    }
+    let m = max.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+    (m, probe.iter().all(|z| *z == T::zero()))
+}
+
+/// The error for a row that holds a non-finite value; `offset` is the row's first element.
+fn non_finite<T: Real>(row: &[T], offset: usize) -> KernelError {
+    match crate::error::check_finite("cross_entropy.logits", row) {
+        Err(KernelError::NonFinite { index, value, .. }) => KernelError::NonFinite {
+            operand: "cross_entropy.logits",
+            index: offset + index,
+            value,
+        },
+        Err(e) => e,
+        Ok(()) => KernelError::invalid("cross_entropy.logits", "a row is not finite"),
+    }
+}
+
+/// The log-sum-exp of a non-empty row, accumulated in `f64`; row `i` of the logits.
 #[inline]
-fn row_lse<T: Real>(row: &[T]) -> f64 {
-    let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+fn row_lse<T: Real>(row: &[T], i: usize) -> Result<f64> {
+    let (m, finite) = row_max_finite(row);
+    if !finite {
+        return Err(non_finite(row, i * row.len()));
+    }
     let s = crate::real::sum_exp_shifted(row, m);
-    m.f64() + s.ln()
+    Ok(m.f64() + s.ln())
+}
+
+/// Overwrites a row of logits with `scale * softmax(row)` (given the row's log-sum-exp).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn scaled_softmax_in_place<T: Real>(row: &mut [T], lse: T, scale: T) {
+    for v in row.iter_mut() {
+        *v = scale * (*v - lse).exp_fast();
+    }
 }
 
 /// The mean softmax cross-entropy of `logits` (`[n, vocab]`) against `targets` (`n` ids), skipping
@@ -82,6 +132,7 @@ pub fn cross_entropy_forward<T: Real>(
 ) -> Result<CrossEntropy<T>> {
     let (n, vocab, count) = check_inputs(logits, targets, ignore_index)?;
     if count == 0 || vocab == 0 {
+        logits.check_finite("cross_entropy.logits")?;
         return Ok(CrossEntropy {
             loss: 0.0,
             count,
@@ -94,16 +145,20 @@ pub fn cross_entropy_forward<T: Real>(
         .data()
         .par_chunks_exact(vocab)
         .zip(targets.par_iter())
+        .enumerate()
         .with_min_len(MIN_ROWS_PER_TASK)
-        .map(|(row, &t)| {
+        .map(|(i, (row, &t))| {
             if Some(t) == ignore_index {
-                return (0.0, 0.0);
+                if !row_max_finite(row).1 {
+                    return Err(non_finite(row, i * vocab));
+                }
+                return Ok((0.0, 0.0));
             }
-            let lse = row_lse(row);
+            let lse = row_lse(row, i)?;
             let target = row.get(t as usize).map_or(0.0, |v| v.f64());
-            (lse, lse - target)
+            Ok((lse, lse - target))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let total: f64 = rows.iter().map(|&(_, l)| l).sum();
     Ok(CrossEntropy {
         loss: total / count as f64,
@@ -126,6 +181,19 @@ pub fn cross_entropy_backward<T: Real>(
     saved: &CrossEntropy<T>,
     dloss: f64,
 ) -> Result<Tensor<T>> {
+    cross_entropy_backward_in_place(logits.clone(), targets, saved, dloss)
+}
+
+/// [`cross_entropy_backward`] that turns the logits it is given into their gradient, saving
+/// the allocation of a second `[n, vocab]` tensor (the logits are dead after the backward pass).
+///
+/// On error the logits may be partly overwritten.
+pub fn cross_entropy_backward_in_place<T: Real>(
+    mut logits: Tensor<T>,
+    targets: &[u32],
+    saved: &CrossEntropy<T>,
+    dloss: f64,
+) -> Result<Tensor<T>> {
     if !dloss.is_finite() {
         return Err(KernelError::invalid(
             "cross_entropy.dloss",
@@ -133,7 +201,7 @@ pub fn cross_entropy_backward<T: Real>(
         ));
     }
     let ignore_index = saved.ignore_index;
-    let (n, vocab, count) = check_inputs(logits, targets, ignore_index)?;
+    let (n, vocab, count) = check_inputs(&logits, targets, ignore_index)?;
     if saved.lse.len() != n {
         return Err(KernelError::shape(
             "cross_entropy.saved",
@@ -150,29 +218,34 @@ pub fn cross_entropy_backward<T: Real>(
             ),
         ));
     }
-    let mut grad = Tensor::zeros([n, vocab]);
     if count == 0 || vocab == 0 {
-        return Ok(grad);
+        logits.check_finite("cross_entropy.logits")?;
+        logits.data_mut().fill(T::zero());
+        return Ok(logits);
     }
     let scale = T::of(dloss / count as f64);
-    grad.data_mut()
+    logits
+        .data_mut()
         .par_chunks_exact_mut(vocab)
-        .zip(logits.data().par_chunks_exact(vocab))
         .zip(targets.par_iter())
         .zip(saved.lse.par_iter())
+        .enumerate()
         .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each(|(((g, x), &t), &lse)| {
+        .try_for_each(|(i, ((row, &t), &lse))| {
+            if !row_max_finite(row).1 {
+                return Err(non_finite(row, i * vocab));
+            }
             if Some(t) == ignore_index {
-                return;
+                row.fill(T::zero());
+                return Ok(());
             }
-            for (gv, &xv) in g.iter_mut().zip(x) {
-                *gv = scale * (xv - lse).exp_fast();
-            }
-            if let Some(gt) = g.get_mut(t as usize) {
+            scaled_softmax_in_place(row, lse, scale);
+            if let Some(gt) = row.get_mut(t as usize) {
                 *gt -= scale;
             }
-        });
-    Ok(grad)
+            Ok(())
+        })?;
+    Ok(logits)
 }
 
 #[cfg(test)]

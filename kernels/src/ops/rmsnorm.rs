@@ -32,14 +32,30 @@ fn check_eps(eps: f64) -> Result<()> {
 /// The inverse RMS of one (non-empty) row, accumulated in `f64`.
 #[inline]
 fn inv_rms<T: Real>(row: &[T], eps: f64) -> f64 {
-    let sum_sq: f64 = row
-        .iter()
-        .map(|&v| {
-            let f = v.f64();
-            f * f
-        })
-        .sum();
+    let sum_sq = crate::real::sum_sq_f64(row);
     1.0 / (sum_sq / row.len() as f64 + eps).sqrt()
+}
+
+/// `out = x * r * w` for one row.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn scale_row<T: Real>(out: &mut [T], x: &[T], w: &[T], r: T) {
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = xv * r * wv;
+    }
+}
+
+/// `out = r * (dy * w - x * c)` for one row.
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn backward_row<T: Real>(out: &mut [T], dy: &[T], w: &[T], x: &[T], r: T, c: T) {
+    for (((o, &dv), &wv), &xv) in out.iter_mut().zip(dy).zip(w).zip(x) {
+        *o = r * (dv * wv - xv * c);
+    }
 }
 
 /// Validates `x` (at least one dimension) and `w` (`[d]`); returns `d`.
@@ -67,9 +83,7 @@ pub fn rmsnorm_forward<T: Real>(x: &Tensor<T>, w: &Tensor<T>, eps: f64) -> Resul
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each(|(yr, xr)| {
             let r = T::of(inv_rms(xr, eps));
-            for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(wd) {
-                *o = xv * r * wv;
-            }
+            scale_row(yr, xr, wd, r);
         });
     Ok(y)
 }
@@ -100,17 +114,9 @@ pub fn rmsnorm_backward_input<T: Real>(
         .with_min_len(MIN_ROWS_PER_TASK)
         .for_each(|((dxr, xr), dyr)| {
             let r = inv_rms(xr, eps);
-            let gx: f64 = dyr
-                .iter()
-                .zip(wd)
-                .zip(xr)
-                .map(|((&dv, &wv), &xv)| (dv * wv).f64() * xv.f64())
-                .sum();
+            let gx = crate::real::dot3_f64(dyr, wd, xr);
             let c = T::of(r * r * gx / d as f64);
-            let r = T::of(r);
-            for (((o, &dv), &wv), &xv) in dxr.iter_mut().zip(dyr).zip(wd).zip(xr) {
-                *o = r * (dv * wv - xv * c);
-            }
+            backward_row(dxr, dyr, wd, xr, T::of(r), c);
         });
     Ok(dx)
 }

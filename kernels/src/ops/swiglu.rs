@@ -13,12 +13,40 @@ use crate::{Real, Result, Tensor};
 const CHUNK: usize = 1 << 13;
 
 /// The logistic sigmoid, stable for large `|g|`.
-#[inline]
+#[inline(always)]
 fn sigmoid<T: Real>(g: T) -> T {
     // Branch-free so that loops vectorise: e = exp(-|g|) never overflows.
     let e = (-g.abs()).exp_fast();
     let s = T::one() / (T::one() + e);
     if g >= T::zero() { s } else { e * s }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn forward_chunk<T: Real>(y: &mut [T], gate: &[T], up: &[T]) {
+    for ((o, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn backward_chunk<T: Real>(dgate: &mut [T], dup: &mut [T], gate: &[T], up: &[T], dy: &[T]) {
+    for ((((dg, du), &g), &u), &d) in dgate
+        .iter_mut()
+        .zip(dup.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(dy)
+    {
+        let s = sigmoid(g);
+        *du = d * g * s;
+        *dg = d * u * s * (T::one() + g * (T::one() - s));
+    }
 }
 
 /// `silu(gate) * up`, element-wise. `up` must have the shape of `gate` (operand `swiglu.up`).
@@ -29,11 +57,7 @@ pub fn swiglu_forward<T: Real>(gate: &Tensor<T>, up: &Tensor<T>) -> Result<Tenso
         .par_chunks_mut(CHUNK)
         .zip(gate.data().par_chunks(CHUNK))
         .zip(up.data().par_chunks(CHUNK))
-        .for_each(|((yc, gc), uc)| {
-            for ((o, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                *o = g * sigmoid(g) * u;
-            }
-        });
+        .for_each(|((yc, gc), uc)| forward_chunk(yc, gc, uc));
     Ok(y)
 }
 
@@ -57,15 +81,7 @@ pub fn swiglu_backward<T: Real>(
         .zip(gate.data().par_chunks(CHUNK))
         .zip(up.data().par_chunks(CHUNK))
         .zip(dy.data().par_chunks(CHUNK))
-        .for_each(|((((dgc, duc), gc), uc), dyc)| {
-            for ((((dg, du), &g), &u), &d) in
-                dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(dyc)
-            {
-                let s = sigmoid(g);
-                *du = d * g * s;
-                *dg = d * u * s * (T::one() + g * (T::one() - s));
-            }
-        });
+        .for_each(|((((dgc, duc), gc), uc), dyc)| backward_chunk(dgc, duc, gc, uc, dyc));
     Ok((dgate, dup))
 }
 

@@ -98,8 +98,11 @@ impl Block {
         h: Tensor<T>,
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, BlockSaved<T>, Option<MoeStats>)> {
+        let attn_span = tracing::debug_span!("attn.forward").entered();
         let x = rmsnorm_forward(&h, p.get(self.in_norm), ctx.eps)?;
         let (a, attn) = self.attn.forward(p, &x, ctx)?;
+        drop(attn_span);
+        let _span = tracing::debug_span!("ffn.forward").entered();
         let h1 = add(&h, &a)?;
         let x2 = rmsnorm_forward(&h1, p.get(self.post_norm), ctx.eps)?;
         let (f, ffn, stats) = match &self.ffn {
@@ -125,6 +128,7 @@ impl Block {
         ctx: &Ctx<'_>,
         w: &mut Vec<WTask<T>>,
     ) -> Result<Tensor<T>> {
+        let ffn_span = tracing::debug_span!("ffn.backward").entered();
         let x2 = rmsnorm_forward(&saved.h1, p.get(self.post_norm), ctx.eps)?;
         let dx2 = match (&self.ffn, saved.ffn) {
             (Ffn::Dense(m), FfnSaved::Dense(s)) => m.backward(p, &x2, s, dh2.clone(), ctx, w)?,
@@ -145,6 +149,8 @@ impl Block {
             w,
         )?;
         dh1.add_assign(&dh2, "block.dh1")?;
+        drop(ffn_span);
+        let _span = tracing::debug_span!("attn.backward").entered();
         let x = rmsnorm_forward(&saved.h, p.get(self.in_norm), ctx.eps)?;
         let dx = self.attn.backward(p, &x, saved.attn, dh1.clone(), ctx, w)?;
         let mut dh = rmsnorm_b(p.get(self.in_norm), self.in_norm, dx, saved.h, ctx.eps, w)?;

@@ -255,7 +255,10 @@ impl Mla {
         let ckv = T::linear(x, p.get(self.kv_a), ctx.precision)?;
         let KeysValues { k_pe, kv, .. } = self.keys_values(p, &ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
-        let (out, lse) = attention_forward(&a.q, &a.k, &a.v, ctx.softmax_scale)?;
+        let (out, lse) = {
+            let _span = tracing::debug_span!("attention.core").entered();
+            attention_forward(&a.q, &a.k, &a.v, ctx.softmax_scale)?
+        };
         let out = out.reshape([ctx.tokens(), self.heads * self.v])?;
         let y = T::linear(&out, p.get(self.o), ctx.precision)?;
         Ok((y, MlaSaved { q_a, ckv, out, lse }))
@@ -289,6 +292,7 @@ impl Mla {
             w,
         )?;
         // Attention core.
+        let core_span = tracing::debug_span!("attention.core").entered();
         let (dq, dk, dv) = attention_backward(
             &d_out.reshape([b, s, hd, self.v])?,
             &a.q,
@@ -298,6 +302,7 @@ impl Mla {
             &saved.lse,
             ctx.softmax_scale,
         )?;
+        drop(core_span);
         let (dq, dk, dv) = (
             dq.reshape([b * s, hd * (self.nope + self.rope)])?,
             dk.reshape([b * s, hd * (self.nope + self.rope)])?,

@@ -17,7 +17,7 @@ pub mod tensor_ops;
 pub mod wgrad;
 
 use shoal_kernels::Tensor;
-use shoal_kernels::ops::cross_entropy::{cross_entropy_backward, cross_entropy_forward};
+use shoal_kernels::ops::cross_entropy::{cross_entropy_backward_in_place, cross_entropy_forward};
 use shoal_kernels::ops::embedding::embedding_forward;
 use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
@@ -421,7 +421,8 @@ impl<T: ModelFloat> Model<T> {
         let mut saved = Vec::with_capacity(self.blocks.len());
         let mut loads = Vec::new();
         let mut balance = 0.0;
-        for blk in &self.blocks {
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let _span = tracing::debug_span!("block.forward", layer).entered();
             let (h2, s, st) = blk.forward(p, h, &ctx)?;
             if let Some(st) = st {
                 balance += st.balance;
@@ -430,9 +431,11 @@ impl<T: ModelFloat> Model<T> {
             saved.push(s);
             h = h2;
         }
+        let head_span = tracing::debug_span!("head.forward").entered();
         let hn = rmsnorm_forward(&h, p.get(self.norm), ctx.eps)?;
         let logits = T::linear(&hn, p.get(self.head), Precision::Fp32)?;
         let ce = cross_entropy_forward(&logits, b.targets, None)?;
+        drop(head_span);
 
         // Multi-Token Prediction: depth k sees sequences shortened by k.
         let mut mtp = Vec::with_capacity(self.mtp.len());
@@ -440,6 +443,7 @@ impl<T: ModelFloat> Model<T> {
         let mut prev_len = b.seq;
         let mut mtp_losses = Vec::new();
         for (k, m) in self.mtp.iter().enumerate() {
+            let _span = tracing::debug_span!("mtp.forward", depth = k + 1).entered();
             let depth = k + 1;
             let len = b.seq - depth;
             let pick = |src: &[u32]| -> Vec<u32> {
@@ -516,7 +520,11 @@ impl<T: ModelFloat> Model<T> {
         b: &TokenBatch<'_>,
         obj: &Objective,
     ) -> Result<(StepOutput, Vec<WTask<T>>)> {
-        let f = self.forward(b, obj)?;
+        let f = {
+            let _span = tracing::debug_span!("forward").entered();
+            self.forward(b, obj)?
+        };
+        let _span = tracing::debug_span!("backward").entered();
         let p = &self.params;
         let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
         let mut w = Vec::new();
@@ -525,7 +533,9 @@ impl<T: ModelFloat> Model<T> {
         // MTP modules, deepest first; each passes a gradient to the previous depth's states.
         let mut dprev: Option<Tensor<T>> = None;
         for (m, s) in self.mtp.iter().zip(f.mtp).rev() {
-            let dlogits = cross_entropy_backward(&s.logits, &s.targets, &s.ce, obj.mtp_lambda / d)?;
+            let _span = tracing::debug_span!("mtp.backward").entered();
+            let dlogits =
+                cross_entropy_backward_in_place(s.logits, &s.targets, &s.ce, obj.mtp_lambda / d)?;
             let mut dout =
                 self.head_backward(dlogits, s.hn, s.out, m.head_norm, ctx.eps, &mut w)?;
             if let Some(g) = dprev.take() {
@@ -557,12 +567,15 @@ impl<T: ModelFloat> Model<T> {
         }
 
         // Main head.
-        let dlogits = cross_entropy_backward(&f.logits, b.targets, &f.ce, 1.0)?;
+        let head_span = tracing::debug_span!("head.backward").entered();
+        let dlogits = cross_entropy_backward_in_place(f.logits, b.targets, &f.ce, 1.0)?;
         let mut dh = self.head_backward(dlogits, f.hn, f.h, self.norm, ctx.eps, &mut w)?;
+        drop(head_span);
         if let Some(g) = dprev {
             dh.add_assign(&g, "model.dh")?;
         }
-        for (blk, s) in self.blocks.iter().zip(f.blocks).rev() {
+        for (layer, (blk, s)) in self.blocks.iter().zip(f.blocks).enumerate().rev() {
+            let _span = tracing::debug_span!("block.backward", layer).entered();
             dh = blk.backward(p, s, dh, &ctx, &mut w)?;
         }
         w.push(WTask::Embedding {
@@ -604,6 +617,7 @@ impl<T: ModelFloat> Model<T> {
         grads: &mut Grads<T>,
     ) -> Result<StepOutput> {
         let (out, w) = self.forward_backward_input(b, obj)?;
+        let _span = tracing::debug_span!("wgrad").entered();
         wgrad::run_all(w, grads)?;
         Ok(out)
     }

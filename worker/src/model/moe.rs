@@ -131,8 +131,10 @@ impl Moe {
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, MoeSaved<T>, MoeStats)> {
         let (tokens, hidden) = (x.rows(), x.last_dim());
+        let router_span = tracing::debug_span!("moe.router").entered();
         let logits = T::linear(x, p.get(self.router), Precision::Fp32)?;
         let gate = gate_forward(&logits, p.get(self.bias).data(), &self.gate)?;
+        drop(router_span);
         let k = self.gate.top_k;
         let e = self.gate.n_routed_experts;
         let mut by_expert: Vec<(Vec<usize>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); e];
@@ -141,6 +143,7 @@ impl Moe {
             rows.push(pos / k);
             slots.push(pos % k);
         }
+        let shared_span = tracing::debug_span!("moe.shared").entered();
         let mut y = match &self.shared {
             Some(m) => {
                 let (y, s) = m.forward(p, x, ctx)?;
@@ -148,6 +151,8 @@ impl Moe {
             }
             None => (Tensor::zeros([tokens, hidden]), None),
         };
+        drop(shared_span);
+        let experts_span = tracing::debug_span!("moe.experts").entered();
         // Experts run in parallel (each on its own tokens); results are combined in expert order,
         // so the output does not depend on the thread count.
         let outputs = by_expert
@@ -161,6 +166,8 @@ impl Moe {
                 self.experts[j].forward(p, &xe, ctx).map(Some)
             })
             .collect::<Result<Vec<_>>>()?;
+        drop(experts_span);
+        let _span = tracing::debug_span!("moe.combine").entered();
         let mut experts = Vec::with_capacity(e);
         for ((rows, slots), out) in by_expert.into_iter().zip(outputs) {
             let Some((out, mlp)) = out else {
@@ -265,12 +272,15 @@ impl Moe {
     ) -> Result<Tensor<T>> {
         let (tokens, hidden) = (x.rows(), x.last_dim());
         let k = self.gate.top_k;
+        let shared_span = tracing::debug_span!("moe.shared").entered();
         let mut dx = match (&self.shared, saved.shared) {
             (Some(m), Some(s)) => m.backward(p, x, s, dy.clone(), ctx, w)?,
             _ => Tensor::zeros([tokens, hidden]),
         };
         let mut dweights = Tensor::zeros([tokens, k]);
         let weights = saved.gate.weights.data();
+        drop(shared_span);
+        let experts_span = tracing::debug_span!("moe.experts").entered();
         // Experts run their backward in parallel; gradients are combined in expert order.
         let per_expert = saved
             .experts
@@ -308,6 +318,8 @@ impl Moe {
             }
             w.extend(tasks);
         }
+        drop(experts_span);
+        let _span = tracing::debug_span!("moe.router").entered();
         let mut dlogits = gate_backward(&dweights, &saved.gate, &self.gate)?;
         if ctx.balance_alpha != 0.0 {
             self.balance(&saved.gate, ctx, Some((&mut dlogits, ctx.balance_alpha)))?;

@@ -230,6 +230,7 @@ impl Trainer {
     /// Runs one optimizer step on the next batch.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
+        let _span = tracing::debug_span!("step", step = self.step + 1).entered();
         let batch = self.batcher.next_batch();
         let tb = TokenBatch {
             batch: batch.batch,
@@ -242,6 +243,7 @@ impl Trainer {
             .model
             .forward_backward(&tb, &self.opts.objective(), &mut self.grads)?;
 
+        let opt_span = tracing::debug_span!("optimizer").entered();
         // Clip the global norm over the trained parameters.
         let params = self.model.params();
         let trained: Vec<bool> = params
@@ -297,6 +299,7 @@ impl Trainer {
             }
         }
 
+        drop(opt_span);
         self.step += 1;
         let mtp = if out.mtp_losses.is_empty() {
             0.0
