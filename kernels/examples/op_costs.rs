@@ -41,6 +41,9 @@ fn main() -> shoal_kernels::Result<()> {
     if only == "attention" {
         return attention(50);
     }
+    if only == "gemm" {
+        return gemms();
+    }
     if only == "swiglu" {
         let g = filled(&[tokens, 768], 6);
         let u = filled(&[tokens, 768], 7);
@@ -144,5 +147,62 @@ fn attention(reps: usize) -> shoal_kernels::Result<()> {
         attention_backward(&dout, &q, &k, &v, &out, &lse, scale)
     });
 
+    Ok(())
+}
+
+fn gemms() -> shoal_kernels::Result<()> {
+    use shoal_kernels::matmul::{MatMut, MatRef, gemm_into};
+    for (m, n, k) in [
+        (2048, 768, 256),
+        (2048, 256, 768),
+        (512, 128, 256),
+        (2048, 4096, 256),
+    ] {
+        let a = filled(&[m, k], 1);
+        let w = filled(&[n, k], 2);
+        let dy = filled(&[m, n], 3);
+        let mut c = vec![0f32; m * n];
+        let mut dx = vec![0f32; m * k];
+        let mut dw = vec![0f32; n * k];
+        let flop = 2.0 * (m * n * k) as f64;
+        let reps = 20;
+        let mut run = |name: &str, f: &mut dyn FnMut() -> shoal_kernels::Result<()>| {
+            f().expect("gemm");
+            let t = Instant::now();
+            for _ in 0..reps {
+                f().expect("gemm");
+            }
+            let s = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "{name:<10} m {m:5} n {n:5} k {k:5}  {:7.3} ms  {:6.1} GFLOP/s",
+                s * 1e3,
+                flop / s / 1e9
+            );
+        };
+        run("fprop", &mut || {
+            gemm_into(
+                MatMut::row_major(&mut c, m, n)?,
+                MatRef::row_major(a.data(), m, k)?,
+                MatRef::row_major(w.data(), n, k)?.t(),
+                false,
+            )
+        });
+        run("dgrad", &mut || {
+            gemm_into(
+                MatMut::row_major(&mut dx, m, k)?,
+                MatRef::row_major(dy.data(), m, n)?,
+                MatRef::row_major(w.data(), n, k)?,
+                false,
+            )
+        });
+        run("wgrad", &mut || {
+            gemm_into(
+                MatMut::row_major(&mut dw, n, k)?,
+                MatRef::row_major(dy.data(), m, n)?.t(),
+                MatRef::row_major(a.data(), m, k)?,
+                true,
+            )
+        });
+    }
     Ok(())
 }

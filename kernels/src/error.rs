@@ -110,3 +110,35 @@ pub(crate) fn check_finite<T: crate::Real>(operand: &'static str, data: &[T]) ->
         value,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finiteness_probe_finds_every_kind_of_non_finite_value() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for n in [1usize, 16, 17, 100] {
+                for pos in [0, n / 2, n - 1] {
+                    let mut v = vec![1.5f32; n];
+                    v[pos] = bad;
+                    assert!(!all_finite(&v), "{bad} at {pos} of {n}");
+                    let err = check_finite("x", &v).unwrap_err();
+                    assert!(
+                        matches!(err, KernelError::NonFinite { index, .. } if index == pos),
+                        "{err}"
+                    );
+                }
+            }
+        }
+        assert!(all_finite(&[
+            f32::MAX,
+            f32::MIN,
+            0.0,
+            -0.0,
+            f32::MIN_POSITIVE
+        ]));
+        assert!(all_finite::<f64>(&[]));
+        assert!(check_finite("x", &[1.0f64, 2.0]).is_ok());
+    }
+}

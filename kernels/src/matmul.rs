@@ -199,6 +199,72 @@ pub fn gemm_into<T: Real>(
         }
         return Ok(());
     }
+    // SAFETY: the three views were bounds-checked at construction (every element index they can
+    // produce lies inside their slice), the output view's strides were checked to be
+    // non-overlapping, and the output is borrowed mutably while the inputs are borrowed shared, so
+    // they cannot alias.
+    unsafe {
+        raw_gemm(
+            c.data.as_mut_ptr().add(c.offset),
+            c.row_stride,
+            c.col_stride,
+            accumulate,
+            &a,
+            &b,
+        );
+    }
+    Ok(())
+}
+
+/// `a * b` into a new row-major `[m, n]` buffer, written by the GEMM directly (no zero fill
+/// before it).
+pub fn gemm_new<T: Real>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> Result<Vec<T>> {
+    if a.cols != b.rows {
+        return Err(KernelError::shape(
+            "gemm operands",
+            "[m, k] x [k, n]".to_string(),
+            format!("a = [{}, {}], b = [{}, {}]", a.rows, a.cols, b.rows, b.cols),
+        ));
+    }
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let len = crate::checked_numel("gemm output", &[m, n], std::mem::size_of::<T>())?;
+    if len == 0 || k == 0 {
+        return Ok(vec![T::zero(); len]);
+    }
+    let mut out: Vec<T> = Vec::new();
+    out.try_reserve_exact(len).map_err(|_| {
+        KernelError::invalid("gemm output", format!("cannot allocate {len} elements"))
+    })?;
+    // SAFETY: `out` has capacity for `m * n` elements, laid out row-major (row stride `n`,
+    // column stride 1), so every element index the GEMM produces is in bounds, and it cannot
+    // alias the inputs (it is freshly allocated). With `read_dst = false` the `gemm` crate
+    // never reads the destination: every one of its code paths (the blocked kernels, gemv,
+    // gevv and the small horizontal kernels, checked in gemm-common 0.19) sets alpha to zero
+    // and then stores without loading. It writes all `m * n` elements, so they are initialised
+    // when `set_len` runs.
+    unsafe {
+        raw_gemm(out.as_mut_ptr(), n, 1, false, &a, &b);
+        out.set_len(len);
+    }
+    Ok(out)
+}
+
+/// Calls the `gemm` crate on views whose shapes agree (`a: [m, k]`, `b: [k, n]`, `k > 0`).
+///
+/// # Safety
+///
+/// `dst` with the given strides must address `m * n` distinct elements valid for writes (and
+/// for reads when `accumulate` is set, in which case they must be initialised), not aliasing
+/// `a` or `b`.
+unsafe fn raw_gemm<T: Real>(
+    dst: *mut T,
+    row_stride: usize,
+    col_stride: usize,
+    accumulate: bool,
+    a: &MatRef<'_, T>,
+    b: &MatRef<'_, T>,
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
     // Large GEMMs split across rayon's threads, unless this call already runs inside a parallel
     // region (a rayon worker thread: attention heads, experts, weight gradients), where nested
     // splitting only adds overhead. The result does not depend on the choice.
@@ -209,19 +275,18 @@ pub fn gemm_into<T: Real>(
         gemm::Parallelism::None
     };
     let as_isize = |v: usize| v as isize;
-    // SAFETY: the three views were bounds-checked at construction (every element index they can
-    // produce lies inside their slice), the output view's strides were checked to be
-    // non-overlapping, and the output is borrowed mutably while the inputs are borrowed shared, so
-    // they cannot alias. `T` is f32 or f64 (the only `Real` types), both supported by `gemm`.
-    // All strides fit in `isize` because they index into allocated slices.
+    // SAFETY: the caller guarantees the destination; the input views were bounds-checked at
+    // construction, so every element index they can produce lies inside their slices. `T` is
+    // f32 or f64 (the only `Real` types), both supported by `gemm`. All strides fit in `isize`
+    // because they index into allocated slices.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.data.as_mut_ptr().add(c.offset),
-            as_isize(c.col_stride),
-            as_isize(c.row_stride),
+            dst,
+            as_isize(col_stride),
+            as_isize(row_stride),
             accumulate,
             a.data.as_ptr().add(a.offset),
             as_isize(a.col_stride),
@@ -237,7 +302,6 @@ pub fn gemm_into<T: Real>(
             parallelism,
         );
     }
-    Ok(())
 }
 
 fn matrix_view<'a, T: Real>(
@@ -271,10 +335,8 @@ pub fn matmul<T: Real>(
             ),
         ));
     }
-    let mut out = Tensor::zeros([av.rows, bv.cols]);
     let (m, n) = (av.rows, bv.cols);
-    gemm_into(MatMut::row_major(out.data_mut(), m, n)?, av, bv, false)?;
-    Ok(out)
+    Tensor::new([m, n], gemm_new(av, bv)?)
 }
 
 /// Rounds every element to the nearest BF16 value (ties to even), kept in `f32` storage.
@@ -303,6 +365,47 @@ pub fn matmul_bf16(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overwriting_gemms_never_read_the_destination() {
+        // `gemm_new` relies on the gemm crate not reading the destination when it overwrites:
+        // a NaN-filled destination must come out exactly as a zero-filled one, on every kernel
+        // path (gemv with m or n = 1, the small horizontal kernels, the blocked kernels).
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 5),
+            (9, 1, 5),
+            (4, 4, 3),
+            (16, 16, 40),
+            (17, 33, 129),
+            (130, 70, 300),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 - 3.0).collect();
+            let av = MatRef::row_major(&a, m, k).unwrap();
+            let bv = MatRef::row_major(&b, k, n).unwrap();
+            let mut zeros = vec![0f32; m * n];
+            gemm_into(MatMut::row_major(&mut zeros, m, n).unwrap(), av, bv, false).unwrap();
+            let mut nans = vec![f32::NAN; m * n];
+            gemm_into(MatMut::row_major(&mut nans, m, n).unwrap(), av, bv, false).unwrap();
+            assert_eq!(zeros, nans, "m {m} n {n} k {k}");
+            assert_eq!(gemm_new(av, bv).unwrap(), zeros, "m {m} n {n} k {k}");
+            // Transposed operands take other packing paths.
+            let at = MatRef::row_major(&a, k, m).unwrap().t();
+            let bt = MatRef::row_major(&b, n, k).unwrap().t();
+            let mut z2 = vec![0f32; m * n];
+            gemm_into(MatMut::row_major(&mut z2, m, n).unwrap(), at, bt, false).unwrap();
+            assert_eq!(
+                gemm_new(at, bt).unwrap(),
+                z2,
+                "transposed m {m} n {n} k {k}"
+            );
+        }
+        let empty: [f32; 0] = [];
+        let a0 = MatRef::row_major(&empty, 3, 0).unwrap();
+        let b0 = MatRef::row_major(&empty, 0, 2).unwrap();
+        assert_eq!(gemm_new(a0, b0).unwrap(), vec![0f32; 6]);
+    }
 
     fn naive(a: &Tensor<f64>, ta: bool, b: &Tensor<f64>, tb: bool) -> Tensor<f64> {
         let get = |t: &Tensor<f64>, tr: bool, i: usize, j: usize| {

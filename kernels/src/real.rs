@@ -194,6 +194,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lane_reductions_match_direct_sums() {
+        // Lengths around the 16-lane width, including the empty row and a remainder.
+        for n in [0usize, 1, 15, 16, 17, 33, 300] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0)
+                .collect();
+            let c: Vec<f32> = (0..n)
+                .map(|i| ((i * 29 % 89) as f32 - 44.0) / 3.0)
+                .collect();
+            let sq: f64 = a.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            let d3: f64 = (0..n)
+                .map(|i| f64::from(a[i] * b[i]) * f64::from(c[i]))
+                .sum();
+            assert!(
+                (sum_sq_f64(&a) - sq).abs() <= 1e-9 * sq.abs().max(1.0),
+                "n {n}"
+            );
+            assert!(
+                (dot3_f64(&a, &b, &c) - d3).abs() <= 1e-9 * d3.abs().max(1.0),
+                "n {n}"
+            );
+            let es: f64 = a.iter().map(|&x| (f64::from(x) - 2.0).exp()).sum();
+            assert!(
+                (sum_exp_shifted(&a, 2.0f32) - es).abs() <= 1e-6 * es.max(1.0),
+                "n {n}"
+            );
+            let mut row = a.clone();
+            assert_eq!(
+                exp_shifted_sum(&mut row, 2.0f32),
+                sum_exp_shifted(&a, 2.0f32)
+            );
+            for (e, &x) in row.iter().zip(&a) {
+                assert_eq!(*e, exp_f32(x - 2.0));
+            }
+            let mut acc = a.clone();
+            add_into(&mut acc, &b);
+            assert!(
+                acc.iter()
+                    .zip(a.iter().zip(&b))
+                    .all(|(s, (x, y))| *s == x + y)
+            );
+        }
+    }
+
+    #[test]
     fn fast_exp_is_accurate_over_the_whole_range() {
         let mut worst = 0f64;
         let mut x = -87.3f32;

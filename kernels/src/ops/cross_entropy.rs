@@ -284,6 +284,30 @@ mod tests {
     }
 
     #[test]
+    fn in_place_backward_matches_and_refuses_non_finite_logits() {
+        let logits = rand_tensor(&[37, 50], 9).map(|v| (v * 5.0) as f32);
+        let targets: Vec<u32> = (0..37).map(|i| (i * 7 % 50) as u32).collect();
+        let ce = cross_entropy_forward(&logits, &targets, Some(3)).unwrap();
+        let a = cross_entropy_backward(&logits, &targets, &ce, 0.5).unwrap();
+        let b = cross_entropy_backward_in_place(logits.clone(), &targets, &ce, 0.5).unwrap();
+        assert_eq!(a, b);
+        for bad in [f32::NEG_INFINITY, f32::INFINITY, f32::NAN] {
+            let mut l = logits.clone();
+            l.data_mut()[50 * 20 + 13] = bad;
+            let err = cross_entropy_forward(&l, &targets, Some(3)).unwrap_err();
+            assert!(
+                matches!(err, KernelError::NonFinite { index: 1013, .. }),
+                "{bad}: {err}"
+            );
+            let err = cross_entropy_backward_in_place(l, &targets, &ce, 0.5).unwrap_err();
+            assert!(
+                matches!(err, KernelError::NonFinite { index: 1013, .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn large_logits_are_stable() {
         let logits = Tensor::new([2, 3], vec![1000.0f32, 999.0, -1000.0, 1e4, -1e4, 1e4]).unwrap();
         let ce = cross_entropy_forward(&logits, &[0, 1], None).unwrap();

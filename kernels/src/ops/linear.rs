@@ -13,7 +13,7 @@
 use half::bf16;
 
 use crate::fp8_gemm::{Accumulation, fp8_gemm};
-use crate::matmul::{MatMut, MatRef, gemm_into, matmul, round_bf16};
+use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, matmul, round_bf16};
 use crate::quant::{Fp8Matrix, QuantConfig};
 use crate::tensor::fmt_shape;
 use crate::{KernelError, Real, Result, Tensor};
@@ -52,28 +52,22 @@ fn with_last(shape: &[usize], last: usize) -> Vec<usize> {
 pub fn linear_forward<T: Real>(x: &Tensor<T>, w: &Tensor<T>) -> Result<Tensor<T>> {
     let (out_f, in_f) = check_weight(w)?;
     let (rows, _) = check_inner("linear.x", x, in_f, "in_features of the weight")?;
-    let mut y = Tensor::zeros(with_last(x.shape(), out_f));
-    gemm_into(
-        MatMut::row_major(y.data_mut(), rows, out_f)?,
+    let y = gemm_new(
         MatRef::row_major(x.data(), rows, in_f)?,
         MatRef::row_major(w.data(), out_f, in_f)?.t(),
-        false,
     )?;
-    Ok(y)
+    Ok(Tensor::new(with_last(x.shape(), out_f), y)?)
 }
 
 /// B: `dx = dy · W`, shaped like the layer's input.
 pub fn linear_backward_input<T: Real>(dy: &Tensor<T>, w: &Tensor<T>) -> Result<Tensor<T>> {
     let (out_f, in_f) = check_weight(w)?;
     let (rows, _) = check_inner("linear.dy", dy, out_f, "out_features of the weight")?;
-    let mut dx = Tensor::zeros(with_last(dy.shape(), in_f));
-    gemm_into(
-        MatMut::row_major(dx.data_mut(), rows, in_f)?,
+    let dx = gemm_new(
         MatRef::row_major(dy.data(), rows, out_f)?,
         MatRef::row_major(w.data(), out_f, in_f)?,
-        false,
     )?;
-    Ok(dx)
+    Ok(Tensor::new(with_last(dy.shape(), in_f), dx)?)
 }
 
 /// W: `dW = dy^T · x`, summed over every leading (token) dimension.
