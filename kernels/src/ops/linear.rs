@@ -56,7 +56,7 @@ pub fn linear_forward<T: Real>(x: &Tensor<T>, w: &Tensor<T>) -> Result<Tensor<T>
         MatRef::row_major(x.data(), rows, in_f)?,
         MatRef::row_major(w.data(), out_f, in_f)?.t(),
     )?;
-    Ok(Tensor::new(with_last(x.shape(), out_f), y)?)
+    Tensor::new(with_last(x.shape(), out_f), y)
 }
 
 /// B: `dx = dy · W`, shaped like the layer's input.
@@ -67,7 +67,7 @@ pub fn linear_backward_input<T: Real>(dy: &Tensor<T>, w: &Tensor<T>) -> Result<T
         MatRef::row_major(dy.data(), rows, out_f)?,
         MatRef::row_major(w.data(), out_f, in_f)?,
     )?;
-    Ok(Tensor::new(with_last(dy.shape(), in_f), dx)?)
+    Tensor::new(with_last(dy.shape(), in_f), dx)
 }
 
 /// W: `dW = dy^T · x`, summed over every leading (token) dimension.
