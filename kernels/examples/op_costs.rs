@@ -166,7 +166,7 @@ fn gemms() -> shoal_kernels::Result<()> {
         let mut dw = vec![0f32; n * k];
         let flop = 2.0 * (m * n * k) as f64;
         let reps = 20;
-        let mut run = |name: &str, f: &mut dyn FnMut() -> shoal_kernels::Result<()>| {
+        let run = |name: &str, f: &mut dyn FnMut() -> shoal_kernels::Result<()>| {
             f().expect("gemm");
             let t = Instant::now();
             for _ in 0..reps {
