@@ -1,8 +1,9 @@
 //! Where a training step's time goes: a `tracing` layer that sums the wall time spent inside each
 //! span, keyed by the span's path (`backward/block.backward/ffn.backward/moe.experts`).
 //!
-//! The model opens `debug` spans around its phases on the thread that drives the step; the
-//! kernels below them run on the rayon pool, so a span's time is the wall time of its phase.
+//! The model opens `debug` spans around its phases; the kernels below them run on the rayon
+//! pool, so a span's time is the wall time of its phase. Micro-batches run concurrently, so
+//! the times under `micro_batch` add up over the threads (CPU time, not wall time).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};

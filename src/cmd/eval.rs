@@ -53,6 +53,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let objective = Objective {
         mtp_lambda: 0.0,
         balance_alpha: 0.0,
+        loss_scale: 1.0,
     };
     let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
     let (mut mtp_sum, mut mtp_tokens) = (0.0f64, 0usize);

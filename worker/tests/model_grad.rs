@@ -65,6 +65,7 @@ fn check(cfg: &ModelConfig) {
     let obj = Objective {
         mtp_lambda: 0.3,
         balance_alpha: 0.1,
+        loss_scale: 1.0,
     };
     let mut grads = model.params().zero_grads();
     let base = model.forward_backward(&b, &obj, &mut grads).unwrap();
@@ -121,4 +122,65 @@ fn whole_model_gradients_match_finite_differences() {
 #[test]
 fn plain_query_projection_gradients_match_finite_differences() {
     check(&micro(None));
+}
+
+/// Splitting a batch into concurrent micro-batches computes the gradients and losses of the
+/// whole batch (up to rounding): every parameter's gradient, each loss, and the expert loads.
+#[test]
+fn micro_batches_give_the_whole_batch_gradients() {
+    let cfg = micro(Some(6));
+    let model = Model::<f64>::new(&cfg, Precision::Fp32, 5).unwrap();
+    let (batch, seq) = (5, 6);
+    let inputs: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 11 + 2) % 19) as u32)
+        .collect();
+    let targets: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 3 + 4) % 19) as u32)
+        .collect();
+    let b = TokenBatch {
+        batch,
+        seq,
+        inputs: &inputs,
+        targets: &targets,
+    };
+    let obj = Objective {
+        mtp_lambda: 0.3,
+        balance_alpha: 0.1,
+        loss_scale: 1.0,
+    };
+    let mut whole = model.params().zero_grads();
+    let want = model.forward_backward(&b, &obj, &mut whole).unwrap();
+    // 2 and 3 split 5 sequences unevenly; 5 gives one sequence each; 9 is clamped to 5.
+    for parts in [2, 3, 5, 9] {
+        let mut split = model.params().zero_grads();
+        let got = model
+            .forward_backward_micro(&b, &obj, parts, &mut split)
+            .unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
+        assert!(
+            close(got.loss, want.loss),
+            "{parts}: loss {} vs {}",
+            got.loss,
+            want.loss
+        );
+        assert!(close(got.main_loss, want.main_loss), "{parts}: main loss");
+        assert!(
+            close(got.balance_loss, want.balance_loss),
+            "{parts}: balance loss"
+        );
+        assert_eq!(got.mtp_losses.len(), want.mtp_losses.len());
+        for (g, w) in got.mtp_losses.iter().zip(&want.mtp_losses) {
+            assert!(close(*g, *w), "{parts}: mtp loss {g} vs {w}");
+        }
+        assert_eq!(got.expert_loads, want.expert_loads, "{parts}");
+        assert_eq!(got.tokens, want.tokens);
+        for (i, (g, w)) in split.tensors().iter().zip(whole.tensors()).enumerate() {
+            let diff = g.max_abs_diff(w).unwrap();
+            let scale = w.data().iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(
+                diff <= 1e-10 * (1.0 + scale),
+                "{parts} micro-batches: gradient {i} differs by {diff} (scale {scale})"
+            );
+        }
+    }
 }

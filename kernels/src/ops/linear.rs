@@ -139,7 +139,8 @@ impl SavedInput {
         }
     }
 
-    fn rows_cols(&self) -> (usize, usize) {
+    /// The `[rows, cols]` shape of the cached input.
+    pub fn rows_cols(&self) -> (usize, usize) {
         match self {
             SavedInput::Fp32(t) => (t.rows(), t.last_dim()),
             SavedInput::Bf16(t) => (t.rows(), t.last_dim()),

@@ -277,9 +277,12 @@ impl Mla {
         let prec = ctx.precision;
         let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
         // Recompute the norms and up-projections.
+        let span = tracing::debug_span!("mla.recompute").entered();
         let Queries { q, q_a, qn } = self.queries(p, x, saved.q_a.as_ref(), ctx)?;
         let KeysValues { c, k_pe, cn, kv } = self.keys_values(p, &saved.ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
+        drop(span);
+        let span = tracing::debug_span!("mla.o_proj").entered();
 
         // o_proj.
         let out4 = saved.out.clone().reshape([b, s, hd, self.v])?;
@@ -291,6 +294,7 @@ impl Mla {
             prec,
             w,
         )?;
+        drop(span);
         // Attention core.
         let core_span = tracing::debug_span!("attention.core").entered();
         let (dq, dk, dv) = attention_backward(
@@ -308,6 +312,7 @@ impl Mla {
             dk.reshape([b * s, hd * (self.nope + self.rope)])?,
             dv.reshape([b * s, hd * self.v])?,
         );
+        let span = tracing::debug_span!("mla.unassemble").entered();
         // Undo the assembly: RoPE backward on the rope parts, the shared key's gradient summed
         // over heads.
         let [dq_nope, dq_pe] = two(split_groups(&dq, hd, &[self.nope, self.rope])?)?;
@@ -316,6 +321,8 @@ impl Mla {
         let dk_pe = self.rotate(sum_groups(&dk_pe, hd)?, 1, ctx, true)?;
         let dkv = join_groups(&[&dk_nope, &dv], hd)?;
 
+        drop(span);
+        let span = tracing::debug_span!("mla.kv").entered();
         // kv_b_proj and kv_a_layernorm.
         let dcn = linear_b(
             p.get(self.kv_b),
@@ -337,6 +344,8 @@ impl Mla {
         let x_saved = T::save(x.clone(), prec)?;
         let mut dx = linear_b(p.get(self.kv_a), self.kv_a, dckv, x_saved.clone(), prec, w)?;
 
+        drop(span);
+        let _span = tracing::debug_span!("mla.q").entered();
         // Query path.
         let dx_q = match (&self.q, q_a, qn) {
             (QProj::Lora { a, norm, b }, Some(qa), Some(qn)) => {

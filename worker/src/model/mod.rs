@@ -40,6 +40,9 @@ pub struct Objective {
     pub mtp_lambda: f64,
     /// Sequence-wise balance-loss weight alpha.
     pub balance_alpha: f64,
+    /// Multiplies every gradient: the pass differentiates `loss_scale * loss` (a micro-batch's
+    /// share of its step). The reported losses are not scaled.
+    pub loss_scale: f64,
 }
 
 impl Default for Objective {
@@ -47,6 +50,7 @@ impl Default for Objective {
         Self {
             mtp_lambda: 0.3,
             balance_alpha: 1e-4,
+            loss_scale: 1.0,
         }
     }
 }
@@ -526,7 +530,9 @@ impl<T: ModelFloat> Model<T> {
         };
         let _span = tracing::debug_span!("backward").entered();
         let p = &self.params;
-        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
+        // The backward pass differentiates `loss_scale * loss`: every upstream gradient carries
+        // the scale (the balance loss through its weight in `ctx`).
+        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha * obj.loss_scale);
         let mut w = Vec::new();
         let d = self.mtp.len().max(1) as f64;
 
@@ -534,8 +540,12 @@ impl<T: ModelFloat> Model<T> {
         let mut dprev: Option<Tensor<T>> = None;
         for (m, s) in self.mtp.iter().zip(f.mtp).rev() {
             let _span = tracing::debug_span!("mtp.backward").entered();
-            let dlogits =
-                cross_entropy_backward_in_place(s.logits, &s.targets, &s.ce, obj.mtp_lambda / d)?;
+            let dlogits = cross_entropy_backward_in_place(
+                s.logits,
+                &s.targets,
+                &s.ce,
+                obj.loss_scale * obj.mtp_lambda / d,
+            )?;
             let mut dout =
                 self.head_backward(dlogits, s.hn, s.out, m.head_norm, ctx.eps, &mut w)?;
             if let Some(g) = dprev.take() {
@@ -568,7 +578,7 @@ impl<T: ModelFloat> Model<T> {
 
         // Main head.
         let head_span = tracing::debug_span!("head.backward").entered();
-        let dlogits = cross_entropy_backward_in_place(f.logits, b.targets, &f.ce, 1.0)?;
+        let dlogits = cross_entropy_backward_in_place(f.logits, b.targets, &f.ce, obj.loss_scale)?;
         let mut dh = self.head_backward(dlogits, f.hn, f.h, self.norm, ctx.eps, &mut w)?;
         drop(head_span);
         if let Some(g) = dprev {
@@ -619,6 +629,90 @@ impl<T: ModelFloat> Model<T> {
         let (out, w) = self.forward_backward_input(b, obj)?;
         let _span = tracing::debug_span!("wgrad").entered();
         wgrad::run_all(w, grads)?;
+        Ok(out)
+    }
+
+    /// [`Model::forward_backward`] over `micro` micro-batches of the batch's sequences (as even
+    /// as possible, in order), computed concurrently. Each micro-batch's gradients carry its
+    /// share of the batch (`sequences / batch`), so together they are the gradients of the whole
+    /// batch's objective; its W work runs after all of them, micro-batch by micro-batch for each
+    /// parameter. Losses are the sequence-weighted means and expert loads the sums, as for one
+    /// pass over the whole batch.
+    pub fn forward_backward_micro(
+        &self,
+        b: &TokenBatch<'_>,
+        obj: &Objective,
+        micro: usize,
+        grads: &mut Grads<T>,
+    ) -> Result<StepOutput> {
+        use rayon::prelude::*;
+        self.check_batch(b)?;
+        let micro = micro.clamp(1, b.batch);
+        if micro == 1 {
+            return self.forward_backward(b, obj, grads);
+        }
+        let parts: Vec<(TokenBatch<'_>, f64)> = (0..micro)
+            .map(|i| {
+                let lo = i * b.batch / micro;
+                let hi = (i + 1) * b.batch / micro;
+                let range = lo * b.seq..hi * b.seq;
+                let part = TokenBatch {
+                    batch: hi - lo,
+                    seq: b.seq,
+                    inputs: &b.inputs[range.clone()],
+                    targets: &b.targets[range],
+                };
+                (part, (hi - lo) as f64 / b.batch as f64)
+            })
+            .collect();
+        // The micro-batches run on rayon's threads: carry the caller's tracing subscriber and
+        // span over, so their phases are traced as children of the step.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        let parent = tracing::Span::current();
+        let results = parts
+            .par_iter()
+            .with_max_len(1)
+            .map(|(part, share)| {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    let _span = tracing::debug_span!(parent: &parent, "micro_batch").entered();
+                    let o = Objective {
+                        loss_scale: obj.loss_scale * share,
+                        ..*obj
+                    };
+                    self.forward_backward_input(part, &o)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut tasks = Vec::new();
+        let mut out = StepOutput {
+            loss: 0.0,
+            main_loss: 0.0,
+            mtp_losses: vec![0.0; self.mtp.len()],
+            balance_loss: 0.0,
+            expert_loads: Vec::new(),
+            tokens: 0,
+        };
+        for ((o, w), (_, share)) in results.into_iter().zip(&parts) {
+            out.loss += share * o.loss;
+            out.main_loss += share * o.main_loss;
+            for (a, m) in out.mtp_losses.iter_mut().zip(&o.mtp_losses) {
+                *a += share * m;
+            }
+            out.balance_loss += share * o.balance_loss;
+            if out.expert_loads.is_empty() {
+                out.expert_loads = o.expert_loads;
+            } else {
+                for (acc, l) in out.expert_loads.iter_mut().zip(&o.expert_loads) {
+                    for (a, v) in acc.iter_mut().zip(l) {
+                        *a += v;
+                    }
+                }
+            }
+            out.tokens += o.tokens;
+            tasks.extend(w);
+        }
+        let _span = tracing::debug_span!("wgrad").entered();
+        wgrad::run_all(tasks, grads)?;
         Ok(out)
     }
 }

@@ -47,6 +47,20 @@ pub enum WTask<T> {
 }
 
 impl<T: ModelFloat> WTask<T> {
+    /// Multiply-adds (or element operations) the task performs, to schedule it.
+    fn cost(&self) -> usize {
+        match self {
+            WTask::Linear { dy, x, .. } => {
+                let cols = match x {
+                    Saved::Full(x) => x.last_dim(),
+                    Saved::Mixed(s) => s.rows_cols().1,
+                };
+                dy.numel().saturating_mul(cols)
+            }
+            WTask::RmsNorm { dy, .. } | WTask::Embedding { dy, .. } => dy.numel(),
+        }
+    }
+
     /// Runs the task, accumulating into `grads`.
     pub fn run(self, grads: &mut Grads<T>) -> Result<()> {
         let param = self.param();
@@ -109,8 +123,17 @@ pub fn linear_b<T: ModelFloat>(
     Ok(dx)
 }
 
-/// Runs every task. Tasks of different parameters run in parallel; the tasks of one parameter
-/// run in their original order, so the gradients do not depend on the thread count.
+/// A parameter's W work: its cost, its gradient and its tasks in order.
+type ParamWork<'a, T> = (usize, &'a mut Tensor<T>, Vec<WTask<T>>);
+
+/// Multiply-adds above which a parameter's W work runs alone with its GEMMs spread over every
+/// thread, instead of beside other parameters' work on one thread each.
+const ALONE_THRESHOLD: usize = 1 << 28;
+
+/// Runs every task. The tasks of one parameter run in their original order, so the gradients do
+/// not depend on the thread count. Parameters with a lot of work (the output head, the dense
+/// MLPs) run one after another with their GEMMs split across the threads; the many small ones
+/// (experts, projections, norms) run side by side, largest first.
 pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Result<()> {
     use rayon::prelude::*;
     let n = grads.tensors().len();
@@ -127,9 +150,21 @@ pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Res
             }
         }
     }
-    grads
+    let mut work: Vec<ParamWork<'_, T>> = grads
         .tensors_mut()
-        .par_iter_mut()
-        .zip(by_param.into_par_iter())
-        .try_for_each(|(g, tasks)| tasks.into_iter().try_for_each(|t| t.run_into(g)))
+        .iter_mut()
+        .zip(by_param)
+        .filter(|(_, tasks)| !tasks.is_empty())
+        .map(|(g, tasks)| (tasks.iter().map(WTask::cost).sum(), g, tasks))
+        .collect();
+    work.sort_by_key(|(cost, _, _)| std::cmp::Reverse(*cost));
+    let split = work.partition_point(|(cost, _, _)| *cost >= ALONE_THRESHOLD);
+    let small = work.split_off(split);
+    for (_, g, tasks) in work {
+        tasks.into_iter().try_for_each(|t| t.run_into(g))?;
+    }
+    small
+        .into_par_iter()
+        .with_max_len(1)
+        .try_for_each(|(_, g, tasks)| tasks.into_iter().try_for_each(|t| t.run_into(g)))
 }

@@ -40,6 +40,16 @@ pub struct TrainOptions {
     pub balance_alpha: f64,
     /// Keep AdamW moments in BF16.
     pub bf16_moments: bool,
+    /// Micro-batches each step's batch is split into (by sequences). They run concurrently and
+    /// their gradients accumulate before the optimizer step, so the step is the same
+    /// objective; results depend on this number but not on the thread count.
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: usize,
+}
+
+/// Two micro-batches: one per core of a small machine, and cheap elsewhere.
+fn default_micro_batches() -> usize {
+    2
 }
 
 impl TrainOptions {
@@ -57,6 +67,7 @@ impl TrainOptions {
             mtp_lambda: 0.3,
             balance_alpha: 1e-4,
             bf16_moments: precision == Precision::Fp8,
+            micro_batches: default_micro_batches(),
         }
     }
 
@@ -77,6 +88,9 @@ impl TrainOptions {
                 "min_lr_ratio",
                 format!("must be in [0, 1], got {}", self.min_lr_ratio),
             );
+        }
+        if self.micro_batches == 0 {
+            return bad("micro_batches", "must be at least 1".into());
         }
         if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
             return bad(
@@ -127,6 +141,7 @@ impl TrainOptions {
         Objective {
             mtp_lambda: self.mtp_lambda,
             balance_alpha: self.balance_alpha,
+            loss_scale: 1.0,
         }
     }
 }
@@ -239,9 +254,12 @@ impl Trainer {
             targets: &batch.targets,
         };
         self.grads.zero();
-        let out = self
-            .model
-            .forward_backward(&tb, &self.opts.objective(), &mut self.grads)?;
+        let out = self.model.forward_backward_micro(
+            &tb,
+            &self.opts.objective(),
+            self.opts.micro_batches,
+            &mut self.grads,
+        )?;
 
         let opt_span = tracing::debug_span!("optimizer").entered();
         // Clip the global norm over the trained parameters.
