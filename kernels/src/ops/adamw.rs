@@ -223,6 +223,7 @@ struct Coeffs {
     step_size: f32,
     inv_sqrt_bc2: f32,
     eps: f32,
+    grad_scale: f32,
 }
 
 impl Coeffs {
@@ -243,7 +244,7 @@ impl Coeffs {
 ))]
 fn update_f32(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-        (*m, *v) = k.apply(p, g, *m, *v);
+        (*m, *v) = k.apply(p, g * k.grad_scale, *m, *v);
     }
 }
 
@@ -253,7 +254,7 @@ fn update_f32(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]
 ))]
 fn update_bf16(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [bf16], v: &mut [bf16]) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-        let (mn, vn) = k.apply(p, g, m.to_f32(), v.to_f32());
+        let (mn, vn) = k.apply(p, g * k.grad_scale, m.to_f32(), v.to_f32());
         *m = bf16::from_f32(mn);
         *v = bf16::from_f32(vn);
     }
@@ -273,8 +274,29 @@ pub fn adamw_step(
     cfg: &AdamWConfig,
     lr: f32,
 ) -> Result<()> {
+    adamw_step_scaled(params, grads, 1.0, state, cfg, lr)
+}
+
+/// [`adamw_step`] on the gradients `grad_scale * grads` (for example the clipping coefficient of
+/// [`clip_coefficient`]), without writing the scaled gradients anywhere: the same result as
+/// scaling `grads` in place first, one pass over memory fewer. Fails as [`adamw_step`] does, and
+/// if `grad_scale` is not finite and `>= 0` (argument `adamw.grad_scale`).
+pub fn adamw_step_scaled(
+    params: &mut [f32],
+    grads: &[f32],
+    grad_scale: f32,
+    state: &mut AdamWState,
+    cfg: &AdamWConfig,
+    lr: f32,
+) -> Result<()> {
     cfg.validate()?;
     check_lr("adamw.lr", lr)?;
+    if !(grad_scale.is_finite() && grad_scale >= 0.0) {
+        return Err(KernelError::invalid(
+            "adamw.grad_scale",
+            format!("must be finite and >= 0, got {grad_scale}"),
+        ));
+    }
     let n = params.len();
     if grads.len() != n {
         return Err(KernelError::shape(
@@ -320,6 +342,7 @@ pub fn adamw_step(
         step_size: (f64::from(lr) / bc1) as f32,
         inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
         eps: cfg.eps,
+        grad_scale,
     };
 
     match &mut state.moments {
@@ -358,17 +381,32 @@ fn sum_sq(x: &[f32]) -> f64 {
 /// `clip_grad_norm.max_norm`) or a gradient is not finite (operand `clip_grad_norm.grads`, with
 /// the flat index across all slices).
 pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> Result<f64> {
-    if max_norm.is_nan() || max_norm <= 0.0 {
-        return Err(KernelError::invalid(
-            "clip_grad_norm.max_norm",
-            format!("must be > 0, got {max_norm}"),
-        ));
+    let norm = {
+        let shared: Vec<&[f32]> = grads.iter().map(|g| &**g).collect();
+        grad_norm(&shared)?
+    };
+    let coef = clip_coefficient(norm, max_norm)?;
+    if coef != 1.0 {
+        for g in grads.iter_mut() {
+            g.par_chunks_mut(CHUNK).for_each(|c| {
+                for v in c {
+                    *v *= coef;
+                }
+            });
+        }
     }
+    Ok(norm)
+}
+
+/// The global L2 norm of the gradients, accumulated in `f64` in a fixed order. A non-finite
+/// gradient is an error naming its flat index across all slices (operand
+/// `clip_grad_norm.grads`).
+pub fn grad_norm(grads: &[&[f32]]) -> Result<f64> {
     let total: f64 = grads.iter().map(|g| sum_sq(g)).sum();
     let norm = total.sqrt();
     if !norm.is_finite() {
         let mut base = 0usize;
-        for g in grads.iter() {
+        for g in grads {
             if let Err(KernelError::NonFinite { index, value, .. }) =
                 crate::error::check_finite("clip_grad_norm.grads", g)
             {
@@ -386,17 +424,24 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f32) -> Result<f64> {
             value: norm,
         });
     }
-    if norm > f64::from(max_norm) {
-        let coef = (f64::from(max_norm) / (norm + CLIP_EPS)) as f32;
-        for g in grads.iter_mut() {
-            g.par_chunks_mut(CHUNK).for_each(|c| {
-                for v in c {
-                    *v *= coef;
-                }
-            });
-        }
-    }
     Ok(norm)
+}
+
+/// The factor [`clip_grad_norm`] scales gradients of global norm `norm` by: `1` when
+/// `norm <= max_norm`, otherwise `max_norm / (norm + 1e-6)`. `max_norm` must be `> 0`
+/// (argument `clip_grad_norm.max_norm`).
+pub fn clip_coefficient(norm: f64, max_norm: f32) -> Result<f32> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(KernelError::invalid(
+            "clip_grad_norm.max_norm",
+            format!("must be > 0, got {max_norm}"),
+        ));
+    }
+    Ok(if norm > f64::from(max_norm) {
+        (f64::from(max_norm) / (norm + CLIP_EPS)) as f32
+    } else {
+        1.0
+    })
 }
 
 #[cfg(test)]
@@ -433,6 +478,34 @@ mod tests {
             let mhat = *m / (1.0 - b1.powi(t));
             let vhat = *v / (1.0 - b2.powi(t));
             *p -= lr * mhat / (vhat.sqrt() + eps);
+        }
+    }
+
+    #[test]
+    fn scaled_step_equals_scaling_the_gradients_first() {
+        for bf16 in [false, true] {
+            let c = cfg(bf16);
+            let n = 300;
+            let p0: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.91).cos() * 3.0).collect();
+            let mut grads: Vec<&mut [f32]> = Vec::new();
+            let mut g_clip = g.clone();
+            grads.push(&mut g_clip);
+            let norm = clip_grad_norm(&mut grads, 1.0).unwrap();
+            let coef = clip_coefficient(norm, 1.0).unwrap();
+            assert!(coef < 1.0);
+            assert_eq!(grad_norm(&[&g]).unwrap(), norm);
+            let (mut a, mut b) = (p0.clone(), p0.clone());
+            let (mut sa, mut sb) = (AdamWState::new(n, &c), AdamWState::new(n, &c));
+            for _ in 0..3 {
+                adamw_step(&mut a, &g_clip, &mut sa, &c, 1e-2).unwrap();
+                adamw_step_scaled(&mut b, &g, coef, &mut sb, &c, 1e-2).unwrap();
+            }
+            assert_eq!(a, b, "bf16 moments {bf16}");
+            let err = adamw_step_scaled(&mut b, &g, -1.0, &mut sb, &c, 1e-2).unwrap_err();
+            assert!(err.to_string().contains("adamw.grad_scale"), "{err}");
+            assert_eq!(clip_coefficient(0.5, 1.0).unwrap(), 1.0);
+            assert!(clip_coefficient(0.5, 0.0).is_err());
         }
     }
 

@@ -7,7 +7,9 @@ pub mod state;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shoal_kernels::ops::adamw::{AdamWConfig, AdamWState, adamw_step, clip_grad_norm};
+use shoal_kernels::ops::adamw::{
+    AdamWConfig, AdamWState, adamw_step_scaled, clip_coefficient, grad_norm,
+};
 use shoal_kernels::ops::linear::Precision;
 
 use crate::data::{Batcher, DataPosition};
@@ -268,15 +270,18 @@ impl Trainer {
             .iter()
             .map(|(id, _, _)| params.trainable(id))
             .collect();
-        let mut slices: Vec<&mut [f32]> = self
+        let slices: Vec<&[f32]> = self
             .grads
-            .tensors_mut()
-            .iter_mut()
+            .tensors()
+            .iter()
             .zip(&trained)
             .filter(|(_, t)| **t)
-            .map(|(g, _)| g.data_mut())
+            .map(|(g, _)| g.data())
             .collect();
-        let grad_norm = clip_grad_norm(&mut slices, self.opts.grad_clip)?;
+        let grad_norm = grad_norm(&slices)?;
+        // The clipping factor is applied inside the AdamW update (no pass that rescales the
+        // gradients in memory).
+        let clip = clip_coefficient(grad_norm, self.opts.grad_clip)?;
 
         // AdamW; no weight decay on vectors (norms).
         let lr = self.opts.lr_at(self.step);
@@ -297,7 +302,7 @@ impl Trainer {
             };
             let g = self.grads.get(id);
             let p = self.model.params_mut().get_mut(id);
-            adamw_step(p.data_mut(), g.data(), state, c, lr)?;
+            adamw_step_scaled(p.data_mut(), g.data(), clip, state, c, lr)?;
         }
 
         // Auxiliary-loss-free balancing: move each expert's bias toward the mean load.
