@@ -81,6 +81,26 @@ pub fn add_into<T: Real>(a: &mut [T], b: &[T]) {
     }
 }
 
+/// `sum(a * b)` in `T`, over 16 fixed lanes (deterministic, and vectorisable).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((l, &p), &q) in lanes.iter_mut().zip(x).zip(y) {
+            *l += p * q;
+        }
+    }
+    for ((l, &p), &q) in lanes.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
+        *l += p * q;
+    }
+    lanes.iter().fold(T::zero(), |s, &v| s + v)
+}
+
 /// `sum(x^2)` over `row`, accumulated in `f64` over 16 fixed lanes.
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
@@ -231,6 +251,15 @@ mod tests {
             for (e, &x) in row.iter().zip(&a) {
                 assert_eq!(*e, exp_f32(x - 2.0));
             }
+            let d: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            assert!(
+                (f64::from(dot(&a, &b)) - d).abs() <= 1e-4 * d.abs().max(1.0),
+                "n {n}"
+            );
             let mut acc = a.clone();
             add_into(&mut acc, &b);
             assert!(

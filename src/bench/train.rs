@@ -39,6 +39,10 @@ pub struct TrainBenchArgs {
     /// Precisions to time (repeat the flag; default all three).
     #[arg(long = "precision", value_parser = ["fp32", "bf16", "fp8"])]
     pub precisions: Vec<String>,
+    /// Rounds of (Shoal, PyTorch) measurements per precision, alternating, so that both sides
+    /// see the same drift of a shared machine; the table reports medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Print where the time of a step goes (per model phase) after each timed run.
     #[arg(long)]
     pub profile: bool,
@@ -59,7 +63,10 @@ struct Speed {
     /// Shoal on the full tiny preset, MTP module included (more work per token).
     shoal_with_mtp_tokens_per_s: f64,
     torch_tokens_per_s: Option<f64>,
+    /// Median over rounds of the per-round ratio Shoal / PyTorch.
     ratio: Option<f64>,
+    /// Per round: (Shoal without MTP, PyTorch) tokens/s.
+    rounds: Vec<(f64, Option<f64>)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -205,8 +212,13 @@ fn torch_peer(args: &TrainBenchArgs, dtype: &str, config: &Path) -> Result<(f64,
 
 /// Runs the benchmark and prints the report.
 pub fn run(args: &TrainBenchArgs) -> Result<()> {
-    if args.batch == 0 || args.seq_len == 0 || args.speed_steps == 0 || args.steps == 0 {
-        bail!("--batch, --seq-len, --steps and --speed-steps must be at least 1");
+    if args.batch == 0
+        || args.seq_len == 0
+        || args.speed_steps == 0
+        || args.steps == 0
+        || args.rounds == 0
+    {
+        bail!("--batch, --seq-len, --steps, --speed-steps and --rounds must be at least 1");
     }
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let config = dir.path().join("config.json");
@@ -224,21 +236,32 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         if !args.precisions.is_empty() && !args.precisions.iter().any(|p| p == name) {
             continue;
         }
-        let ours = shoal_speed(precision, args, false)?;
+        let mut rounds = Vec::new();
+        for _ in 0..args.rounds {
+            let ours = shoal_speed(precision, args, false)?;
+            let peer = if args.no_torch || precision == Precision::Fp8 {
+                None
+            } else {
+                let (rate, version) = torch_peer(args, name, &config)?;
+                torch_version = Some(version);
+                Some(rate)
+            };
+            rounds.push((ours, peer));
+        }
         let with_mtp = shoal_speed(precision, args, true)?;
-        let peer = if args.no_torch || precision == Precision::Fp8 {
-            None
-        } else {
-            let (rate, version) = torch_peer(args, name, &config)?;
-            torch_version = Some(version);
-            Some(rate)
-        };
+        let ours = median(rounds.iter().map(|r| r.0).collect());
+        let peers: Vec<f64> = rounds.iter().filter_map(|r| r.1).collect();
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .filter_map(|(o, p)| p.map(|p| o / p))
+            .collect();
         speed.push(Speed {
             precision: name,
             shoal_tokens_per_s: ours,
             shoal_with_mtp_tokens_per_s: with_mtp,
-            torch_tokens_per_s: peer,
-            ratio: peer.map(|p| ours / p),
+            torch_tokens_per_s: (!peers.is_empty()).then(|| median(peers)),
+            ratio: (!ratios.is_empty()).then(|| median(ratios)),
+            rounds,
         });
     }
     let comparison = if args.speed_only {
@@ -258,7 +281,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "training tokens/s, tiny preset without MTP (as transformers runs it), batch {} x seq {}, AdamW; peer: {}",
+        "training tokens/s (median over rounds), tiny preset without MTP (as transformers runs it), batch {} x seq {}, AdamW; peer: {}",
         report.batch,
         report.seq_len,
         report.torch.as_deref().unwrap_or("skipped")
@@ -268,9 +291,22 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             .torch_tokens_per_s
             .map_or("-".into(), |v| format!("{v:.0}"));
         let ratio = s.ratio.map_or("-".into(), |v| format!("{v:.2}x"));
+        let per_round: Vec<String> = s
+            .rounds
+            .iter()
+            .map(|(o, p)| match p {
+                Some(p) => format!("{o:.0}/{p:.0}={:.2}x", o / p),
+                None => format!("{o:.0}"),
+            })
+            .collect();
         println!(
-            "  {:>5}  shoal {:>8.0}  pytorch {:>8}  {}",
-            s.precision, s.shoal_tokens_per_s, peer, ratio
+            "  {:>5}  shoal {:>8.0} (with MTP {:.0})  pytorch {:>8}  {}  rounds: {}",
+            s.precision,
+            s.shoal_tokens_per_s,
+            s.shoal_with_mtp_tokens_per_s,
+            peer,
+            ratio,
+            per_round.join(" ")
         );
     }
     if let Some(c) = &report.comparison {

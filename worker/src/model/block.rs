@@ -131,8 +131,10 @@ impl Block {
         let ffn_span = tracing::debug_span!("ffn.backward").entered();
         let x2 = rmsnorm_forward(&saved.h1, p.get(self.post_norm), ctx.eps)?;
         let dx2 = match (&self.ffn, saved.ffn) {
-            (Ffn::Dense(m), FfnSaved::Dense(s)) => m.backward(p, &x2, s, dh2.clone(), ctx, w)?,
-            (Ffn::Moe(m), FfnSaved::Moe(s)) => m.backward(p, &x2, s, dh2.clone(), ctx, w)?,
+            (Ffn::Dense(m), FfnSaved::Dense(s)) => {
+                m.backward(p, T::save(x2, ctx.precision)?, s, dh2.clone(), ctx, w)?
+            }
+            (Ffn::Moe(m), FfnSaved::Moe(s)) => m.backward(p, x2, s, dh2.clone(), ctx, w)?,
             _ => {
                 return Err(crate::WorkerError::invalid(
                     "block",
@@ -152,7 +154,7 @@ impl Block {
         drop(ffn_span);
         let _span = tracing::debug_span!("attn.backward").entered();
         let x = rmsnorm_forward(&saved.h, p.get(self.in_norm), ctx.eps)?;
-        let dx = self.attn.backward(p, &x, saved.attn, dh1.clone(), ctx, w)?;
+        let dx = self.attn.backward(p, x, saved.attn, dh1.clone(), ctx, w)?;
         let mut dh = rmsnorm_b(p.get(self.in_norm), self.in_norm, dx, saved.h, ctx.eps, w)?;
         dh.add_assign(&dh1, "block.dh")?;
         Ok(dh)

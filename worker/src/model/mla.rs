@@ -268,7 +268,7 @@ impl Mla {
     pub fn backward<T: ModelFloat>(
         &self,
         p: &ParamStore<T>,
-        x: &Tensor<T>,
+        x: Tensor<T>,
         saved: MlaSaved<T>,
         dy: Tensor<T>,
         ctx: &Ctx<'_>,
@@ -278,7 +278,7 @@ impl Mla {
         let (b, s, hd) = (ctx.batch, ctx.seq, self.heads);
         // Recompute the norms and up-projections.
         let span = tracing::debug_span!("mla.recompute").entered();
-        let Queries { q, q_a, qn } = self.queries(p, x, saved.q_a.as_ref(), ctx)?;
+        let Queries { q, q_a, qn } = self.queries(p, &x, saved.q_a.as_ref(), ctx)?;
         let KeysValues { c, k_pe, cn, kv } = self.keys_values(p, &saved.ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
         drop(span);
@@ -341,7 +341,7 @@ impl Mla {
             w,
         )?;
         let dckv = join_groups(&[&dc, &dk_pe], 1)?;
-        let x_saved = T::save(x.clone(), prec)?;
+        let x_saved = T::save(x, prec)?;
         let mut dx = linear_b(p.get(self.kv_a), self.kv_a, dckv, x_saved.clone(), prec, w)?;
 
         drop(span);

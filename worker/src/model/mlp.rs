@@ -5,7 +5,7 @@ use shoal_kernels::Tensor;
 use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
 
 use super::ctx::Ctx;
-use super::linear::ModelFloat;
+use super::linear::{ModelFloat, Saved};
 use super::params::{Init, Layout, ParamId, ParamStore, Trainable};
 use super::wgrad::{WTask, linear_b};
 use crate::Result;
@@ -63,11 +63,12 @@ impl Mlp {
         Ok((y, MlpSaved { g, u }))
     }
 
-    /// B pass given the forward input `x`; pushes the W work.
+    /// B pass given the forward input `x` as kept for the W work (gate and up share it);
+    /// pushes the W work.
     pub fn backward<T: ModelFloat>(
         &self,
         p: &ParamStore<T>,
-        x: &Tensor<T>,
+        xs: Saved<T>,
         saved: MlpSaved<T>,
         dy: Tensor<T>,
         ctx: &Ctx<'_>,
@@ -84,7 +85,6 @@ impl Mlp {
             w,
         )?;
         let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
-        let xs = T::save(x.clone(), prec)?;
         let mut dx = linear_b(p.get(self.gate), self.gate, dg, xs.clone(), prec, w)?;
         dx.add_assign(
             &linear_b(p.get(self.up), self.up, du, xs, prec, w)?,

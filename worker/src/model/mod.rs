@@ -612,7 +612,7 @@ impl<T: ModelFloat> Model<T> {
             p.get(self.head),
             self.head,
             dlogits,
-            linear::Saved::Full(hn),
+            linear::Saved::Full(std::sync::Arc::new(hn)),
             Precision::Fp32,
             w,
         )?;

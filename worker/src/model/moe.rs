@@ -264,7 +264,7 @@ impl Moe {
     pub fn backward<T: ModelFloat>(
         &self,
         p: &ParamStore<T>,
-        x: &Tensor<T>,
+        x: Tensor<T>,
         saved: MoeSaved<T>,
         dy: Tensor<T>,
         ctx: &Ctx<'_>,
@@ -273,8 +273,14 @@ impl Moe {
         let (tokens, hidden) = (x.rows(), x.last_dim());
         let k = self.gate.top_k;
         let shared_span = tracing::debug_span!("moe.shared").entered();
+        // The router's W work keeps `x` in FP32; the shared experts share that copy in FP32
+        // mode.
+        let x = std::sync::Arc::new(x);
         let mut dx = match (&self.shared, saved.shared) {
-            (Some(m), Some(s)) => m.backward(p, x, s, dy.clone(), ctx, w)?,
+            (Some(m), Some(s)) => {
+                let xs = T::save_shared(&x, ctx.precision)?;
+                m.backward(p, xs, s, dy.clone(), ctx, w)?
+            }
             _ => Tensor::zeros([tokens, hidden]),
         };
         let mut dweights = Tensor::zeros([tokens, k]);
@@ -295,13 +301,13 @@ impl Moe {
                     let wgt = weights[t * k + slot];
                     let dyt = &dy.data()[t * hidden..(t + 1) * hidden];
                     let out = &es.out.data()[r * hidden..(r + 1) * hidden];
-                    dw.push(dyt.iter().zip(out).map(|(&a, &b)| a * b).sum::<T>());
+                    dw.push(shoal_kernels::real::dot(dyt, out));
                     dye.extend(dyt.iter().map(|&v| v * wgt));
                 }
                 let dye = Tensor::new([n, hidden], dye)?;
-                let xe = gather_rows(x, &es.rows)?;
+                let xe = T::save(gather_rows(&x, &es.rows)?, ctx.precision)?;
                 let mut tasks = Vec::new();
-                let dxe = self.experts[j].backward(p, &xe, es.mlp, dye, ctx, &mut tasks)?;
+                let dxe = self.experts[j].backward(p, xe, es.mlp, dye, ctx, &mut tasks)?;
                 Ok(Some((es.rows, es.slots, dw, dxe, tasks)))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -329,7 +335,7 @@ impl Moe {
         w.push(WTask::Linear {
             param: self.router,
             dy: dlogits,
-            x: Saved::Full(x.clone()),
+            x: Saved::Full(x),
         });
         Ok(dx)
     }
