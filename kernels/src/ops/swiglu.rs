@@ -49,6 +49,19 @@ fn backward_chunk<T: Real>(dgate: &mut [T], dup: &mut [T], gate: &[T], up: &[T],
     }
 }
 
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
+    "x86_64+avx2+fma"
+))]
+fn backward_chunk_in_place<T: Real>(gate: &mut [T], up: &mut [T], dy: &[T]) {
+    for ((g, u), &d) in gate.iter_mut().zip(up.iter_mut()).zip(dy) {
+        let (gv, uv) = (*g, *u);
+        let s = sigmoid(gv);
+        *u = d * gv * s;
+        *g = d * uv * s * (T::one() + gv * (T::one() - s));
+    }
+}
+
 /// `silu(gate) * up`, element-wise. `up` must have the shape of `gate` (operand `swiglu.up`).
 pub fn swiglu_forward<T: Real>(gate: &Tensor<T>, up: &Tensor<T>) -> Result<Tensor<T>> {
     up.expect_shape("swiglu.up", gate.shape())?;
@@ -85,10 +98,39 @@ pub fn swiglu_backward<T: Real>(
     Ok((dgate, dup))
 }
 
+/// [`swiglu_backward`] that writes the gradients over its inputs: `gate` becomes `dgate` and
+/// `up` becomes `dup` (the pre-activations are dead once their gradients exist), saving two
+/// allocations.
+pub fn swiglu_backward_in_place<T: Real>(
+    dy: &Tensor<T>,
+    mut gate: Tensor<T>,
+    mut up: Tensor<T>,
+) -> Result<(Tensor<T>, Tensor<T>)> {
+    up.expect_shape("swiglu.up", gate.shape())?;
+    dy.expect_shape("swiglu.dy", gate.shape())?;
+    gate.data_mut()
+        .par_chunks_mut(CHUNK)
+        .zip(up.data_mut().par_chunks_mut(CHUNK))
+        .zip(dy.data().par_chunks(CHUNK))
+        .for_each(|((gc, uc), dyc)| backward_chunk_in_place(gc, uc, dyc));
+    Ok((gate, up))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::fd::{assert_grad_close, dot, numeric_grad, rand_tensor};
+
+    #[test]
+    fn in_place_backward_matches() {
+        let g = rand_tensor(&[5, 9], 3).map(|v| v * 6.0);
+        let u = rand_tensor(&[5, 9], 4);
+        let dy = rand_tensor(&[5, 9], 5);
+        let want = swiglu_backward(&dy, &g, &u).unwrap();
+        let got = swiglu_backward_in_place(&dy, g.clone(), u.clone()).unwrap();
+        assert_eq!(got, want);
+        assert!(swiglu_backward_in_place(&g, g.clone(), Tensor::zeros([9, 5])).is_err());
+    }
 
     #[test]
     fn forward_matches_direct_formula() {

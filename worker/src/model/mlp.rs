@@ -2,7 +2,7 @@
 //! expert are all one of these.
 
 use shoal_kernels::Tensor;
-use shoal_kernels::ops::swiglu::{swiglu_backward, swiglu_forward};
+use shoal_kernels::ops::swiglu::{swiglu_backward_in_place, swiglu_forward};
 
 use super::ctx::Ctx;
 use super::linear::{ModelFloat, Saved};
@@ -84,7 +84,7 @@ impl Mlp {
             prec,
             w,
         )?;
-        let (dg, du) = swiglu_backward(&dact, &saved.g, &saved.u)?;
+        let (dg, du) = swiglu_backward_in_place(&dact, saved.g, saved.u)?;
         let mut dx = linear_b(p.get(self.gate), self.gate, dg, xs.clone(), prec, w)?;
         dx.add_assign(
             &linear_b(p.get(self.up), self.up, du, xs, prec, w)?,
