@@ -24,6 +24,16 @@ pub struct TrainBenchArgs {
     /// Steps of the FP8-vs-BF16 and bias-update comparisons.
     #[arg(long, default_value_t = 150)]
     pub steps: u64,
+    /// Peak learning rate of the comparisons. Training's default, 3e-3, is past the edge of
+    /// stability for `tiny`: the loss spikes early, ends near 4.8 instead of 2.8, and runs that
+    /// differ only in rounding end several percent apart, which swamps the FP8 effect.
+    #[arg(long, default_value_t = 1e-3)]
+    pub compare_lr: f32,
+    /// Model seeds of the FP8-vs-BF16 comparison: seed `s` initialises both runs of pair `s`; every
+    /// run sees the same batches. With two or more, the BF16 runs' seed-to-seed spread is reported
+    /// as the noise floor.
+    #[arg(long, default_value_t = 2)]
+    pub seeds: u64,
     /// Sequences per step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -79,32 +89,53 @@ struct Report {
     comparison: Option<Comparison>,
 }
 
+/// FP8 against BF16 (like for like: same learning rate, BF16 AdamW moments in both, same data),
+/// and MaxVio with and without the bias update.
 #[derive(Debug, Serialize)]
 struct Comparison {
     steps: u64,
+    lr: f32,
+    /// Model seeds `0..seeds`, one BF16 and one FP8 run each.
+    seeds: u64,
+    /// Last-quarter mean main loss, averaged over the seeds.
     bf16_final_loss: f64,
     fp8_final_loss: f64,
+    /// Mean over the seeds of `(fp8 - bf16) / bf16`, each pair from the same initialisation.
     fp8_vs_bf16_relative_loss_difference: f64,
+    /// `(fp8 - bf16) / bf16` of each seed.
+    per_seed_relative_difference: Vec<f64>,
+    /// Noise floor: mean over pairs of BF16 runs of `|a - b| / mean(a, b)` (absent with one seed).
+    bf16_seed_to_seed_relative_difference: Option<f64>,
+    /// From the BF16 run of seed 0.
     max_vio_with_bias_update: f64,
     max_vio_without_bias_update: f64,
 }
 
-fn trainer(precision: Precision, steps: u64, args: &TrainBenchArgs, gamma: f64) -> Result<Trainer> {
-    trainer_for(ModelConfig::tiny(), precision, steps, args, gamma)
+/// One run of `tiny` for the comparisons: model `seed`, data seed 0, BF16 moments whatever the
+/// precision (so that only the GEMMs differ between BF16 and FP8).
+fn comparison_trainer(
+    precision: Precision,
+    seed: u64,
+    args: &TrainBenchArgs,
+    gamma: f64,
+) -> Result<Trainer> {
+    let mut opts = TrainOptions::defaults(args.steps, precision);
+    opts.lr = args.compare_lr;
+    opts.bf16_moments = true;
+    opts.bias_update_speed = gamma;
+    trainer_for(ModelConfig::tiny(), precision, seed, args, opts)
 }
 
 fn trainer_for(
     cfg: ModelConfig,
     precision: Precision,
-    steps: u64,
+    seed: u64,
     args: &TrainBenchArgs,
-    gamma: f64,
+    opts: TrainOptions,
 ) -> Result<Trainer> {
-    let model = Model::<f32>::new(&cfg, precision, 0)?;
+    let model = Model::<f32>::new(&cfg, precision, seed)?;
     let source = TokenSource::load(&DataSpec::synthetic(0), cfg.vocab_size)?;
     let batcher = Batcher::new(source, args.seq_len, args.batch, 0)?;
-    let mut opts = TrainOptions::defaults(steps, precision);
-    opts.bias_update_speed = gamma;
     Ok(Trainer::new(model, batcher, opts)?)
 }
 
@@ -118,7 +149,8 @@ fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result
     if !mtp {
         cfg.num_nextn_predict_layers = 0;
     }
-    let mut t = trainer_for(cfg, precision, args.speed_steps + 2, args, 1e-3)?;
+    let opts = TrainOptions::defaults(args.speed_steps + 2, precision);
+    let mut t = trainer_for(cfg, precision, 0, args, opts)?;
     let times = super::profile::SpanTimes::default();
     let subscriber = tracing_subscriber::registry().with(times.clone());
     let _guard = args
@@ -217,8 +249,14 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         || args.speed_steps == 0
         || args.steps == 0
         || args.rounds == 0
+        || args.seeds == 0
     {
-        bail!("--batch, --seq-len, --steps, --speed-steps and --rounds must be at least 1");
+        bail!(
+            "--batch, --seq-len, --steps, --speed-steps, --rounds and --seeds must be at least 1"
+        );
+    }
+    if !(args.compare_lr.is_finite() && args.compare_lr > 0.0) {
+        bail!("--compare-lr must be a finite number > 0");
     }
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let config = dir.path().join("config.json");
@@ -310,43 +348,89 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         );
     }
     if let Some(c) = &report.comparison {
+        let per_seed: Vec<String> = c
+            .per_seed_relative_difference
+            .iter()
+            .map(|d| format!("{:+.3}%", 100.0 * d))
+            .collect();
         println!(
-            "after {} steps (mean of the last quarter): bf16 loss {:.4}, fp8 loss {:.4}, relative difference {:+.3}%",
+            "FP8 vs BF16 after {} steps at lr {}, BF16 AdamW moments in both, same data, {} seed(s) \
+             (mean of the last quarter): bf16 loss {:.4}, fp8 loss {:.4}, relative difference \
+             {:+.3}% (per seed {})",
             c.steps,
+            c.lr,
+            c.seeds,
             c.bf16_final_loss,
             c.fp8_final_loss,
-            100.0 * c.fp8_vs_bf16_relative_loss_difference
+            100.0 * c.fp8_vs_bf16_relative_loss_difference,
+            per_seed.join(", ")
         );
+        if let Some(noise) = c.bf16_seed_to_seed_relative_difference {
+            println!(
+                "  noise floor: bf16 runs of different seeds differ by {:.3}%",
+                100.0 * noise
+            );
+        }
         println!(
-            "MaxVio (mean over MoE layers, last quarter): {:.3} with the bias update, {:.3} without",
+            "MaxVio (mean over MoE layers, last quarter, bf16 seed 0): {:.3} with the bias update, {:.3} without",
             c.max_vio_with_bias_update, c.max_vio_without_bias_update
         );
     }
     Ok(())
 }
 
-/// FP8 against BF16 loss and MaxVio with and without the bias update, over `args.steps` steps.
+/// FP8 against BF16 loss over `args.seeds` paired runs, and MaxVio with and without the bias
+/// update, over `args.steps` steps.
 fn compare(args: &TrainBenchArgs) -> Result<Comparison> {
-    let bf16 = run_steps(
-        trainer(Precision::Bf16, args.steps, args, 1e-3)?,
+    let mut bf16_losses = Vec::new();
+    let mut fp8_losses = Vec::new();
+    let mut bf16_seed0 = None;
+    for seed in 0..args.seeds {
+        let bf16 = run_steps(
+            comparison_trainer(Precision::Bf16, seed, args, 1e-3)?,
+            args.steps,
+        )?;
+        let fp8 = run_steps(
+            comparison_trainer(Precision::Fp8, seed, args, 1e-3)?,
+            args.steps,
+        )?;
+        bf16_losses.push(tail_mean(&bf16, |m| m.main_loss));
+        fp8_losses.push(tail_mean(&fp8, |m| m.main_loss));
+        if seed == 0 {
+            bf16_seed0 = Some(bf16);
+        }
+    }
+    let bf16 = bf16_seed0.context("no seeds")?;
+    let no_bias = run_steps(
+        comparison_trainer(Precision::Bf16, 0, args, 0.0)?,
         args.steps,
     )?;
-    let fp8 = run_steps(trainer(Precision::Fp8, args.steps, args, 1e-3)?, args.steps)?;
-    let no_bias = run_steps(trainer(Precision::Bf16, args.steps, args, 0.0)?, args.steps)?;
     let vio = |h: &[StepMetrics]| {
         tail_mean(h, |m| {
             m.max_vio.iter().sum::<f64>() / m.max_vio.len().max(1) as f64
         })
     };
-    let (lb, lf) = (
-        tail_mean(&bf16, |m| m.main_loss),
-        tail_mean(&fp8, |m| m.main_loss),
-    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let per_seed: Vec<f64> = bf16_losses
+        .iter()
+        .zip(&fp8_losses)
+        .map(|(b, f)| (f - b) / b)
+        .collect();
+    let mut spreads = Vec::new();
+    for (i, a) in bf16_losses.iter().enumerate() {
+        for b in &bf16_losses[i + 1..] {
+            spreads.push((a - b).abs() / (0.5 * (a + b)));
+        }
+    }
     Ok(Comparison {
         steps: args.steps,
-        bf16_final_loss: lb,
-        fp8_final_loss: lf,
-        fp8_vs_bf16_relative_loss_difference: (lf - lb) / lb,
+        lr: args.compare_lr,
+        seeds: args.seeds,
+        bf16_final_loss: mean(&bf16_losses),
+        fp8_final_loss: mean(&fp8_losses),
+        fp8_vs_bf16_relative_loss_difference: mean(&per_seed),
+        per_seed_relative_difference: per_seed,
+        bf16_seed_to_seed_relative_difference: (!spreads.is_empty()).then(|| mean(&spreads)),
         max_vio_with_bias_update: vio(&bf16),
         max_vio_without_bias_update: vio(&no_bias),
     })
