@@ -24,8 +24,8 @@ pub struct TrainBenchArgs {
     /// Steps of the FP8-vs-BF16 and bias-update comparisons.
     #[arg(long, default_value_t = 150)]
     pub steps: u64,
-    /// Peak learning rate of the comparisons. Training's default, 3e-3, is past the edge of
-    /// stability for `tiny`: the loss spikes early, ends near 4.8 instead of 2.8, and runs that
+    /// Peak learning rate of the comparisons (training's default). At 3e-3 `tiny` is past the
+    /// edge of stability: the loss spikes early, ends near 4.8 instead of 2.8, and runs that
     /// differ only in rounding end several percent apart, which swamps the FP8 effect.
     #[arg(long, default_value_t = 1e-3)]
     pub compare_lr: f32,

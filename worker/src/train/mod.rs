@@ -59,7 +59,7 @@ impl TrainOptions {
     pub fn defaults(steps: u64, precision: Precision) -> Self {
         Self {
             steps,
-            lr: 3e-3,
+            lr: 1e-3,
             warmup_steps: (steps / 20).clamp(1, 100),
             min_lr_ratio: 0.1,
             weight_decay: 0.1,
