@@ -77,6 +77,9 @@ pub struct TrainArgs {
     /// Expert-bias update speed gamma.
     #[arg(long)]
     pub gamma: Option<f64>,
+    /// Micro-batches per step, computed concurrently (default 2).
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -123,6 +126,8 @@ struct JobFile {
     seed: Option<u64>,
     lr: Option<f32>,
     gamma: Option<f64>,
+    #[serde(alias = "micro-batches")]
+    micro_batches: Option<usize>,
     #[serde(alias = "checkpoint-every")]
     checkpoint_every: Option<u64>,
     out: Option<PathBuf>,
@@ -142,6 +147,7 @@ struct Settings {
     seed: u64,
     lr: Option<f32>,
     gamma: Option<f64>,
+    micro_batches: Option<usize>,
     checkpoint_every: Option<u64>,
     out: PathBuf,
 }
@@ -183,6 +189,7 @@ fn settings(args: &TrainArgs) -> Result<Settings> {
         seed: args.seed.or(job.seed).unwrap_or(0),
         lr: args.lr.or(job.lr),
         gamma: args.gamma.or(job.gamma),
+        micro_batches: args.micro_batches.or(job.micro_batches),
         checkpoint_every: args.checkpoint_every.or(job.checkpoint_every),
         out: args
             .out
@@ -262,6 +269,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     if let Some(g) = s.gamma {
         opts.bias_update_speed = g;
+    }
+    if let Some(m) = s.micro_batches {
+        opts.micro_batches = m;
     }
     let mut trainer = match &args.resume {
         Some(dir) => {
