@@ -13,7 +13,7 @@
 use half::bf16;
 
 use crate::fp8_gemm::{Accumulation, fp8_gemm};
-use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, matmul, round_bf16};
+use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, matmul, round_bf16, rounded_bf16};
 use crate::quant::{Fp8Matrix, QuantConfig};
 use crate::tensor::fmt_shape;
 use crate::{KernelError, Real, Result, Tensor};
@@ -149,10 +149,6 @@ impl SavedInput {
     }
 }
 
-fn to_bf16(x: &Tensor<f32>) -> Tensor<bf16> {
-    x.map(bf16::from_f32)
-}
-
 fn fp8_cfg() -> QuantConfig {
     QuantConfig::default()
 }
@@ -169,9 +165,12 @@ pub fn linear_forward_mp(
     match precision {
         Precision::Fp32 => Ok((linear_forward(x, w)?, SavedInput::Fp32(x.clone()))),
         Precision::Bf16 => {
-            let xb = to_bf16(x);
-            let xf = xb.map(bf16::to_f32).reshape([rows, in_f])?;
-            let wf = w.map(|v| bf16::from_f32(v).to_f32());
+            let xf = rounded_bf16(x).reshape([rows, in_f])?;
+            // Exact: every element of `xf` is a BF16 value.
+            let xb = xf
+                .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
+                .reshape(x.shape().to_vec())?;
+            let wf = rounded_bf16(w);
             let mut y = matmul(&xf, false, &wf, true)?;
             round_bf16(y.data_mut());
             Ok((y.reshape(out_shape)?, SavedInput::Bf16(xb)))
@@ -198,10 +197,8 @@ pub fn linear_backward_input_mp(
     match precision {
         Precision::Fp32 => linear_backward_input(dy, w),
         Precision::Bf16 => {
-            let dyf = dy
-                .map(|v| bf16::from_f32(v).to_f32())
-                .reshape([rows, out_f])?;
-            let wf = w.map(|v| bf16::from_f32(v).to_f32());
+            let dyf = rounded_bf16(dy).reshape([rows, out_f])?;
+            let wf = rounded_bf16(w);
             let mut dx = matmul(&dyf, false, &wf, false)?;
             round_bf16(dx.data_mut());
             dx.reshape(dx_shape)
@@ -232,9 +229,7 @@ pub fn linear_backward_weight_mp(dy: &Tensor<f32>, saved: &SavedInput) -> Result
         SavedInput::Fp32(x) => linear_backward_weight(dy, x),
         SavedInput::Bf16(xb) => {
             let xf = xb.map(bf16::to_f32).reshape([rows, in_f])?;
-            let dyf = dy
-                .map(|v| bf16::from_f32(v).to_f32())
-                .reshape([rows, out_f])?;
+            let dyf = rounded_bf16(dy).reshape([rows, out_f])?;
             matmul(&dyf, true, &xf, false)
         }
         SavedInput::Fp8(xq) => {
