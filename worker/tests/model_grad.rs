@@ -41,6 +41,20 @@ fn micro(q_lora: Option<usize>) -> ModelConfig {
     }
 }
 
+/// `n` token ids `(i * mul + add) mod 19`, below the micro vocabulary.
+fn ids(n: usize, mul: usize, add: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * mul + add) % 19) as u32).collect()
+}
+
+/// Every term of the objective on, the balance loss strongly weighted.
+fn objective() -> Objective {
+    Objective {
+        mtp_lambda: 0.3,
+        balance_alpha: 0.1,
+        loss_scale: 1.0,
+    }
+}
+
 fn check(cfg: &ModelConfig) {
     let mut model = Model::<f64>::new(cfg, Precision::Fp32, 3).unwrap();
     // Non-zero expert biases, so selection uses them.
@@ -50,23 +64,15 @@ fn check(cfg: &ModelConfig) {
         model.params_mut().set(id, bias).unwrap();
     }
     let (batch, seq) = (2, 6);
-    let inputs: Vec<u32> = (0..batch * seq)
-        .map(|i| ((i * 7 + 3) % 19) as u32)
-        .collect();
-    let targets: Vec<u32> = (0..batch * seq)
-        .map(|i| ((i * 5 + 1) % 19) as u32)
-        .collect();
+    let inputs = ids(batch * seq, 7, 3);
+    let targets = ids(batch * seq, 5, 1);
     let b = TokenBatch {
         batch,
         seq,
         inputs: &inputs,
         targets: &targets,
     };
-    let obj = Objective {
-        mtp_lambda: 0.3,
-        balance_alpha: 0.1,
-        loss_scale: 1.0,
-    };
+    let obj = objective();
     let mut grads = model.params().zero_grads();
     let base = model.forward_backward(&b, &obj, &mut grads).unwrap();
     assert!(base.balance_loss > 0.0 && base.mtp_losses.len() == 1);
@@ -131,23 +137,15 @@ fn micro_batches_give_the_whole_batch_gradients() {
     let cfg = micro(Some(6));
     let model = Model::<f64>::new(&cfg, Precision::Fp32, 5).unwrap();
     let (batch, seq) = (5, 6);
-    let inputs: Vec<u32> = (0..batch * seq)
-        .map(|i| ((i * 11 + 2) % 19) as u32)
-        .collect();
-    let targets: Vec<u32> = (0..batch * seq)
-        .map(|i| ((i * 3 + 4) % 19) as u32)
-        .collect();
+    let inputs = ids(batch * seq, 11, 2);
+    let targets = ids(batch * seq, 3, 4);
     let b = TokenBatch {
         batch,
         seq,
         inputs: &inputs,
         targets: &targets,
     };
-    let obj = Objective {
-        mtp_lambda: 0.3,
-        balance_alpha: 0.1,
-        loss_scale: 1.0,
-    };
+    let obj = objective();
     let mut whole = model.params().zero_grads();
     let want = model.forward_backward(&b, &obj, &mut whole).unwrap();
     // 2 and 3 split 5 sequences unevenly; 5 gives one sequence each; 9 is clamped to 5.
