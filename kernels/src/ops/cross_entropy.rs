@@ -149,7 +149,7 @@ pub fn cross_entropy_forward<T: Real>(
         .with_min_len(MIN_ROWS_PER_TASK)
         .map(|(i, (row, &t))| {
             if Some(t) == ignore_index {
-                if !row_max_finite(row).1 {
+                if !crate::error::all_finite(row) {
                     return Err(non_finite(row, i * vocab));
                 }
                 return Ok((0.0, 0.0));
@@ -232,7 +232,7 @@ pub fn cross_entropy_backward_in_place<T: Real>(
         .enumerate()
         .with_min_len(MIN_ROWS_PER_TASK)
         .try_for_each(|(i, ((row, &t), &lse))| {
-            if !row_max_finite(row).1 {
+            if !crate::error::all_finite(row) {
                 return Err(non_finite(row, i * vocab));
             }
             if Some(t) == ignore_index {
