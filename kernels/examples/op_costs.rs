@@ -156,6 +156,10 @@ fn gemms() -> shoal_kernels::Result<()> {
         (2048, 768, 256),
         (2048, 256, 768),
         (512, 128, 256),
+        (256, 128, 256),
+        (256, 256, 256),
+        (256, 256, 128),
+        (1024, 128, 256),
         (2048, 4096, 256),
     ] {
         let a = filled(&[m, k], 1);
@@ -200,6 +204,14 @@ fn gemms() -> shoal_kernels::Result<()> {
                 MatMut::row_major(&mut dw, n, k)?,
                 MatRef::row_major(dy.data(), m, n)?.t(),
                 MatRef::row_major(a.data(), m, k)?,
+                true,
+            )
+        });
+        run("wgrad^T", &mut || {
+            gemm_into(
+                MatMut::strided(&mut dw, 0, k, n, 1, k)?,
+                MatRef::row_major(a.data(), m, k)?.t(),
+                MatRef::row_major(dy.data(), m, n)?,
                 true,
             )
         });

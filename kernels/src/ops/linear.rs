@@ -105,6 +105,42 @@ pub fn linear_backward_weight_into<T: Real>(
     )
 }
 
+/// W for a band of output features, accumulating: rows `out_rows` of `dW += dy^T · x`, where
+/// `dw_rows` holds just those rows (row-major, `in` columns). Disjoint bands of one weight can
+/// run on different threads.
+pub fn linear_backward_weight_rows_into<T: Real>(
+    dw_rows: &mut [T],
+    out_rows: std::ops::Range<usize>,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+) -> Result<()> {
+    let (rows, out_f) = dy.as_matrix("linear.dy")?;
+    let (xrows, in_f) = x.as_matrix("linear.x")?;
+    if xrows != rows {
+        return Err(KernelError::shape(
+            "linear.x",
+            format!("{rows} rows (as many tokens as dy)"),
+            fmt_shape(x.shape()),
+        ));
+    }
+    if out_rows.start > out_rows.end || out_rows.end > out_f {
+        return Err(KernelError::invalid(
+            "linear.dweight rows",
+            format!(
+                "{}..{} is not a band of the {out_f} output features",
+                out_rows.start, out_rows.end
+            ),
+        ));
+    }
+    let band = out_rows.end - out_rows.start;
+    gemm_into(
+        MatMut::row_major(dw_rows, band, in_f)?,
+        MatRef::strided(dy.data(), out_rows.start, rows, band, out_f, 1)?.t(),
+        MatRef::row_major(x.data(), rows, in_f)?,
+        true,
+    )
+}
+
 /// The arithmetic a mixed-precision linear layer runs in. Master weights are always FP32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
@@ -159,30 +195,56 @@ pub fn linear_forward_mp(
     w: &Tensor<f32>,
     precision: Precision,
 ) -> Result<(Tensor<f32>, SavedInput)> {
-    let (out_f, in_f) = check_weight(w)?;
-    let (rows, _) = check_inner("linear.x", x, in_f, "in_features of the weight")?;
-    let out_shape = with_last(x.shape(), out_f);
+    check_weight(w)?;
     match precision {
         Precision::Fp32 => Ok((linear_forward(x, w)?, SavedInput::Fp32(x.clone()))),
         Precision::Bf16 => {
-            let xf = rounded_bf16(x).reshape([rows, in_f])?;
-            // Exact: every element of `xf` is a BF16 value.
-            let xb = xf
-                .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
-                .reshape(x.shape().to_vec())?;
-            let wf = rounded_bf16(w);
-            let mut y = matmul(&xf, false, &wf, true)?;
-            round_bf16(y.data_mut());
-            Ok((y.reshape(out_shape)?, SavedInput::Bf16(xb)))
+            let (y, xr) = linear_forward_bf16(x, &rounded_bf16(w))?;
+            // Exact: every element of `xr` is a BF16 value.
+            let xb = xr.map(|v| bf16::from_bits((v.to_bits() >> 16) as u16));
+            Ok((y, SavedInput::Bf16(xb)))
         }
         Precision::Fp8 => {
-            let xq = Fp8Matrix::quantize_tiles(x.data(), rows, in_f, fp8_cfg())?;
+            let (out_f, in_f) = check_weight(w)?;
             let wq = Fp8Matrix::quantize_blocks(w.data(), out_f, in_f, fp8_cfg())?;
-            let mut y = fp8_gemm(&xq, &wq, Accumulation::Fp32)?;
-            round_bf16(y.data_mut());
-            Ok((y.reshape(out_shape)?, SavedInput::Fp8(xq)))
+            linear_forward_fp8(x, &wq)
         }
     }
+}
+
+/// BF16 forward with a weight already rounded to BF16 ([`rounded_bf16`]; a training step
+/// rounds each weight once and reuses it): returns `y = x · W^T` rounded to BF16 and `x`
+/// rounded to BF16 (the GEMM's operand, which W needs again).
+pub fn linear_forward_bf16(
+    x: &Tensor<f32>,
+    w_bf16: &Tensor<f32>,
+) -> Result<(Tensor<f32>, Tensor<f32>)> {
+    let (out_f, in_f) = check_weight(w_bf16)?;
+    let (rows, _) = check_inner("linear.x", x, in_f, "in_features of the weight")?;
+    let out_shape = with_last(x.shape(), out_f);
+    let xr = rounded_bf16(x);
+    let mut y = Tensor::new(
+        [rows, out_f],
+        gemm_new(
+            MatRef::row_major(xr.data(), rows, in_f)?,
+            MatRef::row_major(w_bf16.data(), out_f, in_f)?.t(),
+        )?,
+    )?;
+    round_bf16(y.data_mut());
+    Ok((y.reshape(out_shape)?, xr))
+}
+
+/// FP8 forward with the weight already quantized in 128x128 blocks (a training step quantizes
+/// each weight once and reuses it): returns `y = x · W^T` (BF16 values) and the input
+/// quantized in 1x128 tiles, as cached for W.
+pub fn linear_forward_fp8(x: &Tensor<f32>, wq: &Fp8Matrix) -> Result<(Tensor<f32>, SavedInput)> {
+    let (out_f, in_f) = (wq.rows(), wq.cols());
+    let (rows, _) = check_inner("linear.x", x, in_f, "in_features of the weight")?;
+    let out_shape = with_last(x.shape(), out_f);
+    let xq = Fp8Matrix::quantize_tiles(x.data(), rows, in_f, fp8_cfg())?;
+    let mut y = fp8_gemm(&xq, wq, Accumulation::Fp32)?;
+    round_bf16(y.data_mut());
+    Ok((y.reshape(out_shape)?, SavedInput::Fp8(xq)))
 }
 
 /// Mixed-precision B: `dx = dy · W`, shaped like the input.
@@ -192,26 +254,48 @@ pub fn linear_backward_input_mp(
     precision: Precision,
 ) -> Result<Tensor<f32>> {
     let (out_f, in_f) = check_weight(w)?;
-    let (rows, _) = check_inner("linear.dy", dy, out_f, "out_features of the weight")?;
-    let dx_shape = with_last(dy.shape(), in_f);
     match precision {
         Precision::Fp32 => linear_backward_input(dy, w),
-        Precision::Bf16 => {
-            let dyf = rounded_bf16(dy).reshape([rows, out_f])?;
-            let wf = rounded_bf16(w);
-            let mut dx = matmul(&dyf, false, &wf, false)?;
-            round_bf16(dx.data_mut());
-            dx.reshape(dx_shape)
-        }
+        Precision::Bf16 => Ok(linear_backward_input_bf16(dy, &rounded_bf16(w))?.0),
         Precision::Fp8 => {
-            // Dgrad: dy in 1x128 tiles along out_features; W^T is the same 128x128 blocks transposed.
-            let dyq = Fp8Matrix::quantize_tiles(dy.data(), rows, out_f, fp8_cfg())?;
+            // W^T is the same 128x128 blocks transposed.
             let wt = Fp8Matrix::quantize_blocks(w.data(), out_f, in_f, fp8_cfg())?.transpose()?;
-            let mut dx = fp8_gemm(&dyq, &wt, Accumulation::Fp32)?;
-            round_bf16(dx.data_mut());
-            dx.reshape(dx_shape)
+            linear_backward_input_fp8(dy, &wt)
         }
     }
+}
+
+/// BF16 B with a weight already rounded to BF16: returns `dx = dy · W` rounded to BF16 and `dy`
+/// rounded to BF16 (the operand W needs too).
+pub fn linear_backward_input_bf16(
+    dy: &Tensor<f32>,
+    w_bf16: &Tensor<f32>,
+) -> Result<(Tensor<f32>, Tensor<f32>)> {
+    let (out_f, in_f) = check_weight(w_bf16)?;
+    let (rows, _) = check_inner("linear.dy", dy, out_f, "out_features of the weight")?;
+    let dx_shape = with_last(dy.shape(), in_f);
+    let dyr = rounded_bf16(dy);
+    let mut dx = Tensor::new(
+        [rows, in_f],
+        gemm_new(
+            MatRef::row_major(dyr.data(), rows, out_f)?,
+            MatRef::row_major(w_bf16.data(), out_f, in_f)?,
+        )?,
+    )?;
+    round_bf16(dx.data_mut());
+    Ok((dx.reshape(dx_shape)?, dyr))
+}
+
+/// FP8 B (Dgrad) with the transposed weight already quantized (`W^T`, `[in, out]`, in 128x128
+/// blocks): `dx = dy · W` with `dy` quantized in 1x128 tiles, BF16 values out.
+pub fn linear_backward_input_fp8(dy: &Tensor<f32>, wt: &Fp8Matrix) -> Result<Tensor<f32>> {
+    let (out_f, in_f) = (wt.cols(), wt.rows());
+    let (rows, _) = check_inner("linear.dy", dy, out_f, "out_features of the weight")?;
+    let dx_shape = with_last(dy.shape(), in_f);
+    let dyq = Fp8Matrix::quantize_tiles(dy.data(), rows, out_f, fp8_cfg())?;
+    let mut dx = fp8_gemm(&dyq, wt, Accumulation::Fp32)?;
+    round_bf16(dx.data_mut());
+    dx.reshape(dx_shape)
 }
 
 /// Mixed-precision W: `dW = dy^T · x` in FP32 from the cached input.
@@ -259,6 +343,21 @@ mod tests {
         let nw = numeric_grad(&w, |w| dot(&dy, &linear_forward(&x, w).unwrap()));
         assert_grad_close("linear dx", &dx, &nx, 1e-7);
         assert_grad_close("linear dw", &dw, &nw, 1e-7);
+    }
+
+    #[test]
+    fn weight_gradient_bands_tile_the_whole_gradient() {
+        let x = rand_tensor(&[5, 6], 11);
+        let dy = rand_tensor(&[5, 7], 12);
+        let mut want = rand_tensor(&[7, 6], 13);
+        let mut got = want.clone();
+        linear_backward_weight_into(&mut want, &dy, &x).unwrap();
+        let (a, b) = got.data_mut().split_at_mut(3 * 6);
+        let err = linear_backward_weight_rows_into(b, 3..8, &dy, &x).unwrap_err();
+        assert!(err.to_string().contains("linear.dweight rows"), "{err}");
+        linear_backward_weight_rows_into(a, 0..3, &dy, &x).unwrap();
+        linear_backward_weight_rows_into(b, 3..7, &dy, &x).unwrap();
+        assert!(got.max_abs_diff(&want).unwrap() < 1e-12);
     }
 
     #[test]

@@ -168,10 +168,10 @@ impl Mla {
             QProj::Lora { a, norm, b } => {
                 let qa = match q_a {
                     Some(t) => t.clone(),
-                    None => T::linear(x, p.get(*a), ctx.precision)?,
+                    None => T::linear(x, p, *a, ctx.precision)?,
                 };
                 let qn = rmsnorm_forward(&qa, p.get(*norm), LATENT_NORM_EPS)?;
-                let q = T::linear(&qn, p.get(*b), ctx.precision)?;
+                let q = T::linear(&qn, p, *b, ctx.precision)?;
                 Ok(Queries {
                     q,
                     q_a: Some(qa),
@@ -179,7 +179,7 @@ impl Mla {
                 })
             }
             QProj::Plain(w) => Ok(Queries {
-                q: T::linear(x, p.get(*w), ctx.precision)?,
+                q: T::linear(x, p, *w, ctx.precision)?,
                 q_a: None,
                 qn: None,
             }),
@@ -240,7 +240,7 @@ impl Mla {
     ) -> Result<KeysValues<T>> {
         let [c, k_pe] = two(split_groups(ckv, 1, &[self.kv_lora, self.rope])?)?;
         let cn = rmsnorm_forward(&c, p.get(self.kv_norm), LATENT_NORM_EPS)?;
-        let kv = T::linear(&cn, p.get(self.kv_b), ctx.precision)?;
+        let kv = T::linear(&cn, p, self.kv_b, ctx.precision)?;
         Ok(KeysValues { c, k_pe, cn, kv })
     }
 
@@ -252,7 +252,7 @@ impl Mla {
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, MlaSaved<T>)> {
         let Queries { q, q_a, .. } = self.queries(p, x, None, ctx)?;
-        let ckv = T::linear(x, p.get(self.kv_a), ctx.precision)?;
+        let ckv = T::linear(x, p, self.kv_a, ctx.precision)?;
         let KeysValues { k_pe, kv, .. } = self.keys_values(p, &ckv, ctx)?;
         let a = self.assemble(&q, &k_pe, &kv, ctx)?;
         let (out, lse) = {
@@ -260,7 +260,7 @@ impl Mla {
             attention_forward(&a.q, &a.k, &a.v, ctx.softmax_scale)?
         };
         let out = out.reshape([ctx.tokens(), self.heads * self.v])?;
-        let y = T::linear(&out, p.get(self.o), ctx.precision)?;
+        let y = T::linear(&out, p, self.o, ctx.precision)?;
         Ok((y, MlaSaved { q_a, ckv, out, lse }))
     }
 
@@ -286,14 +286,7 @@ impl Mla {
 
         // o_proj.
         let out4 = saved.out.clone().reshape([b, s, hd, self.v])?;
-        let d_out = linear_b(
-            p.get(self.o),
-            self.o,
-            dy,
-            T::save(saved.out, prec)?,
-            prec,
-            w,
-        )?;
+        let d_out = linear_b(p, self.o, dy, T::save(saved.out, prec)?, prec, w)?;
         drop(span);
         // Attention core.
         let core_span = tracing::debug_span!("attention.core").entered();
@@ -324,14 +317,7 @@ impl Mla {
         drop(span);
         let span = tracing::debug_span!("mla.kv").entered();
         // kv_b_proj and kv_a_layernorm.
-        let dcn = linear_b(
-            p.get(self.kv_b),
-            self.kv_b,
-            dkv,
-            T::save(cn, prec)?,
-            prec,
-            w,
-        )?;
+        let dcn = linear_b(p, self.kv_b, dkv, T::save(cn, prec)?, prec, w)?;
         let dc = rmsnorm_b(
             p.get(self.kv_norm),
             self.kv_norm,
@@ -342,18 +328,18 @@ impl Mla {
         )?;
         let dckv = join_groups(&[&dc, &dk_pe], 1)?;
         let x_saved = T::save(x, prec)?;
-        let mut dx = linear_b(p.get(self.kv_a), self.kv_a, dckv, x_saved.clone(), prec, w)?;
+        let mut dx = linear_b(p, self.kv_a, dckv, x_saved.clone(), prec, w)?;
 
         drop(span);
         let _span = tracing::debug_span!("mla.q").entered();
         // Query path.
         let dx_q = match (&self.q, q_a, qn) {
             (QProj::Lora { a, norm, b }, Some(qa), Some(qn)) => {
-                let dqn = linear_b(p.get(*b), *b, dq, T::save(qn, prec)?, prec, w)?;
+                let dqn = linear_b(p, *b, dq, T::save(qn, prec)?, prec, w)?;
                 let dqa = rmsnorm_b(p.get(*norm), *norm, dqn, qa, LATENT_NORM_EPS, w)?;
-                linear_b(p.get(*a), *a, dqa, x_saved, prec, w)?
+                linear_b(p, *a, dqa, x_saved, prec, w)?
             }
-            (QProj::Plain(wq), _, _) => linear_b(p.get(*wq), *wq, dq, x_saved, prec, w)?,
+            (QProj::Plain(wq), _, _) => linear_b(p, *wq, dq, x_saved, prec, w)?,
             _ => {
                 return Err(crate::WorkerError::invalid(
                     "mla",

@@ -56,10 +56,10 @@ impl Mlp {
         x: &Tensor<T>,
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, MlpSaved<T>)> {
-        let g = T::linear(x, p.get(self.gate), ctx.precision)?;
-        let u = T::linear(x, p.get(self.up), ctx.precision)?;
+        let g = T::linear(x, p, self.gate, ctx.precision)?;
+        let u = T::linear(x, p, self.up, ctx.precision)?;
         let act = swiglu_forward(&g, &u)?;
-        let y = T::linear(&act, p.get(self.down), ctx.precision)?;
+        let y = T::linear(&act, p, self.down, ctx.precision)?;
         Ok((y, MlpSaved { g, u }))
     }
 
@@ -76,20 +76,10 @@ impl Mlp {
     ) -> Result<Tensor<T>> {
         let prec = ctx.precision;
         let act = swiglu_forward(&saved.g, &saved.u)?;
-        let dact = linear_b(
-            p.get(self.down),
-            self.down,
-            dy,
-            T::save(act, prec)?,
-            prec,
-            w,
-        )?;
+        let dact = linear_b(p, self.down, dy, T::save(act, prec)?, prec, w)?;
         let (dg, du) = swiglu_backward_in_place(&dact, saved.g, saved.u)?;
-        let mut dx = linear_b(p.get(self.gate), self.gate, dg, xs.clone(), prec, w)?;
-        dx.add_assign(
-            &linear_b(p.get(self.up), self.up, du, xs, prec, w)?,
-            "mlp.dx",
-        )?;
+        let mut dx = linear_b(p, self.gate, dg, xs.clone(), prec, w)?;
+        dx.add_assign(&linear_b(p, self.up, du, xs, prec, w)?, "mlp.dx")?;
         Ok(dx)
     }
 }

@@ -437,7 +437,7 @@ impl<T: ModelFloat> Model<T> {
         }
         let head_span = tracing::debug_span!("head.forward").entered();
         let hn = rmsnorm_forward(&h, p.get(self.norm), ctx.eps)?;
-        let logits = T::linear(&hn, p.get(self.head), Precision::Fp32)?;
+        let logits = T::linear(&hn, p, self.head, Precision::Fp32)?;
         let ce = cross_entropy_forward(&logits, b.targets, None)?;
         drop(head_span);
 
@@ -462,7 +462,7 @@ impl<T: ModelFloat> Model<T> {
             let en = rmsnorm_forward(&e, p.get(m.enorm), ctx.eps)?;
             let pn = rmsnorm_forward(&prev_k, p.get(m.hnorm), ctx.eps)?;
             let cat = join_groups(&[&en, &pn], 1)?;
-            let hk = T::linear(&cat, p.get(m.eh_proj), self.precision)?;
+            let hk = T::linear(&cat, p, m.eh_proj, self.precision)?;
             let mctx = ctx.with_seq(len);
             let (out, bs, st) = m.block.forward(p, hk, &mctx)?;
             if let Some(st) = st {
@@ -470,7 +470,7 @@ impl<T: ModelFloat> Model<T> {
                 loads.push(st.load);
             }
             let hn_k = rmsnorm_forward(&out, p.get(m.head_norm), ctx.eps)?;
-            let logits_k = T::linear(&hn_k, p.get(self.head), Precision::Fp32)?;
+            let logits_k = T::linear(&hn_k, p, self.head, Precision::Fp32)?;
             let ce_k = cross_entropy_forward(&logits_k, &targets, None)?;
             mtp_losses.push(ce_k.loss);
             prev = out.clone();
@@ -554,14 +554,7 @@ impl<T: ModelFloat> Model<T> {
             let mctx = ctx.with_seq(s.len);
             let dhk = m.block.backward(p, s.block, dout, &mctx, &mut w)?;
             let cat = T::save(s.cat, self.precision)?;
-            let dcat = wgrad::linear_b(
-                p.get(m.eh_proj),
-                m.eh_proj,
-                dhk,
-                cat,
-                self.precision,
-                &mut w,
-            )?;
+            let dcat = wgrad::linear_b(p, m.eh_proj, dhk, cat, self.precision, &mut w)?;
             let h = self.cfg.hidden_size;
             let [den, dpn]: [Tensor<T>; 2] = split_groups(&dcat, 1, &[h, h])?
                 .try_into()
@@ -609,7 +602,7 @@ impl<T: ModelFloat> Model<T> {
     ) -> Result<Tensor<T>> {
         let p = &self.params;
         let dhn = wgrad::linear_b(
-            p.get(self.head),
+            p,
             self.head,
             dlogits,
             linear::Saved::Full(std::sync::Arc::new(hn)),

@@ -132,7 +132,7 @@ impl Moe {
     ) -> Result<(Tensor<T>, MoeSaved<T>, MoeStats)> {
         let (tokens, hidden) = (x.rows(), x.last_dim());
         let router_span = tracing::debug_span!("moe.router").entered();
-        let logits = T::linear(x, p.get(self.router), Precision::Fp32)?;
+        let logits = T::linear(x, p, self.router, Precision::Fp32)?;
         let gate = gate_forward(&logits, p.get(self.bias).data(), &self.gate)?;
         drop(router_span);
         let k = self.gate.top_k;
@@ -330,7 +330,7 @@ impl Moe {
         if ctx.balance_alpha != 0.0 {
             self.balance(&saved.gate, ctx, Some((&mut dlogits, ctx.balance_alpha)))?;
         }
-        let dxr = T::linear_b(&dlogits, p.get(self.router), Precision::Fp32)?;
+        let (dxr, dlogits) = T::linear_b(dlogits, p, self.router, Precision::Fp32)?;
         dx.add_assign(&dxr, "moe.dx")?;
         w.push(WTask::Linear {
             param: self.router,

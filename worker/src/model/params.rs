@@ -6,7 +6,8 @@
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shoal_kernels::{Real, Tensor};
+use shoal_kernels::{Fp8Matrix, Real, Tensor};
+use std::sync::OnceLock;
 
 use crate::{Result, WorkerError};
 
@@ -101,6 +102,34 @@ impl Layout {
 pub struct ParamStore<T> {
     layout: Layout,
     tensors: Vec<Tensor<T>>,
+    /// Each weight as a mixed-precision GEMM operand, made on first use and dropped whenever the
+    /// parameter can change (every `&mut` access), so a training step converts each weight once
+    /// for all its micro-batches and passes instead of once per GEMM.
+    operands: Vec<OnceLock<WeightOperand<T>>>,
+}
+
+/// A weight converted for the mixed-precision GEMMs.
+#[derive(Clone, Debug)]
+pub enum WeightOperand<T> {
+    /// Rounded to BF16 (kept in `T`).
+    Bf16(Tensor<T>),
+    /// Quantized to E4M3 in 128x128 blocks, as `W` (Fprop) and as `W^T` (Dgrad).
+    Fp8 {
+        /// `W`, `[out, in]`.
+        w: Fp8Matrix,
+        /// `W^T`, `[in, out]`: the same blocks transposed.
+        wt: Fp8Matrix,
+    },
+}
+
+impl<T> WeightOperand<T> {
+    fn is_bf16(&self) -> bool {
+        matches!(self, WeightOperand::Bf16(_))
+    }
+}
+
+fn fresh<T>(n: usize) -> Vec<OnceLock<T>> {
+    (0..n).map(|_| OnceLock::new()).collect()
 }
 
 impl<T: Real> ParamStore<T> {
@@ -123,7 +152,49 @@ impl<T: Real> ParamStore<T> {
             };
             tensors.push(Tensor::new(e.shape.clone(), data)?);
         }
-        Ok(Self { layout, tensors })
+        Ok(Self {
+            operands: fresh(tensors.len()),
+            layout,
+            tensors,
+        })
+    }
+
+    /// The parameter as a mixed-precision GEMM operand: the cached one when it is of the kind
+    /// asked for (`bf16`), otherwise `make` builds it (and caches it unless another kind is
+    /// cached already). Concurrent first uses may both build it; they build the same value.
+    pub fn operand(
+        &self,
+        id: ParamId,
+        bf16: bool,
+        make: impl FnOnce(&Tensor<T>) -> Result<WeightOperand<T>>,
+    ) -> Result<std::borrow::Cow<'_, WeightOperand<T>>>
+    where
+        T: Clone,
+    {
+        use std::borrow::Cow;
+        let cell = &self.operands[id.0];
+        if let Some(v) = cell.get() {
+            if v.is_bf16() == bf16 {
+                return Ok(Cow::Borrowed(v));
+            }
+            return Ok(Cow::Owned(make(&self.tensors[id.0])?));
+        }
+        let v = make(&self.tensors[id.0])?;
+        if v.is_bf16() != bf16 {
+            return Err(WorkerError::invalid(
+                &self.layout.entries[id.0].name,
+                "weight operand of the wrong kind",
+            ));
+        }
+        // When another thread cached it first, its value is the same one.
+        let _already_set = cell.set(v).is_err();
+        match cell.get() {
+            Some(v) => Ok(Cow::Borrowed(v)),
+            None => Err(WorkerError::invalid(
+                &self.layout.entries[id.0].name,
+                "weight operand cache",
+            )),
+        }
     }
 
     /// The layout.
@@ -136,8 +207,9 @@ impl<T: Real> ParamStore<T> {
         &self.tensors[id.0]
     }
 
-    /// A parameter, mutably.
+    /// A parameter, mutably (drops its cached GEMM operand).
     pub fn get_mut(&mut self, id: ParamId) -> &mut Tensor<T> {
+        self.operands[id.0] = OnceLock::new();
         &mut self.tensors[id.0]
     }
 
@@ -176,6 +248,7 @@ impl<T: Real> ParamStore<T> {
             ));
         }
         self.tensors[id.0] = value;
+        self.operands[id.0] = OnceLock::new();
         Ok(())
     }
 
@@ -193,6 +266,7 @@ impl<T: Real> ParamStore<T> {
         ParamStore {
             layout: self.layout.clone(),
             tensors: self.tensors.iter().map(Tensor::cast).collect(),
+            operands: fresh(self.tensors.len()),
         }
     }
 

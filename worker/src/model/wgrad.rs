@@ -6,10 +6,11 @@
 
 use shoal_kernels::Tensor;
 use shoal_kernels::ops::embedding::embedding_backward;
+use shoal_kernels::ops::linear::linear_backward_weight_rows_into;
 use shoal_kernels::ops::rmsnorm::rmsnorm_backward_weight;
 
-use super::linear::{ModelFloat, Saved};
-use super::params::{Grads, ParamId};
+use super::linear::{ModelFloat, Saved, WOperands};
+use super::params::{Grads, ParamId, ParamStore};
 use crate::Result;
 
 /// One piece of weight-gradient work.
@@ -111,29 +112,158 @@ pub fn rmsnorm_b<T: ModelFloat>(
 
 /// B pass of a Linear: returns the input gradient and queues the weight gradient.
 pub fn linear_b<T: ModelFloat>(
-    weight: &Tensor<T>,
+    p: &ParamStore<T>,
     param: ParamId,
     dy: Tensor<T>,
     x: Saved<T>,
     precision: shoal_kernels::ops::linear::Precision,
     w: &mut Vec<WTask<T>>,
 ) -> Result<Tensor<T>> {
-    let dx = T::linear_b(&dy, weight, precision)?;
+    let (dx, dy) = T::linear_b(dy, p, param, precision)?;
     w.push(WTask::Linear { param, dy, x });
     Ok(dx)
 }
 
-/// A parameter's W work: its cost, its gradient and its tasks in order.
-type ParamWork<'a, T> = (usize, &'a mut Tensor<T>, Vec<WTask<T>>);
+/// Multiply-adds above which a linear layer's W work is cut into bands of output features that
+/// run as separate pieces (the output head, the dense MLPs). A constant, not a function of the
+/// thread count, so the bands, and with them the gradients, are the same on every machine.
+const BAND_COST: usize = 1 << 27;
 
-/// Multiply-adds above which a parameter's W work runs alone with its GEMMs spread over every
-/// thread, instead of beside other parameters' work on one thread each.
-const ALONE_THRESHOLD: usize = 1 << 28;
+/// Output features per band are a multiple of this (the GEMM kernels' row tile).
+const BAND_ALIGN: usize = 64;
 
-/// Runs every task. The tasks of one parameter run in their original order, so the gradients do
-/// not depend on the thread count. Parameters with a lot of work (the output head, the dense
-/// MLPs) run one after another with their GEMMs split across the threads; the many small ones
-/// (experts, projections, norms) run side by side, largest first.
+/// One parameter's W work after preparation.
+enum ParamTasks<T> {
+    /// Plain GEMMs `grad += dy^T x`, in order: can be cut into bands of gradient rows.
+    Gemms(Vec<(Tensor<T>, std::sync::Arc<Tensor<T>>)>),
+    /// Tasks that run whole (norms, embeddings, FP8 linear layers).
+    Whole(Vec<WTask<T>>),
+}
+
+/// A piece of W work: one parameter's tasks over a band of its gradient rows, or all of them.
+enum Piece<'a, T> {
+    Band {
+        cost: usize,
+        rows: std::ops::Range<usize>,
+        grad: &'a mut [T],
+        gemms: &'a [(Tensor<T>, std::sync::Arc<Tensor<T>>)],
+    },
+    Whole {
+        cost: usize,
+        grad: &'a mut Tensor<T>,
+        tasks: Vec<WTask<T>>,
+    },
+}
+
+impl<T: ModelFloat> Piece<'_, T> {
+    fn cost(&self) -> usize {
+        match self {
+            Piece::Band { cost, .. } | Piece::Whole { cost, .. } => *cost,
+        }
+    }
+
+    fn run(self) -> Result<()> {
+        match self {
+            Piece::Band {
+                rows, grad, gemms, ..
+            } => {
+                for (dy, x) in gemms {
+                    linear_backward_weight_rows_into(grad, rows.clone(), dy, x)?;
+                }
+                Ok(())
+            }
+            Piece::Whole { grad, tasks, .. } => {
+                tasks.into_iter().try_for_each(|t| t.run_into(grad))
+            }
+        }
+    }
+}
+
+/// Turns one parameter's tasks into plain GEMMs where its precision allows.
+fn prepare<T: ModelFloat>(tasks: Vec<WTask<T>>) -> ParamTasks<T> {
+    if !tasks.iter().all(|t| matches!(t, WTask::Linear { .. })) {
+        return ParamTasks::Whole(tasks);
+    }
+    let Some(param) = tasks.first().map(WTask::param) else {
+        return ParamTasks::Gemms(Vec::new());
+    };
+    let ops: Vec<WOperands<T>> = tasks
+        .into_iter()
+        .filter_map(|t| match t {
+            WTask::Linear { dy, x, .. } => Some(T::w_operands(dy, &x)),
+            _ => None,
+        })
+        .collect();
+    if ops.iter().all(|o| matches!(o, WOperands::Gemm { .. })) {
+        return ParamTasks::Gemms(
+            ops.into_iter()
+                .filter_map(|o| match o {
+                    WOperands::Gemm { dy, x } => Some((dy, x)),
+                    WOperands::Kernel { .. } => None,
+                })
+                .collect(),
+        );
+    }
+    ParamTasks::Whole(
+        ops.into_iter()
+            .map(|o| match o {
+                WOperands::Gemm { dy, x } => WTask::Linear {
+                    param,
+                    dy,
+                    x: Saved::Full(x),
+                },
+                WOperands::Kernel { dy, x } => WTask::Linear { param, dy, x },
+            })
+            .collect(),
+    )
+}
+
+/// Cuts a parameter's work into pieces.
+fn pieces<'a, T: ModelFloat>(
+    grad: &'a mut Tensor<T>,
+    work: &'a ParamTasks<T>,
+    whole: &mut Vec<WTask<T>>,
+    out: &mut Vec<Piece<'a, T>>,
+) {
+    match work {
+        ParamTasks::Whole(_) => {
+            let tasks = std::mem::take(whole);
+            let cost = tasks.iter().map(WTask::cost).sum();
+            out.push(Piece::Whole { cost, grad, tasks });
+        }
+        ParamTasks::Gemms(gemms) => {
+            let out_f = grad.shape().first().copied().unwrap_or(0);
+            let in_f = grad.shape().get(1).copied().unwrap_or(0);
+            let per_row: usize = gemms
+                .iter()
+                .map(|(dy, x)| dy.rows().saturating_mul(x.last_dim()))
+                .sum();
+            let cost = per_row.saturating_mul(out_f);
+            let bands = cost.div_ceil(BAND_COST).max(1);
+            let band_rows = out_f
+                .div_ceil(bands)
+                .next_multiple_of(BAND_ALIGN)
+                .clamp(1, out_f.max(1));
+            let mut start = 0;
+            for chunk in grad.data_mut().chunks_mut(band_rows * in_f.max(1)) {
+                let rows = chunk.len() / in_f.max(1);
+                out.push(Piece::Band {
+                    cost: per_row * rows,
+                    rows: start..start + rows,
+                    grad: chunk,
+                    gemms,
+                });
+                start += rows;
+            }
+        }
+    }
+}
+
+/// Runs every task. The tasks of one parameter run in their original order, and a parameter's
+/// work is cut into the same pieces whatever the thread count, so the gradients do not depend
+/// on it. Pieces run on every thread, largest first, each thread taking the next piece when it
+/// is done with one (greedy list scheduling): the output head and dense MLPs are cut into bands
+/// of output features, the many small layers (experts, projections, norms) run whole.
 pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Result<()> {
     use rayon::prelude::*;
     let n = grads.tensors().len();
@@ -150,21 +280,47 @@ pub fn run_all<T: ModelFloat>(tasks: Vec<WTask<T>>, grads: &mut Grads<T>) -> Res
             }
         }
     }
-    let mut work: Vec<ParamWork<'_, T>> = grads
+    // Operand conversions (BF16 inputs back to FP32 values) run in parallel too.
+    let mut prepared: Vec<ParamTasks<T>> = by_param.into_par_iter().map(prepare).collect();
+    let mut wholes: Vec<Vec<WTask<T>>> = prepared
+        .iter_mut()
+        .map(|w| match w {
+            ParamTasks::Whole(t) => std::mem::take(t),
+            ParamTasks::Gemms(_) => Vec::new(),
+        })
+        .collect();
+    let mut queue: Vec<Piece<'_, T>> = Vec::new();
+    for ((g, work), whole) in grads
         .tensors_mut()
         .iter_mut()
-        .zip(by_param)
-        .filter(|(_, tasks)| !tasks.is_empty())
-        .map(|(g, tasks)| (tasks.iter().map(WTask::cost).sum(), g, tasks))
-        .collect();
-    work.sort_by_key(|(cost, _, _)| std::cmp::Reverse(*cost));
-    let split = work.partition_point(|(cost, _, _)| *cost >= ALONE_THRESHOLD);
-    let small = work.split_off(split);
-    for (_, g, tasks) in work {
-        tasks.into_iter().try_for_each(|t| t.run_into(g))?;
+        .zip(&prepared)
+        .zip(&mut wholes)
+    {
+        let empty = match work {
+            ParamTasks::Gemms(v) => v.is_empty(),
+            ParamTasks::Whole(_) => whole.is_empty(),
+        };
+        if !empty {
+            pieces(g, work, whole, &mut queue);
+        }
     }
-    small
+    // Largest last: threads pop from the back.
+    queue.sort_by_key(Piece::cost);
+    let queue = std::sync::Mutex::new(queue);
+    let next = || {
+        queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    };
+    let threads = rayon::current_num_threads().max(1);
+    (0..threads)
         .into_par_iter()
         .with_max_len(1)
-        .try_for_each(|(_, g, tasks)| tasks.into_iter().try_for_each(|t| t.run_into(g)))
+        .try_for_each(|_| {
+            while let Some(piece) = next() {
+                piece.run()?;
+            }
+            Ok(())
+        })
 }
