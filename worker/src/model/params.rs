@@ -329,3 +329,46 @@ impl<T: Real> Grads<T> {
         &self.tensors
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (ParamStore<f32>, ParamId) {
+        let mut layout = Layout::default();
+        let id = layout.add("w".into(), vec![2, 3], Init::Normal(1.0), Trainable::Yes);
+        (ParamStore::init(layout, 7).unwrap(), id)
+    }
+
+    fn rounded(p: &ParamStore<f32>, id: ParamId) -> Vec<f32> {
+        let op = p
+            .operand(id, true, |w| {
+                Ok(WeightOperand::Bf16(shoal_kernels::matmul::rounded_bf16(w)))
+            })
+            .unwrap();
+        match op.as_ref() {
+            WeightOperand::Bf16(t) => t.data().to_vec(),
+            WeightOperand::Fp8 { .. } => panic!("bf16 asked for"),
+        }
+    }
+
+    #[test]
+    fn weight_operands_are_rebuilt_after_every_change() {
+        let (mut p, id) = store();
+        let first = rounded(&p, id);
+        // Cached: a builder that would give other values is not called.
+        let again = p.operand(id, true, |_| Ok(WeightOperand::Bf16(Tensor::zeros([2, 3]))));
+        match again.unwrap().as_ref() {
+            WeightOperand::Bf16(t) => assert_eq!(t.data(), first.as_slice()),
+            WeightOperand::Fp8 { .. } => panic!("bf16 asked for"),
+        }
+        p.get_mut(id).data_mut()[0] = 3.0;
+        assert_eq!(rounded(&p, id)[0], 3.0);
+        p.set(id, Tensor::full([2, 3], 5.0)).unwrap();
+        assert_eq!(rounded(&p, id), vec![5.0; 6]);
+        // An operand of the other kind is built without touching the cache.
+        let fp8 = p.operand(id, false, |_| Err(WorkerError::invalid("w", "fp8 built")));
+        assert!(fp8.unwrap_err().to_string().contains("fp8 built"));
+        assert_eq!(rounded(&p, id), vec![5.0; 6]);
+    }
+}
