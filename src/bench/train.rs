@@ -53,6 +53,10 @@ pub struct TrainBenchArgs {
     /// see the same drift of a shared machine; the table reports medians over rounds.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Micro-batches Shoal splits each batch into (run concurrently; the trainer's default when
+    /// absent). The result is the same arithmetic either way; only the speed differs.
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
     /// Print where the time of a step goes (per model phase) after each timed run.
     #[arg(long)]
     pub profile: bool,
@@ -149,7 +153,10 @@ fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result
     if !mtp {
         cfg.num_nextn_predict_layers = 0;
     }
-    let opts = TrainOptions::defaults(args.speed_steps + 2, precision);
+    let mut opts = TrainOptions::defaults(args.speed_steps + 2, precision);
+    if let Some(m) = args.micro_batches {
+        opts.micro_batches = m;
+    }
     let mut t = trainer_for(cfg, precision, 0, args, opts)?;
     let times = super::profile::SpanTimes::default();
     let subscriber = tracing_subscriber::registry().with(times.clone());
