@@ -22,6 +22,9 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Mean next-token cross-entropy of a checkpoint on a token file.
     Eval(cmd::eval::EvalArgs),
+    /// Place a job on a cluster (stages, EP groups, memory, bubble), or balance experts from
+    /// measured loads (EPLB).
+    Plan(cmd::plan::PlanArgs),
     /// Run a benchmark suite.
     Bench {
         #[command(subcommand)]
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
+        Command::Plan(args) => cmd::plan::run(&args),
         Command::Bench {
             suite: BenchSuite::Kernels(args),
         } => bench::kernels::run(&args),

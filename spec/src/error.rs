@@ -39,4 +39,22 @@ pub enum SpecError {
         /// The presets that exist.
         known: Vec<String>,
     },
+    /// A planning input (cluster shape, parallelism, expert loads) that cannot be used.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The argument or field at fault.
+        field: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+impl SpecError {
+    /// A refused planning input.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        SpecError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
 }

@@ -7,8 +7,10 @@
 //! Architecture Invariant: pure data and validation. No IO beyond parsing strings the caller has
 //! read, no async, no dependency on any other Shoal crate.
 
+pub mod eplb;
 pub mod error;
 pub mod model;
+pub mod plan;
 
 pub use error::SpecError;
 pub use model::{ModelConfig, RopeScaling};

@@ -681,6 +681,18 @@ impl ModelConfig {
         3 * self.hidden_size as u64 * inner as u64
     }
 
+    /// Parameters of one layer (MoE or dense) as `(replicated, routed experts, activated per
+    /// token)`: expert parallelism splits the routed experts; every rank of a stage holds the rest.
+    pub fn layer_parts(&self, moe: bool) -> (u64, u64, u64) {
+        let (total, active) = self.layer_params(moe);
+        let routed = if moe {
+            self.n_routed_experts as u64 * self.mlp_params(self.moe_intermediate_size)
+        } else {
+            0
+        };
+        (total - routed, routed, active)
+    }
+
     fn layer_params(&self, moe: bool) -> (u64, u64) {
         let norms = 2 * self.hidden_size as u64;
         let attn = self.attention_params() + norms;

@@ -1,4 +1,5 @@
 //! Subcommands of the `shoal` CLI.
 
 pub mod eval;
+pub mod plan;
 pub mod train;

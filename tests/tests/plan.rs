@@ -1,0 +1,122 @@
+//! `shoal plan`, run as a separate process.
+
+use shoal_tests::run_shoal;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn the_papers_setup_places_every_ep_group_on_eight_nodes() {
+    let out = run_shoal(&[
+        "plan",
+        "--model",
+        "deepseek-v3-671b",
+        "--cluster",
+        "256x8",
+        "--pp",
+        "16",
+        "--dp",
+        "128",
+        "--ep",
+        "64",
+        "--schedule",
+        "dualpipe",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let groups = plan["ep_groups"].as_array().expect("ep_groups");
+    assert_eq!(groups.len(), 32);
+    for g in groups {
+        let nodes = g["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 8, "{g}");
+        assert!(g["stage"].as_u64().is_some(), "{g}");
+    }
+    assert_eq!(plan["world"], 2048);
+    assert_eq!(plan["max_nodes_per_token"], 4);
+    assert!(plan["planning_ms"].as_f64().is_some());
+    assert!(plan["device"]["parameter_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(plan["bubble"]["bubble_fraction"].as_f64().is_some());
+}
+
+#[test]
+fn expert_loads_are_balanced_as_eplb_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let loads = dir.path().join("loads.json");
+    std::fs::write(
+        &loads,
+        "[[90,132,40,61,104,165,39,4,73,56,183,86],[20,107,104,64,19,197,187,157,172,86,16,27]]",
+    )
+    .expect("write");
+    let path = loads.to_str().expect("utf-8 path");
+    let out = run_shoal(&[
+        "plan",
+        "--expert-loads",
+        path,
+        "--replicas",
+        "16",
+        "--groups",
+        "4",
+        "--nodes",
+        "2",
+        "--gpus",
+        "8",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(
+        r["phy2log"],
+        serde_json::json!([
+            [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+            [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]
+        ])
+    );
+    assert_eq!(
+        r["logcnt"],
+        serde_json::json!([
+            [1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
+            [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1]
+        ])
+    );
+
+    // Bad input: a ragged layer, then a missing flag.
+    std::fs::write(&loads, "[[1,2,3,4],[1,2]]").expect("write");
+    let out = run_shoal(&[
+        "plan",
+        "--expert-loads",
+        path,
+        "--replicas",
+        "8",
+        "--groups",
+        "2",
+        "--nodes",
+        "1",
+        "--gpus",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("expert loads[1]"), "{}", stderr(&out));
+    let out = run_shoal(&["plan", "--expert-loads", path, "--replicas", "8"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--groups"), "{}", stderr(&out));
+}
+
+#[test]
+fn invalid_parallelism_names_the_field() {
+    for (args, field) in [
+        (vec!["--pp", "15"], "parallelism.pp"),
+        (vec!["--ep", "48"], "parallelism.ep"),
+        (vec!["--micro-batches", "8"], "parallelism.micro_batches"),
+        (vec!["--schedule", "gpipe"], "parallelism.schedule"),
+        (vec!["--cluster", "100x8"], "not enough devices"),
+        (vec!["--model", "huge"], "--model huge"),
+    ] {
+        let mut all = vec!["plan"];
+        all.extend(args);
+        let out = run_shoal(&all);
+        assert_eq!(out.status.code(), Some(1), "{all:?}");
+        assert!(stderr(&out).contains(field), "{all:?}: {}", stderr(&out));
+    }
+}
