@@ -9,6 +9,7 @@
 
 pub mod eplb;
 pub mod error;
+pub mod job;
 pub mod model;
 pub mod plan;
 
