@@ -12,9 +12,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::convert;
 use crate::jobs::{JobEvent, JobRecord, JobState, Jobs};
 use crate::{CoordinatorError, Result};
+use shoal_proto::convert;
 
 /// Largest request the API accepts (a job spec is a few hundred bytes).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -81,7 +81,7 @@ impl JobService for JobApi {
             .into_inner()
             .spec
             .ok_or_else(|| CoordinatorError::invalid("spec", "is required"))?;
-        let spec = convert::job_spec(spec)?;
+        let spec = convert::job_spec(spec).map_err(CoordinatorError::from)?;
         let job_id = self.jobs.submit(spec).await?;
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }

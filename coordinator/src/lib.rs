@@ -8,7 +8,6 @@
 //! gRPC mapping, and the store (embedded backend and the conformance suite every backend runs).
 //! Node agents, scheduling and etcd come next.
 
-pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod jobs;

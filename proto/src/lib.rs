@@ -2,11 +2,14 @@
 //!
 //! The wire types of Shoal's public gRPC API, package `shoal.v1`: the job service, the cluster
 //! service and the node-agent protocol, generated from the documented `.proto` files in
-//! `proto/shoal/v1/`. Other crates convert these types to their domain types at the edge.
+//! `proto/shoal/v1/`, and their conversions to and from the domain types of `shoal-spec`
+//! ([`convert`]), which the coordinator, the node agents and the CLI use at the edge.
 //!
-//! Architecture Invariant: wire types only; no logic beyond what the code generator emits.
+//! Architecture Invariant: wire types and their conversions only; no other logic.
 
 #![allow(missing_docs, clippy::doc_markdown, clippy::large_enum_variant)]
+
+pub mod convert;
 
 /// Package `shoal.v1`.
 pub mod v1 {

@@ -24,7 +24,7 @@
 //! seq_len = 256
 //! batch = 8                 # sequences per step, over all data-parallel ranks
 //! lr = 1e-3                 # peak learning rate
-//! warmup_steps = 0
+//! warmup_steps = 3         # default: 5% of the steps, between 1 and 100
 //! min_lr_ratio = 0.1        # cosine decay to lr * min_lr_ratio
 //! gamma = 0.001             # bias update speed
 //! alpha = 0.0001            # sequence-wise balance loss weight
@@ -114,8 +114,8 @@ pub struct TrainingSpec {
     pub batch: usize,
     /// Peak learning rate.
     pub lr: f64,
-    /// Linear warm-up steps.
-    pub warmup_steps: u64,
+    /// Linear warm-up steps (absent: 5% of the steps, between 1 and 100).
+    pub warmup_steps: Option<u64>,
     /// The cosine decay ends at `lr * min_lr_ratio`.
     pub min_lr_ratio: f64,
     /// Bias update speed of auxiliary-loss-free balancing.
@@ -135,7 +135,7 @@ impl Default for TrainingSpec {
             seq_len: 256,
             batch: 8,
             lr: 1e-3,
-            warmup_steps: 0,
+            warmup_steps: None,
             min_lr_ratio: 0.1,
             gamma: 0.001,
             alpha: 0.0001,
@@ -346,10 +346,10 @@ impl JobSpec {
                 ));
             }
         }
-        if t.warmup_steps > t.steps {
+        if let Some(w) = t.warmup_steps.filter(|w| *w > t.steps) {
             return Err(bad(
                 "training.warmup_steps",
-                format!("{} exceeds training.steps {}", t.warmup_steps, t.steps),
+                format!("{w} exceeds training.steps {}", t.steps),
             ));
         }
         if self.data.source.trim().is_empty() {

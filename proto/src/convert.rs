@@ -1,14 +1,17 @@
-//! Conversions between the wire types of `shoal.v1` and the domain types, at the API's edge.
+//! Conversions between the wire types of `shoal.v1` and the domain types of `shoal-spec`, used at
+//! the API's edge by the coordinator, the node agents and the CLI.
 //! Absent sub-messages take the job file's defaults; enum values out of range are refused with
 //! the field path.
 
-use shoal_proto::v1 as pb;
+use crate::v1 as pb;
 use shoal_spec::job::{
     CheckpointSpec, DataSpec, ElasticitySpec, JobSpec, ParallelismSpec, Precision, TokenDtype,
     TrainingSpec,
 };
 
-use crate::{CoordinatorError, Result};
+use shoal_spec::SpecError;
+
+type Result<T> = std::result::Result<T, SpecError>;
 
 fn usize_of(v: u32) -> usize {
     v as usize
@@ -21,7 +24,7 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
         Ok(pb::Precision::Fp32) => Precision::Fp32,
         Ok(pb::Precision::Bf16) => Precision::Bf16,
         Err(_) => {
-            return Err(CoordinatorError::invalid(
+            return Err(SpecError::invalid(
                 "spec.precision",
                 format!("unknown value {}", p.precision),
             ));
@@ -63,7 +66,7 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
                 Ok(pb::TokenDtype::U16) => TokenDtype::U16,
                 Ok(pb::TokenDtype::U32) => TokenDtype::U32,
                 Err(_) => {
-                    return Err(CoordinatorError::invalid(
+                    return Err(SpecError::invalid(
                         "spec.data.dtype",
                         format!("unknown value {}", d.dtype),
                     ));
@@ -107,7 +110,7 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
 }
 
 fn u32_of(field: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| CoordinatorError::invalid(field, format!("{v} exceeds u32")))
+    u32::try_from(v).map_err(|_| SpecError::invalid(field, format!("{v} exceeds u32")))
 }
 
 /// A domain spec on the wire.
