@@ -25,6 +25,48 @@ enum Command {
     /// Place a job on a cluster (stages, EP groups, memory, bubble), or balance experts from
     /// measured loads (EPLB).
     Plan(cmd::plan::PlanArgs),
+    /// Run the coordinator (job API, scheduling, membership) until Ctrl-C.
+    Coordinator(cmd::cluster::CoordinatorArgs),
+    /// Run a node agent: attach to the coordinator and run the jobs it assigns.
+    Worker(cmd::cluster::WorkerArgs),
+    /// Submit a TOML job file; prints the job id.
+    Submit {
+        /// The job file.
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// List jobs.
+    Jobs {
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// One job's state.
+    Status {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// Follow a job until it ends (non-zero exit unless it succeeded).
+    Watch {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// List the cluster's nodes.
+    Nodes {
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
     /// Run a benchmark suite.
     Bench {
         #[command(subcommand)]
@@ -47,6 +89,14 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd::train::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
+        Command::Coordinator(args) => cmd::cluster::coordinator(&args),
+        Command::Worker(args) => cmd::cluster::worker(&args),
+        Command::Submit { file, target } => cmd::cluster::submit(&file, &target),
+        Command::Jobs { target } => cmd::cluster::jobs(&target),
+        Command::Status { job, target } => cmd::cluster::status(&job, &target),
+        Command::Watch { job, target } => cmd::cluster::watch(&job, &target),
+        Command::Cancel { job, target } => cmd::cluster::cancel(&job, &target),
+        Command::Nodes { target } => cmd::cluster::nodes(&target),
         Command::Bench {
             suite: BenchSuite::Kernels(args),
         } => bench::kernels::run(&args),

@@ -12,9 +12,13 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use crate::jobs::{JobEvent, JobRecord, JobState, Jobs};
+use crate::actor::{Control, NodeView, Registration};
+use crate::jobs::{JobEvent, JobRecord, JobState};
+use crate::nodes::NodeState;
 use crate::{CoordinatorError, Result};
 use shoal_proto::convert;
+use shoal_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+use shoal_proto::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
 
 /// Largest request the API accepts (a job spec is a few hundred bytes).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -39,7 +43,16 @@ fn job_to_wire(r: &JobRecord) -> Result<pb::Job> {
         reason: r.reason.clone(),
         step: r.step,
         loss: f64::NAN,
-        placement: Vec::new(),
+        placement: r
+            .placement
+            .iter()
+            .map(|p| pb::RankPlacement {
+                pp_rank: p.pp_rank as u32,
+                dp_rank: p.dp_rank as u32,
+                node: p.node.clone(),
+                device: p.device as u32,
+            })
+            .collect(),
         submitted_unix_ms: r.submitted_unix_ms(),
         updated_unix_ms: r.updated_unix_ms(),
     })
@@ -56,23 +69,23 @@ fn state_event(job_id: &str, state: JobState, reason: &str, unix_ms: u64) -> pb:
     }
 }
 
-/// The job service over the jobs actor.
+/// The job, cluster and agent services over the control actor.
 #[derive(Clone, Debug)]
-pub struct JobApi {
-    jobs: Jobs,
+pub struct Api {
+    jobs: Control,
 }
 
-impl JobApi {
-    /// Serves `jobs`.
-    pub fn new(jobs: Jobs) -> Self {
-        Self { jobs }
+impl Api {
+    /// Serves `control`.
+    pub fn new(control: Control) -> Self {
+        Self { jobs: control }
     }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl JobService for JobApi {
+impl JobService for Api {
     async fn submit_job(
         &self,
         req: Request<pb::SubmitJobRequest>,
@@ -137,6 +150,16 @@ impl JobService for JobApi {
                             return;
                         }
                     }
+                    Ok(JobEvent::Step(m)) => {
+                        let ev = pb::JobEvent {
+                            job_id: rec.id.clone(),
+                            unix_ms: crate::jobs::now_ms(),
+                            event: Some(pb::job_event::Event::Step(m)),
+                        };
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         let msg = format!("watcher fell {n} events behind; watch again");
                         let _ = tx.send(Err(Status::data_loss(msg))).await;
@@ -152,25 +175,149 @@ impl JobService for JobApi {
     }
 }
 
+fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Healthy => pb::NodeState::Healthy,
+        NodeState::Cordoned => pb::NodeState::Cordoned,
+        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Failed => pb::NodeState::Failed,
+        NodeState::Spare => pb::NodeState::Spare,
+    }
+}
+
+fn node_to_wire(v: &NodeView) -> pb::Node {
+    pb::Node {
+        name: v.record.name.clone(),
+        state: node_state(v.record.state) as i32,
+        devices: (0..v.record.devices)
+            .map(|i| pb::Device {
+                index: i as u32,
+                kind: pb::DeviceKind::Cpu as i32,
+                name: "cpu".into(),
+                memory_bytes: 0,
+                job_id: v.busy.get(&i).cloned().unwrap_or_default(),
+            })
+            .collect(),
+        nvlink_domain: v.record.nvlink_domain.clone(),
+        ib_rail: v.record.ib_rail,
+        epoch: v.record.epoch,
+        last_heartbeat_unix_ms: v.last_heartbeat_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.jobs.nodes().await?.iter().map(node_to_wire).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn cordon_node(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let v = self.jobs.cordon(&req.into_inner().name, false).await?;
+        Ok(Response::new(node_to_wire(&v)))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let v = self.jobs.cordon(&req.into_inner().name, true).await?;
+        Ok(Response::new(node_to_wire(&v)))
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    type AttachStream = SessionStream;
+
+    async fn attach(
+        &self,
+        req: Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?;
+        let Some(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Register(reg)),
+        }) = first
+        else {
+            return Err(
+                CoordinatorError::invalid("attach", "the first message must be Register").into(),
+            );
+        };
+        let node = reg.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let epoch = self
+            .jobs
+            .register(
+                Registration {
+                    node: reg.node,
+                    devices: reg.devices.len(),
+                    nvlink_domain: reg.nvlink_domain,
+                    ib_rail: reg.ib_rail,
+                    spare: reg.spare,
+                },
+                tx,
+            )
+            .await?;
+        let control = self.jobs.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::AgentMessage { msg: Some(m) })) => match m {
+                        pb::agent_message::Msg::Heartbeat(_) => {
+                            control.heartbeat(&node, epoch).await
+                        }
+                        pb::agent_message::Msg::Status(s) => control.status(&node, epoch, s).await,
+                        pb::agent_message::Msg::Register(_) => {
+                            tracing::warn!(node = %node, "a second Register on one session is ignored");
+                        }
+                    },
+                    Ok(Some(pb::AgentMessage { msg: None })) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            control.disconnected(&node, epoch).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    jobs: Jobs,
+    jobs: Control,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<JobServiceServer<Api>>().await;
     health_reporter
-        .set_serving::<JobServiceServer<JobApi>>()
+        .set_serving::<ClusterServiceServer<Api>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Store(format!("reflection: {e}")))?;
-    let api = JobServiceServer::new(JobApi::new(jobs)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let api = Api::new(jobs);
+    let job_api = JobServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let cluster_api =
+        ClusterServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let agent_api = AgentServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(api)
+        .add_service(job_api)
+        .add_service(cluster_api)
+        .add_service(agent_api)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| CoordinatorError::Store(format!("grpc server: {e}")))

@@ -8,9 +8,11 @@
 //! gRPC mapping, and the store (embedded backend and the conformance suite every backend runs).
 //! Node agents, scheduling and etcd come next.
 
+pub mod actor;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod nodes;
 pub mod store;
 
 pub use error::{CoordinatorError, Result};

@@ -1,7 +1,7 @@
 //! The job API over real gRPC on loopback, against the embedded store.
 
+use shoal_coordinator::actor::{Control, NO_NODES};
 use shoal_coordinator::grpc;
-use shoal_coordinator::jobs::{Jobs, NO_NODES};
 use shoal_coordinator::store::EmbeddedStore;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::job_service_client::JobServiceClient;
@@ -17,7 +17,7 @@ struct Server {
 
 async fn start(path: &std::path::Path) -> Server {
     let store = EmbeddedStore::open(path).expect("store");
-    let (jobs, actor) = Jobs::start(store).await.expect("jobs");
+    let (jobs, actor) = Control::start(store).await.expect("jobs");
     let listener = grpc::bind("127.0.0.1:0".parse().expect("addr"))
         .await
         .expect("bind");

@@ -74,18 +74,13 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
             },
         },
     };
-    let checkpointing = p.checkpointing.map_or(
-        CheckpointSpec {
-            dir: String::new(),
-            interval: 0,
-            keep: 3,
-        },
-        |c| CheckpointSpec {
+    let checkpointing = p
+        .checkpointing
+        .map_or_else(CheckpointSpec::default, |c| CheckpointSpec {
             dir: c.dir,
             interval: c.interval,
             keep: usize_of(c.keep),
-        },
-    );
+        });
     let elasticity = p
         .elasticity
         .map_or_else(ElasticitySpec::default, |e| ElasticitySpec {

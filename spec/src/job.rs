@@ -165,7 +165,7 @@ impl Default for DataSpec {
 }
 
 /// Checkpoints.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointSpec {
     /// Directory; empty means `runs/<name>`.
@@ -174,6 +174,16 @@ pub struct CheckpointSpec {
     pub interval: u64,
     /// Committed checkpoints to keep (at least 1).
     pub keep: usize,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            interval: 0,
+            keep: 3,
+        }
+    }
 }
 
 /// How far the data-parallel width may shrink or grow.
@@ -211,7 +221,7 @@ pub struct JobSpec {
     #[serde(default)]
     pub data: DataSpec,
     /// Checkpoints.
-    #[serde(default = "default_checkpointing")]
+    #[serde(default)]
     pub checkpointing: CheckpointSpec,
     /// Elastic data parallelism.
     #[serde(default)]
@@ -220,14 +230,6 @@ pub struct JobSpec {
 
 fn default_model() -> String {
     "tiny".into()
-}
-
-fn default_checkpointing() -> CheckpointSpec {
-    CheckpointSpec {
-        dir: String::new(),
-        interval: 0,
-        keep: 3,
-    }
 }
 
 fn bad(field: &str, reason: impl Into<String>) -> SpecError {
@@ -392,6 +394,12 @@ mod tests {
 
     #[test]
     fn defaults_fill_a_minimal_file_and_validate() {
+        let partial =
+            JobSpec::from_toml("name = \"p\"\n[checkpointing]\ndir = \"d\"", "p").unwrap();
+        assert_eq!(
+            partial.checkpointing.keep, 3,
+            "a partial section keeps the other defaults"
+        );
         let job = minimal();
         assert_eq!(job.model, "tiny");
         assert_eq!(job.precision, Precision::Fp8);
@@ -509,7 +517,7 @@ mod tests {
                 parallelism: ParallelismSpec { pp, dp, ep, schedule: schedule.into(), micro_batches: mb },
                 training: TrainingSpec { steps, seq_len: seq, batch, lr, ..TrainingSpec::default() },
                 data: DataSpec::default(),
-                checkpointing: default_checkpointing(),
+                checkpointing: CheckpointSpec::default(),
                 elasticity: ElasticitySpec { min_dp, max_dp },
             };
             let model = ModelConfig::tiny();

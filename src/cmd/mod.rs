@@ -1,5 +1,6 @@
 //! Subcommands of the `shoal` CLI.
 
+pub mod cluster;
 pub mod eval;
 pub mod plan;
 pub mod train;

@@ -5,9 +5,11 @@
 //! and communication join it with the distributed-execution work. It meets the coordinator over
 //! gRPC only and never depends on `shoal-coordinator`.
 
+pub mod agent;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod job;
 pub mod model;
 pub mod train;
 

@@ -1,0 +1,824 @@
+//! The control actor: it owns every job and node record, the node agents' sessions and the
+//! scheduler. Handlers reach it through the cloneable [`Control`] handle (a bounded mailbox; each
+//! request carries a oneshot reply). Every change is written to the store before anyone hears of
+//! it.
+//!
+//! Scheduling is gang scheduling over a queue ordered by priority, then submission: the head job
+//! starts only when all its ranks can be placed (by `shoal_spec::plan`) on free devices of healthy
+//! nodes; until then it stays Pending with the reason, and the jobs behind it wait behind it.
+
+use std::collections::BTreeMap;
+
+use shoal_proto::v1 as pb;
+use shoal_spec::job::JobSpec;
+use shoal_spec::plan::{Cluster, NOT_ENOUGH_DEVICES};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tonic::Status;
+
+use crate::jobs::{
+    JobEvent, JobRecord, JobState, Placed, Transition, encode, now_ms, resolve_model, validate,
+};
+use crate::nodes::{NodeRecord, NodeState};
+use crate::store::{Expect, Store};
+use crate::{CoordinatorError, Result};
+
+/// Mailbox size of the control actor.
+const MAILBOX: usize = 1024;
+
+/// Why a job waits when no node is registered.
+pub const NO_NODES: &str = "waiting for devices: no worker nodes are registered";
+
+/// Heartbeat interval agents are told to keep.
+pub const HEARTBEAT_MS: u32 = 500;
+
+/// The sending half of an agent's session stream.
+pub type Session = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+/// A registration, as the agent sent it.
+#[derive(Debug)]
+pub struct Registration {
+    /// Node name.
+    pub node: String,
+    /// Devices.
+    pub devices: usize,
+    /// NVLink domain.
+    pub nvlink_domain: String,
+    /// InfiniBand rail.
+    pub ib_rail: u32,
+    /// Offered as a spare.
+    pub spare: bool,
+}
+
+#[derive(Debug)]
+enum Msg {
+    Submit(Box<JobSpec>, oneshot::Sender<Result<String>>),
+    Get(String, oneshot::Sender<Result<JobRecord>>),
+    List(oneshot::Sender<Vec<JobRecord>>),
+    Cancel(String, oneshot::Sender<Result<JobRecord>>),
+    Watch(
+        String,
+        oneshot::Sender<Result<(JobRecord, broadcast::Receiver<JobEvent>)>>,
+    ),
+    Register(Registration, Session, oneshot::Sender<Result<u64>>),
+    Heartbeat(String, u64),
+    Status(String, u64, pb::AssignmentStatus),
+    Disconnected(String, u64),
+    Nodes(oneshot::Sender<Vec<NodeView>>),
+    Cordon(String, bool, oneshot::Sender<Result<NodeView>>),
+}
+
+/// A node with its live state.
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    /// The stored record.
+    pub record: NodeRecord,
+    /// Device index -> job, for busy devices.
+    pub busy: BTreeMap<usize, String>,
+    /// Last heartbeat, ms since the Unix epoch (0 if none this session).
+    pub last_heartbeat_ms: u64,
+}
+
+/// A cloneable handle to the control actor.
+#[derive(Clone, Debug)]
+pub struct Control {
+    tx: mpsc::Sender<Msg>,
+}
+
+struct NodeEntry {
+    record: NodeRecord,
+    revision: u64,
+    session: Option<Session>,
+    busy: BTreeMap<usize, String>,
+    last_heartbeat_ms: u64,
+}
+
+struct Actor<S> {
+    store: S,
+    /// id -> (record, store revision).
+    jobs: BTreeMap<String, (JobRecord, u64)>,
+    seq: u64,
+    watchers: BTreeMap<String, broadcast::Sender<JobEvent>>,
+    nodes: BTreeMap<String, NodeEntry>,
+}
+
+impl Control {
+    /// Loads jobs and nodes from `store` and starts the actor on the current runtime. Nodes start
+    /// Failed until their agents attach again; jobs that were placed are failed ("coordinator
+    /// restarted") since their agents' sessions are gone. The actor ends (releasing the store)
+    /// once every handle is dropped; the returned task resolves then.
+    pub async fn start<S: Store>(store: S) -> Result<(Self, tokio::task::JoinHandle<()>)> {
+        let mut jobs = BTreeMap::new();
+        let mut seq = 0;
+        for (key, v) in store.list("jobs/").await? {
+            let rec: JobRecord = decode(&key, &v.value)?;
+            seq = seq.max(rec.seq);
+            jobs.insert(rec.id.clone(), (rec, v.revision));
+        }
+        let mut nodes = BTreeMap::new();
+        for (key, v) in store.list("nodes/").await? {
+            let mut record: NodeRecord = decode(&key, &v.value)?;
+            record.state = NodeState::Failed;
+            nodes.insert(
+                record.name.clone(),
+                NodeEntry {
+                    record,
+                    revision: v.revision,
+                    session: None,
+                    busy: BTreeMap::new(),
+                    last_heartbeat_ms: 0,
+                },
+            );
+        }
+        tracing::info!(jobs = jobs.len(), nodes = nodes.len(), "loaded the store");
+        let (tx, rx) = mpsc::channel(MAILBOX);
+        let mut actor = Actor {
+            store,
+            jobs,
+            seq,
+            watchers: BTreeMap::new(),
+            nodes,
+        };
+        let placed: Vec<String> = actor
+            .jobs
+            .values()
+            .filter(|(r, _)| matches!(r.state, JobState::Scheduling | JobState::Running))
+            .map(|(r, _)| r.id.clone())
+            .collect();
+        for id in placed {
+            actor
+                .transition(
+                    &id,
+                    JobState::Failed,
+                    "coordinator restarted while the job ran",
+                )
+                .await?;
+        }
+        let task = tokio::spawn(actor.run(rx));
+        Ok((Self { tx }, task))
+    }
+
+    async fn ask<T>(&self, msg: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(msg(tx))
+            .await
+            .map_err(|_| CoordinatorError::Unavailable)?;
+        rx.await.map_err(|_| CoordinatorError::Unavailable)
+    }
+
+    async fn tell(&self, msg: Msg) {
+        if self.tx.send(msg).await.is_err() {
+            tracing::debug!("control actor gone");
+        }
+    }
+
+    /// Validates and queues a job; returns its id.
+    pub async fn submit(&self, spec: JobSpec) -> Result<String> {
+        validate(&spec)?;
+        self.ask(|tx| Msg::Submit(Box::new(spec), tx)).await?
+    }
+
+    /// One job.
+    pub async fn get(&self, id: &str) -> Result<JobRecord> {
+        self.ask(|tx| Msg::Get(id.to_string(), tx)).await?
+    }
+
+    /// Every job in submission order.
+    pub async fn list(&self) -> Result<Vec<JobRecord>> {
+        self.ask(Msg::List).await
+    }
+
+    /// Cancels a job (a finished job stays as it is).
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
+        self.ask(|tx| Msg::Cancel(id.to_string(), tx)).await?
+    }
+
+    /// The job now and a receiver of its later events.
+    pub async fn watch(&self, id: &str) -> Result<(JobRecord, broadcast::Receiver<JobEvent>)> {
+        self.ask(|tx| Msg::Watch(id.to_string(), tx)).await?
+    }
+
+    /// Opens a node's session; returns its epoch. The actor sends `Registered` on `session`
+    /// before anything else.
+    pub async fn register(&self, reg: Registration, session: Session) -> Result<u64> {
+        self.ask(|tx| Msg::Register(reg, session, tx)).await?
+    }
+
+    /// A heartbeat of a session.
+    pub async fn heartbeat(&self, node: &str, epoch: u64) {
+        self.tell(Msg::Heartbeat(node.to_string(), epoch)).await;
+    }
+
+    /// An assignment's status from a session.
+    pub async fn status(&self, node: &str, epoch: u64, s: pb::AssignmentStatus) {
+        self.tell(Msg::Status(node.to_string(), epoch, s)).await;
+    }
+
+    /// A session ended.
+    pub async fn disconnected(&self, node: &str, epoch: u64) {
+        self.tell(Msg::Disconnected(node.to_string(), epoch)).await;
+    }
+
+    /// Every node, by name.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.ask(Msg::Nodes).await
+    }
+
+    /// Cordons a node (`drain`: and moves its jobs off it, back to the queue).
+    pub async fn cordon(&self, node: &str, drain: bool) -> Result<NodeView> {
+        self.ask(|tx| Msg::Cordon(node.to_string(), drain, tx))
+            .await?
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| CoordinatorError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn not_found(kind: &'static str, id: &str) -> CoordinatorError {
+    CoordinatorError::NotFound {
+        kind,
+        id: id.to_string(),
+    }
+}
+
+fn view(e: &NodeEntry) -> NodeView {
+    NodeView {
+        record: e.record.clone(),
+        busy: e.busy.clone(),
+        last_heartbeat_ms: e.last_heartbeat_ms,
+    }
+}
+
+impl<S: Store> Actor<S> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        while let Some(msg) = rx.recv().await {
+            if let Err(e) = self.handle(msg).await {
+                tracing::error!(error = %e, "control actor");
+            }
+        }
+    }
+
+    async fn handle(&mut self, msg: Msg) -> Result<()> {
+        match msg {
+            Msg::Submit(spec, reply) => {
+                let r = self.submit(*spec).await;
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                if ok {
+                    self.schedule().await?;
+                }
+            }
+            Msg::Get(id, reply) => {
+                let _ = reply.send(self.record(&id).cloned());
+            }
+            Msg::List(reply) => {
+                let mut all: Vec<JobRecord> = self.jobs.values().map(|(r, _)| r.clone()).collect();
+                all.sort_by_key(|r| r.seq);
+                let _ = reply.send(all);
+            }
+            Msg::Cancel(id, reply) => {
+                let r = self.cancel(&id).await;
+                let _ = reply.send(r);
+                self.schedule().await?;
+            }
+            Msg::Watch(id, reply) => {
+                let answer = self.record(&id).cloned().map(|rec| {
+                    let rx = self
+                        .watchers
+                        .entry(id)
+                        .or_insert_with(|| broadcast::channel(1024).0)
+                        .subscribe();
+                    (rec, rx)
+                });
+                let _ = reply.send(answer);
+            }
+            Msg::Register(reg, session, reply) => {
+                let r = self.register(reg, session).await;
+                let ok = r.is_ok();
+                let _ = reply.send(r);
+                if ok {
+                    self.schedule().await?;
+                }
+            }
+            Msg::Heartbeat(node, epoch) => {
+                if let Some(e) = self
+                    .nodes
+                    .get_mut(&node)
+                    .filter(|e| e.record.epoch == epoch)
+                {
+                    e.last_heartbeat_ms = now_ms();
+                }
+            }
+            Msg::Status(node, epoch, s) => {
+                let current = self
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|e| e.record.epoch == epoch && e.session.is_some());
+                if current {
+                    self.job_status(s).await?;
+                }
+            }
+            Msg::Disconnected(node, epoch) => {
+                self.disconnected(&node, epoch).await?;
+                self.schedule().await?;
+            }
+            Msg::Nodes(reply) => {
+                let _ = reply.send(self.nodes.values().map(view).collect());
+            }
+            Msg::Cordon(node, drain, reply) => {
+                let r = self.cordon(&node, drain).await;
+                let _ = reply.send(r);
+                self.schedule().await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, id: &str) -> Result<&JobRecord> {
+        self.jobs
+            .get(id)
+            .map(|(r, _)| r)
+            .ok_or_else(|| not_found("job", id))
+    }
+
+    async fn submit(&mut self, spec: JobSpec) -> Result<String> {
+        let seq = self.seq + 1;
+        let id = format!("job-{seq}");
+        let reason = NO_NODES.to_string();
+        let rec = JobRecord {
+            id: id.clone(),
+            seq,
+            spec,
+            state: JobState::Pending,
+            reason: reason.clone(),
+            step: 0,
+            history: vec![Transition {
+                state: JobState::Pending,
+                reason,
+                unix_ms: now_ms(),
+            }],
+            placement: Vec::new(),
+        };
+        let rev = match self
+            .store
+            .compare_and_set(&format!("jobs/{id}"), Expect::Absent, encode(&rec)?)
+            .await?
+        {
+            Ok(rev) => rev,
+            Err(_) => {
+                return Err(CoordinatorError::Store(format!(
+                    "job id {id} already taken in the store (another coordinator?)"
+                )));
+            }
+        };
+        self.seq = seq;
+        tracing::info!(job = %id, name = %rec.spec.name, "job submitted");
+        self.jobs.insert(id.clone(), (rec, rev));
+        Ok(id)
+    }
+
+    /// Writes a job record (compare-and-set on its revision).
+    async fn save(&mut self, rec: JobRecord) -> Result<()> {
+        let rev = self
+            .jobs
+            .get(&rec.id)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| not_found("job", &rec.id))?;
+        let new_rev = self
+            .store
+            .compare_and_set(
+                &format!("jobs/{}", rec.id),
+                Expect::Revision(rev),
+                encode(&rec)?,
+            )
+            .await?
+            .map_err(|_| {
+                CoordinatorError::Store(format!(
+                    "job {} was changed in the store by someone else",
+                    rec.id
+                ))
+            })?;
+        self.jobs.insert(rec.id.clone(), (rec, new_rev));
+        Ok(())
+    }
+
+    fn notify(&mut self, id: &str, ev: JobEvent, last: bool) {
+        if let Some(w) = self.watchers.get(id) {
+            let _ = w.send(ev);
+        }
+        if last {
+            self.watchers.remove(id);
+        }
+    }
+
+    /// Moves a job to `to`: persisted first, then watchers hear of it. Leaving a placed state
+    /// frees the job's devices.
+    async fn transition(&mut self, id: &str, to: JobState, reason: &str) -> Result<JobRecord> {
+        let mut rec = self.record(id)?.clone();
+        if !rec.state.allows(to) {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "job {id} cannot go from {:?} to {to:?}",
+                rec.state
+            )));
+        }
+        let t = Transition {
+            state: to,
+            reason: reason.to_string(),
+            unix_ms: now_ms(),
+        };
+        rec.state = to;
+        rec.reason = reason.to_string();
+        rec.history.push(t.clone());
+        let placed = matches!(to, JobState::Scheduling | JobState::Running);
+        if !placed {
+            // Free the devices; a finished job keeps its placement on record, a requeued one
+            // will get a new one.
+            for p in &rec.placement {
+                if let Some(n) = self.nodes.get_mut(&p.node)
+                    && n.busy.get(&p.device) == Some(&rec.id)
+                {
+                    n.busy.remove(&p.device);
+                }
+            }
+            if to == JobState::Pending {
+                rec.placement.clear();
+            }
+        }
+        self.save(rec.clone()).await?;
+        tracing::info!(job = %id, state = ?to, reason, "job state changed");
+        self.notify(id, JobEvent::State(t), to.is_final());
+        Ok(rec)
+    }
+
+    /// Tells every node running `rec` to stop it.
+    async fn revoke(&self, rec: &JobRecord, reason: &str) {
+        let mut nodes: Vec<&str> = rec.placement.iter().map(|p| p.node.as_str()).collect();
+        nodes.dedup();
+        for n in nodes {
+            if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {
+                let msg = pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Revoke(pb::Revoke {
+                        job_id: rec.id.clone(),
+                        reason: reason.to_string(),
+                    })),
+                };
+                let _ = s.send(Ok(msg)).await;
+            }
+        }
+    }
+
+    async fn cancel(&mut self, id: &str) -> Result<JobRecord> {
+        let rec = self.record(id)?.clone();
+        if rec.state.is_final() {
+            return Ok(rec);
+        }
+        self.revoke(&rec, "cancelled").await;
+        self.transition(id, JobState::Cancelled, "cancelled by request")
+            .await
+    }
+
+    async fn save_node(&mut self, name: &str) -> Result<()> {
+        let Some(e) = self.nodes.get(name) else {
+            return Err(not_found("node", name));
+        };
+        let bytes = serde_json::to_vec(&e.record)
+            .map_err(|err| CoordinatorError::Store(format!("encode node: {err}")))?;
+        let rev = self.store.put(&format!("nodes/{name}"), bytes).await?;
+        if let Some(e) = self.nodes.get_mut(name) {
+            e.revision = rev;
+        }
+        Ok(())
+    }
+
+    async fn register(&mut self, reg: Registration, session: Session) -> Result<u64> {
+        crate::nodes::check_name(&reg.node)
+            .map_err(|r| CoordinatorError::invalid("register.node", r))?;
+        if reg.devices == 0 {
+            return Err(CoordinatorError::invalid(
+                "register.devices",
+                "a node needs at least one device",
+            ));
+        }
+        // A fresh epoch, written with compare-and-set so two coordinators cannot hand out the
+        // same one.
+        let key = format!("nodes/{}", reg.node);
+        let (old_epoch, expect) = match self.store.get(&key).await? {
+            Some(v) => {
+                let rec: NodeRecord = decode(&key, &v.value)?;
+                (rec.epoch, Expect::Revision(v.revision))
+            }
+            None => (0, Expect::Absent),
+        };
+        let epoch = old_epoch + 1;
+        let record = NodeRecord {
+            name: reg.node.clone(),
+            devices: reg.devices,
+            nvlink_domain: reg.nvlink_domain,
+            ib_rail: reg.ib_rail,
+            epoch,
+            state: if reg.spare {
+                NodeState::Spare
+            } else {
+                NodeState::Healthy
+            },
+        };
+        let bytes = serde_json::to_vec(&record)
+            .map_err(|e| CoordinatorError::Store(format!("encode node: {e}")))?;
+        let revision = self
+            .store
+            .compare_and_set(&key, expect, bytes)
+            .await?
+            .map_err(|_| {
+                CoordinatorError::Store(format!("node {} registered concurrently", reg.node))
+            })?;
+        // Fence the old session: its jobs fail, its stream closes.
+        if let Some(old) = self.nodes.remove(&reg.node) {
+            if old.session.is_some() {
+                tracing::warn!(node = %reg.node, old = old.record.epoch, new = epoch, "node registered again; fencing the old session");
+            }
+            let jobs: Vec<String> = old.busy.values().cloned().collect();
+            for id in jobs {
+                if self.record(&id).is_ok_and(|r| !r.state.is_final()) {
+                    self.transition(
+                        &id,
+                        JobState::Failed,
+                        &format!("node {} re-registered", reg.node),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let registered = pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Registered(pb::Registered {
+                epoch,
+                heartbeat_interval_ms: HEARTBEAT_MS,
+            })),
+        };
+        if session.send(Ok(registered)).await.is_err() {
+            return Err(CoordinatorError::Unavailable);
+        }
+        tracing::info!(node = %reg.node, epoch, devices = reg.devices, "node registered");
+        self.nodes.insert(
+            reg.node.clone(),
+            NodeEntry {
+                record,
+                revision,
+                session: Some(session),
+                busy: BTreeMap::new(),
+                last_heartbeat_ms: now_ms(),
+            },
+        );
+        Ok(epoch)
+    }
+
+    async fn disconnected(&mut self, node: &str, epoch: u64) -> Result<()> {
+        let Some(e) = self.nodes.get_mut(node) else {
+            return Ok(());
+        };
+        if e.record.epoch != epoch {
+            return Ok(()); // an older, fenced session
+        }
+        e.session = None;
+        e.record.state = NodeState::Failed;
+        let jobs: Vec<String> = e.busy.values().cloned().collect();
+        tracing::warn!(node, epoch, "node agent disconnected");
+        self.save_node(node).await?;
+        let mut seen = Vec::new();
+        for id in jobs {
+            if seen.contains(&id) {
+                continue;
+            }
+            seen.push(id.clone());
+            if self.record(&id).is_ok_and(|r| !r.state.is_final()) {
+                let rec = self.record(&id)?.clone();
+                self.revoke(&rec, "a node of the job failed").await;
+                self.transition(&id, JobState::Failed, &format!("node {node} lost"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn cordon(&mut self, node: &str, drain: bool) -> Result<NodeView> {
+        let e = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| not_found("node", node))?;
+        e.record.state = if drain {
+            NodeState::Draining
+        } else {
+            NodeState::Cordoned
+        };
+        let jobs: Vec<String> = e.busy.values().cloned().collect();
+        self.save_node(node).await?;
+        if drain {
+            let mut seen = Vec::new();
+            for id in jobs {
+                if seen.contains(&id) {
+                    continue;
+                }
+                seen.push(id.clone());
+                let rec = self.record(&id)?.clone();
+                if rec.state.is_final() {
+                    continue;
+                }
+                self.revoke(&rec, "node drained").await;
+                // Back to the queue; it starts again from step 0 until checkpoint restore lands.
+                let reason = format!("node {node} drained; requeued");
+                if rec.state == JobState::Running {
+                    self.transition(&id, JobState::Recovering, &reason).await?;
+                }
+                self.transition(&id, JobState::Pending, &reason).await?;
+            }
+        }
+        let e = self
+            .nodes
+            .get(node)
+            .ok_or_else(|| not_found("node", node))?;
+        Ok(view(e))
+    }
+
+    async fn job_status(&mut self, s: pb::AssignmentStatus) -> Result<()> {
+        let Ok(rec) = self.record(&s.job_id).cloned() else {
+            return Ok(());
+        };
+        if rec.state.is_final() {
+            return Ok(());
+        }
+        match pb::JobState::try_from(s.state) {
+            Ok(pb::JobState::Running) => {
+                if rec.state == JobState::Scheduling {
+                    self.transition(&rec.id, JobState::Running, "").await?;
+                }
+                if let Some(m) = s.step {
+                    let mut r = self.record(&rec.id)?.clone();
+                    r.step = m.step;
+                    // Steps are not persisted one by one; the record catches up at the next
+                    // state change.
+                    if let Some(entry) = self.jobs.get_mut(&rec.id) {
+                        entry.0 = r;
+                    }
+                    self.notify(&rec.id, JobEvent::Step(m), false);
+                }
+            }
+            Ok(pb::JobState::Succeeded) => {
+                if rec.state == JobState::Scheduling {
+                    self.transition(&rec.id, JobState::Running, "").await?;
+                }
+                self.transition(&rec.id, JobState::Succeeded, "").await?;
+                self.schedule().await?;
+            }
+            Ok(pb::JobState::Failed) => {
+                let rec = self.record(&rec.id)?.clone();
+                self.revoke(&rec, "another rank failed").await;
+                self.transition(&rec.id, JobState::Failed, &s.reason)
+                    .await?;
+                self.schedule().await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Places queued jobs, head first, while they fit.
+    fn schedule(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            let mut queue: Vec<(i32, u64, String)> = self
+                .jobs
+                .values()
+                .filter(|(r, _)| r.state == JobState::Pending)
+                .map(|(r, _)| (-r.spec.priority, r.seq, r.id.clone()))
+                .collect();
+            queue.sort();
+            let mut blocked_by: Option<String> = None;
+            for (_, _, id) in queue {
+                if let Some(head) = &blocked_by {
+                    let reason = format!("queued behind {head}");
+                    self.set_reason(&id, &reason).await?;
+                    continue;
+                }
+                match self.try_place(&id).await? {
+                    Ok(()) => {}
+                    Err(reason) => {
+                        self.set_reason(&id, &reason).await?;
+                        blocked_by = Some(id);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn set_reason(&mut self, id: &str, reason: &str) -> Result<()> {
+        let mut rec = self.record(id)?.clone();
+        if rec.reason == reason {
+            return Ok(());
+        }
+        rec.reason = reason.to_string();
+        self.save(rec).await
+    }
+
+    /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
+    async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
+        let rec = self.record(id)?.clone();
+        let usable: Vec<(&String, Vec<usize>)> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.record.state == NodeState::Healthy && e.session.is_some())
+            .map(|(name, e)| {
+                let free: Vec<usize> = (0..e.record.devices)
+                    .filter(|d| !e.busy.contains_key(d))
+                    .collect();
+                (name, free)
+            })
+            .filter(|(_, free)| !free.is_empty())
+            .collect();
+        if self.nodes.values().all(|e| e.session.is_none()) {
+            return Ok(Err(NO_NODES.to_string()));
+        }
+        let model = match resolve_model(&rec.spec.model) {
+            Ok(m) => m,
+            Err(e) => {
+                self.transition(id, JobState::Failed, &e.to_string())
+                    .await?;
+                return Ok(Ok(()));
+            }
+        };
+        let par = rec.spec.parallelism()?;
+        let cluster = Cluster {
+            nodes: usable
+                .iter()
+                .map(|(n, free)| ((*n).clone(), free.len()))
+                .collect(),
+        };
+        let plan = match shoal_spec::plan::plan(&model, &par, &cluster) {
+            Ok(p) => p,
+            Err(e) if e.to_string().contains(NOT_ENOUGH_DEVICES) => {
+                let free: usize = usable.iter().map(|(_, f)| f.len()).sum();
+                return Ok(Err(format!(
+                    "{NOT_ENOUGH_DEVICES}: needs {}, {free} free on healthy nodes",
+                    par.pp * par.dp
+                )));
+            }
+            Err(e) => {
+                self.transition(id, JobState::Failed, &e.to_string())
+                    .await?;
+                return Ok(Ok(()));
+            }
+        };
+        let placement: Vec<Placed> = plan
+            .ranks
+            .iter()
+            .map(|r| {
+                let (name, free) = &usable[r.node];
+                Placed {
+                    pp_rank: r.pp_rank,
+                    dp_rank: r.dp_rank,
+                    node: (*name).clone(),
+                    device: free[r.device],
+                }
+            })
+            .collect();
+        for p in &placement {
+            if let Some(n) = self.nodes.get_mut(&p.node) {
+                n.busy.insert(p.device, id.to_string());
+            }
+        }
+        let mut placed = rec.clone();
+        placed.placement = placement.clone();
+        self.save(placed).await?;
+        let reason = format!("placed on {} device(s)", placement.len());
+        let rec = self.transition(id, JobState::Scheduling, &reason).await?;
+        let wire = |p: &Placed| pb::RankPlacement {
+            pp_rank: p.pp_rank as u32,
+            dp_rank: p.dp_rank as u32,
+            node: p.node.clone(),
+            device: p.device as u32,
+        };
+        let world: Vec<pb::RankPlacement> = placement.iter().map(wire).collect();
+        let spec = shoal_proto::convert::job_spec_to_wire(&rec.spec)?;
+        let mut nodes: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
+        nodes.dedup();
+        for n in nodes {
+            let ranks = placement.iter().filter(|p| p.node == n).map(wire).collect();
+            let msg = pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::Assign(pb::Assignment {
+                    job_id: id.to_string(),
+                    spec: Some(spec.clone()),
+                    ranks,
+                    world: world.clone(),
+                })),
+            };
+            if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {
+                let _ = s.send(Ok(msg)).await;
+            }
+        }
+        Ok(Ok(()))
+    }
+}

@@ -1,0 +1,215 @@
+//! The node agent: one per node. It attaches to the coordinator with one long-lived bidirectional
+//! stream (`AgentService.Attach`), registers the node's devices, heartbeats, runs the jobs it is
+//! assigned (each on a dedicated thread, never on the async runtime) and reports their progress.
+//! When the stream breaks the coordinator knows at once; the agent then stops its jobs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use shoal_proto::convert;
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Result, WorkerError};
+
+/// What an agent offers and where it attaches.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The coordinator's URL, for example `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// This node's name (unique in the cluster).
+    pub node: String,
+    /// CPU devices to offer.
+    pub cpu_devices: u32,
+    /// Offer the node as a spare.
+    pub spare: bool,
+    /// Bearer token for registration, if the coordinator asks for one.
+    pub token: Option<String>,
+}
+
+fn transport(what: &str, e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::invalid("coordinator", format!("{what}: {e}"))
+}
+
+fn devices(n: u32) -> Vec<pb::Device> {
+    (0..n)
+        .map(|i| pb::Device {
+            index: i,
+            kind: pb::DeviceKind::Cpu as i32,
+            name: "cpu".into(),
+            memory_bytes: 0,
+            job_id: String::new(),
+        })
+        .collect()
+}
+
+fn status(
+    job_id: &str,
+    state: pb::JobState,
+    reason: String,
+    step: Option<pb::StepMetrics>,
+) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Status(pb::AssignmentStatus {
+            job_id: job_id.to_string(),
+            state: state as i32,
+            reason,
+            step,
+        })),
+    }
+}
+
+/// Runs one assignment on a dedicated thread, reporting through `out`; `stop` revokes it.
+fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<AtomicBool>) {
+    let job_id = a.job_id.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("job-{job_id}"))
+        .spawn(move || {
+            let report = |m: pb::AgentMessage| out.blocking_send(m).is_ok();
+            let spec = match a.spec.map(convert::job_spec) {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
+                    return;
+                }
+                None => {
+                    report(status(
+                        &job_id,
+                        pb::JobState::Failed,
+                        "assignment without a spec".into(),
+                        None,
+                    ));
+                    return;
+                }
+            };
+            report(status(&job_id, pb::JobState::Running, String::new(), None));
+            let result = crate::job::run(&spec, |m| {
+                let step = pb::StepMetrics {
+                    step: m.step,
+                    loss: m.loss,
+                    main_loss: m.main_loss,
+                    tokens_per_s: m.tokens as f64 / m.seconds.max(1e-9),
+                    max_vio: m.max_vio.clone(),
+                };
+                report(status(
+                    &job_id,
+                    pb::JobState::Running,
+                    String::new(),
+                    Some(step),
+                )) && !stop.load(Ordering::Relaxed)
+            });
+            let end = match result {
+                Ok(_) if stop.load(Ordering::Relaxed) => None,
+                Ok(_) => Some(status(
+                    &job_id,
+                    pb::JobState::Succeeded,
+                    String::new(),
+                    None,
+                )),
+                Err(e) => Some(status(&job_id, pb::JobState::Failed, e.to_string(), None)),
+            };
+            if let Some(m) = end {
+                report(m);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a job thread");
+    }
+}
+
+/// Attaches to the coordinator and serves it until the stream ends or `shutdown` resolves.
+pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(|e| transport(&cfg.coordinator, e))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| transport(&cfg.coordinator, e))?;
+    let mut client = AgentServiceClient::new(channel);
+    let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
+    out.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            node: cfg.node.clone(),
+            devices: devices(cfg.cpu_devices),
+            nvlink_domain: cfg.node.clone(),
+            ib_rail: 0,
+            spare: cfg.spare,
+        })),
+    })
+    .await
+    .map_err(|e| transport("register", e))?;
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &cfg.token {
+        let v = format!("Bearer {token}")
+            .parse()
+            .map_err(|e| transport("token", e))?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    let mut inbound = client
+        .attach(req)
+        .await
+        .map_err(|s| transport("attach", s.message()))?
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .map_err(|s| transport("attach", s.message()))?;
+    let Some(pb::CoordinatorMessage {
+        msg: Some(pb::coordinator_message::Msg::Registered(reg)),
+    }) = first
+    else {
+        return Err(transport(
+            "attach",
+            "the coordinator did not answer Register",
+        ));
+    };
+    tracing::info!(node = %cfg.node, epoch = reg.epoch, "registered with the coordinator");
+    let beat = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50)));
+    let mut ticker = tokio::time::interval(beat);
+    let mut running: BTreeMap<String, Arc<AtomicBool>> = BTreeMap::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            _ = ticker.tick() => {
+                let hb = pb::AgentMessage {
+                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                        epoch: reg.epoch,
+                        job_steps: Default::default(),
+                    })),
+                };
+                if out.send(hb).await.is_err() {
+                    break Ok(());
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => match m {
+                    pb::coordinator_message::Msg::Assign(a) => {
+                        tracing::info!(job = %a.job_id, "assigned");
+                        let stop = Arc::new(AtomicBool::new(false));
+                        running.insert(a.job_id.clone(), Arc::clone(&stop));
+                        start_job(a, out.clone(), stop);
+                    }
+                    pb::coordinator_message::Msg::Revoke(r) => {
+                        tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");
+                        if let Some(stop) = running.remove(&r.job_id) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    pb::coordinator_message::Msg::Registered(_) => {}
+                },
+                Ok(Some(pb::CoordinatorMessage { msg: None })) => {}
+                Ok(None) => break Ok(()),
+                Err(s) => break Err(transport("stream", s.message())),
+            },
+        }
+    };
+    for stop in running.values() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    result
+}
