@@ -29,6 +29,8 @@ enum Command {
     Coordinator(cmd::cluster::CoordinatorArgs),
     /// Run a node agent: attach to the coordinator and run the jobs it assigns.
     Worker(cmd::cluster::WorkerArgs),
+    /// A local cluster: a coordinator and worker processes, until Ctrl-C.
+    Up(cmd::cluster::UpArgs),
     /// Submit a TOML job file; prints the job id.
     Submit {
         /// The job file.
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(&args),
         Command::Coordinator(args) => cmd::cluster::coordinator(&args),
         Command::Worker(args) => cmd::cluster::worker(&args),
+        Command::Up(args) => cmd::cluster::up(&args),
         Command::Submit { file, target } => cmd::cluster::submit(&file, &target),
         Command::Jobs { target } => cmd::cluster::jobs(&target),
         Command::Status { job, target } => cmd::cluster::status(&job, &target),

@@ -73,12 +73,43 @@ fn state_event(job_id: &str, state: JobState, reason: &str, unix_ms: u64) -> pb:
 #[derive(Clone, Debug)]
 pub struct Api {
     jobs: Control,
+    token: Option<std::sync::Arc<str>>,
 }
 
 impl Api {
-    /// Serves `control`.
-    pub fn new(control: Control) -> Self {
-        Self { jobs: control }
+    /// Serves `control`; with a `token`, mutating calls and node registration need
+    /// `authorization: Bearer <token>`.
+    pub fn new(control: Control, token: Option<String>) -> Self {
+        Self {
+            jobs: control,
+            token: token.map(Into::into),
+        }
+    }
+
+    /// Refuses a mutating call without the bearer token (when one is configured).
+    fn authorize(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let Some(want) = &self.token else {
+            return Ok(());
+        };
+        let got = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Compare in time independent of where the strings differ.
+        let same = got.len() == want.len()
+            && got
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "this call needs authorization: Bearer <token> (the coordinator's --token)",
+            ))
+        }
     }
 }
 
@@ -90,6 +121,7 @@ impl JobService for Api {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        self.authorize(req.metadata())?;
         let spec = req
             .into_inner()
             .spec
@@ -124,6 +156,7 @@ impl JobService for Api {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        self.authorize(req.metadata())?;
         let rec = self.jobs.cancel(&req.into_inner().job_id).await?;
         Ok(Response::new(job_to_wire(&rec)?))
     }
@@ -242,6 +275,7 @@ impl AgentService for Api {
         &self,
         req: Request<tonic::Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        self.authorize(req.metadata())?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?;
         let Some(pb::AgentMessage {
@@ -292,10 +326,21 @@ impl AgentService for Api {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves (no bearer token).
 pub async fn serve(
     listener: TcpListener,
     jobs: Control,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    serve_with(listener, jobs, None, shutdown).await
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; with `token`, mutating calls and node
+/// registration need it as a bearer token.
+pub async fn serve_with(
+    listener: TcpListener,
+    jobs: Control,
+    token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -307,7 +352,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(shoal_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| CoordinatorError::Store(format!("reflection: {e}")))?;
-    let api = Api::new(jobs);
+    let api = Api::new(jobs, token);
     let job_api = JobServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
     let cluster_api =
         ClusterServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);

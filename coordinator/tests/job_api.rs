@@ -279,3 +279,71 @@ async fn health_and_reflection_are_served() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_mutating_calls_and_registration() {
+    use shoal_proto::v1::agent_service_client::AgentServiceClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("t.redb")).expect("store");
+    let (control, _actor) = Control::start(store).await.expect("control");
+    let listener = grpc::bind("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(grpc::serve_with(
+        listener,
+        control,
+        Some("s3cret".into()),
+        std::future::pending(),
+    ));
+    let mut c = JobServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let with = |token: &str| {
+        let mut r = tonic::Request::new(pb::SubmitJobRequest {
+            spec: Some(spec("guarded")),
+        });
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        r
+    };
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec("guarded")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(
+        c.submit_job(with("wrong")).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let id = c
+        .submit_job(with("s3cret"))
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
+    // Reads need no token.
+    c.get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .expect("get");
+    // Registration does.
+    let mut agent = AgentServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let reg = pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            node: "n".into(),
+            devices: vec![pb::Device::default()],
+            ..Default::default()
+        })),
+    };
+    let e = agent
+        .attach(tokio_stream::iter(vec![reg]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+}

@@ -25,6 +25,23 @@ pub struct Target {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Bearer token for mutating calls (or `SHOAL_TOKEN`).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// `msg` as a request carrying the bearer token, if one is set.
+    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            let v = format!("Bearer {t}")
+                .parse()
+                .context("--token: not a valid header value")?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        Ok(req)
+    }
 }
 
 /// Options of `shoal coordinator`.
@@ -36,6 +53,9 @@ pub struct CoordinatorArgs {
     /// Directory of the embedded store (one file, `coordinator.redb`).
     #[arg(long, default_value = "runs/coordinator")]
     pub store: PathBuf,
+    /// Require this bearer token on mutating calls and node registration (or `SHOAL_TOKEN`).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Options of `shoal worker`.
@@ -53,6 +73,9 @@ pub struct WorkerArgs {
     /// Offer the node as a spare.
     #[arg(long)]
     pub spare: bool,
+    /// Bearer token for registration (or `SHOAL_TOKEN`).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -82,7 +105,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             "coordinator listening on http://{addr} (store {})",
             path.display()
         );
-        shoal_coordinator::grpc::serve(listener, control, ctrl_c()).await?;
+        shoal_coordinator::grpc::serve_with(listener, control, args.token.clone(), ctrl_c())
+            .await?;
         actor.await.context("control actor")?;
         eprintln!("coordinator stopped");
         Ok(())
@@ -110,7 +134,7 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
         node: args.node.clone(),
         cpu_devices,
         spare: args.spare,
-        token: std::env::var("SHOAL_TOKEN").ok(),
+        token: args.token.clone(),
     };
     runtime()?.block_on(async {
         eprintln!("worker {} attaching to {}", args.node, args.coordinator);
@@ -164,7 +188,7 @@ pub fn submit(file: &PathBuf, t: &Target) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = jobs_client(t).await?;
         let id = c
-            .submit_job(pb::SubmitJobRequest { spec: Some(wire) })
+            .submit_job(t.request(pb::SubmitJobRequest { spec: Some(wire) })?)
             .await
             .map_err(status_err)?
             .into_inner()
@@ -241,9 +265,9 @@ pub fn cancel(id: &str, t: &Target) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = jobs_client(t).await?;
         let j = c
-            .cancel_job(pb::CancelJobRequest {
+            .cancel_job(t.request(pb::CancelJobRequest {
                 job_id: id.to_string(),
-            })
+            })?)
             .await
             .map_err(status_err)?
             .into_inner();
@@ -348,6 +372,76 @@ pub fn nodes(t: &Target) -> Result<()> {
                 );
             }
         }
+        Ok(())
+    })
+}
+
+/// Options of `shoal up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Local node agents to start (one process each).
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Devices per node (CPU devices here).
+    #[arg(long, default_value_t = 1)]
+    pub gpus_per_node: u32,
+    /// Address to listen on (loopback by default; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, default_value = "runs/coordinator")]
+    pub store: PathBuf,
+}
+
+/// Runs `shoal up`: a coordinator and `--nodes` local worker processes until Ctrl-C, then stops
+/// them all.
+pub fn up(args: &UpArgs) -> Result<()> {
+    if args.nodes == 0 || args.gpus_per_node == 0 {
+        bail!("--nodes and --gpus-per-node must be at least 1");
+    }
+    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    runtime()?.block_on(async {
+        let path = args.store.join("coordinator.redb");
+        let store = EmbeddedStore::open(&path)?;
+        let (control, actor) = Control::start(store).await?;
+        let listener = shoal_coordinator::grpc::bind(args.listen).await?;
+        let addr = listener.local_addr().context("listen address")?;
+        let url = format!("http://{addr}");
+        println!(
+            "coordinator listening on {url} with {} local node(s) of {} device(s) (store {})",
+            args.nodes,
+            args.gpus_per_node,
+            path.display()
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(shoal_coordinator::grpc::serve(listener, control, async {
+            let _ = stop_rx.await;
+        }));
+        let mut workers = Vec::new();
+        for i in 0..args.nodes {
+            let child = tokio::process::Command::new(&exe)
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--node",
+                    &format!("local-{i}"),
+                    "--devices",
+                    &format!("cpu:{}", args.gpus_per_node),
+                ])
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker local-{i}"))?;
+            workers.push(child);
+        }
+        ctrl_c().await;
+        eprintln!("stopping {} worker(s) and the coordinator", workers.len());
+        for w in &mut workers {
+            let _ = w.kill().await;
+        }
+        let _ = stop_tx.send(());
+        server.await.context("server task")??;
+        actor.await.context("control actor")?;
         Ok(())
     })
 }

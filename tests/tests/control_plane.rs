@@ -166,3 +166,59 @@ fn a_killed_node_agent_fails_its_job_and_the_queue_moves_on() {
     assert_eq!(nodes[0]["epoch"], 2, "{nodes}");
     let _ = long;
 }
+
+#[test]
+fn shoal_up_runs_a_local_cluster_and_stops_cleanly_on_ctrl_c() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut up = Background::start(&[
+        "up",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store.to_str().expect("utf-8"),
+    ]);
+    let line = up.first_line();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    wait_for_nodes(&url, 2);
+    let id = submit(&url, &job_file(dir.path(), "up", 2));
+    let out = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ctrl-C (SIGINT) stops the workers and the coordinator, and `shoal up` exits 0.
+    let pid = up.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = up.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shoal up did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let out = run_shoal(&["nodes", "--coordinator", &url]);
+    assert!(
+        !out.status.success(),
+        "the coordinator still answers after Ctrl-C"
+    );
+}
