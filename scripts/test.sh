@@ -4,11 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The etcd store's tests run a real etcd server (Debian's etcd-server), and etcd-client's build
+# script needs protoc (Debian's protobuf-compiler): install whichever is missing.
+need=()
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+if ((${#need[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
+  echo "test.sh: installing ${need[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
 # The multi-process tests in tests/ drive the real `shoal` binary.
 cargo build --locked -p shoal
-cargo test --locked --workspace --all-targets
+cargo test --locked --workspace --all-targets --features shoal-coordinator/etcd
 # Doc tests (not part of --all-targets).
-cargo test --locked --workspace --doc
+cargo test --locked --workspace --doc --features shoal-coordinator/etcd
 # Checkpoint interoperability with Hugging Face transformers (installs torch + transformers into
 # target/hf-venv on first use: about 2 minutes and 4.3 GB).
 bash scripts/hf_interop.sh target/debug/shoal

@@ -3,7 +3,8 @@
 //!
 //! Two backends implement [`Store`] and pass the same conformance suite ([`conformance`]): the
 //! embedded store ([`EmbeddedStore`], one file through `redb`; the default, so the main job needs
-//! no server) and etcd (with the membership work of the control-plane issue).
+//! no server) and etcd (`EtcdStore`, feature `etcd`; keys under a prefix, revisions are etcd's
+//! `mod_revision`, compare-and-set is a transaction).
 //!
 //! Key layout (the same in every backend):
 //! - `jobs/<id>`: a job record (JSON: spec, state, reason, history);
@@ -15,8 +16,12 @@
 
 pub mod conformance;
 mod embedded;
+#[cfg(feature = "etcd")]
+mod etcd;
 
 pub use embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 
 use std::future::Future;
 

@@ -1,0 +1,118 @@
+//! The store conformance suite and a coordinator restart against a real etcd server (Debian's
+//! `etcd-server`, which `scripts/test.sh` installs), started on free loopback ports.
+#![cfg(feature = "etcd")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_coordinator::actor::Control;
+use shoal_coordinator::store::{EtcdStore, Store};
+
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start_etcd() -> Etcd {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let bin = std::env::var("SHOAL_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+    let child = Command::new(&bin)
+        .args([
+            "--name",
+            "shoal-test",
+            "--data-dir",
+            dir.path().join("data").to_str().expect("utf-8"),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("shoal-test={peer_url}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {bin} (install Debian's etcd-server; scripts/test.sh does): {e}")
+        });
+    let etcd = Etcd {
+        child,
+        url,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = EtcdStore::connect(&[etcd.url.clone()], "probe/").await
+            && s.get("x").await.is_ok()
+        {
+            return etcd;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not come up at {}",
+            etcd.url
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_passes_the_conformance_suite() {
+    let etcd = start_etcd().await;
+    let store = EtcdStore::connect(&[etcd.url.clone()], "shoal/")
+        .await
+        .expect("connect");
+    shoal_coordinator::store::conformance::run(&store).await;
+    // A new client (as after a coordinator restart) sees the same data.
+    let again = EtcdStore::connect(&[etcd.url.clone()], "shoal/")
+        .await
+        .expect("connect");
+    shoal_coordinator::store::conformance::check_persisted(&again).await;
+    // Another prefix is another cluster's namespace.
+    let other = EtcdStore::connect(&[etcd.url.clone()], "other/")
+        .await
+        .expect("connect");
+    assert!(other.list("jobs/").await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restarted_on_etcd_finds_its_jobs() {
+    let etcd = start_etcd().await;
+    let spec = shoal_spec::job::JobSpec::from_toml("name = \"on-etcd\"", "job").expect("spec");
+    let store = EtcdStore::connect(&[etcd.url.clone()], "c/")
+        .await
+        .expect("connect");
+    let (control, actor) = Control::start(store).await.expect("start");
+    let id = control.submit(spec).await.expect("submit");
+    drop(control);
+    actor.await.expect("actor");
+    let store = EtcdStore::connect(&[etcd.url.clone()], "c/")
+        .await
+        .expect("connect");
+    let (control, _actor) = Control::start(store).await.expect("restart");
+    let rec = control.get(&id).await.expect("found again");
+    assert_eq!(rec.spec.name, "on-etcd");
+    assert_eq!(rec.state, shoal_coordinator::jobs::JobState::Pending);
+}
