@@ -64,7 +64,7 @@ async fn start_etcd() -> Etcd {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(s) = EtcdStore::connect(&[etcd.url.clone()], "probe/").await
+        if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&etcd.url), "probe/").await
             && s.get("x").await.is_ok()
         {
             return etcd;
@@ -81,17 +81,17 @@ async fn start_etcd() -> Etcd {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_passes_the_conformance_suite() {
     let etcd = start_etcd().await;
-    let store = EtcdStore::connect(&[etcd.url.clone()], "shoal/")
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.url), "shoal/")
         .await
         .expect("connect");
     shoal_coordinator::store::conformance::run(&store).await;
     // A new client (as after a coordinator restart) sees the same data.
-    let again = EtcdStore::connect(&[etcd.url.clone()], "shoal/")
+    let again = EtcdStore::connect(std::slice::from_ref(&etcd.url), "shoal/")
         .await
         .expect("connect");
     shoal_coordinator::store::conformance::check_persisted(&again).await;
     // Another prefix is another cluster's namespace.
-    let other = EtcdStore::connect(&[etcd.url.clone()], "other/")
+    let other = EtcdStore::connect(std::slice::from_ref(&etcd.url), "other/")
         .await
         .expect("connect");
     assert!(other.list("jobs/").await.expect("list").is_empty());
@@ -101,14 +101,14 @@ async fn etcd_store_passes_the_conformance_suite() {
 async fn a_coordinator_restarted_on_etcd_finds_its_jobs() {
     let etcd = start_etcd().await;
     let spec = shoal_spec::job::JobSpec::from_toml("name = \"on-etcd\"", "job").expect("spec");
-    let store = EtcdStore::connect(&[etcd.url.clone()], "c/")
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.url), "c/")
         .await
         .expect("connect");
     let (control, actor) = Control::start(store).await.expect("start");
     let id = control.submit(spec).await.expect("submit");
     drop(control);
     actor.await.expect("actor");
-    let store = EtcdStore::connect(&[etcd.url.clone()], "c/")
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.url), "c/")
         .await
         .expect("connect");
     let (control, _actor) = Control::start(store).await.expect("restart");
