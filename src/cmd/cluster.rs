@@ -50,9 +50,10 @@ pub struct CoordinatorArgs {
     /// Address to listen on (loopback by default; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Directory of the embedded store (one file, `coordinator.redb`).
+    /// The store: a directory for the embedded store (one file, `coordinator.redb`), or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` (builds with the `etcd` feature).
     #[arg(long, default_value = "runs/coordinator")]
-    pub store: PathBuf,
+    pub store: String,
     /// Require this bearer token on mutating calls and node registration (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -92,19 +93,49 @@ async fn ctrl_c() {
     }
 }
 
+/// Opens the store a `--store` value names and starts the control actor on it; returns the
+/// handle, the actor's task and a description of the store.
+async fn start_control(store: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    if let Some(endpoints) = store.strip_prefix("etcd://") {
+        return start_etcd(endpoints).await;
+    }
+    let path = PathBuf::from(store).join("coordinator.redb");
+    let s = EmbeddedStore::open(&path)?;
+    let (control, actor) = Control::start(s).await?;
+    Ok((control, actor, path.display().to_string()))
+}
+
+#[cfg(feature = "etcd")]
+async fn start_etcd(endpoints: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    let urls: Vec<String> = endpoints
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| format!("http://{e}"))
+        .collect();
+    if urls.is_empty() {
+        bail!("--store etcd://: name at least one HOST:PORT");
+    }
+    let s = shoal_coordinator::store::EtcdStore::connect(&urls, "shoal/").await?;
+    let (control, actor) = Control::start(s).await?;
+    Ok((control, actor, format!("etcd {}", urls.join(","))))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn start_etcd(_endpoints: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    bail!(
+        "--store etcd://...: this shoal was built without etcd support; build it with \
+         `--features etcd` (which needs protoc)"
+    )
+}
+
 /// Runs `shoal coordinator` until Ctrl-C.
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
-        let path = args.store.join("coordinator.redb");
-        let store = EmbeddedStore::open(&path)?;
-        let (control, actor) = Control::start(store).await?;
+        let (control, actor, path) = start_control(&args.store).await?;
         let listener = shoal_coordinator::grpc::bind(args.listen).await?;
         let addr = listener.local_addr().context("listen address")?;
         // The first line of stdout is the address (tests and scripts read it).
-        println!(
-            "coordinator listening on http://{addr} (store {})",
-            path.display()
-        );
+        println!("coordinator listening on http://{addr} (store {path})");
         shoal_coordinator::grpc::serve_with(listener, control, args.token.clone(), ctrl_c())
             .await?;
         actor.await.context("control actor")?;
@@ -388,9 +419,9 @@ pub struct UpArgs {
     /// Address to listen on (loopback by default; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Directory of the embedded store.
+    /// The store: a directory for the embedded store, or `etcd://HOST:PORT[,...]`.
     #[arg(long, default_value = "runs/coordinator")]
-    pub store: PathBuf,
+    pub store: String,
 }
 
 /// Runs `shoal up`: a coordinator and `--nodes` local worker processes until Ctrl-C, then stops
@@ -401,17 +432,13 @@ pub fn up(args: &UpArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the shoal binary")?;
     runtime()?.block_on(async {
-        let path = args.store.join("coordinator.redb");
-        let store = EmbeddedStore::open(&path)?;
-        let (control, actor) = Control::start(store).await?;
+        let (control, actor, path) = start_control(&args.store).await?;
         let listener = shoal_coordinator::grpc::bind(args.listen).await?;
         let addr = listener.local_addr().context("listen address")?;
         let url = format!("http://{addr}");
         println!(
-            "coordinator listening on {url} with {} local node(s) of {} device(s) (store {})",
-            args.nodes,
-            args.gpus_per_node,
-            path.display()
+            "coordinator listening on {url} with {} local node(s) of {} device(s) (store {path})",
+            args.nodes, args.gpus_per_node
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(shoal_coordinator::grpc::serve(listener, control, async {
