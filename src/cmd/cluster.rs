@@ -276,19 +276,23 @@ pub fn status(id: &str, t: &Target) -> Result<()> {
             .await
             .map_err(status_err)?
             .into_inner();
-        if t.json {
-            println!("{}", job_json(&j));
-        } else {
-            println!(
-                "{} {} step {} {}",
-                j.id,
-                state_name(j.state),
-                j.step,
-                j.reason
-            );
-        }
+        print_job(&j, t.json);
         Ok(())
     })
+}
+
+fn print_job(j: &pb::Job, json: bool) {
+    if json {
+        println!("{}", job_json(j));
+    } else {
+        println!(
+            "{} {} step {} {}",
+            j.id,
+            state_name(j.state),
+            j.step,
+            j.reason
+        );
+    }
 }
 
 /// `shoal cancel JOB`.
@@ -302,11 +306,7 @@ pub fn cancel(id: &str, t: &Target) -> Result<()> {
             .await
             .map_err(status_err)?
             .into_inner();
-        if t.json {
-            println!("{}", job_json(&j));
-        } else {
-            println!("{} {}", j.id, state_name(j.state));
-        }
+        print_job(&j, t.json);
         Ok(())
     })
 }

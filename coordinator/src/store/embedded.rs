@@ -52,8 +52,8 @@ impl EmbeddedStore {
     }
 }
 
-/// Writes `value` under `key` in `tx` with the next store revision; returns it.
-fn write(tx: &redb::WriteTransaction, key: &str, value: &[u8]) -> Result<u64> {
+/// Bumps the store revision in `tx`; returns the new one.
+fn next_revision(tx: &redb::WriteTransaction) -> Result<u64> {
     let mut meta = tx.open_table(META).map_err(store_err)?;
     let rev = meta
         .get("revision")
@@ -61,6 +61,12 @@ fn write(tx: &redb::WriteTransaction, key: &str, value: &[u8]) -> Result<u64> {
         .map_or(0, |v| v.value())
         + 1;
     meta.insert("revision", rev).map_err(store_err)?;
+    Ok(rev)
+}
+
+/// Writes `value` under `key` in `tx` with the next store revision; returns it.
+fn write(tx: &redb::WriteTransaction, key: &str, value: &[u8]) -> Result<u64> {
+    let rev = next_revision(tx)?;
     let mut data = tx.open_table(DATA).map_err(store_err)?;
     data.insert(key, (rev, value)).map_err(store_err)?;
     Ok(rev)
@@ -141,13 +147,7 @@ impl Store for EmbeddedStore {
                 data.remove(key.as_str()).map_err(store_err)?.is_some()
             };
             if existed {
-                let mut meta = tx.open_table(META).map_err(store_err)?;
-                let rev = meta
-                    .get("revision")
-                    .map_err(store_err)?
-                    .map_or(0, |v| v.value())
-                    + 1;
-                meta.insert("revision", rev).map_err(store_err)?;
+                next_revision(&tx)?;
             }
             tx.commit().map_err(store_err)?;
             Ok(existed)
