@@ -11,7 +11,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
-use shoal_worker::checkpoint::load_model_dir;
 use shoal_worker::data::{Batcher, DataSpec, TokenDtype, TokenSource};
 use shoal_worker::model::Model;
 use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
@@ -211,27 +210,18 @@ fn settings(args: &TrainArgs) -> Result<Settings> {
 
 /// The data source a `--data` value names.
 pub fn data_spec(data: &str, dtype: TokenDtype, seed: u64) -> DataSpec {
-    if data == "synthetic" {
-        DataSpec::synthetic(seed)
-    } else {
-        DataSpec::from_path(data, dtype)
-    }
+    shoal_worker::job::data_spec(data, dtype, seed)
 }
 
-/// Loads a model named by a preset or a directory.
+/// Loads a model named by a preset or a directory (as a node agent does for a job), saying
+/// which MTP tensors a directory lacked.
 pub fn load_model(name: &str, precision: Precision, seed: u64) -> Result<Model<f32>> {
-    let path = Path::new(name);
-    if !path.is_dir() {
-        let cfg = ModelConfig::preset(name)
-            .with_context(|| format!("--model {name}: neither a preset nor a directory"))?;
-        return Ok(Model::new(&cfg, precision, seed)?);
-    }
-    let (cfg, tensors) = load_model_dir(path)?;
-    let (model, report) = Model::from_named(&cfg, tensors, precision, seed, name)?;
-    if !report.initialized.is_empty() {
+    let (model, initialized) = shoal_worker::job::load_model(name, precision, seed)
+        .with_context(|| format!("--model {name}"))?;
+    if !initialized.is_empty() {
         eprintln!(
             "shoal: {name} has no MTP weights; initialised {} MTP tensors from seed {seed}",
-            report.initialized.len()
+            initialized.len()
         );
     }
     Ok(model)
