@@ -17,11 +17,15 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
 
-# The multi-process tests in tests/ drive the real `shoal` binary.
-cargo build --locked -p shoal
-cargo test --locked --workspace --all-targets --features shoal-coordinator/etcd
+# The multi-process tests in tests/ drive the real `shoal` binary; built with its `etcd` feature,
+# it runs `shoal coordinator --store etcd://...` for the control-plane tests against a real etcd
+# server (feature `etcd` of shoal-tests). Every cargo command below turns on the same features,
+# so the binary the tests find in target/debug always has etcd support.
+features=shoal/etcd,shoal-tests/etcd
+cargo build --locked -p shoal --features etcd
+cargo test --locked --workspace --all-targets --features "$features"
 # Doc tests (not part of --all-targets).
-cargo test --locked --workspace --doc --features shoal-coordinator/etcd
+cargo test --locked --workspace --doc --features "$features"
 # Checkpoint interoperability with Hugging Face transformers (installs torch + transformers into
 # target/hf-venv on first use: about 2 minutes and 4.3 GB).
 bash scripts/hf_interop.sh target/debug/shoal

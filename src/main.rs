@@ -69,6 +69,20 @@ enum Command {
         #[command(flatten)]
         target: cmd::cluster::Target,
     },
+    /// Stop placing new jobs on a node (its running jobs go on).
+    Cordon {
+        /// The node.
+        node: String,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
+    /// Cordon a node and move its jobs back to the queue.
+    Drain {
+        /// The node.
+        node: String,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
     /// Run a benchmark suite.
     Bench {
         #[command(subcommand)]
@@ -82,6 +96,9 @@ enum BenchSuite {
     Kernels(bench::kernels::KernelBenchArgs),
     /// Training tokens/s against PyTorch transformers, FP8 vs BF16 loss, MaxVio.
     Train(bench::train::TrainBenchArgs),
+    /// Control plane against Ray: RPC round trips, submit-to-running latency, node sessions
+    /// one coordinator core serves.
+    Control(bench::control::ControlBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,12 +117,17 @@ fn main() -> ExitCode {
         Command::Watch { job, target } => cmd::cluster::watch(&job, &target),
         Command::Cancel { job, target } => cmd::cluster::cancel(&job, &target),
         Command::Nodes { target } => cmd::cluster::nodes(&target),
+        Command::Cordon { node, target } => cmd::cluster::cordon(&node, false, &target),
+        Command::Drain { node, target } => cmd::cluster::cordon(&node, true, &target),
         Command::Bench {
             suite: BenchSuite::Kernels(args),
         } => bench::kernels::run(&args),
         Command::Bench {
             suite: BenchSuite::Train(args),
         } => bench::train::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Control(args),
+        } => bench::control::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

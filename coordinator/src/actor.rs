@@ -6,20 +6,31 @@
 //! Scheduling is gang scheduling over a queue ordered by priority, then submission: the head job
 //! starts only when all its ranks can be placed (by `shoal_spec::plan`) on free devices of healthy
 //! nodes; until then it stays Pending with the reason, and the jobs behind it wait behind it.
+//!
+//! Node liveness: agents heartbeat every [`HEARTBEAT_MS`]. A session ends when its stream breaks,
+//! or when its node sent no heartbeat for [`ControlConfig::heartbeat_timeout`] (a hung agent
+//! whose stream is still open); the actor checks every heartbeat interval. Either way the node
+//! is marked Failed, its session closed, and its jobs fail with the reason. While a session is
+//! open its node's `live/<name>` key is in the store, attached to a lease of the timeout plus
+//! one interval: kept alive on heartbeats, revoked when the session ends. The actor watches
+//! `live/` too: a liveness key deleted under a live session (the lease expired, or an operator
+//! deleted the key) ends that session.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use shoal_proto::v1 as pb;
 use shoal_spec::job::JobSpec;
 use shoal_spec::plan::{Cluster, NOT_ENOUGH_DEVICES};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
 use tonic::Status;
 
 use crate::jobs::{
     JobEvent, JobRecord, JobState, Placed, Transition, encode, now_ms, resolve_model, validate,
 };
 use crate::nodes::{NodeRecord, NodeState};
-use crate::store::{Expect, Store};
+use crate::store::{Ephemeral, Expect, Store, Watch, WatchEvent};
 use crate::{CoordinatorError, Result};
 
 /// Mailbox size of the control actor.
@@ -30,6 +41,57 @@ pub const NO_NODES: &str = "waiting for devices: no worker nodes are registered"
 
 /// Heartbeat interval agents are told to keep.
 pub const HEARTBEAT_MS: u32 = 500;
+
+/// How long a node may stay silent before it is failed, unless configured otherwise.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prefix of the nodes' liveness keys in the store.
+pub const LIVE_PREFIX: &str = "live/";
+
+/// How the control actor runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// A node whose session is open but which sent no heartbeat for this long is failed (checked
+    /// every heartbeat interval, so it is noticed within the timeout plus one interval). Must be
+    /// longer than the heartbeat interval.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
+fn heartbeat_interval() -> Duration {
+    Duration::from_millis(u64::from(HEARTBEAT_MS))
+}
+
+impl ControlConfig {
+    fn check(&self) -> Result<()> {
+        if self.heartbeat_timeout <= heartbeat_interval() {
+            return Err(CoordinatorError::invalid(
+                "heartbeat timeout",
+                format!(
+                    "must be longer than the {HEARTBEAT_MS} ms heartbeat interval, got {} ms",
+                    self.heartbeat_timeout.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// TTL of a node's liveness lease. Heartbeats renew it at most every third of the TTL
+    /// (so a big cluster does not make every heartbeat a store round trip); the TTL is long
+    /// enough that, even renewed that rarely, the lease outlives the actor's own check
+    /// (timeout plus one interval): `2/3 ttl > timeout + 2 intervals`. The lease is the backstop
+    /// that makes a dead coordinator's nodes expire.
+    fn lease_ttl(&self) -> Duration {
+        2 * self.heartbeat_timeout + 3 * heartbeat_interval()
+    }
+}
 
 /// The sending half of an agent's session stream.
 pub type Session = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -90,10 +152,20 @@ struct NodeEntry {
     session: Option<Session>,
     busy: BTreeMap<usize, String>,
     last_heartbeat_ms: u64,
+    /// When the session last showed life (registration or heartbeat), on tokio's clock.
+    last_seen: Instant,
+    /// The session's liveness key in the store.
+    live: Option<Ephemeral>,
+    /// When its lease was last renewed: heartbeats renew it at most three times per TTL, so a
+    /// big cluster does not turn every heartbeat into a store round trip.
+    renewed: Instant,
 }
 
 struct Actor<S> {
     store: S,
+    config: ControlConfig,
+    /// The store's `live/` keys; `None` until (re)established.
+    live_watch: Option<Watch>,
     /// id -> (record, store revision).
     jobs: BTreeMap<String, (JobRecord, u64)>,
     seq: u64,
@@ -107,6 +179,15 @@ impl Control {
     /// restarted") since their agents' sessions are gone. The actor ends (releasing the store)
     /// once every handle is dropped; the returned task resolves then.
     pub async fn start<S: Store>(store: S) -> Result<(Self, tokio::task::JoinHandle<()>)> {
+        Self::start_with(store, ControlConfig::default()).await
+    }
+
+    /// [`Control::start`] with a configuration.
+    pub async fn start_with<S: Store>(
+        store: S,
+        config: ControlConfig,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>)> {
+        config.check()?;
         let mut jobs = BTreeMap::new();
         let mut seq = 0;
         for (key, v) in store.list("jobs/").await? {
@@ -126,13 +207,19 @@ impl Control {
                     session: None,
                     busy: BTreeMap::new(),
                     last_heartbeat_ms: 0,
+                    last_seen: Instant::now(),
+                    live: None,
+                    renewed: Instant::now(),
                 },
             );
         }
         tracing::info!(jobs = jobs.len(), nodes = nodes.len(), "loaded the store");
         let (tx, rx) = mpsc::channel(MAILBOX);
+        let live_watch = Some(store.watch(LIVE_PREFIX).await?);
         let mut actor = Actor {
             store,
+            config,
+            live_watch,
             jobs,
             seq,
             watchers: BTreeMap::new(),
@@ -253,11 +340,142 @@ fn view(e: &NodeEntry) -> NodeView {
     }
 }
 
+/// The next event of `w`; pending forever without one.
+async fn next_live(w: &mut Option<Watch>) -> Option<crate::Result<WatchEvent>> {
+    match w {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl<S: Store> Actor<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
-        while let Some(msg) = rx.recv().await {
-            if let Err(e) = self.handle(msg).await {
+        let mut tick = tokio::time::interval(heartbeat_interval());
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let r = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.check_liveness().await,
+                ev = next_live(&mut self.live_watch) => self.live_event(ev).await,
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "control actor");
+            }
+        }
+        // Every handle is gone: the sessions end with the actor.
+        for (node, e) in &mut self.nodes {
+            if let Some(live) = e.live.take()
+                && let Err(err) = self.store.revoke(live.lease).await
+            {
+                tracing::warn!(node = %node, error = %err, "revoking a liveness lease");
+            }
+        }
+    }
+
+    /// Fails the sessions that sent no heartbeat for the timeout; re-establishes a lost watch.
+    async fn check_liveness(&mut self) -> Result<()> {
+        let timeout = self.config.heartbeat_timeout;
+        let now = Instant::now();
+        let silent: Vec<(String, u64)> = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| e.session.is_some() && now.duration_since(e.last_seen) >= timeout)
+            .map(|(n, e)| (n.clone(), e.record.epoch))
+            .collect();
+        for (node, epoch) in &silent {
+            let reason = format!(
+                "node {node} sent no heartbeat for {} ms (heartbeat timeout)",
+                timeout.as_millis()
+            );
+            self.end_session(node, *epoch, &reason).await?;
+        }
+        if !silent.is_empty() {
+            self.schedule().await?;
+        }
+        if self.live_watch.is_none() {
+            match self.store.watch(LIVE_PREFIX).await {
+                Ok(w) => {
+                    tracing::info!("watching node liveness keys again");
+                    self.live_watch = Some(w);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot watch node liveness keys"),
+            }
+        }
+        Ok(())
+    }
+
+    /// A change of a liveness key: a deletion under a live session ends it.
+    async fn live_event(&mut self, ev: Option<crate::Result<WatchEvent>>) -> Result<()> {
+        let ev = match ev {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "watch of node liveness keys failed; watching again");
+                self.live_watch = None;
+                return Ok(());
+            }
+            None => {
+                tracing::warn!("watch of node liveness keys ended; watching again");
+                self.live_watch = None;
+                return Ok(());
+            }
+        };
+        let WatchEvent::Delete { key, revision } = ev else {
+            return Ok(());
+        };
+        let Some(node) = key.strip_prefix(LIVE_PREFIX) else {
+            return Ok(());
+        };
+        // Only a deletion after this session's own write counts (not the old session's lease,
+        // revoked when the node registered again).
+        let epoch = match self.nodes.get(node) {
+            Some(e) if e.session.is_some() && e.live.is_some_and(|l| l.revision < revision) => {
+                e.record.epoch
+            }
+            _ => return Ok(()),
+        };
+        let reason = format!(
+            "node {node} liveness lease lost in the store (heartbeat timeout {} ms)",
+            self.config.heartbeat_timeout.as_millis()
+        );
+        self.end_session(node, epoch, &reason).await?;
+        self.schedule().await
+    }
+
+    /// A heartbeat of a current session: it lives on, and so does its liveness key.
+    async fn heartbeat(&mut self, node: &str, epoch: u64) -> Result<()> {
+        let Some(e) = self
+            .nodes
+            .get_mut(node)
+            .filter(|e| e.record.epoch == epoch && e.session.is_some())
+        else {
+            return Ok(());
+        };
+        e.last_heartbeat_ms = now_ms();
+        e.last_seen = Instant::now();
+        let Some(live) = e.live else {
+            return Ok(());
+        };
+        if e.renewed.elapsed() < self.config.lease_ttl() / 3 {
+            return Ok(());
+        }
+        e.renewed = e.last_seen;
+        match self.store.keep_alive(live.lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let reason = format!(
+                    "node {node} liveness lease expired in the store (heartbeat timeout {} ms)",
+                    self.config.heartbeat_timeout.as_millis()
+                );
+                self.end_session(node, epoch, &reason).await?;
+                self.schedule().await
+            }
+            Err(err) => {
+                // The store's trouble, not the node's: the heartbeat still counts.
+                tracing::warn!(node, error = %err, "keeping a liveness lease alive");
+                Ok(())
             }
         }
     }
@@ -304,15 +522,7 @@ impl<S: Store> Actor<S> {
                     self.schedule().await?;
                 }
             }
-            Msg::Heartbeat(node, epoch) => {
-                if let Some(e) = self
-                    .nodes
-                    .get_mut(&node)
-                    .filter(|e| e.record.epoch == epoch)
-                {
-                    e.last_heartbeat_ms = now_ms();
-                }
-            }
+            Msg::Heartbeat(node, epoch) => self.heartbeat(&node, epoch).await?,
             Msg::Status(node, epoch, s) => {
                 let current = self
                     .nodes
@@ -323,7 +533,8 @@ impl<S: Store> Actor<S> {
                 }
             }
             Msg::Disconnected(node, epoch) => {
-                self.disconnected(&node, epoch).await?;
+                self.end_session(&node, epoch, &format!("node {node} lost"))
+                    .await?;
                 self.schedule().await?;
             }
             Msg::Nodes(reply) => {
@@ -535,10 +746,15 @@ impl<S: Store> Actor<S> {
             .map_err(|_| {
                 CoordinatorError::Store(format!("node {} registered concurrently", reg.node))
             })?;
-        // Fence the old session: its jobs fail, its stream closes.
+        // Fence the old session: its jobs fail, its stream closes, its liveness key goes.
         if let Some(old) = self.nodes.remove(&reg.node) {
             if old.session.is_some() {
                 tracing::warn!(node = %reg.node, old = old.record.epoch, new = epoch, "node registered again; fencing the old session");
+            }
+            if let Some(live) = old.live
+                && let Err(e) = self.store.revoke(live.lease).await
+            {
+                tracing::warn!(node = %reg.node, error = %e, "revoking the old session's liveness lease");
             }
             let jobs: Vec<String> = old.busy.values().cloned().collect();
             for id in jobs {
@@ -558,10 +774,23 @@ impl<S: Store> Actor<S> {
                 heartbeat_interval_ms: HEARTBEAT_MS,
             })),
         };
+        let live = serde_json::to_vec(&serde_json::json!({ "epoch": epoch }))
+            .map_err(|e| CoordinatorError::Store(format!("encode liveness: {e}")))?;
+        let live = self
+            .store
+            .put_ephemeral(
+                &format!("{LIVE_PREFIX}{}", reg.node),
+                live,
+                self.config.lease_ttl(),
+            )
+            .await?;
         if session.send(Ok(registered)).await.is_err() {
+            if let Err(e) = self.store.revoke(live.lease).await {
+                tracing::warn!(node = %reg.node, error = %e, "revoking a liveness lease");
+            }
             return Err(CoordinatorError::Unavailable);
         }
-        tracing::info!(node = %reg.node, epoch, devices = reg.devices, "node registered");
+        tracing::info!(node = %reg.node, epoch, devices = reg.devices, lease = %live.lease, "node registered");
         self.nodes.insert(
             reg.node.clone(),
             NodeEntry {
@@ -570,22 +799,41 @@ impl<S: Store> Actor<S> {
                 session: Some(session),
                 busy: BTreeMap::new(),
                 last_heartbeat_ms: now_ms(),
+                last_seen: Instant::now(),
+                live: Some(live),
+                renewed: Instant::now(),
             },
         );
         Ok(epoch)
     }
 
-    async fn disconnected(&mut self, node: &str, epoch: u64) -> Result<()> {
+    /// Ends session `epoch` of `node` (its stream broke, it went silent, or its liveness key
+    /// went): the node is Failed, the stream closed with `reason`, the liveness lease revoked,
+    /// and its jobs fail with `reason`. An older or already ended session is left alone.
+    async fn end_session(&mut self, node: &str, epoch: u64, reason: &str) -> Result<()> {
         let Some(e) = self.nodes.get_mut(node) else {
             return Ok(());
         };
-        if e.record.epoch != epoch {
-            return Ok(()); // an older, fenced session
+        if e.record.epoch != epoch || e.session.is_none() {
+            return Ok(()); // an older, fenced session, or one already ended
         }
-        e.session = None;
+        let session = e.session.take();
+        let live = e.live.take();
         e.record.state = NodeState::Failed;
         let jobs: Vec<String> = e.busy.values().cloned().collect();
-        tracing::warn!(node, epoch, "node agent disconnected");
+        tracing::warn!(node, epoch, reason, "node session ended");
+        if let Some(s) = session {
+            // The agent hears why, if it still listens; dropping the sender closes the stream.
+            // Never wait on a full stream here: the agent may be the hung one.
+            let _ = s.try_send(Err(Status::unavailable(format!(
+                "{reason}; the session is closed, register again"
+            ))));
+        }
+        if let Some(live) = live
+            && let Err(err) = self.store.revoke(live.lease).await
+        {
+            tracing::warn!(node, error = %err, "revoking a liveness lease");
+        }
         self.save_node(node).await?;
         let mut seen = Vec::new();
         for id in jobs {
@@ -596,8 +844,7 @@ impl<S: Store> Actor<S> {
             if self.record(&id).is_ok_and(|r| !r.state.is_final()) {
                 let rec = self.record(&id)?.clone();
                 self.revoke(&rec, "a node of the job failed").await;
-                self.transition(&id, JobState::Failed, &format!("node {node} lost"))
-                    .await?;
+                self.transition(&id, JobState::Failed, reason).await?;
             }
         }
         Ok(())

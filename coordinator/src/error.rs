@@ -65,9 +65,26 @@ impl From<shoal_spec::SpecError> for CoordinatorError {
     }
 }
 
+/// Longest status message sent; the rest is cut. A message travels in an HTTP/2 header, and an
+/// oversized one (say, a client's value echoed back) would break the connection instead.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `msg` cut to [`MAX_STATUS_MESSAGE`] bytes (on a character boundary), marked with `...`.
+fn clip(mut msg: String) -> String {
+    if msg.len() > MAX_STATUS_MESSAGE {
+        let mut end = MAX_STATUS_MESSAGE - 3;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str("...");
+    }
+    msg
+}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
-        let msg = e.to_string();
+        let msg = clip(e.to_string());
         match e {
             CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
             CoordinatorError::NotFound { .. } => tonic::Status::not_found(msg),
@@ -104,5 +121,20 @@ mod tests {
         let spec = shoal_spec::SpecError::invalid("training.steps", "must be at least 1");
         let s: tonic::Status = CoordinatorError::from(spec).into();
         assert_eq!(s.message(), "training.steps: must be at least 1");
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let s: tonic::Status = CoordinatorError::invalid("spec.model", "é".repeat(5000)).into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(
+            s.message().len() <= MAX_STATUS_MESSAGE,
+            "{}",
+            s.message().len()
+        );
+        assert!(s.message().starts_with("spec.model: éé"));
+        assert!(s.message().ends_with("..."));
+        let short: tonic::Status = CoordinatorError::invalid("f", "r").into();
+        assert_eq!(short.message(), "f: r");
     }
 }

@@ -1,6 +1,6 @@
 //! The gRPC surface: thin handlers that convert at the edge, ask the owning actor, and map errors
 //! in one place ([`CoordinatorError`]'s `From` for `tonic::Status`). Standard health checking and
-//! server reflection are served beside the API.
+//! server reflection are served beside the API, in plaintext or over TLS ([`Tls`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,7 +9,6 @@ use shoal_proto::v1 as pb;
 use shoal_proto::v1::job_service_server::{JobService, JobServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::actor::{Control, NodeView, Registration};
@@ -326,23 +325,118 @@ impl AgentService for Api {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves (no bearer token).
+/// TLS of the gRPC server (all PEM): its certificate chain and private key, and for mutual TLS
+/// the CA that clients' certificates must chain to.
+#[derive(Clone)]
+pub struct Tls {
+    /// The server's certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: Vec<u8>,
+    /// With a CA, every client must present a certificate it signed (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Tls {
+    // The private key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted>"))
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+/// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        // Some errors print their source themselves.
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+impl Tls {
+    fn config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let cfg = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(std::time::Duration::from_secs(10));
+        match &self.client_ca_pem {
+            Some(ca) => cfg.client_ca_root(Certificate::from_pem(ca)),
+            None => cfg,
+        }
+    }
+
+    /// Checks that the certificate, key and client CA parse and that the key belongs to the
+    /// certificate, so a bad configuration is refused before the server listens.
+    pub fn check(&self) -> Result<()> {
+        if !pem_has(&self.cert_pem, "CERTIFICATE") {
+            return Err(CoordinatorError::invalid(
+                "tls certificate",
+                "no PEM CERTIFICATE block",
+            ));
+        }
+        if self
+            .client_ca_pem
+            .as_ref()
+            .is_some_and(|ca| !pem_has(ca, "CERTIFICATE"))
+        {
+            return Err(CoordinatorError::invalid(
+                "tls client ca",
+                "no PEM CERTIFICATE block",
+            ));
+        }
+        self.builder().map(|_| ())
+    }
+
+    fn builder(&self) -> Result<tonic::transport::Server> {
+        tonic::transport::Server::builder()
+            .tls_config(self.config())
+            .map_err(|e| CoordinatorError::invalid("tls", error_chain(&e)))
+    }
+}
+
+/// Whether `pem` holds a `-----BEGIN <label>-----` block.
+fn pem_has(pem: &[u8], label: &str) -> bool {
+    let begin = format!("-----BEGIN {label}-----");
+    pem.windows(begin.len()).any(|w| w == begin.as_bytes())
+}
+
+/// Serves the API on `listener` until `shutdown` resolves (plaintext, no bearer token).
 pub async fn serve(
     listener: TcpListener,
     jobs: Control,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    serve_with(listener, jobs, None, shutdown).await
+    serve_with(listener, jobs, None, None, shutdown).await
 }
 
 /// Serves the API on `listener` until `shutdown` resolves; with `token`, mutating calls and node
-/// registration need it as a bearer token.
+/// registration need it as a bearer token; with `tls`, every connection is TLS (and with its
+/// client CA, mutual TLS).
 pub async fn serve_with(
     listener: TcpListener,
     jobs: Control,
     token: Option<String>,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let mut server = match &tls {
+        Some(tls) => {
+            tls.check()?;
+            tls.builder()?
+        }
+        None => tonic::transport::Server::builder(),
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<JobServiceServer<Api>>().await;
     health_reporter
@@ -357,15 +451,20 @@ pub async fn serve_with(
     let cluster_api =
         ClusterServiceServer::new(api.clone()).max_decoding_message_size(MAX_REQUEST_BYTES);
     let agent_api = AgentServiceServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES);
-    tonic::transport::Server::builder()
+    server
         .add_service(health)
         .add_service(reflection)
         .add_service(job_api)
         .add_service(cluster_api)
         .add_service(agent_api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // TCP_NODELAY: without it a small reply waits for the client's delayed ACK (Nagle),
+        // which held synchronous round trips to tens per second.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
-        .map_err(|e| CoordinatorError::Store(format!("grpc server: {e}")))
+        .map_err(|e| CoordinatorError::Store(format!("grpc server: {}", error_chain(&e))))
 }
 
 /// Binds `addr` (loopback by default in the CLI).

@@ -1,5 +1,6 @@
-//! The store conformance suite and a coordinator restart against a real etcd server (Debian's
-//! `etcd-server`, which `scripts/test.sh` installs), started on free loopback ports.
+//! The store conformance suite, a coordinator restart and node liveness leases against a real
+//! etcd server (Debian's `etcd-server`, which `scripts/test.sh` installs), started on free
+//! loopback ports.
 #![cfg(feature = "etcd")]
 
 use std::process::{Child, Command, Stdio};
@@ -115,4 +116,48 @@ async fn a_coordinator_restarted_on_etcd_finds_its_jobs() {
     let rec = control.get(&id).await.expect("found again");
     assert_eq!(rec.spec.name, "on-etcd");
     assert_eq!(rec.state, shoal_coordinator::jobs::JobState::Pending);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_coordinators_nodes_expire_from_etcd() {
+    use shoal_coordinator::actor::{ControlConfig, Registration};
+    let etcd = start_etcd().await;
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.url), "l/")
+        .await
+        .expect("connect");
+    let config = ControlConfig {
+        heartbeat_timeout: Duration::from_millis(1000),
+    };
+    let (control, actor) = Control::start_with(store.clone(), config)
+        .await
+        .expect("start");
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let reg = Registration {
+        node: "n1".into(),
+        devices: 1,
+        nvlink_domain: "n1".into(),
+        ib_rail: 0,
+        spare: false,
+    };
+    let epoch = control.register(reg, tx).await.expect("register");
+    let live = store.get("live/n1").await.expect("get").expect("live key");
+    assert_eq!(live.value, format!("{{\"epoch\":{epoch}}}").into_bytes());
+    // The coordinator dies without cleaning up: etcd expires the node's key on its own, after
+    // the lease's TTL (1.5 s, rounded up to etcd's whole seconds).
+    actor.abort();
+    let died = Instant::now();
+    while store.get("live/n1").await.expect("get").is_some() {
+        assert!(
+            died.elapsed() < Duration::from_secs(10),
+            "the dead coordinator's liveness key stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        died.elapsed() >= Duration::from_millis(1000),
+        "expired after {:?}, before the heartbeat timeout",
+        died.elapsed()
+    );
+    // The node record itself stays (a restarted coordinator finds it).
+    assert!(store.get("nodes/n1").await.expect("get").is_some());
 }

@@ -294,6 +294,7 @@ async fn a_bearer_token_guards_mutating_calls_and_registration() {
         listener,
         control,
         Some("s3cret".into()),
+        None,
         std::future::pending(),
     ));
     let mut c = JobServiceClient::connect(format!("http://{addr}"))
@@ -346,4 +347,85 @@ async fn a_bearer_token_guards_mutating_calls_and_registration() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_and_names_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir.path().join("big.redb")).await;
+    let mut c = server.client().await;
+
+    // Over the decoding limit: refused by the transport before any handler runs.
+    let huge = "a".repeat(2 * grpc::MAX_REQUEST_BYTES);
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec(&huge)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(
+        e.message().contains("message length too large"),
+        "{}",
+        e.message()
+    );
+
+    // Under the limit but far over the name's: INVALID_ARGUMENT naming the field, with a short
+    // message (the name is not echoed back whole).
+    let long = "a".repeat(grpc::MAX_REQUEST_BYTES / 2);
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec(&long)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("spec.name:"), "{}", e.message());
+    assert!(e.message().len() < 300, "{} bytes", e.message().len());
+    // Any other long value echoed in an error is cut to a header's worth.
+    let e = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(pb::JobSpec {
+                model: "m".repeat(grpc::MAX_REQUEST_BYTES / 2),
+                ..spec("long-model")
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("spec.model:"), "{}", e.message());
+    assert!(
+        e.message().len() <= shoal_coordinator::error::MAX_STATUS_MESSAGE,
+        "{} bytes",
+        e.message().len()
+    );
+
+    // The coordinator still answers on the same connection, and stored nothing.
+    let jobs = c
+        .list_jobs(pb::ListJobsRequest { states: vec![] })
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert!(jobs.is_empty(), "{jobs:?}");
+    let id = c
+        .submit_job(pb::SubmitJobRequest {
+            spec: Some(spec("small")),
+        })
+        .await
+        .expect("a normal job after the refusals")
+        .into_inner()
+        .job_id;
+    assert_eq!(
+        c.get_job(pb::GetJobRequest { job_id: id })
+            .await
+            .expect("get")
+            .into_inner()
+            .spec
+            .map(|s| s.name)
+            .as_deref(),
+        Some("small")
+    );
+    drop(c);
+    server.stop().await;
 }

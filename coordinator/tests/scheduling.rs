@@ -1,13 +1,17 @@
 //! The scheduler and membership in process, with fake node sessions (channels in place of agent
 //! streams) and paused tokio time: gang scheduling, priority order, fencing by epoch, cordoning,
-//! failures.
+//! failures, heartbeat timeouts and liveness keys.
 
-use shoal_coordinator::actor::{Control, Registration, Session};
+use std::time::Duration;
+
+use shoal_coordinator::actor::{Control, ControlConfig, HEARTBEAT_MS, Registration, Session};
 use shoal_coordinator::jobs::JobState;
-use shoal_coordinator::store::EmbeddedStore;
+use shoal_coordinator::nodes::NodeState;
+use shoal_coordinator::store::{EmbeddedStore, Store};
 use shoal_proto::v1 as pb;
 use shoal_spec::job::JobSpec;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 type Inbox = mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>;
 
@@ -236,4 +240,204 @@ async fn a_lost_node_fails_its_job_and_a_failed_rank_fails_the_job() {
         .await
         .unwrap_err();
     assert!(e.to_string().starts_with("register.node"), "{e}");
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn interval() -> Duration {
+    Duration::from_millis(u64::from(HEARTBEAT_MS))
+}
+
+/// A control actor with a heartbeat timeout of [`TIMEOUT`], and a handle on its store.
+async fn control_with_store(dir: &tempfile::TempDir) -> (Control, EmbeddedStore) {
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let config = ControlConfig {
+        heartbeat_timeout: TIMEOUT,
+    };
+    let c = Control::start_with(store.clone(), config)
+        .await
+        .expect("start")
+        .0;
+    (c, store)
+}
+
+async fn node_state(c: &Control, name: &str) -> (NodeState, u64) {
+    let nodes = c.nodes().await.expect("nodes");
+    let n = nodes
+        .iter()
+        .find(|n| n.record.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"));
+    (n.record.state, n.record.epoch)
+}
+
+/// Drains what a session received; `true` if its stream was closed.
+fn drain(rx: &mut Inbox) -> (Vec<Result<pb::CoordinatorMessage, tonic::Status>>, bool) {
+    let mut got = Vec::new();
+    loop {
+        match rx.try_recv() {
+            Ok(m) => got.push(m),
+            Err(mpsc::error::TryRecvError::Empty) => return (got, false),
+            Err(mpsc::error::TryRecvError::Disconnected) => return (got, true),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_stops_heartbeating_is_failed_after_the_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, store) = control_with_store(&dir).await;
+    let (mut n1, e1) = node(&c, "n1", 1).await;
+    let (mut n2, e2) = node(&c, "n2", 1).await;
+    let silent_since = Instant::now();
+    let a = c.submit(spec("a", 1, 0)).await.expect("submit");
+    let b = c.submit(spec("b", 1, 0)).await.expect("submit");
+    assert_eq!(assigned(&c, &mut n1).await.as_deref(), Some(a.as_str()));
+    assert_eq!(assigned(&c, &mut n2).await.as_deref(), Some(b.as_str()));
+    c.status("n1", e1, status(&a, pb::JobState::Running)).await;
+    c.status("n2", e2, status(&b, pb::JobState::Running)).await;
+    // Both nodes are live in the store.
+    for n in ["n1", "n2"] {
+        assert!(
+            store
+                .get(&format!("live/{n}"))
+                .await
+                .expect("get")
+                .is_some()
+        );
+    }
+
+    // n1 heartbeats every interval for twice the timeout; n2 sent nothing since registering.
+    let mut n2_failed_after = None;
+    while silent_since.elapsed() < 2 * TIMEOUT {
+        tokio::time::sleep(interval()).await;
+        c.heartbeat("n1", e1).await;
+        let silent = silent_since.elapsed();
+        let (s2, _) = node_state(&c, "n2").await;
+        if s2 == NodeState::Failed && n2_failed_after.is_none() {
+            n2_failed_after = Some(silent);
+        }
+        if silent < TIMEOUT {
+            assert_eq!(s2, NodeState::Healthy, "n2 failed after only {silent:?}");
+        }
+        assert_eq!(
+            node_state(&c, "n1").await,
+            (NodeState::Healthy, e1),
+            "n1 heartbeats ({silent:?} in)"
+        );
+    }
+    let after = n2_failed_after.expect("the silent node is failed");
+    assert!(
+        after >= TIMEOUT && after <= TIMEOUT + interval(),
+        "failed after {after:?}"
+    );
+
+    // n2's job failed with a reason naming the node and the timeout; n1's runs on.
+    let (s, reason) = state(&c, &b).await;
+    assert_eq!(s, JobState::Failed);
+    assert_eq!(
+        reason,
+        "node n2 sent no heartbeat for 5000 ms (heartbeat timeout)"
+    );
+    assert_eq!(state(&c, &a).await.0, JobState::Running);
+    // n2's session was closed, with the reason; its liveness key is gone, n1's is not.
+    let (got, closed) = drain(&mut n2);
+    assert!(closed, "the silent node's session is closed");
+    assert!(
+        got.iter().any(|m| m
+            .as_ref()
+            .is_err_and(|st| st.message().contains("heartbeat timeout"))),
+        "{got:?}"
+    );
+    assert_eq!(store.get("live/n2").await.expect("get"), None);
+    assert!(store.get("live/n1").await.expect("get").is_some());
+    let (_, n1_closed) = drain(&mut n1);
+    assert!(!n1_closed);
+
+    // Late messages of the ended session change nothing.
+    c.heartbeat("n2", e2).await;
+    c.status("n2", e2, status(&b, pb::JobState::Succeeded))
+        .await;
+    assert_eq!(node_state(&c, "n2").await, (NodeState::Failed, e2));
+    assert_eq!(state(&c, &b).await.0, JobState::Failed);
+
+    // The node registers again: a new epoch, healthy, live, and it takes new work.
+    let (mut n2b, e2b) = node(&c, "n2", 1).await;
+    assert_eq!(e2b, e2 + 1);
+    assert_eq!(node_state(&c, "n2").await, (NodeState::Healthy, e2b));
+    assert!(store.get("live/n2").await.expect("get").is_some());
+    let d = c.submit(spec("d", 1, 0)).await.expect("submit");
+    assert_eq!(assigned(&c, &mut n2b).await.as_deref(), Some(d.as_str()));
+    // And it stays healthy while it heartbeats.
+    for _ in 0..(2 * TIMEOUT.as_millis() / interval().as_millis()) {
+        tokio::time::sleep(interval()).await;
+        c.heartbeat("n1", e1).await;
+        c.heartbeat("n2", e2b).await;
+    }
+    assert_eq!(node_state(&c, "n2").await, (NodeState::Healthy, e2b));
+    assert_eq!(state(&c, &d).await.0, JobState::Scheduling);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_liveness_key_ends_the_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, store) = control_with_store(&dir).await;
+    let (mut n1, e1) = node(&c, "n1", 1).await;
+    let job = c.submit(spec("j", 1, 0)).await.expect("submit");
+    assert_eq!(assigned(&c, &mut n1).await.as_deref(), Some(job.as_str()));
+    // An operator (or an expired lease) removes the node's liveness key.
+    assert!(store.delete("live/n1").await.expect("delete"));
+    let mut waited = 0;
+    while node_state(&c, "n1").await.0 != NodeState::Failed {
+        waited += 1;
+        assert!(waited < 100, "the deletion was not noticed");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Noticed through the watch, well before any heartbeat timeout.
+    assert!(waited < 50, "{waited}");
+    let (s, reason) = state(&c, &job).await;
+    assert_eq!(s, JobState::Failed);
+    assert_eq!(
+        reason,
+        "node n1 liveness lease lost in the store (heartbeat timeout 5000 ms)"
+    );
+    assert!(drain(&mut n1).1, "the session is closed");
+    // Registering again works, and the old key's deletion does not touch the new session.
+    let (_n1b, e1b) = node(&c, "n1", 1).await;
+    assert_eq!(e1b, e1 + 1);
+    tokio::time::sleep(interval()).await;
+    assert_eq!(node_state(&c, "n1").await, (NodeState::Healthy, e1b));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_registration_does_not_lose_the_new_session_to_the_old_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, store) = control_with_store(&dir).await;
+    let (_old, e1) = node(&c, "n1", 1).await;
+    let first = store.get("live/n1").await.expect("get").expect("live");
+    // The agent restarts: the old lease is revoked (a deletion the watch reports) before the
+    // new session's key is written; the new session must survive that event.
+    let (_new, e2) = node(&c, "n1", 1).await;
+    assert_eq!(e2, e1 + 1);
+    let second = store.get("live/n1").await.expect("get").expect("live");
+    assert!(second.revision > first.revision);
+    assert_eq!(second.value, br#"{"epoch":2}"#);
+    for _ in 0..4 {
+        tokio::time::sleep(interval()).await;
+        c.heartbeat("n1", e2).await;
+    }
+    assert_eq!(node_state(&c, "n1").await, (NodeState::Healthy, e2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_timeout_shorter_than_the_interval_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let config = ControlConfig {
+        heartbeat_timeout: Duration::from_millis(u64::from(HEARTBEAT_MS)),
+    };
+    let e = Control::start_with(store, config).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "heartbeat timeout: must be longer than the 500 ms heartbeat interval, got 500 ms"
+    );
 }

@@ -80,6 +80,7 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
             dir: c.dir,
             interval: c.interval,
             keep: usize_of(c.keep),
+            resume: c.resume,
         });
     let elasticity = p
         .elasticity
@@ -151,6 +152,7 @@ pub fn job_spec_to_wire(s: &JobSpec) -> Result<pb::JobSpec> {
             dir: s.checkpointing.dir.clone(),
             interval: s.checkpointing.interval,
             keep: u32_of("spec.checkpointing.keep", s.checkpointing.keep)?,
+            resume: s.checkpointing.resume.clone(),
         }),
         elasticity: Some(pb::Elasticity {
             min_dp: u32_of("spec.elasticity.min_dp", s.elasticity.min_dp)?,

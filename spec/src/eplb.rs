@@ -240,6 +240,97 @@ pub fn rebalance(
     Ok(out)
 }
 
+/// Load-aware expert placement for a plan's EP groups: [`rebalance`] with the shape of an EP
+/// group (its nodes, `ep` devices) and `redundant_per_device` extra slots on every device.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExpertPlacement {
+    /// Physical expert slots per layer: routed experts plus the redundant ones.
+    pub replicas: usize,
+    /// Slots per device.
+    pub slots_per_device: usize,
+    /// Nodes one EP group spans.
+    pub nodes: usize,
+    /// Expert groups of node-limited routing used for the hierarchical packing.
+    pub groups: usize,
+    /// The placement itself.
+    #[serde(flatten)]
+    pub rebalance: Rebalance,
+    /// Per layer: the busiest device's load over the mean, with the experts split evenly in
+    /// order and no copies (the plan without loads).
+    pub imbalance_before: Vec<f64>,
+    /// Per layer: the same ratio after balancing.
+    pub imbalance_after: Vec<f64>,
+}
+
+/// Max over mean of per-device loads, devices taking `per_device` consecutive slots.
+fn imbalance(slot_loads: &[f64], per_device: usize) -> f64 {
+    let devices: Vec<f64> = slot_loads
+        .chunks(per_device.max(1))
+        .map(|c| c.iter().sum())
+        .collect();
+    let mean = devices.iter().sum::<f64>() / devices.len().max(1) as f64;
+    let max = devices.iter().copied().fold(0.0, f64::max);
+    if mean > 0.0 { max / mean } else { 1.0 }
+}
+
+/// Balances the routed experts of a plan's EP groups from measured `loads[layer][expert]`.
+/// Every EP group spans `plan.ep_groups[0].nodes` nodes (groups of one plan have one shape) and
+/// `ep` devices; each device gets `redundant_per_device` redundant slots.
+pub fn expert_placement(
+    model: &crate::ModelConfig,
+    plan: &crate::plan::Plan,
+    loads: &[Vec<f64>],
+    redundant_per_device: usize,
+) -> Result<ExpertPlacement, SpecError> {
+    let experts = model.n_routed_experts;
+    if let Some((l, layer)) = loads.iter().enumerate().find(|(_, l)| l.len() != experts) {
+        return Err(SpecError::invalid(
+            format!("expert loads[{l}]"),
+            format!(
+                "has {} experts, the model has {experts} routed experts",
+                layer.len()
+            ),
+        ));
+    }
+    let ep = plan.parallelism.ep;
+    let nodes = plan.ep_groups.first().map_or(1, |g| g.nodes.len().max(1));
+    // Hierarchical packing needs the routing groups to split over the nodes and the devices
+    // over the nodes; otherwise the group is treated as one node.
+    let (groups, nodes) = if model.n_group % nodes == 0 && ep % nodes == 0 {
+        (model.n_group, nodes)
+    } else {
+        (1, 1)
+    };
+    let replicas = redundant_per_device
+        .checked_mul(ep)
+        .and_then(|r| r.checked_add(experts))
+        .ok_or_else(|| SpecError::invalid("redundant experts", "too many"))?;
+    let r = rebalance(loads, replicas, groups, nodes, ep)?;
+    let slots_per_device = replicas / ep;
+    let imbalance_before = loads
+        .iter()
+        .map(|layer| imbalance(layer, experts / ep))
+        .collect();
+    let imbalance_after = loads
+        .iter()
+        .zip(&r.phy2log)
+        .zip(&r.logcnt)
+        .map(|((layer, phy), cnt)| {
+            let slots: Vec<f64> = phy.iter().map(|&e| layer[e] / cnt[e] as f64).collect();
+            imbalance(&slots, slots_per_device)
+        })
+        .collect();
+    Ok(ExpertPlacement {
+        replicas,
+        slots_per_device,
+        nodes,
+        groups,
+        rebalance: r,
+        imbalance_before,
+        imbalance_after,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +445,44 @@ mod tests {
             let err = r.unwrap_err().to_string();
             assert!(err.contains(field), "{err} should name {field}");
         }
+    }
+
+    #[test]
+    fn a_plans_ep_groups_get_balanced_expert_slots() {
+        let model = crate::ModelConfig::deepseek_v3_671b();
+        let par = crate::plan::Parallelism {
+            pp: 16,
+            dp: 128,
+            ep: 64,
+            schedule: crate::plan::Schedule::DualPipe,
+            micro_batches: 32,
+            micro_batch_size: 1,
+            seq_len: 4096,
+        };
+        let plan = crate::plan::plan(&model, &par, &crate::plan::Cluster::uniform(256, 8)).unwrap();
+        // Skewed loads: expert e carries (e % 17 + 1)^2, one expert is very hot.
+        let mut layer: Vec<f64> = (0..256)
+            .map(|e| ((e % 17 + 1) * (e % 17 + 1)) as f64)
+            .collect();
+        layer[3] = 5000.0;
+        let loads = vec![layer.clone(), layer.iter().rev().copied().collect()];
+        let p = expert_placement(&model, &plan, &loads, 1).unwrap();
+        assert_eq!(
+            (p.replicas, p.slots_per_device, p.nodes, p.groups),
+            (320, 5, 8, 8)
+        );
+        for l in 0..2 {
+            assert!(p.imbalance_after[l] < p.imbalance_before[l], "{p:?}");
+            assert!(p.imbalance_after[l] >= 1.0);
+            // Every logical expert has at least one slot, and the slot count adds up.
+            assert!(p.rebalance.logcnt[l].iter().all(|&c| c >= 1));
+            assert_eq!(p.rebalance.logcnt[l].iter().sum::<usize>(), 320);
+        }
+        // The hot expert got the most copies.
+        let cnt = &p.rebalance.logcnt[0];
+        assert_eq!(cnt.iter().max(), Some(&cnt[3]));
+        // Loads of the wrong width are refused by name.
+        let e = expert_placement(&model, &plan, &[vec![1.0; 10]], 1).unwrap_err();
+        assert!(e.to_string().contains("expert loads[0]"), "{e}");
     }
 }

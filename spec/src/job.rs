@@ -39,6 +39,7 @@
 //! dir = "runs/tiny-run"
 //! interval = 0              # steps between checkpoints; 0 = only at the end
 //! keep = 3
+//! resume = ""              # a checkpoint directory to continue from
 //!
 //! [elasticity]
 //! min_dp = 1                # default: dp
@@ -174,6 +175,9 @@ pub struct CheckpointSpec {
     pub interval: u64,
     /// Committed checkpoints to keep (at least 1).
     pub keep: usize,
+    /// Continue from this checkpoint directory (one a previous run wrote: weights, optimizer,
+    /// data position); empty starts from step 0.
+    pub resume: String,
 }
 
 impl Default for CheckpointSpec {
@@ -182,6 +186,7 @@ impl Default for CheckpointSpec {
             dir: String::new(),
             interval: 0,
             keep: 3,
+            resume: String::new(),
         }
     }
 }
@@ -290,12 +295,15 @@ impl JobSpec {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
         if !name_ok {
+            // A long name is not echoed back whole (errors travel in gRPC headers).
+            let got = if self.name.len() <= 63 {
+                format!("{:?}", self.name)
+            } else {
+                format!("{} bytes", self.name.len())
+            };
             return Err(bad(
                 "name",
-                format!(
-                    "must be 1-63 characters of a-z, 0-9, '-', '_', '.', got {:?}",
-                    self.name
-                ),
+                format!("must be 1-63 characters of a-z, 0-9, '-', '_', '.', got {got}"),
             ));
         }
         if self.model.trim().is_empty() {
@@ -495,6 +503,32 @@ mod tests {
             let e = job.validate(&tiny).unwrap_err().to_string();
             assert!(e.starts_with(field), "{text:?}: {e} should name {field}");
         }
+    }
+
+    #[test]
+    fn names_are_limited_to_63_characters_and_long_ones_are_not_echoed() {
+        let tiny = ModelConfig::tiny();
+        let named = |name: String| JobSpec {
+            name,
+            ..JobSpec::from_toml("name = \"a\"", "j.toml").unwrap()
+        };
+        named("a".repeat(63)).validate(&tiny).unwrap();
+        let e = named("a".repeat(64))
+            .validate(&tiny)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("name: must be 1-63 characters"), "{e}");
+        assert!(e.ends_with("got 64 bytes"), "{e}");
+        let e = named(String::new())
+            .validate(&tiny)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("name:") && e.ends_with("got \"\""), "{e}");
+        let e = named("x".repeat(1 << 20))
+            .validate(&tiny)
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 100, "{} bytes", e.len());
     }
 
     proptest! {

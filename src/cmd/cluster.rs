@@ -5,12 +5,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use shoal_coordinator::actor::Control;
+use shoal_coordinator::actor::{Control, ControlConfig};
+use shoal_coordinator::grpc::Tls;
 use shoal_coordinator::store::EmbeddedStore;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::cluster_service_client::ClusterServiceClient;
 use shoal_proto::v1::job_service_client::JobServiceClient;
 use shoal_spec::job::JobSpec;
+use shoal_worker::agent::ClientIdentity;
+use tonic::transport::Channel;
 
 /// The coordinator address clients use when neither `--coordinator` nor `SHOAL_COORDINATOR`
 /// names one.
@@ -28,9 +31,83 @@ pub struct Target {
     /// Bearer token for mutating calls (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+}
+
+/// TLS options of the clients (`shoal worker`, `submit`, `jobs`, ...), for an `https://`
+/// coordinator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientTlsArgs {
+    /// Trust this CA certificate (PEM) for an `https://` coordinator (or `SHOAL_TLS_CA`).
+    #[arg(long, env = "SHOAL_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires mutual TLS (or
+    /// `SHOAL_TLS_CERT`); needs --tls-key.
+    #[arg(long, env = "SHOAL_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert (or `SHOAL_TLS_KEY`).
+    #[arg(long, env = "SHOAL_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `e` and its sources, joined with `: `, each once (tonic's transport errors repeat theirs).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// Reads the PEM file an option names; errors name the option and the path.
+fn read_pem(flag: &str, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
+}
+
+impl ClientTlsArgs {
+    /// The CA and client identity the options name, read from their files.
+    fn load(&self) -> Result<(Option<Vec<u8>>, Option<ClientIdentity>)> {
+        let ca = match &self.tls_ca {
+            Some(p) => Some(read_pem("--tls-ca", p)?),
+            None => None,
+        };
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ClientIdentity {
+                cert_pem: read_pem("--tls-cert", cert)?,
+                key_pem: read_pem("--tls-key", key)?,
+            }),
+            (None, None) => None,
+            (Some(_), None) => bail!("--tls-cert needs --tls-key"),
+            (None, Some(_)) => bail!("--tls-key needs --tls-cert"),
+        };
+        Ok((ca, identity))
+    }
 }
 
 impl Target {
+    /// A channel to the coordinator (TLS for an `https://` URL).
+    async fn channel(&self) -> Result<Channel> {
+        let (ca, identity) = self.tls.load()?;
+        shoal_worker::agent::endpoint(&self.coordinator, ca.as_deref(), identity.as_ref())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the coordinator at {}: {}",
+                    self.coordinator,
+                    error_chain(&e)
+                )
+            })
+    }
+
     /// `msg` as a request carrying the bearer token, if one is set.
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>> {
         let mut req = tonic::Request::new(msg);
@@ -57,6 +134,50 @@ pub struct CoordinatorArgs {
     /// Require this bearer token on mutating calls and node registration (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Fail a node whose agent sent no heartbeat for this long (agents heartbeat every 500 ms).
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub heartbeat_timeout_ms: u64,
+    /// Serve TLS with this certificate chain (PEM, leaf first); needs --tls-key. Clients then
+    /// use an `https://` URL.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: require client certificates signed by this CA (PEM); needs --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl CoordinatorArgs {
+    /// The server TLS the options name, read from their files and checked.
+    fn tls(&self) -> Result<Option<Tls>> {
+        let (cert, key) = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (None, None) if self.tls_client_ca.is_some() => {
+                bail!("--tls-client-ca needs --tls-cert and --tls-key")
+            }
+            (None, None) => return Ok(None),
+            (Some(_), None) => bail!("--tls-cert needs --tls-key"),
+            (None, Some(_)) => bail!("--tls-key needs --tls-cert"),
+        };
+        let tls = Tls {
+            cert_pem: read_pem("--tls-cert", cert)?,
+            key_pem: read_pem("--tls-key", key)?,
+            client_ca_pem: match &self.tls_client_ca {
+                Some(p) => Some(read_pem("--tls-client-ca", p)?),
+                None => None,
+            },
+        };
+        tls.check().with_context(|| {
+            format!(
+                "--tls-cert {} / --tls-key {}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        Ok(Some(tls))
+    }
 }
 
 /// Options of `shoal worker`.
@@ -77,9 +198,14 @@ pub struct WorkerArgs {
     /// Bearer token for registration (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    /// No banner (local clusters started by `shoal train`).
+    #[arg(long, hide = true)]
+    pub quiet: bool,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -87,26 +213,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn ctrl_c() {
+pub(super) async fn ctrl_c() {
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
     }
 }
 
-/// Opens the store a `--store` value names and starts the control actor on it; returns the
-/// handle, the actor's task and a description of the store.
-async fn start_control(store: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+/// Opens the store a `--store` value names and starts the control actor on it with `config`;
+/// returns the handle, the actor's task and a description of the store.
+pub(super) async fn start_control_with(
+    store: &str,
+    config: ControlConfig,
+) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
     if let Some(endpoints) = store.strip_prefix("etcd://") {
-        return start_etcd(endpoints).await;
+        return start_etcd(endpoints, config).await;
     }
     let path = PathBuf::from(store).join("coordinator.redb");
     let s = EmbeddedStore::open(&path)?;
-    let (control, actor) = Control::start(s).await?;
+    let (control, actor) = Control::start_with(s, config).await?;
     Ok((control, actor, path.display().to_string()))
 }
 
 #[cfg(feature = "etcd")]
-async fn start_etcd(endpoints: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+async fn start_etcd(
+    endpoints: &str,
+    config: ControlConfig,
+) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
     let urls: Vec<String> = endpoints
         .split(',')
         .filter(|e| !e.is_empty())
@@ -116,12 +248,15 @@ async fn start_etcd(endpoints: &str) -> Result<(Control, tokio::task::JoinHandle
         bail!("--store etcd://: name at least one HOST:PORT");
     }
     let s = shoal_coordinator::store::EtcdStore::connect(&urls, "shoal/").await?;
-    let (control, actor) = Control::start(s).await?;
+    let (control, actor) = Control::start_with(s, config).await?;
     Ok((control, actor, format!("etcd {}", urls.join(","))))
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn start_etcd(_endpoints: &str) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+async fn start_etcd(
+    _endpoints: &str,
+    _config: ControlConfig,
+) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
     bail!(
         "--store etcd://...: this shoal was built without etcd support; build it with \
          `--features etcd` (which needs protoc)"
@@ -130,13 +265,22 @@ async fn start_etcd(_endpoints: &str) -> Result<(Control, tokio::task::JoinHandl
 
 /// Runs `shoal coordinator` until Ctrl-C.
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
+    let tls = args.tls()?;
     runtime()?.block_on(async {
-        let (control, actor, path) = start_control(&args.store).await?;
+        let config = ControlConfig {
+            heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        };
+        let (control, actor, path) = start_control_with(&args.store, config).await?;
         let listener = shoal_coordinator::grpc::bind(args.listen).await?;
         let addr = listener.local_addr().context("listen address")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mutual = match &tls {
+            Some(t) if t.client_ca_pem.is_some() => ", mutual TLS",
+            _ => "",
+        };
         // The first line of stdout is the address (tests and scripts read it).
-        println!("coordinator listening on http://{addr} (store {path})");
-        shoal_coordinator::grpc::serve_with(listener, control, args.token.clone(), ctrl_c())
+        println!("coordinator listening on {scheme}://{addr} (store {path}{mutual})");
+        shoal_coordinator::grpc::serve_with(listener, control, args.token.clone(), tls, ctrl_c())
             .await?;
         actor.await.context("control actor")?;
         eprintln!("coordinator stopped");
@@ -160,24 +304,42 @@ fn parse_devices(s: &str) -> Result<u32> {
 /// Runs `shoal worker` until Ctrl-C or until the coordinator closes the session.
 pub fn worker(args: &WorkerArgs) -> Result<()> {
     let cpu_devices = parse_devices(&args.devices)?;
+    let (tls_ca, tls_identity) = args.tls.load()?;
     let cfg = shoal_worker::agent::AgentConfig {
         coordinator: args.coordinator.clone(),
         node: args.node.clone(),
         cpu_devices,
         spare: args.spare,
         token: args.token.clone(),
+        tls_ca,
+        tls_identity,
     };
     runtime()?.block_on(async {
-        eprintln!("worker {} attaching to {}", args.node, args.coordinator);
+        if !args.quiet {
+            eprintln!("worker {} attaching to {}", args.node, args.coordinator);
+        }
         shoal_worker::agent::run(cfg, ctrl_c()).await?;
         Ok(())
     })
 }
 
-async fn jobs_client(t: &Target) -> Result<JobServiceClient<tonic::transport::Channel>> {
-    JobServiceClient::connect(t.coordinator.clone())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {}", t.coordinator))
+async fn jobs_client(t: &Target) -> Result<JobServiceClient<Channel>> {
+    Ok(JobServiceClient::new(t.channel().await?))
+}
+
+/// The error of a command's first call: a connection the coordinator closed at once (the
+/// transport failed, the API never answered) is most often a TLS mismatch, so say so.
+fn first_call_err(s: tonic::Status) -> anyhow::Error {
+    use std::error::Error;
+    if s.source().is_some() && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) {
+        anyhow::anyhow!(
+            "{}: the coordinator closed the connection (one serving TLS needs an https:// URL \
+             and --tls-ca; one requiring client certificates also --tls-cert and --tls-key)",
+            s.message()
+        )
+    } else {
+        status_err(s)
+    }
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -221,7 +383,7 @@ pub fn submit(file: &PathBuf, t: &Target) -> Result<()> {
         let id = c
             .submit_job(t.request(pb::SubmitJobRequest { spec: Some(wire) })?)
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner()
             .job_id;
         if t.json {
@@ -240,7 +402,7 @@ pub fn jobs(t: &Target) -> Result<()> {
         let jobs = c
             .list_jobs(pb::ListJobsRequest { states: vec![] })
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner()
             .jobs;
         if t.json {
@@ -274,7 +436,7 @@ pub fn status(id: &str, t: &Target) -> Result<()> {
                 job_id: id.to_string(),
             })
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner();
         print_job(&j, t.json);
         Ok(())
@@ -304,7 +466,7 @@ pub fn cancel(id: &str, t: &Target) -> Result<()> {
                 job_id: id.to_string(),
             })?)
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner();
         print_job(&j, t.json);
         Ok(())
@@ -320,8 +482,34 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
                 job_id: id.to_string(),
             })
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner();
+        let total = c
+            .get_job(pb::GetJobRequest {
+                job_id: id.to_string(),
+            })
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .spec
+            .and_then(|s| s.training)
+            .map_or(0, |t| t.steps);
+        // A progress bar on a terminal (stderr); plain lines otherwise.
+        let bar = indicatif::ProgressBar::new(total);
+        if t.json {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        } else if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
+        {
+            bar.set_style(style);
+        }
+        let say = |line: String| {
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+        };
         let mut last = pb::JobState::Unspecified as i32;
         let mut reason = String::new();
         while let Some(ev) = events.message().await.map_err(status_err)? {
@@ -330,27 +518,31 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
                     last = s.state;
                     reason = s.reason.clone();
                     if t.json {
-                        println!("{}", serde_json::json!({"state": state_name(s.state), "reason": s.reason}));
+                        say(serde_json::json!({"state": state_name(s.state), "reason": s.reason}).to_string());
                     } else {
-                        println!("{id}: {} {}", state_name(s.state), s.reason);
+                        say(format!("{id}: {} {}", state_name(s.state), s.reason));
                     }
                 }
                 Some(pb::job_event::Event::Step(m)) => {
                     if t.json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"step": m.step, "loss": m.main_loss, "tokens_per_s": m.tokens_per_s})
-                        );
-                    } else {
-                        println!(
+                        say(serde_json::json!({"step": m.step, "loss": m.main_loss, "tokens_per_s": m.tokens_per_s}).to_string());
+                    } else if bar.is_hidden() {
+                        say(format!(
                             "{id}: step {} loss {:.4} {:.0} tok/s",
                             m.step, m.main_loss, m.tokens_per_s
-                        );
+                        ));
+                    } else {
+                        bar.set_position(m.step);
+                        bar.set_message(format!(
+                            "loss {:.4} | {:.0} tok/s",
+                            m.main_loss, m.tokens_per_s
+                        ));
                     }
                 }
                 _ => {}
             }
         }
+        bar.finish_and_clear();
         if last != pb::JobState::Succeeded as i32 {
             bail!("job {id} ended {}: {reason}", state_name(last));
         }
@@ -358,26 +550,52 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
     })
 }
 
+/// `shoal cordon NODE` and `shoal drain NODE`.
+pub fn cordon(node: &str, drain: bool, t: &Target) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = ClusterServiceClient::new(t.channel().await?);
+        let req = t.request(pb::NodeRequest {
+            name: node.to_string(),
+        })?;
+        let n = if drain {
+            c.drain_node(req).await
+        } else {
+            c.cordon_node(req).await
+        }
+        .map_err(status_err)?
+        .into_inner();
+        let state = node_state_name(n.state);
+        if t.json {
+            println!("{}", serde_json::json!({"name": n.name, "state": state}));
+        } else {
+            println!("{} {state}", n.name);
+        }
+        Ok(())
+    })
+}
+
+fn node_state_name(v: i32) -> &'static str {
+    match pb::NodeState::try_from(v) {
+        Ok(pb::NodeState::Healthy) => "healthy",
+        Ok(pb::NodeState::Cordoned) => "cordoned",
+        Ok(pb::NodeState::Draining) => "draining",
+        Ok(pb::NodeState::Failed) => "failed",
+        Ok(pb::NodeState::Spare) => "spare",
+        _ => "unknown",
+    }
+}
+
 /// `shoal nodes`.
 pub fn nodes(t: &Target) -> Result<()> {
     runtime()?.block_on(async {
-        let mut c = ClusterServiceClient::connect(t.coordinator.clone())
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {}", t.coordinator))?;
+        let mut c = ClusterServiceClient::new(t.channel().await?);
         let nodes = c
             .list_nodes(pb::ListNodesRequest {})
             .await
-            .map_err(status_err)?
+            .map_err(first_call_err)?
             .into_inner()
             .nodes;
-        let state = |v: i32| match pb::NodeState::try_from(v) {
-            Ok(pb::NodeState::Healthy) => "healthy",
-            Ok(pb::NodeState::Cordoned) => "cordoned",
-            Ok(pb::NodeState::Draining) => "draining",
-            Ok(pb::NodeState::Failed) => "failed",
-            Ok(pb::NodeState::Spare) => "spare",
-            _ => "unknown",
-        };
+        let state = node_state_name;
         if t.json {
             let v: Vec<serde_json::Value> = nodes
                 .iter()
@@ -422,6 +640,9 @@ pub struct UpArgs {
     /// The store: a directory for the embedded store, or `etcd://HOST:PORT[,...]`.
     #[arg(long, default_value = "runs/coordinator")]
     pub store: String,
+    /// Fail a node whose agent sends no heartbeat for this long.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_timeout_ms: u64,
 }
 
 /// Runs `shoal up`: a coordinator and `--nodes` local worker processes until Ctrl-C, then stops
@@ -430,45 +651,23 @@ pub fn up(args: &UpArgs) -> Result<()> {
     if args.nodes == 0 || args.gpus_per_node == 0 {
         bail!("--nodes and --gpus-per-node must be at least 1");
     }
-    let exe = std::env::current_exe().context("locating the shoal binary")?;
+    let opts = super::local::LocalOptions {
+        store: args.store.clone(),
+        listen: args.listen,
+        nodes: args.nodes,
+        devices_per_node: args.gpus_per_node,
+        node_prefix: "local".into(),
+        quiet_agents: false,
+        heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+    };
     runtime()?.block_on(async {
-        let (control, actor, path) = start_control(&args.store).await?;
-        let listener = shoal_coordinator::grpc::bind(args.listen).await?;
-        let addr = listener.local_addr().context("listen address")?;
-        let url = format!("http://{addr}");
+        let cluster = super::local::LocalCluster::start(&opts).await?;
         println!(
-            "coordinator listening on {url} with {} local node(s) of {} device(s) (store {path})",
-            args.nodes, args.gpus_per_node
+            "coordinator listening on {} with {} local node(s) of {} device(s) (store {})",
+            cluster.url, args.nodes, args.gpus_per_node, cluster.store
         );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(shoal_coordinator::grpc::serve(listener, control, async {
-            let _ = stop_rx.await;
-        }));
-        let mut workers = Vec::new();
-        for i in 0..args.nodes {
-            let child = tokio::process::Command::new(&exe)
-                .args([
-                    "worker",
-                    "--coordinator",
-                    &url,
-                    "--node",
-                    &format!("local-{i}"),
-                    "--devices",
-                    &format!("cpu:{}", args.gpus_per_node),
-                ])
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting worker local-{i}"))?;
-            workers.push(child);
-        }
         ctrl_c().await;
-        eprintln!("stopping {} worker(s) and the coordinator", workers.len());
-        for w in &mut workers {
-            let _ = w.kill().await;
-        }
-        let _ = stop_tx.send(());
-        server.await.context("server task")??;
-        actor.await.context("control actor")?;
-        Ok(())
+        eprintln!("stopping {} worker(s) and the coordinator", args.nodes);
+        cluster.shutdown().await
     })
 }

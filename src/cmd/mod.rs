@@ -2,5 +2,6 @@
 
 pub mod cluster;
 pub mod eval;
+pub mod local;
 pub mod plan;
 pub mod train;

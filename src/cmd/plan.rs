@@ -39,10 +39,15 @@ pub struct PlanArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 4096)]
     pub seq_len: usize,
-    /// Balance experts from measured loads instead: a JSON list of per-layer lists of expert
-    /// loads. Prints `{"phy2log": [...], "logcnt": [...]}` with `--json`.
+    /// Measured expert loads: a JSON list of per-layer lists of loads. With `--replicas`,
+    /// `--groups`, `--nodes` and `--gpus` it balances just those (EPLB) and prints
+    /// `{"phy2log": [...], "logcnt": [...]}` with `--json`; without them it balances the routed
+    /// experts over the plan's EP groups (`expert_placement` in the plan).
     #[arg(long)]
     pub expert_loads: Option<PathBuf>,
+    /// Redundant expert slots per device when balancing over the plan's EP groups.
+    #[arg(long, default_value_t = 1)]
+    pub redundant_experts: usize,
     /// Physical expert slots per layer (with `--expert-loads`).
     #[arg(long)]
     pub replicas: Option<usize>,
@@ -62,7 +67,11 @@ pub struct PlanArgs {
 
 /// Runs `shoal plan`.
 pub fn run(args: &PlanArgs) -> Result<()> {
-    if let Some(path) = &args.expert_loads {
+    let standalone = args.replicas.is_some()
+        || args.groups.is_some()
+        || args.nodes.is_some()
+        || args.gpus.is_some();
+    if let (Some(path), true) = (&args.expert_loads, standalone) {
         return eplb(args, path);
     }
     let model = model_config(&args.model)?;
@@ -80,36 +89,53 @@ pub fn run(args: &PlanArgs) -> Result<()> {
     let start = Instant::now();
     let p = plan(&model, &par, &cluster)?;
     let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    let experts = match &args.expert_loads {
+        Some(path) => Some(
+            shoal_spec::eplb::expert_placement(
+                &model,
+                &p,
+                &read_loads(path)?,
+                args.redundant_experts,
+            )
+            .context("--expert-loads")?,
+        ),
+        None => None,
+    };
     if args.json {
         let mut v = serde_json::to_value(&p)?;
         if let Some(o) = v.as_object_mut() {
             o.insert("model".into(), args.model.clone().into());
             o.insert("cluster".into(), args.cluster.clone().into());
             o.insert("planning_ms".into(), elapsed_ms.into());
+            if let Some(e) = &experts {
+                o.insert("expert_placement".into(), serde_json::to_value(e)?);
+            }
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
         print_plan(&p, args, elapsed_ms);
+        if let Some(e) = &experts {
+            println!(
+                "expert placement: {} slots per layer ({} per device, {} redundant), EP group of {} node(s), {} routing group(s)",
+                e.replicas, e.slots_per_device, args.redundant_experts, e.nodes, e.groups
+            );
+            for (l, (b, a)) in e
+                .imbalance_before
+                .iter()
+                .zip(&e.imbalance_after)
+                .enumerate()
+            {
+                println!("  layer {l}: busiest device / mean load {b:.3} -> {a:.3}");
+            }
+        }
     }
     Ok(())
 }
 
+/// The model a `--model` value names (the coordinator's resolution: a preset, a `config.json`
+/// or a directory holding one).
 fn model_config(name: &str) -> Result<ModelConfig> {
-    let path = Path::new(name);
-    let file = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
-    if file.is_file() {
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("--model: cannot read {}", file.display()))?;
-        let cfg = ModelConfig::from_hf_json(&text, &file.display().to_string())?;
-        cfg.validate(&file.display().to_string())?;
-        return Ok(cfg);
-    }
-    ModelConfig::preset(name)
-        .with_context(|| format!("--model {name}: neither a preset nor a file"))
+    shoal_coordinator::jobs::resolve_model(name).map_err(|e| anyhow::anyhow!("--model {name}: {e}"))
 }
 
 fn gib(bytes: u64) -> f64 {
@@ -169,6 +195,17 @@ fn print_plan(p: &Plan, args: &PlanArgs, elapsed_ms: f64) {
     println!("planned in {elapsed_ms:.1} ms");
 }
 
+fn read_loads(path: &Path) -> Result<Vec<Vec<f64>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--expert-loads: cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--expert-loads {}: expected a JSON list of per-layer lists of loads",
+            path.display()
+        )
+    })
+}
+
 fn eplb(args: &PlanArgs, path: &Path) -> Result<()> {
     let need = |v: Option<usize>, flag: &str| -> Result<usize> {
         match v {
@@ -180,14 +217,7 @@ fn eplb(args: &PlanArgs, path: &Path) -> Result<()> {
     let groups = need(args.groups, "--groups")?;
     let nodes = need(args.nodes, "--nodes")?;
     let gpus = need(args.gpus, "--gpus")?;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--expert-loads: cannot read {}", path.display()))?;
-    let loads: Vec<Vec<f64>> = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "--expert-loads {}: expected a JSON list of per-layer lists of loads",
-            path.display()
-        )
-    })?;
+    let loads = read_loads(path)?;
     let r = shoal_spec::eplb::rebalance(&loads, replicas, groups, nodes, gpus)?;
     if args.json {
         println!(

@@ -1,19 +1,22 @@
 //! `shoal train`: train a DeepSeek-V3 model in this process.
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
+use shoal_coordinator::jobs::resolve_model;
 use shoal_kernels::ops::linear::Precision;
-use shoal_spec::ModelConfig;
-use shoal_worker::data::{Batcher, DataSpec, TokenDtype, TokenSource};
+use shoal_proto::v1 as pb;
+use shoal_proto::v1::job_service_client::JobServiceClient;
+use shoal_spec::job::{self, JobSpec};
+use shoal_worker::data::{DataSpec, TokenDtype};
+use shoal_worker::job::RunSummary;
 use shoal_worker::model::Model;
-use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
+
+use super::local::{LocalCluster, LocalOptions, REGISTER_TIMEOUT};
 
 /// Precision modes on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -25,6 +28,25 @@ pub enum PrecisionArg {
     Bf16,
     /// The DeepSeek-V3 FP8 recipe.
     Fp8,
+}
+
+impl From<PrecisionArg> for job::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Fp32 => job::Precision::Fp32,
+            PrecisionArg::Bf16 => job::Precision::Bf16,
+            PrecisionArg::Fp8 => job::Precision::Fp8,
+        }
+    }
+}
+
+impl From<DtypeArg> for job::TokenDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::U16 => job::TokenDtype::U16,
+            DtypeArg::U32 => job::TokenDtype::U32,
+        }
+    }
 }
 
 impl From<PrecisionArg> for Precision {
@@ -40,7 +62,7 @@ impl From<PrecisionArg> for Precision {
 /// Options of `shoal train`. Flags override the job file given with `--config`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// A TOML job file with any of the options below (same names, `-` or `_`).
+    /// A TOML job file, as `shoal submit` takes (every field optional here); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Model: a preset (`tiny`, `small`) or a directory with config.json and model.safetensors.
@@ -109,103 +131,86 @@ impl From<DtypeArg> for TokenDtype {
     }
 }
 
-/// The job file: every field optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobFile {
-    name: Option<String>,
-    model: Option<String>,
-    steps: Option<u64>,
-    precision: Option<PrecisionArg>,
-    data: Option<String>,
-    dtype: Option<DtypeArg>,
-    #[serde(alias = "seq-len")]
-    seq_len: Option<usize>,
-    batch: Option<usize>,
-    seed: Option<u64>,
-    lr: Option<f32>,
-    gamma: Option<f64>,
-    #[serde(alias = "micro-batches")]
-    micro_batches: Option<usize>,
-    #[serde(alias = "checkpoint-every")]
-    checkpoint_every: Option<u64>,
-    out: Option<PathBuf>,
-}
-
-/// Resolved settings.
-struct Settings {
-    /// The job's name (from the job file), shown in the header.
-    name: Option<String>,
-    model: String,
-    steps: u64,
-    precision: Precision,
-    data: String,
-    dtype: TokenDtype,
-    seq_len: usize,
-    batch: usize,
-    seed: u64,
-    lr: Option<f32>,
-    gamma: Option<f64>,
-    micro_batches: Option<usize>,
-    checkpoint_every: Option<u64>,
-    out: PathBuf,
-}
-
-/// Default steps: enough for the loss to fall clearly within about two minutes here.
-pub const DEFAULT_STEPS: u64 = 60;
-
-fn settings(args: &TrainArgs) -> Result<Settings> {
-    let job = match &args.config {
+/// The job `shoal train` submits: the `--config` job file (the format `shoal submit` takes, every
+/// field optional here), then the flags over it.
+fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
+    let mut spec = match &args.config {
         Some(path) => {
             let text = fs::read_to_string(path)
                 .with_context(|| format!("reading job file {}", path.display()))?;
-            toml::from_str::<JobFile>(&text)
-                .with_context(|| format!("job file {}", path.display()))?
+            // The name may be left out here (it is required for `shoal submit`).
+            let mut table: toml::Table =
+                toml::from_str(&text).with_context(|| format!("job file {}", path.display()))?;
+            table
+                .entry("name")
+                .or_insert_with(|| toml::Value::String("train".into()));
+            let text =
+                toml::to_string(&table).with_context(|| format!("job file {}", path.display()))?;
+            JobSpec::from_toml(&text, &path.display().to_string())?
         }
-        None => JobFile::default(),
+        None => JobSpec::from_toml("name = \"train\"", "defaults")?,
     };
-    let s = Settings {
-        name: job.name,
-        model: args
-            .model
-            .clone()
-            .or(job.model)
-            .unwrap_or_else(|| "tiny".into()),
-        steps: args.steps.or(job.steps).unwrap_or(DEFAULT_STEPS),
-        precision: args
-            .precision
-            .or(job.precision)
-            .unwrap_or(PrecisionArg::Fp8)
-            .into(),
-        data: args
-            .data
-            .clone()
-            .or(job.data)
-            .unwrap_or_else(|| "synthetic".into()),
-        dtype: args.dtype.or(job.dtype).unwrap_or(DtypeArg::U16).into(),
-        seq_len: args.seq_len.or(job.seq_len).unwrap_or(256),
-        batch: args.batch.or(job.batch).unwrap_or(8),
-        seed: args.seed.or(job.seed).unwrap_or(0),
-        lr: args.lr.or(job.lr),
-        gamma: args.gamma.or(job.gamma),
-        micro_batches: args.micro_batches.or(job.micro_batches),
-        checkpoint_every: args.checkpoint_every.or(job.checkpoint_every),
-        out: args
-            .out
-            .clone()
-            .or(job.out)
-            .unwrap_or_else(|| PathBuf::from("runs/train")),
+    if let Some(m) = &args.model {
+        spec.model.clone_from(m);
+    }
+    if let Some(p) = args.precision {
+        spec.precision = p.into();
+    }
+    if let Some(d) = &args.data {
+        spec.data.source.clone_from(d);
+    }
+    if let Some(d) = args.dtype {
+        spec.data.dtype = d.into();
+    }
+    let t = &mut spec.training;
+    t.steps = args.steps.unwrap_or(t.steps);
+    t.seq_len = args.seq_len.unwrap_or(t.seq_len);
+    t.batch = args.batch.unwrap_or(t.batch);
+    t.seed = args.seed.unwrap_or(t.seed);
+    if let Some(lr) = args.lr {
+        t.lr = f64::from(lr);
+    }
+    t.gamma = args.gamma.unwrap_or(t.gamma);
+    if let Some(m) = args.micro_batches {
+        spec.parallelism.micro_batches = m;
+    }
+    if let Some(n) = args.checkpoint_every {
+        if n == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        spec.checkpointing.interval = n;
+    }
+    if let Some(dir) = &args.resume {
+        let dir = fs::canonicalize(dir)
+            .with_context(|| format!("--resume {}: no such checkpoint", dir.display()))?;
+        spec.model = dir.display().to_string();
+        spec.checkpointing.resume = spec.model.clone();
+    }
+    let out = match (&args.out, spec.checkpointing.dir.as_str()) {
+        (Some(out), _) => out.clone(),
+        (None, "") => PathBuf::from("runs/train"),
+        (None, dir) => PathBuf::from(dir),
     };
-    if s.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if s.seq_len == 0 || s.batch == 0 {
-        bail!("--seq-len and --batch must be at least 1");
-    }
-    if s.checkpoint_every == Some(0) {
-        bail!("--checkpoint-every must be at least 1");
-    }
-    Ok(s)
+    prepare_out(&out)?;
+    let out = fs::canonicalize(&out).with_context(|| format!("--out {}", out.display()))?;
+    spec.checkpointing.dir = out.display().to_string();
+    Ok(spec)
+}
+
+/// The flag a job-spec field path comes from, for error messages.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field.trim_start_matches("spec.") {
+        "model" => "--model",
+        "precision" => "--precision",
+        "training.steps" => "--steps",
+        "training.seq_len" => "--seq-len",
+        "training.batch" => "--batch",
+        "training.lr" => "--lr",
+        "training.gamma" => "--gamma",
+        "parallelism.micro_batches" => "--micro-batches",
+        "data.source" => "--data",
+        _ => return None,
+    })
 }
 
 /// The data source a `--data` value names.
@@ -249,134 +254,134 @@ fn progress(steps: u64, quiet: bool) -> ProgressBar {
     bar
 }
 
-/// Runs `shoal train`.
+/// Runs `shoal train`: a local cluster (this process serves an embedded coordinator, one node
+/// agent runs as a child process), the job submitted over gRPC and its progress streamed back.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let s = settings(args)?;
-    prepare_out(&s.out)?;
-    let mut opts = TrainOptions::defaults(s.steps, s.precision);
-    if let Some(lr) = s.lr {
-        opts.lr = lr;
-    }
-    if let Some(g) = s.gamma {
-        opts.bias_update_speed = g;
-    }
-    if let Some(m) = s.micro_batches {
-        opts.micro_batches = m;
-    }
-    let mut trainer = match &args.resume {
-        Some(dir) => {
-            let state = Trainer::read_state(dir)?;
-            let cfg_text = fs::read_to_string(dir.join("config.json"))
-                .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-            let cfg = ModelConfig::from_hf_json(
-                &cfg_text,
-                &dir.join("config.json").display().to_string(),
-            )?;
-            let spec = data_spec(&s.data, s.dtype, state.data_seed);
-            let source = TokenSource::load(&spec, cfg.vocab_size)?;
-            let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
-            let mut o = state.options.clone();
-            o.steps = s.steps.max(state.step + 1);
-            Trainer::resume(dir, batcher, o)?
-        }
-        None => {
-            let model = load_model(&s.model, s.precision, s.seed)?;
-            let spec = data_spec(&s.data, s.dtype, s.seed);
-            let source = TokenSource::load(&spec, model.config().vocab_size)?;
-            let batcher = Batcher::new(source, s.seq_len, s.batch, s.seed)?;
-            Trainer::new(model, batcher, opts)?
-        }
-    };
-
-    let total = trainer.options().steps;
-    let metrics_path = s.out.join("metrics.jsonl");
-    let mut metrics = BufWriter::new(
-        File::options()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?,
-    );
-    let checkpoint_dir = s.out.join("checkpoint");
-    let bar = progress(total - trainer.step(), args.json);
-    let (params, active) = trainer.model().config().parameter_count();
+    let spec = job_spec(args)?;
+    let model = resolve_model(&spec.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    spec.validate(&model).map_err(|e| match &e {
+        shoal_spec::SpecError::Invalid { field, .. } => match flag_of(field) {
+            Some(flag) => anyhow::anyhow!("{flag}: {e}"),
+            None => anyhow::anyhow!("{e}"),
+        },
+        _ => anyhow::anyhow!("{e}"),
+    })?;
+    let out = PathBuf::from(&spec.checkpointing.dir);
     if !args.json {
+        let (params, active) = model.parameter_count();
+        let precision = match spec.precision {
+            job::Precision::Fp32 => "fp32",
+            job::Precision::Bf16 => "bf16",
+            job::Precision::Fp8 => "fp8",
+        };
         eprintln!(
-            "shoal train{}: {} ({:.1}M parameters, {:.1}M active), {}, data {}, {} x {} tokens per step, {} steps",
-            s.name
-                .as_deref()
-                .map(|n| format!(" {n}"))
-                .unwrap_or_default(),
-            s.model,
+            "shoal train{}: {} ({:.1}M parameters, {:.1}M active), {precision}, data {}, {} x {} tokens per step, {} steps{}",
+            if spec.name == "train" {
+                String::new()
+            } else {
+                format!(" {}", spec.name)
+            },
+            spec.model,
             params as f64 / 1e6,
             active as f64 / 1e6,
-            shoal_worker::train::state::precision_name(trainer.model().precision()),
-            trainer.batcher().source().name(),
-            trainer.batcher().batch_size(),
-            trainer.batcher().seq_len(),
-            total
+            spec.data.source,
+            spec.training.batch,
+            spec.training.seq_len,
+            spec.training.steps,
+            if spec.checkpointing.resume.is_empty() {
+                String::new()
+            } else {
+                " (resuming)".into()
+            },
         );
     }
-    let started = Instant::now();
-    let mut history: Vec<StepMetrics> = Vec::new();
-    while trainer.step() < total {
-        let m = trainer.train_step()?;
-        if !m.loss.is_finite() {
-            bail!("step {}: the loss is {} (diverged)", m.step, m.loss);
-        }
-        serde_json::to_writer(&mut metrics, &m)?;
-        metrics.write_all(b"\n")?;
-        let tok_s = m.tokens as f64 / m.seconds;
-        let vio = m.max_vio.iter().copied().fold(0.0, f64::max);
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tok/s | MaxVio {:.2}",
-            m.main_loss, tok_s, vio
-        ));
-        bar.inc(1);
-        if s.checkpoint_every.is_some_and(|n| m.step % n == 0) && m.step < total {
-            trainer.save_checkpoint(&checkpoint_dir)?;
-        }
-        history.push(m);
-    }
-    metrics.flush()?;
-    bar.finish_and_clear();
-    let elapsed = started.elapsed().as_secs_f64();
-    trainer.save_checkpoint(&checkpoint_dir)?;
-
-    let tokens: usize = history.iter().map(|m| m.tokens).sum();
-    let losses: Vec<f64> = history.iter().map(|m| m.main_loss).collect();
-    let last = history.last();
-    let summary = serde_json::json!({
-        "steps": trainer.step(),
-        "initial_loss": losses.first(),
-        "final_loss": losses.last(),
-        "losses": losses,
-        "mtp_loss": last.map(|m| m.mtp_loss),
-        "max_vio": last.map(|m| m.max_vio.clone()),
-        "tokens_per_s": tokens as f64 / elapsed,
-        "seconds": elapsed,
-        "precision": shoal_worker::train::state::precision_name(trainer.model().precision()),
-        "checkpoint": checkpoint_dir.display().to_string(),
-        "metrics": metrics_path.display().to_string(),
-    });
-    fs::write(
-        s.out.join("summary.json"),
-        serde_json::to_vec_pretty(&summary)?,
-    )
-    .with_context(|| format!("writing {}", s.out.join("summary.json").display()))?;
+    let wire = shoal_proto::convert::job_spec_to_wire(&spec)?;
+    let store = tempfile::tempdir().context("a directory for the local coordinator's store")?;
+    let opts = LocalOptions {
+        store: store.path().display().to_string(),
+        listen: "127.0.0.1:0".parse().context("loopback address")?,
+        nodes: 1,
+        devices_per_node: 1,
+        node_prefix: "train".into(),
+        quiet_agents: true,
+        heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
+    };
+    let bar = progress(spec.training.steps, args.json);
+    super::cluster::runtime()?.block_on(async {
+        let mut cluster = LocalCluster::start(&opts).await?;
+        let result = tokio::select! {
+            r = drive(&mut cluster, wire, &bar) => r,
+            () = super::cluster::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        bar.finish_and_clear();
+        cluster.shutdown().await?;
+        result
+    })?;
+    let path = out.join("summary.json");
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading the job's summary {}", path.display()))?;
+    let summary: RunSummary = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the job's summary {}", path.display()))?;
     if args.json {
-        println!("{summary}");
-    } else if let (Some(first), Some(last)) = (history.first(), last) {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else if let (Some(first), Some(last)) = (summary.initial_loss, summary.final_loss) {
         println!(
-            "trained {} steps in {:.1}s: loss {:.4} -> {:.4}, {:.0} tokens/s, MaxVio {:.3}; checkpoint {}",
-            history.len(),
-            elapsed,
-            first.main_loss,
-            last.main_loss,
-            tokens as f64 / elapsed,
-            last.max_vio.iter().copied().fold(0.0, f64::max),
-            checkpoint_dir.display()
+            "trained {} steps in {:.1}s: loss {first:.4} -> {last:.4}, {:.0} tokens/s, MaxVio {:.3}; checkpoint {}",
+            summary.losses.len(),
+            summary.seconds,
+            summary.tokens_per_s,
+            summary
+                .max_vio
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .copied()
+                .fold(0.0, f64::max),
+            summary.checkpoint
         );
     }
     Ok(())
+}
+
+/// Waits for the local node, submits the job and follows it to the end.
+async fn drive(cluster: &mut LocalCluster, spec: pb::JobSpec, bar: &ProgressBar) -> Result<()> {
+    cluster.wait_registered(REGISTER_TIMEOUT).await?;
+    let mut jobs = JobServiceClient::connect(cluster.url.clone())
+        .await
+        .with_context(|| format!("reaching the local coordinator at {}", cluster.url))?;
+    let id = jobs
+        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .job_id;
+    let mut events = jobs
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    while let Some(ev) = events
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("watching job {id}: {}", s.message()))?
+    {
+        match ev.event {
+            Some(pb::job_event::Event::Step(m)) => {
+                let vio = m.max_vio.iter().copied().fold(0.0, f64::max);
+                bar.set_message(format!(
+                    "loss {:.4} | {:.0} tok/s | MaxVio {vio:.2}",
+                    m.main_loss, m.tokens_per_s
+                ));
+                bar.set_position(m.step);
+            }
+            Some(pb::job_event::Event::State(s)) => match pb::JobState::try_from(s.state) {
+                Ok(pb::JobState::Succeeded) => return Ok(()),
+                Ok(pb::JobState::Failed) => bail!("job {id} failed: {}", s.reason),
+                Ok(pb::JobState::Cancelled) => bail!("job {id} was cancelled: {}", s.reason),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    bail!("the coordinator closed job {id}'s event stream before it ended")
 }

@@ -84,13 +84,15 @@ impl Drop for Background {
 /// A coordinator on a free loopback port with an embedded store in `dir`; returns it and its URL.
 pub fn start_coordinator(dir: &std::path::Path) -> (Background, String) {
     let store = dir.join("store");
-    let mut c = Background::start(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        store.to_str().expect("utf-8 path"),
-    ]);
+    start_coordinator_with(&["--store", store.to_str().expect("utf-8 path")])
+}
+
+/// A coordinator on a free loopback port with more options (`--store`, ...); returns it and its
+/// URL.
+pub fn start_coordinator_with(args: &[&str]) -> (Background, String) {
+    let mut all = vec!["coordinator", "--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let mut c = Background::start(&all);
     let line = c.first_line();
     let url = line
         .split_whitespace()
@@ -114,5 +116,152 @@ pub fn wait_for_nodes(url: &str, n: usize) {
             "waited 20 s for {n} healthy nodes; last: {text}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A free TCP port on loopback (free when asked; bound again by the caller's process soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// An etcd server (Debian's `etcd-server`, or `SHOAL_ETCD_BIN`) on free loopback ports, killed
+/// when dropped.
+pub struct Etcd {
+    child: std::process::Child,
+    /// `HOST:PORT` of its client endpoint (`shoal coordinator --store etcd://<this>`).
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// Starts etcd with its data under `dir` and waits (up to 20 s) until it is healthy.
+    pub fn start(dir: &std::path::Path) -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("127.0.0.1:{client}");
+        let url = format!("http://{endpoint}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let bin = std::env::var("SHOAL_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let child = Command::new(&bin)
+            .args([
+                "--name",
+                "shoal-test",
+                "--data-dir",
+                dir.join("etcd").to_str().expect("utf-8 path"),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("shoal-test={peer_url}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {bin} (install Debian's etcd-server; scripts/test.sh does): {e}"
+                )
+            });
+        let etcd = Self { child, endpoint };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !etcd.healthy() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy at {}",
+                etcd.endpoint
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    /// Whether etcd answers `GET /health` with `"health":"true"` (it has a leader and serves).
+    fn healthy(&self) -> bool {
+        self.http("GET", "/health", "")
+            .is_ok_and(|r| r.contains("\"health\":\"true\""))
+    }
+
+    /// Whether `key` exists, asked through etcd's JSON gateway (`POST /v3/kv/range`).
+    pub fn has_key(&self, key: &str) -> bool {
+        let body = format!(
+            "{{\"key\":\"{}\",\"keys_only\":true}}",
+            base64(key.as_bytes())
+        );
+        let r = self
+            .http("POST", "/v3/kv/range", &body)
+            .unwrap_or_else(|e| panic!("etcd at {}: {e}", self.endpoint));
+        assert!(
+            r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"),
+            "{r}"
+        );
+        r.contains("\"kvs\"")
+    }
+
+    /// One HTTP/1.0 request (so the answer is never chunked); the whole response.
+    fn http(&self, method: &str, path: &str, body: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let addr: std::net::SocketAddr = self
+            .endpoint
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let timeout = std::time::Duration::from_secs(1);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let req = format!(
+            "{method} {path} HTTP/1.0\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.endpoint,
+            body.len()
+        );
+        s.write_all(req.as_bytes())?;
+        let mut response = String::new();
+        s.read_to_string(&mut response)?;
+        Ok(response)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Standard base64 with padding (what etcd's JSON gateway takes for bytes).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"shoal/live/n1"), "c2hvYWwvbGl2ZS9uMQ==");
     }
 }

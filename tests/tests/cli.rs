@@ -67,3 +67,33 @@ fn quick_kernel_bench_reports_every_measurement() {
             > 0.0
     );
 }
+
+#[test]
+fn quick_control_bench_reports_positive_rates() {
+    let out = run_shoal(&["bench", "control", "--quick", "--no-ray", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().expect("a JSON line");
+    let report: serde_json::Value = serde_json::from_str(line).expect("one JSON object");
+    let positive = |v: &serde_json::Value, what: &str| {
+        let x = v.as_f64().unwrap_or(0.0);
+        assert!(x.is_finite() && x > 0.0, "{what} = {v} in {report}");
+    };
+    positive(&report["rpc"]["shoal_calls_per_s"], "rpc.shoal_calls_per_s");
+    assert!(
+        report["rpc"]["ray_calls_per_s"].is_null(),
+        "ray was skipped"
+    );
+    positive(
+        &report["launch"]["shoal_median_ms"],
+        "launch.shoal_median_ms",
+    );
+    let levels = report["sessions"]["levels"].as_array().expect("levels");
+    assert!(!levels.is_empty(), "{report}");
+    // Whether a level passed depends on the machine's load; that the sessions all registered
+    // and heartbeated does not.
+    for level in levels {
+        assert_eq!(level["healthy"], level["sessions"], "{level}");
+        positive(&level["heartbeats"], "heartbeats");
+    }
+}

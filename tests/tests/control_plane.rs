@@ -1,7 +1,13 @@
 //! The control plane as separate processes: a coordinator and node agents, jobs submitted and
-//! watched through the CLI over gRPC, and a node agent killed with SIGKILL.
+//! watched through the CLI over gRPC, a hung node agent (SIGSTOP) failed by the heartbeat
+//! timeout, and a node agent killed with SIGKILL. The main flow runs on the embedded store and
+//! (feature `etcd`, which scripts/test.sh turns on) on a real etcd server.
 
-use shoal_tests::{Background, run_shoal, start_coordinator, wait_for_nodes};
+use std::time::{Duration, Instant};
+
+use shoal_tests::{
+    Background, run_shoal, start_coordinator, start_coordinator_with, wait_for_nodes,
+};
 
 fn job_file(dir: &std::path::Path, name: &str, steps: u64) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
@@ -42,16 +48,50 @@ fn jobs(url: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-#[test]
-fn jobs_run_to_completion_on_two_node_agents() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_coordinator, url) = start_coordinator(dir.path());
-    let _w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
-    let _w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
-    wait_for_nodes(&url, 2);
+/// Sends `signal` (`-STOP`, `-CONT`, ...) to `p`.
+fn signal(p: &Background, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal}");
+}
 
-    let a = submit(&url, &job_file(dir.path(), "a", 3));
-    let b = submit(&url, &job_file(dir.path(), "b", 3));
+fn nodes(url: &str) -> serde_json::Value {
+    let out = run_shoal(&["nodes", "--coordinator", url, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Heartbeat timeout of the coordinators of [`two_node_agents_run_jobs`].
+const HEARTBEAT_TIMEOUT_MS: u64 = 3000;
+
+/// The control plane end to end on `store` (a `--store` value), one body for every store: two
+/// node agents run two jobs to completion at once, bad input is named, and a hung agent (stopped
+/// with SIGSTOP: its stream stays open, its heartbeats stop) is failed after the heartbeat
+/// timeout with its job, while the other node stays healthy. `live`, where the store can be read
+/// while the coordinator runs, says whether a node's liveness key is in the store.
+fn two_node_agents_run_jobs(
+    dir: &std::path::Path,
+    store: &str,
+    live: Option<&dyn Fn(&str) -> bool>,
+) {
+    let timeout = HEARTBEAT_TIMEOUT_MS.to_string();
+    let (_coordinator, url) =
+        start_coordinator_with(&["--store", store, "--heartbeat-timeout-ms", &timeout]);
+    let mut w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
+    let mut w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
+    wait_for_nodes(&url, 2);
+    if let Some(live) = live {
+        assert!(live("n1") && live("n2"), "both nodes are live in the store");
+    }
+
+    let a = submit(&url, &job_file(dir, "a", 3));
+    let b = submit(&url, &job_file(dir, "b", 3));
     for id in [&a, &b] {
         let out = run_shoal(&["watch", id, "--coordinator", &url, "--json"]);
         assert!(
@@ -64,11 +104,11 @@ fn jobs_run_to_completion_on_two_node_agents() {
     }
     let all = jobs(&url);
     assert_eq!(all.len(), 2);
-    let mut nodes: Vec<String> = Vec::new();
+    let mut placed_on: Vec<String> = Vec::new();
     for j in &all {
         assert_eq!(j["state"], "succeeded", "{j}");
         assert_eq!(j["step"], 3, "{j}");
-        nodes.push(
+        placed_on.push(
             j["placement"][0]["node"]
                 .as_str()
                 .expect("placed")
@@ -76,12 +116,11 @@ fn jobs_run_to_completion_on_two_node_agents() {
         );
     }
     // Both jobs ran at once, one per node (each node offers one device).
-    nodes.sort();
-    assert_eq!(nodes, ["n1", "n2"]);
+    placed_on.sort();
+    assert_eq!(placed_on, ["n1", "n2"]);
     for name in ["a", "b"] {
         assert!(
-            dir.path()
-                .join(name)
+            dir.join(name)
                 .join("checkpoint")
                 .join("config.json")
                 .is_file()
@@ -89,7 +128,7 @@ fn jobs_run_to_completion_on_two_node_agents() {
     }
 
     // Bad input through the CLI: the field path and a non-zero exit.
-    let bad = dir.path().join("bad.toml");
+    let bad = dir.join("bad.toml");
     std::fs::write(&bad, "name = \"bad\"\n[training]\nbatch = 3\n").expect("write");
     let out = run_shoal(&[
         "submit",
@@ -106,6 +145,105 @@ fn jobs_run_to_completion_on_two_node_agents() {
     let out = run_shoal(&["status", "job-404", "--coordinator", &url]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // A hung agent: its job fails after the heartbeat timeout, naming the node and the timeout.
+    let long = submit(&url, &job_file(dir, "long", 100_000));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let node = loop {
+        let all = jobs(&url);
+        let j = all
+            .iter()
+            .find(|j| j["id"] == long.as_str())
+            .expect("listed");
+        if j["state"] == "running" {
+            break j["placement"][0]["node"]
+                .as_str()
+                .expect("placed")
+                .to_string();
+        }
+        assert!(Instant::now() < deadline, "long job never ran: {all:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (hung, other) = if node == "n1" {
+        (&mut w1, "n2")
+    } else {
+        (&mut w2, "n1")
+    };
+    signal(hung, "-STOP");
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(30);
+    let reason = loop {
+        let all = jobs(&url);
+        let j = all
+            .iter()
+            .find(|j| j["id"] == long.as_str())
+            .expect("listed");
+        if j["state"] == "failed" {
+            break j["reason"].as_str().unwrap_or("").to_string();
+        }
+        assert_eq!(j["state"], "running", "{j}");
+        assert!(Instant::now() < deadline, "hung agent not noticed: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let noticed = stopped.elapsed();
+    assert_eq!(
+        reason,
+        format!("node {node} sent no heartbeat for {HEARTBEAT_TIMEOUT_MS} ms (heartbeat timeout)")
+    );
+    // Its last heartbeat came at most one interval (500 ms) before the stop.
+    assert!(
+        noticed >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - 500),
+        "failed {noticed:?} after the stop"
+    );
+    let all = nodes(&url);
+    let state = |n: &str| {
+        all.as_array()
+            .expect("array")
+            .iter()
+            .find(|v| v["name"] == n)
+            .map(|v| v["state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(state(&node).as_deref(), Some("failed"), "{all}");
+    assert_eq!(state(other).as_deref(), Some("healthy"), "{all}");
+    if let Some(live) = live {
+        assert!(!live(&node), "the hung node's liveness key is gone");
+        assert!(live(other), "the other node is still live");
+    }
+    // Resumed, the agent finds its session closed and exits with an error.
+    signal(hung, "-CONT");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = hung.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed agent did not notice its closed session"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{status:?}");
+}
+
+#[test]
+fn jobs_run_to_completion_on_two_node_agents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // The coordinator holds the embedded store's file: nothing else can read it meanwhile.
+    two_node_agents_run_jobs(dir.path(), store.to_str().expect("utf-8"), None);
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn jobs_run_to_completion_on_two_node_agents_with_etcd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = shoal_tests::Etcd::start(dir.path());
+    let live = |node: &str| etcd.has_key(&format!("shoal/live/{node}"));
+    two_node_agents_run_jobs(
+        dir.path(),
+        &format!("etcd://{}", etcd.endpoint),
+        Some(&live),
+    );
 }
 
 #[test]
@@ -193,6 +331,33 @@ fn shoal_up_runs_a_local_cluster_and_stops_cleanly_on_ctrl_c() {
     let out = run_shoal(&["watch", &id, "--coordinator", &url]);
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A cordoned node takes no new jobs: the next one goes to the other node.
+    let out = run_shoal(&["cordon", "local-0", "--coordinator", &url, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(n["state"], "cordoned", "{n}");
+    let id = submit(&url, &job_file(dir.path(), "after-cordon", 2));
+    let out = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_shoal(&["status", &id, "--coordinator", &url, "--json"]);
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(job["placement"][0]["node"], "local-1", "{job}");
+    let out = run_shoal(&["drain", "nope", "--coordinator", &url]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -120,3 +120,44 @@ fn invalid_parallelism_names_the_field() {
         assert!(stderr(&out).contains(field), "{all:?}: {}", stderr(&out));
     }
 }
+
+#[test]
+fn expert_loads_balance_the_plans_ep_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let loads = dir.path().join("loads.json");
+    // Three layers of 256 experts; a few experts are hot.
+    let layers: Vec<Vec<f64>> = (0..3)
+        .map(|l| {
+            (0..256)
+                .map(|e| {
+                    if (e + l) % 50 == 0 {
+                        4000.0
+                    } else {
+                        (e % 7 + 1) as f64
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    std::fs::write(&loads, serde_json::to_string(&layers).expect("json")).expect("write");
+    let path = loads.to_str().expect("utf-8 path");
+    let out = run_shoal(&["plan", "--expert-loads", path, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let e = &p["expert_placement"];
+    // The paper's setup: EP groups of 64 devices on 8 nodes, one redundant slot per device.
+    assert_eq!(e["replicas"], 320);
+    assert_eq!(e["slots_per_device"], 5);
+    assert_eq!(e["nodes"], 8);
+    assert_eq!(e["phy2log"].as_array().map(Vec::len), Some(3));
+    for l in 0..3 {
+        let before = e["imbalance_before"][l].as_f64().expect("ratio");
+        let after = e["imbalance_after"][l].as_f64().expect("ratio");
+        assert!(after < before / 2.0, "layer {l}: {before} -> {after}");
+    }
+    // Loads that do not match the model's experts are refused by name.
+    std::fs::write(&loads, "[[1,2,3]]").expect("write");
+    let out = run_shoal(&["plan", "--expert-loads", path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("expert loads[0]"), "{}", stderr(&out));
+}

@@ -119,7 +119,7 @@ fn bad_input_is_named_and_fails() {
     )
     .unwrap();
     let job = dir.path().join("job.toml");
-    fs::write(&job, "steps = 2\nlearning_rate = 3\n").unwrap();
+    fs::write(&job, "[training]\nsteps = 2\nlearning_rate = 3\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--data".into(), short.display().to_string()],
@@ -131,6 +131,7 @@ fn bad_input_is_named_and_fails() {
             "vocab_size",
         ),
         (vec!["--model".into(), "enormous".into()], "enormous"),
+        (vec!["--batch".into(), "3".into()], "--batch"),
         (
             vec!["--config".into(), job.display().to_string()],
             "learning_rate",
@@ -146,4 +147,40 @@ fn bad_input_is_named_and_fails() {
     let o = train(&file.join("sub"), &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("a-file"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_job_file_configures_the_run_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.toml");
+    // The format `shoal submit` takes; the name may be left out here.
+    fs::write(
+        &job,
+        "precision = \"bf16\"\n[training]\nsteps = 5\nseq_len = 16\nbatch = 4\n[parallelism]\nmicro_batches = 1\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let o = run_shoal(&[
+        "train",
+        "--config",
+        &job.display().to_string(),
+        "--steps",
+        "2",
+        "--json",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = last_json(&o);
+    assert_eq!(s["steps"], 2, "--steps overrides the file");
+    assert_eq!(s["precision"], "bf16", "the file sets the precision");
+    let first: serde_json::Value = serde_json::from_str(
+        fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["tokens"], 4 * 16, "the file sets batch x seq_len");
 }

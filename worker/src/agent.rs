@@ -29,10 +29,134 @@ pub struct AgentConfig {
     pub spare: bool,
     /// Bearer token for registration, if the coordinator asks for one.
     pub token: Option<String>,
+    /// The CA certificate (PEM) that signed the coordinator's certificate: needed for, and only
+    /// accepted with, an `https://` coordinator.
+    pub tls_ca: Option<Vec<u8>>,
+    /// A client certificate, for a coordinator that asks for mutual TLS (`https://` only).
+    pub tls_identity: Option<ClientIdentity>,
+}
+
+/// A client certificate chain and its private key (PEM), for mutual TLS.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// The certificate chain, leaf first.
+    pub cert_pem: Vec<u8>,
+    /// Its private key.
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    // The private key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted>"))
+            .finish()
+    }
 }
 
 fn transport(what: &str, e: impl std::fmt::Display) -> WorkerError {
     WorkerError::invalid("coordinator", format!("{what}: {e}"))
+}
+
+/// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        // Some errors print their source themselves.
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// The error of the attach call: a connection the coordinator closed at once (the transport
+/// failed, the API never answered) is most often a TLS mismatch, so say so.
+fn attach_err(s: tonic::Status) -> WorkerError {
+    use std::error::Error;
+    if s.source().is_some() && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) {
+        transport(
+            "attach",
+            format!(
+                "{}: the coordinator closed the connection (one serving TLS needs an https:// \
+                 URL and --tls-ca; one requiring client certificates also --tls-cert and \
+                 --tls-key)",
+                s.message()
+            ),
+        )
+    } else {
+        transport("attach", s.message())
+    }
+}
+
+/// Whether `pem` holds a `-----BEGIN <label>-----` block.
+fn pem_has(pem: &[u8], label: &str) -> bool {
+    let begin = format!("-----BEGIN {label}-----");
+    pem.windows(begin.len()).any(|w| w == begin.as_bytes())
+}
+
+/// The endpoint of the coordinator at `url`. An `https://` URL needs `tls_ca`, the CA
+/// certificate (PEM) that signed the coordinator's certificate, and may present `identity` for
+/// mutual TLS; an `http://` URL refuses both, so a TLS setting is never silently dropped.
+/// Errors name the CLI flags (`--tls-ca`, `--tls-cert`).
+pub fn endpoint(
+    url: &str,
+    tls_ca: Option<&[u8]>,
+    identity: Option<&ClientIdentity>,
+) -> Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let ep = Endpoint::from_shared(url.to_string()).map_err(|e| transport(url, e))?;
+    let https = ep.uri().scheme_str() == Some("https");
+    if !https {
+        let flag = match (tls_ca, identity) {
+            (Some(_), _) => Some("--tls-ca"),
+            (None, Some(_)) => Some("--tls-cert"),
+            (None, None) => None,
+        };
+        return match flag {
+            Some(flag) => Err(WorkerError::invalid(
+                flag,
+                format!("the coordinator {url} is not https://; TLS needs an https:// URL"),
+            )),
+            None => Ok(ep),
+        };
+    }
+    let Some(ca) = tls_ca else {
+        return Err(WorkerError::invalid(
+            "--tls-ca",
+            format!(
+                "the coordinator {url} is https://: name the CA certificate (PEM) that signed \
+                 its certificate"
+            ),
+        ));
+    };
+    if !pem_has(ca, "CERTIFICATE") {
+        return Err(WorkerError::invalid("--tls-ca", "no PEM CERTIFICATE block"));
+    }
+    let mut cfg = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .timeout(Duration::from_secs(10));
+    if let Some(id) = identity {
+        if !pem_has(&id.cert_pem, "CERTIFICATE") {
+            return Err(WorkerError::invalid(
+                "--tls-cert",
+                "no PEM CERTIFICATE block",
+            ));
+        }
+        cfg = cfg.identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+    }
+    let flags = if identity.is_some() {
+        "--tls-ca/--tls-cert/--tls-key"
+    } else {
+        "--tls-ca"
+    };
+    ep.tls_config(cfg)
+        .map_err(|e| WorkerError::invalid(flags, error_chain(&e)))
 }
 
 fn devices(n: u32) -> Vec<pb::Device> {
@@ -103,8 +227,8 @@ fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<A
                 )) && !stop.load(Ordering::Relaxed)
             });
             let end = match result {
-                Ok(_) if stop.load(Ordering::Relaxed) => None,
-                Ok(_) => Some(status(
+                Ok(crate::job::RunEnd::Stopped(_)) => None,
+                Ok(crate::job::RunEnd::Finished(_)) => Some(status(
                     &job_id,
                     pb::JobState::Succeeded,
                     String::new(),
@@ -123,12 +247,15 @@ fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<A
 
 /// Attaches to the coordinator and serves it until the stream ends or `shutdown` resolves.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|e| transport(&cfg.coordinator, e))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| transport(&cfg.coordinator, e))?;
+    let channel = endpoint(
+        &cfg.coordinator,
+        cfg.tls_ca.as_deref(),
+        cfg.tls_identity.as_ref(),
+    )?
+    .connect_timeout(Duration::from_secs(5))
+    .connect()
+    .await
+    .map_err(|e| transport(&cfg.coordinator, error_chain(&e)))?;
     let mut client = AgentServiceClient::new(channel);
     let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
     out.send(pb::AgentMessage {
@@ -149,15 +276,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             .map_err(|e| transport("token", e))?;
         req.metadata_mut().insert("authorization", v);
     }
-    let mut inbound = client
-        .attach(req)
-        .await
-        .map_err(|s| transport("attach", s.message()))?
-        .into_inner();
-    let first = inbound
-        .message()
-        .await
-        .map_err(|s| transport("attach", s.message()))?;
+    let mut inbound = client.attach(req).await.map_err(attach_err)?.into_inner();
+    let first = inbound.message().await.map_err(attach_err)?;
     let Some(pb::CoordinatorMessage {
         msg: Some(pb::coordinator_message::Msg::Registered(reg)),
     }) = first

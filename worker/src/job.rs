@@ -1,7 +1,11 @@
 //! Running a submitted job ([`JobSpec`]) on this process: the model, the data and the trainer
 //! the spec describes, stepped until the end or until the caller stops it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
@@ -69,7 +73,9 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o
 }
 
-/// A trainer at step 0 for a spec that runs on one device.
+/// A trainer for a spec that runs on one device: at step 0, or where the checkpoint named by
+/// `checkpointing.resume` left off (its options, data order and step; `training.steps` still
+/// sets where the run ends, at least one step past the checkpoint).
 pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
     let par = &spec.parallelism;
     if par.pp * par.dp != 1 {
@@ -82,11 +88,32 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         ));
     }
     let t = &spec.training;
-    let (model, _) = load_model(&spec.model, precision(spec.precision), t.seed)?;
     let dtype = match spec.data.dtype {
         job::TokenDtype::U16 => TokenDtype::U16,
         job::TokenDtype::U32 => TokenDtype::U32,
     };
+    if !spec.checkpointing.resume.is_empty() {
+        let dir = Path::new(&spec.checkpointing.resume);
+        let state = Trainer::read_state(dir)?;
+        let (cfg, _) = load_model_dir(dir)?;
+        let source = TokenSource::load(
+            &data_spec(&spec.data.source, dtype, state.data_seed),
+            cfg.vocab_size,
+        )?;
+        let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
+        let mut o = state.options.clone();
+        o.steps = t.steps.max(state.step + 1);
+        return Trainer::resume(dir, batcher, o);
+    }
+    let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
+    if !initialized.is_empty() {
+        tracing::warn!(
+            model = %spec.model,
+            tensors = initialized.len(),
+            seed = t.seed,
+            "the model has no MTP weights; initialised them from the seed"
+        );
+    }
     let source = TokenSource::load(
         &data_spec(&spec.data.source, dtype, t.seed),
         model.config().vocab_size,
@@ -95,8 +122,9 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
     Trainer::new(model, batcher, options(spec))
 }
 
-/// Where a spec's checkpoints go: `checkpointing.dir`, or `runs/<name>`.
-pub fn checkpoint_dir(spec: &JobSpec) -> PathBuf {
+/// A job's directory: `checkpointing.dir`, or `runs/<name>`. It holds `checkpoint/`,
+/// `metrics.jsonl` (one line per step, appended) and `summary.json`.
+pub fn run_dir(spec: &JobSpec) -> PathBuf {
     if spec.checkpointing.dir.is_empty() {
         PathBuf::from("runs").join(&spec.name)
     } else {
@@ -104,17 +132,60 @@ pub fn checkpoint_dir(spec: &JobSpec) -> PathBuf {
     }
 }
 
+/// What a finished run reports; written as the job directory's `summary.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Steps taken in all (a resumed run counts the checkpoint's).
+    pub steps: u64,
+    /// Main loss of this run's first step.
+    pub initial_loss: Option<f64>,
+    /// Main loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Main loss of every step this run took.
+    pub losses: Vec<f64>,
+    /// MTP loss of the last step.
+    pub mtp_loss: Option<f64>,
+    /// MaxVio per MoE layer at the last step.
+    pub max_vio: Option<Vec<f64>>,
+    /// Tokens per second over this run's steps.
+    pub tokens_per_s: f64,
+    /// Seconds this run's steps took.
+    pub seconds: f64,
+    /// `fp32`, `bf16` or `fp8`.
+    pub precision: String,
+    /// The final checkpoint.
+    pub checkpoint: String,
+    /// The per-step metrics file.
+    pub metrics: String,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub enum RunEnd {
+    /// Every step ran; the final checkpoint and `summary.json` are written.
+    Finished(RunSummary),
+    /// `on_step` stopped it after this many steps (no final checkpoint, no summary).
+    Stopped(u64),
+}
+
 /// Trains a single-device job to the end, calling `on_step` after every step; it returns
-/// `false` to stop early (the job was revoked). Checkpoints every `checkpointing.interval` steps
-/// and at the end. Returns the metrics of every step run.
-pub fn run(
-    spec: &JobSpec,
-    mut on_step: impl FnMut(&StepMetrics) -> bool,
-) -> Result<Vec<StepMetrics>> {
+/// `false` to stop early (the job was revoked). Appends every step to `metrics.jsonl`,
+/// checkpoints every `checkpointing.interval` steps and at the end, then writes `summary.json`.
+pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Result<RunEnd> {
+    let out = run_dir(spec);
+    std::fs::create_dir_all(&out).map_err(|e| WorkerError::io(&out, e))?;
     let mut trainer = trainer_for(spec)?;
-    let dir = checkpoint_dir(spec).join("checkpoint");
+    let ckpt = out.join("checkpoint");
+    let metrics_path = out.join("metrics.jsonl");
+    let mut metrics = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map(std::io::BufWriter::new)
+        .map_err(|e| WorkerError::io(&metrics_path, e))?;
     let total = trainer.options().steps;
-    let mut history = Vec::new();
+    let started = Instant::now();
+    let mut history: Vec<StepMetrics> = Vec::new();
     while trainer.step() < total {
         let m = trainer.train_step()?;
         if !m.loss.is_finite() {
@@ -123,18 +194,46 @@ pub fn run(
                 format!("step {}: the loss is {} (diverged)", m.step, m.loss),
             ));
         }
+        serde_json::to_writer(&mut metrics, &m)
+            .map_err(|e| WorkerError::io(&metrics_path, e))
+            .and_then(|()| {
+                metrics
+                    .write_all(b"\n")
+                    .and_then(|()| metrics.flush())
+                    .map_err(|e| WorkerError::io(&metrics_path, e))
+            })?;
         let go_on = on_step(&m);
         let every = spec.checkpointing.interval;
         if every > 0 && m.step % every == 0 && m.step < total {
-            trainer.save_checkpoint(&dir)?;
+            trainer.save_checkpoint(&ckpt)?;
         }
         history.push(m);
         if !go_on {
-            return Ok(history);
+            return Ok(RunEnd::Stopped(trainer.step()));
         }
     }
-    trainer.save_checkpoint(&dir)?;
-    Ok(history)
+    let seconds = started.elapsed().as_secs_f64();
+    trainer.save_checkpoint(&ckpt)?;
+    let tokens: usize = history.iter().map(|m| m.tokens).sum();
+    let losses: Vec<f64> = history.iter().map(|m| m.main_loss).collect();
+    let last = history.last();
+    let summary = RunSummary {
+        steps: trainer.step(),
+        initial_loss: losses.first().copied(),
+        final_loss: losses.last().copied(),
+        losses,
+        mtp_loss: last.map(|m| m.mtp_loss),
+        max_vio: last.map(|m| m.max_vio.clone()),
+        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        seconds,
+        precision: crate::train::state::precision_name(trainer.model().precision()).to_string(),
+        checkpoint: ckpt.display().to_string(),
+        metrics: metrics_path.display().to_string(),
+    };
+    let path = out.join("summary.json");
+    let text = serde_json::to_vec_pretty(&summary).map_err(|e| WorkerError::io(&path, e))?;
+    std::fs::write(&path, text).map_err(|e| WorkerError::io(&path, e))?;
+    Ok(RunEnd::Finished(summary))
 }
 
 #[cfg(test)]
@@ -150,16 +249,34 @@ mod tests {
         );
         let spec = JobSpec::from_toml(&text, "t.toml").unwrap();
         let mut seen = 0;
-        let history = run(&spec, |_| {
+        let RunEnd::Finished(summary) = run(&spec, |_| {
             seen += 1;
             true
         })
-        .unwrap();
-        assert_eq!((history.len(), seen), (3, 3));
+        .unwrap() else {
+            panic!("the run stopped early")
+        };
+        assert_eq!((summary.steps, summary.losses.len(), seen), (3, 3, 3));
         assert!(dir.path().join("checkpoint").join("config.json").is_file());
+        let written: RunSummary =
+            serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(written.losses, summary.losses);
+        // Resuming from the checkpoint continues at step 3 to step 5, appending to the metrics.
+        let mut more = spec.clone();
+        more.training.steps = 5;
+        more.checkpointing.resume = dir.path().join("checkpoint").display().to_string();
+        let RunEnd::Finished(resumed) = run(&more, |_| true).unwrap() else {
+            panic!("the resumed run stopped early")
+        };
+        assert_eq!((resumed.steps, resumed.losses.len()), (5, 2));
+        let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 5);
         // Stopping early.
-        let early = run(&spec, |m| m.step < 2).unwrap();
-        assert_eq!(early.len(), 2);
+        assert!(matches!(
+            run(&spec, |m| m.step < 2).unwrap(),
+            RunEnd::Stopped(2)
+        ));
         // Multi-device jobs are refused by name.
         let mut wide = spec.clone();
         wide.parallelism.dp = 2;

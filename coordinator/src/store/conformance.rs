@@ -1,6 +1,17 @@
 //! The conformance suite every [`Store`] backend runs: one test body for all of them.
 
-use super::{Expect, Store};
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep, timeout};
+
+use super::{Expect, Store, Watch, WatchEvent};
+
+/// The TTL of the suite's leases (etcd raises it to its minimum, 2 s by default).
+const TTL: Duration = Duration::from_secs(1);
+/// How long the suite keeps a lease alive: longer than any backend's TTL for [`TTL`].
+const KEPT_FOR: Duration = Duration::from_millis(3500);
+/// Longest wait for a watch event.
+const EVENT_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs every check against an empty store. Panics (with the check's name) on a failure.
 pub async fn run<S: Store>(s: &S) {
@@ -90,6 +101,173 @@ pub async fn run<S: Store>(s: &S) {
         wins += usize::from(t.await.expect("task"));
     }
     assert_eq!(wins, 1, "exactly one compare-and-set wins");
+
+    watches(s).await;
+    leases(s).await;
+}
+
+/// The next event of `w`, or a panic naming what was expected.
+async fn next_event(w: &mut Watch, what: &str) -> WatchEvent {
+    match timeout(EVENT_WAIT, w.next()).await {
+        Ok(Some(Ok(ev))) => ev,
+        Ok(Some(Err(e))) => panic!("watch failed waiting for {what}: {e}"),
+        Ok(None) => panic!("watch ended waiting for {what}"),
+        Err(_) => panic!("no watch event within {EVENT_WAIT:?} waiting for {what}"),
+    }
+}
+
+fn put_event(key: &str, value: &[u8], revision: u64) -> WatchEvent {
+    WatchEvent::Put {
+        key: key.into(),
+        value: value.to_vec(),
+        revision,
+    }
+}
+
+/// A watch sees the puts and deletions under its prefix, in order, with their revisions, and
+/// nothing outside it.
+async fn watches<S: Store>(s: &S) {
+    s.put("w/before", b"0".to_vec()).await.expect("put");
+    let mut w = s.watch("w/").await.expect("watch");
+    let r1 = s.put("w/a", b"1".to_vec()).await.expect("put");
+    s.put("wx", b"outside".to_vec()).await.expect("put");
+    s.put("other/w/a", b"outside".to_vec()).await.expect("put");
+    let r2 = s.put("w/b", b"2".to_vec()).await.expect("put");
+    assert!(s.delete("w/a").await.expect("delete"));
+    assert!(!s.delete("w/never").await.expect("delete"));
+    let r3 = s
+        .compare_and_set("w/b", Expect::Revision(r2), b"3".to_vec())
+        .await
+        .expect("cas")
+        .expect("the right revision succeeds");
+    let e = s
+        .put_ephemeral("w/e", b"4".to_vec(), Duration::from_secs(60))
+        .await
+        .expect("put_ephemeral");
+    assert!(s.revoke(e.lease).await.expect("revoke"));
+    let r4 = s.put("w/end", b"5".to_vec()).await.expect("put");
+
+    assert_eq!(
+        next_event(&mut w, "w/a put").await,
+        put_event("w/a", b"1", r1)
+    );
+    assert_eq!(
+        next_event(&mut w, "w/b put").await,
+        put_event("w/b", b"2", r2)
+    );
+    let del = next_event(&mut w, "w/a delete").await;
+    assert!(
+        matches!(&del, WatchEvent::Delete { key, revision } if key == "w/a" && *revision > r2),
+        "{del:?}"
+    );
+    assert_eq!(
+        next_event(&mut w, "w/b cas").await,
+        put_event("w/b", b"3", r3)
+    );
+    assert_eq!(
+        next_event(&mut w, "w/e put").await,
+        put_event("w/e", b"4", e.revision)
+    );
+    let del = next_event(&mut w, "w/e revoked").await;
+    assert!(
+        matches!(&del, WatchEvent::Delete { key, revision } if key == "w/e" && *revision > e.revision && *revision < r4),
+        "{del:?}"
+    );
+    assert_eq!(
+        next_event(&mut w, "w/end put").await,
+        put_event("w/end", b"5", r4)
+    );
+    assert!(
+        timeout(Duration::from_millis(200), w.next()).await.is_err(),
+        "no further events"
+    );
+}
+
+/// An ephemeral key expires after its TTL without keep-alives (and its watchers hear of it),
+/// lives on with them, and goes with its revoked lease.
+async fn leases<S: Store>(s: &S) {
+    let mut w = s.watch("live/").await.expect("watch");
+    let t0 = Instant::now();
+    let kept = s
+        .put_ephemeral("live/kept", b"k".to_vec(), TTL)
+        .await
+        .expect("put_ephemeral");
+    let lapsed = s
+        .put_ephemeral("live/lapsed", b"l".to_vec(), TTL)
+        .await
+        .expect("put_ephemeral");
+    assert_ne!(
+        kept.lease, lapsed.lease,
+        "each put_ephemeral has its own lease"
+    );
+    let got = s.get("live/kept").await.expect("get").expect("present");
+    assert_eq!((got.value, got.revision), (b"k".to_vec(), kept.revision));
+    assert!(s.get("live/lapsed").await.expect("get").is_some());
+
+    let mut lapsed_at = None;
+    while t0.elapsed() < KEPT_FOR {
+        assert!(
+            s.keep_alive(kept.lease).await.expect("keep_alive"),
+            "a kept-alive lease lives ({:?} in)",
+            t0.elapsed()
+        );
+        if lapsed_at.is_none() && s.get("live/lapsed").await.expect("get").is_none() {
+            lapsed_at = Some(t0.elapsed());
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    let lapsed_at = lapsed_at.expect("a lease without keep-alives expires");
+    assert!(
+        lapsed_at >= TTL,
+        "expired after {lapsed_at:?}, before its TTL"
+    );
+    assert!(
+        !s.keep_alive(lapsed.lease).await.expect("keep_alive"),
+        "an expired lease cannot be kept alive"
+    );
+    let got = s
+        .get("live/kept")
+        .await
+        .expect("get")
+        .expect("still present");
+    assert_eq!(
+        got.revision, kept.revision,
+        "keep-alives do not write the key"
+    );
+    let live: Vec<String> = s
+        .list("live/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(live, ["live/kept"]);
+
+    // Revoking deletes the key at once; the lease is gone after that.
+    assert!(s.revoke(kept.lease).await.expect("revoke"));
+    assert_eq!(s.get("live/kept").await.expect("get"), None);
+    assert!(
+        !s.revoke(kept.lease).await.expect("revoke"),
+        "second revoke"
+    );
+    assert!(!s.keep_alive(kept.lease).await.expect("keep_alive"));
+
+    // The watch saw both puts, the expiry and the revocation, in that order.
+    let mut seen = Vec::new();
+    for what in ["put", "put", "expiry", "revocation"] {
+        seen.push(next_event(&mut w, what).await);
+    }
+    assert_eq!(seen[0], put_event("live/kept", b"k", kept.revision));
+    assert_eq!(seen[1], put_event("live/lapsed", b"l", lapsed.revision));
+    assert!(
+        matches!(&seen[2], WatchEvent::Delete { key, .. } if key == "live/lapsed"),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[3], WatchEvent::Delete { key, .. } if key == "live/kept"),
+        "{seen:?}"
+    );
+    assert!(seen[3].revision() > seen[2].revision(), "{seen:?}");
 }
 
 /// After [`run`] and a reopen: the data written is still there.
