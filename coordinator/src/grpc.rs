@@ -349,7 +349,7 @@ impl std::fmt::Debug for Tls {
 }
 
 /// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {

@@ -3,79 +3,30 @@
 //! loopback ports.
 #![cfg(feature = "etcd")]
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal_coordinator::actor::Control;
 use shoal_coordinator::store::{EtcdStore, Store};
 
+/// A real etcd server on free loopback ports (the helper of the multi-process tests) and the
+/// URL its client endpoint answers on.
 struct Etcd {
-    child: Child,
     url: String,
+    _server: shoal_tests::Etcd,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn start_etcd() -> Etcd {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let bin = std::env::var("SHOAL_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-    let child = Command::new(&bin)
-        .args([
-            "--name",
-            "shoal-test",
-            "--data-dir",
-            dir.path().join("data").to_str().expect("utf-8"),
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-            "--initial-cluster",
-            &format!("shoal-test={peer_url}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start {bin} (install Debian's etcd-server; scripts/test.sh does): {e}")
-        });
-    let etcd = Etcd {
-        child,
-        url,
+    let path = dir.path().to_path_buf();
+    // Starting waits for etcd's health endpoint: off the async workers.
+    let server = tokio::task::spawn_blocking(move || shoal_tests::Etcd::start(&path))
+        .await
+        .expect("starting etcd");
+    Etcd {
+        url: format!("http://{}", server.endpoint),
+        _server: server,
         _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(s) = EtcdStore::connect(std::slice::from_ref(&etcd.url), "probe/").await
-            && s.get("x").await.is_ok()
-        {
-            return etcd;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd did not come up at {}",
-            etcd.url
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -3,78 +3,15 @@
 //! trust another CA and (under mutual TLS) clients without a certificate signed by the client CA
 //! are refused; bad certificate material is refused before the server listens.
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use shoal_coordinator::actor::Control;
 use shoal_coordinator::grpc::{self, Tls};
 use shoal_coordinator::store::EmbeddedStore;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::cluster_service_client::ClusterServiceClient;
 use shoal_proto::v1::job_service_client::JobServiceClient;
+use shoal_tests::certs::{Leaf, TestCa as Ca};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-/// A certificate authority that signs leaf certificates.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A leaf certificate and its key, PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("ca key");
-        let cert = params.self_signed(&key).expect("ca cert");
-        Self {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A server certificate for `localhost` and 127.0.0.1.
-    fn server(&self) -> Leaf {
-        self.leaf(
-            vec!["localhost".into(), "127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate.
-    fn client(&self, name: &str) -> Leaf {
-        self.leaf(vec![name.into()], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-
-    fn leaf(&self, names: Vec<String>, usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let mut params = CertificateParams::new(names.clone()).expect("params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, &names[0]);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
 
 fn server_tls(ca: &Ca, client_ca: Option<&Ca>) -> Tls {
     let leaf = ca.server();
@@ -137,22 +74,6 @@ enum Refused {
     Call(Code),
 }
 
-/// `e` and its sources.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        // Some errors print their source themselves.
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
-
 /// Submits a job through `url` and reads it back.
 async fn submit_and_get(
     url: &str,
@@ -162,7 +83,7 @@ async fn submit_and_get(
 ) -> Result<String, Refused> {
     let channel = connect(url, ca, identity)
         .await
-        .map_err(|e| Refused::Connect(chain(&e)))?;
+        .map_err(|e| Refused::Connect(shoal_coordinator::grpc::error_chain(&e)))?;
     let mut c = JobServiceClient::new(channel);
     let id = c
         .submit_job(pb::SubmitJobRequest {
@@ -238,7 +159,7 @@ async fn a_tls_coordinator_serves_only_clients_that_trust_its_ca() {
         .expect("tls config")
         .connect()
         .await;
-    let elsewhere = elsewhere.map_err(|e| chain(&e));
+    let elsewhere = elsewhere.map_err(|e| shoal_coordinator::grpc::error_chain(&e));
     assert!(
         matches!(&elsewhere, Err(e) if e.contains("not valid for name \"coordinator.elsewhere\"")),
         "{elsewhere:?}"

@@ -51,21 +51,6 @@ pub struct ClientTlsArgs {
     pub tls_key: Option<PathBuf>,
 }
 
-/// `e` and its sources, joined with `: `, each once (tonic's transport errors repeat theirs).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
-
 /// Reads the PEM file an option names; errors name the option and the path.
 fn read_pem(flag: &str, path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{flag} {}: cannot read", path.display()))
@@ -103,7 +88,7 @@ impl Target {
                 anyhow::anyhow!(
                     "cannot reach the coordinator at {}: {}",
                     self.coordinator,
-                    error_chain(&e)
+                    shoal_worker::agent::error_chain(&e)
                 )
             })
     }

@@ -1,5 +1,7 @@
 //! Helpers for Shoal's multi-process integration tests (the tests live in `tests/tests/`).
 
+pub mod certs;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

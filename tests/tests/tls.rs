@@ -4,35 +4,23 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
+use shoal_tests::certs::TestCa;
 use shoal_tests::{Background, run_shoal};
 
-/// A CA that signs leaf certificates; its certificate is written to `<dir>/<name>-ca.pem`.
+/// A CA whose certificate is written to `<dir>/<name>-ca.pem`, and whose leaves are written
+/// next to it.
 struct Ca {
     pem: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
+    ca: TestCa,
 }
 
 impl Ca {
     fn new(dir: &Path, name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("ca key");
-        let cert = params.self_signed(&key).expect("ca cert");
-        let pem = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&pem, cert.pem()).expect("write ca");
+        let ca = TestCa::new(name);
         Self {
-            pem,
-            issuer: Issuer::new(params, key),
+            pem: ca.write(dir, name),
+            ca,
         }
     }
 
@@ -44,32 +32,11 @@ impl Ca {
         names: &[&str],
         usage: ExtendedKeyUsagePurpose,
     ) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).expect("params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, &names[0]);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf cert");
-        let (cert_path, key_path) = (
-            dir.join(format!("{file}.pem")),
-            dir.join(format!("{file}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).expect("write cert");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert_path, key_path)
+        self.ca.leaf(names, usage).write(dir, file)
     }
 
     fn server(&self, dir: &Path) -> (PathBuf, PathBuf) {
-        self.leaf(
-            dir,
-            "server",
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
+        self.ca.server().write(dir, "server")
     }
 }
 

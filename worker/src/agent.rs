@@ -60,7 +60,7 @@ fn transport(what: &str, e: impl std::fmt::Display) -> WorkerError {
 }
 
 /// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {
