@@ -190,9 +190,13 @@ pub struct WorkerArgs {
     pub quiet: bool,
 }
 
+/// The async runtime of every control-plane command: one thread. The coordinator's work per
+/// message is small (thin handlers, one control actor), so a second worker thread mostly adds
+/// cross-thread wake-ups: with two workers each GetJob round trip cost the coordinator about four
+/// futex calls. Blocking work still leaves this thread: store calls go to the blocking pool and
+/// node agents run jobs on threads of their own.
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")
