@@ -11,8 +11,8 @@
 //! or when its node sent no heartbeat for [`ControlConfig::heartbeat_timeout`] (a hung agent
 //! whose stream is still open); the actor checks every heartbeat interval. Either way the node
 //! is marked Failed, its session closed, and its jobs fail with the reason. While a session is
-//! open its node's `live/<name>` key is in the store, attached to a lease of the timeout plus
-//! one interval: kept alive on heartbeats, revoked when the session ends. The actor watches
+//! open its node's `live/<name>` key is in the store, attached to a lease (see
+//! `ControlConfig::lease_ttl`): renewed by heartbeats, revoked when the session ends. The actor watches
 //! `live/` too: a liveness key deleted under a live session (the lease expired, or an operator
 //! deleted the key) ends that session.
 

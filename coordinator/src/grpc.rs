@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 
+use shoal_proto::transport::{error_chain, pem_has};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::job_service_server::{JobService, JobServiceServer};
 use tokio::net::TcpListener;
@@ -348,22 +349,6 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        // Some errors print their source themselves.
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
-
 impl Tls {
     fn config(&self) -> tonic::transport::ServerTlsConfig {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -403,12 +388,6 @@ impl Tls {
             .tls_config(self.config())
             .map_err(|e| CoordinatorError::invalid("tls", error_chain(&e)))
     }
-}
-
-/// Whether `pem` holds a `-----BEGIN <label>-----` block.
-fn pem_has(pem: &[u8], label: &str) -> bool {
-    let begin = format!("-----BEGIN {label}-----");
-    pem.windows(begin.len()).any(|w| w == begin.as_bytes())
 }
 
 /// Serves the API on `listener` until `shutdown` resolves (plaintext, no bearer token).

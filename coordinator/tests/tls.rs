@@ -83,7 +83,7 @@ async fn submit_and_get(
 ) -> Result<String, Refused> {
     let channel = connect(url, ca, identity)
         .await
-        .map_err(|e| Refused::Connect(shoal_coordinator::grpc::error_chain(&e)))?;
+        .map_err(|e| Refused::Connect(shoal_proto::transport::error_chain(&e)))?;
     let mut c = JobServiceClient::new(channel);
     let id = c
         .submit_job(pb::SubmitJobRequest {
@@ -159,7 +159,7 @@ async fn a_tls_coordinator_serves_only_clients_that_trust_its_ca() {
         .expect("tls config")
         .connect()
         .await;
-    let elsewhere = elsewhere.map_err(|e| shoal_coordinator::grpc::error_chain(&e));
+    let elsewhere = elsewhere.map_err(|e| shoal_proto::transport::error_chain(&e));
     assert!(
         matches!(&elsewhere, Err(e) if e.contains("not valid for name \"coordinator.elsewhere\"")),
         "{elsewhere:?}"

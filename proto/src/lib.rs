@@ -5,11 +5,16 @@
 //! `proto/shoal/v1/`, and their conversions to and from the domain types of `shoal-spec`
 //! ([`convert`]), which the coordinator, the node agents and the CLI use at the edge.
 //!
-//! Architecture Invariant: wire types and their conversions only; no other logic.
+//! [`transport`] holds the little both ends of the transport share (error chains, PEM checks,
+//! the TLS-mismatch hint, the bearer header).
+//!
+//! Architecture Invariant: wire types, their conversions and those transport helpers only; no
+//! other logic.
 
 #![allow(missing_docs, clippy::doc_markdown, clippy::large_enum_variant)]
 
 pub mod convert;
+pub mod transport;
 
 /// Package `shoal.v1`.
 pub mod v1 {

@@ -18,14 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use shoal_coordinator::actor::Control;
-use shoal_coordinator::store::EmbeddedStore;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_service_client::AgentServiceClient;
 use shoal_proto::v1::cluster_service_client::ClusterServiceClient;
 use shoal_proto::v1::job_service_client::JobServiceClient;
 use shoal_spec::job::JobSpec;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::cmd::local::{LocalCluster, LocalOptions};
 
 /// The Ray release the peer installs (it has CPython 3.11 manylinux wheels).
 const RAY_VERSION: &str = "2.60.0";
@@ -273,10 +273,7 @@ fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
 fn rpc_rate(exe: &Path, dir: &Path, calls: usize, cap: Duration) -> Result<(usize, f64)> {
     let coordinator = CoordinatorProcess::start(exe, &dir.join("rpc-store"), None)?;
     let spec = shoal_proto::convert::job_spec_to_wire(&launch_spec(0, dir)?)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::cmd::cluster::runtime()?;
     rt.block_on(async {
         let mut c = JobServiceClient::connect(coordinator.url.clone())
             .await
@@ -316,73 +313,22 @@ async fn get_jobs(
 
 /// Part 2: submit-to-running latency in ms, `launches` times, with an in-process coordinator and
 /// `workers` node agent processes.
-fn launch_latency(
-    exe: &Path,
-    dir: &Path,
-    launches: usize,
-    workers: usize,
-    gap: Duration,
-) -> Result<Vec<f64>> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+fn launch_latency(dir: &Path, launches: usize, workers: usize, gap: Duration) -> Result<Vec<f64>> {
+    let opts = LocalOptions {
+        store: dir.join("launch-store").display().to_string(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        nodes: workers,
+        devices_per_node: 1,
+        node_prefix: "bench".into(),
+        quiet_agents: true,
+        heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
+    };
+    let rt = crate::cmd::cluster::runtime()?;
     let result = rt.block_on(async {
-        let store = EmbeddedStore::open(&dir.join("launch-store").join("coordinator.redb"))?;
-        let (control, _actor) = Control::start(store).await?;
-        let listener =
-            shoal_coordinator::grpc::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(shoal_coordinator::grpc::serve(
-            listener,
-            control.clone(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-        let mut agents = Vec::new();
-        let mut logs = Vec::new();
-        for i in 0..workers {
-            let log_path = dir.join(format!("worker-{i}.log"));
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("creating {}", log_path.display()))?;
-            let child = Command::new(exe)
-                .args(["worker", "--coordinator", &url, "--node"])
-                .arg(format!("bench-{i}"))
-                .args(["--devices", "cpu:1"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting a worker process")?;
-            agents.push(Proc(child));
-            logs.push(log_path);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let healthy = control
-                .nodes()
-                .await?
-                .iter()
-                .filter(|n| n.record.state == shoal_coordinator::nodes::NodeState::Healthy)
-                .count();
-            if healthy >= workers {
-                break;
-            }
-            if Instant::now() > deadline {
-                let mut text = String::new();
-                for l in &logs {
-                    text.push_str(&std::fs::read_to_string(l).unwrap_or_default());
-                }
-                bail!(
-                    "{healthy} of {workers} worker processes registered within 30 s; their output: {}",
-                    text.trim()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Set up as `shoal up` sets up its local cluster.
+        let mut cluster = LocalCluster::start(&opts).await?;
+        cluster.wait_registered(Duration::from_secs(30)).await?;
+        let url = cluster.url.clone();
         let mut jobs = JobServiceClient::connect(url.clone())
             .await
             .context("connecting to the coordinator")?;
@@ -405,10 +351,7 @@ fn launch_latency(
                 .map_err(|s| status_err("watch", s))?
                 .into_inner();
             loop {
-                let ev = events
-                    .message()
-                    .await
-                    .map_err(|s| status_err("watch", s))?;
+                let ev = events.message().await.map_err(|s| status_err("watch", s))?;
                 let Some(ev) = ev else {
                     bail!("the watch of {job_id} ended before the job ran");
                 };
@@ -432,10 +375,8 @@ fn launch_latency(
                 .await
                 .map_err(|s| status_err("cancel", s))?;
         }
-        drop(agents);
         drop(jobs);
-        let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        cluster.shutdown().await?;
         Ok(ms)
     });
     rt.shutdown_timeout(Duration::from_secs(2));
@@ -696,10 +637,7 @@ fn session_ramp(exe: &Path, dir: &Path, cfg: &RampConfig) -> Result<SessionRepor
     let pin = cores >= 2 && have_taskset && original.is_some();
     let coordinator = CoordinatorProcess::start(exe, &dir.join("session-store"), pin.then_some(0))?;
     let pinned_self = pin && pin_self(&format!("1-{}", cores - 1));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::cmd::cluster::runtime()?;
     let result = rt.block_on(ramp(&coordinator, cfg));
     rt.shutdown_timeout(Duration::from_secs(2));
     drop(coordinator);
@@ -913,7 +851,7 @@ pub fn run(args: &ControlBenchArgs) -> Result<()> {
         "bench: {launches} launches on {} node agent(s)",
         args.workers
     );
-    let shoal_ms = launch_latency(&exe, dir.path(), launches, args.workers, gap)?;
+    let shoal_ms = launch_latency(dir.path(), launches, args.workers, gap)?;
     let ray = if args.no_ray {
         None
     } else {

@@ -88,7 +88,7 @@ impl Target {
                 anyhow::anyhow!(
                     "cannot reach the coordinator at {}: {}",
                     self.coordinator,
-                    shoal_worker::agent::error_chain(&e)
+                    shoal_proto::transport::error_chain(&e)
                 )
             })
     }
@@ -97,9 +97,8 @@ impl Target {
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>> {
         let mut req = tonic::Request::new(msg);
         if let Some(t) = &self.token {
-            let v = format!("Bearer {t}")
-                .parse()
-                .context("--token: not a valid header value")?;
+            let v =
+                shoal_proto::transport::bearer(t).context("--token: not a valid header value")?;
             req.metadata_mut().insert("authorization", v);
         }
         Ok(req)
@@ -195,7 +194,7 @@ pub struct WorkerArgs {
 /// cross-thread wake-ups: with two workers each GetJob round trip cost the coordinator about four
 /// futex calls. Blocking work still leaves this thread: store calls go to the blocking pool and
 /// node agents run jobs on threads of their own.
-pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -316,19 +315,9 @@ async fn jobs_client(t: &Target) -> Result<JobServiceClient<Channel>> {
     Ok(JobServiceClient::new(t.channel().await?))
 }
 
-/// The error of a command's first call: a connection the coordinator closed at once (the
-/// transport failed, the API never answered) is most often a TLS mismatch, so say so.
+/// The error of a command's first call, explained (a TLS mismatch shows up there).
 fn first_call_err(s: tonic::Status) -> anyhow::Error {
-    use std::error::Error;
-    if s.source().is_some() && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) {
-        anyhow::anyhow!(
-            "{}: the coordinator closed the connection (one serving TLS needs an https:// URL \
-             and --tls-ca; one requiring client certificates also --tls-cert and --tls-key)",
-            s.message()
-        )
-    } else {
-        status_err(s)
-    }
+    anyhow::anyhow!("{}", shoal_proto::transport::explain(&s))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -484,14 +473,7 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
             .and_then(|s| s.training)
             .map_or(0, |t| t.steps);
         // A progress bar on a terminal (stderr); plain lines otherwise.
-        let bar = indicatif::ProgressBar::new(total);
-        if t.json {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        } else if let Ok(style) =
-            indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
-        {
-            bar.set_style(style);
-        }
+        let bar = super::train::progress(total, t.json);
         let say = |line: String| {
             if bar.is_hidden() {
                 println!("{line}");

@@ -8,7 +8,9 @@ use shoal_kernels::ops::linear::Precision;
 use shoal_worker::data::{TokenSource, sequential_batches};
 use shoal_worker::model::{Objective, TokenBatch};
 
-use super::train::{DtypeArg, data_spec, load_model};
+use shoal_worker::job::data_spec;
+
+use super::train::{DtypeArg, load_model};
 
 /// Options of `shoal eval`.
 #[derive(Debug, Clone, Args)]

@@ -12,7 +12,7 @@ use shoal_kernels::ops::linear::Precision;
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::job_service_client::JobServiceClient;
 use shoal_spec::job::{self, JobSpec};
-use shoal_worker::data::{DataSpec, TokenDtype};
+use shoal_worker::data::TokenDtype;
 use shoal_worker::job::RunSummary;
 use shoal_worker::model::Model;
 
@@ -45,16 +45,6 @@ impl From<DtypeArg> for job::TokenDtype {
         match d {
             DtypeArg::U16 => job::TokenDtype::U16,
             DtypeArg::U32 => job::TokenDtype::U32,
-        }
-    }
-}
-
-impl From<PrecisionArg> for Precision {
-    fn from(p: PrecisionArg) -> Self {
-        match p {
-            PrecisionArg::Fp32 => Precision::Fp32,
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::Fp8 => Precision::Fp8,
         }
     }
 }
@@ -213,11 +203,6 @@ fn flag_of(field: &str) -> Option<&'static str> {
     })
 }
 
-/// The data source a `--data` value names.
-pub fn data_spec(data: &str, dtype: TokenDtype, seed: u64) -> DataSpec {
-    shoal_worker::job::data_spec(data, dtype, seed)
-}
-
 /// Loads a model named by a preset or a directory (as a node agent does for a job), saying
 /// which MTP tensors a directory lacked.
 pub fn load_model(name: &str, precision: Precision, seed: u64) -> Result<Model<f32>> {
@@ -242,7 +227,7 @@ fn prepare_out(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn progress(steps: u64, quiet: bool) -> ProgressBar {
+pub(super) fn progress(steps: u64, quiet: bool) -> ProgressBar {
     let bar = ProgressBar::new(steps);
     if quiet {
         bar.set_draw_target(ProgressDrawTarget::hidden());

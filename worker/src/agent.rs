@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use shoal_proto::convert;
+use shoal_proto::transport::{error_chain, pem_has};
 use shoal_proto::v1 as pb;
 use shoal_proto::v1::agent_service_client::AgentServiceClient;
 use tokio::sync::mpsc;
@@ -59,45 +60,9 @@ fn transport(what: &str, e: impl std::fmt::Display) -> WorkerError {
     WorkerError::invalid("coordinator", format!("{what}: {e}"))
 }
 
-/// `e` and its sources, joined with `: ` (tonic's transport errors say little at the top).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        // Some errors print their source themselves.
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = s.source();
-    }
-    out
-}
-
-/// The error of the attach call: a connection the coordinator closed at once (the transport
-/// failed, the API never answered) is most often a TLS mismatch, so say so.
+/// The error of the attach call, explained (a TLS mismatch shows up there).
 fn attach_err(s: tonic::Status) -> WorkerError {
-    use std::error::Error;
-    if s.source().is_some() && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled) {
-        transport(
-            "attach",
-            format!(
-                "{}: the coordinator closed the connection (one serving TLS needs an https:// \
-                 URL and --tls-ca; one requiring client certificates also --tls-cert and \
-                 --tls-key)",
-                s.message()
-            ),
-        )
-    } else {
-        transport("attach", s.message())
-    }
-}
-
-/// Whether `pem` holds a `-----BEGIN <label>-----` block.
-fn pem_has(pem: &[u8], label: &str) -> bool {
-    let begin = format!("-----BEGIN {label}-----");
-    pem.windows(begin.len()).any(|w| w == begin.as_bytes())
+    transport("attach", shoal_proto::transport::explain(&s))
 }
 
 /// The endpoint of the coordinator at `url`. An `https://` URL needs `tls_ca`, the CA
@@ -271,9 +236,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     .map_err(|e| transport("register", e))?;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(token) = &cfg.token {
-        let v = format!("Bearer {token}")
-            .parse()
-            .map_err(|e| transport("token", e))?;
+        let v = shoal_proto::transport::bearer(token).map_err(|e| transport("token", e))?;
         req.metadata_mut().insert("authorization", v);
     }
     let mut inbound = client.attach(req).await.map_err(attach_err)?.into_inner();
@@ -296,6 +259,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         tokio::select! {
             () = &mut shutdown => break Ok(()),
             _ = ticker.tick() => {
+                // Forget jobs whose threads have ended (each holds the other handle of its flag).
+                running.retain(|_, stop| Arc::strong_count(stop) > 1);
                 let hb = pb::AgentMessage {
                     msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                         epoch: reg.epoch,

@@ -13,9 +13,8 @@
 //! - `live/<name>`: present while the node's session is alive (JSON: `{"epoch": N}`), written
 //!   with [`Store::put_ephemeral`]: its lease's TTL is twice the heartbeat timeout plus three
 //!   heartbeat intervals, the coordinator renews it on the node's heartbeats (at most every
-//!   third of the TTL) and revokes it when the
-//!   session ends, so the store itself shows which nodes are alive and a dead coordinator's
-//!   nodes expire.
+//!   third of the TTL) and revokes it when the session ends, so the store itself shows which
+//!   nodes are alive and a dead coordinator's nodes expire.
 //!
 //! Every write bumps a store-wide revision; a key's revision is the store revision of its last
 //! write, as etcd's `mod_revision`. A deletion (by [`Store::delete`], a revoked lease or an
