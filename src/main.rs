@@ -99,6 +99,9 @@ enum BenchSuite {
     /// Control plane against Ray: RPC round trips, submit-to-running latency, node sessions
     /// one coordinator core serves.
     Control(bench::control::ControlBenchArgs),
+    /// The bare TCP echo server `bench control` measures its floor against (prints its port).
+    #[command(hide = true)]
+    Echo,
 }
 
 fn main() -> ExitCode {
@@ -128,6 +131,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Control(args),
         } => bench::control::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Echo,
+        } => bench::control::echo_server(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

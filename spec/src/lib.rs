@@ -12,6 +12,7 @@ pub mod error;
 pub mod job;
 pub mod model;
 pub mod plan;
+pub mod schedule;
 
 pub use error::SpecError;
 pub use model::{ModelConfig, RopeScaling};

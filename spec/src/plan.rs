@@ -210,7 +210,8 @@ pub struct Bubble {
     /// Backward-for-weights FLOPs of one chunk: the linear layers' share.
     pub w_flops: f64,
     /// The bubble in FLOPs of one rank: 1F1B `(PP-1)(F+B)`, ZB1P `(PP-1)(F+B-2W)`, DualPipe
-    /// `(PP/2-1)(F&B+B-3W)` with `F&B = F + B` (overlap hides communication, not compute).
+    /// `(PP/2-1)(F&B+B-3W)`, where Table 2's `B` is the whole backward (`b_flops + w_flops`)
+    /// and `F&B = F + b_flops` (overlap hides communication, not compute).
     pub bubble_flops: f64,
     /// The bubble as a share of the step: `bubble / (bubble + micro_batches x (F + B + W))`.
     pub bubble_fraction: f64,
@@ -530,13 +531,9 @@ fn costs(
         }
     }
     let (f, b, w) = (chunk.0 + chunk.1, chunk.0 + 2.0 * chunk.1, chunk.0);
-    let pp = par.pp as f64;
-    let bubble_flops = match par.schedule {
-        Schedule::OneFOneB => (pp - 1.0) * (f + b),
-        Schedule::Zb1p => (pp - 1.0) * (f + b - 2.0 * w),
-        Schedule::DualPipe | Schedule::DualPipeV => (pp / 2.0 - 1.0) * ((f + b) + b - 3.0 * w),
-    }
-    .max(0.0);
+    let bubble_flops = crate::schedule::Costs { f, b, w, fb: f + b }
+        .table2_bubble(par.schedule, par.pp)
+        .max(0.0);
     let work = par.micro_batches as f64 * (f + b + w);
     let bubble = Bubble {
         f_flops: f,
@@ -608,12 +605,15 @@ mod tests {
         let (f, b, w) = (one.f_flops, one.b_flops, one.w_flops);
         assert!(w < f && f < b);
         let close = |a: f64, want: f64| (a - want).abs() <= 1e-9 * want.abs().max(1.0);
-        assert!(close(one.bubble_flops, 15.0 * (f + b)));
-        assert!(close(zb.bubble_flops, 15.0 * (f + b - 2.0 * w)));
-        assert!(close(dual.bubble_flops, 7.0 * ((f + b) + b - 3.0 * w)));
+        // Table 2's B is the whole backward.
+        let full = b + w;
+        assert!(close(one.bubble_flops, 15.0 * (f + full)));
+        assert!(close(zb.bubble_flops, 15.0 * (f + full - 2.0 * w)));
+        assert!(close(dual.bubble_flops, 7.0 * ((f + b) + full - 3.0 * w)));
         // The report's ordering: DualPipe < ZB1P < 1F1B.
         assert!(dual.bubble_flops < zb.bubble_flops && zb.bubble_flops < one.bubble_flops);
-        assert!(one.bubble_fraction > 0.2 && one.bubble_fraction < 0.3);
+        // 1F1B idles (PP-1) of its PP-1+m chunk times: 15 / (15 + 32).
+        assert!(close(one.bubble_fraction, 15.0 / 47.0));
     }
 
     #[test]

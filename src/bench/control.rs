@@ -89,8 +89,19 @@ struct Report {
 #[derive(Debug, Serialize)]
 struct RpcReport {
     shoal_call: &'static str,
+    /// One entry per placement of the two sides: `spread` (the OS schedules them) and, where the
+    /// affinity can be set, `one core` (both pinned to the same core).
+    placements: Vec<RpcPlacement>,
+}
+
+#[derive(Debug, Serialize)]
+struct RpcPlacement {
+    placement: &'static str,
     shoal_calls: usize,
     shoal_calls_per_s: f64,
+    /// Bare TCP ping-pong between two processes (64-byte messages, blocking sockets) in the
+    /// same placement: what the machine allows any synchronous round trip.
+    tcp_round_trips_per_s: f64,
     ray_calls: Option<usize>,
     ray_calls_per_s: Option<f64>,
     /// Shoal / Ray.
@@ -269,9 +280,20 @@ fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
 }
 
 /// Part 1: sequential synchronous `GetJob` calls against a coordinator process, `calls` of them
-/// or as many as fit in `cap`; returns the calls made and calls per second.
-fn rpc_rate(exe: &Path, dir: &Path, calls: usize, cap: Duration) -> Result<(usize, f64)> {
-    let coordinator = CoordinatorProcess::start(exe, &dir.join("rpc-store"), None)?;
+/// or as many as fit in `cap`; returns the calls made and calls per second. With `core`, the
+/// coordinator process is pinned there (the caller pins itself).
+fn rpc_rate(
+    exe: &Path,
+    dir: &Path,
+    calls: usize,
+    cap: Duration,
+    core: Option<usize>,
+) -> Result<(usize, f64)> {
+    let store = dir.join(format!(
+        "rpc-store-{}",
+        core.map_or("spread".into(), |c| c.to_string())
+    ));
+    let coordinator = CoordinatorProcess::start(exe, &store, core)?;
     let spec = shoal_proto::convert::job_spec_to_wire(&launch_spec(0, dir)?)?;
     let rt = crate::cmd::cluster::runtime()?;
     rt.block_on(async {
@@ -309,6 +331,78 @@ async fn get_jobs(
         done += 1;
     }
     Ok((done, done as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// `shoal bench echo`: accepts one loopback connection (printing the port first) and echoes
+/// 64-byte messages until it closes.
+pub fn echo_server() -> Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    println!("{}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    let (mut s, _) = listener.accept().context("accepting")?;
+    s.set_nodelay(true)?;
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read_exact(&mut buf) {
+            Ok(()) => s.write_all(&buf)?,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Bare TCP round trips per second over loopback to a `shoal bench echo` process (64-byte
+/// messages, blocking sockets, `TCP_NODELAY`), pinned to `core` if given, as many as fit in
+/// `cap`: the floor the machine sets for a synchronous round trip between two processes.
+fn tcp_ping_pong(exe: &Path, cap: Duration, core: Option<usize>) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(exe);
+            cmd
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
+        .args(["bench", "echo"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the echo process")?;
+    let stdout = child.stdout.take();
+    let echo = Proc(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout.context("echo stdout")?)
+        .read_line(&mut line)
+        .context("reading the echo process's port")?;
+    let port: u16 = line
+        .trim()
+        .parse()
+        .with_context(|| format!("the echo process printed no port: {:?}", line.trim()))?;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))
+        .context("connecting to the echo process")?;
+    c.set_nodelay(true)?;
+    let mut buf = [7u8; 64];
+    let mut round = |c: &mut std::net::TcpStream| -> std::io::Result<()> {
+        c.write_all(&buf)?;
+        c.read_exact(&mut buf)
+    };
+    let warm = Instant::now();
+    while warm.elapsed() < cap / 5 {
+        round(&mut c)?;
+    }
+    let t = Instant::now();
+    let mut done = 0u64;
+    while t.elapsed() < cap {
+        round(&mut c)?;
+        done += 1;
+    }
+    let rate = done as f64 / t.elapsed().as_secs_f64();
+    drop(c);
+    drop(echo);
+    Ok(rate)
 }
 
 /// Part 2: submit-to-running latency in ms, `launches` times, with an in-process coordinator and
@@ -421,17 +515,27 @@ fn ray_python(venv: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
-/// Ray's side of parts 1 and 2.
+/// Ray's side of parts 1 and 2; with `core`, Ray (driver, GCS, raylet and workers) runs pinned
+/// to that core.
 fn ray_peer(
     args: &ControlBenchArgs,
     calls: usize,
     cap: Duration,
     launches: usize,
     gap: Duration,
+    core: Option<usize>,
 ) -> Result<RayReport> {
     let python = ray_python(&args.venv)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out = Command::new(&python)
+    let mut cmd = match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(&python);
+            cmd
+        }
+        None => Command::new(&python),
+    };
+    let out = cmd
         .arg("-c")
         .arg(RAY_SCRIPT)
         .args([
@@ -607,6 +711,15 @@ fn cpus_allowed() -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// Whether `taskset` is there to pin processes and this process's affinity is readable.
+fn can_pin() -> bool {
+    cpus_allowed().is_some()
+        && Command::new("taskset")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
 /// Sets the CPU affinity of every thread of this process with `taskset`.
 fn pin_self(cpus: &str) -> bool {
     Command::new("taskset")
@@ -629,12 +742,8 @@ struct RampConfig {
 /// least two cores and `taskset`), this process on the others.
 fn session_ramp(exe: &Path, dir: &Path, cfg: &RampConfig) -> Result<SessionReport> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let have_taskset = Command::new("taskset")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
     let original = cpus_allowed();
-    let pin = cores >= 2 && have_taskset && original.is_some();
+    let pin = cores >= 2 && can_pin();
     let coordinator = CoordinatorProcess::start(exe, &dir.join("session-store"), pin.then_some(0))?;
     let pinned_self = pin && pin_self(&format!("1-{}", cores - 1));
     let rt = crate::cmd::cluster::runtime()?;
@@ -844,20 +953,60 @@ pub fn run(args: &ControlBenchArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the shoal binary")?;
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
 
-    eprintln!("bench: {calls} GetJob round trips");
     let cap = Duration::from_secs(if q { 2 } else { 10 });
-    let (calls, shoal_rate) = rpc_rate(&exe, dir.path(), calls, cap)?;
+    let original = cpus_allowed();
+    let mut placements = Vec::new();
+    let mut ray_launches = None;
+    for core in [None, Some(0)] {
+        let placement = if core.is_some() { "one core" } else { "spread" };
+        if core.is_some() && !(can_pin() && pin_self("0")) {
+            eprintln!(
+                "bench: cannot pin processes (no taskset?): the one-core placement is skipped"
+            );
+            continue;
+        }
+        eprintln!("bench: {placement}: bare TCP round trips, then {calls} GetJob round trips");
+        let measured = tcp_ping_pong(&exe, cap, core).and_then(|tcp| {
+            let (n, rate) = rpc_rate(&exe, dir.path(), calls, cap, core)?;
+            Ok((tcp, n, rate))
+        });
+        if core.is_some()
+            && let Some(cpus) = &original
+        {
+            pin_self(cpus);
+        }
+        let (tcp, n, rate) = measured?;
+        // Ray's actor starts are timed in the spread run, after its calls, as Shoal's launches
+        // are timed with the OS placing every process.
+        let starts = if core.is_some() { 0 } else { launches };
+        let ray = if args.no_ray {
+            None
+        } else {
+            eprintln!(
+                "bench: {placement}: the Ray peer ({ray_calls} actor calls, {starts} actor starts)"
+            );
+            Some(ray_peer(args, ray_calls, cap, starts, gap, core)?)
+        };
+        if core.is_none() {
+            ray_launches = ray
+                .as_ref()
+                .map(|r| (r.ray.clone(), r.actor_start_ms.clone()));
+        }
+        placements.push(RpcPlacement {
+            placement,
+            shoal_calls: n,
+            shoal_calls_per_s: rate,
+            tcp_round_trips_per_s: tcp,
+            ray_calls: ray.as_ref().map(|r| r.calls),
+            ray_calls_per_s: ray.as_ref().map(|r| r.calls_per_s),
+            ratio: ray.as_ref().map(|r| rate / r.calls_per_s),
+        });
+    }
     eprintln!(
         "bench: {launches} launches on {} node agent(s)",
         args.workers
     );
     let shoal_ms = launch_latency(dir.path(), launches, args.workers, gap)?;
-    let ray = if args.no_ray {
-        None
-    } else {
-        eprintln!("bench: the Ray peer ({ray_calls} actor calls, {launches} actor starts)");
-        Some(ray_peer(args, ray_calls, cap, launches, gap)?)
-    };
     let sessions = session_ramp(
         &exe,
         dir.path(),
@@ -871,20 +1020,14 @@ pub fn run(args: &ControlBenchArgs) -> Result<()> {
     )?;
 
     let shoal_median = median(&shoal_ms);
-    let ray_ms = ray
-        .as_ref()
-        .map(|r| r.actor_start_ms.clone())
-        .unwrap_or_default();
+    let (ray_version, ray_ms) = ray_launches.unzip();
+    let ray_ms = ray_ms.unwrap_or_default();
     let ray_median = (!ray_ms.is_empty()).then(|| median(&ray_ms));
     let report = Report {
-        ray: ray.as_ref().map(|r| r.ray.clone()),
+        ray: ray_version,
         rpc: RpcReport {
             shoal_call: "JobService.GetJob",
-            shoal_calls: calls,
-            shoal_calls_per_s: shoal_rate,
-            ray_calls: ray.as_ref().map(|r| r.calls),
-            ray_calls_per_s: ray.as_ref().map(|r| r.calls_per_s),
-            ratio: ray.as_ref().map(|r| shoal_rate / r.calls_per_s),
+            placements,
         },
         launch: LaunchReport {
             launches,
@@ -916,15 +1059,22 @@ fn print_report(r: &Report) {
         .map_or("skipped".into(), |v| format!("Ray {v}"));
     println!("control plane: Shoal against {peer}, measured in this run");
     let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
-    let rpc = &r.rpc;
     println!(
-        "  synchronous round trips, one client, loopback: shoal {} {:.0}/s, ray actor call {}/s: {}",
-        rpc.shoal_call,
-        rpc.shoal_calls_per_s,
-        rpc.ray_calls_per_s
-            .map_or("-".into(), |v| format!("{v:.0}")),
-        x(rpc.ratio)
+        "  synchronous round trips per second, one client, loopback (shoal {}, ray \
+         ray.get(actor.ping.remote()), bare TCP ping-pong between two processes):",
+        r.rpc.shoal_call
     );
+    for p in &r.rpc.placements {
+        println!(
+            "    {:<9} shoal {:>6.0}/s, ray {:>6}/s: {:>7}  (bare TCP {:.0}/s; shoal at {:.0}% of it)",
+            p.placement,
+            p.shoal_calls_per_s,
+            p.ray_calls_per_s.map_or("-".into(), |v| format!("{v:.0}")),
+            x(p.ratio),
+            p.tcp_round_trips_per_s,
+            100.0 * p.shoal_calls_per_s / p.tcp_round_trips_per_s
+        );
+    }
     let l = &r.launch;
     let ray_launch = match (l.ray_median_ms, l.ray_p90_ms, l.ray_max_ms) {
         (Some(m), Some(p), Some(x)) => format!("median {m:.1} ms (p90 {p:.1}, max {x:.1})"),

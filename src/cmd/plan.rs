@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use shoal_spec::ModelConfig;
 use shoal_spec::plan::{Cluster, Parallelism, Plan, Schedule, plan};
+use shoal_spec::schedule::{self, Costs, StepSchedule, Timeline};
 
 /// Options of `shoal plan`.
 #[derive(Debug, Clone, clap::Args)]
@@ -101,6 +102,26 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         ),
         None => None,
     };
+    // The step's operations rank by rank (not generated for dualpipev), run on the simulator
+    // with the plan's F, B and W FLOPs.
+    let step = match schedule::build(schedule, par.pp, par.micro_batches) {
+        Ok(s) => Some(s),
+        Err(e) if schedule == Schedule::DualPipeV => {
+            eprintln!("shoal plan: {e}");
+            None
+        }
+        Err(e) => return Err(e).context("--schedule"),
+    };
+    let flops = Costs {
+        f: p.bubble.f_flops,
+        b: p.bubble.b_flops,
+        w: p.bubble.w_flops,
+        fb: p.bubble.f_flops + p.bubble.b_flops,
+    };
+    let timeline = match &step {
+        Some(s) => Some(schedule::simulate(s, &flops).context("--schedule")?),
+        None => None,
+    };
     if args.json {
         let mut v = serde_json::to_value(&p)?;
         if let Some(o) = v.as_object_mut() {
@@ -110,10 +131,31 @@ pub fn run(args: &PlanArgs) -> Result<()> {
             if let Some(e) = &experts {
                 o.insert("expert_placement".into(), serde_json::to_value(e)?);
             }
+            if let (Some(s), Some(t)) = (&step, &timeline) {
+                o.insert("schedule".into(), serde_json::to_value(&s.ranks)?);
+                o.insert(
+                    "simulated".into(),
+                    serde_json::json!({
+                        "makespan_flops": t.makespan,
+                        "bubble_flops": t.bubble,
+                        "table2_bubble_flops": p.bubble.bubble_flops,
+                    }),
+                );
+            }
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
         print_plan(&p, args, elapsed_ms);
+        if let (Some(s), Some(t)) = (&step, &timeline) {
+            let max = t.bubble.iter().copied().fold(0.0, f64::max);
+            println!(
+                "simulated step: bubble {:.1} TFLOP per rank (Table 2: {:.1}), makespan {:.1} TFLOP of one rank's compute",
+                max / 1e12,
+                p.bubble.bubble_flops / 1e12,
+                t.makespan / 1e12
+            );
+            draw(s)?;
+        }
         if let Some(e) = &experts {
             println!(
                 "expert placement: {} slots per layer ({} per device, {} redundant), EP group of {} node(s), {} routing group(s)",
@@ -193,6 +235,48 @@ fn print_plan(p: &Plan, args: &PlanArgs, elapsed_ms: f64) {
         p.bubble.w_flops / 1e12
     );
     println!("planned in {elapsed_ms:.1} ms");
+}
+
+/// Draws `s` run with `F = B = W = 1` and `F&B = 2`: one row per rank, one cell per time unit.
+fn draw(s: &StepSchedule) -> Result<()> {
+    const MAX_UNITS: f64 = 400.0;
+    let t: Timeline = schedule::simulate(s, &Costs::UNIT)?;
+    if t.makespan > MAX_UNITS {
+        println!(
+            "(the timeline is {} units long; the drawing is left out above {MAX_UNITS} units, --json has every rank's operations)",
+            t.makespan
+        );
+        return Ok(());
+    }
+    let width = s
+        .ranks
+        .iter()
+        .flatten()
+        .filter(|o| matches!(o, schedule::Op::One(_)))
+        .map(|o| o.to_string().len())
+        .max()
+        .unwrap_or(4)
+        + 1;
+    println!(
+        "timeline with F = B = W = 1 and F&B = 2 ({} units, bubble per rank {}):",
+        t.makespan,
+        t.bubble.first().copied().unwrap_or(0.0)
+    );
+    for (r, (ops, spans)) in s.ranks.iter().zip(&t.spans).enumerate() {
+        let mut line = format!("rank {r:>3} |");
+        let mut at = 0.0;
+        for (op, (start, end)) in ops.iter().zip(spans) {
+            while at < *start {
+                line.push_str(&format!("{:<width$}", "."));
+                at += 1.0;
+            }
+            let cells = (end - start).round() as usize;
+            line.push_str(&format!("{:<w$}", op.to_string(), w = cells * width));
+            at = *end;
+        }
+        println!("{}", line.trim_end());
+    }
+    Ok(())
 }
 
 fn read_loads(path: &Path) -> Result<Vec<Vec<f64>>> {

@@ -79,11 +79,16 @@ fn quick_control_bench_reports_positive_rates() {
         let x = v.as_f64().unwrap_or(0.0);
         assert!(x.is_finite() && x > 0.0, "{what} = {v} in {report}");
     };
-    positive(&report["rpc"]["shoal_calls_per_s"], "rpc.shoal_calls_per_s");
+    let placements = report["rpc"]["placements"].as_array().expect("placements");
     assert!(
-        report["rpc"]["ray_calls_per_s"].is_null(),
-        "ray was skipped"
+        placements.iter().any(|p| p["placement"] == "spread"),
+        "{report}"
     );
+    for p in placements {
+        positive(&p["shoal_calls_per_s"], "shoal_calls_per_s");
+        positive(&p["tcp_round_trips_per_s"], "tcp_round_trips_per_s");
+        assert!(p["ray_calls_per_s"].is_null(), "ray was skipped: {p}");
+    }
     positive(
         &report["launch"]["shoal_median_ms"],
         "launch.shoal_median_ms",

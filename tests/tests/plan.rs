@@ -161,3 +161,84 @@ fn expert_loads_balance_the_plans_ep_groups() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("expert loads[0]"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_schedule_is_data_in_json_and_drawn_as_a_timeline() {
+    let args = [
+        "plan",
+        "--cluster",
+        "4x8",
+        "--pp",
+        "4",
+        "--dp",
+        "8",
+        "--ep",
+        "8",
+        "--schedule",
+        "dualpipe",
+        "--micro-batches",
+        "8",
+    ];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = run_shoal(&json_args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ranks = plan["schedule"].as_array().expect("schedule");
+    assert_eq!(ranks.len(), 4);
+    let rank0: Vec<&str> = ranks[0]
+        .as_array()
+        .expect("rank 0")
+        .iter()
+        .map(|o| o.as_str().expect("an operation string"))
+        .collect();
+    assert_eq!(&rank0[..4], ["F0.0", "F0.1", "F0.2", "F1.0"]);
+    assert!(rank0.contains(&"F0.3&B1.1"), "{rank0:?}");
+    // 8 micro-batches x F, B, W, with overlapped pairs counting two.
+    let chunks: usize = rank0.iter().map(|o| o.split('&').count()).sum();
+    assert_eq!(chunks, 24);
+    let simulated = plan["simulated"]["bubble_flops"]
+        .as_array()
+        .expect("bubble");
+    let table2 = plan["simulated"]["table2_bubble_flops"]
+        .as_f64()
+        .expect("table 2");
+    assert!(table2 > 0.0);
+    for b in simulated {
+        let b = b.as_f64().expect("a number");
+        assert!(
+            b > 0.0 && b <= table2 * (1.0 + 1e-9),
+            "{b} against {table2}"
+        );
+    }
+
+    let out = run_shoal(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timeline with F = B = W = 1"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("rank   0 |"))
+        .expect("rank 0's row");
+    assert!(
+        row.starts_with("rank   0 |F0.0 F0.1 F0.2 F1.0 B1.0"),
+        "{row}"
+    );
+
+    // DualPipe needs an even pp: the error names the field.
+    let out = run_shoal(&[
+        "plan",
+        "--cluster",
+        "4x8",
+        "--pp",
+        "3",
+        "--dp",
+        "8",
+        "--ep",
+        "8",
+        "--schedule",
+        "dualpipe",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("parallelism.pp"), "{}", stderr(&out));
+}
