@@ -99,6 +99,8 @@ enum BenchSuite {
     /// Control plane against Ray: RPC round trips, submit-to-running latency, node sessions
     /// one coordinator core serves.
     Control(bench::control::ControlBenchArgs),
+    /// Pipeline schedules on threads against the single-process step; bubbles against Table 2.
+    Pipeline(bench::pipeline::PipelineBenchArgs),
     /// The bare TCP echo server `bench control` measures its floor against (prints its port).
     #[command(hide = true)]
     Echo,
@@ -131,6 +133,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Control(args),
         } => bench::control::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Pipeline(args),
+        } => bench::pipeline::run(&args),
         Command::Bench {
             suite: BenchSuite::Echo,
         } => bench::control::echo_server(),

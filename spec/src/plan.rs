@@ -329,7 +329,7 @@ pub fn validate(model: &ModelConfig, par: &Parallelism) -> Result<(), SpecError>
 
 /// Main-model layers per stage: as even as possible, the extra layers on the earliest stages
 /// (the last stage also carries the output head and the MTP modules).
-fn split_layers(layers: usize, stages: usize) -> Vec<usize> {
+pub fn split_layers(layers: usize, stages: usize) -> Vec<usize> {
     (0..stages)
         .map(|s| layers / stages + usize::from(s < layers % stages))
         .collect()

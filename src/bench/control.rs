@@ -214,6 +214,18 @@ impl Drop for Proc {
     }
 }
 
+/// A command for `program`, run pinned to `core` with `taskset` if given.
+fn pinned(program: &Path, core: Option<usize>) -> Command {
+    match core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", &c.to_string()]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A `shoal coordinator` process on a free loopback port.
 struct CoordinatorProcess {
     proc: Proc,
@@ -223,14 +235,7 @@ struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts one with its embedded store in `store`, pinned to `core` (with `taskset`) if given.
     fn start(exe: &Path, store: &Path, core: Option<usize>) -> Result<Self> {
-        let mut cmd = match core {
-            Some(c) => {
-                let mut cmd = Command::new("taskset");
-                cmd.args(["-c", &c.to_string()]).arg(exe);
-                cmd
-            }
-            None => Command::new(exe),
-        };
+        let mut cmd = pinned(exe, core);
         cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store"])
             .arg(store)
             .stdin(Stdio::null())
@@ -357,14 +362,7 @@ pub fn echo_server() -> Result<()> {
 /// `cap`: the floor the machine sets for a synchronous round trip between two processes.
 fn tcp_ping_pong(exe: &Path, cap: Duration, core: Option<usize>) -> Result<f64> {
     use std::io::{Read, Write};
-    let mut cmd = match core {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &c.to_string()]).arg(exe);
-            cmd
-        }
-        None => Command::new(exe),
-    };
+    let mut cmd = pinned(exe, core);
     let mut child = cmd
         .args(["bench", "echo"])
         .stdin(Stdio::null())
@@ -527,14 +525,7 @@ fn ray_peer(
 ) -> Result<RayReport> {
     let python = ray_python(&args.venv)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut cmd = match core {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &c.to_string()]).arg(&python);
-            cmd
-        }
-        None => Command::new(&python),
-    };
+    let mut cmd = pinned(&python, core);
     let out = cmd
         .arg("-c")
         .arg(RAY_SCRIPT)

@@ -3,5 +3,6 @@
 pub mod control;
 pub mod kernels;
 mod numpy;
+pub mod pipeline;
 mod profile;
 pub mod train;

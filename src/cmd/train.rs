@@ -91,6 +91,13 @@ pub struct TrainArgs {
     /// Micro-batches per step, computed concurrently (default 2).
     #[arg(long)]
     pub micro_batches: Option<usize>,
+    /// Pipeline ranks: the model cut into this many stages, each rank a thread of the node agent
+    /// (default 1).
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Pipeline schedule: 1f1b, zb1p or dualpipe (default 1f1b).
+    #[arg(long)]
+    pub schedule: Option<String>,
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -164,6 +171,12 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
     if let Some(m) = args.micro_batches {
         spec.parallelism.micro_batches = m;
     }
+    if let Some(pp) = args.pp {
+        spec.parallelism.pp = pp;
+    }
+    if let Some(s) = &args.schedule {
+        spec.parallelism.schedule.clone_from(s);
+    }
     if let Some(n) = args.checkpoint_every {
         if n == 0 {
             bail!("--checkpoint-every must be at least 1");
@@ -198,6 +211,8 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "training.lr" => "--lr",
         "training.gamma" => "--gamma",
         "parallelism.micro_batches" => "--micro-batches",
+        "parallelism.pp" => "--pp",
+        "parallelism.schedule" => "--schedule",
         "data.source" => "--data",
         _ => return None,
     })
@@ -286,7 +301,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         store: store.path().display().to_string(),
         listen: "127.0.0.1:0".parse().context("loopback address")?,
         nodes: 1,
-        devices_per_node: 1,
+        // Every rank on the one node: its agent runs them as threads.
+        devices_per_node: u32::try_from(spec.parallelism.pp * spec.parallelism.dp)
+            .context("--pp: too many pipeline ranks")?,
         node_prefix: "train".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,

@@ -175,6 +175,23 @@ fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<A
                     return;
                 }
             };
+            // Pipeline ranks run as threads of this process: every rank must be here.
+            if a.world.len() > a.ranks.len() {
+                let nodes: std::collections::BTreeSet<&str> =
+                    a.world.iter().map(|r| r.node.as_str()).collect();
+                report(status(
+                    &job_id,
+                    pb::JobState::Failed,
+                    format!(
+                        "the job's {} ranks are placed on {} nodes and this node holds {}: ranks run as threads of one node agent until cross-node execution lands (give one node pp x dp devices)",
+                        a.world.len(),
+                        nodes.len(),
+                        a.ranks.len()
+                    ),
+                    None,
+                ));
+                return;
+            }
             report(status(&job_id, pb::JobState::Running, String::new(), None));
             let result = crate::job::run(&spec, |m| {
                 let step = pb::StepMetrics {

@@ -39,6 +39,14 @@ pub enum WorkerError {
         /// What is wrong, naming the tensor where there is one.
         reason: String,
     },
+    /// A pipeline rank failed, or waited too long for a peer.
+    #[error("pipeline rank {rank}: {reason}")]
+    Pipeline {
+        /// The rank that failed.
+        rank: usize,
+        /// What it was doing and what went wrong, naming the operation and the peer.
+        reason: String,
+    },
     /// An argument or setting is out of its domain.
     #[error("invalid {name}: {reason}")]
     InvalidArgument {

@@ -1,6 +1,7 @@
 //! Running a submitted job ([`JobSpec`]) on this process: the model, the data and the trainer
 //! the spec describes, stepped until the end or until the caller stops it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -70,20 +71,28 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o.balance_alpha = t.alpha;
     o.mtp_lambda = t.mtp_lambda;
     o.micro_batches = spec.parallelism.micro_batches.max(1);
+    let par = &spec.parallelism;
+    if par.pp > 1 {
+        o.pipeline = Some(crate::train::PipelineOptions {
+            pp: par.pp,
+            schedule: par.schedule.clone(),
+        });
+    }
     o
 }
 
-/// A trainer for a spec that runs on one device: at step 0, or where the checkpoint named by
-/// `checkpointing.resume` left off (its options, data order and step; `training.steps` still
-/// sets where the run ends, at least one step past the checkpoint).
+/// A trainer for a spec that runs in this process (its `pp` pipeline ranks as threads): at step
+/// 0, or where the checkpoint named by `checkpointing.resume` left off (its options, data order
+/// and step; `training.steps` still sets where the run ends, at least one step past the
+/// checkpoint).
 pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
     let par = &spec.parallelism;
-    if par.pp * par.dp != 1 {
+    if par.dp != 1 {
         return Err(WorkerError::invalid(
-            "parallelism",
+            "parallelism.dp",
             format!(
-                "pp x dp = {} devices: this worker runs single-device jobs only until distributed execution lands",
-                par.pp * par.dp
+                "{} data-parallel ranks: this worker runs pipeline parallelism inside one process, and data and expert parallelism are not built yet",
+                par.dp
             ),
         ));
     }
@@ -103,6 +112,11 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
         let mut o = state.options.clone();
         o.steps = t.steps.max(state.step + 1);
+        // The spec's parallelism may differ from the checkpoint's (the same spec gives the
+        // same run).
+        let now = options(spec);
+        o.pipeline = now.pipeline;
+        o.micro_batches = now.micro_batches;
         return Trainer::resume(dir, batcher, o);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
@@ -157,13 +171,20 @@ pub struct RunSummary {
     pub checkpoint: String,
     /// The per-step metrics file.
     pub metrics: String,
+    /// The Chrome trace of one step (the run's second, or its only one): `trace.json`.
+    #[serde(default)]
+    pub trace: Option<String>,
+    /// Bytes moved over the run, per transport (`in_process`: between pipeline ranks on this
+    /// node's threads).
+    #[serde(default)]
+    pub bytes_moved: BTreeMap<String, u64>,
 }
 
 /// How a run ended.
 #[derive(Clone, Debug)]
 pub enum RunEnd {
     /// Every step ran; the final checkpoint and `summary.json` are written.
-    Finished(RunSummary),
+    Finished(Box<RunSummary>),
     /// `on_step` stopped it after this many steps (no final checkpoint, no summary).
     Stopped(u64),
 }
@@ -186,8 +207,22 @@ pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Res
     let total = trainer.options().steps;
     let started = Instant::now();
     let mut history: Vec<StepMetrics> = Vec::new();
+    // The step to trace: the run's second (its first pays for warm-up), or its only one.
+    let traced = (trainer.step() + 2).min(total);
+    let trace_path = out.join("trace.json");
+    let mut trace = None;
     while trainer.step() < total {
-        let m = trainer.train_step()?;
+        let m = if trainer.step() + 1 == traced {
+            let (m, t) = crate::trace::record(|| trainer.train_step());
+            t.write_chrome(
+                &trace_path,
+                &format!("shoal worker (pid {})", std::process::id()),
+            )?;
+            trace = Some(trace_path.display().to_string());
+            m?
+        } else {
+            trainer.train_step()?
+        };
         if !m.loss.is_finite() {
             return Err(WorkerError::invalid(
                 "training",
@@ -229,11 +264,16 @@ pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Res
         precision: crate::train::state::precision_name(trainer.model().precision()).to_string(),
         checkpoint: ckpt.display().to_string(),
         metrics: metrics_path.display().to_string(),
+        trace,
+        bytes_moved: BTreeMap::from([(
+            "in_process".to_string(),
+            history.iter().map(|m| m.bytes_sent).sum(),
+        )]),
     };
     let path = out.join("summary.json");
     let text = serde_json::to_vec_pretty(&summary).map_err(|e| WorkerError::io(&path, e))?;
     std::fs::write(&path, text).map_err(|e| WorkerError::io(&path, e))?;
-    Ok(RunEnd::Finished(summary))
+    Ok(RunEnd::Finished(Box::new(summary)))
 }
 
 #[cfg(test)]
@@ -277,10 +317,10 @@ mod tests {
             run(&spec, |m| m.step < 2).unwrap(),
             RunEnd::Stopped(2)
         ));
-        // Multi-device jobs are refused by name.
+        // Data-parallel jobs are refused by name.
         let mut wide = spec.clone();
         wide.parallelism.dp = 2;
         let e = trainer_for(&wide).err().unwrap().to_string();
-        assert!(e.contains("parallelism"), "{e}");
+        assert!(e.contains("parallelism.dp"), "{e}");
     }
 }

@@ -11,6 +11,8 @@ pub mod data;
 pub mod error;
 pub mod job;
 pub mod model;
+pub mod pipeline;
+pub mod trace;
 pub mod train;
 
 pub use error::{Result, WorkerError};

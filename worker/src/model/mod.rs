@@ -13,14 +13,12 @@ mod mlp;
 mod moe;
 pub mod params;
 pub mod rope;
+pub mod stage;
 pub mod tensor_ops;
 pub mod wgrad;
 
 use shoal_kernels::Tensor;
-use shoal_kernels::ops::cross_entropy::{cross_entropy_backward_in_place, cross_entropy_forward};
-use shoal_kernels::ops::embedding::embedding_forward;
 use shoal_kernels::ops::linear::Precision;
-use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
 use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
 use shoal_spec::ModelConfig;
 
@@ -29,7 +27,7 @@ pub use self::ctx::Ctx;
 pub use self::linear::ModelFloat;
 pub use self::moe::MoeStats;
 use self::params::{Grads, Init, Layout, ParamId, ParamStore, Trainable};
-use self::tensor_ops::{join_groups, pad_prefix_rows, split_groups, take_prefix_rows};
+pub use self::stage::{StagePart, StageSaved, StageStats};
 use self::wgrad::WTask;
 use crate::{Result, WorkerError};
 
@@ -98,6 +96,69 @@ pub struct StepOutput {
     pub tokens: usize,
 }
 
+impl StepOutput {
+    /// Nothing yet, for a model with `mtp_depth` MTP modules: the start of [`Self::accumulate`].
+    pub fn zero(mtp_depth: usize) -> Self {
+        Self {
+            loss: 0.0,
+            main_loss: 0.0,
+            mtp_losses: vec![0.0; mtp_depth],
+            balance_loss: 0.0,
+            expert_loads: Vec::new(),
+            tokens: 0,
+        }
+    }
+
+    /// Adds a micro-batch's output: losses weighted by its `share` of the batch, expert loads
+    /// and tokens summed. Accumulating micro-batches in index order gives the batch's output.
+    pub fn accumulate(&mut self, o: StepOutput, share: f64) {
+        self.loss += share * o.loss;
+        self.main_loss += share * o.main_loss;
+        for (a, m) in self.mtp_losses.iter_mut().zip(&o.mtp_losses) {
+            *a += share * m;
+        }
+        self.balance_loss += share * o.balance_loss;
+        if self.expert_loads.is_empty() {
+            self.expert_loads = o.expert_loads;
+        } else {
+            for (acc, l) in self.expert_loads.iter_mut().zip(&o.expert_loads) {
+                for (a, v) in acc.iter_mut().zip(l) {
+                    *a += v;
+                }
+            }
+        }
+        self.tokens += o.tokens;
+    }
+}
+
+/// The micro-batches of a batch: its sequences split as evenly as possible, in order, each with
+/// its share of the batch (`sequences / batch`).
+pub fn split_micro<'a>(b: &TokenBatch<'a>, micro: usize) -> Result<Vec<(TokenBatch<'a>, f64)>> {
+    if micro == 0 || micro > b.batch {
+        return Err(WorkerError::invalid(
+            "micro_batches",
+            format!(
+                "must be 1 to the batch's {} sequences, got {micro}",
+                b.batch
+            ),
+        ));
+    }
+    Ok((0..micro)
+        .map(|i| {
+            let lo = i * b.batch / micro;
+            let hi = (i + 1) * b.batch / micro;
+            let range = lo * b.seq..hi * b.seq;
+            let part = TokenBatch {
+                batch: hi - lo,
+                seq: b.seq,
+                inputs: &b.inputs[range.clone()],
+                targets: &b.targets[range],
+            };
+            (part, (hi - lo) as f64 / b.batch as f64)
+        })
+        .collect())
+}
+
 /// What [`Model::from_named`] did besides loading tensors.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadReport {
@@ -118,31 +179,6 @@ pub struct TokenBatch<'a> {
     pub inputs: &'a [u32],
     /// Target ids (the inputs shifted by one).
     pub targets: &'a [u32],
-}
-
-struct MtpSaved<T> {
-    prev_len: usize,
-    len: usize,
-    ids: Vec<u32>,
-    e: Tensor<T>,
-    prev: Tensor<T>,
-    cat: Tensor<T>,
-    block: block::BlockSaved<T>,
-    out: Tensor<T>,
-    hn: Tensor<T>,
-    targets: Vec<u32>,
-    ce: shoal_kernels::ops::cross_entropy::CrossEntropy<T>,
-    logits: Tensor<T>,
-}
-
-struct Forward<T> {
-    blocks: Vec<block::BlockSaved<T>>,
-    h: Tensor<T>,
-    hn: Tensor<T>,
-    logits: Tensor<T>,
-    ce: shoal_kernels::ops::cross_entropy::CrossEntropy<T>,
-    mtp: Vec<MtpSaved<T>>,
-    out: StepOutput,
 }
 
 impl<T: ModelFloat> Model<T> {
@@ -417,105 +453,11 @@ impl<T: ModelFloat> Model<T> {
         Ok(())
     }
 
-    fn forward(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<Forward<T>> {
-        self.check_batch(b)?;
-        let p = &self.params;
-        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
-        let mut h = embedding_forward(p.get(self.embed), b.inputs)?;
-        let mut saved = Vec::with_capacity(self.blocks.len());
-        let mut loads = Vec::new();
-        let mut balance = 0.0;
-        for (layer, blk) in self.blocks.iter().enumerate() {
-            let _span = tracing::debug_span!("block.forward", layer).entered();
-            let (h2, s, st) = blk.forward(p, h, &ctx)?;
-            if let Some(st) = st {
-                balance += st.balance;
-                loads.push(st.load);
-            }
-            saved.push(s);
-            h = h2;
-        }
-        let head_span = tracing::debug_span!("head.forward").entered();
-        let hn = rmsnorm_forward(&h, p.get(self.norm), ctx.eps)?;
-        let logits = T::linear(&hn, p, self.head, Precision::Fp32)?;
-        let ce = cross_entropy_forward(&logits, b.targets, None)?;
-        drop(head_span);
-
-        // Multi-Token Prediction: depth k sees sequences shortened by k.
-        let mut mtp = Vec::with_capacity(self.mtp.len());
-        let mut prev = h.clone();
-        let mut prev_len = b.seq;
-        let mut mtp_losses = Vec::new();
-        for (k, m) in self.mtp.iter().enumerate() {
-            let _span = tracing::debug_span!("mtp.forward", depth = k + 1).entered();
-            let depth = k + 1;
-            let len = b.seq - depth;
-            let pick = |src: &[u32]| -> Vec<u32> {
-                (0..b.batch)
-                    .flat_map(|s| src[s * b.seq + depth..(s + 1) * b.seq].iter().copied())
-                    .collect()
-            };
-            let ids = pick(b.inputs);
-            let targets = pick(b.targets);
-            let prev_k = take_prefix_rows(&prev, prev_len, len)?;
-            let e = embedding_forward(p.get(self.embed), &ids)?;
-            let en = rmsnorm_forward(&e, p.get(m.enorm), ctx.eps)?;
-            let pn = rmsnorm_forward(&prev_k, p.get(m.hnorm), ctx.eps)?;
-            let cat = join_groups(&[&en, &pn], 1)?;
-            let hk = T::linear(&cat, p, m.eh_proj, self.precision)?;
-            let mctx = ctx.with_seq(len);
-            let (out, bs, st) = m.block.forward(p, hk, &mctx)?;
-            if let Some(st) = st {
-                balance += st.balance;
-                loads.push(st.load);
-            }
-            let hn_k = rmsnorm_forward(&out, p.get(m.head_norm), ctx.eps)?;
-            let logits_k = T::linear(&hn_k, p, self.head, Precision::Fp32)?;
-            let ce_k = cross_entropy_forward(&logits_k, &targets, None)?;
-            mtp_losses.push(ce_k.loss);
-            prev = out.clone();
-            mtp.push(MtpSaved {
-                prev_len,
-                len,
-                ids,
-                e,
-                prev: prev_k,
-                cat,
-                block: bs,
-                out,
-                hn: hn_k,
-                targets,
-                ce: ce_k,
-                logits: logits_k,
-            });
-            prev_len = len;
-        }
-        let d = self.mtp.len().max(1) as f64;
-        let loss = ce.loss
-            + obj.mtp_lambda / d * mtp_losses.iter().sum::<f64>()
-            + obj.balance_alpha * balance;
-        let out = StepOutput {
-            loss,
-            main_loss: ce.loss,
-            mtp_losses,
-            balance_loss: balance,
-            expert_loads: loads,
-            tokens: ce.count,
-        };
-        Ok(Forward {
-            blocks: saved,
-            h,
-            hn,
-            logits,
-            ce,
-            mtp,
-            out,
-        })
-    }
-
     /// Losses of a forward pass only (no gradients).
     pub fn evaluate(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
-        Ok(self.forward(b, obj)?.out)
+        let part = StagePart::whole(self.blocks.len());
+        let (_, _, stats) = self.stage_forward(&part, b, None, obj)?;
+        stage::step_output(&[stats], obj, self.mtp.len())
     }
 
     /// Forward and B passes of a micro-batch; returns the losses and the deferred W work.
@@ -524,69 +466,16 @@ impl<T: ModelFloat> Model<T> {
         b: &TokenBatch<'_>,
         obj: &Objective,
     ) -> Result<(StepOutput, Vec<WTask<T>>)> {
-        let f = {
+        let part = StagePart::whole(self.blocks.len());
+        let (_, saved, stats) = {
             let _span = tracing::debug_span!("forward").entered();
-            self.forward(b, obj)?
+            self.stage_forward(&part, b, None, obj)?
         };
+        let out = stage::step_output(&[stats], obj, self.mtp.len())?;
         let _span = tracing::debug_span!("backward").entered();
-        let p = &self.params;
-        // The backward pass differentiates `loss_scale * loss`: every upstream gradient carries
-        // the scale (the balance loss through its weight in `ctx`).
-        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha * obj.loss_scale);
         let mut w = Vec::new();
-        let d = self.mtp.len().max(1) as f64;
-
-        // MTP modules, deepest first; each passes a gradient to the previous depth's states.
-        let mut dprev: Option<Tensor<T>> = None;
-        for (m, s) in self.mtp.iter().zip(f.mtp).rev() {
-            let _span = tracing::debug_span!("mtp.backward").entered();
-            let dlogits = cross_entropy_backward_in_place(
-                s.logits,
-                &s.targets,
-                &s.ce,
-                obj.loss_scale * obj.mtp_lambda / d,
-            )?;
-            let mut dout =
-                self.head_backward(dlogits, s.hn, s.out, m.head_norm, ctx.eps, &mut w)?;
-            if let Some(g) = dprev.take() {
-                dout.add_assign(&g, "mtp.dout")?;
-            }
-            let mctx = ctx.with_seq(s.len);
-            let dhk = m.block.backward(p, s.block, dout, &mctx, &mut w)?;
-            let cat = T::save(s.cat, self.precision)?;
-            let dcat = wgrad::linear_b(p, m.eh_proj, dhk, cat, self.precision, &mut w)?;
-            let h = self.cfg.hidden_size;
-            let [den, dpn]: [Tensor<T>; 2] = split_groups(&dcat, 1, &[h, h])?
-                .try_into()
-                .map_err(|_| WorkerError::invalid("mtp", "split"))?;
-            let de = wgrad::rmsnorm_b(p.get(m.enorm), m.enorm, den, s.e, ctx.eps, &mut w)?;
-            let dprev_k = wgrad::rmsnorm_b(p.get(m.hnorm), m.hnorm, dpn, s.prev, ctx.eps, &mut w)?;
-            w.push(WTask::Embedding {
-                param: self.embed,
-                dy: de,
-                ids: s.ids,
-            });
-            dprev = Some(pad_prefix_rows(&dprev_k, s.prev_len, s.len)?);
-        }
-
-        // Main head.
-        let head_span = tracing::debug_span!("head.backward").entered();
-        let dlogits = cross_entropy_backward_in_place(f.logits, b.targets, &f.ce, obj.loss_scale)?;
-        let mut dh = self.head_backward(dlogits, f.hn, f.h, self.norm, ctx.eps, &mut w)?;
-        drop(head_span);
-        if let Some(g) = dprev {
-            dh.add_assign(&g, "model.dh")?;
-        }
-        for (layer, (blk, s)) in self.blocks.iter().zip(f.blocks).enumerate().rev() {
-            let _span = tracing::debug_span!("block.backward", layer).entered();
-            dh = blk.backward(p, s, dh, &ctx, &mut w)?;
-        }
-        w.push(WTask::Embedding {
-            param: self.embed,
-            dy: dh,
-            ids: b.inputs.to_vec(),
-        });
-        Ok((f.out, w))
+        self.stage_backward(&part, b, saved, None, obj, &mut w)?;
+        Ok((out, w))
     }
 
     /// B pass of `norm -> output head` (the head stays FP32): returns the gradient of the
@@ -644,20 +533,7 @@ impl<T: ModelFloat> Model<T> {
         if micro == 1 {
             return self.forward_backward(b, obj, grads);
         }
-        let parts: Vec<(TokenBatch<'_>, f64)> = (0..micro)
-            .map(|i| {
-                let lo = i * b.batch / micro;
-                let hi = (i + 1) * b.batch / micro;
-                let range = lo * b.seq..hi * b.seq;
-                let part = TokenBatch {
-                    batch: hi - lo,
-                    seq: b.seq,
-                    inputs: &b.inputs[range.clone()],
-                    targets: &b.targets[range],
-                };
-                (part, (hi - lo) as f64 / b.batch as f64)
-            })
-            .collect();
+        let parts = split_micro(b, micro)?;
         // The micro-batches run on rayon's threads: carry the caller's tracing subscriber and
         // span over, so their phases are traced as children of the step.
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -677,31 +553,9 @@ impl<T: ModelFloat> Model<T> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut tasks = Vec::new();
-        let mut out = StepOutput {
-            loss: 0.0,
-            main_loss: 0.0,
-            mtp_losses: vec![0.0; self.mtp.len()],
-            balance_loss: 0.0,
-            expert_loads: Vec::new(),
-            tokens: 0,
-        };
+        let mut out = StepOutput::zero(self.mtp.len());
         for ((o, w), (_, share)) in results.into_iter().zip(&parts) {
-            out.loss += share * o.loss;
-            out.main_loss += share * o.main_loss;
-            for (a, m) in out.mtp_losses.iter_mut().zip(&o.mtp_losses) {
-                *a += share * m;
-            }
-            out.balance_loss += share * o.balance_loss;
-            if out.expert_loads.is_empty() {
-                out.expert_loads = o.expert_loads;
-            } else {
-                for (acc, l) in out.expert_loads.iter_mut().zip(&o.expert_loads) {
-                    for (a, v) in acc.iter_mut().zip(l) {
-                        *a += v;
-                    }
-                }
-            }
-            out.tokens += o.tokens;
+            out.accumulate(o, *share);
             tasks.extend(w);
         }
         let _span = tracing::debug_span!("wgrad").entered();

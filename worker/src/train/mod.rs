@@ -12,9 +12,14 @@ use shoal_kernels::ops::adamw::{
 };
 use shoal_kernels::ops::linear::Precision;
 
+use shoal_spec::plan::{Schedule, split_layers};
+use shoal_spec::schedule::{StepSchedule, build};
+
 use crate::data::{Batcher, DataPosition};
+use crate::model::StagePart;
 use crate::model::params::Grads;
 use crate::model::{Model, Objective, TokenBatch};
+use crate::pipeline;
 use crate::{Result, WorkerError};
 
 /// Hyper-parameters of a training run.
@@ -47,6 +52,19 @@ pub struct TrainOptions {
     /// objective; results depend on this number but not on the thread count.
     #[serde(default = "default_micro_batches")]
     pub micro_batches: usize,
+    /// Pipeline parallelism on this process's threads: the model cut into `pp` stages, run as
+    /// one rank each in the schedule's order (`None`: every micro-batch through the whole model).
+    #[serde(default)]
+    pub pipeline: Option<PipelineOptions>,
+}
+
+/// Pipeline parallelism inside one process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineOptions {
+    /// Pipeline ranks (threads), each holding its stages' layers.
+    pub pp: usize,
+    /// Schedule: `1f1b`, `zb1p` or `dualpipe`.
+    pub schedule: String,
 }
 
 /// Two micro-batches: one per core of a small machine, and cheap elsewhere.
@@ -70,6 +88,7 @@ impl TrainOptions {
             balance_alpha: 1e-4,
             bf16_moments: precision == Precision::Fp8,
             micro_batches: default_micro_batches(),
+            pipeline: None,
         }
     }
 
@@ -110,6 +129,10 @@ impl TrainOptions {
             }
         }
         self.adamw().validate()?;
+        if let Some(p) = &self.pipeline {
+            let schedule: Schedule = p.schedule.parse()?;
+            shoal_spec::schedule::build(schedule, p.pp, self.micro_batches)?;
+        }
         Ok(())
     }
 
@@ -171,11 +194,17 @@ pub struct StepMetrics {
     pub tokens: usize,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Bytes the pipeline ranks sent each other (activations and gradients; 0 without
+    /// pipeline parallelism).
+    #[serde(default)]
+    pub bytes_sent: u64,
 }
 
 /// Optimizer and schedule state, everything a checkpoint needs besides the weights.
 pub struct Trainer {
     model: Model<f32>,
+    /// The stages and the step's schedule with pipeline parallelism.
+    pipeline: Option<(Vec<StagePart>, StepSchedule)>,
     grads: Grads<f32>,
     moments: Vec<Option<AdamWState>>,
     batcher: Batcher,
@@ -209,8 +238,34 @@ impl Trainer {
             })
             .collect();
         let grads = model.params().zero_grads();
+        let pipeline = match &opts.pipeline {
+            Some(p) => {
+                let layers = model.config().num_hidden_layers;
+                if p.pp > layers {
+                    return Err(WorkerError::invalid(
+                        "pp",
+                        format!("{} pipeline ranks for a model of {layers} layers", p.pp),
+                    ));
+                }
+                if opts.micro_batches > batcher.batch_size() {
+                    return Err(WorkerError::invalid(
+                        "micro_batches",
+                        format!(
+                            "{} micro-batches of a batch of {} sequences",
+                            opts.micro_batches,
+                            batcher.batch_size()
+                        ),
+                    ));
+                }
+                let stages = StagePart::split(layers, &split_layers(layers, p.pp))?;
+                let schedule = build(p.schedule.parse()?, p.pp, opts.micro_batches)?;
+                Some((stages, schedule))
+            }
+            None => None,
+        };
         Ok(Self {
             model,
+            pipeline,
             grads,
             moments,
             batcher,
@@ -256,12 +311,29 @@ impl Trainer {
             targets: &batch.targets,
         };
         self.grads.zero();
-        let out = self.model.forward_backward_micro(
-            &tb,
-            &self.opts.objective(),
-            self.opts.micro_batches,
-            &mut self.grads,
-        )?;
+        let (out, bytes_sent) = match &self.pipeline {
+            Some((stages, schedule)) => {
+                let r = pipeline::run_step(
+                    &self.model,
+                    stages,
+                    schedule,
+                    &tb,
+                    &self.opts.objective(),
+                    &mut self.grads,
+                    pipeline::DEFAULT_TIMEOUT,
+                )?;
+                (r.out, r.bytes_sent.iter().sum())
+            }
+            None => (
+                self.model.forward_backward_micro(
+                    &tb,
+                    &self.opts.objective(),
+                    self.opts.micro_batches,
+                    &mut self.grads,
+                )?,
+                0,
+            ),
+        };
 
         let opt_span = tracing::debug_span!("optimizer").entered();
         // Clip the global norm over the trained parameters.
@@ -340,6 +412,7 @@ impl Trainer {
             max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
             tokens: out.tokens,
             seconds: t0.elapsed().as_secs_f64(),
+            bytes_sent,
         })
     }
 }

@@ -1,0 +1,352 @@
+//! One pipeline rank: a stage actor that runs its schedule's operations in order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use shoal_kernels::Tensor;
+use shoal_spec::schedule::{Chunk, Op, Pass};
+
+use super::{OpSpan, Payload, Step, Transfer};
+use crate::model::params::{Grads, ParamId};
+use crate::model::stage::{StageSaved, StageStats};
+use crate::model::wgrad::{self, WTask};
+use crate::model::{ModelFloat, Objective};
+use crate::{Result, WorkerError};
+
+/// How a rank's error starts when it stopped because another rank failed.
+pub(crate) const ABORTED: &str = "stopped: another rank failed";
+
+/// How often a waiting rank checks whether the step was aborted.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a rank hands back at the end of the step.
+pub(crate) struct RankResult<T> {
+    pub(crate) grads: Grads<T>,
+    /// Parameters whose gradient this rank accumulated.
+    pub(crate) touched: Vec<ParamId>,
+    /// `(global micro-batch, stage, statistics)` of every forward it ran.
+    pub(crate) stats: Vec<(usize, usize, StageStats)>,
+    pub(crate) spans: Vec<OpSpan>,
+    pub(crate) bytes_sent: u64,
+}
+
+pub(crate) struct RankActor<'s, 'a, T> {
+    step: &'s Step<'a, T>,
+    rank: usize,
+    inbox: Receiver<Transfer<T>>,
+    prev: Option<Sender<Transfer<T>>>,
+    next: Option<Sender<Transfer<T>>>,
+    /// Messages that arrived before the operation that needs them.
+    early: HashMap<(Payload, u8, usize), Tensor<T>>,
+    saved: HashMap<(u8, usize), StageSaved<T>>,
+    deferred: HashMap<(u8, usize), Vec<WTask<T>>>,
+    grads: Grads<T>,
+    touched: HashSet<ParamId>,
+    stats: Vec<(usize, usize, StageStats)>,
+    spans: Vec<OpSpan>,
+    bytes_sent: u64,
+}
+
+impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
+    pub(crate) fn new(
+        step: &'s Step<'a, T>,
+        rank: usize,
+        inbox: Receiver<Transfer<T>>,
+        prev: Option<Sender<Transfer<T>>>,
+        next: Option<Sender<Transfer<T>>>,
+    ) -> Self {
+        Self {
+            step,
+            rank,
+            inbox,
+            prev,
+            next,
+            early: HashMap::new(),
+            saved: HashMap::new(),
+            deferred: HashMap::new(),
+            grads: step.model.params().zero_grads(),
+            touched: HashSet::new(),
+            stats: Vec::new(),
+            spans: Vec::new(),
+            bytes_sent: 0,
+        }
+    }
+
+    /// Runs the rank's operations; on failure, tells the other ranks to stop.
+    pub(crate) fn run(mut self) -> Result<RankResult<T>> {
+        let ops = self.step.schedule.ranks[self.rank].clone();
+        for op in ops {
+            if let Err(e) = self.run_op(op) {
+                self.step.abort.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        if let Some(((p, dir, mb), _)) = self.early.iter().next() {
+            return Err(self.fail(format!(
+                "a {} for micro-batch {dir}.{mb} arrived that no operation used",
+                name(*p)
+            )));
+        }
+        let mut touched: Vec<ParamId> = self.touched.into_iter().collect();
+        touched.sort_by_key(|p| p.index());
+        Ok(RankResult {
+            grads: self.grads,
+            touched,
+            stats: self.stats,
+            spans: self.spans,
+            bytes_sent: self.bytes_sent,
+        })
+    }
+
+    /// A failure because a peer stopped: marked as a consequence when the step was aborted
+    /// (the peer failed first and its own error is the one to report).
+    fn peer_gone(&self, reason: String) -> WorkerError {
+        if self.step.abort.load(Ordering::SeqCst) {
+            self.fail(format!("{ABORTED} ({reason})"))
+        } else {
+            self.fail(reason)
+        }
+    }
+
+    fn fail(&self, reason: String) -> WorkerError {
+        WorkerError::Pipeline {
+            rank: self.rank,
+            reason,
+        }
+    }
+
+    fn run_op(&mut self, op: Op) -> Result<()> {
+        // Inputs first, so the span covers compute only.
+        let inputs: Vec<(Chunk, Option<Tensor<T>>)> = op
+            .chunks()
+            .map(|c| Ok((c, self.input(c, &op)?)))
+            .collect::<Result<_>>()?;
+        let start = self.step.start.elapsed().as_secs_f64();
+        let _span = tracing::debug_span!("op", op = %op, rank = self.rank).entered();
+        for (c, input) in inputs {
+            match c.pass {
+                Pass::F => self.forward(c, input)?,
+                Pass::B => self.backward(c, input)?,
+                Pass::W => self.weights(c)?,
+            }
+        }
+        let end = self.step.start.elapsed().as_secs_f64();
+        self.spans.push(OpSpan { op, start, end });
+        Ok(())
+    }
+
+    /// The stage this rank runs for direction `dir`, and its position along that direction.
+    fn stage(&self, dir: u8) -> usize {
+        self.step.schedule.position(self.rank, dir)
+    }
+
+    /// The message chunk `c` needs before it can run, if any.
+    fn input(&mut self, c: Chunk, op: &Op) -> Result<Option<Tensor<T>>> {
+        let pp = self.step.schedule.pp;
+        let pos = self.stage(c.dir);
+        let (payload, from) = match c.pass {
+            Pass::F if pos > 0 => (Payload::Activation, self.neighbour(c.dir, pos - 1)),
+            Pass::B if pos + 1 < pp => (Payload::Gradient, self.neighbour(c.dir, pos + 1)),
+            _ => return Ok(None),
+        };
+        self.wait(payload, c, from, op).map(Some)
+    }
+
+    /// The rank at `pos` along direction `dir`.
+    fn neighbour(&self, dir: u8, pos: usize) -> usize {
+        if dir == 0 {
+            pos
+        } else {
+            self.step.schedule.pp - 1 - pos
+        }
+    }
+
+    fn wait(&mut self, payload: Payload, c: Chunk, from: usize, op: &Op) -> Result<Tensor<T>> {
+        let _span = tracing::debug_span!(
+            "recv",
+            from,
+            payload = name(payload),
+            dir = c.dir,
+            mb = c.mb
+        )
+        .entered();
+        let key = (payload, c.dir, c.mb);
+        if let Some(t) = self.early.remove(&key) {
+            return Ok(t);
+        }
+        let deadline = Instant::now() + self.step.timeout;
+        loop {
+            if self.step.abort.load(Ordering::SeqCst) {
+                return Err(self.fail(format!("{ABORTED} while {op} waited for rank {from}")));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.fail(format!(
+                    "{op} waited {:?} for the {} of micro-batch {}.{} from rank {from}",
+                    self.step.timeout,
+                    name(payload),
+                    c.dir,
+                    c.mb
+                )));
+            }
+            match self.inbox.recv_timeout(left.min(POLL)) {
+                Ok(t) => {
+                    let got = (t.payload, t.dir, t.mb);
+                    if !self.expects(&t) {
+                        return Err(self.fail(format!(
+                            "rank {} sent a {} for micro-batch {}.{} that this rank never takes from it",
+                            t.from,
+                            name(t.payload),
+                            t.dir,
+                            t.mb
+                        )));
+                    }
+                    if got == key {
+                        return Ok(t.tensor);
+                    }
+                    if self.early.insert(got, t.tensor).is_some() {
+                        return Err(self.fail(format!(
+                            "rank {} sent the {} of micro-batch {}.{} twice",
+                            t.from,
+                            name(t.payload),
+                            t.dir,
+                            t.mb
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.peer_gone(format!(
+                        "{op} waited for the {} of micro-batch {}.{} from rank {from}, which stopped",
+                        name(payload),
+                        c.dir,
+                        c.mb
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Whether a message is one this rank takes from its sender: activations from the previous
+    /// position of their direction, gradients from the next, for a micro-batch of the step.
+    fn expects(&self, t: &Transfer<T>) -> bool {
+        let s = self.step.schedule;
+        if t.dir >= s.directions() || t.mb >= s.per_direction() {
+            return false;
+        }
+        let pos = self.stage(t.dir);
+        match t.payload {
+            Payload::Activation => pos > 0 && t.from == self.neighbour(t.dir, pos - 1),
+            Payload::Gradient => pos + 1 < s.pp && t.from == self.neighbour(t.dir, pos + 1),
+        }
+    }
+
+    fn send(&mut self, payload: Payload, c: Chunk, to: usize, tensor: Tensor<T>) -> Result<()> {
+        let bytes = (tensor.numel() * std::mem::size_of::<T>()) as u64;
+        let link = if to + 1 == self.rank {
+            self.prev.as_ref()
+        } else if to == self.rank + 1 {
+            self.next.as_ref()
+        } else {
+            None
+        };
+        let Some(link) = link else {
+            return Err(self.fail(format!("rank {to} is not a neighbour")));
+        };
+        let _span = tracing::debug_span!(
+            "send",
+            to,
+            payload = name(payload),
+            dir = c.dir,
+            mb = c.mb,
+            bytes
+        )
+        .entered();
+        let t = Transfer {
+            payload,
+            dir: c.dir,
+            mb: c.mb,
+            from: self.rank,
+            tensor,
+        };
+        if link.send(t).is_err() {
+            return Err(self.peer_gone(format!(
+                "rank {to} stopped before the {} of micro-batch {}.{} reached it",
+                name(payload),
+                c.dir,
+                c.mb
+            )));
+        }
+        self.bytes_sent += bytes;
+        Ok(())
+    }
+
+    /// The global index of micro-batch `mb` of direction `dir`, and its objective.
+    fn micro(&self, c: Chunk) -> (usize, Objective) {
+        let g = usize::from(c.dir) * self.step.schedule.per_direction() + c.mb;
+        let share = self.step.micro[g].1;
+        let obj = Objective {
+            loss_scale: self.step.obj.loss_scale * share,
+            ..self.step.obj
+        };
+        (g, obj)
+    }
+
+    fn forward(&mut self, c: Chunk, input: Option<Tensor<T>>) -> Result<()> {
+        let stage = self.stage(c.dir);
+        let (g, obj) = self.micro(c);
+        let part = &self.step.stages[stage];
+        let b = &self.step.micro[g].0;
+        let _span = tracing::debug_span!("forward", stage, dir = c.dir, mb = c.mb).entered();
+        let (out, saved, stats) = self.step.model.stage_forward(part, b, input, &obj)?;
+        self.saved.insert((c.dir, c.mb), saved);
+        self.stats.push((g, stage, stats));
+        if let Some(out) = out {
+            let to = self.neighbour(c.dir, stage + 1);
+            self.send(Payload::Activation, c, to, out)?;
+        }
+        Ok(())
+    }
+
+    fn backward(&mut self, c: Chunk, dout: Option<Tensor<T>>) -> Result<()> {
+        let stage = self.stage(c.dir);
+        let (g, obj) = self.micro(c);
+        let saved = self
+            .saved
+            .remove(&(c.dir, c.mb))
+            .ok_or_else(|| self.fail(format!("B{}.{} runs before its forward", c.dir, c.mb)))?;
+        let part = &self.step.stages[stage];
+        let b = &self.step.micro[g].0;
+        let _span = tracing::debug_span!("backward", stage, dir = c.dir, mb = c.mb).entered();
+        let mut w = Vec::new();
+        let din = self
+            .step
+            .model
+            .stage_backward(part, b, saved, dout, &obj, &mut w)?;
+        self.deferred.insert((c.dir, c.mb), w);
+        if let Some(din) = din {
+            let to = self.neighbour(c.dir, stage - 1);
+            self.send(Payload::Gradient, c, to, din)?;
+        }
+        Ok(())
+    }
+
+    fn weights(&mut self, c: Chunk) -> Result<()> {
+        let tasks = self
+            .deferred
+            .remove(&(c.dir, c.mb))
+            .ok_or_else(|| self.fail(format!("W{}.{} runs before its backward", c.dir, c.mb)))?;
+        let _span = tracing::debug_span!("wgrad", dir = c.dir, mb = c.mb).entered();
+        self.touched.extend(tasks.iter().map(WTask::param));
+        wgrad::run_all(tasks, &mut self.grads)
+    }
+}
+
+fn name(p: Payload) -> &'static str {
+    match p {
+        Payload::Activation => "activation",
+        Payload::Gradient => "gradient",
+    }
+}

@@ -1,0 +1,303 @@
+//! Pipeline-parallel steps on threads against one pass over the same micro-batches: losses,
+//! expert loads and gradients, for 1F1B, ZB1P and DualPipe; and failures that name the rank,
+//! the operation and the peer instead of hanging.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::time::Duration;
+
+use shoal_kernels::ops::linear::Precision;
+use shoal_spec::ModelConfig;
+use shoal_spec::plan::Schedule;
+use shoal_spec::schedule::build;
+use shoal_worker::WorkerError;
+use shoal_worker::model::{Model, Objective, StagePart, TokenBatch};
+use shoal_worker::pipeline::run_step;
+
+/// The tiny preset cut to a size that runs in milliseconds, 4 layers (1 dense), MTP on.
+fn config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 64,
+        hidden_size: 32,
+        intermediate_size: 48,
+        moe_intermediate_size: 16,
+        max_position_embeddings: 64,
+        ..ModelConfig::tiny()
+    }
+}
+
+fn objective() -> Objective {
+    Objective {
+        mtp_lambda: 0.3,
+        balance_alpha: 0.01,
+        loss_scale: 1.0,
+    }
+}
+
+/// `batch` sequences of `seq` tokens, deterministic.
+fn tokens(batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
+    let all: Vec<u32> = (0..batch * (seq + 1))
+        .map(|i| ((i * 37 + i / 7) % 64) as u32)
+        .collect();
+    let mut inputs = Vec::new();
+    let mut targets = Vec::new();
+    for s in 0..batch {
+        let row = &all[s * (seq + 1)..(s + 1) * (seq + 1)];
+        inputs.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    (inputs, targets)
+}
+
+/// Largest relative difference over all gradients, and how many parameters differ at all.
+fn compare(
+    model: &Model<f32>,
+    a: &shoal_worker::model::params::Grads<f32>,
+    b: &shoal_worker::model::params::Grads<f32>,
+) -> (f64, Vec<String>) {
+    let mut worst = 0.0f64;
+    let mut differ = Vec::new();
+    for (id, name, _) in model.params().iter() {
+        let (x, y) = (a.get(id).data(), b.get(id).data());
+        let scale = x
+            .iter()
+            .map(|v| f64::from(v.abs()))
+            .fold(0.0, f64::max)
+            .max(1e-30);
+        let mut diff = 0.0f64;
+        for (u, v) in x.iter().zip(y) {
+            diff = diff.max((f64::from(*u) - f64::from(*v)).abs());
+        }
+        if diff > 0.0 {
+            differ.push(name.to_string());
+        }
+        worst = worst.max(diff / scale);
+    }
+    (worst, differ)
+}
+
+fn check(precision: Precision, schedule: Schedule, layers: &[usize], micro: usize, tol: f64) {
+    let cfg = config();
+    let model = Model::<f32>::new(&cfg, precision, 11).unwrap();
+    let (inputs, targets) = tokens(2 * micro, 12);
+    let b = TokenBatch {
+        batch: 2 * micro,
+        seq: 12,
+        inputs: &inputs,
+        targets: &targets,
+    };
+    let obj = objective();
+    let mut want = model.params().zero_grads();
+    let single = model
+        .forward_backward_micro(&b, &obj, micro, &mut want)
+        .unwrap();
+
+    let pp = layers.len();
+    let stages = StagePart::split(cfg.num_hidden_layers, layers).unwrap();
+    let s = build(schedule, pp, micro).unwrap();
+    let mut got = model.params().zero_grads();
+    let report = run_step(
+        &model,
+        &stages,
+        &s,
+        &b,
+        &obj,
+        &mut got,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let what = format!("{schedule} pp {pp} micro {micro} {precision:?}");
+
+    // Losses and loads: the same arithmetic on each micro-batch, summed in the same order.
+    assert_eq!(report.out, single, "{what}");
+    // Gradients: 1F1B and ZB1P bit for bit except the embedding, which two stages use when
+    // pp > 1; DualPipe sums its two directions' weight gradients interleaved, so within `tol`.
+    let (worst, differ) = compare(&model, &want, &got);
+    eprintln!(
+        "{what}: worst relative gradient difference {worst:e}, {} parameters differ",
+        differ.len()
+    );
+    assert!(
+        worst <= tol,
+        "{what}: worst relative gradient difference {worst:e}"
+    );
+    if schedule != Schedule::DualPipe {
+        for name in &differ {
+            assert!(
+                name == "model.embed_tokens.weight",
+                "{what}: {name} differs (worst {worst:e}), only the embedding may"
+            );
+        }
+    }
+    if pp == 1 {
+        assert!(differ.is_empty(), "{what}: {differ:?}");
+    }
+
+    // Every rank ran every operation of its list, in order, and sent what its neighbours needed.
+    for (r, spans) in report.timeline.iter().enumerate() {
+        let ops: Vec<_> = spans.iter().map(|s| s.op).collect();
+        assert_eq!(ops, s.ranks[r], "{what} rank {r}");
+        assert!(
+            spans.windows(2).all(|w| w[0].end <= w[1].start),
+            "{what} rank {r}"
+        );
+    }
+    if pp > 1 {
+        // Each micro-batch's activation and gradient crosses each stage boundary once:
+        // [rows, hidden] in T.
+        let rows = 2 * 12;
+        let per = (rows * cfg.hidden_size * std::mem::size_of::<f32>()) as u64;
+        let total: u64 = report.bytes_sent.iter().sum();
+        assert_eq!(total, 2 * (pp as u64 - 1) * micro as u64 * per, "{what}");
+    }
+    assert!(report.bubble().iter().all(|b| *b >= 0.0));
+}
+
+#[test]
+fn one_stage_is_bit_identical_to_one_pass() {
+    check(Precision::Fp32, Schedule::OneFOneB, &[4], 3, 0.0);
+}
+
+#[test]
+fn one_f_one_b_and_zb1p_match_one_pass_in_fp32() {
+    for schedule in [Schedule::OneFOneB, Schedule::Zb1p] {
+        check(Precision::Fp32, schedule, &[2, 2], 4, 1e-5);
+        check(Precision::Fp32, schedule, &[1, 1, 1, 1], 5, 1e-5);
+    }
+}
+
+#[test]
+fn dualpipe_matches_one_pass_in_fp32() {
+    check(Precision::Fp32, Schedule::DualPipe, &[2, 2], 4, 1e-5);
+    check(Precision::Fp32, Schedule::DualPipe, &[1, 1, 1, 1], 8, 1e-5);
+    check(Precision::Fp32, Schedule::DualPipe, &[1, 1, 1, 1], 12, 1e-5);
+}
+
+#[test]
+fn fp8_pipelines_match_one_pass() {
+    check(Precision::Fp8, Schedule::DualPipe, &[2, 2], 4, 1e-5);
+    check(Precision::Fp8, Schedule::Zb1p, &[1, 3], 3, 1e-5);
+}
+
+fn setup(micro: usize) -> (Model<f32>, Vec<u32>, Vec<u32>) {
+    let model = Model::<f32>::new(&config(), Precision::Fp32, 5).unwrap();
+    let (i, t) = tokens(micro, 8);
+    (model, i, t)
+}
+
+/// The batch `setup` made: its sequences of 8 tokens.
+fn batch<'a>(inputs: &'a [u32], targets: &'a [u32]) -> TokenBatch<'a> {
+    TokenBatch {
+        batch: inputs.len() / 8,
+        seq: 8,
+        inputs,
+        targets,
+    }
+}
+
+#[test]
+fn an_order_that_deadlocks_times_out_naming_the_operation_and_peer() {
+    let (model, inputs, targets) = setup(2);
+    let b = batch(&inputs, &targets);
+    let stages = StagePart::split(4, &[2, 2]).unwrap();
+    let mut s = build(Schedule::OneFOneB, 2, 2).unwrap();
+    // Rank 0 starts with B0.0: it waits for rank 1's gradient, rank 1 for rank 0's activation.
+    s.ranks[0].swap(0, 2);
+    let mut g = model.params().zero_grads();
+    let t = std::time::Instant::now();
+    let e = run_step(
+        &model,
+        &stages,
+        &s,
+        &b,
+        &objective(),
+        &mut g,
+        Duration::from_millis(300),
+    )
+    .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let text = e.to_string();
+    assert!(matches!(e, WorkerError::Pipeline { .. }), "{text}");
+    assert!(
+        text.contains("waited") && text.contains("from rank"),
+        "{text}"
+    );
+    assert!(text.contains("B0.0") || text.contains("F0.0"), "{text}");
+}
+
+#[test]
+fn a_failing_rank_stops_the_others_and_its_error_is_returned() {
+    let (model, inputs, targets) = setup(2);
+    let b = batch(&inputs, &targets);
+    // Stage 1 claims the head but covers layers 2..3 of 4: rank 1 refuses it at its first
+    // forward; rank 0 would otherwise wait for its gradients.
+    let stages = vec![
+        StagePart {
+            blocks: 0..2,
+            embed: true,
+            head: false,
+        },
+        StagePart {
+            blocks: 2..3,
+            embed: false,
+            head: true,
+        },
+    ];
+    let s = build(Schedule::OneFOneB, 2, 2).unwrap();
+    let mut g = model.params().zero_grads();
+    let e = run_step(
+        &model,
+        &stages,
+        &s,
+        &b,
+        &objective(),
+        &mut g,
+        Duration::from_secs(60),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("stage") && text.contains("2..3"), "{text}");
+    assert!(!text.contains("another rank failed"), "{text}");
+}
+
+#[test]
+fn bad_shapes_are_refused_naming_the_field() {
+    let (model, inputs, targets) = setup(2);
+    let b = batch(&inputs, &targets);
+    let mut g = model.params().zero_grads();
+    let stages = StagePart::split(4, &[2, 2]).unwrap();
+    // More micro-batches than sequences.
+    let s = build(Schedule::OneFOneB, 2, 3).unwrap();
+    let e = run_step(
+        &model,
+        &stages,
+        &s,
+        &b,
+        &objective(),
+        &mut g,
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("micro_batches"), "{e}");
+    // Stages that do not match the ranks.
+    let s = build(Schedule::OneFOneB, 2, 2).unwrap();
+    let one = StagePart::split(4, &[4]).unwrap();
+    let e = run_step(
+        &model,
+        &one,
+        &s,
+        &b,
+        &objective(),
+        &mut g,
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("stages"), "{e}");
+    // Layer counts that do not add up.
+    assert!(
+        StagePart::split(4, &[2, 1])
+            .unwrap_err()
+            .to_string()
+            .contains("stages")
+    );
+}
