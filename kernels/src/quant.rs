@@ -396,6 +396,61 @@ impl Fp8Matrix {
         self.scales[r * kb + col / QUANT_BLOCK]
     }
 
+    /// A matrix from its parts (codes row-major, scales as [`Fp8Matrix::scale_shape`] says), as
+    /// read back from the wire. Refuses parts whose lengths do not fit the shape, and scales that
+    /// are not finite and positive.
+    pub fn from_parts(
+        rows: usize,
+        cols: usize,
+        format: Fp8Format,
+        granularity: Granularity,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    ) -> Result<Self> {
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| KernelError::InvalidArgument {
+                name: "fp8.shape",
+                reason: format!("{rows} x {cols} elements overflow"),
+            })?;
+        if codes.len() != n {
+            return Err(KernelError::ShapeMismatch {
+                operand: "fp8.codes",
+                expected: format!("{n} codes for {rows} x {cols}"),
+                got: codes.len().to_string(),
+            });
+        }
+        let want = match granularity {
+            Granularity::Tile1x128 => rows * blocks(cols),
+            Granularity::Block128x128 => blocks(rows) * blocks(cols),
+        };
+        if scales.len() != want {
+            return Err(KernelError::ShapeMismatch {
+                operand: "fp8.scales",
+                expected: format!("{want} scales for {rows} x {cols} ({granularity:?})"),
+                got: scales.len().to_string(),
+            });
+        }
+        if let Some((index, value)) = scales
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+        {
+            return Err(KernelError::InvalidArgument {
+                name: "fp8.scales",
+                reason: format!("scale {index} is {value}: scales must be finite and positive"),
+            });
+        }
+        Ok(Self {
+            rows,
+            cols,
+            format,
+            granularity,
+            codes,
+            scales,
+        })
+    }
+
     /// Payload bytes: one byte per element plus four per scale.
     pub fn wire_bytes(&self) -> usize {
         self.codes.len() + 4 * self.scales.len()

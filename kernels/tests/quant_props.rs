@@ -86,6 +86,30 @@ proptest! {
     }
 
     #[test]
+    fn a_matrix_rebuilt_from_its_parts_is_the_same((rows, cols, x) in matrix(), cfg in config()) {
+        for q in [
+            Fp8Matrix::quantize_tiles(&x, rows, cols, cfg).unwrap(),
+            Fp8Matrix::quantize_blocks(&x, rows, cols, cfg).unwrap(),
+        ] {
+            let back = Fp8Matrix::from_parts(
+                rows, cols, q.format(), q.granularity(), q.codes().to_vec(), q.scales().to_vec(),
+            ).unwrap();
+            prop_assert_eq!(&back, &q);
+            // One code or scale too few is refused.
+            let mut codes = q.codes().to_vec();
+            codes.pop();
+            prop_assert!(Fp8Matrix::from_parts(
+                rows, cols, q.format(), q.granularity(), codes, q.scales().to_vec(),
+            ).is_err());
+            let mut scales = q.scales().to_vec();
+            scales.pop();
+            prop_assert!(Fp8Matrix::from_parts(
+                rows, cols, q.format(), q.granularity(), q.codes().to_vec(), scales,
+            ).is_err());
+        }
+    }
+
+    #[test]
     fn blocks_round_trip_within_half_an_ulp((rows, cols, x) in matrix(), cfg in config()) {
         // Stretch the rows so that some matrices span more than one 128-row block.
         let reps = 1 + 200 / rows;

@@ -39,6 +39,15 @@ pub enum WorkerError {
         /// What is wrong, naming the tensor where there is one.
         reason: String,
     },
+    /// Bytes from a peer that do not form a frame (truncated, wrong magic or kind, lengths that do
+    /// not match, values out of range).
+    #[error("malformed {kind} frame: {reason}")]
+    Frame {
+        /// The frame kind expected (`dispatch`, `combine`).
+        kind: &'static str,
+        /// What is wrong, with the offsets or lengths.
+        reason: String,
+    },
     /// A pipeline rank failed, or waited too long for a peer.
     #[error("pipeline rank {rank}: {reason}")]
     Pipeline {

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod checkpoint;
+pub mod comm;
 pub mod data;
 pub mod error;
 pub mod job;

@@ -1,0 +1,3 @@
+//! Communication between ranks: what travels and how it is framed.
+
+pub mod wire;
