@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
-use shoal_spec::plan::{Schedule, split_layers};
+use shoal_spec::plan::{Schedule, balanced_layers};
 use shoal_spec::schedule::{Costs, Op, Pass, build};
 use shoal_worker::model::{Model, Objective, StagePart, TokenBatch};
 use shoal_worker::pipeline::{DEFAULT_TIMEOUT, StepReport, run_step};
@@ -153,7 +153,7 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
     for &pp in &args.pp {
         let stages = StagePart::split(
             cfg.num_hidden_layers,
-            &split_layers(cfg.num_hidden_layers, pp),
+            &balanced_layers(&cfg, pp, args.seq_len),
         )
         .with_context(|| format!("--pp {pp}"))?;
         let mut one_f_one_b = None;

@@ -12,7 +12,7 @@ use shoal_kernels::ops::adamw::{
 };
 use shoal_kernels::ops::linear::Precision;
 
-use shoal_spec::plan::{Schedule, split_layers};
+use shoal_spec::plan::{Schedule, balanced_layers};
 use shoal_spec::schedule::{StepSchedule, build};
 
 use crate::data::{Batcher, DataPosition};
@@ -257,7 +257,8 @@ impl Trainer {
                         ),
                     ));
                 }
-                let stages = StagePart::split(layers, &split_layers(layers, p.pp))?;
+                let split = balanced_layers(model.config(), p.pp, batcher.seq_len());
+                let stages = StagePart::split(layers, &split)?;
                 let schedule = build(p.schedule.parse()?, p.pp, opts.micro_batches)?;
                 Some((stages, schedule))
             }
