@@ -102,3 +102,52 @@ fn quick_control_bench_reports_positive_rates() {
         positive(&level["heartbeats"], "heartbeats");
     }
 }
+
+#[test]
+fn quick_pipeline_bench_reports_every_schedule() {
+    let out = run_shoal(&[
+        "bench",
+        "pipeline",
+        "--steps",
+        "1",
+        "--batch",
+        "4",
+        "--seq-len",
+        "16",
+        "--micro-batches",
+        "4",
+        "--pp",
+        "2",
+        "--precision",
+        "fp32",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a JSON line")).expect("one JSON object");
+    let rows = report["rows"].as_array().expect("rows");
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["schedule"].as_str()).collect();
+    assert_eq!(names, ["1f1b", "zb1p", "dualpipe"], "{report}");
+    for r in rows {
+        for key in [
+            "step_s",
+            "tokens_per_s",
+            "f_ms",
+            "b_ms",
+            "w_ms",
+            "table2_ms",
+        ] {
+            let v = r[key].as_f64().unwrap_or(-1.0);
+            assert!(v.is_finite() && v >= 0.0, "{key} = {v} in {r}");
+        }
+        // 4 micro-batches of 1 x 16 tokens, 256 wide, fp32: activation and gradient once each
+        // across the one boundary.
+        assert_eq!(r["bytes_per_step"], 4 * 2 * 16 * 256 * 4, "{r}");
+    }
+    assert!(rows[2]["fb_ms"].as_f64().is_some(), "dualpipe overlaps");
+    // A bad flag is refused by name.
+    let out = run_shoal(&["bench", "pipeline", "--micro-batches", "99", "--batch", "4"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--micro-batches"), "{}", stderr(&out));
+}
