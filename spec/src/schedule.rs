@@ -11,9 +11,10 @@
 //! The schedules:
 //! - `1f1b`: `pp - 1 - r` warm-up forwards on rank `r`, then one forward and one backward in
 //!   turn, then the remaining backwards.
-//! - `zb1p`: the same order with every `W` deferred (ZB-H1 of Qi et al., "Zero Bubble Pipeline
-//!   Parallelism"): rank `r` keeps up to `pp - 1 - r` weight gradients pending in the steady
-//!   phase, so the last rank runs `F B W` and earlier ranks fill their cool-down bubbles with `W`.
+//! - `zb1p`: 1F1B's order of forwards and backwards with every `W` deferred (ZB-H1 of Qi et al.,
+//!   "Zero Bubble Pipeline Parallelism"): a rank runs its oldest pending `W` whenever its next
+//!   forward or backward would wait, or when another forward would hold more than `pp`
+//!   micro-batches of activations; the rest run at the end.
 //! - `dualpipe`: the eight steps of DeepSeek's DualPipe (see `../shared/reference`), with `H = pp/2`,
 //!   `h = min(r, pp - 1 - r)` and `C` micro-batches per direction: `F0 x 2(H-h-1)`;
 //!   `(F0, F1) x (h+1)`; `(B1 deferring W, W, F1) x (H-h-1)`; `(F0&B1, F1&B0) x (C-pp+h+1)` (the
@@ -120,6 +121,21 @@ pub struct StepSchedule {
 }
 
 impl StepSchedule {
+    /// Checks that there is one operation list per rank (the fields are public).
+    pub fn check(&self) -> Result<(), SpecError> {
+        if self.pp == 0 || self.ranks.len() != self.pp {
+            return Err(SpecError::invalid(
+                "parallelism.schedule",
+                format!(
+                    "{} operation lists for {} pipeline ranks",
+                    self.ranks.len(),
+                    self.pp
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Directions the schedule feeds micro-batches from.
     pub fn directions(&self) -> u8 {
         match self.name {
@@ -139,7 +155,7 @@ impl StepSchedule {
     }
 
     /// The rank at `pos` along direction `dir`'s pipeline.
-    fn rank_at(&self, dir: u8, pos: usize) -> usize {
+    pub fn rank_at(&self, dir: u8, pos: usize) -> usize {
         if dir == 0 { pos } else { self.pp - 1 - pos }
     }
 }
@@ -505,6 +521,7 @@ pub struct Timeline {
 /// taking no time. Fails, naming the rank and operation, when the schedule cannot run to its end
 /// (an operation waits for one that never runs, or for one ordered after it).
 pub fn simulate(s: &StepSchedule, costs: &Costs) -> Result<Timeline, SpecError> {
+    s.check()?;
     let pp = s.pp;
     let mut done: HashMap<(usize, Chunk), f64> = HashMap::new();
     let mut next = vec![0usize; pp];
@@ -576,9 +593,10 @@ pub fn simulate(s: &StepSchedule, costs: &Costs) -> Result<Timeline, SpecError> 
             break;
         }
         if !progressed {
-            let (r, op) = (0..pp)
-                .find_map(|r| s.ranks[r].get(next[r]).map(|op| (r, op)))
-                .unwrap_or((0, &s.ranks[0][0]));
+            let Some((r, op)) = (0..pp).find_map(|r| s.ranks[r].get(next[r]).map(|op| (r, op)))
+            else {
+                break;
+            };
             return Err(SpecError::invalid(
                 "parallelism.schedule",
                 format!(

@@ -270,6 +270,10 @@ fn an_order_that_cannot_run_is_refused_naming_rank_and_operation() {
     s.ranks[0].swap(0, 2);
     let e = simulate(&s, &Costs::UNIT).unwrap_err().to_string();
     assert!(e.contains("cannot run") && e.contains("rank"), "{e}");
+    // Fewer operation lists than ranks.
+    s.ranks.pop();
+    let e = simulate(&s, &Costs::UNIT).unwrap_err().to_string();
+    assert!(e.contains("operation lists"), "{e}");
 }
 
 #[test]

@@ -6,3 +6,9 @@ mod numpy;
 pub mod pipeline;
 mod profile;
 pub mod train;
+
+/// The middle value (the upper one of an even count; NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

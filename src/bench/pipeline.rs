@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_spec::plan::{Schedule, balanced_layers};
 use shoal_spec::schedule::{Costs, Op, Pass, build};
@@ -76,19 +75,6 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn precision(name: &str) -> Precision {
-    match name {
-        "fp32" => Precision::Fp32,
-        "bf16" => Precision::Bf16,
-        _ => Precision::Fp8,
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Mean duration in ms of the operations `keep` selects over the reports' timelines.
 fn mean_ms(reports: &[StepReport], keep: impl Fn(&Op) -> bool) -> Option<f64> {
     let d: Vec<f64> = reports
@@ -117,7 +103,8 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
         );
     }
     let cfg = ModelConfig::tiny();
-    let model = Model::<f32>::new(&cfg, precision(&args.precision), 0)?;
+    let precision = shoal_worker::train::state::parse_precision(&args.precision)?;
+    let model = Model::<f32>::new(&cfg, precision, 0)?;
     let obj = Objective::default();
     // A deterministic batch of token ids.
     let n = args.batch * args.seq_len;
@@ -147,7 +134,7 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
             single.push(t.elapsed().as_secs_f64());
         }
     }
-    let single_s = median(single);
+    let single_s = super::median(single);
 
     let mut rows: Vec<Row> = Vec::new();
     for &pp in &args.pp {
@@ -182,7 +169,7 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
                     reports.push(r);
                 }
             }
-            let step_s = median(reports.iter().map(|r| r.seconds).collect());
+            let step_s = super::median(reports.iter().map(|r| r.seconds).collect());
             let f = mean_ms(&reports, |o| is_one(o, Pass::F)).unwrap_or(0.0);
             let bw = mean_ms(&reports, |o| is_one(o, Pass::B)).unwrap_or(0.0);
             let w = mean_ms(&reports, |o| is_one(o, Pass::W)).unwrap_or(0.0);

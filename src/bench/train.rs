@@ -143,11 +143,6 @@ fn trainer_for(
     Ok(Trainer::new(model, batcher, opts)?)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result<f64> {
     let mut cfg = ModelConfig::tiny();
     if !mtp {
@@ -178,7 +173,7 @@ fn shoal_speed(precision: Precision, args: &TrainBenchArgs, mtp: bool) -> Result
         let title = format!("{name}, {}", if mtp { "with MTP" } else { "without MTP" });
         super::profile::print(&title, &times, args.speed_steps);
     }
-    Ok(median(rates))
+    Ok(super::median(rates))
 }
 
 /// Mean of a metric over the last quarter of a run.
@@ -294,7 +289,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             rounds.push((ours, peer));
         }
         let with_mtp = shoal_speed(precision, args, true)?;
-        let ours = median(rounds.iter().map(|r| r.0).collect());
+        let ours = super::median(rounds.iter().map(|r| r.0).collect());
         let peers: Vec<f64> = rounds.iter().filter_map(|r| r.1).collect();
         let ratios: Vec<f64> = rounds
             .iter()
@@ -304,8 +299,8 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
             precision: name,
             shoal_tokens_per_s: ours,
             shoal_with_mtp_tokens_per_s: with_mtp,
-            torch_tokens_per_s: (!peers.is_empty()).then(|| median(peers)),
-            ratio: (!ratios.is_empty()).then(|| median(ratios)),
+            torch_tokens_per_s: (!peers.is_empty()).then(|| super::median(peers)),
+            ratio: (!ratios.is_empty()).then(|| super::median(ratios)),
             rounds,
         });
     }

@@ -225,6 +225,17 @@ fn the_schedule_is_data_in_json_and_drawn_as_a_timeline() {
         "{row}"
     );
 
+    // A plan too large for operation lists is still planned, without them.
+    let out = run_shoal(&["plan", "--micro-batches", "40000", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let big: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(big["schedule"].is_null() && big["world"] == 2048, "{big}");
+    assert!(
+        stderr(&out).contains("no operation lists"),
+        "{}",
+        stderr(&out)
+    );
+
     // DualPipe needs an even pp: the error names the field.
     let out = run_shoal(&[
         "plan",

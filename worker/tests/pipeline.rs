@@ -295,6 +295,12 @@ fn bad_shapes_are_refused_naming_the_field() {
     assert!(e.to_string().contains("stages"), "{e}");
     // Layer counts that do not add up.
     assert!(
+        StagePart::split(4, &[4, 0])
+            .unwrap_err()
+            .to_string()
+            .contains("at least one layer")
+    );
+    assert!(
         StagePart::split(4, &[2, 1])
             .unwrap_err()
             .to_string()

@@ -74,7 +74,7 @@ fn fp8_dispatch_carries_about_half_of_bf16() {
             (ratio - (1.0 + 4.0 / 128.0) / 2.0).abs() < 1e-12,
             "{cols}: {ratio}"
         );
-        let combine = CombineFrame::from_f32(&hidden(64, cols));
+        let combine = CombineFrame::from_f32(&hidden(64, cols)).unwrap();
         assert_eq!(combine.encode().len(), 20 + 64 * cols * 2);
     }
 }
@@ -82,7 +82,7 @@ fn fp8_dispatch_carries_about_half_of_bf16() {
 #[test]
 fn combine_round_trips_as_bf16() {
     let x = hidden(4, 300);
-    let f = CombineFrame::from_f32(&x);
+    let f = CombineFrame::from_f32(&x).unwrap();
     let back = CombineFrame::decode(&f.encode()).unwrap();
     assert_eq!(back, f);
     let y = back.to_f32().unwrap();
@@ -109,7 +109,7 @@ fn every_truncation_and_padding_is_refused() {
     let mut padded = bytes.clone();
     padded.push(0);
     assert!(reason(DispatchFrame::decode(&padded, 16).unwrap_err()).contains("need"));
-    let c = CombineFrame::from_f32(&hidden(2, 10)).encode();
+    let c = CombineFrame::from_f32(&hidden(2, 10)).unwrap().encode();
     for len in 0..c.len() {
         assert!(CombineFrame::decode(&c[..len]).is_err(), "{len}");
     }
@@ -122,7 +122,7 @@ fn wrong_magic_kind_flags_experts_and_values_are_named() {
     b[0] = b'X';
     assert!(reason(DispatchFrame::decode(&b, 16).unwrap_err()).contains("magic"));
     // A combine frame where a dispatch frame was expected.
-    let c = CombineFrame::from_f32(&hidden(2, 128)).encode();
+    let c = CombineFrame::from_f32(&hidden(2, 128)).unwrap().encode();
     assert!(reason(DispatchFrame::decode(&c, 16).unwrap_err()).contains("kind"));
     let mut b = good.clone();
     b[5] = 0x80;
@@ -138,6 +138,15 @@ fn wrong_magic_kind_flags_experts_and_values_are_named() {
     let scales_at = 20 + 2 * 128;
     b[scales_at..scales_at + 4].copy_from_slice(&0f32.to_le_bytes());
     assert!(reason(DispatchFrame::decode(&b, 16).unwrap_err()).contains("scale"));
+    // Routes whose byte count overflows.
+    let mut b = good.clone();
+    b[8..12].copy_from_slice(&(1u32 << 31).to_le_bytes());
+    b[12..16].copy_from_slice(&0u32.to_le_bytes());
+    b[16..20].copy_from_slice(&(1u32 << 31).to_le_bytes());
+    assert!(DispatchFrame::decode(&b, 16).is_err());
+    // A tensor that is not 2-D.
+    let flat = Tensor::new(vec![8], vec![0.0; 8]).unwrap();
+    assert!(CombineFrame::from_f32(&flat).is_err());
     // Dimensions whose product overflows.
     let mut b = good;
     b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -66,8 +66,11 @@ impl DispatchFrame {
         weights: Vec<f32>,
         pow2_scales: bool,
     ) -> Result<Self> {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        if experts.len() != rows * topk || weights.len() != rows * topk {
+        let [rows, _] = dims2(x, "dispatch")?;
+        if u32::try_from(topk).is_err()
+            || experts.len() != rows * topk
+            || weights.len() != rows * topk
+        {
             return Err(WorkerError::invalid(
                 "dispatch",
                 format!(
@@ -129,7 +132,8 @@ impl DispatchFrame {
         let n = checked(rows, cols, K)?;
         let routes = checked(rows, topk, K)?;
         let n_scales = checked(rows, blocks(cols), K)?;
-        let want = [n, 4 * n_scales, 4 * routes, 4 * routes]
+        let (scale_bytes, route_bytes) = (checked(n_scales, 4, K)?, checked(routes, 4, K)?);
+        let want = [n, scale_bytes, route_bytes, route_bytes]
             .iter()
             .try_fold(HEADER, |a, b| a.checked_add(*b))
             .ok_or_else(|| bad(K, "the header's sizes overflow"))?;
@@ -187,14 +191,13 @@ impl DispatchFrame {
 
 impl CombineFrame {
     /// Rounds `x: [rows, cols]` to BF16.
-    pub fn from_f32(x: &Tensor<f32>) -> Self {
-        let rows = x.shape().first().copied().unwrap_or(0);
-        let cols = x.shape().last().copied().unwrap_or(0);
-        Self {
+    pub fn from_f32(x: &Tensor<f32>) -> Result<Self> {
+        let [rows, cols] = dims2(x, "combine")?;
+        Ok(Self {
             rows,
             cols,
             values: x.data().iter().map(|v| bf16::from_f32(*v)).collect(),
-        }
+        })
     }
 
     /// The values as FP32.
@@ -244,11 +247,24 @@ impl CombineFrame {
     }
 }
 
+/// The `[rows, cols]` of a 2-D tensor whose sizes fit the header's u32 fields.
+fn dims2(x: &Tensor<f32>, what: &str) -> Result<[usize; 2]> {
+    match x.shape() {
+        &[rows, cols] if u32::try_from(rows).is_ok() && u32::try_from(cols).is_ok() => {
+            Ok([rows, cols])
+        }
+        shape => Err(WorkerError::invalid(
+            what,
+            format!("expected [rows, cols] below 2^32 each, got {shape:?}"),
+        )),
+    }
+}
+
 fn header(out: &mut Vec<u8>, kind: u8, flags: u8, dims: [usize; 3]) {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&[kind, flags, 0, 0]);
     for d in dims {
-        // Frames are built from tensors far below 4G rows or columns.
+        // `dims2` and `quantize` kept every size below 2^32.
         out.extend_from_slice(&u32::try_from(d).unwrap_or(u32::MAX).to_le_bytes());
     }
 }

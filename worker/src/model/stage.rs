@@ -3,7 +3,7 @@
 //!
 //! The first stage embeds the tokens; the last one holds the final norm, the output head and the
 //! Multi-Token Prediction modules (which read the embedding table and the micro-batch's tokens).
-//! The whole model is one stage with both ends: [`Model::forward`] and
+//! The whole model is one stage with both ends: [`Model::evaluate`] and
 //! [`Model::forward_backward_input`] run exactly this code, so a pipelined step computes the
 //! same numbers.
 
@@ -49,6 +49,12 @@ impl StagePart {
     /// layer count).
     pub fn split(layers: usize, layers_per_stage: &[usize]) -> Result<Vec<Self>> {
         let total: usize = layers_per_stage.iter().sum();
+        if layers_per_stage.contains(&0) {
+            return Err(WorkerError::invalid(
+                "stages",
+                format!("{layers_per_stage:?}: every stage needs at least one layer"),
+            ));
+        }
         if layers_per_stage.is_empty() || total != layers {
             return Err(WorkerError::invalid(
                 "stages",

@@ -6,7 +6,8 @@
 //! [`shoal_spec::schedule::StepSchedule`]. Ranks exchange the residual stream (forward) and its
 //! gradient (backward) as messages on their neighbours' inboxes; a rank that needs one waits
 //! for it, with a timeout that names the operation, the micro-batch and the peer. When a rank
-//! fails, the others stop at their next wait and the step returns the first failure.
+//! fails (or panics), the others stop at their next wait, and the step returns the failure that
+//! caused it: the lowest rank's error that is not a stop because of another rank.
 //!
 //! Under DualPipe, rank `r` runs stage `r` for direction 0 and stage `pp - 1 - r` for
 //! direction 1; with one set of parameters in the process, both directions train the same model.
@@ -129,6 +130,7 @@ pub fn run_step<T: ModelFloat>(
     grads: &mut Grads<T>,
     timeout: Duration,
 ) -> Result<StepReport> {
+    schedule.check()?;
     let pp = schedule.pp;
     if stages.len() != pp {
         return Err(WorkerError::invalid(

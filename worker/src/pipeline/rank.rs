@@ -74,14 +74,22 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         }
     }
 
-    /// Runs the rank's operations; on failure, tells the other ranks to stop.
+    /// Runs the rank's operations; on failure (or a panic), tells the other ranks to stop.
     pub(crate) fn run(mut self) -> Result<RankResult<T>> {
-        let ops = self.step.schedule.ranks[self.rank].clone();
-        for op in ops {
-            if let Err(e) = self.run_op(op) {
-                self.step.abort.store(true, Ordering::SeqCst);
-                return Err(e);
+        /// Sets the abort flag unless disarmed: a panic unwinding through `run` stops the
+        /// other ranks too.
+        struct AbortOnDrop<'f>(&'f std::sync::atomic::AtomicBool, bool);
+        impl Drop for AbortOnDrop<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    self.0.store(true, Ordering::SeqCst);
+                }
             }
+        }
+        let step = self.step;
+        let mut guard = AbortOnDrop(&step.abort, true);
+        for op in &step.schedule.ranks[self.rank] {
+            self.run_op(*op)?;
         }
         if let Some(((p, dir, mb), _)) = self.early.iter().next() {
             return Err(self.fail(format!(
@@ -89,6 +97,14 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                 name(*p)
             )));
         }
+        // Every forward's backward and every backward's weight gradient ran.
+        if let Some((dir, mb)) = self.saved.keys().next() {
+            return Err(self.fail(format!("F{dir}.{mb} ran but its backward did not")));
+        }
+        if let Some((dir, mb)) = self.deferred.keys().next() {
+            return Err(self.fail(format!("B{dir}.{mb} ran but its weight gradient did not")));
+        }
+        guard.1 = false;
         let mut touched: Vec<ParamId> = self.touched.into_iter().collect();
         touched.sort_by_key(|p| p.index());
         Ok(RankResult {
@@ -156,11 +172,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
 
     /// The rank at `pos` along direction `dir`.
     fn neighbour(&self, dir: u8, pos: usize) -> usize {
-        if dir == 0 {
-            pos
-        } else {
-            self.step.schedule.pp - 1 - pos
-        }
+        self.step.schedule.rank_at(dir, pos)
     }
 
     fn wait(&mut self, payload: Payload, c: Chunk, from: usize, op: &Op) -> Result<Tensor<T>> {
