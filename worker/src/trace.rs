@@ -1,5 +1,5 @@
-//! Step timelines: a `tracing` layer that records every span closed while it is installed (its
-//! name, fields, thread and times) and writes them as a Chrome trace (the JSON "trace event"
+//! Step timelines: a `tracing` layer that records every span exit while it is installed (the
+//! span's name, fields, thread and the time from its entry) and writes them as a Chrome trace (the JSON "trace event"
 //! format that Perfetto and `chrome://tracing` open).
 //!
 //! The model, the pipeline ranks and the trainer open `debug` spans around their phases: the
@@ -23,7 +23,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::{Result, WorkerError};
 
-/// One closed span.
+/// One span, from an entry to its exit (a span entered twice gives two events).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     /// The display name (`F0.3`, `attn(F)`, `recv`, ...).
@@ -38,10 +38,10 @@ pub struct Event {
     pub args: BTreeMap<String, String>,
 }
 
-/// Spans recorded while a [`Recorder`] was installed.
+/// Span events recorded while a [`Recorder`] was installed.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Trace {
-    /// Closed spans, in the order they closed.
+    /// Span events, in the order the spans exited.
     pub events: Vec<Event>,
 }
 
