@@ -327,6 +327,15 @@ pub fn validate(model: &ModelConfig, par: &Parallelism) -> Result<(), SpecError>
     Ok(())
 }
 
+/// Attention's score and value FLOPs per token and layer for sequences of `seq_len` tokens
+/// (causal: half the square).
+fn attention_flops(model: &ModelConfig, seq_len: usize) -> f64 {
+    2.0 * model.num_attention_heads as f64
+        * (model.qk_head_dim() + model.v_head_dim) as f64
+        * seq_len as f64
+        / 2.0
+}
+
 /// Main-model layers per stage for `stages` stages of sequences of `seq_len` tokens: contiguous
 /// runs, at least one layer each, that make the most expensive stage as cheap as possible. A
 /// stage's cost is its forward FLOPs per token: twice each layer's activated parameters plus its
@@ -351,11 +360,7 @@ pub fn balanced_layers(model: &ModelConfig, stages: usize, seq_len: usize) -> Ve
             .collect();
     }
     let h = model.hidden_size as f64;
-    let attn = 2.0
-        * model.num_attention_heads as f64
-        * (model.qk_head_dim() + model.v_head_dim) as f64
-        * seq_len as f64
-        / 2.0;
+    let attn = attention_flops(model, seq_len);
     let layer = |moe: bool| 2.0 * model.layer_parts(moe).2 as f64 + attn;
     let head = 2.0 * model.vocab_size as f64 * h;
     let mtp = model.num_nextn_predict_layers as f64
@@ -558,10 +563,7 @@ fn costs(
 ) -> (DeviceCosts, Bubble) {
     let per_stage = stage_params(model, layers_per_stage);
     let tokens = (par.micro_batch_size * par.seq_len) as f64;
-    // Attention scores and values per token and layer (causal: half the square).
-    let heads = model.num_attention_heads as f64;
-    let attn_per_token =
-        2.0 * heads * (model.qk_head_dim() + model.v_head_dim) as f64 * par.seq_len as f64 / 2.0;
+    let attn_per_token = attention_flops(model, par.seq_len);
     let expert_dp = (par.dp / par.ep).max(1) as u64;
     let in_flight = match par.schedule {
         Schedule::OneFOneB | Schedule::Zb1p => par.pp,
@@ -704,11 +706,7 @@ mod tests {
     fn plan_costs_per_stage(model: &ModelConfig, split: &[usize], seq: usize) -> Vec<f64> {
         // The cost model of `balanced_layers`, written out again as the test's oracle.
         let h = model.hidden_size as f64;
-        let attn = 2.0
-            * model.num_attention_heads as f64
-            * (model.qk_head_dim() + model.v_head_dim) as f64
-            * seq as f64
-            / 2.0;
+        let attn = attention_flops(model, seq);
         let layer = |i: usize| 2.0 * model.layer_parts(model.is_moe_layer(i)).2 as f64 + attn;
         let head = 2.0 * model.vocab_size as f64 * h;
         let mtp = model.num_nextn_predict_layers as f64

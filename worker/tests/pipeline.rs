@@ -268,30 +268,24 @@ fn bad_shapes_are_refused_naming_the_field() {
     let stages = StagePart::split(4, &[2, 2]).unwrap();
     // More micro-batches than sequences.
     let s = build(Schedule::OneFOneB, 2, 3).unwrap();
-    let e = run_step(
-        &model,
-        &stages,
-        &s,
-        &b,
-        &objective(),
-        &mut g,
-        Duration::from_secs(5),
-    )
-    .unwrap_err();
+    let mut fails = |stages: &[StagePart], s| {
+        run_step(
+            &model,
+            stages,
+            s,
+            &b,
+            &objective(),
+            &mut g,
+            Duration::from_secs(5),
+        )
+        .unwrap_err()
+    };
+    let e = fails(&stages, &s);
     assert!(e.to_string().contains("micro_batches"), "{e}");
     // Stages that do not match the ranks.
     let s = build(Schedule::OneFOneB, 2, 2).unwrap();
     let one = StagePart::split(4, &[4]).unwrap();
-    let e = run_step(
-        &model,
-        &one,
-        &s,
-        &b,
-        &objective(),
-        &mut g,
-        Duration::from_secs(5),
-    )
-    .unwrap_err();
+    let e = fails(&one, &s);
     assert!(e.to_string().contains("stages"), "{e}");
     // Layer counts that do not add up.
     assert!(
