@@ -326,6 +326,14 @@ impl JobSpec {
             ));
         }
         let par = &self.parallelism;
+        for (field, v) in [
+            ("parallelism.dp", par.dp),
+            ("parallelism.micro_batches", par.micro_batches),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be at least 1"));
+            }
+        }
         let per_step = par.dp.saturating_mul(par.micro_batches);
         if t.batch == 0 || per_step == 0 || t.batch % per_step != 0 {
             return Err(bad(

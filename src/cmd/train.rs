@@ -88,7 +88,7 @@ pub struct TrainArgs {
     /// Expert-bias update speed gamma.
     #[arg(long)]
     pub gamma: Option<f64>,
-    /// Micro-batches per step, computed concurrently (default 2).
+    /// Micro-batches per step and data-parallel rank (default 2).
     #[arg(long)]
     pub micro_batches: Option<usize>,
     /// Pipeline ranks: the model cut into this many stages, each rank a thread of the node agent
@@ -98,6 +98,10 @@ pub struct TrainArgs {
     /// Pipeline schedule: 1f1b, zb1p or dualpipe (default 1f1b).
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Data-parallel ranks (ZeRO-1): each a share of every batch and a shard of the optimizer
+    /// state, threads of the node agent (default 1).
+    #[arg(long)]
+    pub dp: Option<usize>,
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -177,6 +181,9 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
     if let Some(s) = &args.schedule {
         spec.parallelism.schedule.clone_from(s);
     }
+    if let Some(dp) = args.dp {
+        spec.parallelism.dp = dp;
+    }
     if let Some(n) = args.checkpoint_every {
         if n == 0 {
             bail!("--checkpoint-every must be at least 1");
@@ -213,6 +220,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "parallelism.micro_batches" => "--micro-batches",
         "parallelism.pp" => "--pp",
         "parallelism.schedule" => "--schedule",
+        "parallelism.dp" => "--dp",
         "data.source" => "--data",
         _ => return None,
     })
@@ -303,7 +311,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         nodes: 1,
         // Every rank on the one node: its agent runs them as threads.
         devices_per_node: u32::try_from(spec.parallelism.pp * spec.parallelism.dp)
-            .context("--pp: too many pipeline ranks")?,
+            .context("--pp x --dp: too many ranks")?,
         node_prefix: "train".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,

@@ -273,3 +273,69 @@ fn pipelined_training_matches_one_pass_and_bad_pipelines_name_the_flag() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--pp"), "{}", stderr(&o));
 }
+
+#[test]
+fn data_parallel_training_matches_one_pass_and_shards_the_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, dp: &str, micro: &str| {
+        let out = dir.path().join(name).display().to_string();
+        let o = run_shoal(&[
+            "train",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--precision",
+            "fp32",
+            "--batch",
+            "4",
+            "--micro-batches",
+            micro,
+            "--dp",
+            dp,
+            "--json",
+            "--out",
+            &out,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        last_json(&o)
+    };
+    let single = run("single", "1", "4");
+    let wide = run("dp", "2", "2");
+    let losses = |v: &serde_json::Value| -> Vec<f64> {
+        v["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (losses(&single), losses(&wide));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(((x - y) / x).abs() < 1e-5, "{a:?} against {b:?}");
+    }
+    // Two ranks, each with half of the optimizer state and whole weights.
+    let one = &single["memory_per_rank"][0];
+    let mem = wide["memory_per_rank"].as_array().unwrap();
+    assert_eq!(mem.len(), 2);
+    let shard = |m: &serde_json::Value| m["optimizer"].as_u64().unwrap();
+    assert_eq!(shard(&mem[0]) + shard(&mem[1]), shard(one));
+    assert!(shard(&mem[0]).abs_diff(shard(one) / 2) <= 8);
+    assert_eq!(mem[0]["params"], one["params"]);
+    // Each step, each rank sends the other half of the gradients (reduce-scatter) and half of
+    // the weights (all-gather), FP32: 2 ranks x (4 + 4) bytes x half the trained parameters.
+    let moved = wide["bytes_moved"]["shm"].as_u64().unwrap();
+    let params = shard(one) / 8; // FP32 moments: 8 bytes per trained parameter
+    let per_step = moved / 3;
+    assert!(
+        per_step >= 8 * params && per_step <= 8 * params + 4096,
+        "{per_step} bytes per step for {params} trained parameters"
+    );
+    assert_eq!(single["bytes_moved"]["shm"].as_u64(), Some(0));
+    // No ranks: the error names the flag.
+    let out = dir.path().join("bad").display().to_string();
+    let o = run_shoal(&["train", "--steps", "1", "--dp", "0", "--out", &out]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--dp"), "{}", stderr(&o));
+}

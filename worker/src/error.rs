@@ -56,6 +56,19 @@ pub enum WorkerError {
         /// What it was doing and what went wrong, naming the operation and the peer.
         reason: String,
     },
+    /// A transfer between ranks failed: the peer went away, sent something malformed, or did
+    /// not answer in time.
+    #[error("rank {rank}: {op} with rank {peer}: {reason}")]
+    Comm {
+        /// The rank that saw the failure.
+        rank: usize,
+        /// The peer it was exchanging with.
+        peer: usize,
+        /// The operation, with its step (`reduce-scatter (step 3)`).
+        op: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// An argument or setting is out of its domain.
     #[error("invalid {name}: {reason}")]
     InvalidArgument {

@@ -72,6 +72,7 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o.mtp_lambda = t.mtp_lambda;
     o.micro_batches = spec.parallelism.micro_batches.max(1);
     let par = &spec.parallelism;
+    o.dp = par.dp.max(1);
     if par.pp > 1 {
         o.pipeline = Some(crate::train::PipelineOptions {
             pp: par.pp,
@@ -81,18 +82,18 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o
 }
 
-/// A trainer for a spec that runs in this process (its `pp` pipeline ranks as threads): at step
+/// A trainer for a spec that runs in this process (its `pp x dp` ranks as threads): at step
 /// 0, or where the checkpoint named by `checkpointing.resume` left off (its options, data order
 /// and step; `training.steps` still sets where the run ends, at least one step past the
 /// checkpoint).
 pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
     let par = &spec.parallelism;
-    if par.dp != 1 {
+    if par.ep != 1 {
         return Err(WorkerError::invalid(
-            "parallelism.dp",
+            "parallelism.ep",
             format!(
-                "{} data-parallel ranks: this worker runs pipeline parallelism inside one process, and data and expert parallelism are not built yet",
-                par.dp
+                "{} expert-parallel ranks: this worker runs pipeline and data parallelism inside one process, and expert parallelism is not built yet",
+                par.ep
             ),
         ));
     }
@@ -117,6 +118,7 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         let now = options(spec);
         o.pipeline = now.pipeline;
         o.micro_batches = now.micro_batches;
+        o.dp = now.dp;
         return Trainer::resume(dir, batcher, o);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
@@ -174,10 +176,14 @@ pub struct RunSummary {
     /// The Chrome trace of one step (the run's second, or its only one): `trace.json`.
     #[serde(default)]
     pub trace: Option<String>,
-    /// Bytes moved over the run, per transport (`in_process`: between pipeline ranks on this
-    /// node's threads).
+    /// Bytes moved over the run, per transport: `in_process`, tensors handed between pipeline
+    /// ranks on this node's threads; `shm`, frames between ranks of one node (data-parallel
+    /// collectives, MoE dispatch and combine); `tcp`, frames to other nodes.
     #[serde(default)]
     pub bytes_moved: BTreeMap<String, u64>,
+    /// What each data-parallel rank holds (weights, gradients, its ZeRO-1 optimizer shard).
+    #[serde(default)]
+    pub memory_per_rank: Vec<crate::train::MemoryUse>,
 }
 
 /// How a run ended.
@@ -265,10 +271,15 @@ pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Res
         checkpoint: ckpt.display().to_string(),
         metrics: metrics_path.display().to_string(),
         trace,
-        bytes_moved: BTreeMap::from([(
-            "in_process".to_string(),
-            history.iter().map(|m| m.bytes_sent).sum(),
-        )]),
+        bytes_moved: BTreeMap::from([
+            (
+                "in_process".to_string(),
+                history.iter().map(|m| m.bytes_sent).sum(),
+            ),
+            ("shm".to_string(), history.iter().map(|m| m.comm.shm).sum()),
+            ("tcp".to_string(), history.iter().map(|m| m.comm.tcp).sum()),
+        ]),
+        memory_per_rank: trainer.memory_per_rank(),
     };
     let path = out.join("summary.json");
     let text = serde_json::to_vec_pretty(&summary).map_err(|e| WorkerError::io(&path, e))?;
@@ -317,10 +328,11 @@ mod tests {
             run(&spec, |m| m.step < 2).unwrap(),
             RunEnd::Stopped(2)
         ));
-        // Data-parallel jobs are refused by name.
+        // Expert-parallel jobs are refused by name.
         let mut wide = spec.clone();
         wide.parallelism.dp = 2;
+        wide.parallelism.ep = 2;
         let e = trainer_for(&wide).err().unwrap().to_string();
-        assert!(e.contains("parallelism.dp"), "{e}");
+        assert!(e.contains("parallelism.ep"), "{e}");
     }
 }

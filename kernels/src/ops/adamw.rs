@@ -367,8 +367,9 @@ pub fn adamw_step_scaled(
     Ok(())
 }
 
-/// Sum of squares of `x` in `f64`, over fixed chunks summed in order (deterministic).
-fn sum_sq(x: &[f32]) -> f64 {
+/// Sum of squares of `x` in `f64`, over fixed chunks summed in order (deterministic): the
+/// per-slice term of [`grad_norm`].
+pub fn sum_sq(x: &[f32]) -> f64 {
     let parts: Vec<f64> = x.par_chunks(CHUNK).map(crate::real::sum_sq_f64).collect();
     parts.iter().sum()
 }

@@ -1,3 +1,5 @@
-//! Communication between ranks: what travels and how it is framed.
+//! Communication between ranks: transports, collectives, and how frames are laid out.
 
+pub mod collective;
+pub mod transport;
 pub mod wire;

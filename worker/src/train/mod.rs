@@ -2,23 +2,27 @@
 //! gradient clipping, a warmup-then-cosine learning-rate schedule, and the auxiliary-loss-free
 //! expert-bias update after every step.
 
+mod dp;
 pub mod state;
+pub mod zero;
 
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use shoal_kernels::ops::adamw::{
-    AdamWConfig, AdamWState, adamw_step_scaled, clip_coefficient, grad_norm,
-};
+use shoal_kernels::ops::adamw::{AdamWConfig, AdamWState};
 use shoal_kernels::ops::linear::Precision;
 
 use shoal_spec::plan::{Schedule, balanced_layers};
 use shoal_spec::schedule::{StepSchedule, build};
 
+use self::dp::{Replica, StepPlan, rank_step};
+use self::zero::ZeroLayout;
+use crate::comm::collective::Group;
+use crate::comm::transport::{ByteCounts, LocalMesh, Transport};
 use crate::data::{Batcher, DataPosition};
-use crate::model::StagePart;
-use crate::model::params::Grads;
-use crate::model::{Model, Objective, TokenBatch};
+use crate::model::params::ParamId;
+use crate::model::{Model, Objective, StepOutput, TokenBatch, split_micro};
+use crate::model::{StagePart, params::ParamStore};
 use crate::pipeline;
 use crate::{Result, WorkerError};
 
@@ -56,6 +60,14 @@ pub struct TrainOptions {
     /// one rank each in the schedule's order (`None`: every micro-batch through the whole model).
     #[serde(default)]
     pub pipeline: Option<PipelineOptions>,
+    /// Data-parallel ranks (threads of this process), each computing the gradients of its share
+    /// of every batch and keeping the optimizer state of its ZeRO-1 shard.
+    #[serde(default = "one")]
+    pub dp: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Pipeline parallelism inside one process.
@@ -89,6 +101,7 @@ impl TrainOptions {
             bf16_moments: precision == Precision::Fp8,
             micro_batches: default_micro_batches(),
             pipeline: None,
+            dp: 1,
         }
     }
 
@@ -112,6 +125,16 @@ impl TrainOptions {
         }
         if self.micro_batches == 0 {
             return bad("micro_batches", "must be at least 1".into());
+        }
+        if self.dp == 0 || self.dp > shoal_spec::schedule::MAX_RANKS {
+            return bad(
+                "dp",
+                format!(
+                    "must be in 1..={}, got {}",
+                    shoal_spec::schedule::MAX_RANKS,
+                    self.dp
+                ),
+            );
         }
         if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
             return bad(
@@ -198,15 +221,37 @@ pub struct StepMetrics {
     /// pipeline parallelism).
     #[serde(default)]
     pub bytes_sent: u64,
+    /// Bytes the data-parallel ranks sent each other, per transport and operation.
+    #[serde(default)]
+    pub comm: ByteCounts,
+}
+
+/// What one data-parallel rank holds, in bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// Weights (FP32 master copy; ZeRO-1 keeps them whole on every rank).
+    pub params: u64,
+    /// Gradient buffers (whole on every rank).
+    pub grads: u64,
+    /// Optimizer state (AdamW moments) of the rank's shard.
+    pub optimizer: u64,
+}
+
+impl MemoryUse {
+    /// All of it.
+    pub fn total(&self) -> u64 {
+        self.params + self.grads + self.optimizer
+    }
 }
 
 /// Optimizer and schedule state, everything a checkpoint needs besides the weights.
 pub struct Trainer {
-    model: Model<f32>,
+    /// One per data-parallel rank; replica 0's weights are the model.
+    replicas: Vec<Replica>,
+    /// How the trained parameters are sharded over the replicas (ZeRO-1).
+    layout: ZeroLayout,
     /// The stages and the step's schedule with pipeline parallelism.
     pipeline: Option<(Vec<StagePart>, StepSchedule)>,
-    grads: Grads<f32>,
-    moments: Vec<Option<AdamWState>>,
     batcher: Batcher,
     opts: TrainOptions,
     step: u64,
@@ -227,17 +272,16 @@ impl Trainer {
     pub fn new(model: Model<f32>, batcher: Batcher, opts: TrainOptions) -> Result<Self> {
         opts.validate()?;
         let cfg = opts.adamw();
-        let moments = model
-            .params()
-            .iter()
-            .map(|(id, _, t)| {
-                model
-                    .params()
-                    .trainable(id)
-                    .then(|| AdamWState::new(t.numel(), &cfg))
-            })
-            .collect();
-        let grads = model.params().zero_grads();
+        if opts.dp > batcher.batch_size() {
+            return Err(WorkerError::invalid(
+                "dp",
+                format!(
+                    "{} data-parallel ranks for a batch of {} sequences",
+                    opts.dp,
+                    batcher.batch_size()
+                ),
+            ));
+        }
         let pipeline = match &opts.pipeline {
             Some(p) => {
                 let layers = model.config().num_hidden_layers;
@@ -247,13 +291,13 @@ impl Trainer {
                         format!("{} pipeline ranks for a model of {layers} layers", p.pp),
                     ));
                 }
-                if opts.micro_batches > batcher.batch_size() {
+                let per_rank = batcher.batch_size() / opts.dp;
+                if opts.micro_batches > per_rank {
                     return Err(WorkerError::invalid(
                         "micro_batches",
                         format!(
-                            "{} micro-batches of a batch of {} sequences",
-                            opts.micro_batches,
-                            batcher.batch_size()
+                            "{} micro-batches of a batch of {} sequences per data-parallel rank",
+                            opts.micro_batches, per_rank
                         ),
                     ));
                 }
@@ -264,20 +308,38 @@ impl Trainer {
             }
             None => None,
         };
+        let layout = ZeroLayout::new(model.params(), opts.dp);
+        let mut models = vec![model];
+        for _ in 1..opts.dp {
+            models.push(models[0].clone());
+        }
+        let replicas = models
+            .into_iter()
+            .enumerate()
+            .map(|(r, m)| Replica {
+                grads: m.params().zero_grads(),
+                moments: layout.fresh_moments(r, &cfg),
+                model: m,
+            })
+            .collect();
         Ok(Self {
-            model,
+            replicas,
+            layout,
             pipeline,
-            grads,
-            moments,
             batcher,
             opts,
             step: 0,
         })
     }
 
-    /// The model.
+    /// The model (every data-parallel replica holds the same weights).
     pub fn model(&self) -> &Model<f32> {
-        &self.model
+        &self.replicas[0].model
+    }
+
+    /// Data-parallel replica `r`'s copy of the model (ZeRO-1 keeps the replicas identical).
+    pub fn replica(&self, r: usize) -> Option<&Model<f32>> {
+        self.replicas.get(r).map(|rep| &rep.model)
     }
 
     /// The options.
@@ -300,6 +362,55 @@ impl Trainer {
         &self.batcher
     }
 
+    /// What each data-parallel rank holds: whole weights and gradients, and the optimizer state
+    /// of its shard only (ZeRO-1), measured from the buffers it owns.
+    pub fn memory_per_rank(&self) -> Vec<MemoryUse> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let params: usize = r.model.params().iter().map(|(_, _, t)| t.numel()).sum();
+                let grads: usize = r.grads.tensors().iter().map(|t| t.numel()).sum();
+                let optimizer: usize = r
+                    .moments
+                    .iter()
+                    .map(|st| {
+                        st.len()
+                            * match st.moments {
+                                shoal_kernels::ops::adamw::Moments::F32 { .. } => 8,
+                                shoal_kernels::ops::adamw::Moments::Bf16 { .. } => 4,
+                            }
+                    })
+                    .sum();
+                MemoryUse {
+                    params: params as u64 * 4,
+                    grads: grads as u64 * 4,
+                    optimizer: optimizer as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// The optimizer state of every trained parameter, joined from the shards.
+    pub(crate) fn param_moments(&self) -> Result<Vec<(ParamId, AdamWState)>> {
+        let per_rank: Vec<Vec<AdamWState>> =
+            self.replicas.iter().map(|r| r.moments.clone()).collect();
+        self.layout.assemble(&per_rank)
+    }
+
+    /// Replaces the optimizer state with `whole` (one per trained parameter), cut into shards.
+    pub(crate) fn set_param_moments(&mut self, whole: &[(ParamId, AdamWState)]) -> Result<()> {
+        let parts = self.layout.split(whole)?;
+        for (rep, m) in self.replicas.iter_mut().zip(parts) {
+            rep.moments = m;
+        }
+        Ok(())
+    }
+
+    /// The parameters (replica 0's).
+    pub(crate) fn params(&self) -> &ParamStore<f32> {
+        self.replicas[0].model.params()
+    }
+
     /// Runs one optimizer step on the next batch.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
@@ -311,91 +422,106 @@ impl Trainer {
             inputs: &batch.inputs,
             targets: &batch.targets,
         };
-        self.grads.zero();
-        let (out, bytes_sent) = match &self.pipeline {
-            Some((stages, schedule)) => {
-                let r = pipeline::run_step(
-                    &self.model,
-                    stages,
-                    schedule,
-                    &tb,
-                    &self.opts.objective(),
-                    &mut self.grads,
-                    pipeline::DEFAULT_TIMEOUT,
-                )?;
-                (r.out, r.bytes_sent.iter().sum())
-            }
-            None => (
-                self.model.forward_backward_micro(
-                    &tb,
-                    &self.opts.objective(),
-                    self.opts.micro_batches,
-                    &mut self.grads,
-                )?,
-                0,
-            ),
+        let dp = self.replicas.len();
+        let group = Group {
+            ranks: (0..dp).collect(),
         };
-
-        let opt_span = tracing::debug_span!("optimizer").entered();
-        // Clip the global norm over the trained parameters.
-        let params = self.model.params();
-        let trained: Vec<bool> = params
-            .iter()
-            .map(|(id, _, _)| params.trainable(id))
-            .collect();
-        let slices: Vec<&[f32]> = self
-            .grads
-            .tensors()
-            .iter()
-            .zip(&trained)
-            .filter(|(_, t)| **t)
-            .map(|(g, _)| g.data())
-            .collect();
-        let grad_norm = grad_norm(&slices)?;
-        // The clipping factor is applied inside the AdamW update (no pass that rescales the
-        // gradients in memory).
-        let clip = clip_coefficient(grad_norm, self.opts.grad_clip)?;
-
-        // AdamW; no weight decay on vectors (norms).
         let lr = self.opts.lr_at(self.step);
-        let cfg = self.opts.adamw();
-        let no_decay = AdamWConfig {
-            weight_decay: 0.0,
-            ..cfg
+        let plan = StepPlan {
+            step: self.step + 1,
+            lr,
+            obj: self.opts.objective(),
+            micro_batches: self.opts.micro_batches,
+            adamw: self.opts.adamw(),
+            grad_clip: self.opts.grad_clip,
+            gamma: self.opts.bias_update_speed as f32,
+            pipeline: self.pipeline.as_ref(),
+            layout: &self.layout,
+            group: &group,
         };
-        let ids: Vec<_> = self.model.params().iter().map(|(id, _, _)| id).collect();
-        for id in ids {
-            let Some(state) = self.moments[id.index()].as_mut() else {
-                continue;
-            };
-            let c = if self.model.params().decays(id) {
-                &cfg
+        let mut mesh = LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT);
+        let results: Vec<Result<(dp::RankOutcome, ByteCounts)>> = if dp == 1 {
+            let t = &mut mesh[0];
+            vec![
+                rank_step(&mut self.replicas[0], t, &plan, &tb, 1.0)
+                    .map(|o| (o, t.bytes().clone())),
+            ]
+        } else {
+            let parts = split_micro(&tb, dp)?;
+            let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+            let parent = tracing::Span::current();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = self
+                    .replicas
+                    .iter_mut()
+                    .zip(mesh.iter_mut())
+                    .zip(&parts)
+                    .enumerate()
+                    .map(|(r, ((rep, t), (part, share)))| {
+                        let (plan, dispatch, parent) = (&plan, dispatch.clone(), parent.clone());
+                        std::thread::Builder::new()
+                            .name(format!("dp-rank-{r}"))
+                            .spawn_scoped(scope, move || {
+                                tracing::dispatcher::with_default(&dispatch, || {
+                                    let _s =
+                                        tracing::debug_span!(parent: &parent, "dp_rank", rank = r)
+                                            .entered();
+                                    let res = rank_step(rep, t, plan, part, *share);
+                                    if res.is_err() {
+                                        t.abort();
+                                    }
+                                    res.map(|o| (o, t.bytes().clone()))
+                                })
+                            })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, h)| match h {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(WorkerError::invalid(
+                                "dp",
+                                format!("data-parallel rank {r} panicked"),
+                            ))
+                        }),
+                        Err(e) => Err(WorkerError::invalid(
+                            "dp",
+                            format!("cannot start data-parallel rank {r}: {e}"),
+                        )),
+                    })
+                    .collect()
+            })
+        };
+        // The root cause: the first error that is not a rank stopping because another failed.
+        if results.iter().any(Result::is_err) {
+            let mut errs: Vec<WorkerError> = results.into_iter().filter_map(Result::err).collect();
+            let root = errs.iter().position(|e| {
+                !matches!(e, WorkerError::Comm { reason, .. }
+                    if reason.starts_with(crate::comm::transport::PEER_FAILED))
+            });
+            return Err(errs.swap_remove(root.unwrap_or(0)));
+        }
+        let shares: Vec<f64> = if dp == 1 {
+            vec![1.0]
+        } else {
+            split_micro(&tb, dp)?.iter().map(|(_, s)| *s).collect()
+        };
+        let mut out = StepOutput::zero(self.model().config().num_nextn_predict_layers);
+        let mut comm = ByteCounts::default();
+        let (mut grad_norm, mut bytes_sent) = (0.0, 0);
+        for (res, share) in results.into_iter().zip(shares) {
+            let (o, b) = res?;
+            if dp == 1 {
+                out = o.out;
             } else {
-                &no_decay
-            };
-            let g = self.grads.get(id);
-            let p = self.model.params_mut().get_mut(id);
-            adamw_step_scaled(p.data_mut(), g.data(), clip, state, c, lr)?;
-        }
-
-        // Auxiliary-loss-free balancing: move each expert's bias toward the mean load.
-        let gamma = self.opts.bias_update_speed as f32;
-        let biases = self.model.expert_biases();
-        for (bias, load) in biases.iter().zip(&out.expert_loads) {
-            let total: usize = load.iter().sum();
-            let mean = total as f64 / load.len().max(1) as f64;
-            let b = self.model.params_mut().get_mut(*bias);
-            for (v, &l) in b.data_mut().iter_mut().zip(load) {
-                let l = l as f64;
-                if l > mean {
-                    *v -= gamma;
-                } else if l < mean {
-                    *v += gamma;
-                }
+                out.accumulate(o.out, share);
             }
+            grad_norm = o.grad_norm;
+            bytes_sent += o.pipeline_bytes;
+            comm.merge(&b);
         }
 
-        drop(opt_span);
         self.step += 1;
         let mtp = if out.mtp_losses.is_empty() {
             0.0
@@ -414,6 +540,7 @@ impl Trainer {
             tokens: out.tokens,
             seconds: t0.elapsed().as_secs_f64(),
             bytes_sent,
+            comm,
         })
     }
 }

@@ -94,19 +94,18 @@ impl Trainer {
     /// Writes a complete checkpoint to `dir` (replacing one that is there).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let writer = CheckpointWriter::begin(dir)?;
-        let cfg = self.model.config();
+        let cfg = self.model().config();
         writer.write_json(CONFIG_FILE, &cfg.to_hf_json())?;
-        let named = self.model.named_f32();
+        let named = self.model().named_f32();
         let refs: Vec<(String, &Tensor<f32>)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
         writer.write_safetensors(WEIGHTS_FILE, &refs, StoreDtype::F32)?;
 
         let mut moments = Vec::new();
-        for ((_, name, t), state) in self.model.params().iter().zip(&self.moments) {
-            if let Some(state) = state {
-                let (m, v) = moment_tensors(state, t.shape())?;
-                moments.push((format!("{name}.exp_avg"), m));
-                moments.push((format!("{name}.exp_avg_sq"), v));
-            }
+        for (id, state) in self.param_moments()? {
+            let (name, t) = (self.params().name(id), self.params().get(id));
+            let (m, v) = moment_tensors(&state, t.shape())?;
+            moments.push((format!("{name}.exp_avg"), m));
+            moments.push((format!("{name}.exp_avg_sq"), v));
         }
         let refs: Vec<(String, &Tensor<f32>)> =
             moments.iter().map(|(n, t)| (n.clone(), t)).collect();
@@ -125,7 +124,7 @@ impl Trainer {
             seq_len: self.batcher.seq_len(),
             batch: self.batcher.batch_size(),
             data_seed: self.batcher.seed(),
-            precision: precision_name(self.model.precision()).to_string(),
+            precision: precision_name(self.model().precision()).to_string(),
             options: self.opts.clone(),
         };
         let json = serde_json::to_value(&state).map_err(|e| WorkerError::checkpoint(dir, e))?;
@@ -176,14 +175,9 @@ impl Trainer {
         let mut trainer = Trainer::new(model, batcher, opts)?;
         let opt_path = dir.join(OPTIMIZER_FILE);
         let mut moments = load_safetensors(&opt_path)?;
-        let names: Vec<String> = trainer
-            .model
-            .params()
-            .iter()
-            .map(|(_, n, _)| n.to_string())
-            .collect();
-        for (name, slot) in names.iter().zip(trainer.moments.iter_mut()) {
-            let Some(st) = slot.as_mut() else { continue };
+        let mut whole = trainer.param_moments()?;
+        for (id, st) in whole.iter_mut() {
+            let name = trainer.params().name(*id).to_string();
             let mut take = |suffix: &str| {
                 let key = format!("{name}.{suffix}");
                 moments.remove(&key).map(Tensor::into_data).ok_or_else(|| {
@@ -206,6 +200,7 @@ impl Trainer {
             };
             st.step = state.step;
         }
+        trainer.set_param_moments(&whole)?;
         trainer.step = state.step;
         Ok(trainer)
     }

@@ -1,0 +1,266 @@
+//! Point-to-point transports between the ranks of a job.
+//!
+//! A [`Transport`] moves tagged byte frames from one rank to another. Receivers match on the
+//! sender and the [`Tag`] (step, operation, sequence number), so frames that arrive early wait in
+//! a stash until their operation asks for them, and a frame for another step is never taken for
+//! this one. Every wait has a deadline; when it passes, or when another rank of the mesh fails,
+//! the error names this rank, the peer, the operation and the step.
+//!
+//! [`LocalMesh`] connects ranks that share a process (one node): frames are handed over through
+//! in-memory queues (the shared-memory transport of a node; NVLink on GPUs). Bytes are counted
+//! per link kind, so reports can say what each transport carried.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, WorkerError};
+
+/// The operation a frame belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommOp {
+    /// Gradient reduce-scatter (ZeRO-1).
+    ReduceScatter,
+    /// Parameter all-gather (ZeRO-1).
+    AllGather,
+    /// A small all-reduce (gradient norm, expert loads).
+    AllReduce,
+    /// MoE dispatch: tokens to the ranks holding their experts.
+    Dispatch,
+    /// MoE combine: expert outputs back to the tokens' ranks.
+    Combine,
+}
+
+impl fmt::Display for CommOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ReduceScatter => "reduce-scatter",
+            Self::AllGather => "all-gather",
+            Self::AllReduce => "all-reduce",
+            Self::Dispatch => "dispatch",
+            Self::Combine => "combine",
+        })
+    }
+}
+
+/// Identifies a frame: which step, which operation, and which instance of it in the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tag {
+    /// The optimizer step (1-based).
+    pub step: u64,
+    /// The operation.
+    pub op: CommOp,
+    /// Distinguishes instances of the operation within the step (a counter, or a layer and
+    /// micro-batch key).
+    pub seq: u64,
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} #{} (step {})", self.op, self.seq, self.step)
+    }
+}
+
+/// The kind of link a frame crossed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// Inside a node: shared memory here, NVLink on GPUs.
+    Shm,
+    /// Between nodes: TCP here, InfiniBand on GPUs.
+    Tcp,
+}
+
+/// Bytes sent, per link kind and operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ByteCounts {
+    /// Bytes sent inside the node.
+    pub shm: u64,
+    /// Bytes sent to other nodes.
+    pub tcp: u64,
+    /// Bytes of MoE dispatch frames (both links).
+    pub dispatch: u64,
+    /// Bytes of MoE combine frames (both links).
+    pub combine: u64,
+    /// Bytes of data-parallel collectives (both links).
+    pub collective: u64,
+}
+
+impl ByteCounts {
+    fn add(&mut self, link: Link, op: CommOp, n: u64) {
+        match link {
+            Link::Shm => self.shm += n,
+            Link::Tcp => self.tcp += n,
+        }
+        match op {
+            CommOp::Dispatch => self.dispatch += n,
+            CommOp::Combine => self.combine += n,
+            _ => self.collective += n,
+        }
+    }
+
+    /// Adds another rank's counts.
+    pub fn merge(&mut self, o: &ByteCounts) {
+        self.shm += o.shm;
+        self.tcp += o.tcp;
+        self.dispatch += o.dispatch;
+        self.combine += o.combine;
+        self.collective += o.collective;
+    }
+
+    /// All bytes sent.
+    pub fn total(&self) -> u64 {
+        self.shm + self.tcp
+    }
+}
+
+/// Moves tagged frames between the ranks of a mesh.
+pub trait Transport: Send {
+    /// This rank's index in the mesh.
+    fn rank(&self) -> usize;
+    /// Ranks in the mesh.
+    fn world(&self) -> usize;
+    /// Sends `payload` to rank `to` (not this rank).
+    fn send(&mut self, to: usize, tag: Tag, payload: Vec<u8>) -> Result<()>;
+    /// Waits for the frame with `tag` from rank `from`.
+    fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>>;
+    /// Bytes this rank has sent so far.
+    fn bytes(&self) -> &ByteCounts;
+    /// Tells the other ranks of the mesh to stop waiting: this rank has failed.
+    fn abort(&self);
+}
+
+/// The error of a failed exchange.
+pub fn comm_error(rank: usize, peer: usize, tag: Tag, reason: impl ToString) -> WorkerError {
+    WorkerError::Comm {
+        rank,
+        peer,
+        op: format!("{} #{} (step {})", tag.op, tag.seq, tag.step),
+        reason: reason.to_string(),
+    }
+}
+
+/// The prefix of the reason given by ranks that stopped because another rank failed.
+pub const PEER_FAILED: &str = "stopped: another rank failed";
+
+struct Frame {
+    from: usize,
+    tag: Tag,
+    payload: Vec<u8>,
+}
+
+/// The ranks of one process, connected by in-memory queues.
+pub struct LocalMesh;
+
+impl LocalMesh {
+    /// `world` connected endpoints, one per rank, whose waits give up after `timeout`.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(world: usize, timeout: Duration) -> Vec<LocalTransport> {
+        let abort = Arc::new(AtomicBool::new(false));
+        let (senders, inboxes): (Vec<_>, Vec<_>) = (0..world).map(|_| mpsc::channel()).unzip();
+        inboxes
+            .into_iter()
+            .enumerate()
+            .map(|(rank, inbox)| LocalTransport {
+                rank,
+                peers: senders.clone(),
+                inbox,
+                stash: HashMap::new(),
+                abort: abort.clone(),
+                timeout,
+                bytes: ByteCounts::default(),
+            })
+            .collect()
+    }
+}
+
+/// One rank's endpoint of a [`LocalMesh`].
+pub struct LocalTransport {
+    rank: usize,
+    peers: Vec<mpsc::Sender<Frame>>,
+    inbox: mpsc::Receiver<Frame>,
+    stash: HashMap<(usize, Tag), VecDeque<Vec<u8>>>,
+    abort: Arc<AtomicBool>,
+    timeout: Duration,
+    bytes: ByteCounts,
+}
+
+impl Transport for LocalTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.peers.len()
+    }
+
+    fn send(&mut self, to: usize, tag: Tag, payload: Vec<u8>) -> Result<()> {
+        if to == self.rank || to >= self.peers.len() {
+            return Err(comm_error(
+                self.rank,
+                to,
+                tag,
+                format!("no such peer in a mesh of {} ranks", self.peers.len()),
+            ));
+        }
+        let n = payload.len() as u64;
+        self.peers[to]
+            .send(Frame {
+                from: self.rank,
+                tag,
+                payload,
+            })
+            .map_err(|_| comm_error(self.rank, to, tag, "the peer has gone away"))?;
+        self.bytes.add(Link::Shm, tag.op, n);
+        Ok(())
+    }
+
+    fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>> {
+        if let Some(q) = self.stash.get_mut(&(from, tag))
+            && let Some(p) = q.pop_front()
+        {
+            return Ok(p);
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(comm_error(self.rank, from, tag, PEER_FAILED));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(comm_error(
+                    self.rank,
+                    from,
+                    tag,
+                    format!("no frame after {:?}", self.timeout),
+                ));
+            }
+            let wait = (deadline - now).min(Duration::from_millis(50));
+            match self.inbox.recv_timeout(wait) {
+                Ok(f) if f.from == from && f.tag == tag => return Ok(f.payload),
+                Ok(f) => self
+                    .stash
+                    .entry((f.from, f.tag))
+                    .or_default()
+                    .push_back(f.payload),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(comm_error(self.rank, from, tag, "the mesh has shut down"));
+                }
+            }
+        }
+    }
+
+    fn bytes(&self) -> &ByteCounts {
+        &self.bytes
+    }
+
+    fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}

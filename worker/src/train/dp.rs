@@ -1,0 +1,212 @@
+//! One data-parallel rank's part of an optimizer step (ZeRO-1).
+//!
+//! A [`Replica`] is what a data-parallel rank owns: its copy of the FP32 master weights, its
+//! gradient buffers and the AdamW moments of its ZeRO-1 shard. Each step it
+//!
+//! 1. computes the gradients of its share of the global batch (whole model, or its pipeline);
+//! 2. reduce-scatters them: it receives the sum over all ranks of its shard's gradients;
+//! 3. all-reduces the squared gradient norm of the shards, for clipping;
+//! 4. runs AdamW on its shard only;
+//! 5. all-gathers the updated shards into its copy of the weights;
+//! 6. all-reduces the expert loads and moves the expert biases (auxiliary-loss-free balancing)
+//!    from the loads of the whole global batch.
+//!
+//! Every rank takes the same sums in the same order, so the replicas stay bit-identical.
+
+use shoal_kernels::KernelError;
+use shoal_kernels::ops::adamw::{
+    AdamWConfig, AdamWState, adamw_step_scaled, clip_coefficient, sum_sq,
+};
+use shoal_spec::schedule::StepSchedule;
+
+use super::zero::ZeroLayout;
+use crate::comm::collective::{Group, all_gather, all_reduce_f64, all_reduce_u64, reduce_scatter};
+use crate::comm::transport::{CommOp, Tag, Transport};
+use crate::model::params::Grads;
+use crate::model::{Model, Objective, StagePart, StepOutput, TokenBatch};
+use crate::pipeline;
+use crate::{Result, WorkerError};
+
+/// What one data-parallel rank owns.
+pub(crate) struct Replica {
+    pub(crate) model: Model<f32>,
+    pub(crate) grads: Grads<f32>,
+    /// AdamW state of this rank's shard, one per segment.
+    pub(crate) moments: Vec<AdamWState>,
+}
+
+/// What every rank of the step reads.
+pub(crate) struct StepPlan<'a> {
+    pub(crate) step: u64,
+    pub(crate) lr: f32,
+    pub(crate) obj: Objective,
+    pub(crate) micro_batches: usize,
+    pub(crate) adamw: AdamWConfig,
+    pub(crate) grad_clip: f32,
+    pub(crate) gamma: f32,
+    pub(crate) pipeline: Option<&'a (Vec<StagePart>, StepSchedule)>,
+    pub(crate) layout: &'a ZeroLayout,
+    pub(crate) group: &'a Group,
+}
+
+/// What a rank's step produced.
+pub(crate) struct RankOutcome {
+    /// Losses and loads of this rank's share (loads summed over the global batch are applied).
+    pub(crate) out: StepOutput,
+    pub(crate) grad_norm: f64,
+    /// Bytes its pipeline ranks sent each other.
+    pub(crate) pipeline_bytes: u64,
+}
+
+fn tag(plan: &StepPlan<'_>, op: CommOp) -> Tag {
+    Tag {
+        step: plan.step,
+        op,
+        seq: 0,
+    }
+}
+
+/// Runs this rank's step on `batch` (its share `share` of the global batch).
+pub(crate) fn rank_step(
+    rep: &mut Replica,
+    t: &mut dyn Transport,
+    plan: &StepPlan<'_>,
+    batch: &TokenBatch<'_>,
+    share: f64,
+) -> Result<RankOutcome> {
+    let obj = Objective {
+        loss_scale: plan.obj.loss_scale * share,
+        ..plan.obj
+    };
+    rep.grads.zero();
+    let (out, pipeline_bytes) = match plan.pipeline {
+        Some((stages, schedule)) => {
+            let r = pipeline::run_step(
+                &rep.model,
+                stages,
+                schedule,
+                batch,
+                &obj,
+                &mut rep.grads,
+                pipeline::DEFAULT_TIMEOUT,
+            )?;
+            (r.out, r.bytes_sent.iter().sum())
+        }
+        None => (
+            rep.model
+                .forward_backward_micro(batch, &obj, plan.micro_batches, &mut rep.grads)?,
+            0,
+        ),
+    };
+
+    let layout = plan.layout;
+    let me = plan
+        .group
+        .position(t.rank())
+        .ok_or_else(|| WorkerError::invalid("rank", "not in its data-parallel group"))?;
+    let collective = tracing::debug_span!("collective", op = "reduce-scatter").entered();
+    let flat = layout.flatten(&rep.grads);
+    let shard = reduce_scatter(
+        t,
+        plan.group,
+        tag(plan, CommOp::ReduceScatter),
+        &flat,
+        &layout.bounds,
+    )?;
+    drop(collective);
+    let base = layout.bounds[me].start;
+    let segs = &layout.shards[me];
+
+    let opt_span = tracing::debug_span!("optimizer").entered();
+    let local: f64 = segs
+        .iter()
+        .map(|s| sum_sq(&shard[s.flat.start - base..s.flat.end - base]))
+        .sum();
+    let total = all_reduce_f64(t, plan.group, tag(plan, CommOp::AllReduce), &[local])?;
+    let grad_norm = total.first().copied().unwrap_or(0.0).sqrt();
+    if !grad_norm.is_finite() {
+        let (index, value) = shard
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+            .map_or((0, grad_norm), |(i, v)| (base + i, f64::from(*v)));
+        return Err(KernelError::NonFinite {
+            operand: "clip_grad_norm.grads",
+            index,
+            value,
+        }
+        .into());
+    }
+    let clip = clip_coefficient(grad_norm, plan.grad_clip)?;
+    let no_decay = AdamWConfig {
+        weight_decay: 0.0,
+        ..plan.adamw
+    };
+    for (seg, st) in segs.iter().zip(rep.moments.iter_mut()) {
+        let c = if rep.model.params().decays(seg.param) {
+            &plan.adamw
+        } else {
+            &no_decay
+        };
+        let g = &shard[seg.flat.start - base..seg.flat.end - base];
+        let p = &mut rep.model.params_mut().get_mut(seg.param).data_mut()[seg.within.clone()];
+        adamw_step_scaled(p, g, clip, st, c, plan.lr)?;
+    }
+    drop(opt_span);
+
+    if plan.group.ranks.len() > 1 {
+        let _span = tracing::debug_span!("collective", op = "all-gather").entered();
+        let own = layout.shard_values(me, rep.model.params());
+        let whole = all_gather(
+            t,
+            plan.group,
+            tag(plan, CommOp::AllGather),
+            &own,
+            &layout.bounds,
+        )?;
+        for r in 0..layout.bounds.len() {
+            if r != me {
+                layout.write_shard(r, &whole, rep.model.params_mut());
+            }
+        }
+    }
+
+    // Auxiliary-loss-free balancing from the loads of the whole global batch.
+    let loads: Vec<u64> = out
+        .expert_loads
+        .iter()
+        .flatten()
+        .map(|&l| l as u64)
+        .collect();
+    let summed = all_reduce_u64(
+        t,
+        plan.group,
+        Tag {
+            seq: 1,
+            ..tag(plan, CommOp::AllReduce)
+        },
+        &loads,
+    )?;
+    let biases = rep.model.expert_biases();
+    let mut at = 0;
+    for (bias, layer) in biases.iter().zip(&out.expert_loads) {
+        let load = &summed[at..at + layer.len()];
+        at += layer.len();
+        let total: u64 = load.iter().sum();
+        let mean = total as f64 / load.len().max(1) as f64;
+        let b = rep.model.params_mut().get_mut(*bias);
+        for (v, &l) in b.data_mut().iter_mut().zip(load) {
+            let l = l as f64;
+            if l > mean {
+                *v -= plan.gamma;
+            } else if l < mean {
+                *v += plan.gamma;
+            }
+        }
+    }
+    Ok(RankOutcome {
+        out,
+        grad_norm,
+        pipeline_bytes,
+    })
+}
