@@ -102,6 +102,11 @@ pub struct TrainArgs {
     /// state, threads of the node agent (default 1).
     #[arg(long)]
     pub dp: Option<usize>,
+    /// Expert-parallel group size: each group of this many data-parallel ranks spreads the
+    /// routed experts over its members and dispatches tokens to them (FP8 in fp8 runs); must
+    /// divide --dp (default 1).
+    #[arg(long)]
+    pub ep: Option<usize>,
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -184,6 +189,9 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
     if let Some(dp) = args.dp {
         spec.parallelism.dp = dp;
     }
+    if let Some(ep) = args.ep {
+        spec.parallelism.ep = ep;
+    }
     if let Some(n) = args.checkpoint_every {
         if n == 0 {
             bail!("--checkpoint-every must be at least 1");
@@ -221,6 +229,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "parallelism.pp" => "--pp",
         "parallelism.schedule" => "--schedule",
         "parallelism.dp" => "--dp",
+        "parallelism.ep" => "--ep",
         "data.source" => "--data",
         _ => return None,
     })

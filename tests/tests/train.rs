@@ -339,3 +339,53 @@ fn data_parallel_training_matches_one_pass_and_shards_the_optimizer() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--dp"), "{}", stderr(&o));
 }
+
+#[test]
+fn expert_parallel_training_matches_one_pass_and_spreads_the_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name).display().to_string();
+        let mut args = vec![
+            "train",
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--precision",
+            "fp32",
+            "--batch",
+            "4",
+            "--json",
+            "--out",
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        let o = run_shoal(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        last_json(&o)
+    };
+    let single = run("single", &["--micro-batches", "2"]);
+    let ep = run("ep", &["--dp", "2", "--ep", "2", "--micro-batches", "1"]);
+    for (x, y) in single["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(ep["losses"].as_array().unwrap())
+    {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!(((x - y) / x).abs() < 1e-5, "{single} against {ep}");
+    }
+    // Each rank holds half of the routed experts.
+    let params =
+        |v: &serde_json::Value, r: usize| v["memory_per_rank"][r]["params"].as_u64().unwrap();
+    assert!(params(&ep, 0) < params(&single, 0));
+    assert_eq!(params(&ep, 0), params(&ep, 1));
+    assert!(ep["bytes_moved"]["shm"].as_u64().unwrap() > 0);
+    // An ep that does not divide dp names the flag.
+    let out = dir.path().join("bad").display().to_string();
+    let o = run_shoal(&[
+        "train", "--steps", "1", "--dp", "2", "--ep", "3", "--out", &out,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--ep"), "{}", stderr(&o));
+}

@@ -73,6 +73,7 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o.micro_batches = spec.parallelism.micro_batches.max(1);
     let par = &spec.parallelism;
     o.dp = par.dp.max(1);
+    o.ep = par.ep.max(1);
     if par.pp > 1 {
         o.pipeline = Some(crate::train::PipelineOptions {
             pp: par.pp,
@@ -88,12 +89,12 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
 /// checkpoint).
 pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
     let par = &spec.parallelism;
-    if par.ep != 1 {
+    if par.ep > 1 && par.pp > 1 {
         return Err(WorkerError::invalid(
             "parallelism.ep",
             format!(
-                "{} expert-parallel ranks: this worker runs pipeline and data parallelism inside one process, and expert parallelism is not built yet",
-                par.ep
+                "{} expert-parallel ranks with {} pipeline stages: expert parallelism inside pipeline stages is not built yet (use pp = 1)",
+                par.ep, par.pp
             ),
         ));
     }
@@ -119,6 +120,7 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         o.pipeline = now.pipeline;
         o.micro_batches = now.micro_batches;
         o.dp = now.dp;
+        o.ep = now.ep;
         return Trainer::resume(dir, batcher, o);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
@@ -328,10 +330,11 @@ mod tests {
             run(&spec, |m| m.step < 2).unwrap(),
             RunEnd::Stopped(2)
         ));
-        // Expert-parallel jobs are refused by name.
+        // Expert parallelism inside pipeline stages is refused by name.
         let mut wide = spec.clone();
         wide.parallelism.dp = 2;
         wide.parallelism.ep = 2;
+        wide.parallelism.pp = 2;
         let e = trainer_for(&wide).err().unwrap().to_string();
         assert!(e.contains("parallelism.ep"), "{e}");
     }

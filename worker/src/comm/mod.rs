@@ -1,5 +1,6 @@
 //! Communication between ranks: transports, collectives, and how frames are laid out.
 
 pub mod collective;
+pub mod expert;
 pub mod transport;
 pub mod wire;

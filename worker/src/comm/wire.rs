@@ -2,11 +2,14 @@
 //! scale per 1x128 tile, optionally powers of two) with each token's top-k expert indices and
 //! gate weights; combine carries the experts' outputs back in BF16. The backward of dispatch is
 //! a combine and the backward of combine a dispatch, so these two frames cover both directions.
+//! Runs in other precision modes carry the rows in BF16 or FP32 instead (the encoding flag).
 //!
 //! Layout, little-endian: a 20-byte header (magic `SHW1`, kind, flags, two reserved bytes, then
 //! `rows`, `cols` and `topk` as u32 for dispatch, `rows` and `cols` and 0 for combine), then the
-//! payload. Dispatch: `rows x cols` codes, `rows x ceil(cols/128)` f32 scales, `rows x topk` u32
-//! expert indices, `rows x topk` f32 weights. Combine: `rows x cols` BF16 values. Decoding checks
+//! payload. Dispatch: the rows (FP8: `rows x cols` codes then `rows x ceil(cols/128)` f32 scales;
+//! BF16 or FP32: `rows x cols` values), `rows x topk` u32 expert indices, `rows x topk` f32
+//! weights. Combine: `rows x cols` BF16 (or FP32) values. Flags: bit 0 power-of-two scales, bits
+//! 1-2 the encoding (0 FP8 for dispatch and BF16 for combine, 1 BF16, 2 FP32). Decoding checks
 //! every length against the header before reading, so a truncated or padded frame is an error
 //! that says what was expected, never a panic.
 
@@ -22,12 +25,87 @@ const HEADER: usize = 20;
 const KIND_DISPATCH: u8 = 1;
 const KIND_COMBINE: u8 = 2;
 const FLAG_POW2: u8 = 1;
+const ENC_SHIFT: u8 = 1;
+const ENC_MASK: u8 = 0b110;
+const ENC_BF16: u8 = 1;
+const ENC_F32: u8 = 2;
+
+/// How rows of hidden states are encoded on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowCodec {
+    /// E4M3 with one FP32 scale per 1x128 tile (dispatch only).
+    Fp8 {
+        /// Scales rounded up to powers of two.
+        pow2_scales: bool,
+    },
+    /// BF16 values.
+    Bf16,
+    /// FP32 values.
+    F32,
+}
+
+/// A dispatch frame's token rows, as encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenRows {
+    /// E4M3 codes with 1x128 tile scales.
+    Fp8(Fp8Matrix),
+    /// BF16, `[rows, cols]`.
+    Bf16(Tensor<bf16>),
+    /// FP32, `[rows, cols]`.
+    F32(Tensor<f32>),
+}
+
+impl TokenRows {
+    /// Rows (tokens).
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Fp8(m) => m.rows(),
+            Self::Bf16(t) => t.rows(),
+            Self::F32(t) => t.rows(),
+        }
+    }
+
+    /// Columns (hidden size).
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Fp8(m) => m.cols(),
+            Self::Bf16(t) => t.last_dim(),
+            Self::F32(t) => t.last_dim(),
+        }
+    }
+
+    /// The rows' values in FP32.
+    pub fn to_f32(&self) -> Tensor<f32> {
+        match self {
+            Self::Fp8(m) => m.dequantize(),
+            Self::Bf16(t) => t.map(|v| v.to_f32()),
+            Self::F32(t) => t.clone(),
+        }
+    }
+
+    /// Bytes of the rows on the wire.
+    pub fn wire_bytes(&self) -> usize {
+        match self {
+            Self::Fp8(m) => m.wire_bytes(),
+            Self::Bf16(t) => 2 * t.numel(),
+            Self::F32(t) => 4 * t.numel(),
+        }
+    }
+
+    fn flags(&self) -> u8 {
+        match self {
+            Self::Fp8(_) => 0,
+            Self::Bf16(_) => ENC_BF16 << ENC_SHIFT,
+            Self::F32(_) => ENC_F32 << ENC_SHIFT,
+        }
+    }
+}
 
 /// Tokens bound for an expert-parallel peer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchFrame {
-    /// The tokens' hidden states, `[rows, cols]`, E4M3 with 1x128 tile scales.
-    pub tokens: Fp8Matrix,
+    /// The tokens' hidden states, `[rows, cols]` (E4M3 with 1x128 tile scales in FP8 runs).
+    pub tokens: TokenRows,
     /// Experts each token is routed to.
     pub topk: usize,
     /// `rows x topk` expert indices.
@@ -46,7 +124,16 @@ pub struct CombineFrame {
     /// Hidden size.
     pub cols: usize,
     /// `rows x cols` values.
-    pub values: Vec<bf16>,
+    pub values: CombineValues,
+}
+
+/// A combine frame's values, as encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CombineValues {
+    /// BF16 (the paper's combine).
+    Bf16(Vec<bf16>),
+    /// FP32 (FP32 runs).
+    F32(Vec<f32>),
 }
 
 fn bad(kind: &'static str, reason: impl Into<String>) -> WorkerError {
@@ -66,6 +153,17 @@ impl DispatchFrame {
         weights: Vec<f32>,
         pow2_scales: bool,
     ) -> Result<Self> {
+        Self::encode_rows(x, topk, experts, weights, RowCodec::Fp8 { pow2_scales })
+    }
+
+    /// Encodes `x: [rows, cols]` with `codec`, with each row's `topk` experts and weights.
+    pub fn encode_rows(
+        x: &Tensor<f32>,
+        topk: usize,
+        experts: Vec<u32>,
+        weights: Vec<f32>,
+        codec: RowCodec,
+    ) -> Result<Self> {
         let [rows, _] = dims2(x, "dispatch")?;
         if u32::try_from(topk).is_err()
             || experts.len() != rows * topk
@@ -80,13 +178,20 @@ impl DispatchFrame {
                 ),
             ));
         }
-        let tokens = Fp8Matrix::quantize_tensor_tiles(
-            x,
-            QuantConfig {
-                format: Fp8Format::E4M3,
+        let (tokens, pow2_scales) = match codec {
+            RowCodec::Fp8 { pow2_scales } => (
+                TokenRows::Fp8(Fp8Matrix::quantize_tensor_tiles(
+                    x,
+                    QuantConfig {
+                        format: Fp8Format::E4M3,
+                        pow2_scales,
+                    },
+                )?),
                 pow2_scales,
-            },
-        )?;
+            ),
+            RowCodec::Bf16 => (TokenRows::Bf16(x.map(bf16::from_f32)), false),
+            RowCodec::F32 => (TokenRows::F32(x.clone()), false),
+        };
         Ok(Self {
             tokens,
             topk,
@@ -109,12 +214,26 @@ impl DispatchFrame {
         header(
             &mut out,
             KIND_DISPATCH,
-            if self.pow2_scales { FLAG_POW2 } else { 0 },
+            self.tokens.flags() | if self.pow2_scales { FLAG_POW2 } else { 0 },
             [rows, cols, self.topk],
         );
-        out.extend_from_slice(self.tokens.codes());
-        for s in self.tokens.scales() {
-            out.extend_from_slice(&s.to_le_bytes());
+        match &self.tokens {
+            TokenRows::Fp8(m) => {
+                out.extend_from_slice(m.codes());
+                for s in m.scales() {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+            TokenRows::Bf16(t) => {
+                for v in t.data() {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            TokenRows::F32(t) => {
+                for v in t.data() {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         for e in &self.experts {
             out.extend_from_slice(&e.to_le_bytes());
@@ -129,11 +248,19 @@ impl DispatchFrame {
     pub fn decode(bytes: &[u8], experts: usize) -> Result<Self> {
         const K: &str = "dispatch";
         let (flags, [rows, cols, topk]) = read_header(bytes, KIND_DISPATCH, K)?;
+        let enc = (flags & ENC_MASK) >> ENC_SHIFT;
         let n = checked(rows, cols, K)?;
         let routes = checked(rows, topk, K)?;
         let n_scales = checked(rows, blocks(cols), K)?;
-        let (scale_bytes, route_bytes) = (checked(n_scales, 4, K)?, checked(routes, 4, K)?);
-        let want = [n, scale_bytes, route_bytes, route_bytes]
+        let row_bytes = match enc {
+            0 => n.checked_add(checked(n_scales, 4, K)?),
+            ENC_BF16 => n.checked_mul(2),
+            ENC_F32 => n.checked_mul(4),
+            other => return Err(bad(K, format!("unknown encoding {other}"))),
+        }
+        .ok_or_else(|| bad(K, "the header's sizes overflow"))?;
+        let route_bytes = checked(routes, 4, K)?;
+        let want = [row_bytes, route_bytes, route_bytes]
             .iter()
             .try_fold(HEADER, |a, b| a.checked_add(*b))
             .ok_or_else(|| bad(K, "the header's sizes overflow"))?;
@@ -147,10 +274,8 @@ impl DispatchFrame {
             ));
         }
         let mut at = HEADER;
-        let codes = bytes[at..at + n].to_vec();
-        at += n;
-        let scales = f32s(&bytes[at..at + 4 * n_scales]);
-        at += 4 * n_scales;
+        let rows_bytes = &bytes[at..at + row_bytes];
+        at += row_bytes;
         let idx: Vec<u32> = bytes[at..at + 4 * routes]
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -167,17 +292,44 @@ impl DispatchFrame {
         if let Some((i, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
             return Err(bad(K, format!("weight {i} is {w}")));
         }
-        let tokens = Fp8Matrix::from_parts(
-            rows,
-            cols,
-            Fp8Format::E4M3,
-            Granularity::Tile1x128,
-            codes,
-            scales,
-        )
-        .map_err(|e| bad(K, e.to_string()))?;
-        if tokens.codes().iter().any(|c| Fp8Format::E4M3.is_nan(*c)) {
-            return Err(bad(K, "a token value is NaN"));
+        let tokens = match enc {
+            0 => {
+                let m = Fp8Matrix::from_parts(
+                    rows,
+                    cols,
+                    Fp8Format::E4M3,
+                    Granularity::Tile1x128,
+                    rows_bytes[..n].to_vec(),
+                    f32s(&rows_bytes[n..]),
+                )
+                .map_err(|e| bad(K, e.to_string()))?;
+                if m.codes().iter().any(|c| Fp8Format::E4M3.is_nan(*c)) {
+                    return Err(bad(K, "a token value is NaN"));
+                }
+                TokenRows::Fp8(m)
+            }
+            ENC_BF16 => {
+                let v: Vec<bf16> = rows_bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(bad(K, format!("token value {i} is {}", v[i])));
+                }
+                TokenRows::Bf16(
+                    Tensor::new(vec![rows, cols], v).map_err(|e| bad(K, e.to_string()))?,
+                )
+            }
+            _ => {
+                let v = f32s(rows_bytes);
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(bad(K, format!("token value {i} is {}", v[i])));
+                }
+                TokenRows::F32(Tensor::new(vec![rows, cols], v).map_err(|e| bad(K, e.to_string()))?)
+            }
+        };
+        if !matches!(tokens, TokenRows::Fp8(_)) && flags & FLAG_POW2 != 0 {
+            return Err(bad(K, "power-of-two scales on rows without scales"));
         }
         Ok(Self {
             tokens,
@@ -192,28 +344,50 @@ impl DispatchFrame {
 impl CombineFrame {
     /// Rounds `x: [rows, cols]` to BF16.
     pub fn from_f32(x: &Tensor<f32>) -> Result<Self> {
+        Self::encode_rows(x, false)
+    }
+
+    /// `x: [rows, cols]` in BF16, or kept in FP32 when `full` is set.
+    pub fn encode_rows(x: &Tensor<f32>, full: bool) -> Result<Self> {
         let [rows, cols] = dims2(x, "combine")?;
-        Ok(Self {
-            rows,
-            cols,
-            values: x.data().iter().map(|v| bf16::from_f32(*v)).collect(),
-        })
+        let values = if full {
+            CombineValues::F32(x.data().to_vec())
+        } else {
+            CombineValues::Bf16(x.data().iter().map(|v| bf16::from_f32(*v)).collect())
+        };
+        Ok(Self { rows, cols, values })
     }
 
     /// The values as FP32.
     pub fn to_f32(&self) -> Result<Tensor<f32>> {
-        Ok(Tensor::new(
-            vec![self.rows, self.cols],
-            self.values.iter().map(|v| v.to_f32()).collect(),
-        )?)
+        let v = match &self.values {
+            CombineValues::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            CombineValues::F32(v) => v.clone(),
+        };
+        Ok(Tensor::new(vec![self.rows, self.cols], v)?)
     }
 
     /// The frame's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + 2 * self.values.len());
-        header(&mut out, KIND_COMBINE, 0, [self.rows, self.cols, 0]);
-        for v in &self.values {
-            out.extend_from_slice(&v.to_le_bytes());
+        let mut out = Vec::with_capacity(HEADER + 4 * self.rows * self.cols);
+        match &self.values {
+            CombineValues::Bf16(v) => {
+                header(&mut out, KIND_COMBINE, 0, [self.rows, self.cols, 0]);
+                for x in v {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+            CombineValues::F32(v) => {
+                header(
+                    &mut out,
+                    KIND_COMBINE,
+                    ENC_F32 << ENC_SHIFT,
+                    [self.rows, self.cols, 0],
+                );
+                for x in v {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
         }
         out
     }
@@ -221,10 +395,15 @@ impl CombineFrame {
     /// Reads a frame made by [`CombineFrame::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
         const K: &str = "combine";
-        let (_, [rows, cols, _]) = read_header(bytes, KIND_COMBINE, K)?;
+        let (flags, [rows, cols, _]) = read_header(bytes, KIND_COMBINE, K)?;
+        let width = match ((flags & ENC_MASK) >> ENC_SHIFT, flags & FLAG_POW2) {
+            (0, 0) => 2,
+            (ENC_F32, 0) => 4,
+            _ => return Err(bad(K, format!("unknown flags {flags:#04x}"))),
+        };
         let n = checked(rows, cols, K)?;
         let want = n
-            .checked_mul(2)
+            .checked_mul(width)
             .and_then(|b| b.checked_add(HEADER))
             .ok_or_else(|| bad(K, "the header's sizes overflow"))?;
         if bytes.len() != want {
@@ -236,13 +415,22 @@ impl CombineFrame {
                 ),
             ));
         }
-        let values: Vec<bf16> = bytes[HEADER..]
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(bad(K, format!("value {i} is {}", values[i])));
-        }
+        let values = if width == 2 {
+            let v: Vec<bf16> = bytes[HEADER..]
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(bad(K, format!("value {i} is {}", v[i])));
+            }
+            CombineValues::Bf16(v)
+        } else {
+            let v = f32s(&bytes[HEADER..]);
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(bad(K, format!("value {i} is {}", v[i])));
+            }
+            CombineValues::F32(v)
+        };
         Ok(Self { rows, cols, values })
     }
 }
@@ -288,7 +476,7 @@ fn read_header(bytes: &[u8], kind: u8, k: &'static str) -> Result<(u8, [usize; 3
     if bytes[4] != kind {
         return Err(bad(k, format!("kind {}, expected {kind}", bytes[4])));
     }
-    if bytes[5] & !FLAG_POW2 != 0 || bytes[6..8] != [0, 0] {
+    if bytes[5] & !(FLAG_POW2 | ENC_MASK) != 0 || bytes[6..8] != [0, 0] {
         return Err(bad(
             k,
             format!("unknown flags {:#04x} or reserved bytes set", bytes[5]),

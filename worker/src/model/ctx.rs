@@ -3,6 +3,8 @@
 use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
 
+use super::ep::ExpertExchange;
+
 /// Shape and settings of the micro-batch a layer runs on.
 #[derive(Clone, Copy, Debug)]
 pub struct Ctx<'a> {
@@ -22,6 +24,9 @@ pub struct Ctx<'a> {
     pub eps: f64,
     /// Weight of the sequence-wise balance loss.
     pub balance_alpha: f64,
+    /// With expert parallelism: the group's exchange (MoE layers compute only this rank's
+    /// routed experts and reach the others' through it).
+    pub experts: Option<&'a dyn ExpertExchange>,
 }
 
 impl Ctx<'_> {

@@ -7,10 +7,12 @@
 
 mod block;
 mod ctx;
+pub mod ep;
 pub mod linear;
 mod mla;
 mod mlp;
 mod moe;
+mod moe_ep;
 pub mod params;
 pub mod rope;
 pub mod stage;
@@ -24,6 +26,7 @@ use shoal_spec::ModelConfig;
 
 pub use self::block::Block;
 pub use self::ctx::Ctx;
+use self::ep::ExpertExchange;
 pub use self::linear::ModelFloat;
 pub use self::moe::MoeStats;
 use self::params::{Grads, Init, Layout, ParamId, ParamStore, Trainable};
@@ -406,6 +409,7 @@ impl<T: ModelFloat> Model<T> {
             },
             softmax_scale: self.softmax_scale,
             eps: self.cfg.rms_norm_eps,
+            experts: None,
             balance_alpha: alpha,
         }
     }
@@ -456,7 +460,7 @@ impl<T: ModelFloat> Model<T> {
     /// Losses of a forward pass only (no gradients).
     pub fn evaluate(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
         let part = StagePart::whole(self.blocks.len());
-        let (_, _, stats) = self.stage_forward(&part, b, None, obj)?;
+        let (_, _, stats) = self.stage_forward(&part, b, None, obj, None)?;
         stage::step_output(&[stats], obj, self.mtp.len())
     }
 
@@ -466,16 +470,61 @@ impl<T: ModelFloat> Model<T> {
         b: &TokenBatch<'_>,
         obj: &Objective,
     ) -> Result<(StepOutput, Vec<WTask<T>>)> {
+        self.forward_backward_input_with(b, obj, None)
+    }
+
+    fn forward_backward_input_with(
+        &self,
+        b: &TokenBatch<'_>,
+        obj: &Objective,
+        experts: Option<&dyn ExpertExchange>,
+    ) -> Result<(StepOutput, Vec<WTask<T>>)> {
         let part = StagePart::whole(self.blocks.len());
         let (_, saved, stats) = {
             let _span = tracing::debug_span!("forward").entered();
-            self.stage_forward(&part, b, None, obj)?
+            self.stage_forward(&part, b, None, obj, experts)?
         };
         let out = stage::step_output(&[stats], obj, self.mtp.len())?;
         let _span = tracing::debug_span!("backward").entered();
         let mut w = Vec::new();
-        self.stage_backward(&part, b, saved, None, obj, &mut w)?;
+        self.stage_backward(&part, b, saved, None, obj, experts, &mut w)?;
         Ok((out, w))
+    }
+
+    /// [`Model::forward_backward_micro`] with expert parallelism: this rank computes its routed
+    /// experts for every member of its group through `experts`. The micro-batches run one after
+    /// another on the calling thread (every member must meet the others' exchanges in the same
+    /// order), with the same shares, sums and W order as the concurrent version.
+    pub fn forward_backward_ep(
+        &self,
+        b: &TokenBatch<'_>,
+        obj: &Objective,
+        micro: usize,
+        grads: &mut Grads<T>,
+        experts: &dyn ExpertExchange,
+    ) -> Result<StepOutput> {
+        self.check_batch(b)?;
+        let micro = micro.clamp(1, b.batch);
+        let parts = split_micro(b, micro)?;
+        let mut tasks = Vec::new();
+        let mut out = StepOutput::zero(self.mtp.len());
+        for (part, share) in &parts {
+            let _span = tracing::debug_span!("micro_batch").entered();
+            let o = Objective {
+                loss_scale: obj.loss_scale * share,
+                ..*obj
+            };
+            let (mo, w) = self.forward_backward_input_with(part, &o, Some(experts))?;
+            if micro == 1 {
+                out = mo;
+            } else {
+                out.accumulate(mo, *share);
+            }
+            tasks.extend(w);
+        }
+        let _span = tracing::debug_span!("wgrad").entered();
+        wgrad::run_all(tasks, grads)?;
+        Ok(out)
     }
 
     /// B pass of `norm -> output head` (the head stays FP32): returns the gradient of the

@@ -28,14 +28,14 @@ use crate::Result;
 /// One MoE layer's parameters.
 #[derive(Clone, Debug)]
 pub struct Moe {
-    router: ParamId,
-    bias: ParamId,
-    experts: Vec<Mlp>,
-    shared: Option<Mlp>,
-    gate: GateConfig,
+    pub(super) router: ParamId,
+    pub(super) bias: ParamId,
+    pub(super) experts: Vec<Mlp>,
+    pub(super) shared: Option<Mlp>,
+    pub(super) gate: GateConfig,
 }
 
-struct ExpertSaved<T> {
+pub(super) struct ExpertSaved<T> {
     rows: Vec<usize>,
     slots: Vec<usize>,
     mlp: MlpSaved<T>,
@@ -44,9 +44,11 @@ struct ExpertSaved<T> {
 
 /// What the forward pass keeps.
 pub struct MoeSaved<T> {
-    gate: GateOutput<T>,
-    experts: Vec<Option<ExpertSaved<T>>>,
-    shared: Option<MlpSaved<T>>,
+    pub(super) gate: GateOutput<T>,
+    pub(super) experts: Vec<Option<ExpertSaved<T>>>,
+    pub(super) shared: Option<MlpSaved<T>>,
+    /// With expert parallelism: what this rank sent and served.
+    pub(super) ep: Option<Box<super::moe_ep::EpSaved<T>>>,
 }
 
 impl<T> std::fmt::Debug for MoeSaved<T> {
@@ -130,6 +132,9 @@ impl Moe {
         x: &Tensor<T>,
         ctx: &Ctx<'_>,
     ) -> Result<(Tensor<T>, MoeSaved<T>, MoeStats)> {
+        if let Some(ex) = ctx.experts {
+            return self.forward_ep(p, x, ctx, ex);
+        }
         let (tokens, hidden) = (x.rows(), x.last_dim());
         let router_span = tracing::debug_span!("moe.router").entered();
         let logits = T::linear(x, p, self.router, Precision::Fp32)?;
@@ -199,6 +204,7 @@ impl Moe {
                 gate,
                 experts,
                 shared: y.1,
+                ep: None,
             },
             stats,
         ))
@@ -206,7 +212,7 @@ impl Moe {
 
     /// The sequence-wise balance loss (mean over sequences of `sum_i f_i P_i`), and, when `grad`
     /// is given, adds `scale * d loss / d logits` into it.
-    fn balance<T: ModelFloat>(
+    pub(super) fn balance<T: ModelFloat>(
         &self,
         gate: &GateOutput<T>,
         ctx: &Ctx<'_>,
@@ -270,6 +276,9 @@ impl Moe {
         ctx: &Ctx<'_>,
         w: &mut Vec<WTask<T>>,
     ) -> Result<Tensor<T>> {
+        if let (Some(ex), Some(_)) = (ctx.experts, saved.ep.as_ref()) {
+            return self.backward_ep(p, x, saved, dy, ctx, ex, w);
+        }
         let (tokens, hidden) = (x.rows(), x.last_dim());
         let k = self.gate.top_k;
         let shared_span = tracing::debug_span!("moe.shared").entered();
@@ -325,10 +334,26 @@ impl Moe {
             w.extend(tasks);
         }
         drop(experts_span);
+        self.router_backward(p, x, &saved.gate, &dweights, dx, ctx, w)
+    }
+
+    /// The router's B pass (gate weights and balance loss back to the logits, then through the
+    /// FP32 router) added to `dx`; pushes the router's W work.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn router_backward<T: ModelFloat>(
+        &self,
+        p: &ParamStore<T>,
+        x: std::sync::Arc<Tensor<T>>,
+        gate: &GateOutput<T>,
+        dweights: &Tensor<T>,
+        mut dx: Tensor<T>,
+        ctx: &Ctx<'_>,
+        w: &mut Vec<WTask<T>>,
+    ) -> Result<Tensor<T>> {
         let _span = tracing::debug_span!("moe.router").entered();
-        let mut dlogits = gate_backward(&dweights, &saved.gate, &self.gate)?;
+        let mut dlogits = gate_backward(dweights, gate, &self.gate)?;
         if ctx.balance_alpha != 0.0 {
-            self.balance(&saved.gate, ctx, Some((&mut dlogits, ctx.balance_alpha)))?;
+            self.balance(gate, ctx, Some((&mut dlogits, ctx.balance_alpha)))?;
         }
         let (dxr, dlogits) = T::linear_b(dlogits, p, self.router, Precision::Fp32)?;
         dx.add_assign(&dxr, "moe.dx")?;

@@ -252,6 +252,24 @@ impl<T: Real> ParamStore<T> {
         Ok(())
     }
 
+    /// Frees a parameter this replica does not hold (another rank's routed expert): its tensor
+    /// becomes empty, and so does its gradient buffer in [`Self::zero_grads`]. Using it is an
+    /// error of shape.
+    pub fn release(&mut self, id: ParamId) {
+        self.tensors[id.0] = Tensor::zeros(vec![0]);
+        self.operands[id.0] = OnceLock::new();
+    }
+
+    /// The parameter's declared shape (also for one this replica does not hold).
+    pub fn layout_shape(&self, id: ParamId) -> Vec<usize> {
+        self.layout.entries[id.0].shape.clone()
+    }
+
+    /// Whether this replica holds the parameter's values (see [`Self::release`]).
+    pub fn holds(&self, id: ParamId) -> bool {
+        self.tensors[id.0].shape() == self.layout.entries[id.0].shape.as_slice()
+    }
+
     /// Looks a parameter up by name.
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.layout

@@ -17,7 +17,9 @@ use shoal_kernels::ops::embedding::embedding_forward;
 use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::rmsnorm::rmsnorm_forward;
 
+use super::Ctx;
 use super::block::BlockSaved;
+use super::ep::ExpertExchange;
 use super::linear::ModelFloat;
 use super::tensor_ops::{join_groups, pad_prefix_rows, split_groups, take_prefix_rows};
 use super::wgrad::{self, WTask};
@@ -142,11 +144,15 @@ impl<T: ModelFloat> Model<T> {
         b: &TokenBatch<'_>,
         input: Option<Tensor<T>>,
         obj: &Objective,
+        experts: Option<&dyn ExpertExchange>,
     ) -> Result<(Option<Tensor<T>>, StageSaved<T>, StageStats)> {
         self.check_batch(b)?;
         self.check_part(part)?;
         let p = &self.params;
-        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha);
+        let ctx = Ctx {
+            experts,
+            ..self.ctx(b.batch, b.seq, obj.balance_alpha)
+        };
         let mut h = match (part.embed, input) {
             (true, None) => embedding_forward(p.get(self.embed), b.inputs)?,
             (false, Some(h)) => h,
@@ -265,6 +271,7 @@ impl<T: ModelFloat> Model<T> {
     /// next stage's input gradient; `None` on the last stage, which starts from its losses).
     /// Returns the gradient of the stage's input (`None` on the first stage) and pushes the W
     /// work onto `w`.
+    #[allow(clippy::too_many_arguments)]
     pub fn stage_backward(
         &self,
         part: &StagePart,
@@ -272,6 +279,7 @@ impl<T: ModelFloat> Model<T> {
         saved: StageSaved<T>,
         dout: Option<Tensor<T>>,
         obj: &Objective,
+        experts: Option<&dyn ExpertExchange>,
         w: &mut Vec<WTask<T>>,
     ) -> Result<Option<Tensor<T>>> {
         self.check_part(part)?;
@@ -284,7 +292,10 @@ impl<T: ModelFloat> Model<T> {
         let p = &self.params;
         // The backward pass differentiates `loss_scale * loss`: every upstream gradient carries
         // the scale (the balance loss through its weight in `ctx`).
-        let ctx = self.ctx(b.batch, b.seq, obj.balance_alpha * obj.loss_scale);
+        let ctx = Ctx {
+            experts,
+            ..self.ctx(b.batch, b.seq, obj.balance_alpha * obj.loss_scale)
+        };
         let mut dh = match (saved.head, dout) {
             (Some(head), None) => self.head_backward_all(head, b, obj, &ctx, w)?,
             (None, Some(d)) => d,

@@ -312,7 +312,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         let part = &self.step.stages[stage];
         let b = &self.step.micro[g].0;
         let _span = tracing::debug_span!("forward", stage, dir = c.dir, mb = c.mb).entered();
-        let (out, saved, stats) = self.step.model.stage_forward(part, b, input, &obj)?;
+        let (out, saved, stats) = self.step.model.stage_forward(part, b, input, &obj, None)?;
         self.saved.insert((c.dir, c.mb), saved);
         self.stats.push((g, stage, stats));
         if let Some(out) = out {
@@ -336,7 +336,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         let din = self
             .step
             .model
-            .stage_backward(part, b, saved, dout, &obj, &mut w)?;
+            .stage_backward(part, b, saved, dout, &obj, None, &mut w)?;
         self.deferred.insert((c.dir, c.mb), w);
         if let Some(din) = din {
             let to = self.neighbour(c.dir, stage - 1);

@@ -21,18 +21,32 @@ use shoal_spec::schedule::StepSchedule;
 
 use super::zero::ZeroLayout;
 use crate::comm::collective::{Group, all_gather, all_reduce_f64, all_reduce_u64, reduce_scatter};
+use crate::comm::expert::EpLink;
 use crate::comm::transport::{CommOp, Tag, Transport};
 use crate::model::params::Grads;
 use crate::model::{Model, Objective, StagePart, StepOutput, TokenBatch};
 use crate::pipeline;
 use crate::{Result, WorkerError};
 
+/// One sharded group of parameters as a rank holds it: the dense parameters (sharded over all
+/// ranks), or the routed experts of this rank's expert-parallel position (sharded over the ranks
+/// at that position in every expert-parallel group).
+pub(crate) struct Part {
+    /// Index of its layout in [`StepPlan::layouts`].
+    pub(crate) layout: usize,
+    /// The ranks sharing it, in shard order.
+    pub(crate) group: Group,
+    /// This rank's place in `group` (its shard).
+    pub(crate) member: usize,
+    /// AdamW state of this rank's shard, one per segment.
+    pub(crate) moments: Vec<AdamWState>,
+}
+
 /// What one data-parallel rank owns.
 pub(crate) struct Replica {
     pub(crate) model: Model<f32>,
     pub(crate) grads: Grads<f32>,
-    /// AdamW state of this rank's shard, one per segment.
-    pub(crate) moments: Vec<AdamWState>,
+    pub(crate) parts: Vec<Part>,
 }
 
 /// What every rank of the step reads.
@@ -45,8 +59,11 @@ pub(crate) struct StepPlan<'a> {
     pub(crate) grad_clip: f32,
     pub(crate) gamma: f32,
     pub(crate) pipeline: Option<&'a (Vec<StagePart>, StepSchedule)>,
-    pub(crate) layout: &'a ZeroLayout,
+    pub(crate) layouts: &'a [ZeroLayout],
+    /// Every data-parallel rank.
     pub(crate) group: &'a Group,
+    /// Expert-parallel group size (1: none).
+    pub(crate) ep: usize,
 }
 
 /// What a rank's step produced.
@@ -58,11 +75,11 @@ pub(crate) struct RankOutcome {
     pub(crate) pipeline_bytes: u64,
 }
 
-fn tag(plan: &StepPlan<'_>, op: CommOp) -> Tag {
+fn tag(plan: &StepPlan<'_>, op: CommOp, seq: u64) -> Tag {
     Tag {
         step: plan.step,
         op,
-        seq: 0,
+        seq,
     }
 }
 
@@ -79,8 +96,8 @@ pub(crate) fn rank_step(
         ..plan.obj
     };
     rep.grads.zero();
-    let (out, pipeline_bytes) = match plan.pipeline {
-        Some((stages, schedule)) => {
+    let (out, pipeline_bytes) = match (plan.pipeline, plan.ep) {
+        (Some((stages, schedule)), 1) => {
             let r = pipeline::run_step(
                 &rep.model,
                 stages,
@@ -92,44 +109,69 @@ pub(crate) fn rank_step(
             )?;
             (r.out, r.bytes_sent.iter().sum())
         }
-        None => (
+        (Some(_), _) => {
+            return Err(WorkerError::invalid(
+                "ep",
+                "expert parallelism inside pipeline stages is not built yet",
+            ));
+        }
+        (None, 1) => (
             rep.model
                 .forward_backward_micro(batch, &obj, plan.micro_batches, &mut rep.grads)?,
             0,
         ),
+        (None, ep) => {
+            let r = t.rank();
+            let first = r / ep * ep;
+            let link = EpLink::new(t, (first..first + ep).collect(), r - first, plan.step)?;
+            let out = rep.model.forward_backward_ep(
+                batch,
+                &obj,
+                plan.micro_batches,
+                &mut rep.grads,
+                &link,
+            )?;
+            (out, 0)
+        }
     };
 
-    let layout = plan.layout;
-    let me = plan
-        .group
-        .position(t.rank())
-        .ok_or_else(|| WorkerError::invalid("rank", "not in its data-parallel group"))?;
+    // Reduce-scatter every part's gradients onto its shards.
     let collective = tracing::debug_span!("collective", op = "reduce-scatter").entered();
-    let flat = layout.flatten(&rep.grads);
-    let shard = reduce_scatter(
-        t,
-        plan.group,
-        tag(plan, CommOp::ReduceScatter),
-        &flat,
-        &layout.bounds,
-    )?;
+    let mut shards = Vec::with_capacity(rep.parts.len());
+    for (i, part) in rep.parts.iter().enumerate() {
+        let layout = &plan.layouts[part.layout];
+        let flat = layout.flatten(&rep.grads);
+        shards.push(reduce_scatter(
+            t,
+            &part.group,
+            tag(plan, CommOp::ReduceScatter, i as u64),
+            &flat,
+            &layout.bounds,
+        )?);
+    }
     drop(collective);
-    let base = layout.bounds[me].start;
-    let segs = &layout.shards[me];
 
     let opt_span = tracing::debug_span!("optimizer").entered();
-    let local: f64 = segs
-        .iter()
-        .map(|s| sum_sq(&shard[s.flat.start - base..s.flat.end - base]))
-        .sum();
-    let total = all_reduce_f64(t, plan.group, tag(plan, CommOp::AllReduce), &[local])?;
+    // Every element of every part lies in exactly one rank's shard: the squared norm is the
+    // sum over all ranks of their shards' sums.
+    let mut local = 0.0;
+    for (part, shard) in rep.parts.iter().zip(&shards) {
+        let layout = &plan.layouts[part.layout];
+        let base = layout.bounds[part.member].start;
+        local += layout.shards[part.member]
+            .iter()
+            .map(|s| sum_sq(&shard[s.flat.start - base..s.flat.end - base]))
+            .sum::<f64>();
+    }
+    let total = all_reduce_f64(t, plan.group, tag(plan, CommOp::AllReduce, 0), &[local])?;
     let grad_norm = total.first().copied().unwrap_or(0.0).sqrt();
     if !grad_norm.is_finite() {
-        let (index, value) = shard
+        let (index, value) = shards
             .iter()
+            .flatten()
             .enumerate()
             .find(|(_, v)| !v.is_finite())
-            .map_or((0, grad_norm), |(i, v)| (base + i, f64::from(*v)));
+            .map_or((0, grad_norm), |(i, v)| (i, f64::from(*v)));
         return Err(KernelError::NonFinite {
             operand: "clip_grad_norm.grads",
             index,
@@ -142,34 +184,47 @@ pub(crate) fn rank_step(
         weight_decay: 0.0,
         ..plan.adamw
     };
-    for (seg, st) in segs.iter().zip(rep.moments.iter_mut()) {
-        let c = if rep.model.params().decays(seg.param) {
-            &plan.adamw
-        } else {
-            &no_decay
-        };
-        let g = &shard[seg.flat.start - base..seg.flat.end - base];
-        let p = &mut rep.model.params_mut().get_mut(seg.param).data_mut()[seg.within.clone()];
-        adamw_step_scaled(p, g, clip, st, c, plan.lr)?;
+    for (part, shard) in rep.parts.iter_mut().zip(&shards) {
+        let layout = &plan.layouts[part.layout];
+        let base = layout.bounds[part.member].start;
+        for (seg, st) in layout.shards[part.member]
+            .iter()
+            .zip(part.moments.iter_mut())
+        {
+            let c = if rep.model.params().decays(seg.param) {
+                &plan.adamw
+            } else {
+                &no_decay
+            };
+            let g = &shard[seg.flat.start - base..seg.flat.end - base];
+            let p = &mut rep.model.params_mut().get_mut(seg.param).data_mut()[seg.within.clone()];
+            adamw_step_scaled(p, g, clip, st, c, plan.lr)?;
+        }
     }
     drop(opt_span);
 
-    if plan.group.ranks.len() > 1 {
-        let _span = tracing::debug_span!("collective", op = "all-gather").entered();
-        let own = layout.shard_values(me, rep.model.params());
+    // All-gather every part's updated shards.
+    let _span = tracing::debug_span!("collective", op = "all-gather").entered();
+    for (i, part) in rep.parts.iter().enumerate() {
+        if part.group.ranks.len() < 2 {
+            continue;
+        }
+        let layout = &plan.layouts[part.layout];
+        let own = layout.shard_values(part.member, rep.model.params());
         let whole = all_gather(
             t,
-            plan.group,
-            tag(plan, CommOp::AllGather),
+            &part.group,
+            tag(plan, CommOp::AllGather, i as u64),
             &own,
             &layout.bounds,
         )?;
         for r in 0..layout.bounds.len() {
-            if r != me {
+            if r != part.member {
                 layout.write_shard(r, &whole, rep.model.params_mut());
             }
         }
     }
+    drop(_span);
 
     // Auxiliary-loss-free balancing from the loads of the whole global batch.
     let loads: Vec<u64> = out
@@ -178,15 +233,7 @@ pub(crate) fn rank_step(
         .flatten()
         .map(|&l| l as u64)
         .collect();
-    let summed = all_reduce_u64(
-        t,
-        plan.group,
-        Tag {
-            seq: 1,
-            ..tag(plan, CommOp::AllReduce)
-        },
-        &loads,
-    )?;
+    let summed = all_reduce_u64(t, plan.group, tag(plan, CommOp::AllReduce, 1), &loads)?;
     let biases = rep.model.expert_biases();
     let mut at = 0;
     for (bias, layer) in biases.iter().zip(&out.expert_loads) {

@@ -9,13 +9,14 @@ pub mod zero;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use shoal_kernels::Tensor;
 use shoal_kernels::ops::adamw::{AdamWConfig, AdamWState};
 use shoal_kernels::ops::linear::Precision;
 
 use shoal_spec::plan::{Schedule, balanced_layers};
 use shoal_spec::schedule::{StepSchedule, build};
 
-use self::dp::{Replica, StepPlan, rank_step};
+use self::dp::{Part, Replica, StepPlan, rank_step};
 use self::zero::ZeroLayout;
 use crate::comm::collective::Group;
 use crate::comm::transport::{ByteCounts, LocalMesh, Transport};
@@ -64,6 +65,11 @@ pub struct TrainOptions {
     /// of every batch and keeping the optimizer state of its ZeRO-1 shard.
     #[serde(default = "one")]
     pub dp: usize,
+    /// Expert-parallel group size: each group of `ep` consecutive data-parallel ranks shares
+    /// the routed experts, `n_routed_experts / ep` per rank, reached through dispatch and
+    /// combine (must divide `dp`).
+    #[serde(default = "one")]
+    pub ep: usize,
 }
 
 fn one() -> usize {
@@ -102,6 +108,7 @@ impl TrainOptions {
             micro_batches: default_micro_batches(),
             pipeline: None,
             dp: 1,
+            ep: 1,
         }
     }
 
@@ -150,6 +157,15 @@ impl TrainOptions {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(name, format!("must be a finite number >= 0, got {v}"));
             }
+        }
+        if self.ep == 0 || self.dp % self.ep != 0 {
+            return bad("ep", format!("{} does not divide dp {}", self.ep, self.dp));
+        }
+        if self.ep > 1 && self.pipeline.is_some() {
+            return bad(
+                "ep",
+                "expert parallelism inside pipeline stages is not built yet (use pp 1)".into(),
+            );
         }
         self.adamw().validate()?;
         if let Some(p) = &self.pipeline {
@@ -248,8 +264,10 @@ impl MemoryUse {
 pub struct Trainer {
     /// One per data-parallel rank; replica 0's weights are the model.
     replicas: Vec<Replica>,
-    /// How the trained parameters are sharded over the replicas (ZeRO-1).
-    layout: ZeroLayout,
+    /// How the trained parameters are sharded over the replicas (ZeRO-1): the dense
+    /// parameters over every rank, then with expert parallelism the routed experts of each
+    /// position over the ranks at that position.
+    layouts: Vec<ZeroLayout>,
     /// The stages and the step's schedule with pipeline parallelism.
     pipeline: Option<(Vec<StagePart>, StepSchedule)>,
     batcher: Batcher,
@@ -308,23 +326,75 @@ impl Trainer {
             }
             None => None,
         };
-        let layout = ZeroLayout::new(model.params(), opts.dp);
+        let (dp, ep) = (opts.dp, opts.ep);
+        let experts = model.config().n_routed_experts;
+        if ep > 1 && (experts == 0 || experts % ep != 0) {
+            return Err(WorkerError::invalid(
+                "ep",
+                format!("{ep} does not divide the model's {experts} routed experts"),
+            ));
+        }
+        let per = experts / ep.max(1);
+        let mut layouts = Vec::with_capacity(1 + ep);
+        if ep == 1 {
+            layouts.push(ZeroLayout::new(model.params(), dp));
+        } else {
+            layouts.push(ZeroLayout::with_filter(model.params(), dp, |n| {
+                zero::expert_of(n).is_none()
+            }));
+            for pos in 0..ep {
+                layouts.push(ZeroLayout::with_filter(model.params(), dp / ep, |n| {
+                    zero::expert_of(n).is_some_and(|j| j / per == pos)
+                }));
+            }
+        }
         let mut models = vec![model];
-        for _ in 1..opts.dp {
+        for _ in 1..dp {
             models.push(models[0].clone());
         }
         let replicas = models
             .into_iter()
             .enumerate()
-            .map(|(r, m)| Replica {
-                grads: m.params().zero_grads(),
-                moments: layout.fresh_moments(r, &cfg),
-                model: m,
+            .map(|(r, mut m)| {
+                let mut parts = vec![Part {
+                    layout: 0,
+                    group: Group {
+                        ranks: (0..dp).collect(),
+                    },
+                    member: r,
+                    moments: layouts[0].fresh_moments(r, &cfg),
+                }];
+                if ep > 1 {
+                    let pos = r % ep;
+                    // Another position's experts: not held here.
+                    let others: Vec<ParamId> = m
+                        .params()
+                        .iter()
+                        .filter(|(_, n, _)| zero::expert_of(n).is_some_and(|j| j / per != pos))
+                        .map(|(id, _, _)| id)
+                        .collect();
+                    for id in others {
+                        m.params_mut().release(id);
+                    }
+                    parts.push(Part {
+                        layout: 1 + pos,
+                        group: Group {
+                            ranks: (pos..dp).step_by(ep).collect(),
+                        },
+                        member: r / ep,
+                        moments: layouts[1 + pos].fresh_moments(r / ep, &cfg),
+                    });
+                }
+                Replica {
+                    grads: m.params().zero_grads(),
+                    parts,
+                    model: m,
+                }
             })
             .collect();
         Ok(Self {
             replicas,
-            layout,
+            layouts,
             pipeline,
             batcher,
             opts,
@@ -332,9 +402,42 @@ impl Trainer {
         })
     }
 
-    /// The model (every data-parallel replica holds the same weights).
+    /// Replica 0's model (every data-parallel replica holds the same weights). With expert
+    /// parallelism it holds only its own routed experts (the others are empty): see
+    /// [`Self::consolidated_model`].
     pub fn model(&self) -> &Model<f32> {
         &self.replicas[0].model
+    }
+
+    /// Every parameter under its Hugging Face name, each routed expert taken from a rank that
+    /// holds it.
+    pub fn named_f32(&self) -> Vec<(String, Tensor<f32>)> {
+        let mut named = self.replicas[0].model.named_f32();
+        let ids: Vec<ParamId> = self.params().iter().map(|(id, _, _)| id).collect();
+        for (slot, id) in named.iter_mut().zip(ids) {
+            if let Some(rep) = self
+                .replicas
+                .iter()
+                .find(|r| r.model.params().holds(id))
+                .filter(|_| !self.params().holds(id))
+            {
+                slot.1 = rep.model.params().get(id).clone();
+            }
+        }
+        named
+    }
+
+    /// The whole model, with every routed expert (a copy when experts are spread over ranks).
+    pub fn consolidated_model(&self) -> Result<Model<f32>> {
+        let m = self.model();
+        let (model, _) = Model::from_named(
+            m.config(),
+            self.named_f32().into_iter().collect(),
+            m.precision(),
+            0,
+            "trainer",
+        )?;
+        Ok(model)
     }
 
     /// Data-parallel replica `r`'s copy of the model (ZeRO-1 keeps the replicas identical).
@@ -371,8 +474,9 @@ impl Trainer {
                 let params: usize = r.model.params().iter().map(|(_, _, t)| t.numel()).sum();
                 let grads: usize = r.grads.tensors().iter().map(|t| t.numel()).sum();
                 let optimizer: usize = r
-                    .moments
+                    .parts
                     .iter()
+                    .flat_map(|p| &p.moments)
                     .map(|st| {
                         st.len()
                             * match st.moments {
@@ -392,16 +496,35 @@ impl Trainer {
 
     /// The optimizer state of every trained parameter, joined from the shards.
     pub(crate) fn param_moments(&self) -> Result<Vec<(ParamId, AdamWState)>> {
-        let per_rank: Vec<Vec<AdamWState>> =
-            self.replicas.iter().map(|r| r.moments.clone()).collect();
-        self.layout.assemble(&per_rank)
+        let mut all = Vec::new();
+        for (li, layout) in self.layouts.iter().enumerate() {
+            // The members holding this layout's shards, in shard order.
+            let mut members: Vec<(usize, Vec<AdamWState>)> = self
+                .replicas
+                .iter()
+                .flat_map(|r| r.parts.iter())
+                .filter(|p| p.layout == li)
+                .map(|p| (p.member, p.moments.clone()))
+                .collect();
+            members.sort_by_key(|(m, _)| *m);
+            let per_member: Vec<Vec<AdamWState>> = members.into_iter().map(|(_, m)| m).collect();
+            all.extend(layout.assemble(&per_member)?);
+        }
+        all.sort_by_key(|(id, _)| id.index());
+        Ok(all)
     }
 
     /// Replaces the optimizer state with `whole` (one per trained parameter), cut into shards.
     pub(crate) fn set_param_moments(&mut self, whole: &[(ParamId, AdamWState)]) -> Result<()> {
-        let parts = self.layout.split(whole)?;
-        for (rep, m) in self.replicas.iter_mut().zip(parts) {
-            rep.moments = m;
+        let split: Vec<Vec<Vec<AdamWState>>> = self
+            .layouts
+            .iter()
+            .map(|l| l.split(whole))
+            .collect::<Result<_>>()?;
+        for rep in &mut self.replicas {
+            for part in &mut rep.parts {
+                part.moments = split[part.layout][part.member].clone();
+            }
         }
         Ok(())
     }
@@ -436,8 +559,9 @@ impl Trainer {
             grad_clip: self.opts.grad_clip,
             gamma: self.opts.bias_update_speed as f32,
             pipeline: self.pipeline.as_ref(),
-            layout: &self.layout,
+            layouts: &self.layouts,
             group: &group,
+            ep: self.opts.ep,
         };
         let mut mesh = LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT);
         let results: Vec<Result<(dp::RankOutcome, ByteCounts)>> = if dp == 1 {

@@ -96,14 +96,15 @@ impl Trainer {
         let writer = CheckpointWriter::begin(dir)?;
         let cfg = self.model().config();
         writer.write_json(CONFIG_FILE, &cfg.to_hf_json())?;
-        let named = self.model().named_f32();
+        let named = self.named_f32();
         let refs: Vec<(String, &Tensor<f32>)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
         writer.write_safetensors(WEIGHTS_FILE, &refs, StoreDtype::F32)?;
 
         let mut moments = Vec::new();
         for (id, state) in self.param_moments()? {
-            let (name, t) = (self.params().name(id), self.params().get(id));
-            let (m, v) = moment_tensors(&state, t.shape())?;
+            let name = self.params().name(id);
+            let shape = self.model().params().layout_shape(id);
+            let (m, v) = moment_tensors(&state, &shape)?;
             moments.push((format!("{name}.exp_avg"), m));
             moments.push((format!("{name}.exp_avg_sq"), v));
         }

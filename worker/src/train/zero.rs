@@ -40,10 +40,20 @@ pub struct ZeroLayout {
 impl ZeroLayout {
     /// The layout of `params`' trained parameters over `dp` shards.
     pub fn new<T: shoal_kernels::Real>(params: &ParamStore<T>, dp: usize) -> Self {
+        Self::with_filter(params, dp, |_| true)
+    }
+
+    /// The layout of the trained parameters whose names `keep` accepts, over `parts` shards.
+    pub fn with_filter<T: shoal_kernels::Real>(
+        params: &ParamStore<T>,
+        parts: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Self {
+        let dp = parts;
         let mut at = 0;
         let list: Vec<(ParamId, Range<usize>)> = params
             .iter()
-            .filter(|(id, _, _)| params.trainable(*id))
+            .filter(|(id, name, _)| params.trainable(*id) && keep(name))
             .map(|(id, _, t)| {
                 let r = at..at + t.numel();
                 at = r.end;
@@ -122,6 +132,9 @@ impl ZeroLayout {
     pub fn assemble(&self, per_rank: &[Vec<AdamWState>]) -> Result<Vec<(ParamId, AdamWState)>> {
         let mut out: Vec<(ParamId, Option<AdamWState>)> =
             self.params.iter().map(|(id, _)| (*id, None)).collect();
+        if out.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut next = 0;
         for (segs, states) in self.shards.iter().zip(per_rank) {
             for (seg, st) in segs.iter().zip(states) {
@@ -216,4 +229,10 @@ impl ZeroLayout {
             })
             .collect()
     }
+}
+
+/// The routed expert a parameter belongs to (`...mlp.experts.J....`), if any.
+pub fn expert_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find(".mlp.experts.")? + ".mlp.experts.".len()..];
+    rest.split('.').next()?.parse().ok()
 }
