@@ -313,7 +313,13 @@ impl Moe {
         let mut dys = Vec::with_capacity(ep);
         for (s, bytes) in got.iter().enumerate() {
             let g = CombineFrame::decode(bytes)?.to_f32()?;
-            rows_match("output gradients", s, &g, eps.received[s].rows.rows(), hidden)?;
+            rows_match(
+                "output gradients",
+                s,
+                &g,
+                eps.received[s].rows.rows(),
+                hidden,
+            )?;
             dys.push(from_f32::<T>(&g));
         }
         drop(dispatch_span);

@@ -27,6 +27,7 @@ use serde::Serialize;
 use shoal_kernels::Tensor;
 use shoal_spec::schedule::{Op, StepSchedule};
 
+use crate::model::ep::ExpertExchange;
 use crate::model::params::Grads;
 use crate::model::{
     Model, ModelFloat, Objective, StagePart, StepOutput, TokenBatch, split_micro, stage,
@@ -110,6 +111,9 @@ pub(crate) struct Step<'a, T> {
     pub(crate) start: Instant,
     /// Set by the first rank that fails; the others stop at their next wait.
     pub(crate) abort: Arc<AtomicBool>,
+    /// With expert parallelism: each rank's exchange with the same rank of the other pipelines
+    /// in its expert-parallel group (empty without).
+    pub(crate) experts: &'a [&'a dyn ExpertExchange],
 }
 
 /// Runs one training step of `batch` split into `schedule.micro_batches` micro-batches over
@@ -130,12 +134,35 @@ pub fn run_step<T: ModelFloat>(
     grads: &mut Grads<T>,
     timeout: Duration,
 ) -> Result<StepReport> {
+    run_step_with(model, stages, schedule, batch, obj, grads, timeout, &[])
+}
+
+/// [`run_step`] with expert parallelism: pipeline rank `r` reaches the experts of its stages on
+/// the other members of its expert-parallel group through `experts[r]` (every member runs the
+/// same schedule, so their exchanges meet in the same order).
+#[allow(clippy::too_many_arguments)]
+pub fn run_step_with<T: ModelFloat>(
+    model: &Model<T>,
+    stages: &[StagePart],
+    schedule: &StepSchedule,
+    batch: &TokenBatch<'_>,
+    obj: &Objective,
+    grads: &mut Grads<T>,
+    timeout: Duration,
+    experts: &[&dyn ExpertExchange],
+) -> Result<StepReport> {
     schedule.check()?;
     let pp = schedule.pp;
     if stages.len() != pp {
         return Err(WorkerError::invalid(
             "stages",
             format!("{} stages for {pp} pipeline ranks", stages.len()),
+        ));
+    }
+    if !experts.is_empty() && experts.len() != pp {
+        return Err(WorkerError::invalid(
+            "ep",
+            format!("{} expert exchanges for {pp} pipeline ranks", experts.len()),
         ));
     }
     let micro = split_micro(batch, schedule.micro_batches)?;
@@ -148,6 +175,7 @@ pub fn run_step<T: ModelFloat>(
         timeout,
         start: Instant::now(),
         abort: Arc::new(AtomicBool::new(false)),
+        experts,
     };
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..pp).map(|_| mpsc::channel()).unzip();
     // The ranks record their spans wherever the caller's do.

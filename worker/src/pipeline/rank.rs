@@ -153,6 +153,11 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         Ok(())
     }
 
+    /// This rank's expert-parallel exchange, if any.
+    fn experts(&self) -> Option<&'a dyn crate::model::ep::ExpertExchange> {
+        self.step.experts.get(self.rank).copied()
+    }
+
     /// The stage this rank runs for direction `dir`, and its position along that direction.
     fn stage(&self, dir: u8) -> usize {
         self.step.schedule.position(self.rank, dir)
@@ -312,7 +317,10 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         let part = &self.step.stages[stage];
         let b = &self.step.micro[g].0;
         let _span = tracing::debug_span!("forward", stage, dir = c.dir, mb = c.mb).entered();
-        let (out, saved, stats) = self.step.model.stage_forward(part, b, input, &obj, None)?;
+        let (out, saved, stats) =
+            self.step
+                .model
+                .stage_forward(part, b, input, &obj, self.experts())?;
         self.saved.insert((c.dir, c.mb), saved);
         self.stats.push((g, stage, stats));
         if let Some(out) = out {
@@ -333,10 +341,10 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         let b = &self.step.micro[g].0;
         let _span = tracing::debug_span!("backward", stage, dir = c.dir, mb = c.mb).entered();
         let mut w = Vec::new();
-        let din = self
-            .step
-            .model
-            .stage_backward(part, b, saved, dout, &obj, None, &mut w)?;
+        let din =
+            self.step
+                .model
+                .stage_backward(part, b, saved, dout, &obj, self.experts(), &mut w)?;
         self.deferred.insert((c.dir, c.mb), w);
         if let Some(din) = din {
             let to = self.neighbour(c.dir, stage - 1);

@@ -20,13 +20,14 @@ use shoal_kernels::ops::adamw::{
 use shoal_spec::schedule::StepSchedule;
 
 use super::zero::ZeroLayout;
+use crate::Result;
 use crate::comm::collective::{Group, all_gather, all_reduce_f64, all_reduce_u64, reduce_scatter};
 use crate::comm::expert::EpLink;
-use crate::comm::transport::{CommOp, Tag, Transport};
+use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport};
+use crate::model::ep::ExpertExchange;
 use crate::model::params::Grads;
 use crate::model::{Model, Objective, StagePart, StepOutput, TokenBatch};
 use crate::pipeline;
-use crate::{Result, WorkerError};
 
 /// One sharded group of parameters as a rank holds it: the dense parameters (sharded over all
 /// ranks), or the routed experts of this rank's expert-parallel position (sharded over the ranks
@@ -84,9 +85,13 @@ fn tag(plan: &StepPlan<'_>, op: CommOp, seq: u64) -> Tag {
 }
 
 /// Runs this rank's step on `batch` (its share `share` of the global batch).
+///
+/// With expert parallelism inside pipeline stages, `stage_ts[i]` is pipeline rank `i`'s endpoint
+/// towards pipeline rank `i` of the other replicas.
 pub(crate) fn rank_step(
     rep: &mut Replica,
     t: &mut dyn Transport,
+    stage_ts: &mut [LocalTransport],
     plan: &StepPlan<'_>,
     batch: &TokenBatch<'_>,
     share: f64,
@@ -109,11 +114,33 @@ pub(crate) fn rank_step(
             )?;
             (r.out, r.bytes_sent.iter().sum())
         }
-        (Some(_), _) => {
-            return Err(WorkerError::invalid(
-                "ep",
-                "expert parallelism inside pipeline stages is not built yet",
-            ));
+        (Some((stages, schedule)), ep) => {
+            let r = t.rank();
+            let first = r / ep * ep;
+            let links = stage_ts
+                .iter_mut()
+                .map(|st| {
+                    EpLink::new(
+                        st as &mut dyn Transport,
+                        (first..first + ep).collect(),
+                        r - first,
+                        plan.step,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let exchanges: Vec<&dyn ExpertExchange> =
+                links.iter().map(|l| l as &dyn ExpertExchange).collect();
+            let r = pipeline::run_step_with(
+                &rep.model,
+                stages,
+                schedule,
+                batch,
+                &obj,
+                &mut rep.grads,
+                pipeline::DEFAULT_TIMEOUT,
+                &exchanges,
+            )?;
+            (r.out, r.bytes_sent.iter().sum())
         }
         (None, 1) => (
             rep.model

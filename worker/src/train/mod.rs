@@ -19,7 +19,7 @@ use shoal_spec::schedule::{StepSchedule, build};
 use self::dp::{Part, Replica, StepPlan, rank_step};
 use self::zero::ZeroLayout;
 use crate::comm::collective::Group;
-use crate::comm::transport::{ByteCounts, LocalMesh, Transport};
+use crate::comm::transport::{ByteCounts, LocalMesh, LocalTransport, Transport};
 use crate::data::{Batcher, DataPosition};
 use crate::model::params::ParamId;
 use crate::model::{Model, Objective, StepOutput, TokenBatch, split_micro};
@@ -160,12 +160,6 @@ impl TrainOptions {
         }
         if self.ep == 0 || self.dp % self.ep != 0 {
             return bad("ep", format!("{} does not divide dp {}", self.ep, self.dp));
-        }
-        if self.ep > 1 && self.pipeline.is_some() {
-            return bad(
-                "ep",
-                "expert parallelism inside pipeline stages is not built yet (use pp 1)".into(),
-            );
         }
         self.adamw().validate()?;
         if let Some(p) = &self.pipeline {
@@ -564,10 +558,23 @@ impl Trainer {
             ep: self.opts.ep,
         };
         let mut mesh = LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT);
+        // Expert parallelism inside pipeline stages: one mesh per pipeline rank, joining that
+        // rank of every replica; replica r takes endpoint r of each.
+        let mut stage_ts: Vec<Vec<LocalTransport>> = (0..dp).map(|_| Vec::new()).collect();
+        if let (Some((_, schedule)), true) = (&self.pipeline, self.opts.ep > 1) {
+            for _ in 0..schedule.pp {
+                for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
+                    .into_iter()
+                    .enumerate()
+                {
+                    stage_ts[r].push(t);
+                }
+            }
+        }
         let results: Vec<Result<(dp::RankOutcome, ByteCounts)>> = if dp == 1 {
             let t = &mut mesh[0];
             vec![
-                rank_step(&mut self.replicas[0], t, &plan, &tb, 1.0)
+                rank_step(&mut self.replicas[0], t, &mut stage_ts[0], &plan, &tb, 1.0)
                     .map(|o| (o, t.bytes().clone())),
             ]
         } else {
@@ -579,9 +586,10 @@ impl Trainer {
                     .replicas
                     .iter_mut()
                     .zip(mesh.iter_mut())
+                    .zip(stage_ts.iter_mut())
                     .zip(&parts)
                     .enumerate()
-                    .map(|(r, ((rep, t), (part, share)))| {
+                    .map(|(r, (((rep, t), sts), (part, share)))| {
                         let (plan, dispatch, parent) = (&plan, dispatch.clone(), parent.clone());
                         std::thread::Builder::new()
                             .name(format!("dp-rank-{r}"))
@@ -590,11 +598,18 @@ impl Trainer {
                                     let _s =
                                         tracing::debug_span!(parent: &parent, "dp_rank", rank = r)
                                             .entered();
-                                    let res = rank_step(rep, t, plan, part, *share);
+                                    let res = rank_step(rep, t, sts, plan, part, *share);
                                     if res.is_err() {
                                         t.abort();
+                                        for st in sts.iter() {
+                                            st.abort();
+                                        }
                                     }
-                                    res.map(|o| (o, t.bytes().clone()))
+                                    let mut bytes = t.bytes().clone();
+                                    for st in sts.iter() {
+                                        bytes.merge(st.bytes());
+                                    }
+                                    res.map(|o| (o, bytes))
                                 })
                             })
                     })
