@@ -2,5 +2,6 @@
 
 pub mod collective;
 pub mod expert;
+pub mod tcp;
 pub mod transport;
 pub mod wire;

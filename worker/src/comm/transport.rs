@@ -148,10 +148,26 @@ pub fn comm_error(rank: usize, peer: usize, tag: Tag, reason: impl ToString) -> 
 /// The prefix of the reason given by ranks that stopped because another rank failed.
 pub const PEER_FAILED: &str = "stopped: another rank failed";
 
-struct Frame {
-    from: usize,
-    tag: Tag,
-    payload: Vec<u8>,
+/// What arrives in a rank's inbox.
+pub(crate) enum Msg {
+    /// A frame from a peer.
+    Frame {
+        from: usize,
+        tag: Tag,
+        payload: Vec<u8>,
+    },
+    /// The link to a peer broke (closed, reset, or sent bytes that are not a frame).
+    Gone { from: usize, reason: String },
+}
+
+/// How a rank reaches one peer.
+pub(crate) enum PeerLink {
+    /// This rank itself.
+    Me,
+    /// A rank of this process: its inbox.
+    Local(mpsc::Sender<Msg>),
+    /// A rank of another process: a TCP connection.
+    Tcp(std::net::TcpStream),
 }
 
 /// The ranks of one process, connected by in-memory queues.
@@ -166,28 +182,92 @@ impl LocalMesh {
         inboxes
             .into_iter()
             .enumerate()
-            .map(|(rank, inbox)| LocalTransport {
-                rank,
-                peers: senders.clone(),
-                inbox,
-                stash: HashMap::new(),
-                abort: abort.clone(),
-                timeout,
-                bytes: ByteCounts::default(),
+            .map(|(rank, inbox)| {
+                let links = senders
+                    .iter()
+                    .enumerate()
+                    .map(|(q, s)| {
+                        if q == rank {
+                            PeerLink::Me
+                        } else {
+                            PeerLink::Local(s.clone())
+                        }
+                    })
+                    .collect();
+                LocalTransport::from_parts(rank, links, inbox, abort.clone(), timeout)
             })
             .collect()
     }
 }
 
-/// One rank's endpoint of a [`LocalMesh`].
+/// One rank's endpoint of a mesh: peers in this process through their inboxes, peers in
+/// other processes over TCP (see [`super::tcp`]).
 pub struct LocalTransport {
     rank: usize,
-    peers: Vec<mpsc::Sender<Frame>>,
-    inbox: mpsc::Receiver<Frame>,
+    links: Vec<PeerLink>,
+    inbox: mpsc::Receiver<Msg>,
     stash: HashMap<(usize, Tag), VecDeque<Vec<u8>>>,
+    gone: HashMap<usize, String>,
     abort: Arc<AtomicBool>,
     timeout: Duration,
     bytes: ByteCounts,
+}
+
+/// The frame header on a TCP link: magic, sender, step, operation, sequence, payload length.
+pub(crate) const TCP_HEADER: usize = 4 + 4 + 8 + 1 + 8 + 8;
+pub(crate) const TCP_MAGIC: [u8; 4] = *b"SHT1";
+
+pub(crate) fn op_code(op: CommOp) -> u8 {
+    match op {
+        CommOp::ReduceScatter => 1,
+        CommOp::AllGather => 2,
+        CommOp::AllReduce => 3,
+        CommOp::Dispatch => 4,
+        CommOp::Combine => 5,
+    }
+}
+
+pub(crate) fn op_of(code: u8) -> Option<CommOp> {
+    Some(match code {
+        1 => CommOp::ReduceScatter,
+        2 => CommOp::AllGather,
+        3 => CommOp::AllReduce,
+        4 => CommOp::Dispatch,
+        5 => CommOp::Combine,
+        _ => return None,
+    })
+}
+
+impl LocalTransport {
+    pub(crate) fn from_parts(
+        rank: usize,
+        links: Vec<PeerLink>,
+        inbox: mpsc::Receiver<Msg>,
+        abort: Arc<AtomicBool>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            rank,
+            links,
+            inbox,
+            stash: HashMap::new(),
+            gone: HashMap::new(),
+            abort,
+            timeout,
+            bytes: ByteCounts::default(),
+        }
+    }
+}
+
+impl Drop for LocalTransport {
+    /// Closes the TCP links both ways, so the peers' readers (and this rank's) see the end.
+    fn drop(&mut self) {
+        for link in &self.links {
+            if let PeerLink::Tcp(s) = link {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 impl Transport for LocalTransport {
@@ -196,27 +276,47 @@ impl Transport for LocalTransport {
     }
 
     fn world(&self) -> usize {
-        self.peers.len()
+        self.links.len()
     }
 
     fn send(&mut self, to: usize, tag: Tag, payload: Vec<u8>) -> Result<()> {
-        if to == self.rank || to >= self.peers.len() {
-            return Err(comm_error(
-                self.rank,
-                to,
-                tag,
-                format!("no such peer in a mesh of {} ranks", self.peers.len()),
-            ));
-        }
+        let rank = self.rank;
         let n = payload.len() as u64;
-        self.peers[to]
-            .send(Frame {
-                from: self.rank,
-                tag,
-                payload,
-            })
-            .map_err(|_| comm_error(self.rank, to, tag, "the peer has gone away"))?;
-        self.bytes.add(Link::Shm, tag.op, n);
+        let link = match self.links.get_mut(to) {
+            Some(PeerLink::Local(s)) => {
+                s.send(Msg::Frame {
+                    from: rank,
+                    tag,
+                    payload,
+                })
+                .map_err(|_| comm_error(rank, to, tag, "the peer has gone away"))?;
+                Link::Shm
+            }
+            Some(PeerLink::Tcp(stream)) => {
+                use std::io::Write;
+                let mut head = Vec::with_capacity(TCP_HEADER);
+                head.extend_from_slice(&TCP_MAGIC);
+                head.extend_from_slice(&u32::try_from(rank).unwrap_or(u32::MAX).to_le_bytes());
+                head.extend_from_slice(&tag.step.to_le_bytes());
+                head.push(op_code(tag.op));
+                head.extend_from_slice(&tag.seq.to_le_bytes());
+                head.extend_from_slice(&n.to_le_bytes());
+                stream
+                    .write_all(&head)
+                    .and_then(|()| stream.write_all(&payload))
+                    .map_err(|e| comm_error(rank, to, tag, format!("sending: {e}")))?;
+                Link::Tcp
+            }
+            _ => {
+                return Err(comm_error(
+                    rank,
+                    to,
+                    tag,
+                    format!("no such peer in a mesh of {} ranks", self.links.len()),
+                ));
+            }
+        };
+        self.bytes.add(link, tag.op, n);
         Ok(())
     }
 
@@ -228,6 +328,14 @@ impl Transport for LocalTransport {
         }
         let deadline = Instant::now() + self.timeout;
         loop {
+            if let Some(reason) = self.gone.get(&from) {
+                return Err(comm_error(
+                    self.rank,
+                    from,
+                    tag,
+                    format!("the peer has gone away: {reason}"),
+                ));
+            }
             if self.abort.load(Ordering::Relaxed) {
                 return Err(comm_error(self.rank, from, tag, PEER_FAILED));
             }
@@ -242,12 +350,19 @@ impl Transport for LocalTransport {
             }
             let wait = (deadline - now).min(Duration::from_millis(50));
             match self.inbox.recv_timeout(wait) {
-                Ok(f) if f.from == from && f.tag == tag => return Ok(f.payload),
-                Ok(f) => self
-                    .stash
-                    .entry((f.from, f.tag))
-                    .or_default()
-                    .push_back(f.payload),
+                Ok(Msg::Frame {
+                    from: f,
+                    tag: t,
+                    payload,
+                }) => {
+                    if f == from && t == tag {
+                        return Ok(payload);
+                    }
+                    self.stash.entry((f, t)).or_default().push_back(payload);
+                }
+                Ok(Msg::Gone { from: f, reason }) => {
+                    self.gone.insert(f, reason);
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(comm_error(self.rank, from, tag, "the mesh has shut down"));

@@ -1,0 +1,273 @@
+//! The inter-node transport: the ranks of a mesh that live in other processes are reached over
+//! TCP (InfiniBand on GPUs), the ranks of this process through their inboxes.
+//!
+//! Every process listens on one address. For each pair of ranks on different nodes, the higher
+//! rank connects to the lower rank's node and opens with a handshake (magic `SHC1`, the mesh id,
+//! its rank and the rank it wants), so connections of another mesh or a stray client are refused.
+//! A reader thread per connection turns the byte stream into frames in the receiving rank's
+//! inbox (so a sender never blocks on a peer that is itself sending); when the stream ends, or
+//! carries bytes that are not a frame, the reader reports the peer gone and every wait for it
+//! fails at once with the reason.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::transport::{LocalTransport, Msg, PeerLink, TCP_HEADER, TCP_MAGIC, Tag, op_of};
+use crate::{Result, WorkerError};
+
+const HELLO_MAGIC: [u8; 4] = *b"SHC1";
+/// The largest frame a peer may announce (a step's gradients of a large stage fit).
+pub const MAX_FRAME: u64 = 1 << 34;
+
+/// Where the ranks of a mesh live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshLayout {
+    /// Identifies the mesh (a job and attempt): connections of another mesh are refused.
+    pub mesh_id: u64,
+    /// The node of every rank.
+    pub node_of: Vec<usize>,
+    /// Every node's listening address.
+    pub addrs: Vec<SocketAddr>,
+}
+
+fn mesh_err(reason: impl Into<String>) -> WorkerError {
+    WorkerError::invalid("mesh", reason.into())
+}
+
+fn hello(mesh_id: u64, from: usize, to: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20);
+    b.extend_from_slice(&HELLO_MAGIC);
+    b.extend_from_slice(&mesh_id.to_le_bytes());
+    b.extend_from_slice(&u32::try_from(from).unwrap_or(u32::MAX).to_le_bytes());
+    b.extend_from_slice(&u32::try_from(to).unwrap_or(u32::MAX).to_le_bytes());
+    b
+}
+
+fn read_hello(s: &mut TcpStream, mesh_id: u64) -> std::result::Result<(usize, usize), String> {
+    let mut b = [0u8; 20];
+    s.read_exact(&mut b)
+        .map_err(|e| format!("handshake: {e}"))?;
+    if b[..4] != HELLO_MAGIC {
+        return Err(format!("handshake magic {:?}", &b[..4]));
+    }
+    let id = u64::from_le_bytes(b[4..12].try_into().unwrap_or([0; 8]));
+    if id != mesh_id {
+        return Err(format!("mesh {id:#x}, expected {mesh_id:#x}"));
+    }
+    let from = u32::from_le_bytes(b[12..16].try_into().unwrap_or([0; 4])) as usize;
+    let to = u32::from_le_bytes(b[16..20].try_into().unwrap_or([0; 4])) as usize;
+    Ok((from, to))
+}
+
+/// Reads frames from `peer` into `inbox` until the stream ends or breaks.
+fn reader(mut s: TcpStream, peer: usize, inbox: mpsc::Sender<Msg>) {
+    let gone = |reason: String| Msg::Gone { from: peer, reason };
+    loop {
+        let mut h = [0u8; TCP_HEADER];
+        if let Err(e) = s.read_exact(&mut h) {
+            let reason = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the connection closed".to_string()
+            } else {
+                format!("reading: {e}")
+            };
+            let _ = inbox.send(gone(reason));
+            return;
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or([0; 8]));
+        let from = u32::from_le_bytes(h[4..8].try_into().unwrap_or([0; 4])) as usize;
+        let (step, op, seq, len) = (u64_at(8), op_of(h[16]), u64_at(17), u64_at(25));
+        let bad = if h[..4] != TCP_MAGIC {
+            Some(format!("a frame with magic {:?}", &h[..4]))
+        } else if from != peer {
+            Some(format!("a frame claiming to come from rank {from}"))
+        } else if op.is_none() {
+            Some(format!("a frame of unknown operation {}", h[16]))
+        } else if len > MAX_FRAME {
+            Some(format!("a frame of {len} bytes (at most {MAX_FRAME})"))
+        } else {
+            None
+        };
+        let (Some(op), None) = (op, bad.clone()) else {
+            let _ = inbox.send(gone(format!("malformed: {}", bad.unwrap_or_default())));
+            return;
+        };
+        let mut payload = vec![0u8; len as usize];
+        if let Err(e) = s.read_exact(&mut payload) {
+            let _ = inbox.send(gone(format!(
+                "the connection broke inside a frame of {len} bytes: {e}"
+            )));
+            return;
+        }
+        let tag = Tag { step, op, seq };
+        if inbox
+            .send(Msg::Frame {
+                from: peer,
+                tag,
+                payload,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Connects this node's ranks (`layout.node_of[r] == node`) to every rank of the mesh and
+/// returns their endpoints, in rank order. `listener` is this node's listening socket
+/// (`layout.addrs[node]`). Fails, naming the missing peers, when the mesh is not complete
+/// within `timeout`.
+pub fn connect(
+    layout: &MeshLayout,
+    node: usize,
+    listener: TcpListener,
+    timeout: Duration,
+) -> Result<Vec<LocalTransport>> {
+    let world = layout.node_of.len();
+    if let Some(r) = layout.node_of.iter().position(|&n| n >= layout.addrs.len()) {
+        return Err(mesh_err(format!(
+            "rank {r} is on node {} of {}",
+            layout.node_of[r],
+            layout.addrs.len()
+        )));
+    }
+    let local: Vec<usize> = (0..world).filter(|&r| layout.node_of[r] == node).collect();
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..world).map(|_| mpsc::channel()).unzip();
+    let mut streams: HashMap<(usize, usize), TcpStream> = HashMap::new();
+    let deadline = Instant::now() + timeout;
+
+    // Accept the connections of higher remote ranks to this node's lower ranks.
+    let expected: usize = local
+        .iter()
+        .map(|&a| {
+            (a + 1..world)
+                .filter(|&b| layout.node_of[b] != node)
+                .count()
+        })
+        .sum();
+    let accepter = {
+        let mesh_id = layout.mesh_id;
+        let node_of = layout.node_of.clone();
+        std::thread::Builder::new()
+            .name("mesh-accept".into())
+            .spawn(
+                move || -> std::result::Result<Vec<(usize, usize, TcpStream)>, String> {
+                    listener
+                        .set_nonblocking(true)
+                        .map_err(|e| format!("listener: {e}"))?;
+                    let mut got = Vec::new();
+                    while got.len() < expected {
+                        if Instant::now() >= deadline {
+                            return Err(format!(
+                                "{} of {expected} peer connections arrived",
+                                got.len()
+                            ));
+                        }
+                        match listener.accept() {
+                            Ok((mut s, _)) => {
+                                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                                s.set_read_timeout(Some(Duration::from_secs(5)))
+                                    .map_err(|e| e.to_string())?;
+                                // A stray or foreign connection is dropped; the mesh keeps waiting.
+                                let Ok((from, to)) = read_hello(&mut s, mesh_id) else {
+                                    continue;
+                                };
+                                let valid = from < node_of.len()
+                                    && to < node_of.len()
+                                    && node_of[to] == node
+                                    && node_of[from] != node
+                                    && to < from;
+                                if !valid {
+                                    continue;
+                                }
+                                s.set_read_timeout(None).map_err(|e| e.to_string())?;
+                                got.push((from, to, s));
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            Err(e) => return Err(format!("accepting: {e}")),
+                        }
+                    }
+                    Ok(got)
+                },
+            )
+            .map_err(|e| mesh_err(format!("cannot start the accepting thread: {e}")))?
+    };
+
+    // Connect this node's higher ranks to lower remote ranks.
+    for &b in &local {
+        for a in (0..b).filter(|&a| layout.node_of[a] != node) {
+            let addr = layout.addrs[layout.node_of[a]];
+            let mut s = loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(mesh_err(format!(
+                            "rank {b} cannot reach rank {a} at {addr}: {e}"
+                        )));
+                    }
+                }
+            };
+            s.write_all(&hello(layout.mesh_id, b, a))
+                .map_err(|e| mesh_err(format!("rank {b} greeting rank {a} at {addr}: {e}")))?;
+            streams.insert((b, a), s);
+        }
+    }
+    let accepted = accepter
+        .join()
+        .map_err(|_| mesh_err("the accepting thread panicked"))?
+        .map_err(|e| mesh_err(format!("node {node}: {e}")))?;
+    for (from, to, s) in accepted {
+        streams.insert((to, from), s);
+    }
+
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut out = Vec::with_capacity(local.len());
+    let mut inboxes: Vec<Option<mpsc::Receiver<Msg>>> = inboxes.into_iter().map(Some).collect();
+    for &r in &local {
+        let mut links = Vec::with_capacity(world);
+        for q in 0..world {
+            let link = if q == r {
+                PeerLink::Me
+            } else if layout.node_of[q] == node {
+                PeerLink::Local(senders[q].clone())
+            } else {
+                let s = streams
+                    .remove(&(r, q))
+                    .ok_or_else(|| mesh_err(format!("rank {r} has no connection to rank {q}")))?;
+                s.set_nodelay(true)
+                    .map_err(|e| mesh_err(format!("rank {r} to rank {q}: {e}")))?;
+                let read = s
+                    .try_clone()
+                    .map_err(|e| mesh_err(format!("rank {r} to rank {q}: {e}")))?;
+                let inbox = senders[r].clone();
+                std::thread::Builder::new()
+                    .name(format!("mesh-read-{r}-{q}"))
+                    .spawn(move || reader(read, q, inbox))
+                    .map_err(|e| mesh_err(format!("cannot start a reader thread: {e}")))?;
+                PeerLink::Tcp(s)
+            };
+            links.push(link);
+        }
+        let inbox = inboxes[r]
+            .take()
+            .ok_or_else(|| mesh_err(format!("rank {r} listed twice")))?;
+        out.push(LocalTransport::from_parts(
+            r,
+            links,
+            inbox,
+            abort.clone(),
+            timeout,
+        ));
+    }
+    Ok(out)
+}
