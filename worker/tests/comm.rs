@@ -238,11 +238,15 @@ fn a_peer_that_disappears_mid_exchange_is_named_at_once() {
     let mut one = mesh.pop().unwrap();
     let mut zero = mesh.pop().unwrap();
     let gone = std::thread::spawn(move || {
-        zero.send(1, tag(CommOp::Dispatch, 0), vec![7; 1000]).unwrap();
+        zero.send(1, tag(CommOp::Dispatch, 0), vec![7; 1000])
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         drop(zero);
     });
-    assert_eq!(one.recv(0, tag(CommOp::Dispatch, 0)).unwrap(), vec![7; 1000]);
+    assert_eq!(
+        one.recv(0, tag(CommOp::Dispatch, 0)).unwrap(),
+        vec![7; 1000]
+    );
     let out = [None, one.recv(0, tag(CommOp::Combine, 0)).err()];
     gone.join().unwrap();
     let err = out[1].as_ref().expect("failed").to_string();

@@ -113,6 +113,17 @@ impl ByteCounts {
         self.collective += o.collective;
     }
 
+    /// What was sent after `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &ByteCounts) -> ByteCounts {
+        ByteCounts {
+            shm: self.shm - earlier.shm,
+            tcp: self.tcp - earlier.tcp,
+            dispatch: self.dispatch - earlier.dispatch,
+            combine: self.combine - earlier.combine,
+            collective: self.collective - earlier.collective,
+        }
+    }
+
     /// All bytes sent.
     pub fn total(&self) -> u64 {
         self.shm + self.tcp

@@ -69,7 +69,7 @@ pub(crate) struct StepPlan<'a> {
 
 /// What a rank's step produced.
 pub(crate) struct RankOutcome {
-    /// Losses and loads of this rank's share (loads summed over the global batch are applied).
+    /// Losses and expert loads of the whole global batch (the same on every rank).
     pub(crate) out: StepOutput,
     pub(crate) grad_norm: f64,
     /// Bytes its pipeline ranks sent each other.
@@ -263,9 +263,11 @@ pub(crate) fn rank_step(
     let summed = all_reduce_u64(t, plan.group, tag(plan, CommOp::AllReduce, 1), &loads)?;
     let biases = rep.model.expert_biases();
     let mut at = 0;
+    let mut global_loads = Vec::with_capacity(out.expert_loads.len());
     for (bias, layer) in biases.iter().zip(&out.expert_loads) {
         let load = &summed[at..at + layer.len()];
         at += layer.len();
+        global_loads.push(load.iter().map(|&l| l as usize).collect());
         let total: u64 = load.iter().sum();
         let mean = total as f64 / load.len().max(1) as f64;
         let b = rep.model.params_mut().get_mut(*bias);
@@ -278,6 +280,22 @@ pub(crate) fn rank_step(
             }
         }
     }
+    // The step's losses over the global batch: every rank's, weighted by its share, summed in
+    // rank order (what one pass over the rank's micro-batches in order would report).
+    let n = out.mtp_losses.len();
+    let mut vals = vec![share * out.loss, share * out.main_loss];
+    vals.extend(out.mtp_losses.iter().map(|m| share * m));
+    vals.push(share * out.balance_loss);
+    vals.push(out.tokens as f64);
+    let g = all_reduce_f64(t, plan.group, tag(plan, CommOp::AllReduce, 2), &vals)?;
+    let out = StepOutput {
+        loss: g[0],
+        main_loss: g[1],
+        mtp_losses: g[2..2 + n].to_vec(),
+        balance_loss: g[2 + n],
+        tokens: g[3 + n] as usize,
+        expert_loads: global_loads,
+    };
     Ok(RankOutcome {
         out,
         grad_norm,

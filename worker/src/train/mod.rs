@@ -3,6 +3,7 @@
 //! expert-bias update after every step.
 
 mod dp;
+mod gather;
 pub mod state;
 pub mod zero;
 
@@ -22,7 +23,7 @@ use crate::comm::collective::Group;
 use crate::comm::transport::{ByteCounts, LocalMesh, LocalTransport, Transport};
 use crate::data::{Batcher, DataPosition};
 use crate::model::params::ParamId;
-use crate::model::{Model, Objective, StepOutput, TokenBatch, split_micro};
+use crate::model::{Model, Objective, TokenBatch, split_micro};
 use crate::model::{StagePart, params::ParamStore};
 use crate::pipeline;
 use crate::{Result, WorkerError};
@@ -169,7 +170,7 @@ impl TrainOptions {
         Ok(())
     }
 
-    fn adamw(&self) -> AdamWConfig {
+    pub(crate) fn adamw(&self) -> AdamWConfig {
         AdamWConfig {
             lr: self.lr,
             beta1: self.betas.0,
@@ -256,8 +257,12 @@ impl MemoryUse {
 
 /// Optimizer and schedule state, everything a checkpoint needs besides the weights.
 pub struct Trainer {
-    /// One per data-parallel rank; replica 0's weights are the model.
+    /// One per data-parallel rank of this process; the first one's weights are the model.
     replicas: Vec<Replica>,
+    /// The data-parallel rank of each replica.
+    ranks: Vec<usize>,
+    /// With ranks in other processes: this process's endpoints (kept across steps).
+    mesh: Option<Vec<LocalTransport>>,
     /// How the trained parameters are sharded over the replicas (ZeRO-1): the dense
     /// parameters over every rank, then with expert parallelism the routed experts of each
     /// position over the ranks at that position.
@@ -282,6 +287,19 @@ pub fn max_violation(load: &[usize]) -> f64 {
 impl Trainer {
     /// A trainer at step 0 with fresh optimizer moments.
     pub fn new(model: Model<f32>, batcher: Batcher, opts: TrainOptions) -> Result<Self> {
+        Self::new_on(model, batcher, opts, None)
+    }
+
+    /// A trainer at step 0 for the data-parallel ranks of `mesh` (endpoints of the ranks that
+    /// live in this process, connected to the others, see [`crate::comm::tcp`]); `None`: every
+    /// rank here, over in-memory queues. Every process of the mesh must run the same options
+    /// and data, and call [`Self::train_step`] and [`Self::save_checkpoint`] at the same steps.
+    pub fn new_on(
+        model: Model<f32>,
+        batcher: Batcher,
+        opts: TrainOptions,
+        mesh: Option<Vec<LocalTransport>>,
+    ) -> Result<Self> {
         opts.validate()?;
         let cfg = opts.adamw();
         if opts.dp > batcher.batch_size() {
@@ -342,14 +360,39 @@ impl Trainer {
                 }));
             }
         }
+        let ranks: Vec<usize> = match &mesh {
+            None => (0..dp).collect(),
+            Some(m) => {
+                if opts.pipeline.is_some() {
+                    return Err(WorkerError::invalid(
+                        "pp",
+                        "pipeline stages across processes are not built yet",
+                    ));
+                }
+                let ranks: Vec<usize> = m.iter().map(Transport::rank).collect();
+                if m.is_empty()
+                    || m.iter().any(|t| t.world() != dp)
+                    || ranks.windows(2).any(|w| w[0] >= w[1])
+                {
+                    return Err(WorkerError::invalid(
+                        "mesh",
+                        format!(
+                            "endpoints for ranks {ranks:?} of a mesh of {:?}, expected increasing ranks of {dp}",
+                            m.first().map(Transport::world)
+                        ),
+                    ));
+                }
+                ranks
+            }
+        };
         let mut models = vec![model];
-        for _ in 1..dp {
+        for _ in 1..ranks.len() {
             models.push(models[0].clone());
         }
         let replicas = models
             .into_iter()
-            .enumerate()
-            .map(|(r, mut m)| {
+            .zip(ranks.iter().copied())
+            .map(|(mut m, r)| {
                 let mut parts = vec![Part {
                     layout: 0,
                     group: Group {
@@ -388,6 +431,8 @@ impl Trainer {
             .collect();
         Ok(Self {
             replicas,
+            ranks,
+            mesh,
             layouts,
             pipeline,
             batcher,
@@ -528,57 +573,34 @@ impl Trainer {
         self.replicas[0].model.params()
     }
 
-    /// Runs one optimizer step on the next batch.
-    pub fn train_step(&mut self) -> Result<StepMetrics> {
-        let t0 = Instant::now();
-        let _span = tracing::debug_span!("step", step = self.step + 1).entered();
-        let batch = self.batcher.next_batch();
-        let tb = TokenBatch {
-            batch: batch.batch,
-            seq: batch.seq_len,
-            inputs: &batch.inputs,
-            targets: &batch.targets,
+    /// Runs `f` for every replica of this process with its endpoint of the step's mesh (the
+    /// kept one across processes, else `fresh` over in-memory queues) and its pipeline ranks'
+    /// endpoints: on this thread for one replica, on a thread each for more. A failing rank
+    /// releases the others; the root cause is returned.
+    fn on_ranks<R: Send>(
+        &mut self,
+        fresh: Option<&mut [LocalTransport]>,
+        stage_ts: &mut [Vec<LocalTransport>],
+        f: impl Fn(&mut Replica, &mut LocalTransport, &mut [LocalTransport]) -> Result<R> + Sync,
+    ) -> Result<Vec<R>> {
+        let mesh: &mut [LocalTransport] = match (fresh, self.mesh.as_mut()) {
+            (Some(m), _) => m,
+            (None, Some(m)) => m,
+            (None, None) => return Err(WorkerError::invalid("mesh", "no endpoints")),
         };
-        let dp = self.replicas.len();
-        let group = Group {
-            ranks: (0..dp).collect(),
-        };
-        let lr = self.opts.lr_at(self.step);
-        let plan = StepPlan {
-            step: self.step + 1,
-            lr,
-            obj: self.opts.objective(),
-            micro_batches: self.opts.micro_batches,
-            adamw: self.opts.adamw(),
-            grad_clip: self.opts.grad_clip,
-            gamma: self.opts.bias_update_speed as f32,
-            pipeline: self.pipeline.as_ref(),
-            layouts: &self.layouts,
-            group: &group,
-            ep: self.opts.ep,
-        };
-        let mut mesh = LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT);
-        // Expert parallelism inside pipeline stages: one mesh per pipeline rank, joining that
-        // rank of every replica; replica r takes endpoint r of each.
-        let mut stage_ts: Vec<Vec<LocalTransport>> = (0..dp).map(|_| Vec::new()).collect();
-        if let (Some((_, schedule)), true) = (&self.pipeline, self.opts.ep > 1) {
-            for _ in 0..schedule.pp {
-                for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
-                    .into_iter()
-                    .enumerate()
-                {
-                    stage_ts[r].push(t);
+        let run = |rep: &mut Replica, t: &mut LocalTransport, sts: &mut Vec<LocalTransport>| {
+            let res = f(rep, t, sts);
+            if res.is_err() {
+                t.abort();
+                for st in sts.iter() {
+                    st.abort();
                 }
             }
-        }
-        let results: Vec<Result<(dp::RankOutcome, ByteCounts)>> = if dp == 1 {
-            let t = &mut mesh[0];
-            vec![
-                rank_step(&mut self.replicas[0], t, &mut stage_ts[0], &plan, &tb, 1.0)
-                    .map(|o| (o, t.bytes().clone())),
-            ]
+            res
+        };
+        let results: Vec<Result<R>> = if self.replicas.len() == 1 {
+            vec![run(&mut self.replicas[0], &mut mesh[0], &mut stage_ts[0])]
         } else {
-            let parts = split_micro(&tb, dp)?;
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
             let parent = tracing::Span::current();
             std::thread::scope(|scope| {
@@ -587,10 +609,9 @@ impl Trainer {
                     .iter_mut()
                     .zip(mesh.iter_mut())
                     .zip(stage_ts.iter_mut())
-                    .zip(&parts)
-                    .enumerate()
-                    .map(|(r, (((rep, t), sts), (part, share)))| {
-                        let (plan, dispatch, parent) = (&plan, dispatch.clone(), parent.clone());
+                    .map(|((rep, t), sts)| {
+                        let (run, dispatch, parent) = (&run, dispatch.clone(), parent.clone());
+                        let r = t.rank();
                         std::thread::Builder::new()
                             .name(format!("dp-rank-{r}"))
                             .spawn_scoped(scope, move || {
@@ -598,26 +619,15 @@ impl Trainer {
                                     let _s =
                                         tracing::debug_span!(parent: &parent, "dp_rank", rank = r)
                                             .entered();
-                                    let res = rank_step(rep, t, sts, plan, part, *share);
-                                    if res.is_err() {
-                                        t.abort();
-                                        for st in sts.iter() {
-                                            st.abort();
-                                        }
-                                    }
-                                    let mut bytes = t.bytes().clone();
-                                    for st in sts.iter() {
-                                        bytes.merge(st.bytes());
-                                    }
-                                    res.map(|o| (o, bytes))
+                                    run(rep, t, sts)
                                 })
                             })
                     })
                     .collect();
                 handles
                     .into_iter()
-                    .enumerate()
-                    .map(|(r, h)| match h {
+                    .zip(&self.ranks)
+                    .map(|(h, r)| match h {
                         Ok(h) => h.join().unwrap_or_else(|_| {
                             Err(WorkerError::invalid(
                                 "dp",
@@ -641,25 +651,88 @@ impl Trainer {
             });
             return Err(errs.swap_remove(root.unwrap_or(0)));
         }
-        let shares: Vec<f64> = if dp == 1 {
-            vec![1.0]
-        } else {
-            split_micro(&tb, dp)?.iter().map(|(_, s)| *s).collect()
+        results.into_iter().collect()
+    }
+
+    /// Runs one optimizer step on the next batch.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let _span = tracing::debug_span!("step", step = self.step + 1).entered();
+        let batch = self.batcher.next_batch();
+        let tb = TokenBatch {
+            batch: batch.batch,
+            seq: batch.seq_len,
+            inputs: &batch.inputs,
+            targets: &batch.targets,
         };
-        let mut out = StepOutput::zero(self.model().config().num_nextn_predict_layers);
-        let mut comm = ByteCounts::default();
-        let (mut grad_norm, mut bytes_sent) = (0.0, 0);
-        for (res, share) in results.into_iter().zip(shares) {
-            let (o, b) = res?;
-            if dp == 1 {
-                out = o.out;
-            } else {
-                out.accumulate(o.out, share);
+        let dp = self.opts.dp;
+        let group = Group {
+            ranks: (0..dp).collect(),
+        };
+        let lr = self.opts.lr_at(self.step);
+        let parts = if dp == 1 {
+            vec![(tb, 1.0)]
+        } else {
+            split_micro(&tb, dp)?
+        };
+        // Lent to the ranks for the step (and put back whatever happens).
+        let layouts = std::mem::take(&mut self.layouts);
+        let pipeline = self.pipeline.take();
+        let plan = StepPlan {
+            step: self.step + 1,
+            lr,
+            obj: self.opts.objective(),
+            micro_batches: self.opts.micro_batches,
+            adamw: self.opts.adamw(),
+            grad_clip: self.opts.grad_clip,
+            gamma: self.opts.bias_update_speed as f32,
+            pipeline: pipeline.as_ref(),
+            layouts: &layouts,
+            group: &group,
+            ep: self.opts.ep,
+        };
+        // All ranks here: a mesh of in-memory queues for the step.
+        let mut fresh = self
+            .mesh
+            .is_none()
+            .then(|| LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT));
+        // Expert parallelism inside pipeline stages: one mesh per pipeline rank, joining that
+        // rank of every replica; replica r takes endpoint r of each.
+        let mut stage_ts: Vec<Vec<LocalTransport>> =
+            (0..self.replicas.len()).map(|_| Vec::new()).collect();
+        if let (Some((_, schedule)), true) = (&pipeline, self.opts.ep > 1) {
+            for _ in 0..schedule.pp {
+                for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
+                    .into_iter()
+                    .enumerate()
+                {
+                    stage_ts[r].push(t);
+                }
             }
-            grad_norm = o.grad_norm;
-            bytes_sent += o.pipeline_bytes;
-            comm.merge(&b);
         }
+        let results = self.on_ranks(fresh.as_deref_mut(), &mut stage_ts, |rep, t, sts| {
+            let before = t.bytes().clone();
+            let (part, share) = &parts[t.rank()];
+            let o = rank_step(rep, t, sts, &plan, part, *share)?;
+            let mut bytes = t.bytes().since(&before);
+            for st in sts.iter() {
+                bytes.merge(st.bytes());
+            }
+            Ok((o, bytes))
+        });
+        self.layouts = layouts;
+        self.pipeline = pipeline;
+        let results = results?;
+        let mut comm = ByteCounts::default();
+        let mut bytes_sent = 0;
+        for (o, b) in &results {
+            bytes_sent += o.pipeline_bytes;
+            comm.merge(b);
+        }
+        let Some((first, _)) = results.into_iter().next() else {
+            return Err(WorkerError::invalid("dp", "no rank ran"));
+        };
+        let (out, grad_norm) = (first.out, first.grad_norm);
 
         self.step += 1;
         let mtp = if out.mtp_losses.is_empty() {

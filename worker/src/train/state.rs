@@ -91,17 +91,26 @@ fn moment_tensors(state: &AdamWState, shape: &[usize]) -> Result<(Tensor<f32>, T
 }
 
 impl Trainer {
-    /// Writes a complete checkpoint to `dir` (replacing one that is there).
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+    /// Writes a complete checkpoint to `dir` (replacing one that is there). With ranks in
+    /// several processes, every process calls it at the same step: the state is gathered onto
+    /// the process holding rank 0, which writes it; the others write nothing.
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let (named, states) = if self.is_distributed() {
+            match self.gather_checkpoint()? {
+                Some(g) => g,
+                None => return Ok(()),
+            }
+        } else {
+            (self.named_f32(), self.param_moments()?)
+        };
         let writer = CheckpointWriter::begin(dir)?;
         let cfg = self.model().config();
         writer.write_json(CONFIG_FILE, &cfg.to_hf_json())?;
-        let named = self.named_f32();
         let refs: Vec<(String, &Tensor<f32>)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
         writer.write_safetensors(WEIGHTS_FILE, &refs, StoreDtype::F32)?;
 
         let mut moments = Vec::new();
-        for (id, state) in self.param_moments()? {
+        for (id, state) in states {
             let name = self.params().name(id);
             let shape = self.model().params().layout_shape(id);
             let (m, v) = moment_tensors(&state, &shape)?;
@@ -143,7 +152,18 @@ impl Trainer {
     /// Resumes from a checkpoint written by [`Trainer::save_checkpoint`]: weights, moments,
     /// step and data position. `batcher` must read the same data with the same seed, sequence
     /// length and batch size (checked against the saved state).
-    pub fn resume(dir: &Path, mut batcher: Batcher, opts: TrainOptions) -> Result<Self> {
+    pub fn resume(dir: &Path, batcher: Batcher, opts: TrainOptions) -> Result<Self> {
+        Self::resume_on(dir, batcher, opts, None)
+    }
+
+    /// [`Self::resume`] for the ranks of `mesh` (see [`Trainer::new_on`]): every process reads
+    /// the same checkpoint and keeps its ranks' shards.
+    pub fn resume_on(
+        dir: &Path,
+        mut batcher: Batcher,
+        opts: TrainOptions,
+        mesh: Option<Vec<crate::comm::transport::LocalTransport>>,
+    ) -> Result<Self> {
         let state = Self::read_state(dir)?;
         let (cfg, tensors): (ModelConfig, BTreeMap<String, Tensor<f32>>) = load_model_dir(dir)?;
         let precision = parse_precision(&state.precision)?;
@@ -173,10 +193,17 @@ impl Trainer {
             ));
         }
         batcher.seek(state.data_position)?;
-        let mut trainer = Trainer::new(model, batcher, opts)?;
+        // One state per trained parameter, to fill from the file.
+        let cfg_adamw = opts.adamw();
+        let mut whole: Vec<(crate::model::params::ParamId, AdamWState)> = model
+            .params()
+            .iter()
+            .filter(|(id, _, _)| model.params().trainable(*id))
+            .map(|(id, _, t)| (id, AdamWState::new(t.numel(), &cfg_adamw)))
+            .collect();
+        let mut trainer = Trainer::new_on(model, batcher, opts, mesh)?;
         let opt_path = dir.join(OPTIMIZER_FILE);
         let mut moments = load_safetensors(&opt_path)?;
-        let mut whole = trainer.param_moments()?;
         for (id, st) in whole.iter_mut() {
             let name = trainer.params().name(*id).to_string();
             let mut take = |suffix: &str| {

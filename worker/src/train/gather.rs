@@ -1,0 +1,189 @@
+//! Gathering a checkpoint from ranks in several processes: every ZeRO-1 part's moments are
+//! all-gathered within its group, then the members of the first expert-parallel group send
+//! rank 0 the moments and weights of their experts. Rank 0's process writes the checkpoint.
+
+use half::bf16;
+use shoal_kernels::Tensor;
+use shoal_kernels::ops::adamw::{AdamWState, Moments};
+
+use super::dp::Replica;
+use super::zero::ZeroLayout;
+use super::{Trainer, WorkerError};
+use crate::Result;
+use crate::comm::collective::all_gather;
+use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport, comm_error};
+use crate::model::params::ParamId;
+
+/// Every parameter by name, and the optimizer state of every trained one.
+pub(crate) type CheckpointState = (Vec<(String, Tensor<f32>)>, Vec<(ParamId, AdamWState)>);
+
+/// Sequence numbers of the checkpoint's frames (above any step's).
+const SEQ: u64 = 1 << 32;
+
+/// What rank 0 holds after the gather: per layout, the whole first and second moments, and the
+/// values of the layout's parameters where rank 0 does not hold them.
+pub(crate) struct Gathered {
+    moments: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    values: Vec<Option<Vec<f32>>>,
+}
+
+fn f32s(st: &AdamWState) -> (Vec<f32>, Vec<f32>) {
+    match &st.moments {
+        Moments::F32 { m, v } => (m.clone(), v.clone()),
+        Moments::Bf16 { m, v } => (
+            m.iter().map(|x| x.to_f32()).collect(),
+            v.iter().map(|x| x.to_f32()).collect(),
+        ),
+    }
+}
+
+fn encode(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode(t: &dyn Transport, peer: usize, tag: Tag, b: &[u8], want: usize) -> Result<Vec<f32>> {
+    if b.len() != 4 * want {
+        return Err(comm_error(
+            t.rank(),
+            peer,
+            tag,
+            format!("{} bytes, expected {} values", b.len(), want),
+        ));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// One rank's part of the gather; `Some` on rank 0.
+pub(crate) fn gather_rank(
+    rep: &Replica,
+    t: &mut LocalTransport,
+    layouts: &[ZeroLayout],
+    ep: usize,
+    step: u64,
+) -> Result<Option<Gathered>> {
+    let tag = |seq: u64| Tag {
+        step,
+        op: CommOp::AllGather,
+        seq: SEQ + seq,
+    };
+    let mut full: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; layouts.len()];
+    for part in &rep.parts {
+        let layout = &layouts[part.layout];
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for st in &part.moments {
+            let (a, b) = f32s(st);
+            m.extend(a);
+            v.extend(b);
+        }
+        let li = part.layout as u64;
+        let m = all_gather(t, &part.group, tag(2 * li), &m, &layout.bounds)?;
+        let v = all_gather(t, &part.group, tag(2 * li + 1), &v, &layout.bounds)?;
+        full[part.layout] = Some((m, v));
+    }
+    let rank = t.rank();
+    let flat_values = |li: usize| -> Vec<f32> {
+        let mut out = Vec::with_capacity(layouts[li].len());
+        for (id, _) in &layouts[li].params {
+            out.extend_from_slice(rep.model.params().get(*id).data());
+        }
+        out
+    };
+    let p2p = |p: usize, k: u64| tag(1000 + 3 * p as u64 + k);
+    if ep > 1 && (1..ep).contains(&rank) {
+        // Position `rank`'s experts: moments and weights to rank 0.
+        let li = 1 + rank;
+        let (m, v) = full[li].take().ok_or_else(|| {
+            WorkerError::invalid(
+                "checkpoint",
+                format!("rank {rank} lacks its experts' moments"),
+            )
+        })?;
+        t.send(0, p2p(rank, 0), encode(&m))?;
+        t.send(0, p2p(rank, 1), encode(&v))?;
+        t.send(0, p2p(rank, 2), encode(&flat_values(li)))?;
+    }
+    if rank != 0 {
+        return Ok(None);
+    }
+    let mut values = vec![None; layouts.len()];
+    if ep > 1 {
+        for p in 1..ep {
+            let li = 1 + p;
+            let n = layouts[li].len();
+            let m = t.recv(p, p2p(p, 0))?;
+            let m = decode(t, p, p2p(p, 0), &m, n)?;
+            let v = t.recv(p, p2p(p, 1))?;
+            let v = decode(t, p, p2p(p, 1), &v, n)?;
+            let w = t.recv(p, p2p(p, 2))?;
+            values[li] = Some(decode(t, p, p2p(p, 2), &w, n)?);
+            full[li] = Some((m, v));
+        }
+    }
+    Ok(Some(Gathered {
+        moments: full,
+        values,
+    }))
+}
+
+impl Trainer {
+    /// Gathers the whole model and optimizer state onto the process holding rank 0; `None`
+    /// in the other processes.
+    pub(crate) fn gather_checkpoint(
+        &mut self,
+    ) -> Result<Option<CheckpointState>> {
+        let layouts = std::mem::take(&mut self.layouts);
+        let (ep, step) = (self.opts.ep, self.step);
+        let mut no_stages: Vec<Vec<LocalTransport>> =
+            (0..self.replicas.len()).map(|_| Vec::new()).collect();
+        let res = self.on_ranks(None, &mut no_stages, |rep, t, _| {
+            gather_rank(rep, t, &layouts, ep, step)
+        });
+        self.layouts = layouts;
+        let Some(g) = res?.into_iter().flatten().next() else {
+            return Ok(None);
+        };
+        let bf16_moments = self.opts.bf16_moments;
+        let mut states = Vec::new();
+        let mut named = self.named_f32();
+        let index: std::collections::HashMap<String, usize> = named
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        for (li, layout) in self.layouts.iter().enumerate() {
+            let (m, v) = g.moments[li].as_ref().ok_or_else(|| {
+                WorkerError::invalid("checkpoint", format!("no moments for part {li}"))
+            })?;
+            for (id, r) in &layout.params {
+                let moments = if bf16_moments {
+                    Moments::Bf16 {
+                        m: m[r.clone()].iter().map(|x| bf16::from_f32(*x)).collect(),
+                        v: v[r.clone()].iter().map(|x| bf16::from_f32(*x)).collect(),
+                    }
+                } else {
+                    Moments::F32 {
+                        m: m[r.clone()].to_vec(),
+                        v: v[r.clone()].to_vec(),
+                    }
+                };
+                states.push((*id, AdamWState { moments, step }));
+                if let Some(values) = &g.values[li] {
+                    let name = self.params().name(*id).to_string();
+                    let shape = self.params().layout_shape(*id);
+                    if let Some(&i) = index.get(&name) {
+                        named[i].1 = Tensor::new(shape, values[r.clone()].to_vec())?;
+                    }
+                }
+            }
+        }
+        states.sort_by_key(|(id, _)| id.index());
+        Ok(Some((named, states)))
+    }
+
+    /// Whether this trainer's ranks live in several processes.
+    pub(crate) fn is_distributed(&self) -> bool {
+        self.mesh.is_some()
+    }
+}

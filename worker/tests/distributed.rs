@@ -1,0 +1,153 @@
+//! Trainers whose data- and expert-parallel ranks live in different "processes" (here threads
+//! that share nothing but TCP connections): the same losses as one rank, and one consolidated
+//! checkpoint written by the node holding rank 0.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use shoal_kernels::ops::linear::Precision;
+use shoal_spec::ModelConfig;
+use shoal_worker::comm::tcp::{MeshLayout, connect};
+use shoal_worker::data::{Batcher, DataSpec, TokenSource};
+use shoal_worker::model::Model;
+use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
+
+fn cfg() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 256,
+        hidden_size: 64,
+        intermediate_size: 128,
+        moe_intermediate_size: 32,
+        num_hidden_layers: 2,
+        first_k_dense_replace: 1,
+        num_attention_heads: 2,
+        n_routed_experts: 8,
+        n_shared_experts: 1,
+        num_experts_per_tok: 2,
+        n_group: 4,
+        topk_group: 2,
+        routed_scaling_factor: 2.5,
+        norm_topk_prob: true,
+        q_lora_rank: Some(32),
+        kv_lora_rank: 32,
+        qk_nope_head_dim: 16,
+        qk_rope_head_dim: 8,
+        v_head_dim: 16,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_interleave: true,
+        rope_scaling: None,
+        num_nextn_predict_layers: 1,
+        max_position_embeddings: 512,
+        initializer_range: 0.02,
+    }
+}
+
+fn batcher(seed: u64) -> Batcher {
+    let source = TokenSource::load(
+        &DataSpec::Synthetic {
+            seed,
+            tokens: 100_000,
+        },
+        256,
+    )
+    .unwrap();
+    Batcher::new(source, 32, 8, seed).unwrap()
+}
+
+fn opts(precision: Precision, steps: u64, dp: usize, ep: usize, micro: usize) -> TrainOptions {
+    let mut o = TrainOptions::defaults(steps, precision);
+    o.lr = 3e-3;
+    o.dp = dp;
+    o.ep = ep;
+    o.micro_batches = micro;
+    o
+}
+
+/// Runs `steps` steps of `o` on `nodes` trainers of `dp / nodes` ranks each, connected over
+/// TCP (fp32); checkpoints into `ckpt`; returns every node's metrics.
+fn distributed(
+    o: TrainOptions,
+    steps: u64,
+    nodes: usize,
+    ckpt: &std::path::Path,
+) -> Vec<Vec<StepMetrics>> {
+    let dp = o.dp;
+    let listeners: Vec<TcpListener> = (0..nodes)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let layout = MeshLayout {
+        mesh_id: 77,
+        node_of: (0..dp).map(|r| r * nodes / dp).collect(),
+        addrs: listeners.iter().map(|l| l.local_addr().unwrap()).collect(),
+    };
+    std::thread::scope(|s| {
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(n, l)| {
+                let (layout, o) = (&layout, o.clone());
+                s.spawn(move || {
+                    let mesh = connect(layout, n, l, Duration::from_secs(30)).unwrap();
+                    let model = Model::<f32>::new(&cfg(), Precision::Fp32, 3).unwrap();
+                    let mut t = Trainer::new_on(model, batcher(3), o, Some(mesh)).unwrap();
+                    let m: Vec<StepMetrics> = (0..steps).map(|_| t.train_step().unwrap()).collect();
+                    t.save_checkpoint(ckpt).unwrap();
+                    m
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
+    for (dp, ep) in [(2, 1), (2, 2), (4, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let runs = distributed(opts(Precision::Fp32, 4, dp, ep, 4 / dp), 3, 2, &ckpt);
+        let model = Model::<f32>::new(&cfg(), Precision::Fp32, 3).unwrap();
+        let mut one = Trainer::new(model, batcher(3), opts(Precision::Fp32, 4, 1, 1, 4)).unwrap();
+        let want: Vec<StepMetrics> = (0..3).map(|_| one.train_step().unwrap()).collect();
+        for (node, run) in runs.iter().enumerate() {
+            for (w, g) in want.iter().zip(run) {
+                assert!(
+                    ((g.loss - w.loss) / w.loss).abs() < 1e-5,
+                    "dp {dp} ep {ep} node {node} step {}: {} against {}",
+                    w.step,
+                    g.loss,
+                    w.loss
+                );
+                assert_eq!(g.max_vio, w.max_vio, "dp {dp} ep {ep}: loads");
+                // Every node crossed the network.
+                assert!(g.comm.tcp > 0, "dp {dp} ep {ep} node {node}: {:?}", g.comm);
+            }
+            for (a, b) in run.iter().zip(&runs[0]) {
+                assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm), "nodes agree");
+            }
+        }
+        // Node 0 wrote one checkpoint with every expert: one rank resumes from it and takes the
+        // same fourth step as the single-rank run.
+        let state = Trainer::read_state(&ckpt).unwrap();
+        assert_eq!(state.step, 3);
+        let o = TrainOptions {
+            dp: 1,
+            ep: 1,
+            micro_batches: 4,
+            steps: 4,
+            ..state.options
+        };
+        let mut resumed = Trainer::resume(&ckpt, batcher(3), o).unwrap();
+        let got = resumed.train_step().unwrap();
+        let w = one.train_step().unwrap();
+        assert!(
+            ((got.loss - w.loss) / w.loss).abs() < 1e-5,
+            "dp {dp} ep {ep}: resumed {} against {}",
+            got.loss,
+            w.loss
+        );
+    }
+}
