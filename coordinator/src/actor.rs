@@ -109,6 +109,8 @@ pub struct Registration {
     pub ib_rail: u32,
     /// Offered as a spare.
     pub spare: bool,
+    /// Data-plane address (`host:port`; empty when the node takes no cross-node work).
+    pub data_addr: String,
 }
 
 #[derive(Debug)]
@@ -171,6 +173,9 @@ struct Actor<S> {
     seq: u64,
     watchers: BTreeMap<String, broadcast::Sender<JobEvent>>,
     nodes: BTreeMap<String, NodeEntry>,
+    /// Per running job, the nodes that have reported it finished: the job succeeds when every
+    /// node it is placed on has.
+    finished_on: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Control {
@@ -224,6 +229,7 @@ impl Control {
             seq,
             watchers: BTreeMap::new(),
             nodes,
+            finished_on: BTreeMap::new(),
         };
         let placed: Vec<String> = actor
             .jobs
@@ -529,7 +535,7 @@ impl<S: Store> Actor<S> {
                     .get(&node)
                     .is_some_and(|e| e.record.epoch == epoch && e.session.is_some());
                 if current {
-                    self.job_status(s).await?;
+                    self.job_status(&node, s).await?;
                 }
             }
             Msg::Disconnected(node, epoch) => {
@@ -708,6 +714,12 @@ impl<S: Store> Actor<S> {
     async fn register(&mut self, reg: Registration, session: Session) -> Result<u64> {
         crate::nodes::check_name(&reg.node)
             .map_err(|r| CoordinatorError::invalid("register.node", r))?;
+        if !reg.data_addr.is_empty() && reg.data_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(CoordinatorError::invalid(
+                "register.data_addr",
+                format!("{:?} is not an ip:port address", reg.data_addr),
+            ));
+        }
         if reg.devices == 0 {
             return Err(CoordinatorError::invalid(
                 "register.devices",
@@ -730,6 +742,7 @@ impl<S: Store> Actor<S> {
             devices: reg.devices,
             nvlink_domain: reg.nvlink_domain,
             ib_rail: reg.ib_rail,
+            data_addr: reg.data_addr,
             epoch,
             state: if reg.spare {
                 NodeState::Spare
@@ -889,11 +902,12 @@ impl<S: Store> Actor<S> {
         Ok(view(e))
     }
 
-    async fn job_status(&mut self, s: pb::AssignmentStatus) -> Result<()> {
+    async fn job_status(&mut self, node: &str, s: pb::AssignmentStatus) -> Result<()> {
         let Ok(rec) = self.record(&s.job_id).cloned() else {
             return Ok(());
         };
         if rec.state.is_final() {
+            self.finished_on.remove(&rec.id);
             return Ok(());
         }
         match pb::JobState::try_from(s.state) {
@@ -916,10 +930,17 @@ impl<S: Store> Actor<S> {
                 if rec.state == JobState::Scheduling {
                     self.transition(&rec.id, JobState::Running, "").await?;
                 }
-                self.transition(&rec.id, JobState::Succeeded, "").await?;
-                self.schedule().await?;
+                let done = self.finished_on.entry(rec.id.clone()).or_default();
+                done.insert(node.to_string());
+                let all = rec.placement.iter().all(|p| done.contains(&p.node));
+                if all {
+                    self.finished_on.remove(&rec.id);
+                    self.transition(&rec.id, JobState::Succeeded, "").await?;
+                    self.schedule().await?;
+                }
             }
             Ok(pb::JobState::Failed) => {
+                self.finished_on.remove(&rec.id);
                 let rec = self.record(&rec.id)?.clone();
                 self.revoke(&rec, "another rank failed").await;
                 self.transition(&rec.id, JobState::Failed, &s.reason)
@@ -1052,6 +1073,17 @@ impl<S: Store> Actor<S> {
         let spec = shoal_proto::convert::job_spec_to_wire(&rec.spec)?;
         let mut nodes: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
         nodes.dedup();
+        let peers: Vec<pb::NodeAddress> = nodes
+            .iter()
+            .map(|n| pb::NodeAddress {
+                node: (*n).to_string(),
+                data_addr: self
+                    .nodes
+                    .get(*n)
+                    .map(|e| e.record.data_addr.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
         for n in nodes {
             let ranks = placement.iter().filter(|p| p.node == n).map(wire).collect();
             let msg = pb::CoordinatorMessage {
@@ -1060,6 +1092,7 @@ impl<S: Store> Actor<S> {
                     spec: Some(spec.clone()),
                     ranks,
                     world: world.clone(),
+                    peers: peers.clone(),
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {

@@ -297,6 +297,7 @@ impl AgentService for Api {
                     nvlink_domain: reg.nvlink_domain,
                     ib_rail: reg.ib_rail,
                     spare: reg.spare,
+                    data_addr: reg.data_addr,
                 },
                 tx,
             )

@@ -29,6 +29,9 @@ pub struct NodeRecord {
     pub nvlink_domain: String,
     /// InfiniBand rail.
     pub ib_rail: u32,
+    /// Data-plane address (`host:port`).
+    #[serde(default)]
+    pub data_addr: String,
     /// The current (or last) session's epoch.
     pub epoch: u64,
     /// State.

@@ -30,6 +30,7 @@ async fn node(c: &Control, name: &str, devices: usize) -> (Inbox, u64) {
                 nvlink_domain: name.into(),
                 ib_rail: 0,
                 spare: false,
+                data_addr: String::new(),
             },
             tx,
         )
@@ -234,6 +235,7 @@ async fn a_lost_node_fails_its_job_and_a_failed_rank_fails_the_job() {
                 nvlink_domain: String::new(),
                 ib_rail: 0,
                 spare: false,
+                data_addr: String::new(),
             },
             tx,
         )

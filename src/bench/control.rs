@@ -587,6 +587,7 @@ async fn session(
             nvlink_domain: node,
             ib_rail: 0,
             spare: false,
+            data_addr: String::new(),
         })),
     };
     if tx.send(register).await.is_err() {

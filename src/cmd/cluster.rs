@@ -179,6 +179,10 @@ pub struct WorkerArgs {
     /// Offer the node as a spare.
     #[arg(long)]
     pub spare: bool,
+    /// Where this node's ranks accept data-plane connections from other nodes (port 0: any
+    /// free port; the coordinator tells the job's other nodes the address it got).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub data_addr: std::net::SocketAddr,
     /// Bearer token for registration (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -301,6 +305,7 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
         token: args.token.clone(),
         tls_ca,
         tls_identity,
+        data_addr: Some(args.data_addr),
     };
     runtime()?.block_on(async {
         if !args.quiet {

@@ -107,6 +107,13 @@ pub struct TrainArgs {
     /// divide --dp (default 1).
     #[arg(long)]
     pub ep: Option<usize>,
+    /// Node agents of the local cluster (processes; default 1). Data-parallel ranks on
+    /// different nodes reach each other over TCP.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// Devices per node agent (default: the job's ranks spread evenly over the nodes).
+    #[arg(long)]
+    pub gpus_per_node: Option<u32>,
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -312,15 +319,22 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             },
         );
     }
+    if args.nodes == 0 || args.gpus_per_node == Some(0) {
+        bail!("--nodes and --gpus-per-node must be at least 1");
+    }
     let wire = shoal_proto::convert::job_spec_to_wire(&spec)?;
     let store = tempfile::tempdir().context("a directory for the local coordinator's store")?;
     let opts = LocalOptions {
         store: store.path().display().to_string(),
         listen: "127.0.0.1:0".parse().context("loopback address")?,
-        nodes: 1,
-        // Every rank on the one node: its agent runs them as threads.
-        devices_per_node: u32::try_from(spec.parallelism.pp * spec.parallelism.dp)
-            .context("--pp x --dp: too many ranks")?,
+        nodes: args.nodes as usize,
+        // Each agent runs its ranks as threads; ranks on different nodes meet over TCP.
+        devices_per_node: match args.gpus_per_node {
+            Some(g) => g,
+            None => u32::try_from(spec.parallelism.pp * spec.parallelism.dp)
+                .context("--pp x --dp: too many ranks")?
+                .div_ceil(args.nodes),
+        },
         node_prefix: "train".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,

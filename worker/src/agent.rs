@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub tls_ca: Option<Vec<u8>>,
     /// A client certificate, for a coordinator that asks for mutual TLS (`https://` only).
     pub tls_identity: Option<ClientIdentity>,
+    /// Where to accept data-plane connections from other nodes' ranks (`host:port`, port 0
+    /// for any); `None`: this node takes no job that spans nodes.
+    pub data_addr: Option<std::net::SocketAddr>,
 }
 
 /// A client certificate chain and its private key (PEM), for mutual TLS.
@@ -152,14 +155,91 @@ fn status(
     }
 }
 
+/// How long a job waits for the ranks of its other nodes to connect.
+const MESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// This node's endpoints of a job whose data-parallel ranks span nodes: the nodes in the order
+/// the coordinator listed them, each rank on the node that holds it.
+fn cross_node_mesh(
+    a: &pb::Assignment,
+    node: &str,
+    listener: Option<&std::net::TcpListener>,
+) -> Result<Vec<crate::comm::transport::LocalTransport>> {
+    let bad = |why: String| WorkerError::invalid("assignment", why);
+    let listener = listener.ok_or_else(|| {
+        bad("the job spans nodes and this agent has no data-plane address (--data-addr)".into())
+    })?;
+    if a.world.iter().any(|r| r.pp_rank != 0) {
+        return Err(bad(
+            "pipeline stages across nodes are not built yet: place each pipeline on one node"
+                .into(),
+        ));
+    }
+    let names: Vec<&str> = a.peers.iter().map(|p| p.node.as_str()).collect();
+    let addrs = a
+        .peers
+        .iter()
+        .map(|p| {
+            p.data_addr.parse::<std::net::SocketAddr>().map_err(|e| {
+                bad(format!(
+                    "node {} has data-plane address {:?}: {e}",
+                    p.node, p.data_addr
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dp = a.world.len();
+    let mut node_of = vec![usize::MAX; dp];
+    for r in &a.world {
+        let i = r.dp_rank as usize;
+        let n = names
+            .iter()
+            .position(|n| *n == r.node)
+            .ok_or_else(|| bad(format!("rank {i} is on node {} with no address", r.node)))?;
+        if i >= dp || node_of[i] != usize::MAX {
+            return Err(bad(format!(
+                "data-parallel rank {i} listed twice or out of range"
+            )));
+        }
+        node_of[i] = n;
+    }
+    let me = names
+        .iter()
+        .position(|n| *n == node)
+        .ok_or_else(|| bad(format!("this node {node} is not among the job's nodes")))?;
+    // The same id on every node of the job, and another for every other job.
+    let mesh_id = a.job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let listener = listener
+        .try_clone()
+        .map_err(|e| bad(format!("data-plane listener: {e}")))?;
+    crate::comm::tcp::connect(
+        &crate::comm::tcp::MeshLayout {
+            mesh_id,
+            node_of,
+            addrs,
+        },
+        me,
+        listener,
+        MESH_TIMEOUT,
+    )
+}
+
 /// Runs one assignment on a dedicated thread, reporting through `out`; `stop` revokes it.
-fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<AtomicBool>) {
+fn start_job(
+    a: pb::Assignment,
+    node: String,
+    listener: Option<Arc<std::net::TcpListener>>,
+    out: mpsc::Sender<pb::AgentMessage>,
+    stop: Arc<AtomicBool>,
+) {
     let job_id = a.job_id.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("job-{job_id}"))
         .spawn(move || {
             let report = |m: pb::AgentMessage| out.blocking_send(m).is_ok();
-            let spec = match a.spec.map(convert::job_spec) {
+            let spec = match a.spec.clone().map(convert::job_spec) {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
                     report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
@@ -175,25 +255,20 @@ fn start_job(a: pb::Assignment, out: mpsc::Sender<pb::AgentMessage>, stop: Arc<A
                     return;
                 }
             };
-            // Pipeline ranks run as threads of this process: every rank must be here.
-            if a.world.len() > a.ranks.len() {
-                let nodes: std::collections::BTreeSet<&str> =
-                    a.world.iter().map(|r| r.node.as_str()).collect();
-                report(status(
-                    &job_id,
-                    pb::JobState::Failed,
-                    format!(
-                        "the job's {} ranks are placed on {} nodes and this node holds {}: ranks run as threads of one node agent until cross-node execution lands (give one node pp x dp devices)",
-                        a.world.len(),
-                        nodes.len(),
-                        a.ranks.len()
-                    ),
-                    None,
-                ));
-                return;
-            }
+            // Ranks on other nodes: this node's ranks join them over TCP.
+            let mesh = if a.world.len() > a.ranks.len() {
+                match cross_node_mesh(&a, &node, listener.as_deref()) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             report(status(&job_id, pb::JobState::Running, String::new(), None));
-            let result = crate::job::run(&spec, |m| {
+            let result = crate::job::run_on(&spec, mesh, |m| {
                 let step = pb::StepMetrics {
                     step: m.step,
                     loss: m.loss,
@@ -239,6 +314,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     .await
     .map_err(|e| transport(&cfg.coordinator, error_chain(&e)))?;
     let mut client = AgentServiceClient::new(channel);
+    let listener = match cfg.data_addr {
+        Some(addr) => Some(Arc::new(std::net::TcpListener::bind(addr).map_err(
+            |e| WorkerError::invalid("data_addr", format!("cannot listen on {addr}: {e}")),
+        )?)),
+        None => None,
+    };
+    let data_addr = match &listener {
+        Some(l) => l
+            .local_addr()
+            .map_err(|e| WorkerError::invalid("data_addr", e.to_string()))?
+            .to_string(),
+        None => String::new(),
+    };
     let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
     out.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {
@@ -247,6 +335,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             nvlink_domain: cfg.node.clone(),
             ib_rail: 0,
             spare: cfg.spare,
+            data_addr,
         })),
     })
     .await
@@ -294,7 +383,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                         tracing::info!(job = %a.job_id, "assigned");
                         let stop = Arc::new(AtomicBool::new(false));
                         running.insert(a.job_id.clone(), Arc::clone(&stop));
-                        start_job(a, out.clone(), stop);
+                        start_job(a, cfg.node.clone(), listener.clone(), out.clone(), stop);
                     }
                     pb::coordinator_message::Msg::Revoke(r) => {
                         tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");

@@ -13,6 +13,7 @@ use shoal_spec::ModelConfig;
 use shoal_spec::job::{self, JobSpec};
 
 use crate::checkpoint::load_model_dir;
+use crate::comm::transport::{LocalTransport, Transport};
 use crate::data::{Batcher, DataSpec, TokenDtype, TokenSource};
 use crate::model::Model;
 use crate::train::{StepMetrics, TrainOptions, Trainer};
@@ -88,6 +89,12 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
 /// and step; `training.steps` still sets where the run ends, at least one step past the
 /// checkpoint).
 pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
+    trainer_for_on(spec, None)
+}
+
+/// [`trainer_for`] for the ranks of `mesh` (this process's endpoints of a job whose ranks span
+/// processes; see [`Trainer::new_on`]).
+pub fn trainer_for_on(spec: &JobSpec, mesh: Option<Vec<LocalTransport>>) -> Result<Trainer> {
     let t = &spec.training;
     let dtype = match spec.data.dtype {
         job::TokenDtype::U16 => TokenDtype::U16,
@@ -111,7 +118,7 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         o.micro_batches = now.micro_batches;
         o.dp = now.dp;
         o.ep = now.ep;
-        return Trainer::resume(dir, batcher, o);
+        return Trainer::resume_on(dir, batcher, o, mesh);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
     if !initialized.is_empty() {
@@ -127,7 +134,7 @@ pub fn trainer_for(spec: &JobSpec) -> Result<Trainer> {
         model.config().vocab_size,
     )?;
     let batcher = Batcher::new(source, t.seq_len, t.batch, t.seed)?;
-    Trainer::new(model, batcher, options(spec))
+    Trainer::new_on(model, batcher, options(spec), mesh)
 }
 
 /// A job's directory: `checkpointing.dir`, or `runs/<name>`. It holds `checkpoint/`,
@@ -190,18 +197,40 @@ pub enum RunEnd {
 /// Trains a single-device job to the end, calling `on_step` after every step; it returns
 /// `false` to stop early (the job was revoked). Appends every step to `metrics.jsonl`,
 /// checkpoints every `checkpointing.interval` steps and at the end, then writes `summary.json`.
-pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Result<RunEnd> {
+pub fn run(spec: &JobSpec, on_step: impl FnMut(&StepMetrics) -> bool) -> Result<RunEnd> {
+    run_on(spec, None, on_step)
+}
+
+/// [`run`] for this process's ranks of a job whose ranks span processes (`mesh`, see
+/// [`Trainer::new_on`]). Every process trains and checkpoints in step; the process holding
+/// rank 0 writes the job directory (metrics, trace, checkpoints, summary), the others nothing.
+pub fn run_on(
+    spec: &JobSpec,
+    mesh: Option<Vec<LocalTransport>>,
+    mut on_step: impl FnMut(&StepMetrics) -> bool,
+) -> Result<RunEnd> {
     let out = run_dir(spec);
-    std::fs::create_dir_all(&out).map_err(|e| WorkerError::io(&out, e))?;
-    let mut trainer = trainer_for(spec)?;
+    let writes = mesh
+        .as_ref()
+        .is_none_or(|m| m.first().is_some_and(|t| t.rank() == 0));
+    if writes {
+        std::fs::create_dir_all(&out).map_err(|e| WorkerError::io(&out, e))?;
+    }
+    let mut trainer = trainer_for_on(spec, mesh)?;
     let ckpt = out.join("checkpoint");
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map(std::io::BufWriter::new)
-        .map_err(|e| WorkerError::io(&metrics_path, e))?;
+    let mut metrics: Box<dyn Write> = if writes {
+        Box::new(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map(std::io::BufWriter::new)
+                .map_err(|e| WorkerError::io(&metrics_path, e))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     let total = trainer.options().steps;
     let started = Instant::now();
     let mut history: Vec<StepMetrics> = Vec::new();
@@ -210,7 +239,7 @@ pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Res
     let trace_path = out.join("trace.json");
     let mut trace = None;
     while trainer.step() < total {
-        let m = if trainer.step() + 1 == traced {
+        let m = if trainer.step() + 1 == traced && writes {
             let (m, t) = crate::trace::record(|| trainer.train_step());
             t.write_chrome(
                 &trace_path,
@@ -273,9 +302,11 @@ pub fn run(spec: &JobSpec, mut on_step: impl FnMut(&StepMetrics) -> bool) -> Res
         ]),
         memory_per_rank: trainer.memory_per_rank(),
     };
-    let path = out.join("summary.json");
-    let text = serde_json::to_vec_pretty(&summary).map_err(|e| WorkerError::io(&path, e))?;
-    std::fs::write(&path, text).map_err(|e| WorkerError::io(&path, e))?;
+    if writes {
+        let path = out.join("summary.json");
+        let text = serde_json::to_vec_pretty(&summary).map_err(|e| WorkerError::io(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| WorkerError::io(&path, e))?;
+    }
     Ok(RunEnd::Finished(Box::new(summary)))
 }
 

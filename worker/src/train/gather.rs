@@ -130,9 +130,7 @@ pub(crate) fn gather_rank(
 impl Trainer {
     /// Gathers the whole model and optimizer state onto the process holding rank 0; `None`
     /// in the other processes.
-    pub(crate) fn gather_checkpoint(
-        &mut self,
-    ) -> Result<Option<CheckpointState>> {
+    pub(crate) fn gather_checkpoint(&mut self) -> Result<Option<CheckpointState>> {
         let layouts = std::mem::take(&mut self.layouts);
         let (ep, step) = (self.opts.ep, self.step);
         let mut no_stages: Vec<Vec<LocalTransport>> =
