@@ -101,6 +101,9 @@ enum BenchSuite {
     Control(bench::control::ControlBenchArgs),
     /// Pipeline schedules on threads against the single-process step; bubbles against Table 2.
     Pipeline(bench::pipeline::PipelineBenchArgs),
+    /// The expert-parallel exchange against memcpy (one node) and raw TCP (two nodes); tokens/s
+    /// with data and expert parallelism against one rank.
+    Comm(bench::comm::CommBenchArgs),
     /// The bare TCP echo server `bench control` measures its floor against (prints its port).
     #[command(hide = true)]
     Echo,
@@ -136,6 +139,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Pipeline(args),
         } => bench::pipeline::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Comm(args),
+        } => bench::comm::run(&args),
         Command::Bench {
             suite: BenchSuite::Echo,
         } => bench::control::echo_server(),

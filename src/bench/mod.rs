@@ -1,5 +1,6 @@
 //! `shoal bench`: benchmarks that print ratios against peers measured in the same run.
 
+pub mod comm;
 pub mod control;
 pub mod kernels;
 mod numpy;

@@ -151,3 +151,33 @@ fn quick_pipeline_bench_reports_every_schedule() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--micro-batches"), "{}", stderr(&out));
 }
+
+#[test]
+fn quick_comm_bench_reports_both_transports_and_training_shapes() {
+    let out = run_shoal(&[
+        "bench", "comm", "--tokens", "64", "--hidden", "256", "--iters", "1", "--steps", "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a JSON line")).expect("one JSON object");
+    let ex = report["exchanges"].as_array().expect("exchanges");
+    assert_eq!(ex.len(), 2, "{report}");
+    for e in ex {
+        for key in ["seconds", "gbps", "peer_gbps", "ratio"] {
+            let v = e[key].as_f64().unwrap_or(-1.0);
+            assert!(v.is_finite() && v > 0.0, "{key} = {v} in {e}");
+        }
+        assert!(e["bytes_per_rank"].as_u64().unwrap_or(0) > 0, "{e}");
+    }
+    // FP8 rows with routes: about (1 + 4/128) / 2 of BF16 plus the routes' share.
+    let r = report["fp8_over_bf16_dispatch"].as_f64().unwrap_or(0.0);
+    assert!((0.5..0.7).contains(&r), "{r}");
+    let training = report["training"].as_array().expect("training");
+    assert_eq!(training.len(), 4, "{report}");
+    assert!(training[3]["bytes_per_step"].as_u64().unwrap_or(0) > 0);
+    let out = run_shoal(&["bench", "comm", "--experts", "3"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--experts"), "{}", stderr(&out));
+}

@@ -1,0 +1,490 @@
+//! `shoal bench comm`: the expert-parallel exchange (dispatch then combine, as a MoE layer runs
+//! it: FP8 token rows with their routes out, BF16 rows back) between ranks of one node (the
+//! in-process transport) against a plain memory copy of the same bytes, and between nodes (the
+//! TCP transport over loopback) against raw TCP loopback throughput; then training tokens/s of
+//! the tiny model with data and expert parallelism against one rank. Peers are measured in the
+//! same run.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use shoal_kernels::Tensor;
+use shoal_kernels::ops::linear::Precision;
+use shoal_worker::comm::expert::EpLink;
+use shoal_worker::comm::tcp::{MeshLayout, connect};
+use shoal_worker::comm::transport::{LocalMesh, LocalTransport, Transport};
+use shoal_worker::comm::wire::{CombineFrame, DispatchFrame, RowCodec};
+use shoal_worker::data::{Batcher, DataSpec, TokenSource};
+use shoal_worker::model::Model;
+use shoal_worker::model::ep::{ExchangePhase, ExpertExchange};
+use shoal_worker::train::{TrainOptions, Trainer};
+
+use super::median;
+
+/// Options of `shoal bench comm`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommBenchArgs {
+    /// Tokens per rank and exchange.
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Hidden size of the token rows.
+    #[arg(long, default_value_t = 2048)]
+    pub hidden: usize,
+    /// Routed experts (spread evenly over the two ranks).
+    #[arg(long, default_value_t = 64)]
+    pub experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 8)]
+    pub topk: usize,
+    /// Timed exchanges per transport (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Training steps timed per configuration (after one warm-up step); 0 skips training.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Print one JSON line of results at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Exchange {
+    transport: &'static str,
+    /// Bytes one rank sends to the other per exchange (dispatch + combine).
+    bytes_per_rank: u64,
+    /// Median seconds of one exchange (both ranks, dispatch then combine, encode and decode).
+    seconds: f64,
+    /// Bytes per second each rank moved.
+    gbps: f64,
+    /// The peer: a memory copy (in a node) or raw TCP loopback (across nodes), GB/s per rank.
+    peer_gbps: f64,
+    /// `gbps / peer_gbps`.
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct TrainRow {
+    shape: &'static str,
+    tokens_per_s: f64,
+    vs_single: f64,
+    bytes_per_step: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    cores: usize,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    topk: usize,
+    /// Dispatch bytes of FP8 rows over BF16 rows for the same tokens (routes included).
+    fp8_over_bf16_dispatch: f64,
+    exchanges: Vec<Exchange>,
+    training: Vec<TrainRow>,
+}
+
+/// One rank's tokens and routes: deterministic, each token's experts distinct.
+fn workload(a: &CommBenchArgs, rank: usize) -> Result<(Tensor<f32>, Vec<u32>, Vec<f32>)> {
+    let (t, h, k, e) = (a.tokens, a.hidden, a.topk, a.experts);
+    let x: Vec<f32> = (0..t * h)
+        .map(|i| (((i * 2_654_435_761 + rank * 97) % 10_007) as f32 / 10_007.0 - 0.5) * 4.0)
+        .collect();
+    let mut routes = Vec::with_capacity(t * k);
+    for tok in 0..t {
+        let start = (tok * 7 + rank * 13) % e;
+        routes.extend((0..k).map(|j| ((start + j * (e / k).max(1)) % e) as u32));
+    }
+    let weights = vec![0.25f32; t * k];
+    Ok((Tensor::new(vec![t, h], x)?, routes, weights))
+}
+
+/// Dispatch then combine through `ex`, as a MoE layer does (no expert compute): returns the
+/// bytes sent to the other member.
+fn exchange_once(
+    ex: &EpLink<'_>,
+    a: &CommBenchArgs,
+    work: &(Tensor<f32>, Vec<u32>, Vec<f32>),
+) -> Result<()> {
+    let (x, routes, weights) = work;
+    let (k, per) = (a.topk, a.experts / 2);
+    let mut sent: Vec<Vec<usize>> = vec![Vec::new(); 2];
+    for tok in 0..x.rows() {
+        let r = &routes[tok * k..(tok + 1) * k];
+        for (q, rows) in sent.iter_mut().enumerate() {
+            if r.iter().any(|&j| j as usize / per == q) {
+                rows.push(tok);
+            }
+        }
+    }
+    let h = a.hidden;
+    let frames = sent
+        .iter()
+        .map(|rows| {
+            let mut xs = Vec::with_capacity(rows.len() * h);
+            let (mut rr, mut ww) = (Vec::new(), Vec::new());
+            for &t in rows {
+                xs.extend_from_slice(&x.data()[t * h..(t + 1) * h]);
+                rr.extend_from_slice(&routes[t * k..(t + 1) * k]);
+                ww.extend_from_slice(&weights[t * k..(t + 1) * k]);
+            }
+            let xs = Tensor::new(vec![rows.len(), h], xs)?;
+            Ok(
+                DispatchFrame::encode_rows(&xs, k, rr, ww, RowCodec::Fp8 { pow2_scales: false })?
+                    .encode(),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let got = ex.exchange(ExchangePhase::Dispatch, frames)?;
+    let back = got
+        .iter()
+        .map(|b| {
+            let f = DispatchFrame::decode(b, a.experts)?;
+            Ok(CombineFrame::from_f32(&f.tokens.to_f32())?.encode())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let combined = ex.exchange(ExchangePhase::Combine, back)?;
+    for b in &combined {
+        CombineFrame::decode(b)?.to_f32()?;
+    }
+    Ok(())
+}
+
+/// Times `iters` exchanges on two endpoints; returns (median seconds, bytes per rank).
+fn time_exchanges(a: &CommBenchArgs, mut mesh: Vec<LocalTransport>) -> Result<(f64, u64)> {
+    let works = [workload(a, 0)?, workload(a, 1)?];
+    let results: Vec<Result<(Vec<f64>, u64)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = mesh
+            .iter_mut()
+            .zip(&works)
+            .enumerate()
+            .map(|(r, (t, work))| {
+                s.spawn(move || -> Result<(Vec<f64>, u64)> {
+                    let mut times = Vec::new();
+                    let mut bytes = 0;
+                    for i in 0..=a.iters {
+                        let before = t.bytes().total();
+                        let t0 = Instant::now();
+                        {
+                            let link =
+                                EpLink::new(t as &mut dyn Transport, vec![0, 1], r, i as u64 + 1)?;
+                            exchange_once(&link, a, work)?;
+                        }
+                        if i > 0 {
+                            times.push(t0.elapsed().as_secs_f64());
+                            bytes = t.bytes().total() - before;
+                        }
+                    }
+                    Ok((times, bytes))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank panicked")))
+            })
+            .collect()
+    });
+    let mut per_iter = vec![0f64; a.iters];
+    let mut bytes = 0;
+    for r in results {
+        let (times, b) = r?;
+        for (m, t) in per_iter.iter_mut().zip(times) {
+            *m = m.max(t);
+        }
+        bytes = bytes.max(b);
+    }
+    Ok((median(per_iter), bytes))
+}
+
+/// GB/s of two threads each copying `bytes` between buffers of their own (median of `iters`).
+fn memcpy_gbps(bytes: usize, iters: usize) -> f64 {
+    let per: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(move || {
+                    let src = vec![1u8; bytes];
+                    let mut dst = vec![0u8; bytes];
+                    let mut rates = Vec::new();
+                    for i in 0..=iters {
+                        let t0 = Instant::now();
+                        dst.copy_from_slice(std::hint::black_box(&src));
+                        std::hint::black_box(&dst);
+                        if i > 0 {
+                            rates.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e9);
+                        }
+                    }
+                    median(rates)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(f64::NAN))
+            .collect()
+    });
+    per.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// GB/s each way of two loopback TCP connections' ends sending `bytes` to each other at once.
+fn raw_tcp_gbps(bytes: usize, iters: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let a = TcpStream::connect(addr)?;
+    let (b, _) = listener.accept()?;
+    for s in [&a, &b] {
+        s.set_nodelay(true)?;
+    }
+    let mut rates = Vec::new();
+    for i in 0..=iters {
+        let t0 = Instant::now();
+        std::thread::scope(|s| -> Result<()> {
+            let mut hs = Vec::new();
+            for sock in [&a, &b] {
+                let (mut w, mut r) = (sock.try_clone()?, sock.try_clone()?);
+                hs.push(s.spawn(move || -> std::io::Result<()> {
+                    let buf = vec![7u8; 1 << 20];
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(buf.len());
+                        w.write_all(&buf[..n])?;
+                        left -= n;
+                    }
+                    Ok(())
+                }));
+                hs.push(s.spawn(move || -> std::io::Result<()> {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut left = bytes;
+                    while left > 0 {
+                        let n = left.min(buf.len());
+                        r.read_exact(&mut buf[..n])?;
+                        left -= n;
+                    }
+                    Ok(())
+                }));
+            }
+            for h in hs {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a socket thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        if i > 0 {
+            rates.push(bytes as f64 / t0.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(median(rates))
+}
+
+fn tcp_pair(timeout: Duration) -> Result<Vec<LocalTransport>> {
+    let listeners = [
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let layout = MeshLayout {
+        mesh_id: 0xbe4c,
+        node_of: vec![0, 1],
+        addrs: vec![listeners[0].local_addr()?, listeners[1].local_addr()?],
+    };
+    let [l0, l1] = listeners;
+    let (a, b) = std::thread::scope(|s| {
+        let h = s.spawn(|| connect(&layout, 1, l1, timeout));
+        let a = connect(&layout, 0, l0, timeout);
+        (
+            a,
+            h.join()
+                .unwrap_or_else(|_| Err(shoal_worker::WorkerError::invalid("mesh", "panicked"))),
+        )
+    });
+    let mut out = a?;
+    out.extend(b?);
+    Ok(out)
+}
+
+fn tiny_trainer(dp: usize, ep: usize, mesh: Option<Vec<LocalTransport>>) -> Result<Trainer> {
+    let cfg = shoal_spec::ModelConfig::tiny();
+    let model = Model::<f32>::new(&cfg, Precision::Fp8, 1)?;
+    let source = TokenSource::load(
+        &DataSpec::Synthetic {
+            seed: 1,
+            tokens: 1 << 20,
+        },
+        cfg.vocab_size,
+    )?;
+    let batcher = Batcher::new(source, 256, 8, 1)?;
+    let mut o = TrainOptions::defaults(100, Precision::Fp8);
+    o.dp = dp;
+    o.ep = ep;
+    o.micro_batches = 8 / dp;
+    Ok(Trainer::new_on(model, batcher, o, mesh)?)
+}
+
+/// Median tokens/s and bytes per step of `steps` steps (after a warm-up) of every trainer,
+/// stepping them together (they are the processes of one job).
+fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64)> {
+    let mut rates = Vec::new();
+    let mut bytes = 0;
+    for i in 0..=steps {
+        let results: Vec<shoal_worker::Result<shoal_worker::train::StepMetrics>> =
+            std::thread::scope(|s| {
+                let hs: Vec<_> = trainers
+                    .iter_mut()
+                    .map(|t| s.spawn(move || t.train_step()))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(shoal_worker::WorkerError::invalid("bench", "panicked"))
+                        })
+                    })
+                    .collect()
+            });
+        let mut step_s: f64 = 0.0;
+        let mut tokens = 0;
+        let mut b = 0;
+        for r in results {
+            let m = r?;
+            step_s = step_s.max(m.seconds);
+            tokens = m.tokens;
+            b += m.comm.total() + m.bytes_sent;
+        }
+        if i > 0 {
+            rates.push(tokens as f64 / step_s);
+            bytes = b;
+        }
+    }
+    Ok((median(rates), bytes))
+}
+
+/// Runs the benchmark.
+pub fn run(a: &CommBenchArgs) -> Result<()> {
+    if a.tokens == 0 || a.hidden == 0 || a.iters == 0 {
+        bail!("--tokens, --hidden and --iters must be at least 1");
+    }
+    if a.topk == 0 || a.experts < 2 || a.experts % 2 != 0 || a.topk > a.experts {
+        bail!("--experts must be even and at least 2, --topk in 1..=experts");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // FP8 against BF16 dispatch frames for the same rows.
+    let (x, routes, weights) = workload(a, 0)?;
+    let fp8 = DispatchFrame::encode_rows(
+        &x,
+        a.topk,
+        routes.clone(),
+        weights.clone(),
+        RowCodec::Fp8 { pow2_scales: false },
+    )?
+    .encode()
+    .len();
+    let bf16 = DispatchFrame::encode_rows(&x, a.topk, routes, weights, RowCodec::Bf16)?
+        .encode()
+        .len();
+    drop(x);
+
+    let timeout = Duration::from_secs(120);
+    let mut exchanges = Vec::new();
+    let (secs, bytes) = time_exchanges(a, LocalMesh::new(2, timeout))?;
+    let peer = memcpy_gbps(bytes as usize, a.iters);
+    let gbps = bytes as f64 / secs / 1e9;
+    exchanges.push(Exchange {
+        transport: "shm (in-process, one node)",
+        bytes_per_rank: bytes,
+        seconds: secs,
+        gbps,
+        peer_gbps: peer,
+        ratio: gbps / peer,
+    });
+    let (secs, bytes) = time_exchanges(a, tcp_pair(timeout).context("a TCP mesh of two nodes")?)?;
+    let peer = raw_tcp_gbps(bytes as usize, a.iters)?;
+    let gbps = bytes as f64 / secs / 1e9;
+    exchanges.push(Exchange {
+        transport: "tcp (loopback, two nodes)",
+        bytes_per_rank: bytes,
+        seconds: secs,
+        gbps,
+        peer_gbps: peer,
+        ratio: gbps / peer,
+    });
+
+    let mut training = Vec::new();
+    if a.steps > 0 {
+        let (single, b1) = time_training(vec![tiny_trainer(1, 1, None)?], a.steps)?;
+        training.push(TrainRow {
+            shape: "1 rank",
+            tokens_per_s: single,
+            vs_single: 1.0,
+            bytes_per_step: b1,
+        });
+        for (shape, dp, ep) in [("dp 2 (one node)", 2, 1), ("dp 2 ep 2 (one node)", 2, 2)] {
+            let (r, b) = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
+            training.push(TrainRow {
+                shape,
+                tokens_per_s: r,
+                vs_single: r / single,
+                bytes_per_step: b,
+            });
+        }
+        let mut mesh = tcp_pair(timeout)?;
+        let second = mesh.split_off(1);
+        let trainers = vec![
+            tiny_trainer(2, 2, Some(mesh))?,
+            tiny_trainer(2, 2, Some(second))?,
+        ];
+        let (r, b) = time_training(trainers, a.steps)?;
+        training.push(TrainRow {
+            shape: "dp 2 ep 2 (two nodes over TCP)",
+            tokens_per_s: r,
+            vs_single: r / single,
+            bytes_per_step: b,
+        });
+    }
+
+    let report = Report {
+        cores,
+        tokens: a.tokens,
+        hidden: a.hidden,
+        experts: a.experts,
+        topk: a.topk,
+        fp8_over_bf16_dispatch: fp8 as f64 / bf16 as f64,
+        exchanges,
+        training,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "expert-parallel exchange: 2 ranks x {} tokens x {} hidden, top-{} of {} experts ({cores} cores)",
+        a.tokens, a.hidden, a.topk, a.experts
+    );
+    println!(
+        "FP8 dispatch carries {:.3} of BF16's bytes (routes included)",
+        report.fp8_over_bf16_dispatch
+    );
+    for e in &report.exchanges {
+        println!(
+            "  {:<28} {:>7.1} MB/rank in {:>7.1} ms: {:>6.2} GB/s, peer {:>6.2} GB/s, ratio {:.2}",
+            e.transport,
+            e.bytes_per_rank as f64 / 1e6,
+            e.seconds * 1e3,
+            e.gbps,
+            e.peer_gbps,
+            e.ratio
+        );
+    }
+    if !report.training.is_empty() {
+        println!("tiny model, fp8, 8 x 256 tokens per step:");
+        for t in &report.training {
+            println!(
+                "  {:<32} {:>8.0} tokens/s  {:.2}x one rank  {:>7.1} MB/step",
+                t.shape,
+                t.tokens_per_s,
+                t.vs_single,
+                t.bytes_per_step as f64 / 1e6
+            );
+        }
+    }
+    Ok(())
+}
