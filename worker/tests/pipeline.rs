@@ -50,6 +50,22 @@ fn tokens(batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Largest relative difference over all gradients, and how many parameters differ at all.
+/// `|a - b| / |a|` over all gradients together (L2).
+fn global_difference(
+    model: &Model<f32>,
+    a: &shoal_worker::model::params::Grads<f32>,
+    b: &shoal_worker::model::params::Grads<f32>,
+) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (id, _, _) in model.params().iter() {
+        for (u, v) in a.get(id).data().iter().zip(b.get(id).data()) {
+            num += (f64::from(*u) - f64::from(*v)).powi(2);
+            den += f64::from(*u).powi(2);
+        }
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
 fn compare(
     model: &Model<f32>,
     a: &shoal_worker::model::params::Grads<f32>,
@@ -108,8 +124,26 @@ fn check(precision: Precision, schedule: Schedule, layers: &[usize], micro: usiz
     .unwrap();
     let what = format!("{schedule} pp {pp} micro {micro} {precision:?}");
 
-    // Losses and loads: the same arithmetic on each micro-batch, summed in the same order.
-    assert_eq!(report.out, single, "{what}");
+    // Losses and loads: the same arithmetic on each micro-batch, summed in the same order;
+    // except that BF16 and FP8 runs send activations and gradients between stages in BF16,
+    // which rounds the residual stream at each boundary (losses within 1e-5 relative, a few
+    // near-tied routing choices flip).
+    let exact = precision == Precision::Fp32 || pp == 1;
+    if exact {
+        assert_eq!(report.out, single, "{what}");
+    } else {
+        let rel = (report.out.loss - single.loss).abs() / single.loss;
+        eprintln!(
+            "{what}: loss {} against {} (rel {rel:e})",
+            report.out.loss, single.loss
+        );
+        assert!(
+            rel < 1e-5,
+            "{what}: loss {} against {}",
+            report.out.loss,
+            single.loss
+        );
+    }
     // Gradients: 1F1B and ZB1P bit for bit except the embedding, which two stages use when
     // pp > 1; DualPipe sums its two directions' weight gradients interleaved, so within `tol`.
     let (worst, differ) = compare(&model, &want, &got);
@@ -117,11 +151,21 @@ fn check(precision: Precision, schedule: Schedule, layers: &[usize], micro: usiz
         "{what}: worst relative gradient difference {worst:e}, {} parameters differ",
         differ.len()
     );
-    assert!(
-        worst <= tol,
-        "{what}: worst relative gradient difference {worst:e}"
-    );
-    if schedule != Schedule::DualPipe {
+    if exact {
+        assert!(
+            worst <= tol,
+            "{what}: worst relative gradient difference {worst:e}"
+        );
+    } else {
+        // A flipped routing choice moves one expert's gradient wholesale: compare the whole.
+        let g = global_difference(&model, &want, &got);
+        eprintln!("{what}: global relative gradient difference {g:e}");
+        assert!(
+            g <= tol,
+            "{what}: global relative gradient difference {g:e}"
+        );
+    }
+    if schedule != Schedule::DualPipe && exact {
         for name in &differ {
             assert!(
                 name == "model.embed_tokens.weight",
@@ -144,9 +188,10 @@ fn check(precision: Precision, schedule: Schedule, layers: &[usize], micro: usiz
     }
     if pp > 1 {
         // Each micro-batch's activation and gradient crosses each stage boundary once:
-        // [rows, hidden] in T.
+        // [rows, hidden] in f32, or BF16 in BF16 and FP8 runs.
         let rows = 2 * 12;
-        let per = (rows * cfg.hidden_size * std::mem::size_of::<f32>()) as u64;
+        let width = if precision == Precision::Fp32 { 4 } else { 2 };
+        let per = (rows * cfg.hidden_size * width) as u64;
         let total: u64 = report.bytes_sent.iter().sum();
         assert_eq!(total, 2 * (pp as u64 - 1) * micro as u64 * per, "{what}");
     }
@@ -175,8 +220,8 @@ fn dualpipe_matches_one_pass_in_fp32() {
 
 #[test]
 fn fp8_pipelines_match_one_pass() {
-    check(Precision::Fp8, Schedule::DualPipe, &[2, 2], 4, 1e-5);
-    check(Precision::Fp8, Schedule::Zb1p, &[1, 3], 3, 1e-5);
+    check(Precision::Fp8, Schedule::DualPipe, &[2, 2], 4, 0.05);
+    check(Precision::Fp8, Schedule::Zb1p, &[1, 3], 3, 0.05);
 }
 
 fn setup(micro: usize) -> (Model<f32>, Vec<u32>, Vec<u32>) {

@@ -261,7 +261,21 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
     }
 
     fn send(&mut self, payload: Payload, c: Chunk, to: usize, tensor: Tensor<T>) -> Result<()> {
-        let bytes = (tensor.numel() * std::mem::size_of::<T>()) as u64;
+        // Activations and gradients travel in the precision mode: BF16 in BF16 and FP8 runs (as
+        // the report's pipeline sends them), full width in FP32 runs.
+        let (tensor, bytes) = match self.step.model.precision() {
+            shoal_kernels::ops::linear::Precision::Fp32 => {
+                let b = (tensor.numel() * std::mem::size_of::<T>()) as u64;
+                (tensor, b)
+            }
+            _ => {
+                let b = (tensor.numel() * 2) as u64;
+                (
+                    tensor.map(|v| T::of(half::bf16::from_f64(v.f64()).to_f64())),
+                    b,
+                )
+            }
+        };
         let link = if to + 1 == self.rank {
             self.prev.as_ref()
         } else if to == self.rank + 1 {
