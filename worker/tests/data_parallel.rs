@@ -4,74 +4,15 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
+use common::{batcher, opts, rel, small_cfg as cfg, trainer};
 use shoal_kernels::ops::linear::Precision;
-use shoal_spec::ModelConfig;
-use shoal_worker::data::{Batcher, DataSpec, TokenSource};
 use shoal_worker::model::Model;
 use shoal_worker::train::{PipelineOptions, TrainOptions, Trainer};
 
-fn cfg() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
-        moe_intermediate_size: 32,
-        num_hidden_layers: 2,
-        first_k_dense_replace: 1,
-        num_attention_heads: 2,
-        n_routed_experts: 8,
-        n_shared_experts: 1,
-        num_experts_per_tok: 2,
-        n_group: 4,
-        topk_group: 2,
-        routed_scaling_factor: 2.5,
-        norm_topk_prob: true,
-        q_lora_rank: Some(32),
-        kv_lora_rank: 32,
-        qk_nope_head_dim: 16,
-        qk_rope_head_dim: 8,
-        v_head_dim: 16,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_interleave: true,
-        rope_scaling: None,
-        num_nextn_predict_layers: 1,
-        max_position_embeddings: 512,
-        initializer_range: 0.02,
-    }
-}
-
-fn batcher(seed: u64) -> Batcher {
-    let source = TokenSource::load(
-        &DataSpec::Synthetic {
-            seed,
-            tokens: 100_000,
-        },
-        256,
-    )
-    .unwrap();
-    Batcher::new(source, 32, 8, seed).unwrap()
-}
-
-fn opts(precision: Precision, steps: u64, dp: usize, micro: usize) -> TrainOptions {
-    let mut o = TrainOptions::defaults(steps, precision);
-    o.lr = 3e-3;
-    o.dp = dp;
-    o.micro_batches = micro;
-    o
-}
-
-fn trainer(precision: Precision, o: TrainOptions, seed: u64) -> Trainer {
-    let model = Model::<f32>::new(&cfg(), precision, seed).unwrap();
-    Trainer::new(model, batcher(seed), o).unwrap()
-}
-
 fn run(t: &mut Trainer, steps: u64) -> Vec<f64> {
     (0..steps).map(|_| t.train_step().unwrap().loss).collect()
-}
-
-fn rel(a: f64, b: f64) -> f64 {
-    (a - b).abs() / b.abs().max(1e-12)
 }
 
 fn assert_replicas_identical(t: &Trainer, dp: usize) {
@@ -129,8 +70,8 @@ fn data_parallel_ranks_match_one_rank_in_fp32() {
         // shards of 4 / dp micro-batches each.
         check(
             Precision::Fp32,
-            opts(Precision::Fp32, 4, 1, 4),
-            opts(Precision::Fp32, 4, dp, 4 / dp),
+            opts(Precision::Fp32, 4, 1, 1, 4),
+            opts(Precision::Fp32, 4, dp, 1, 4 / dp),
             1e-5,
             1e-5,
         );
@@ -139,14 +80,14 @@ fn data_parallel_ranks_match_one_rank_in_fp32() {
 
 #[test]
 fn data_parallel_pipelines_match_one_rank() {
-    let mut o = opts(Precision::Fp32, 3, 2, 2);
+    let mut o = opts(Precision::Fp32, 3, 2, 1, 2);
     o.pipeline = Some(PipelineOptions {
         pp: 2,
         schedule: "1f1b".into(),
     });
     check(
         Precision::Fp32,
-        opts(Precision::Fp32, 3, 1, 4),
+        opts(Precision::Fp32, 3, 1, 1, 4),
         o,
         1e-5,
         1e-5,
@@ -157,8 +98,8 @@ fn data_parallel_pipelines_match_one_rank() {
 fn data_parallel_fp8_stays_within_the_fp8_tolerance() {
     check(
         Precision::Fp8,
-        opts(Precision::Fp8, 3, 1, 4),
-        opts(Precision::Fp8, 3, 2, 2),
+        opts(Precision::Fp8, 3, 1, 1, 4),
+        opts(Precision::Fp8, 3, 2, 1, 2),
         1e-4,
         1e-3,
     );
@@ -166,10 +107,10 @@ fn data_parallel_fp8_stays_within_the_fp8_tolerance() {
 
 #[test]
 fn each_rank_keeps_only_its_shard_of_the_optimizer_state() {
-    let one = trainer(Precision::Fp32, opts(Precision::Fp32, 1, 1, 1), 1).memory_per_rank();
+    let one = trainer(Precision::Fp32, opts(Precision::Fp32, 1, 1, 1, 1), 1).memory_per_rank();
     assert_eq!(one.len(), 1);
     for dp in [2, 4, 8] {
-        let mem = trainer(Precision::Fp32, opts(Precision::Fp32, 1, dp, 1), 1).memory_per_rank();
+        let mem = trainer(Precision::Fp32, opts(Precision::Fp32, 1, dp, 1, 1), 1).memory_per_rank();
         assert_eq!(mem.len(), dp);
         let total: u64 = mem.iter().map(|m| m.optimizer).sum();
         assert_eq!(
@@ -185,7 +126,7 @@ fn each_rank_keeps_only_its_shard_of_the_optimizer_state() {
         }
     }
     // BF16 moments halve it again.
-    let fp8 = trainer(Precision::Fp8, opts(Precision::Fp8, 1, 2, 1), 1).memory_per_rank();
+    let fp8 = trainer(Precision::Fp8, opts(Precision::Fp8, 1, 2, 1, 1), 1).memory_per_rank();
     assert_eq!(
         fp8.iter().map(|m| m.optimizer).sum::<u64>() * 2,
         one[0].optimizer
@@ -196,10 +137,10 @@ fn each_rank_keeps_only_its_shard_of_the_optimizer_state() {
 fn a_sharded_checkpoint_resumes_exactly_under_any_dp() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let mut straight = trainer(Precision::Fp32, opts(Precision::Fp32, 4, 2, 2), 7);
+    let mut straight = trainer(Precision::Fp32, opts(Precision::Fp32, 4, 2, 1, 2), 7);
     let losses = run(&mut straight, 4);
 
-    let mut first = trainer(Precision::Fp32, opts(Precision::Fp32, 4, 2, 2), 7);
+    let mut first = trainer(Precision::Fp32, opts(Precision::Fp32, 4, 2, 1, 2), 7);
     run(&mut first, 2);
     first.save_checkpoint(&ckpt).unwrap();
     drop(first);
@@ -238,12 +179,12 @@ fn a_sharded_checkpoint_resumes_exactly_under_any_dp() {
 fn bad_data_parallel_settings_are_refused_naming_the_field() {
     for (dp, want) in [(0, "dp"), (9, "dp")] {
         let model = Model::<f32>::new(&cfg(), Precision::Fp32, 1).unwrap();
-        let err = Trainer::new(model, batcher(1), opts(Precision::Fp32, 1, dp, 1))
+        let err = Trainer::new(model, batcher(1), opts(Precision::Fp32, 1, dp, 1, 1))
             .err()
             .expect("refused");
         assert!(err.to_string().contains(want), "{err}");
     }
-    let mut o = opts(Precision::Fp32, 1, 4, 4);
+    let mut o = opts(Precision::Fp32, 1, 4, 1, 4);
     o.pipeline = Some(PipelineOptions {
         pp: 2,
         schedule: "1f1b".into(),

@@ -7,64 +7,13 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
+mod common;
+
+use common::{batcher, opts, small_cfg as cfg};
 use shoal_kernels::ops::linear::Precision;
-use shoal_spec::ModelConfig;
 use shoal_worker::comm::tcp::{MeshLayout, connect};
-use shoal_worker::data::{Batcher, DataSpec, TokenSource};
 use shoal_worker::model::Model;
 use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
-
-fn cfg() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
-        moe_intermediate_size: 32,
-        num_hidden_layers: 2,
-        first_k_dense_replace: 1,
-        num_attention_heads: 2,
-        n_routed_experts: 8,
-        n_shared_experts: 1,
-        num_experts_per_tok: 2,
-        n_group: 4,
-        topk_group: 2,
-        routed_scaling_factor: 2.5,
-        norm_topk_prob: true,
-        q_lora_rank: Some(32),
-        kv_lora_rank: 32,
-        qk_nope_head_dim: 16,
-        qk_rope_head_dim: 8,
-        v_head_dim: 16,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_interleave: true,
-        rope_scaling: None,
-        num_nextn_predict_layers: 1,
-        max_position_embeddings: 512,
-        initializer_range: 0.02,
-    }
-}
-
-fn batcher(seed: u64) -> Batcher {
-    let source = TokenSource::load(
-        &DataSpec::Synthetic {
-            seed,
-            tokens: 100_000,
-        },
-        256,
-    )
-    .unwrap();
-    Batcher::new(source, 32, 8, seed).unwrap()
-}
-
-fn opts(precision: Precision, steps: u64, dp: usize, ep: usize, micro: usize) -> TrainOptions {
-    let mut o = TrainOptions::defaults(steps, precision);
-    o.lr = 3e-3;
-    o.dp = dp;
-    o.ep = ep;
-    o.micro_batches = micro;
-    o
-}
 
 /// Runs `steps` steps of `o` on `nodes` trainers of `dp / nodes` ranks each, connected over
 /// TCP (fp32); checkpoints into `ckpt`; returns every node's metrics.

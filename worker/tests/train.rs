@@ -3,72 +3,25 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
+use common::{batcher_of, small_cfg};
 use shoal_kernels::ops::linear::Precision;
-use shoal_spec::ModelConfig;
-use shoal_worker::data::{Batcher, DataSpec, TokenSource};
+use shoal_worker::data::Batcher;
 use shoal_worker::model::Model;
 use shoal_worker::train::{TrainOptions, Trainer};
 
-fn small_cfg() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 128,
-        moe_intermediate_size: 32,
-        num_hidden_layers: 2,
-        first_k_dense_replace: 1,
-        num_attention_heads: 2,
-        n_routed_experts: 8,
-        n_shared_experts: 1,
-        num_experts_per_tok: 2,
-        n_group: 4,
-        topk_group: 2,
-        routed_scaling_factor: 2.5,
-        norm_topk_prob: true,
-        q_lora_rank: Some(32),
-        kv_lora_rank: 32,
-        qk_nope_head_dim: 16,
-        qk_rope_head_dim: 8,
-        v_head_dim: 16,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10000.0,
-        rope_interleave: true,
-        rope_scaling: None,
-        num_nextn_predict_layers: 1,
-        max_position_embeddings: 512,
-        initializer_range: 0.02,
-    }
-}
-
 fn trainer(precision: Precision, steps: u64, seed: u64) -> Trainer {
-    let cfg = small_cfg();
-    let model = Model::<f32>::new(&cfg, precision, seed).unwrap();
-    let source = TokenSource::load(
-        &DataSpec::Synthetic {
-            seed,
-            tokens: 200_000,
-        },
-        cfg.vocab_size,
-    )
-    .unwrap();
-    let batcher = Batcher::new(source, 32, 4, seed).unwrap();
+    let model = Model::<f32>::new(&small_cfg(), precision, seed).unwrap();
     // A higher peak rate than the default: this small model learns the corpus's short-range
     // structure within 40 steps.
     let mut opts = TrainOptions::defaults(steps, precision);
     opts.lr = 3e-3;
-    Trainer::new(model, batcher, opts).unwrap()
+    Trainer::new(model, batcher(seed), opts).unwrap()
 }
 
 fn batcher(seed: u64) -> Batcher {
-    let source = TokenSource::load(
-        &DataSpec::Synthetic {
-            seed,
-            tokens: 200_000,
-        },
-        256,
-    )
-    .unwrap();
-    Batcher::new(source, 32, 4, seed).unwrap()
+    batcher_of(seed, 200_000, 4)
 }
 
 #[test]

@@ -102,19 +102,9 @@ pub(crate) fn rank_step(
     };
     rep.grads.zero();
     let (out, pipeline_bytes) = match (plan.pipeline, plan.ep) {
-        (Some((stages, schedule)), 1) => {
-            let r = pipeline::run_step(
-                &rep.model,
-                stages,
-                schedule,
-                batch,
-                &obj,
-                &mut rep.grads,
-                pipeline::DEFAULT_TIMEOUT,
-            )?;
-            (r.out, r.bytes_sent.iter().sum())
-        }
         (Some((stages, schedule)), ep) => {
+            // With expert parallelism, each pipeline rank exchanges tokens with the same rank
+            // of the other pipelines of its group (`stage_ts` is empty without).
             let r = t.rank();
             let first = r / ep * ep;
             let links = stage_ts
