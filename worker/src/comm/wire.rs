@@ -220,27 +220,13 @@ impl DispatchFrame {
         match &self.tokens {
             TokenRows::Fp8(m) => {
                 out.extend_from_slice(m.codes());
-                for s in m.scales() {
-                    out.extend_from_slice(&s.to_le_bytes());
-                }
+                put(&mut out, m.scales(), f32::to_le_bytes);
             }
-            TokenRows::Bf16(t) => {
-                for v in t.data() {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-            TokenRows::F32(t) => {
-                for v in t.data() {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
+            TokenRows::Bf16(t) => put(&mut out, t.data(), bf16::to_le_bytes),
+            TokenRows::F32(t) => put(&mut out, t.data(), f32::to_le_bytes),
         }
-        for e in &self.experts {
-            out.extend_from_slice(&e.to_le_bytes());
-        }
-        for w in &self.weights {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
+        put(&mut out, &self.experts, u32::to_le_bytes);
+        put(&mut out, &self.weights, f32::to_le_bytes);
         out
     }
 
@@ -373,9 +359,7 @@ impl CombineFrame {
         match &self.values {
             CombineValues::Bf16(v) => {
                 header(&mut out, KIND_COMBINE, 0, [self.rows, self.cols, 0]);
-                for x in v {
-                    out.extend_from_slice(&x.to_le_bytes());
-                }
+                put(&mut out, v, |x| x.to_le_bytes());
             }
             CombineValues::F32(v) => {
                 header(
@@ -384,9 +368,7 @@ impl CombineFrame {
                     ENC_F32 << ENC_SHIFT,
                     [self.rows, self.cols, 0],
                 );
-                for x in v {
-                    out.extend_from_slice(&x.to_le_bytes());
-                }
+                put(&mut out, v, |x| x.to_le_bytes());
             }
         }
         out
@@ -420,7 +402,11 @@ impl CombineFrame {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]))
                 .collect();
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            // Exponent all ones: infinite or NaN. A branch-free scan first (it vectorises).
+            let any = v
+                .iter()
+                .fold(false, |a, x| a | (x.to_bits() & 0x7F80 == 0x7F80));
+            if any && let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(bad(K, format!("value {i} is {}", v[i])));
             }
             CombineValues::Bf16(v)
@@ -492,6 +478,16 @@ fn read_header(bytes: &[u8], kind: u8, k: &'static str) -> Result<(u8, [usize; 3
 fn checked(a: usize, b: usize, k: &'static str) -> Result<usize> {
     a.checked_mul(b)
         .ok_or_else(|| bad(k, format!("{a} x {b} overflows")))
+}
+
+/// Appends each value's little-endian bytes (one resize, then fixed-width stores the compiler
+/// vectorises).
+fn put<const W: usize, V: Copy>(out: &mut Vec<u8>, values: &[V], bytes: impl Fn(V) -> [u8; W]) {
+    let start = out.len();
+    out.resize(start + W * values.len(), 0);
+    for (c, v) in out[start..].chunks_exact_mut(W).zip(values) {
+        c.copy_from_slice(&bytes(*v));
+    }
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
