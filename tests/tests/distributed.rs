@@ -85,6 +85,32 @@ fn two_node_agents_train_what_one_process_trains() {
     );
 }
 
+/// Polls job `id` until `done` holds (and returns it), failing after `within`.
+fn wait_for_job(
+    url: &str,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = jobs(url);
+        let j = all
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+            .unwrap_or_default();
+        if done(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} after {within:?}: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn jobs(url: &str) -> Vec<serde_json::Value> {
     let out = run_shoal(&["jobs", "--coordinator", url, "--json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -137,41 +163,16 @@ fn a_killed_node_fails_a_job_that_spans_nodes_and_frees_the_survivor() {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     let long = job("wide", 100_000, 4);
-    let deadline = Instant::now() + Duration::from_secs(60);
     // Running, and past its first steps (the ranks have met over TCP).
-    loop {
-        let all = jobs(&url);
-        let j = all
-            .iter()
-            .find(|j| j["id"] == long.as_str())
-            .cloned()
-            .unwrap_or_default();
-        if j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job never ran: {all:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_job(&url, &long, Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 2
+    });
     w2.kill();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let all = jobs(&url);
-        let j = all
-            .iter()
-            .find(|j| j["id"] == long.as_str())
-            .cloned()
-            .unwrap_or_default();
-        if j["state"] == "failed" {
-            let reason = j["reason"].as_str().unwrap_or("");
-            assert!(reason.contains("n2") || reason.contains("rank"), "{j}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the kill was not noticed: {all:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let j = wait_for_job(&url, &long, Duration::from_secs(20), |j| {
+        j["state"] == "failed"
+    });
+    let reason = j["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("n2") || reason.contains("rank"), "{j}");
     // The surviving node is free again: a job of its two devices runs to the end.
     let small = job("after", 2, 2);
     let o = run_shoal(&["watch", &small, "--coordinator", &url]);

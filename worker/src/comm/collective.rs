@@ -25,19 +25,54 @@ impl Group {
     }
 }
 
-fn encode_f32(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// A value collectives move: fixed-width little-endian on the wire, and summable.
+pub trait Elem: Copy + std::ops::AddAssign {
+    /// Bytes per value.
+    const WIDTH: usize;
+    /// Appends the value's bytes.
+    fn put(self, out: &mut Vec<u8>);
+    /// Reads a value from `WIDTH` bytes.
+    fn get(b: &[u8]) -> Self;
 }
 
-fn decode_into(
+macro_rules! elem {
+    ($t:ty, $w:expr) => {
+        impl Elem for $t {
+            const WIDTH: usize = $w;
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(b: &[u8]) -> Self {
+                let mut a = [0u8; $w];
+                a.copy_from_slice(b);
+                <$t>::from_le_bytes(a)
+            }
+        }
+    };
+}
+elem!(f32, 4);
+elem!(f64, 8);
+elem!(u64, 8);
+
+/// The values' bytes.
+pub fn encode<V: Elem>(x: &[V]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(x.len() * V::WIDTH);
+    for v in x {
+        v.put(&mut out);
+    }
+    out
+}
+
+/// The `want` values of a frame from `peer`; a frame of another length is an error naming the
+/// peer and the operation.
+pub fn decode<V: Elem>(
     t: &dyn Transport,
     peer: usize,
     tag: Tag,
     bytes: &[u8],
-    elem: usize,
     want: usize,
-) -> Result<()> {
-    if bytes.len() != want * elem {
+) -> Result<Vec<V>> {
+    if bytes.len() != want * V::WIDTH {
         return Err(comm_error(
             t.rank(),
             peer,
@@ -45,12 +80,12 @@ fn decode_into(
             format!(
                 "frame of {} bytes, expected {} ({} values)",
                 bytes.len(),
-                want * elem,
+                want * V::WIDTH,
                 want
             ),
         ));
     }
-    Ok(())
+    Ok(bytes.chunks_exact(V::WIDTH).map(V::get).collect())
 }
 
 fn member(t: &dyn Transport, g: &Group, tag: Tag) -> Result<usize> {
@@ -64,6 +99,42 @@ fn member(t: &dyn Transport, g: &Group, tag: Tag) -> Result<usize> {
     })
 }
 
+/// Sends member `i` the values `piece(i)`, receives this member's `want` values from every
+/// other member, and sums all contributions to this member (its own `piece(me)` included) in
+/// member order.
+fn sum_in_member_order<'v, V: Elem + 'v>(
+    t: &mut dyn Transport,
+    g: &Group,
+    tag: Tag,
+    piece: impl Fn(usize) -> &'v [V],
+) -> Result<Vec<V>> {
+    let me = member(t, g, tag)?;
+    for (i, &peer) in g.ranks.iter().enumerate() {
+        if i != me {
+            t.send(peer, tag, encode(piece(i)))?;
+        }
+    }
+    let want = piece(me).len();
+    let mut acc: Option<Vec<V>> = None;
+    for (i, &peer) in g.ranks.iter().enumerate() {
+        let v = if i == me {
+            piece(me).to_vec()
+        } else {
+            let b = t.recv(peer, tag)?;
+            decode(t, peer, tag, &b, want)?
+        };
+        match acc.as_mut() {
+            None => acc = Some(v),
+            Some(a) => {
+                for (x, y) in a.iter_mut().zip(v) {
+                    *x += y;
+                }
+            }
+        }
+    }
+    Ok(acc.unwrap_or_default())
+}
+
 /// Sums `data` (the whole vector, the same length on every member) over the group and returns
 /// this member's piece of the sum: `bounds[i]` is the piece member `i` keeps.
 pub fn reduce_scatter(
@@ -73,35 +144,7 @@ pub fn reduce_scatter(
     data: &[f32],
     bounds: &[Range<usize>],
 ) -> Result<Vec<f32>> {
-    let me = member(t, g, tag)?;
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        if i != me {
-            t.send(peer, tag, encode_f32(&data[bounds[i].clone()]))?;
-        }
-    }
-    let mine = bounds[me].clone();
-    let mut acc: Option<Vec<f32>> = None;
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        let piece: Vec<f32> = if i == me {
-            data[mine.clone()].to_vec()
-        } else {
-            let bytes = t.recv(peer, tag)?;
-            decode_into(t, peer, tag, &bytes, 4, mine.len())?;
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        };
-        match acc.as_mut() {
-            None => acc = Some(piece),
-            Some(a) => {
-                for (x, y) in a.iter_mut().zip(&piece) {
-                    *x += y;
-                }
-            }
-        }
-    }
-    Ok(acc.unwrap_or_default())
+    sum_in_member_order(t, g, tag, |i| &data[bounds[i].clone()])
 }
 
 /// Every member contributes its piece `bounds[me]` (`own`); returns the whole vector.
@@ -114,7 +157,7 @@ pub fn all_gather(
 ) -> Result<Vec<f32>> {
     let me = member(t, g, tag)?;
     let len = bounds.iter().map(|b| b.end).max().unwrap_or(0);
-    let bytes = encode_f32(own);
+    let bytes = encode(own);
     for (i, &peer) in g.ranks.iter().enumerate() {
         if i != me {
             t.send(peer, tag, bytes.clone())?;
@@ -123,13 +166,10 @@ pub fn all_gather(
     let mut out = vec![0f32; len];
     out[bounds[me].clone()].copy_from_slice(own);
     for (i, &peer) in g.ranks.iter().enumerate() {
-        if i == me {
-            continue;
-        }
-        let b = t.recv(peer, tag)?;
-        decode_into(t, peer, tag, &b, 4, bounds[i].len())?;
-        for (o, c) in out[bounds[i].clone()].iter_mut().zip(b.chunks_exact(4)) {
-            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if i != me {
+            let b = t.recv(peer, tag)?;
+            let v: Vec<f32> = decode(t, peer, tag, &b, bounds[i].len())?;
+            out[bounds[i].clone()].copy_from_slice(&v);
         }
     }
     Ok(out)
@@ -142,34 +182,7 @@ pub fn all_reduce_f64(
     tag: Tag,
     values: &[f64],
 ) -> Result<Vec<f64>> {
-    let me = member(t, g, tag)?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        if i != me {
-            t.send(peer, tag, bytes.clone())?;
-        }
-    }
-    let mut acc: Option<Vec<f64>> = None;
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        let v: Vec<f64> = if i == me {
-            values.to_vec()
-        } else {
-            let b = t.recv(peer, tag)?;
-            decode_into(t, peer, tag, &b, 8, values.len())?;
-            b.chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect()
-        };
-        match acc.as_mut() {
-            None => acc = Some(v),
-            Some(a) => {
-                for (x, y) in a.iter_mut().zip(&v) {
-                    *x += y;
-                }
-            }
-        }
-    }
-    Ok(acc.unwrap_or_default())
+    sum_in_member_order(t, g, tag, |_| values)
 }
 
 /// Sums counters over the group (exact).
@@ -179,25 +192,7 @@ pub fn all_reduce_u64(
     tag: Tag,
     values: &[u64],
 ) -> Result<Vec<u64>> {
-    let me = member(t, g, tag)?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        if i != me {
-            t.send(peer, tag, bytes.clone())?;
-        }
-    }
-    let mut acc = values.to_vec();
-    for (i, &peer) in g.ranks.iter().enumerate() {
-        if i == me {
-            continue;
-        }
-        let b = t.recv(peer, tag)?;
-        decode_into(t, peer, tag, &b, 8, values.len())?;
-        for (x, c) in acc.iter_mut().zip(b.chunks_exact(8)) {
-            *x += u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-        }
-    }
-    Ok(acc)
+    sum_in_member_order(t, g, tag, |_| values)
 }
 
 /// Splits `0..len` into `parts` consecutive ranges whose lengths differ by at most one.

@@ -33,6 +33,18 @@ pub trait ExpertExchange: Sync + fmt::Debug {
     /// Hands `frames[q]` to member `q` (this member's own frame comes straight back) and returns
     /// the frame each member handed to this one, in member order.
     fn exchange(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
+
+    /// [`Self::exchange`], checking that one frame came back per member.
+    fn all_to_all(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let got = self.exchange(phase, frames)?;
+        if got.len() != self.ep() {
+            return Err(crate::WorkerError::invalid(
+                "expert exchange",
+                format!("{} frames from a group of {}", got.len(), self.ep()),
+            ));
+        }
+        Ok(got)
+    }
 }
 
 /// How token rows travel in a precision mode: FP8 dispatch and BF16 combine in FP8 runs (the

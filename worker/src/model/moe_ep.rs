@@ -63,16 +63,6 @@ fn from_f32<T: ModelFloat>(x: &Tensor<f32>) -> Tensor<T> {
     x.map(|v| T::of(f64::from(v)))
 }
 
-fn frame_count(got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(WorkerError::invalid(
-            "expert exchange",
-            format!("{got} frames from a group of {want}"),
-        ));
-    }
-    Ok(())
-}
-
 /// Checks that a member's reply covers the rows this rank sent it.
 fn rows_match(
     what: &str,
@@ -162,8 +152,7 @@ impl Moe {
                 Ok(DispatchFrame::encode_rows(&xs, k, routes, weights, codec)?.encode())
             })
             .collect::<Result<Vec<_>>>()?;
-        let got = ex.exchange(ExchangePhase::Dispatch, frames)?;
-        frame_count(got.len(), ep)?;
+        let got = ex.all_to_all(ExchangePhase::Dispatch, frames)?;
         let mut received = Vec::with_capacity(ep);
         for bytes in &got {
             let f = DispatchFrame::decode(bytes, e)?;
@@ -232,8 +221,7 @@ impl Moe {
             .iter()
             .map(|y| Ok(CombineFrame::encode_rows(&to_f32(y), full)?.encode()))
             .collect::<Result<Vec<_>>>()?;
-        let back = ex.exchange(ExchangePhase::Combine, frames)?;
-        frame_count(back.len(), ep)?;
+        let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
 
         let shared_span = tracing::debug_span!("moe.shared").entered();
@@ -308,8 +296,7 @@ impl Moe {
             .iter()
             .map(|rows| Ok(CombineFrame::encode_rows(&gather_rows(&dyf, rows)?, full)?.encode()))
             .collect::<Result<Vec<_>>>()?;
-        let got = ex.exchange(ExchangePhase::Dispatch, frames)?;
-        frame_count(got.len(), ep)?;
+        let got = ex.all_to_all(ExchangePhase::Dispatch, frames)?;
         let mut dys = Vec::with_capacity(ep);
         for (s, bytes) in got.iter().enumerate() {
             let g = CombineFrame::decode(bytes)?.to_f32()?;
@@ -368,14 +355,12 @@ impl Moe {
             .iter()
             .map(|d| Ok(CombineFrame::encode_rows(&to_f32(d), full)?.encode()))
             .collect::<Result<Vec<_>>>()?;
-        let back = ex.exchange(ExchangePhase::Combine, frames)?;
-        frame_count(back.len(), ep)?;
+        let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         let frames = dws
             .iter()
             .map(|d| Ok(CombineFrame::encode_rows(&to_f32(d), true)?.encode()))
             .collect::<Result<Vec<_>>>()?;
-        let back_w = ex.exchange(ExchangePhase::Combine, frames)?;
-        frame_count(back_w.len(), ep)?;
+        let back_w = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
 
         let shared_span = tracing::debug_span!("moe.shared").entered();

@@ -10,8 +10,8 @@ use super::dp::Replica;
 use super::zero::ZeroLayout;
 use super::{Trainer, WorkerError};
 use crate::Result;
-use crate::comm::collective::all_gather;
-use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport, comm_error};
+use crate::comm::collective::{all_gather, decode, encode};
+use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport};
 use crate::model::params::ParamId;
 
 /// Every parameter by name, and the optimizer state of every trained one.
@@ -25,34 +25,6 @@ const SEQ: u64 = 1 << 32;
 pub(crate) struct Gathered {
     moments: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     values: Vec<Option<Vec<f32>>>,
-}
-
-fn f32s(st: &AdamWState) -> (Vec<f32>, Vec<f32>) {
-    match &st.moments {
-        Moments::F32 { m, v } => (m.clone(), v.clone()),
-        Moments::Bf16 { m, v } => (
-            m.iter().map(|x| x.to_f32()).collect(),
-            v.iter().map(|x| x.to_f32()).collect(),
-        ),
-    }
-}
-
-fn encode(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn decode(t: &dyn Transport, peer: usize, tag: Tag, b: &[u8], want: usize) -> Result<Vec<f32>> {
-    if b.len() != 4 * want {
-        return Err(comm_error(
-            t.rank(),
-            peer,
-            tag,
-            format!("{} bytes, expected {} values", b.len(), want),
-        ));
-    }
-    Ok(b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
 }
 
 /// One rank's part of the gather; `Some` on rank 0.
@@ -73,9 +45,8 @@ pub(crate) fn gather_rank(
         let layout = &layouts[part.layout];
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for st in &part.moments {
-            let (a, b) = f32s(st);
-            m.extend(a);
-            v.extend(b);
+            m.extend(st.moments.first_f32());
+            v.extend(st.moments.second_f32());
         }
         let li = part.layout as u64;
         let m = all_gather(t, &part.group, tag(2 * li), &m, &layout.bounds)?;
@@ -131,15 +102,18 @@ impl Trainer {
     /// Gathers the whole model and optimizer state onto the process holding rank 0; `None`
     /// in the other processes.
     pub(crate) fn gather_checkpoint(&mut self) -> Result<Option<CheckpointState>> {
-        let layouts = std::mem::take(&mut self.layouts);
         let (ep, step) = (self.opts.ep, self.step);
         let mut no_stages: Vec<Vec<LocalTransport>> =
             (0..self.replicas.len()).map(|_| Vec::new()).collect();
-        let res = self.on_ranks(None, &mut no_stages, |rep, t, _| {
-            gather_rank(rep, t, &layouts, ep, step)
-        });
-        self.layouts = layouts;
-        let Some(g) = res?.into_iter().flatten().next() else {
+        let layouts = &self.layouts;
+        let res = Self::on_ranks(
+            &mut self.replicas,
+            self.mesh.as_deref_mut(),
+            &self.ranks,
+            &mut no_stages,
+            |rep, t, _| gather_rank(rep, t, layouts, ep, step),
+        )?;
+        let Some(g) = res.into_iter().flatten().next() else {
             return Ok(None);
         };
         let bf16_moments = self.opts.bf16_moments;

@@ -454,12 +454,11 @@ impl Trainer {
         let mut named = self.replicas[0].model.named_f32();
         let ids: Vec<ParamId> = self.params().iter().map(|(id, _, _)| id).collect();
         for (slot, id) in named.iter_mut().zip(ids) {
-            if let Some(rep) = self
-                .replicas
-                .iter()
-                .find(|r| r.model.params().holds(id))
-                .filter(|_| !self.params().holds(id))
-            {
+            if self.params().holds(id) {
+                continue;
+            }
+            // Another position's expert: from the first replica here that holds it.
+            if let Some(rep) = self.replicas.iter().find(|r| r.model.params().holds(id)) {
                 slot.1 = rep.model.params().get(id).clone();
             }
         }
@@ -516,13 +515,7 @@ impl Trainer {
                     .parts
                     .iter()
                     .flat_map(|p| &p.moments)
-                    .map(|st| {
-                        st.len()
-                            * match st.moments {
-                                shoal_kernels::ops::adamw::Moments::F32 { .. } => 8,
-                                shoal_kernels::ops::adamw::Moments::Bf16 { .. } => 4,
-                            }
-                    })
+                    .map(|st| st.len() * if st.moments.is_bf16() { 4 } else { 8 })
                     .sum();
                 MemoryUse {
                     params: params as u64 * 4,
@@ -578,16 +571,13 @@ impl Trainer {
     /// endpoints: on this thread for one replica, on a thread each for more. A failing rank
     /// releases the others; the root cause is returned.
     fn on_ranks<R: Send>(
-        &mut self,
-        fresh: Option<&mut [LocalTransport]>,
+        replicas: &mut [Replica],
+        mesh: Option<&mut [LocalTransport]>,
+        ranks: &[usize],
         stage_ts: &mut [Vec<LocalTransport>],
         f: impl Fn(&mut Replica, &mut LocalTransport, &mut [LocalTransport]) -> Result<R> + Sync,
     ) -> Result<Vec<R>> {
-        let mesh: &mut [LocalTransport] = match (fresh, self.mesh.as_mut()) {
-            (Some(m), _) => m,
-            (None, Some(m)) => m,
-            (None, None) => return Err(WorkerError::invalid("mesh", "no endpoints")),
-        };
+        let mesh = mesh.ok_or_else(|| WorkerError::invalid("mesh", "no endpoints"))?;
         let run = |rep: &mut Replica, t: &mut LocalTransport, sts: &mut Vec<LocalTransport>| {
             let res = f(rep, t, sts);
             if res.is_err() {
@@ -598,14 +588,13 @@ impl Trainer {
             }
             res
         };
-        let results: Vec<Result<R>> = if self.replicas.len() == 1 {
-            vec![run(&mut self.replicas[0], &mut mesh[0], &mut stage_ts[0])]
+        let results: Vec<Result<R>> = if replicas.len() == 1 {
+            vec![run(&mut replicas[0], &mut mesh[0], &mut stage_ts[0])]
         } else {
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
             let parent = tracing::Span::current();
             std::thread::scope(|scope| {
-                let handles: Vec<_> = self
-                    .replicas
+                let handles: Vec<_> = replicas
                     .iter_mut()
                     .zip(mesh.iter_mut())
                     .zip(stage_ts.iter_mut())
@@ -626,7 +615,7 @@ impl Trainer {
                     .collect();
                 handles
                     .into_iter()
-                    .zip(&self.ranks)
+                    .zip(ranks)
                     .map(|(h, r)| match h {
                         Ok(h) => h.join().unwrap_or_else(|_| {
                             Err(WorkerError::invalid(
@@ -675,9 +664,6 @@ impl Trainer {
         } else {
             split_micro(&tb, dp)?
         };
-        // Lent to the ranks for the step (and put back whatever happens).
-        let layouts = std::mem::take(&mut self.layouts);
-        let pipeline = self.pipeline.take();
         let plan = StepPlan {
             step: self.step + 1,
             lr,
@@ -686,8 +672,8 @@ impl Trainer {
             adamw: self.opts.adamw(),
             grad_clip: self.opts.grad_clip,
             gamma: self.opts.bias_update_speed as f32,
-            pipeline: pipeline.as_ref(),
-            layouts: &layouts,
+            pipeline: self.pipeline.as_ref(),
+            layouts: &self.layouts,
             group: &group,
             ep: self.opts.ep,
         };
@@ -700,7 +686,7 @@ impl Trainer {
         // rank of every replica; replica r takes endpoint r of each.
         let mut stage_ts: Vec<Vec<LocalTransport>> =
             (0..self.replicas.len()).map(|_| Vec::new()).collect();
-        if let (Some((_, schedule)), true) = (&pipeline, self.opts.ep > 1) {
+        if let (Some((_, schedule)), true) = (&self.pipeline, self.opts.ep > 1) {
             for _ in 0..schedule.pp {
                 for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
                     .into_iter()
@@ -710,19 +696,23 @@ impl Trainer {
                 }
             }
         }
-        let results = self.on_ranks(fresh.as_deref_mut(), &mut stage_ts, |rep, t, sts| {
-            let before = t.bytes().clone();
-            let (part, share) = &parts[t.rank()];
-            let o = rank_step(rep, t, sts, &plan, part, *share)?;
-            let mut bytes = t.bytes().since(&before);
-            for st in sts.iter() {
-                bytes.merge(st.bytes());
-            }
-            Ok((o, bytes))
-        });
-        self.layouts = layouts;
-        self.pipeline = pipeline;
-        let results = results?;
+        let mesh = fresh.as_deref_mut().or(self.mesh.as_deref_mut());
+        let results = Self::on_ranks(
+            &mut self.replicas,
+            mesh,
+            &self.ranks,
+            &mut stage_ts,
+            |rep, t, sts| {
+                let before = t.bytes().clone();
+                let (part, share) = &parts[t.rank()];
+                let o = rank_step(rep, t, sts, &plan, part, *share)?;
+                let mut bytes = t.bytes().since(&before);
+                for st in sts.iter() {
+                    bytes.merge(st.bytes());
+                }
+                Ok((o, bytes))
+            },
+        )?;
         let mut comm = ByteCounts::default();
         let mut bytes_sent = 0;
         for (o, b) in &results {

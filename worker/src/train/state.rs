@@ -77,16 +77,9 @@ pub fn parse_precision(s: &str) -> Result<Precision> {
 }
 
 fn moment_tensors(state: &AdamWState, shape: &[usize]) -> Result<(Tensor<f32>, Tensor<f32>)> {
-    let (m, v) = match &state.moments {
-        Moments::F32 { m, v } => (m.clone(), v.clone()),
-        Moments::Bf16 { m, v } => (
-            m.iter().map(|x| x.to_f32()).collect(),
-            v.iter().map(|x| x.to_f32()).collect(),
-        ),
-    };
     Ok((
-        Tensor::new(shape.to_vec(), m)?,
-        Tensor::new(shape.to_vec(), v)?,
+        Tensor::new(shape.to_vec(), state.moments.first_f32())?,
+        Tensor::new(shape.to_vec(), state.moments.second_f32())?,
     ))
 }
 
