@@ -19,7 +19,7 @@ use shoal_kernels::ops::adamw::{
 };
 use shoal_spec::schedule::StepSchedule;
 
-use super::zero::ZeroLayout;
+use super::zero::{Segment, ZeroLayout};
 use crate::Result;
 use crate::comm::collective::{Group, all_gather, all_reduce_f64, all_reduce_u64, reduce_scatter};
 use crate::comm::expert::EpLink;
@@ -74,6 +74,20 @@ pub(crate) struct RankOutcome {
     pub(crate) grad_norm: f64,
     /// Bytes its pipeline ranks sent each other.
     pub(crate) pipeline_bytes: u64,
+}
+
+/// A segment's summed gradient: from the reduce-scattered shard (which starts at flat index
+/// `base`), or from the gradient buffers where no reduction ran.
+fn seg_grad<'g>(
+    grads: &'g Grads<f32>,
+    shard: Option<&'g [f32]>,
+    base: usize,
+    seg: &Segment,
+) -> &'g [f32] {
+    match shard {
+        Some(v) => &v[seg.flat.start - base..seg.flat.end - base],
+        None => &grads.get(seg.param).data()[seg.within.clone()],
+    }
 }
 
 fn tag(plan: &StepPlan<'_>, op: CommOp, seq: u64) -> Tag {
@@ -152,19 +166,23 @@ pub(crate) fn rank_step(
         }
     };
 
-    // Reduce-scatter every part's gradients onto its shards.
+    // Reduce-scatter every part's gradients onto its shards. A part that this rank alone holds
+    // needs no reduction: its shard is the gradient buffers themselves (no copy).
     let collective = tracing::debug_span!("collective", op = "reduce-scatter").entered();
-    let mut shards = Vec::with_capacity(rep.parts.len());
+    let mut shards: Vec<Option<Vec<f32>>> = Vec::with_capacity(rep.parts.len());
     for (i, part) in rep.parts.iter().enumerate() {
         let layout = &plan.layouts[part.layout];
-        let flat = layout.flatten(&rep.grads);
-        shards.push(reduce_scatter(
-            t,
-            &part.group,
-            tag(plan, CommOp::ReduceScatter, i as u64),
-            &flat,
-            &layout.bounds,
-        )?);
+        shards.push(if part.group.ranks.len() < 2 {
+            None
+        } else {
+            Some(reduce_scatter(
+                t,
+                &part.group,
+                tag(plan, CommOp::ReduceScatter, i as u64),
+                &layout.flatten(&rep.grads),
+                &layout.bounds,
+            )?)
+        });
     }
     drop(collective);
 
@@ -175,17 +193,25 @@ pub(crate) fn rank_step(
     for (part, shard) in rep.parts.iter().zip(&shards) {
         let layout = &plan.layouts[part.layout];
         let base = layout.bounds[part.member].start;
-        local += layout.shards[part.member]
-            .iter()
-            .map(|s| sum_sq(&shard[s.flat.start - base..s.flat.end - base]))
-            .sum::<f64>();
+        for seg in &layout.shards[part.member] {
+            local += sum_sq(seg_grad(&rep.grads, shard.as_deref(), base, seg));
+        }
     }
     let total = all_reduce_f64(t, plan.group, tag(plan, CommOp::AllReduce, 0), &[local])?;
     let grad_norm = total.first().copied().unwrap_or(0.0).sqrt();
     if !grad_norm.is_finite() {
-        let (index, value) = shards
+        let grads = &rep.grads;
+        let (index, value) = rep
+            .parts
             .iter()
-            .flatten()
+            .zip(&shards)
+            .flat_map(|(part, shard)| {
+                let layout = &plan.layouts[part.layout];
+                let base = layout.bounds[part.member].start;
+                layout.shards[part.member]
+                    .iter()
+                    .flat_map(move |seg| seg_grad(grads, shard.as_deref(), base, seg))
+            })
             .enumerate()
             .find(|(_, v)| !v.is_finite())
             .map_or((0, grad_norm), |(i, v)| (i, f64::from(*v)));
@@ -213,7 +239,7 @@ pub(crate) fn rank_step(
             } else {
                 &no_decay
             };
-            let g = &shard[seg.flat.start - base..seg.flat.end - base];
+            let g = seg_grad(&rep.grads, shard.as_deref(), base, seg);
             let p = &mut rep.model.params_mut().get_mut(seg.param).data_mut()[seg.within.clone()];
             adamw_step_scaled(p, g, clip, st, c, plan.lr)?;
         }
