@@ -194,9 +194,10 @@ pub enum RunEnd {
     Stopped(u64),
 }
 
-/// Trains a single-device job to the end, calling `on_step` after every step; it returns
-/// `false` to stop early (the job was revoked). Appends every step to `metrics.jsonl`,
-/// checkpoints every `checkpointing.interval` steps and at the end, then writes `summary.json`.
+/// Trains a job whose ranks all run in this process to the end, calling `on_step` after every
+/// step; it returns `false` to stop early (the job was revoked). Appends every step to
+/// `metrics.jsonl`, checkpoints every `checkpointing.interval` steps and at the end, then writes
+/// `summary.json`.
 pub fn run(spec: &JobSpec, on_step: impl FnMut(&StepMetrics) -> bool) -> Result<RunEnd> {
     run_on(spec, None, on_step)
 }
