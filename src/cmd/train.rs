@@ -88,30 +88,30 @@ pub struct TrainArgs {
     /// Expert-bias update speed gamma.
     #[arg(long)]
     pub gamma: Option<f64>,
-    /// Micro-batches per step and data-parallel rank (default 2).
+    /// Micro-batches per step and data-parallel rank (default: 2 x pp with DualPipe, else 2).
     #[arg(long)]
     pub micro_batches: Option<usize>,
-    /// Pipeline ranks: the model cut into this many stages, each rank a thread of the node agent
-    /// (default 1).
+    /// Pipeline ranks: the model cut into this many stages, one device each (default 2).
     #[arg(long)]
     pub pp: Option<usize>,
-    /// Pipeline schedule: 1f1b, zb1p or dualpipe (default 1f1b).
+    /// Pipeline schedule: 1f1b, zb1p or dualpipe (default: dualpipe for an even pp, else 1f1b).
     #[arg(long)]
     pub schedule: Option<String>,
     /// Data-parallel ranks (ZeRO-1): each a share of every batch and a shard of the optimizer
-    /// state, threads of the node agent (default 1).
+    /// state (default: as many as the devices hold, nodes x gpus-per-node / pp).
     #[arg(long)]
     pub dp: Option<usize>,
     /// Expert-parallel group size: each group of this many data-parallel ranks spreads the
     /// routed experts over its members and dispatches tokens to them (FP8 in fp8 runs); must
-    /// divide --dp (default 1).
+    /// divide --dp (default: 2 where dp is even, else 1).
     #[arg(long)]
     pub ep: Option<usize>,
-    /// Node agents of the local cluster (processes; default 1). Data-parallel ranks on
-    /// different nodes reach each other over TCP.
-    #[arg(long, default_value_t = 1)]
-    pub nodes: u32,
-    /// Devices per node agent (default: the job's ranks spread evenly over the nodes).
+    /// Node agents of the local cluster (processes; default 2). Ranks on different nodes reach
+    /// each other over TCP, ranks of one node through in-memory queues.
+    #[arg(long)]
+    pub nodes: Option<u32>,
+    /// Devices per node agent (default 2, or the job's ranks spread evenly over the nodes when
+    /// --dp is given).
     #[arg(long)]
     pub gpus_per_node: Option<u32>,
     /// Write a checkpoint every this many steps (and always at the end).
@@ -144,9 +144,14 @@ impl From<DtypeArg> for TokenDtype {
     }
 }
 
+/// The parallelism fields (`pp`, `dp`, `ep`, `schedule`, `micro_batches`) a flag or the job file
+/// set.
+type Given = std::collections::BTreeSet<String>;
+
 /// The job `shoal train` submits: the `--config` job file (the format `shoal submit` takes, every
-/// field optional here), then the flags over it.
-fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
+/// field optional here), then the flags over it; with the parallelism fields either sets.
+fn job_spec(args: &TrainArgs) -> Result<(JobSpec, Given)> {
+    let mut given = Given::new();
     let mut spec = match &args.config {
         Some(path) => {
             let text = fs::read_to_string(path)
@@ -157,6 +162,9 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
             table
                 .entry("name")
                 .or_insert_with(|| toml::Value::String("train".into()));
+            if let Some(toml::Value::Table(par)) = table.get("parallelism") {
+                given.extend(par.keys().cloned());
+            }
             let text =
                 toml::to_string(&table).with_context(|| format!("job file {}", path.display()))?;
             JobSpec::from_toml(&text, &path.display().to_string())?
@@ -184,20 +192,23 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
         t.lr = f64::from(lr);
     }
     t.gamma = args.gamma.unwrap_or(t.gamma);
-    if let Some(m) = args.micro_batches {
-        spec.parallelism.micro_batches = m;
-    }
-    if let Some(pp) = args.pp {
-        spec.parallelism.pp = pp;
-    }
-    if let Some(s) = &args.schedule {
-        spec.parallelism.schedule.clone_from(s);
-    }
-    if let Some(dp) = args.dp {
-        spec.parallelism.dp = dp;
-    }
-    if let Some(ep) = args.ep {
-        spec.parallelism.ep = ep;
+    let par = &mut spec.parallelism;
+    for (name, set) in [
+        (
+            "micro_batches",
+            args.micro_batches.map(|m| par.micro_batches = m),
+        ),
+        ("pp", args.pp.map(|pp| par.pp = pp)),
+        (
+            "schedule",
+            args.schedule.as_ref().map(|s| par.schedule.clone_from(s)),
+        ),
+        ("dp", args.dp.map(|dp| par.dp = dp)),
+        ("ep", args.ep.map(|ep| par.ep = ep)),
+    ] {
+        if set.is_some() {
+            given.insert(name.into());
+        }
     }
     if let Some(n) = args.checkpoint_every {
         if n == 0 {
@@ -219,7 +230,53 @@ fn job_spec(args: &TrainArgs) -> Result<JobSpec> {
     prepare_out(&out)?;
     let out = fs::canonicalize(&out).with_context(|| format!("--out {}", out.display()))?;
     spec.checkpointing.dir = out.display().to_string();
-    Ok(spec)
+    Ok((spec, given))
+}
+
+/// The main job's shape, for every parallelism field neither a flag nor the job file set: a
+/// local cluster of 2 nodes x 2 devices, 2 pipeline stages under DualPipe, as many
+/// data-parallel ranks as the devices hold, expert-parallel groups of 2 and 2 x pp
+/// micro-batches. Returns the cluster: nodes and devices per node.
+fn default_shape(
+    spec: &mut JobSpec,
+    given: &Given,
+    args: &TrainArgs,
+    model: &shoal_spec::ModelConfig,
+) -> Result<(u32, u32)> {
+    let has = |f: &str| given.contains(f);
+    let nodes = args.nodes.unwrap_or(2);
+    if nodes == 0 || args.gpus_per_node == Some(0) {
+        bail!("--nodes and --gpus-per-node must be at least 1");
+    }
+    let par = &mut spec.parallelism;
+    if !has("pp") {
+        par.pp = 2.min(model.num_hidden_layers.max(1));
+    }
+    if !has("schedule") {
+        par.schedule = if par.pp % 2 == 0 { "dualpipe" } else { "1f1b" }.into();
+    }
+    let gpus = match args.gpus_per_node {
+        Some(g) => g,
+        None if has("dp") => u32::try_from(par.pp.saturating_mul(par.dp))
+            .context("--pp x --dp: too many ranks")?
+            .div_ceil(nodes),
+        None => 2,
+    };
+    if !has("dp") {
+        par.dp = (nodes as usize * gpus as usize / par.pp.max(1)).max(1);
+    }
+    if !has("ep") {
+        let experts = model.n_routed_experts;
+        par.ep = if par.dp % 2 == 0 && experts % 2 == 0 && model.has_moe_layers() {
+            2
+        } else {
+            1
+        };
+    }
+    if !has("micro_batches") && par.schedule.starts_with("dualpipe") {
+        par.micro_batches = 2 * par.pp;
+    }
+    Ok((nodes, gpus))
 }
 
 /// The flag a job-spec field path comes from, for error messages.
@@ -281,8 +338,9 @@ pub(super) fn progress(steps: u64, quiet: bool) -> ProgressBar {
 /// Runs `shoal train`: a local cluster (this process serves an embedded coordinator, one node
 /// agent runs as a child process), the job submitted over gRPC and its progress streamed back.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let spec = job_spec(args)?;
+    let (mut spec, given) = job_spec(args)?;
     let model = resolve_model(&spec.model).map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    let (nodes, gpus_per_node) = default_shape(&mut spec, &given, args, &model)?;
     spec.validate(&model).map_err(|e| match &e {
         shoal_spec::SpecError::Invalid { field, .. } => match flag_of(field) {
             Some(flag) => anyhow::anyhow!("{flag}: {e}"),
@@ -318,23 +376,20 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 " (resuming)".into()
             },
         );
-    }
-    if args.nodes == 0 || args.gpus_per_node == Some(0) {
-        bail!("--nodes and --gpus-per-node must be at least 1");
+        let par = &spec.parallelism;
+        eprintln!(
+            "  on {nodes} node(s) x {gpus_per_node} device(s): pp {} ({}, {} micro-batches) x dp {}, ep {}",
+            par.pp, par.schedule, par.micro_batches, par.dp, par.ep
+        );
     }
     let wire = shoal_proto::convert::job_spec_to_wire(&spec)?;
     let store = tempfile::tempdir().context("a directory for the local coordinator's store")?;
     let opts = LocalOptions {
         store: store.path().display().to_string(),
         listen: "127.0.0.1:0".parse().context("loopback address")?,
-        nodes: args.nodes as usize,
+        nodes: nodes as usize,
         // Each agent runs its ranks as threads; ranks on different nodes meet over TCP.
-        devices_per_node: match args.gpus_per_node {
-            Some(g) => g,
-            None => u32::try_from(spec.parallelism.pp * spec.parallelism.dp)
-                .context("--pp x --dp: too many ranks")?
-                .div_ceil(args.nodes),
-        },
+        devices_per_node: gpus_per_node,
         node_prefix: "train".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
@@ -356,7 +411,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let summary: RunSummary = serde_json::from_str(&text)
         .with_context(|| format!("parsing the job's summary {}", path.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        // The summary, with the cluster and the parallelism it ran with.
+        let mut v = serde_json::to_value(&summary)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "cluster".into(),
+                serde_json::json!({"nodes": nodes, "gpus_per_node": gpus_per_node}),
+            );
+            o.insert(
+                "parallelism".into(),
+                serde_json::to_value(&spec.parallelism)?,
+            );
+        }
+        println!("{v}");
     } else if let (Some(first), Some(last)) = (summary.initial_loss, summary.final_loss) {
         println!(
             "trained {} steps in {:.1}s: loss {first:.4} -> {last:.4}, {:.0} tokens/s, MaxVio {:.3}; checkpoint {}",

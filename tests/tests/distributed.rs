@@ -1,5 +1,5 @@
-//! Jobs whose ranks span node agents (separate processes): data- and expert-parallel ranks on
-//! two nodes meet over TCP and train exactly what one process trains; a node agent killed with
+//! Jobs whose ranks span node agents (separate processes): pipeline, data- and expert-parallel
+//! ranks on two nodes meet over TCP and train what one process trains; a node agent killed with
 //! SIGKILL mid-run fails the job, naming the node, instead of leaving its peers waiting.
 
 use std::time::{Duration, Instant};
@@ -17,6 +17,9 @@ fn losses(v: &serde_json::Value) -> Vec<f64> {
         .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
         .unwrap_or_default()
 }
+
+/// One process, one rank.
+const ONE_RANK: [&str; 8] = ["--nodes", "1", "--pp", "1", "--dp", "1", "--ep", "1"];
 
 #[test]
 fn two_node_agents_train_what_one_process_trains() {
@@ -47,12 +50,16 @@ fn two_node_agents_train_what_one_process_trains() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         last_json(&o)
     };
-    let single = run("single", &["--micro-batches", "4"]);
+    let mut one = ONE_RANK.to_vec();
+    one.extend(["--micro-batches", "4"]);
+    let single = run("single", &one);
     let two = run(
         "two",
         &[
             "--nodes",
             "2",
+            "--pp",
+            "1",
             "--dp",
             "4",
             "--ep",
@@ -61,28 +68,87 @@ fn two_node_agents_train_what_one_process_trains() {
             "1",
         ],
     );
-    let (a, b) = (losses(&single), losses(&two));
+    // The main job's shape, by default: 2 nodes x 2 devices, DualPipe over 2 stages (one per
+    // node), 2 data-parallel ranks in one expert-parallel group per stage.
+    let main = run("main", &[]);
+    assert_eq!(main["cluster"]["nodes"], 2, "{main}");
+    assert_eq!(main["cluster"]["gpus_per_node"], 2, "{main}");
+    let par = &main["parallelism"];
+    assert_eq!(
+        (&par["pp"], &par["dp"], &par["ep"], &par["schedule"]),
+        (&2.into(), &2.into(), &2.into(), &"dualpipe".into()),
+        "{main}"
+    );
+    let a = losses(&single);
     assert_eq!(a.len(), 3);
-    for (x, y) in a.iter().zip(&b) {
-        assert!(((x - y) / x).abs() < 1e-5, "{a:?} against {b:?}");
+    for v in [&two, &main] {
+        let b = losses(v);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(((x - y) / x).abs() < 1e-5, "{a:?} against {b:?}");
+        }
+        // Node 0's ranks reached node 1's over TCP (the gradient reduce-scatter and the
+        // expert loads at least; pipeline transfers in the main shape), and their own node's
+        // through memory.
+        assert!(v["bytes_moved"]["tcp"].as_u64().unwrap_or(0) > 0, "{v}");
+        assert!(v["bytes_moved"]["shm"].as_u64().unwrap_or(0) > 0, "{v}");
     }
-    // Node 0's ranks reached node 1's over TCP (the gradient reduce-scatter and the expert
-    // loads at least), and their own node's through memory.
-    assert!(two["bytes_moved"]["tcp"].as_u64().unwrap_or(0) > 0, "{two}");
-    assert!(two["bytes_moved"]["shm"].as_u64().unwrap_or(0) > 0, "{two}");
-    // One checkpoint, with every expert: one process resumes it for a fourth step, the same
-    // step as from the single process's checkpoint.
+    assert!(
+        main["trace"]
+            .as_str()
+            .is_some_and(|p| std::path::Path::new(p).is_file()),
+        "{main}"
+    );
+    // One checkpoint, with every stage's layers and every expert: one process resumes it for a
+    // fourth step, the same step as from the single process's checkpoint.
     let from = |v: &serde_json::Value, name: &str| {
         let ckpt = v["checkpoint"].as_str().expect("checkpoint").to_string();
-        let r = run(name, &["--resume", &ckpt, "--micro-batches", "4"]);
-        losses(&r)
+        let mut args = vec!["--resume", &ckpt, "--micro-batches", "4"];
+        args.extend(ONE_RANK);
+        losses(&run(name, &args))
     };
-    let (r2, r1) = (from(&two, "from-two"), from(&single, "from-one"));
-    assert_eq!(r2.len(), 1);
-    assert!(
-        ((r2[0] - r1[0]) / r1[0]).abs() < 1e-5,
-        "{r2:?} against {r1:?}"
-    );
+    let r1 = from(&single, "from-one");
+    for (v, name) in [(&two, "from-two"), (&main, "from-main")] {
+        let r = from(v, name);
+        assert_eq!(r.len(), 1);
+        assert!(
+            ((r[0] - r1[0]) / r1[0]).abs() < 1e-5,
+            "{name}: {r:?} against {r1:?}"
+        );
+    }
+}
+
+/// The main job as it runs by default, in fp8 (FP8 dispatch, BF16 combine and pipeline
+/// transfers), against one process in fp8: the documented tolerance, 5e-4 relative.
+#[test]
+fn the_default_main_job_in_fp8_stays_within_tolerance_of_one_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name).display().to_string();
+        let mut args = vec![
+            "train",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--json",
+            "--out",
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        let o = run_shoal(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        last_json(&o)
+    };
+    let mut one = ONE_RANK.to_vec();
+    one.extend(["--micro-batches", "4"]);
+    let single = run("single", &one);
+    let main = run("main", &[]);
+    assert_eq!(main["precision"], "fp8", "{main}");
+    let (a, b) = (losses(&single), losses(&main));
+    assert_eq!((a.len(), b.len()), (3, 3));
+    for (x, y) in a.iter().zip(&b) {
+        assert!(((x - y) / x).abs() < 5e-4, "{a:?} against {b:?}");
+    }
 }
 
 /// Polls job `id` until `done` holds (and returns it), failing after `within`.

@@ -16,10 +16,14 @@ fn last_json(o: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {text}"))
 }
 
+/// One process, one rank (the default is the distributed main job).
+const ONE_RANK: [&str; 8] = ["--nodes", "1", "--pp", "1", "--dp", "1", "--ep", "1"];
+
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     let out = out.display().to_string();
-    let mut args = vec![
-        "train",
+    let mut args = ONE_RANK.to_vec();
+    args.insert(0, "train");
+    args.extend([
         "--steps",
         "3",
         "--batch",
@@ -29,7 +33,7 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
         "--json",
         "--out",
         &out,
-    ];
+    ]);
     args.extend_from_slice(extra);
     run_shoal(&args)
 }
@@ -81,9 +85,11 @@ fn train_writes_metrics_a_checkpoint_and_a_json_summary_then_eval_reads_it() {
 
     // Resuming continues from step 3.
     let outs = out.display().to_string();
-    let o = run_shoal(&[
+    let mut args = vec![
         "train", "--resume", &ckpt, "--steps", "4", "--json", "--out", &outs,
-    ]);
+    ];
+    args.extend(ONE_RANK);
+    let o = run_shoal(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(last_json(&o)["steps"], 4);
 }
@@ -160,16 +166,12 @@ fn a_job_file_configures_the_run_and_flags_override_it() {
     )
     .unwrap();
     let out = dir.path().join("run");
-    let o = run_shoal(&[
-        "train",
-        "--config",
-        &job.display().to_string(),
-        "--steps",
-        "2",
-        "--json",
-        "--out",
-        &out.display().to_string(),
-    ]);
+    let (job, out_s) = (job.display().to_string(), out.display().to_string());
+    let mut args = vec![
+        "train", "--config", &job, "--steps", "2", "--json", "--out", &out_s,
+    ];
+    args.extend(ONE_RANK);
+    let o = run_shoal(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = last_json(&o);
     assert_eq!(s["steps"], 2, "--steps overrides the file");
@@ -219,8 +221,16 @@ fn pipelined_training_matches_one_pass_and_bad_pipelines_name_the_flag() {
         "4",
         "--micro-batches",
         "4",
+        "--nodes",
+        "1",
+        "--dp",
+        "1",
+        "--ep",
+        "1",
     ];
-    let single = losses(&run("single", &common));
+    let mut one = common.to_vec();
+    one.extend(["--pp", "1"]);
+    let single = losses(&run("single", &one));
     for (name, extra) in [
         ("zb1p", ["--pp", "2", "--schedule", "zb1p"]),
         ("dualpipe", ["--pp", "2", "--schedule", "dualpipe"]),
@@ -293,6 +303,12 @@ fn data_parallel_training_matches_one_pass_and_shards_the_optimizer() {
             micro,
             "--dp",
             dp,
+            "--nodes",
+            "1",
+            "--pp",
+            "1",
+            "--ep",
+            "1",
             "--json",
             "--out",
             &out,
@@ -364,8 +380,24 @@ fn expert_parallel_training_matches_one_pass_and_spreads_the_experts() {
         assert!(o.status.success(), "{}", stderr(&o));
         last_json(&o)
     };
-    let single = run("single", &["--micro-batches", "2"]);
-    let ep = run("ep", &["--dp", "2", "--ep", "2", "--micro-batches", "1"]);
+    let mut one = ONE_RANK.to_vec();
+    one.extend(["--micro-batches", "2"]);
+    let single = run("single", &one);
+    let ep = run(
+        "ep",
+        &[
+            "--nodes",
+            "1",
+            "--pp",
+            "1",
+            "--dp",
+            "2",
+            "--ep",
+            "2",
+            "--micro-batches",
+            "1",
+        ],
+    );
     for (x, y) in single["losses"]
         .as_array()
         .unwrap()

@@ -158,8 +158,9 @@ fn status(
 /// How long a job waits for the ranks of its other nodes to connect.
 const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// This node's endpoints of a job whose data-parallel ranks span nodes: the nodes in the order
-/// the coordinator listed them, each rank on the node that holds it.
+/// This node's endpoints of a job whose ranks span nodes: the nodes in the order the coordinator
+/// listed them, each rank on the node that holds it. Without pipeline parallelism the mesh's
+/// ranks are the data-parallel ranks; with it, the devices `pp_rank * dp + dp_rank`.
 fn cross_node_mesh(
     a: &pb::Assignment,
     node: &str,
@@ -169,12 +170,6 @@ fn cross_node_mesh(
     let listener = listener.ok_or_else(|| {
         bad("the job spans nodes and this agent has no data-plane address (--data-addr)".into())
     })?;
-    if a.world.iter().any(|r| r.pp_rank != 0) {
-        return Err(bad(
-            "pipeline stages across nodes are not built yet: place each pipeline on one node"
-                .into(),
-        ));
-    }
     let names: Vec<&str> = a.peers.iter().map(|p| p.node.as_str()).collect();
     let addrs = a
         .peers
@@ -188,17 +183,32 @@ fn cross_node_mesh(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let dp = a.world.len();
-    let mut node_of = vec![usize::MAX; dp];
+    let world = a.world.len();
+    let pp = a
+        .world
+        .iter()
+        .map(|r| r.pp_rank as usize + 1)
+        .max()
+        .unwrap_or(1);
+    let dp = world / pp;
+    if pp * dp != world {
+        return Err(bad(format!(
+            "{world} ranks are not {pp} pipeline ranks of equal data-parallel size"
+        )));
+    }
+    let mut node_of = vec![usize::MAX; world];
     for r in &a.world {
-        let i = r.dp_rank as usize;
-        let n = names
-            .iter()
-            .position(|n| *n == r.node)
-            .ok_or_else(|| bad(format!("rank {i} is on node {} with no address", r.node)))?;
-        if i >= dp || node_of[i] != usize::MAX {
+        let (s, d) = (r.pp_rank as usize, r.dp_rank as usize);
+        let n = names.iter().position(|n| *n == r.node).ok_or_else(|| {
+            bad(format!(
+                "rank ({s}, {d}) is on node {} with no address",
+                r.node
+            ))
+        })?;
+        let i = s * dp + d;
+        if d >= dp || node_of[i] != usize::MAX {
             return Err(bad(format!(
-                "data-parallel rank {i} listed twice or out of range"
+                "rank (pipeline {s}, data-parallel {d}) listed twice or out of range"
             )));
         }
         node_of[i] = n;

@@ -175,12 +175,14 @@ pub struct RunSummary {
     /// The Chrome trace of one step (the run's second, or its only one): `trace.json`.
     #[serde(default)]
     pub trace: Option<String>,
-    /// Bytes moved over the run, per transport: `in_process`, tensors handed between pipeline
-    /// ranks on this node's threads; `shm`, frames between ranks of one node (data-parallel
-    /// collectives, MoE dispatch and combine); `tcp`, frames to other nodes.
+    /// Bytes moved over the run by the whole job, per transport: `in_process`, tensors handed
+    /// between pipeline ranks on one process's threads; `shm`, frames between devices of one
+    /// node (data-parallel collectives, MoE dispatch and combine, pipeline transfers); `tcp`,
+    /// frames between nodes.
     #[serde(default)]
     pub bytes_moved: BTreeMap<String, u64>,
-    /// What each data-parallel rank holds (weights, gradients, its ZeRO-1 optimizer shard).
+    /// What each device of the job holds (weights, gradients, its ZeRO-1 optimizer shard), in
+    /// device order (`pp_rank * dp + dp_rank` across processes).
     #[serde(default)]
     pub memory_per_rank: Vec<crate::train::MemoryUse>,
 }
@@ -301,7 +303,7 @@ pub fn run_on(
             ("shm".to_string(), history.iter().map(|m| m.comm.shm).sum()),
             ("tcp".to_string(), history.iter().map(|m| m.comm.tcp).sum()),
         ]),
-        memory_per_rank: trainer.memory_per_rank(),
+        memory_per_rank: trainer.memory_per_device()?,
     };
     if writes {
         let path = out.join("summary.json");

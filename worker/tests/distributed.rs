@@ -13,7 +13,7 @@ use common::{batcher, opts, small_cfg as cfg};
 use shoal_kernels::ops::linear::Precision;
 use shoal_worker::comm::tcp::{MeshLayout, connect};
 use shoal_worker::model::Model;
-use shoal_worker::train::{StepMetrics, TrainOptions, Trainer};
+use shoal_worker::train::{PipelineOptions, StepMetrics, TrainOptions, Trainer};
 
 /// Runs `steps` steps of `o` on `nodes` trainers of `dp / nodes` ranks each, connected over
 /// TCP (fp32); checkpoints into `ckpt`; returns every node's metrics.
@@ -23,13 +23,14 @@ fn distributed(
     nodes: usize,
     ckpt: &std::path::Path,
 ) -> Vec<Vec<StepMetrics>> {
-    let dp = o.dp;
+    // One device per pipeline rank of each data-parallel rank, stage-major over the nodes.
+    let world = o.dp * o.pipeline.as_ref().map_or(1, |p| p.pp);
     let listeners: Vec<TcpListener> = (0..nodes)
         .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let layout = MeshLayout {
         mesh_id: 77,
-        node_of: (0..dp).map(|r| r * nodes / dp).collect(),
+        node_of: (0..world).map(|r| r * nodes / world).collect(),
         addrs: listeners.iter().map(|l| l.local_addr().unwrap()).collect(),
     };
     std::thread::scope(|s| {
@@ -54,10 +55,28 @@ fn distributed(
 
 #[test]
 fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
-    for (dp, ep) in [(2, 1), (2, 2), (4, 2)] {
+    for (pp, dp, ep, schedule) in [
+        (1, 2, 1, ""),
+        (1, 2, 2, ""),
+        (1, 4, 2, ""),
+        // Pipeline stages on different nodes: activations and gradients cross over TCP.
+        (2, 1, 1, "1f1b"),
+        (2, 2, 1, "zb1p"),
+        // The main job's shape: each stage's expert-parallel group inside a node.
+        (2, 2, 2, "dualpipe"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
-        let runs = distributed(opts(Precision::Fp32, 4, dp, ep, 4 / dp), 3, 2, &ckpt);
+        // DualPipe needs at least 2 x pp micro-batches per rank.
+        let micro = if schedule == "dualpipe" { 4 } else { 4 / dp };
+        let mut o = opts(Precision::Fp32, 4, dp, ep, micro);
+        if pp > 1 {
+            o.pipeline = Some(PipelineOptions {
+                pp,
+                schedule: schedule.into(),
+            });
+        }
+        let runs = distributed(o, 3, 2, &ckpt);
         let model = Model::<f32>::new(&cfg(), Precision::Fp32, 3).unwrap();
         let mut one = Trainer::new(model, batcher(3), opts(Precision::Fp32, 4, 1, 1, 4)).unwrap();
         let want: Vec<StepMetrics> = (0..3).map(|_| one.train_step().unwrap()).collect();
@@ -65,17 +84,26 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
             for (w, g) in want.iter().zip(run) {
                 assert!(
                     ((g.loss - w.loss) / w.loss).abs() < 1e-5,
-                    "dp {dp} ep {ep} node {node} step {}: {} against {}",
+                    "pp {pp} dp {dp} ep {ep} node {node} step {}: {} against {}",
                     w.step,
                     g.loss,
                     w.loss
                 );
-                assert_eq!(g.max_vio, w.max_vio, "dp {dp} ep {ep}: loads");
+                assert_eq!(g.max_vio, w.max_vio, "pp {pp} dp {dp} ep {ep}: loads");
                 // Every node crossed the network.
-                assert!(g.comm.tcp > 0, "dp {dp} ep {ep} node {node}: {:?}", g.comm);
+                assert!(
+                    g.comm.tcp > 0,
+                    "pp {pp} dp {dp} ep {ep} node {node}: {:?}",
+                    g.comm
+                );
+                if pp > 1 {
+                    assert!(g.comm.pipeline > 0, "pp {pp}: {:?}", g.comm);
+                }
             }
             for (a, b) in run.iter().zip(&runs[0]) {
                 assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm), "nodes agree");
+                // Every node reports the whole job's traffic.
+                assert_eq!(a.comm, b.comm, "pp {pp} dp {dp} ep {ep}: bytes");
             }
         }
         // Node 0 wrote one checkpoint with every expert: one rank resumes from it and takes the
@@ -87,6 +115,7 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
             ep: 1,
             micro_batches: 4,
             steps: 4,
+            pipeline: None,
             ..state.options
         };
         let mut resumed = Trainer::resume(&ckpt, batcher(3), o).unwrap();
@@ -94,7 +123,7 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
         let w = one.train_step().unwrap();
         assert!(
             ((got.loss - w.loss) / w.loss).abs() < 1e-5,
-            "dp {dp} ep {ep}: resumed {} against {}",
+            "pp {pp} dp {dp} ep {ep}: resumed {} against {}",
             got.loss,
             w.loss
         );

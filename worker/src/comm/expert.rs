@@ -65,6 +65,33 @@ impl fmt::Debug for EpLink<'_> {
     }
 }
 
+/// An endpoint that several parts of a rank's thread use in turn: a pipeline rank's transfers
+/// to its neighbours share it with the rank's expert exchanges.
+pub(crate) trait SharedEndpoint: Sync {
+    /// Sends `frame` to mesh rank `to`.
+    fn send_to(&self, to: usize, tag: Tag, frame: Vec<u8>) -> Result<()>;
+    /// Waits for the frame `tag` from mesh rank `from`.
+    fn recv_from(&self, from: usize, tag: Tag) -> Result<Vec<u8>>;
+}
+
+impl<'t> EpLink<'t> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, &'t mut dyn Transport>> {
+        self.transport
+            .lock()
+            .map_err(|_| WorkerError::invalid("ep", "the transport's lock was poisoned"))
+    }
+}
+
+impl SharedEndpoint for EpLink<'_> {
+    fn send_to(&self, to: usize, tag: Tag, frame: Vec<u8>) -> Result<()> {
+        self.lock()?.send(to, tag, frame)
+    }
+
+    fn recv_from(&self, from: usize, tag: Tag) -> Result<Vec<u8>> {
+        self.lock()?.recv(from, tag)
+    }
+}
+
 impl ExpertExchange for EpLink<'_> {
     fn ep(&self) -> usize {
         self.group.len()
@@ -94,10 +121,7 @@ impl ExpertExchange for EpLink<'_> {
             seq: self.next.fetch_add(1, Ordering::Relaxed),
         };
         let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
-        let mut t = self
-            .transport
-            .lock()
-            .map_err(|_| WorkerError::invalid("ep", "the transport's lock was poisoned"))?;
+        let mut t = self.lock()?;
         let own = std::mem::take(&mut frames[self.me]);
         for (q, frame) in frames.into_iter().enumerate() {
             if q != self.me {

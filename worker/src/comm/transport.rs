@@ -34,6 +34,10 @@ pub enum CommOp {
     Dispatch,
     /// MoE combine: expert outputs back to the tokens' ranks.
     Combine,
+    /// A pipeline stage's output, to the next stage (`seq`: direction << 32 | micro-batch).
+    Activation,
+    /// A pipeline stage's input gradient, to the previous stage (`seq` as for activations).
+    Gradient,
 }
 
 impl fmt::Display for CommOp {
@@ -44,6 +48,8 @@ impl fmt::Display for CommOp {
             Self::AllReduce => "all-reduce",
             Self::Dispatch => "dispatch",
             Self::Combine => "combine",
+            Self::Activation => "activation",
+            Self::Gradient => "gradient",
         })
     }
 }
@@ -60,9 +66,30 @@ pub struct Tag {
     pub seq: u64,
 }
 
+impl Tag {
+    /// The tag of a pipeline transfer of micro-batch `mb` of direction `dir`.
+    pub fn pipeline(step: u64, op: CommOp, dir: u8, mb: usize) -> Self {
+        Self {
+            step,
+            op,
+            seq: (u64::from(dir) << 32) | mb as u64,
+        }
+    }
+}
+
 impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} #{} (step {})", self.op, self.seq, self.step)
+        match self.op {
+            CommOp::Activation | CommOp::Gradient => write!(
+                f,
+                "{} of micro-batch {}.{} (step {})",
+                self.op,
+                self.seq >> 32,
+                self.seq & 0xffff_ffff,
+                self.step
+            ),
+            _ => write!(f, "{} #{} (step {})", self.op, self.seq, self.step),
+        }
     }
 }
 
@@ -89,6 +116,9 @@ pub struct ByteCounts {
     pub combine: u64,
     /// Bytes of data-parallel collectives (both links).
     pub collective: u64,
+    /// Bytes of pipeline activations and gradients between stages (both links).
+    #[serde(default)]
+    pub pipeline: u64,
 }
 
 impl ByteCounts {
@@ -100,6 +130,7 @@ impl ByteCounts {
         match op {
             CommOp::Dispatch => self.dispatch += n,
             CommOp::Combine => self.combine += n,
+            CommOp::Activation | CommOp::Gradient => self.pipeline += n,
             _ => self.collective += n,
         }
     }
@@ -111,6 +142,7 @@ impl ByteCounts {
         self.dispatch += o.dispatch;
         self.combine += o.combine;
         self.collective += o.collective;
+        self.pipeline += o.pipeline;
     }
 
     /// What was sent after `earlier` (a snapshot of the same counters).
@@ -121,6 +153,33 @@ impl ByteCounts {
             dispatch: self.dispatch - earlier.dispatch,
             combine: self.combine - earlier.combine,
             collective: self.collective - earlier.collective,
+            pipeline: self.pipeline - earlier.pipeline,
+        }
+    }
+
+    /// The counters in order (shm, tcp, dispatch, combine, collective, pipeline), for a sum
+    /// over ranks.
+    pub fn to_vec(&self) -> Vec<u64> {
+        vec![
+            self.shm,
+            self.tcp,
+            self.dispatch,
+            self.combine,
+            self.collective,
+            self.pipeline,
+        ]
+    }
+
+    /// The counters of [`Self::to_vec`]'s order (missing ones are 0).
+    pub fn from_vec(v: &[u64]) -> Self {
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        Self {
+            shm: at(0),
+            tcp: at(1),
+            dispatch: at(2),
+            combine: at(3),
+            collective: at(4),
+            pipeline: at(5),
         }
     }
 
@@ -151,7 +210,7 @@ pub fn comm_error(rank: usize, peer: usize, tag: Tag, reason: impl ToString) -> 
     WorkerError::Comm {
         rank,
         peer,
-        op: format!("{} #{} (step {})", tag.op, tag.seq, tag.step),
+        op: tag.to_string(),
         reason: reason.to_string(),
     }
 }
@@ -235,6 +294,8 @@ pub(crate) fn op_code(op: CommOp) -> u8 {
         CommOp::AllReduce => 3,
         CommOp::Dispatch => 4,
         CommOp::Combine => 5,
+        CommOp::Activation => 6,
+        CommOp::Gradient => 7,
     }
 }
 
@@ -245,6 +306,8 @@ pub(crate) fn op_of(code: u8) -> Option<CommOp> {
         3 => CommOp::AllReduce,
         4 => CommOp::Dispatch,
         5 => CommOp::Combine,
+        6 => CommOp::Activation,
+        7 => CommOp::Gradient,
         _ => return None,
     })
 }

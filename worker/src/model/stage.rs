@@ -38,6 +38,38 @@ pub struct StagePart {
 }
 
 impl StagePart {
+    /// MoE layers the stage runs: its main-model MoE layers, then (on the last stage) the MTP
+    /// modules' when the model has MoE layers.
+    pub fn moe_layers(&self, cfg: &shoal_spec::model::ModelConfig) -> usize {
+        let main = self.blocks.clone().filter(|&i| cfg.is_moe_layer(i)).count();
+        let mtp = if self.head && cfg.has_moe_layers() {
+            cfg.num_nextn_predict_layers
+        } else {
+            0
+        };
+        main + mtp
+    }
+
+    /// Whether the stage reads the parameter `name` (a Hugging Face name): its blocks' layers,
+    /// the embedding on the first stage (and the last, whose MTP modules embed too), the final
+    /// norm, the head and the MTP modules on the last. An unknown name counts as read.
+    pub fn holds(&self, name: &str, cfg: &shoal_spec::model::ModelConfig) -> bool {
+        let mtp = cfg.num_nextn_predict_layers > 0;
+        match name {
+            "model.embed_tokens.weight" => self.embed || (self.head && mtp),
+            "model.norm.weight" | "lm_head.weight" => self.head,
+            _ => match name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                Some(i) if i < cfg.num_hidden_layers => self.blocks.contains(&i),
+                Some(_) => self.head,
+                None => true,
+            },
+        }
+    }
+
     /// The whole model as one stage.
     pub fn whole(layers: usize) -> Self {
         Self {
@@ -403,6 +435,26 @@ impl<T: ModelFloat> Model<T> {
 
 /// The whole step's losses from the stages' statistics of one micro-batch, in stage order:
 /// balance losses summed layer by layer in model order, as one pass over the whole model does.
+/// One stage's part of a micro-batch's [`super::StepOutput`]: its balance losses and expert
+/// loads, and the head's losses if it is the last stage (zero otherwise). The parts of all
+/// stages add up to [`step_output`]'s result (up to the order of the sums).
+pub fn partial_output(st: &StageStats, obj: &Objective, mtp_depth: usize) -> super::StepOutput {
+    let balance: f64 = st.balance.iter().sum();
+    let d = mtp_depth.max(1) as f64;
+    let (main, mtp, tokens) = match &st.head {
+        Some(h) => (h.main, h.mtp.clone(), h.tokens),
+        None => (0.0, vec![0.0; mtp_depth], 0),
+    };
+    super::StepOutput {
+        loss: main + obj.mtp_lambda / d * mtp.iter().sum::<f64>() + obj.balance_alpha * balance,
+        main_loss: main,
+        mtp_losses: mtp,
+        balance_loss: balance,
+        expert_loads: st.loads.clone(),
+        tokens,
+    }
+}
+
 pub fn step_output(
     stats: &[StageStats],
     obj: &Objective,

@@ -34,7 +34,8 @@ use crate::model::{
 };
 use crate::{Result, WorkerError};
 
-use self::rank::{RankActor, RankResult};
+use self::rank::{Links, RankActor, RankResult};
+use crate::comm::expert::SharedEndpoint;
 
 /// How long a rank waits for a peer's message before it fails the step.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -197,7 +198,8 @@ pub fn run_step_with<T: ModelFloat>(
                         tracing::dispatcher::with_default(&dispatch, || {
                             let _span = tracing::debug_span!(parent: &parent, "pp_rank", rank = r)
                                 .entered();
-                            RankActor::new(step, r, inbox, prev, next).run()
+                            let links = Links::Threads { inbox, prev, next };
+                            RankActor::new(step, r, links, step.experts.get(r).copied()).run()
                         })
                     })
             })
@@ -275,6 +277,101 @@ pub fn run_step_with<T: ModelFloat>(
         out,
         timeline: ranks.iter().map(|r| r.spans.clone()).collect(),
         bytes_sent: ranks.iter().map(|r| r.bytes_sent).collect(),
+        seconds,
+    })
+}
+
+/// One pipeline rank of a step whose ranks are devices of a mesh, possibly in other processes:
+/// runs rank `rank`'s operations on this thread, reaching pipeline rank `r` at mesh rank
+/// `devices[r]` through `link` (the endpoint it shares with its expert exchange, `experts`).
+/// Accumulates the rank's weight gradients into `grads`.
+///
+/// The report's output is this rank's part of the step's: the losses of the stages it ran
+/// (the head's only on the rank running the last stage of a direction), the balance losses and
+/// expert loads of its stages' MoE layers (zero for the other stages' layers), each micro-batch
+/// weighted by its share. The sum over the pipeline's ranks is the step's output.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_rank_on<T: ModelFloat>(
+    model: &Model<T>,
+    stages: &[StagePart],
+    schedule: &StepSchedule,
+    batch: &TokenBatch<'_>,
+    obj: &Objective,
+    grads: &mut Grads<T>,
+    timeout: Duration,
+    rank: usize,
+    link: &dyn SharedEndpoint,
+    devices: Vec<usize>,
+    step_no: u64,
+    experts: Option<&dyn ExpertExchange>,
+) -> Result<StepReport> {
+    schedule.check()?;
+    let pp = schedule.pp;
+    if stages.len() != pp || devices.len() != pp || rank >= pp {
+        return Err(WorkerError::invalid(
+            "stages",
+            format!(
+                "rank {rank} of {pp} pipeline ranks with {} stages on {} devices",
+                stages.len(),
+                devices.len()
+            ),
+        ));
+    }
+    let micro = split_micro(batch, schedule.micro_batches)?;
+    let step = Step {
+        model,
+        stages,
+        schedule,
+        micro,
+        obj: *obj,
+        timeout,
+        start: Instant::now(),
+        abort: Arc::new(AtomicBool::new(false)),
+        experts: &[],
+    };
+    let links = Links::Mesh {
+        link,
+        devices,
+        step: step_no,
+    };
+    let res = {
+        let _span = tracing::debug_span!("pp_rank", rank).entered();
+        RankActor::new(&step, rank, links, experts).run()?
+    };
+    let seconds = step.start.elapsed().as_secs_f64();
+    for &id in &res.touched {
+        grads.add(id, res.grads.get(id))?;
+    }
+    // The MoE layers before each stage's, and the expert count of each.
+    let cfg = model.config();
+    let mut offset = Vec::with_capacity(pp);
+    let mut layers = 0;
+    for part in stages {
+        offset.push(layers);
+        layers += part.moe_layers(cfg);
+    }
+    let experts_n = cfg.n_routed_experts;
+    let mtp = cfg.num_nextn_predict_layers;
+    let mut out = StepOutput::zero(mtp);
+    out.expert_loads = vec![vec![0; experts_n]; layers];
+    for (g, s, st) in &res.stats {
+        let mut part = stage::partial_output(st, obj, mtp);
+        let mut loads = vec![vec![0; experts_n]; layers];
+        for (i, l) in std::mem::take(&mut part.expert_loads)
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(slot) = loads.get_mut(offset[*s] + i) {
+                *slot = l;
+            }
+        }
+        part.expert_loads = loads;
+        out.accumulate(part, step.micro[*g].1);
+    }
+    Ok(StepReport {
+        out,
+        timeline: vec![res.spans],
+        bytes_sent: vec![res.bytes_sent],
         seconds,
     })
 }

@@ -8,7 +8,12 @@ use std::time::{Duration, Instant};
 use shoal_kernels::Tensor;
 use shoal_spec::schedule::{Chunk, Op, Pass};
 
+use shoal_kernels::ops::linear::Precision;
+
 use super::{OpSpan, Payload, Step, Transfer};
+use crate::comm::expert::SharedEndpoint;
+use crate::comm::transport::{CommOp, Tag};
+use crate::model::ep::ExpertExchange;
 use crate::model::params::{Grads, ParamId};
 use crate::model::stage::{StageSaved, StageStats};
 use crate::model::wgrad::{self, WTask};
@@ -32,12 +37,29 @@ pub(crate) struct RankResult<T> {
     pub(crate) bytes_sent: u64,
 }
 
+/// How a rank reaches its neighbours.
+pub(crate) enum Links<'l, T> {
+    /// Ranks on threads of this step: queues to the neighbours (a rank holds senders to its
+    /// neighbours only, so a rank that stops disconnects).
+    Threads {
+        inbox: Receiver<Transfer<T>>,
+        prev: Option<Sender<Transfer<T>>>,
+        next: Option<Sender<Transfer<T>>>,
+    },
+    /// Ranks on devices of a mesh (possibly in other processes): frames over the endpoint this
+    /// rank shares with its expert exchange. `devices[r]` is pipeline rank `r`'s mesh rank.
+    Mesh {
+        link: &'l dyn SharedEndpoint,
+        devices: Vec<usize>,
+        step: u64,
+    },
+}
+
 pub(crate) struct RankActor<'s, 'a, T> {
     step: &'s Step<'a, T>,
     rank: usize,
-    inbox: Receiver<Transfer<T>>,
-    prev: Option<Sender<Transfer<T>>>,
-    next: Option<Sender<Transfer<T>>>,
+    links: Links<'s, T>,
+    experts: Option<&'s dyn ExpertExchange>,
     /// Messages that arrived before the operation that needs them.
     early: HashMap<(Payload, u8, usize), Tensor<T>>,
     saved: HashMap<(u8, usize), StageSaved<T>>,
@@ -53,16 +75,14 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
     pub(crate) fn new(
         step: &'s Step<'a, T>,
         rank: usize,
-        inbox: Receiver<Transfer<T>>,
-        prev: Option<Sender<Transfer<T>>>,
-        next: Option<Sender<Transfer<T>>>,
+        links: Links<'s, T>,
+        experts: Option<&'s dyn ExpertExchange>,
     ) -> Self {
         Self {
             step,
             rank,
-            inbox,
-            prev,
-            next,
+            links,
+            experts,
             early: HashMap::new(),
             saved: HashMap::new(),
             deferred: HashMap::new(),
@@ -154,8 +174,8 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
     }
 
     /// This rank's expert-parallel exchange, if any.
-    fn experts(&self) -> Option<&'a dyn crate::model::ep::ExpertExchange> {
-        self.step.experts.get(self.rank).copied()
+    fn experts(&self) -> Option<&'s dyn ExpertExchange> {
+        self.experts
     }
 
     /// The stage this rank runs for direction `dir`, and its position along that direction.
@@ -189,6 +209,27 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
             mb = c.mb
         )
         .entered();
+        if let Links::Mesh {
+            link,
+            devices,
+            step,
+        } = &self.links
+        {
+            let tag = Tag::pipeline(*step, op_of(payload), c.dir, c.mb);
+            let peer = devices[from];
+            let bytes = link.recv_from(peer, tag)?;
+            return decode(&bytes).map_err(|why| {
+                self.fail(format!(
+                    "{op} got a malformed {} of micro-batch {}.{} from rank {from}: {why}",
+                    name(payload),
+                    c.dir,
+                    c.mb
+                ))
+            });
+        }
+        let Links::Threads { inbox, .. } = &self.links else {
+            unreachable!("mesh links returned above")
+        };
         let key = (payload, c.dir, c.mb);
         if let Some(t) = self.early.remove(&key) {
             return Ok(t);
@@ -208,7 +249,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                     c.mb
                 )));
             }
-            match self.inbox.recv_timeout(left.min(POLL)) {
+            match inbox.recv_timeout(left.min(POLL)) {
                 Ok(t) => {
                     let got = (t.payload, t.dir, t.mb);
                     if !self.expects(&t) {
@@ -276,16 +317,6 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                 )
             }
         };
-        let link = if to + 1 == self.rank {
-            self.prev.as_ref()
-        } else if to == self.rank + 1 {
-            self.next.as_ref()
-        } else {
-            None
-        };
-        let Some(link) = link else {
-            return Err(self.fail(format!("rank {to} is not a neighbour")));
-        };
         let _span = tracing::debug_span!(
             "send",
             to,
@@ -295,6 +326,33 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
             bytes
         )
         .entered();
+        let (prev, next) = match &self.links {
+            Links::Mesh {
+                link,
+                devices,
+                step,
+            } => {
+                let tag = Tag::pipeline(*step, op_of(payload), c.dir, c.mb);
+                let peer = *devices
+                    .get(to)
+                    .ok_or_else(|| self.fail(format!("no pipeline rank {to}")))?;
+                let frame = encode(&tensor, self.step.model.precision());
+                link.send_to(peer, tag, frame)?;
+                self.bytes_sent += bytes;
+                return Ok(());
+            }
+            Links::Threads { prev, next, .. } => (prev, next),
+        };
+        let link = if to + 1 == self.rank {
+            prev.as_ref()
+        } else if to == self.rank + 1 {
+            next.as_ref()
+        } else {
+            None
+        };
+        let Some(link) = link else {
+            return Err(self.fail(format!("rank {to} is not a neighbour")));
+        };
         let t = Transfer {
             payload,
             dir: c.dir,
@@ -378,9 +436,139 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
     }
 }
 
+fn op_of(p: Payload) -> CommOp {
+    match p {
+        Payload::Activation => CommOp::Activation,
+        Payload::Gradient => CommOp::Gradient,
+    }
+}
+
+/// A tensor as a frame: its rank, its dimensions (u64 each), then its values in the precision
+/// mode's pipeline format (BF16 in BF16 and FP8 runs, the model's float otherwise).
+fn encode<T: ModelFloat>(t: &Tensor<T>, prec: Precision) -> Vec<u8> {
+    let width = width::<T>(prec);
+    let mut out = Vec::with_capacity(4 + 8 * t.shape().len() + width * t.numel());
+    out.extend_from_slice(&(t.shape().len() as u32).to_le_bytes());
+    for &d in t.shape() {
+        out.extend_from_slice(&(d as u64).to_le_bytes());
+    }
+    out.push(width as u8);
+    for v in t.data() {
+        match width {
+            2 => out.extend_from_slice(&half::bf16::from_f64(v.f64()).to_le_bytes()),
+            4 => out.extend_from_slice(&(v.f64() as f32).to_le_bytes()),
+            _ => out.extend_from_slice(&v.f64().to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// Bytes per value on the wire.
+fn width<T>(prec: Precision) -> usize {
+    match prec {
+        Precision::Fp32 => std::mem::size_of::<T>().max(4),
+        _ => 2,
+    }
+}
+
+/// The tensor of a frame written by [`encode`]; every length checked.
+fn decode<T: ModelFloat>(b: &[u8]) -> std::result::Result<Tensor<T>, String> {
+    let take = |at: usize, n: usize| {
+        b.get(at..at + n)
+            .ok_or_else(|| format!("{} bytes, truncated at byte {at}", b.len()))
+    };
+    let rank = u32::from_le_bytes(take(0, 4)?.try_into().map_err(|_| "rank")?) as usize;
+    if rank > 8 {
+        return Err(format!("a tensor of rank {rank}"));
+    }
+    let mut shape = Vec::with_capacity(rank);
+    for i in 0..rank {
+        let d = u64::from_le_bytes(take(4 + 8 * i, 8)?.try_into().map_err(|_| "dim")?);
+        shape.push(usize::try_from(d).map_err(|_| format!("dimension {d}"))?);
+    }
+    let at = 4 + 8 * rank;
+    let width = usize::from(take(at, 1)?[0]);
+    if !matches!(width, 2 | 4 | 8) {
+        return Err(format!("{width} bytes per value"));
+    }
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("the shape overflows")?;
+    let body = &b[at + 1..];
+    if Some(body.len()) != n.checked_mul(width) {
+        return Err(format!(
+            "{} value bytes for shape {shape:?} at {width} bytes each",
+            body.len()
+        ));
+    }
+    let data: Vec<T> = match width {
+        2 => body
+            .chunks_exact(2)
+            .map(|c| T::of(half::bf16::from_le_bytes([c[0], c[1]]).to_f64()))
+            .collect(),
+        4 => body
+            .chunks_exact(4)
+            .map(|c| T::of(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))))
+            .collect(),
+        _ => body
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                T::of(f64::from_le_bytes(a))
+            })
+            .collect(),
+    };
+    Tensor::new(shape, data).map_err(|e| e.to_string())
+}
+
 fn name(p: Payload) -> &'static str {
     match p {
         Payload::Activation => "activation",
         Payload::Gradient => "gradient",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_frames_round_trip_in_the_modes_width_and_refuse_malformed_bytes() {
+        let t = Tensor::new(vec![2, 3], vec![1.0f32, -2.5, 3.25, 0.0, 1e-3, -7.0]).unwrap();
+        let full = encode(&t, Precision::Fp32);
+        assert_eq!(full.len(), 4 + 2 * 8 + 1 + 6 * 4);
+        assert_eq!(decode::<f32>(&full).unwrap(), t);
+        // BF16 in the mixed modes: half the value bytes, values rounded to BF16.
+        let half = encode(&t, Precision::Fp8);
+        assert_eq!(half.len(), 4 + 2 * 8 + 1 + 6 * 2);
+        let back = decode::<f32>(&half).unwrap();
+        assert_eq!(back.shape(), t.shape());
+        for (a, b) in back.data().iter().zip(t.data()) {
+            assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+        }
+        // Truncated anywhere, padded, a bad width, an absurd rank: errors, never panics.
+        for n in 0..full.len() {
+            assert!(decode::<f32>(&full[..n]).is_err(), "{n} bytes");
+        }
+        let mut padded = full.clone();
+        padded.push(0);
+        assert!(decode::<f32>(&padded).unwrap_err().contains("value bytes"));
+        let mut width = full.clone();
+        width[4 + 16] = 3;
+        assert!(
+            decode::<f32>(&width)
+                .unwrap_err()
+                .contains("bytes per value")
+        );
+        let mut rank = full;
+        rank[0] = 200;
+        assert!(decode::<f32>(&rank).unwrap_err().contains("rank"));
+        let mut huge = vec![2, 0, 0, 0];
+        huge.extend(u64::MAX.to_le_bytes());
+        huge.extend(u64::MAX.to_le_bytes());
+        huge.push(4);
+        assert!(decode::<f32>(&huge).is_err());
     }
 }

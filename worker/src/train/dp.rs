@@ -48,6 +48,9 @@ pub(crate) struct Replica {
     pub(crate) model: Model<f32>,
     pub(crate) grads: Grads<f32>,
     pub(crate) parts: Vec<Part>,
+    /// Across processes with pipeline parallelism: the one pipeline rank this device runs (its
+    /// neighbours are other devices of the mesh); `None`: the whole pipeline on threads.
+    pub(crate) pipe_rank: Option<usize>,
 }
 
 /// What every rank of the step reads.
@@ -61,8 +64,11 @@ pub(crate) struct StepPlan<'a> {
     pub(crate) gamma: f32,
     pub(crate) pipeline: Option<&'a (Vec<StagePart>, StepSchedule)>,
     pub(crate) layouts: &'a [ZeroLayout],
-    /// Every data-parallel rank.
+    /// Every device: the data-parallel ranks, or across processes with pipeline parallelism
+    /// every pipeline rank of each.
     pub(crate) group: &'a Group,
+    /// Data-parallel ranks.
+    pub(crate) dp: usize,
     /// Expert-parallel group size (1: none).
     pub(crate) ep: usize,
 }
@@ -72,7 +78,7 @@ pub(crate) struct RankOutcome {
     /// Losses and expert loads of the whole global batch (the same on every rank).
     pub(crate) out: StepOutput,
     pub(crate) grad_norm: f64,
-    /// Bytes its pipeline ranks sent each other.
+    /// Bytes its pipeline ranks on threads handed each other.
     pub(crate) pipeline_bytes: u64,
 }
 
@@ -116,6 +122,34 @@ pub(crate) fn rank_step(
     };
     rep.grads.zero();
     let (out, pipeline_bytes) = match (plan.pipeline, plan.ep) {
+        (Some((stages, schedule)), ep) if rep.pipe_rank.is_some() => {
+            // This device runs one pipeline rank; its neighbours and its expert-parallel
+            // group are other devices of the mesh.
+            let s = rep.pipe_rank.unwrap_or(0);
+            let (k, dp) = (t.rank(), plan.dp);
+            let d = k % dp;
+            let first = d / ep * ep;
+            let group = (first..first + ep).map(|x| s * dp + x).collect();
+            let link = EpLink::new(t, group, d - first, plan.step)?;
+            let devices = (0..schedule.pp).map(|r| r * dp + d).collect();
+            let experts = (ep > 1).then_some(&link as &dyn ExpertExchange);
+            let r = pipeline::run_rank_on(
+                &rep.model,
+                stages,
+                schedule,
+                batch,
+                &obj,
+                &mut rep.grads,
+                pipeline::DEFAULT_TIMEOUT,
+                s,
+                &link,
+                devices,
+                plan.step,
+                experts,
+            )?;
+            // Its transfers crossed the mesh: counted by the transport, not as in-process.
+            (r.out, 0)
+        }
         (Some((stages, schedule)), ep) => {
             // With expert parallelism, each pipeline rank exchanges tokens with the same rank
             // of the other pipelines of its group (`stage_ts` is empty without).
@@ -170,7 +204,7 @@ pub(crate) fn rank_step(
     // needs no reduction: its shard is the gradient buffers themselves (no copy).
     let collective = tracing::debug_span!("collective", op = "reduce-scatter").entered();
     let mut shards: Vec<Option<Vec<f32>>> = Vec::with_capacity(rep.parts.len());
-    for (i, part) in rep.parts.iter().enumerate() {
+    for part in &rep.parts {
         let layout = &plan.layouts[part.layout];
         shards.push(if part.group.ranks.len() < 2 {
             None
@@ -178,7 +212,7 @@ pub(crate) fn rank_step(
             Some(reduce_scatter(
                 t,
                 &part.group,
-                tag(plan, CommOp::ReduceScatter, i as u64),
+                tag(plan, CommOp::ReduceScatter, part.layout as u64),
                 &layout.flatten(&rep.grads),
                 &layout.bounds,
             )?)
@@ -248,7 +282,7 @@ pub(crate) fn rank_step(
 
     // All-gather every part's updated shards.
     let _span = tracing::debug_span!("collective", op = "all-gather").entered();
-    for (i, part) in rep.parts.iter().enumerate() {
+    for part in &rep.parts {
         if part.group.ranks.len() < 2 {
             continue;
         }
@@ -257,7 +291,7 @@ pub(crate) fn rank_step(
         let whole = all_gather(
             t,
             &part.group,
-            tag(plan, CommOp::AllGather, i as u64),
+            tag(plan, CommOp::AllGather, part.layout as u64),
             &own,
             &layout.bounds,
         )?;

@@ -1,6 +1,7 @@
 //! Gathering a checkpoint from ranks in several processes: every ZeRO-1 part's moments are
-//! all-gathered within its group, then the members of the first expert-parallel group send
-//! rank 0 the moments and weights of their experts. Rank 0's process writes the checkpoint.
+//! all-gathered within its group, then for every part that rank 0 does not share (other
+//! positions' experts, other stages' layers) its first member sends rank 0 the moments and
+//! weights. Rank 0's process writes the checkpoint.
 
 use half::bf16;
 use shoal_kernels::Tensor;
@@ -27,12 +28,13 @@ pub(crate) struct Gathered {
     values: Vec<Option<Vec<f32>>>,
 }
 
-/// One rank's part of the gather; `Some` on rank 0.
+/// One rank's part of the gather; `Some` on rank 0. `members[l]` are the devices sharing
+/// layout `l`, in shard order.
 pub(crate) fn gather_rank(
     rep: &Replica,
     t: &mut LocalTransport,
     layouts: &[ZeroLayout],
-    ep: usize,
+    members: &[Vec<usize>],
     step: u64,
 ) -> Result<Option<Gathered>> {
     let tag = |seq: u64| Tag {
@@ -61,36 +63,40 @@ pub(crate) fn gather_rank(
         }
         out
     };
-    let p2p = |p: usize, k: u64| tag(1000 + 3 * p as u64 + k);
-    if ep > 1 && (1..ep).contains(&rank) {
-        // Position `rank`'s experts: moments and weights to rank 0.
-        let li = 1 + rank;
+    // Every layout that rank 0 does not share: its first member sends rank 0 the whole
+    // moments and the weights (rank 0 does not hold them, or not up to date).
+    let p2p = |li: usize, k: u64| tag((1 << 20) | (3 * li as u64 + k));
+    for (li, group) in members.iter().enumerate() {
+        if group.contains(&0) || group.first() != Some(&rank) {
+            continue;
+        }
         let (m, v) = full[li].take().ok_or_else(|| {
             WorkerError::invalid(
                 "checkpoint",
-                format!("rank {rank} lacks its experts' moments"),
+                format!("rank {rank} lacks the moments of part {li}"),
             )
         })?;
-        t.send(0, p2p(rank, 0), encode(&m))?;
-        t.send(0, p2p(rank, 1), encode(&v))?;
-        t.send(0, p2p(rank, 2), encode(&flat_values(li)))?;
+        t.send(0, p2p(li, 0), encode(&m))?;
+        t.send(0, p2p(li, 1), encode(&v))?;
+        t.send(0, p2p(li, 2), encode(&flat_values(li)))?;
     }
     if rank != 0 {
         return Ok(None);
     }
     let mut values = vec![None; layouts.len()];
-    if ep > 1 {
-        for p in 1..ep {
-            let li = 1 + p;
-            let n = layouts[li].len();
-            let m = t.recv(p, p2p(p, 0))?;
-            let m = decode(t, p, p2p(p, 0), &m, n)?;
-            let v = t.recv(p, p2p(p, 1))?;
-            let v = decode(t, p, p2p(p, 1), &v, n)?;
-            let w = t.recv(p, p2p(p, 2))?;
-            values[li] = Some(decode(t, p, p2p(p, 2), &w, n)?);
-            full[li] = Some((m, v));
+    for (li, group) in members.iter().enumerate() {
+        let Some(&src) = group.first() else { continue };
+        if group.contains(&0) {
+            continue;
         }
+        let n = layouts[li].len();
+        let m = t.recv(src, p2p(li, 0))?;
+        let m = decode(t, src, p2p(li, 0), &m, n)?;
+        let v = t.recv(src, p2p(li, 1))?;
+        let v = decode(t, src, p2p(li, 1), &v, n)?;
+        let w = t.recv(src, p2p(li, 2))?;
+        values[li] = Some(decode(t, src, p2p(li, 2), &w, n)?);
+        full[li] = Some((m, v));
     }
     Ok(Some(Gathered {
         moments: full,
@@ -102,16 +108,16 @@ impl Trainer {
     /// Gathers the whole model and optimizer state onto the process holding rank 0; `None`
     /// in the other processes.
     pub(crate) fn gather_checkpoint(&mut self) -> Result<Option<CheckpointState>> {
-        let (ep, step) = (self.opts.ep, self.step);
+        let step = self.step;
         let mut no_stages: Vec<Vec<LocalTransport>> =
             (0..self.replicas.len()).map(|_| Vec::new()).collect();
-        let layouts = &self.layouts;
+        let (layouts, members) = (&self.layouts, &self.members);
         let res = Self::on_ranks(
             &mut self.replicas,
             self.mesh.as_deref_mut(),
             &self.ranks,
             &mut no_stages,
-            |rep, t, _| gather_rank(rep, t, layouts, ep, step),
+            |rep, t, _| gather_rank(rep, t, layouts, members, step),
         )?;
         let Some(g) = res.into_iter().flatten().next() else {
             return Ok(None);

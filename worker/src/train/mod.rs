@@ -228,11 +228,13 @@ pub struct StepMetrics {
     pub tokens: usize,
     /// Wall time of the step.
     pub seconds: f64,
-    /// Bytes the pipeline ranks sent each other (activations and gradients; 0 without
-    /// pipeline parallelism).
+    /// Bytes the pipeline ranks on threads of one process handed each other (activations and
+    /// gradients; 0 without pipeline parallelism, and for ranks on devices of a mesh, whose
+    /// transfers `comm` counts).
     #[serde(default)]
     pub bytes_sent: u64,
-    /// Bytes the data-parallel ranks sent each other, per transport and operation.
+    /// Bytes the devices sent each other, per transport and operation: the whole job's (every
+    /// process reports the sum over the mesh).
     #[serde(default)]
     pub comm: ByteCounts,
 }
@@ -263,10 +265,12 @@ pub struct Trainer {
     ranks: Vec<usize>,
     /// With ranks in other processes: this process's endpoints (kept across steps).
     mesh: Option<Vec<LocalTransport>>,
-    /// How the trained parameters are sharded over the replicas (ZeRO-1): the dense
-    /// parameters over every rank, then with expert parallelism the routed experts of each
-    /// position over the ranks at that position.
+    /// How the trained parameters are sharded over the devices (ZeRO-1): each group of
+    /// parameters used by the same pipeline ranks (and, for routed experts, held at the same
+    /// expert-parallel position) over the devices that use it.
     layouts: Vec<ZeroLayout>,
+    /// The devices sharing each layout, in shard order.
+    members: Vec<Vec<usize>>,
     /// The stages and the step's schedule with pipeline parallelism.
     pipeline: Option<(Vec<StagePart>, StepSchedule)>,
     batcher: Batcher,
@@ -347,37 +351,80 @@ impl Trainer {
             ));
         }
         let per = experts / ep.max(1);
-        let mut layouts = Vec::with_capacity(1 + ep);
-        if ep == 1 {
-            layouts.push(ZeroLayout::new(model.params(), dp));
-        } else {
-            layouts.push(ZeroLayout::with_filter(model.params(), dp, |n| {
-                zero::expert_of(n).is_none()
-            }));
-            for pos in 0..ep {
-                layouts.push(ZeroLayout::with_filter(model.params(), dp / ep, |n| {
-                    zero::expert_of(n).is_some_and(|j| j / per == pos)
-                }));
+        // Across processes, each pipeline rank of each data-parallel rank is a device of the
+        // mesh: device `s * dp + d` runs pipeline rank `s` of data-parallel rank `d`, and the
+        // optimizer state is sharded over all of them.
+        let pp = match (&mesh, &pipeline) {
+            (Some(_), Some((_, schedule))) => schedule.pp,
+            _ => 1,
+        };
+        let devices = pp * dp;
+        // ZeRO-1 groups: the trained parameters by the pipeline ranks that use them and, with
+        // expert parallelism, by the position holding them. Each group is sharded over the
+        // devices that use it (device `k` runs pipeline rank `k / dp` of data-parallel rank
+        // `k % dp`), dense parameters before experts.
+        let cfg_model = model.config().clone();
+        let owners = |name: &str| -> Vec<usize> {
+            match &pipeline {
+                Some((stages, schedule)) if pp > 1 => (0..pp)
+                    .filter(|&r| {
+                        (0..schedule.directions())
+                            .any(|dir| stages[schedule.position(r, dir)].holds(name, &cfg_model))
+                    })
+                    .collect(),
+                _ => vec![0],
+            }
+        };
+        let key_of = |name: &str| -> (Option<usize>, Vec<usize>) {
+            let pos = zero::expert_of(name).filter(|_| ep > 1).map(|j| j / per);
+            (pos, owners(name))
+        };
+        let mut keyed: std::collections::HashMap<String, usize> = Default::default();
+        let mut keys: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (id, name, _) in model.params().iter() {
+            if model.params().trainable(id) {
+                let k = key_of(name);
+                if !keys.contains(&k) {
+                    keys.push(k);
+                }
             }
         }
+        keys.sort();
+        for (id, name, _) in model.params().iter() {
+            if model.params().trainable(id) {
+                let k = key_of(name);
+                let i = keys.iter().position(|x| *x == k).unwrap_or(0);
+                keyed.insert(name.to_string(), i);
+            }
+        }
+        let members: Vec<Vec<usize>> = keys
+            .iter()
+            .map(|(pos, owners)| {
+                (0..devices)
+                    .filter(|k| owners.contains(&(k / dp)) && pos.is_none_or(|p| k % dp % ep == p))
+                    .collect()
+            })
+            .collect();
+        let layouts: Vec<ZeroLayout> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                ZeroLayout::with_filter(model.params(), m.len(), |n| keyed.get(n) == Some(&i))
+            })
+            .collect();
         let ranks: Vec<usize> = match &mesh {
             None => (0..dp).collect(),
             Some(m) => {
-                if opts.pipeline.is_some() {
-                    return Err(WorkerError::invalid(
-                        "pp",
-                        "pipeline stages across processes are not built yet",
-                    ));
-                }
                 let ranks: Vec<usize> = m.iter().map(Transport::rank).collect();
                 if m.is_empty()
-                    || m.iter().any(|t| t.world() != dp)
+                    || m.iter().any(|t| t.world() != devices)
                     || ranks.windows(2).any(|w| w[0] >= w[1])
                 {
                     return Err(WorkerError::invalid(
                         "mesh",
                         format!(
-                            "endpoints for ranks {ranks:?} of a mesh of {:?}, expected increasing ranks of {dp}",
+                            "endpoints for ranks {ranks:?} of a mesh of {:?}, expected increasing \
+                             ranks of {devices} (pp {pp} x dp {dp})",
                             m.first().map(Transport::world)
                         ),
                     ));
@@ -392,40 +439,36 @@ impl Trainer {
         let replicas = models
             .into_iter()
             .zip(ranks.iter().copied())
-            .map(|(mut m, r)| {
-                let mut parts = vec![Part {
-                    layout: 0,
-                    group: Group {
-                        ranks: (0..dp).collect(),
-                    },
-                    member: r,
-                    moments: layouts[0].fresh_moments(r, &cfg),
-                }];
-                if ep > 1 {
-                    let pos = r % ep;
-                    // Another position's experts: not held here.
-                    let others: Vec<ParamId> = m
-                        .params()
-                        .iter()
-                        .filter(|(_, n, _)| zero::expert_of(n).is_some_and(|j| j / per != pos))
-                        .map(|(id, _, _)| id)
-                        .collect();
-                    for id in others {
-                        m.params_mut().release(id);
+            .map(|(mut m, k)| {
+                let mut parts = Vec::new();
+                for (li, group) in members.iter().enumerate() {
+                    if let Some(member) = group.iter().position(|&j| j == k) {
+                        parts.push(Part {
+                            layout: li,
+                            group: Group {
+                                ranks: group.clone(),
+                            },
+                            member,
+                            moments: layouts[li].fresh_moments(member, &cfg),
+                        });
                     }
-                    parts.push(Part {
-                        layout: 1 + pos,
-                        group: Group {
-                            ranks: (pos..dp).step_by(ep).collect(),
-                        },
-                        member: r / ep,
-                        moments: layouts[1 + pos].fresh_moments(r / ep, &cfg),
-                    });
+                }
+                // What this device does not use (other positions' experts, other stages'
+                // layers): not held here.
+                let others: Vec<ParamId> = m
+                    .params()
+                    .iter()
+                    .filter(|(_, n, _)| keyed.get(*n).is_some_and(|&li| !members[li].contains(&k)))
+                    .map(|(id, _, _)| id)
+                    .collect();
+                for id in others {
+                    m.params_mut().release(id);
                 }
                 Replica {
                     grads: m.params().zero_grads(),
                     parts,
                     model: m,
+                    pipe_rank: (pp > 1).then_some(k / dp),
                 }
             })
             .collect();
@@ -434,11 +477,21 @@ impl Trainer {
             ranks,
             mesh,
             layouts,
+            members,
             pipeline,
             batcher,
             opts,
             step: 0,
         })
+    }
+
+    /// Devices of the mesh: one per data-parallel rank, or across processes with pipeline
+    /// parallelism one per pipeline rank of each.
+    fn devices(&self) -> usize {
+        match (&self.mesh, &self.pipeline) {
+            (Some(_), Some((_, schedule))) => schedule.pp * self.opts.dp,
+            _ => self.opts.dp,
+        }
     }
 
     /// Replica 0's model (every data-parallel replica holds the same weights). With expert
@@ -503,8 +556,53 @@ impl Trainer {
         &self.batcher
     }
 
-    /// What each data-parallel rank holds: whole weights and gradients, and the optimizer state
-    /// of its shard only (ZeRO-1), measured from the buffers it owns.
+    /// What every device of the job holds, in device order, from all processes (a collective:
+    /// every process calls it at the same point); see [`Self::memory_per_rank`].
+    pub fn memory_per_device(&mut self) -> Result<Vec<MemoryUse>> {
+        let local = self.memory_per_rank();
+        if self.mesh.is_none() {
+            return Ok(local);
+        }
+        let devices = self.devices();
+        let group = Group {
+            ranks: (0..devices).collect(),
+        };
+        let mine: Vec<(usize, MemoryUse)> = self.ranks.iter().copied().zip(local).collect();
+        let tag = crate::comm::transport::Tag {
+            step: self.step,
+            op: crate::comm::transport::CommOp::AllReduce,
+            seq: 1 << 33,
+        };
+        let mut no_stages: Vec<Vec<LocalTransport>> =
+            (0..self.replicas.len()).map(|_| Vec::new()).collect();
+        let sums = Self::on_ranks(
+            &mut self.replicas,
+            self.mesh.as_deref_mut(),
+            &self.ranks,
+            &mut no_stages,
+            |_, t, _| {
+                // Each device fills its own three slots; the sum is everyone's.
+                let mut v = vec![0u64; 3 * devices];
+                if let Some((_, m)) = mine.iter().find(|(k, _)| *k == t.rank()) {
+                    let k = t.rank();
+                    v[3 * k..3 * k + 3].copy_from_slice(&[m.params, m.grads, m.optimizer]);
+                }
+                crate::comm::collective::all_reduce_u64(t, &group, tag, &v)
+            },
+        )?;
+        let v = sums.into_iter().next().unwrap_or_default();
+        Ok(v.chunks_exact(3)
+            .map(|c| MemoryUse {
+                params: c[0],
+                grads: c[1],
+                optimizer: c[2],
+            })
+            .collect())
+    }
+
+    /// What each data-parallel rank (device) of this process holds: its weights and gradients
+    /// (without other positions' experts and, across processes, other stages' layers), and the
+    /// optimizer state of its shard only (ZeRO-1), measured from the buffers it owns.
     pub fn memory_per_rank(&self) -> Vec<MemoryUse> {
         self.replicas
             .iter()
@@ -655,8 +753,9 @@ impl Trainer {
             targets: &batch.targets,
         };
         let dp = self.opts.dp;
+        let devices = self.devices();
         let group = Group {
-            ranks: (0..dp).collect(),
+            ranks: (0..devices).collect(),
         };
         let lr = self.opts.lr_at(self.step);
         let parts = if dp == 1 {
@@ -675,6 +774,7 @@ impl Trainer {
             pipeline: self.pipeline.as_ref(),
             layouts: &self.layouts,
             group: &group,
+            dp,
             ep: self.opts.ep,
         };
         // All ranks here: a mesh of in-memory queues for the step.
@@ -686,7 +786,7 @@ impl Trainer {
         // rank of every replica; replica r takes endpoint r of each.
         let mut stage_ts: Vec<Vec<LocalTransport>> =
             (0..self.replicas.len()).map(|_| Vec::new()).collect();
-        if let (Some((_, schedule)), true) = (&self.pipeline, self.opts.ep > 1) {
+        if let (Some((_, schedule)), true, None) = (&self.pipeline, self.opts.ep > 1, &self.mesh) {
             for _ in 0..schedule.pp {
                 for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
                     .into_iter()
@@ -696,6 +796,9 @@ impl Trainer {
                 }
             }
         }
+        // Across processes, each device's bytes are summed over the mesh, so every process
+        // reports the whole job's traffic (the sum's own few bytes are left out).
+        let across = self.mesh.is_some();
         let mesh = fresh.as_deref_mut().or(self.mesh.as_deref_mut());
         let results = Self::on_ranks(
             &mut self.replicas,
@@ -704,20 +807,36 @@ impl Trainer {
             &mut stage_ts,
             |rep, t, sts| {
                 let before = t.bytes().clone();
-                let (part, share) = &parts[t.rank()];
+                let (part, share) = &parts[t.rank() % dp];
                 let o = rank_step(rep, t, sts, &plan, part, *share)?;
                 let mut bytes = t.bytes().since(&before);
                 for st in sts.iter() {
                     bytes.merge(st.bytes());
+                }
+                if across {
+                    let tag = crate::comm::transport::Tag {
+                        step: plan.step,
+                        op: crate::comm::transport::CommOp::AllReduce,
+                        seq: 3,
+                    };
+                    bytes = ByteCounts::from_vec(&crate::comm::collective::all_reduce_u64(
+                        t,
+                        &group,
+                        tag,
+                        &bytes.to_vec(),
+                    )?);
                 }
                 Ok((o, bytes))
             },
         )?;
         let mut comm = ByteCounts::default();
         let mut bytes_sent = 0;
-        for (o, b) in &results {
+        for (i, (o, b)) in results.iter().enumerate() {
             bytes_sent += o.pipeline_bytes;
-            comm.merge(b);
+            // Summed over the mesh already: the first device's sum is the job's.
+            if !across || i == 0 {
+                comm.merge(b);
+            }
         }
         let Some((first, _)) = results.into_iter().next() else {
             return Err(WorkerError::invalid("dp", "no rank ran"));
