@@ -71,6 +71,8 @@ struct TrainRow {
     tokens_per_s: f64,
     vs_single: f64,
     bytes_per_step: u64,
+    /// MoE dispatch bytes that crossed nodes per step.
+    network_dispatch_per_step: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -303,7 +305,61 @@ fn tcp_pair(timeout: Duration) -> Result<Vec<LocalTransport>> {
     Ok(out)
 }
 
+/// A TCP mesh over loopback of `node_of.len()` ranks on the nodes `node_of` names (numbered from
+/// 0): each node's endpoints, in node order.
+fn tcp_nodes(node_of: &[usize], timeout: Duration) -> Result<Vec<Vec<LocalTransport>>> {
+    let nodes = node_of.iter().copied().max().map_or(0, |n| n + 1);
+    let listeners = (0..nodes)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let layout = MeshLayout {
+        mesh_id: 0xbe4d,
+        node_of: node_of.to_vec(),
+        addrs: listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()?,
+    };
+    let layout = &layout;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(n, l)| s.spawn(move || connect(layout, n, l, timeout)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(shoal_worker::WorkerError::invalid("mesh", "panicked")))
+                    .map_err(anyhow::Error::from)
+            })
+            .collect()
+    })
+}
+
+/// A training shape of the tiny model.
+struct Shape {
+    dp: usize,
+    ep: usize,
+    /// Pipeline ranks and schedule.
+    pipeline: Option<(usize, &'static str)>,
+    direct_dispatch: bool,
+}
+
 fn tiny_trainer(dp: usize, ep: usize, mesh: Option<Vec<LocalTransport>>) -> Result<Trainer> {
+    shaped_trainer(
+        &Shape {
+            dp,
+            ep,
+            pipeline: None,
+            direct_dispatch: false,
+        },
+        mesh,
+    )
+}
+
+fn shaped_trainer(shape: &Shape, mesh: Option<Vec<LocalTransport>>) -> Result<Trainer> {
+    let (dp, ep) = (shape.dp, shape.ep);
     let cfg = shoal_spec::ModelConfig::tiny();
     let model = Model::<f32>::new(&cfg, Precision::Fp8, 1)?;
     let source = TokenSource::load(
@@ -318,14 +374,22 @@ fn tiny_trainer(dp: usize, ep: usize, mesh: Option<Vec<LocalTransport>>) -> Resu
     o.dp = dp;
     o.ep = ep;
     o.micro_batches = 8 / dp;
+    o.direct_dispatch = shape.direct_dispatch;
+    if let Some((pp, schedule)) = shape.pipeline {
+        o.pipeline = Some(shoal_worker::train::PipelineOptions {
+            pp,
+            schedule: schedule.into(),
+        });
+    }
     Ok(Trainer::new_on(model, batcher, o, mesh)?)
 }
 
-/// Median tokens/s and bytes per step of `steps` steps (after a warm-up) of every trainer,
-/// stepping them together (they are the processes of one job).
-fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64)> {
+/// Median tokens/s, bytes per step and network dispatch bytes per step of `steps` steps (after
+/// a warm-up) of every trainer, stepping them together (they are the processes of one job).
+fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64, u64)> {
     let mut rates = Vec::new();
     let mut bytes = 0;
+    let mut net_dispatch = 0;
     for i in 0..=steps {
         let results: Vec<shoal_worker::Result<shoal_worker::train::StepMetrics>> =
             std::thread::scope(|s| {
@@ -343,19 +407,25 @@ fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64)>
             });
         let mut step_s: f64 = 0.0;
         let mut tokens = 0;
-        let mut b = 0;
-        for r in results {
+        let (mut b, mut nd) = (0, 0);
+        for (j, r) in results.into_iter().enumerate() {
             let m = r?;
             step_s = step_s.max(m.seconds);
             tokens = m.tokens;
-            b += m.comm.total() + m.bytes_sent;
+            b += m.bytes_sent;
+            // Every process reports the whole job's mesh traffic.
+            if j == 0 {
+                b += m.comm.total();
+                nd = m.comm.tcp_dispatch;
+            }
         }
         if i > 0 {
             rates.push(tokens as f64 / step_s);
             bytes = b;
+            net_dispatch = nd;
         }
     }
-    Ok((median(rates), bytes))
+    Ok((median(rates), bytes, net_dispatch))
 }
 
 /// Runs the benchmark.
@@ -410,35 +480,90 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
 
     let mut training = Vec::new();
     if a.steps > 0 {
-        let (single, b1) = time_training(vec![tiny_trainer(1, 1, None)?], a.steps)?;
+        let (single, b1, _) = time_training(vec![tiny_trainer(1, 1, None)?], a.steps)?;
         training.push(TrainRow {
             shape: "1 rank",
             tokens_per_s: single,
             vs_single: 1.0,
             bytes_per_step: b1,
+            network_dispatch_per_step: 0,
         });
         for (shape, dp, ep) in [("dp 2 (one node)", 2, 1), ("dp 2 ep 2 (one node)", 2, 2)] {
-            let (r, b) = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
+            let (r, b, _) = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
             training.push(TrainRow {
                 shape,
                 tokens_per_s: r,
                 vs_single: r / single,
                 bytes_per_step: b,
+                network_dispatch_per_step: 0,
             });
         }
-        let mut mesh = tcp_pair(timeout)?;
-        let second = mesh.split_off(1);
-        let trainers = vec![
-            tiny_trainer(2, 2, Some(mesh))?,
-            tiny_trainer(2, 2, Some(second))?,
+        let shapes: [(&'static str, Shape, Vec<usize>); 5] = [
+            (
+                "dp 2 ep 2 (two nodes over TCP)",
+                Shape {
+                    dp: 2,
+                    ep: 2,
+                    pipeline: None,
+                    direct_dispatch: false,
+                },
+                vec![0, 1],
+            ),
+            (
+                "main job: pp 2 dualpipe x dp 2, ep 2 (2 x 2)",
+                Shape {
+                    dp: 2,
+                    ep: 2,
+                    pipeline: Some((2, "dualpipe")),
+                    direct_dispatch: false,
+                },
+                vec![0, 0, 1, 1],
+            ),
+            (
+                "same shape, 1f1b (2 x 2)",
+                Shape {
+                    dp: 2,
+                    ep: 2,
+                    pipeline: Some((2, "1f1b")),
+                    direct_dispatch: false,
+                },
+                vec![0, 0, 1, 1],
+            ),
+            (
+                "dp 4 ep 4, hierarchical dispatch (2 x 2)",
+                Shape {
+                    dp: 4,
+                    ep: 4,
+                    pipeline: None,
+                    direct_dispatch: false,
+                },
+                vec![0, 0, 1, 1],
+            ),
+            (
+                "dp 4 ep 4, direct dispatch (2 x 2)",
+                Shape {
+                    dp: 4,
+                    ep: 4,
+                    pipeline: None,
+                    direct_dispatch: true,
+                },
+                vec![0, 0, 1, 1],
+            ),
         ];
-        let (r, b) = time_training(trainers, a.steps)?;
-        training.push(TrainRow {
-            shape: "dp 2 ep 2 (two nodes over TCP)",
-            tokens_per_s: r,
-            vs_single: r / single,
-            bytes_per_step: b,
-        });
+        for (name, shape, node_of) in shapes {
+            let trainers = tcp_nodes(&node_of, timeout)?
+                .into_iter()
+                .map(|mesh| shaped_trainer(&shape, Some(mesh)))
+                .collect::<Result<Vec<_>>>()?;
+            let (r, b, nd) = time_training(trainers, a.steps)?;
+            training.push(TrainRow {
+                shape: name,
+                tokens_per_s: r,
+                vs_single: r / single,
+                bytes_per_step: b,
+                network_dispatch_per_step: nd,
+            });
+        }
     }
 
     let report = Report {
@@ -478,11 +603,12 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
         println!("tiny model, fp8, 8 x 256 tokens per step:");
         for t in &report.training {
             println!(
-                "  {:<32} {:>8.0} tokens/s  {:.2}x one rank  {:>7.1} MB/step",
+                "  {:<44} {:>8.0} tokens/s  {:.2}x one rank  {:>7.1} MB/step  {:>6.2} MB/step dispatch over the network",
                 t.shape,
                 t.tokens_per_s,
                 t.vs_single,
-                t.bytes_per_step as f64 / 1e6
+                t.bytes_per_step as f64 / 1e6,
+                t.network_dispatch_per_step as f64 / 1e6
             );
         }
     }

@@ -4,12 +4,23 @@
 //! The `n`-th exchange of a step is tagged `seq = n` on every member (members run the same
 //! layers and micro-batches in the same order), so frames of different layers, micro-batches or
 //! directions never mix; a member that falls out of step times out naming the exchange.
+//!
+//! When the group spans nodes and some node holds several members, the exchange is
+//! hierarchical, as in the DeepSeek-V3 report: a token bound for experts on another node crosses
+//! the network once, to the member of that node with the same local index as its own rank (the
+//! relay), which forwards it inside the node to the members holding its experts. The source
+//! sends the relay the union of the rows its node's members need, with each member's list; the
+//! relay cuts the members' frames out of it. Combine goes the other way: members hand a remote
+//! source's rows to their node's relay for that source, which sends them on in one message.
+//! Every member receives byte for byte the frames of the direct exchange, so the results do not
+//! depend on the route; only the bytes on the network (dispatch) and the message count change.
 
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::transport::{CommOp, Tag, Transport};
+use super::transport::{CommOp, Tag, Transport, comm_error};
+use super::wire::select_rows;
 use crate::model::ep::{ExchangePhase, ExpertExchange};
 use crate::{Result, WorkerError};
 
@@ -18,6 +29,10 @@ pub struct EpLink<'t> {
     transport: Mutex<&'t mut dyn Transport>,
     /// Mesh ranks of the group's members, in member order.
     group: Vec<usize>,
+    /// The node of each member.
+    nodes: Vec<usize>,
+    /// Route through relays (the group spans nodes and some node holds several members).
+    hierarchical: bool,
     me: usize,
     step: u64,
     next: AtomicU64,
@@ -40,9 +55,16 @@ impl<'t> EpLink<'t> {
                 ),
             ));
         }
+        let nodes: Vec<usize> = group.iter().map(|&r| transport.node(r)).collect();
+        let mut distinct = nodes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let hierarchical = distinct.len() > 1 && distinct.len() < nodes.len();
         Ok(Self {
             transport: Mutex::new(transport),
             group,
+            nodes,
+            hierarchical,
             me: position,
             step,
             next: AtomicU64::new(0),
@@ -53,6 +75,296 @@ impl<'t> EpLink<'t> {
     pub fn exchanges(&self) -> u64 {
         self.next.load(Ordering::Relaxed)
     }
+
+    /// Every member reached directly, whatever the nodes (the peer of the hierarchical route).
+    pub fn direct(mut self) -> Self {
+        self.hierarchical = false;
+        self
+    }
+
+    /// Whether tokens cross nodes once and are forwarded inside them.
+    pub fn is_hierarchical(&self) -> bool {
+        self.hierarchical
+    }
+
+    /// The members on `node`, in member order.
+    fn members_on(&self, node: usize) -> Vec<usize> {
+        (0..self.group.len())
+            .filter(|&q| self.nodes[q] == node)
+            .collect()
+    }
+
+    /// The member of `node` that relays member `s`'s traffic: the one with `s`'s local index
+    /// (modulo the node's members).
+    fn relay(&self, s: usize, node: usize) -> usize {
+        let own = self.members_on(self.nodes[s]);
+        let local = own.iter().position(|&q| q == s).unwrap_or(0);
+        let there = self.members_on(node);
+        there[local % there.len()]
+    }
+
+    /// The members of other nodes whose traffic to and from this node this member relays.
+    fn relayed_by_me(&self) -> Vec<usize> {
+        let mine = self.nodes[self.me];
+        (0..self.group.len())
+            .filter(|&s| self.nodes[s] != mine && self.relay(s, mine) == self.me)
+            .collect()
+    }
+
+    /// The other nodes of the group, in the order their first members appear.
+    fn remote_nodes(&self) -> Vec<usize> {
+        let mine = self.nodes[self.me];
+        let mut out: Vec<usize> = Vec::new();
+        for &n in &self.nodes {
+            if n != mine && !out.contains(&n) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    fn tag(&self, op: CommOp, n: u64, src: Option<usize>) -> Tag {
+        Tag {
+            step: self.step,
+            op,
+            seq: match src {
+                Some(s) => (n << 20) | s as u64,
+                None => n,
+            },
+        }
+    }
+
+    fn hierarchical_dispatch(
+        &self,
+        rows: &[Vec<usize>],
+        encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let tag = self.tag(CommOp::Dispatch, n, None);
+        let _span =
+            tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq, hierarchical = true)
+                .entered();
+        let (me, ep) = (self.me, self.group.len());
+        let mine = self.nodes[me];
+        let mut t = self.lock()?;
+        let mut got: Vec<Option<Vec<u8>>> = vec![None; ep];
+        // This node's members directly.
+        for q in self.members_on(mine) {
+            let frame = encode(&rows[q])?;
+            if q == me {
+                got[me] = Some(frame);
+            } else {
+                t.send(self.group[q], tag, frame)?;
+            }
+        }
+        // Each other node once: the union of its members' rows, to the relay.
+        for node in self.remote_nodes() {
+            let qs = self.members_on(node);
+            let mut union: Vec<usize> = qs.iter().flat_map(|&q| rows[q].iter().copied()).collect();
+            union.sort_unstable();
+            union.dedup();
+            let lists: Vec<Vec<u32>> = qs
+                .iter()
+                .map(|&q| {
+                    rows[q]
+                        .iter()
+                        .map(|r| union.binary_search(r).unwrap_or(0) as u32)
+                        .collect()
+                })
+                .collect();
+            let msg = relay_message(&lists, &encode(&union)?);
+            t.send(self.group[self.relay(me, node)], tag, msg)?;
+        }
+        // Relay duty: cut the frames of this node's members out of what remote sources sent.
+        let local = self.members_on(mine);
+        for s in self.relayed_by_me() {
+            let msg = t.recv(self.group[s], tag)?;
+            let (lists, frame) = read_relay(&msg, local.len())
+                .map_err(|why| comm_error(t.rank(), self.group[s], tag, why))?;
+            for (list, &q) in lists.iter().zip(&local) {
+                let part = select_rows(frame, list)?;
+                if q == me {
+                    got[s] = Some(part);
+                } else {
+                    t.send(
+                        self.group[q],
+                        self.tag(CommOp::DispatchForward, n, Some(s)),
+                        part,
+                    )?;
+                }
+            }
+        }
+        // What every source sent this member, in member order.
+        let mut out = Vec::with_capacity(ep);
+        for (s, slot) in got.into_iter().enumerate() {
+            out.push(match slot {
+                Some(f) => f,
+                None if self.nodes[s] == mine => t.recv(self.group[s], tag)?,
+                None => {
+                    let relay = self.relay(s, mine);
+                    t.recv(
+                        self.group[relay],
+                        self.tag(CommOp::DispatchForward, n, Some(s)),
+                    )?
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    fn hierarchical_combine(&self, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let tag = self.tag(CommOp::Combine, n, None);
+        let _span =
+            tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq, hierarchical = true)
+                .entered();
+        let (me, ep) = (self.me, self.group.len());
+        let mine = self.nodes[me];
+        let mut t = self.lock()?;
+        let own = std::mem::take(&mut frames[me]);
+        // Rows for a remote source that this member relays itself wait here.
+        let mut kept: Vec<Option<Vec<u8>>> = vec![None; ep];
+        for (s, frame) in frames.into_iter().enumerate() {
+            if s == me {
+                continue;
+            }
+            if self.nodes[s] == mine {
+                t.send(self.group[s], tag, frame)?;
+            } else {
+                let relay = self.relay(s, mine);
+                if relay == me {
+                    kept[s] = Some(frame);
+                } else {
+                    t.send(
+                        self.group[relay],
+                        self.tag(CommOp::CombineForward, n, Some(s)),
+                        frame,
+                    )?;
+                }
+            }
+        }
+        // Relay duty: each remote source this member relays gets its node's rows in one message.
+        let local = self.members_on(mine);
+        for s in self.relayed_by_me() {
+            let mut parts = Vec::with_capacity(local.len());
+            for &q in &local {
+                parts.push(if q == me {
+                    kept[s].take().unwrap_or_default()
+                } else {
+                    t.recv(self.group[q], self.tag(CommOp::CombineForward, n, Some(s)))?
+                });
+            }
+            t.send(self.group[s], tag, bundle(&parts))?;
+        }
+        // Sources' rows: this node's directly, each other node's in one bundle from its relay.
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; ep];
+        out[me] = Some(own);
+        for q in self.members_on(mine) {
+            if q != me {
+                out[q] = Some(t.recv(self.group[q], tag)?);
+            }
+        }
+        for node in self.remote_nodes() {
+            let relay = self.relay(me, node);
+            let msg = t.recv(self.group[relay], tag)?;
+            let qs = self.members_on(node);
+            let parts = unbundle(&msg, qs.len())
+                .map_err(|why| comm_error(t.rank(), self.group[relay], tag, why))?;
+            for (q, part) in qs.into_iter().zip(parts) {
+                out[q] = Some(part);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+}
+
+/// A relay message: per member of the relay's node, the rows of the frame it needs (u32 count,
+/// then u32 row indices), then the frame.
+fn relay_message(lists: &[Vec<u32>], frame: &[u8]) -> Vec<u8> {
+    let n: usize = lists.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(4 + 4 * (lists.len() + n) + frame.len());
+    out.extend_from_slice(&(lists.len() as u32).to_le_bytes());
+    for l in lists {
+        out.extend_from_slice(&(l.len() as u32).to_le_bytes());
+        for &r in l {
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(frame);
+    out
+}
+
+fn u32_at(b: &[u8], at: usize) -> std::result::Result<u32, String> {
+    b.get(at..at + 4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .ok_or_else(|| format!("relay message of {} bytes, truncated at byte {at}", b.len()))
+}
+
+/// Reads [`relay_message`]; `members` is how many lists the relay's node needs.
+fn read_relay(b: &[u8], members: usize) -> std::result::Result<(Vec<Vec<usize>>, &[u8]), String> {
+    let count = u32_at(b, 0)? as usize;
+    if count != members {
+        return Err(format!("{count} row lists for a node of {members} members"));
+    }
+    let mut at = 4;
+    let mut lists = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = u32_at(b, at)? as usize;
+        at += 4;
+        if len > b.len().saturating_sub(at) / 4 {
+            return Err(format!("a list of {len} rows in {} bytes", b.len()));
+        }
+        let mut list = Vec::with_capacity(len);
+        for i in 0..len {
+            list.push(u32_at(b, at + 4 * i)? as usize);
+        }
+        at += 4 * len;
+        lists.push(list);
+    }
+    Ok((lists, &b[at..]))
+}
+
+/// Frames in one message: u32 count, then each frame as a u64 length and its bytes.
+fn bundle(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + parts.iter().map(|p| 8 + p.len()).sum::<usize>());
+    out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Reads [`bundle`]: exactly `count` frames, nothing after them.
+fn unbundle(b: &[u8], count: usize) -> std::result::Result<Vec<Vec<u8>>, String> {
+    let n = u32_at(b, 0)? as usize;
+    if n != count {
+        return Err(format!(
+            "{n} frames in a bundle from a node of {count} members"
+        ));
+    }
+    let mut at = 4;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = b
+            .get(at..at + 8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0xff; 8])))
+            .ok_or_else(|| format!("bundle of {} bytes, truncated at byte {at}", b.len()))?;
+        at += 8;
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > b.len() - at {
+            return Err(format!(
+                "a frame of {len} bytes at byte {at} of {}",
+                b.len()
+            ));
+        }
+        out.push(b[at..at + len].to_vec());
+        at += len;
+    }
+    if at != b.len() {
+        return Err(format!("{} bytes after the bundle's frames", b.len() - at));
+    }
+    Ok(out)
 }
 
 impl fmt::Debug for EpLink<'_> {
@@ -101,6 +413,28 @@ impl ExpertExchange for EpLink<'_> {
         self.me
     }
 
+    fn dispatch(
+        &self,
+        rows: &[Vec<usize>],
+        encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        if rows.len() != self.group.len() {
+            return Err(WorkerError::invalid(
+                "ep",
+                format!(
+                    "{} row lists for a group of {}",
+                    rows.len(),
+                    self.group.len()
+                ),
+            ));
+        }
+        if self.hierarchical {
+            return self.hierarchical_dispatch(rows, encode);
+        }
+        let frames = rows.iter().map(|r| encode(r)).collect::<Result<Vec<_>>>()?;
+        self.exchange(ExchangePhase::Dispatch, frames)
+    }
+
     fn exchange(&self, phase: ExchangePhase, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         if frames.len() != self.group.len() {
             return Err(WorkerError::invalid(
@@ -111,6 +445,9 @@ impl ExpertExchange for EpLink<'_> {
                     self.group.len()
                 ),
             ));
+        }
+        if self.hierarchical && phase == ExchangePhase::Combine {
+            return self.hierarchical_combine(frames);
         }
         let tag = Tag {
             step: self.step,
@@ -138,5 +475,40 @@ impl ExpertExchange for EpLink<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_messages_and_bundles_round_trip_and_refuse_malformed_bytes() {
+        let lists = vec![vec![0u32, 2], vec![], vec![1]];
+        let msg = relay_message(&lists, b"FRAME");
+        let (got, frame) = read_relay(&msg, 3).unwrap();
+        assert_eq!(got, vec![vec![0, 2], vec![], vec![1]]);
+        assert_eq!(frame, b"FRAME");
+        assert!(read_relay(&msg, 2).unwrap_err().contains("3 row lists"));
+        for n in 0..4 + 4 * 3 + 4 * 3 {
+            assert!(read_relay(&msg[..n], 3).is_err(), "{n} bytes");
+        }
+        let mut huge = msg.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_relay(&huge, 3).is_err());
+
+        let parts = vec![b"one".to_vec(), Vec::new(), b"three".to_vec()];
+        let b = bundle(&parts);
+        assert_eq!(unbundle(&b, 3).unwrap(), parts);
+        assert!(unbundle(&b, 2).is_err());
+        for n in 0..b.len() {
+            assert!(unbundle(&b[..n], 3).is_err(), "{n} bytes");
+        }
+        let mut padded = b.clone();
+        padded.push(0);
+        assert!(unbundle(&padded, 3).unwrap_err().contains("after"));
+        let mut long = b;
+        long[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(unbundle(&long, 3).is_err());
     }
 }

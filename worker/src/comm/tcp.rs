@@ -264,6 +264,7 @@ pub fn connect(
         out.push(LocalTransport::from_parts(
             r,
             links,
+            layout.node_of.clone(),
             inbox,
             abort.clone(),
             timeout,

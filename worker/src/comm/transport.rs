@@ -38,6 +38,12 @@ pub enum CommOp {
     Activation,
     /// A pipeline stage's input gradient, to the previous stage (`seq` as for activations).
     Gradient,
+    /// Hierarchical dispatch: a relay forwards a source's tokens to a member of its node
+    /// (`seq`: exchange << 20 | source member).
+    DispatchForward,
+    /// Hierarchical combine: a member hands a remote source's rows to its node's relay for that
+    /// source (`seq` as for dispatch forwarding).
+    CombineForward,
 }
 
 impl fmt::Display for CommOp {
@@ -50,6 +56,8 @@ impl fmt::Display for CommOp {
             Self::Combine => "combine",
             Self::Activation => "activation",
             Self::Gradient => "gradient",
+            Self::DispatchForward => "dispatch-forward",
+            Self::CombineForward => "combine-forward",
         })
     }
 }
@@ -119,17 +127,30 @@ pub struct ByteCounts {
     /// Bytes of pipeline activations and gradients between stages (both links).
     #[serde(default)]
     pub pipeline: u64,
+    /// Bytes of MoE dispatch that crossed nodes (part of `tcp` and `dispatch`).
+    #[serde(default)]
+    pub tcp_dispatch: u64,
+    /// Bytes of MoE combine that crossed nodes (part of `tcp` and `combine`).
+    #[serde(default)]
+    pub tcp_combine: u64,
 }
 
 impl ByteCounts {
     fn add(&mut self, link: Link, op: CommOp, n: u64) {
+        if link == Link::Tcp {
+            match op {
+                CommOp::Dispatch | CommOp::DispatchForward => self.tcp_dispatch += n,
+                CommOp::Combine | CommOp::CombineForward => self.tcp_combine += n,
+                _ => {}
+            }
+        }
         match link {
             Link::Shm => self.shm += n,
             Link::Tcp => self.tcp += n,
         }
         match op {
-            CommOp::Dispatch => self.dispatch += n,
-            CommOp::Combine => self.combine += n,
+            CommOp::Dispatch | CommOp::DispatchForward => self.dispatch += n,
+            CommOp::Combine | CommOp::CombineForward => self.combine += n,
             CommOp::Activation | CommOp::Gradient => self.pipeline += n,
             _ => self.collective += n,
         }
@@ -143,6 +164,8 @@ impl ByteCounts {
         self.combine += o.combine;
         self.collective += o.collective;
         self.pipeline += o.pipeline;
+        self.tcp_dispatch += o.tcp_dispatch;
+        self.tcp_combine += o.tcp_combine;
     }
 
     /// What was sent after `earlier` (a snapshot of the same counters).
@@ -154,11 +177,13 @@ impl ByteCounts {
             combine: self.combine - earlier.combine,
             collective: self.collective - earlier.collective,
             pipeline: self.pipeline - earlier.pipeline,
+            tcp_dispatch: self.tcp_dispatch - earlier.tcp_dispatch,
+            tcp_combine: self.tcp_combine - earlier.tcp_combine,
         }
     }
 
-    /// The counters in order (shm, tcp, dispatch, combine, collective, pipeline), for a sum
-    /// over ranks.
+    /// The counters in order (shm, tcp, dispatch, combine, collective, pipeline, tcp_dispatch,
+    /// tcp_combine), for a sum over ranks.
     pub fn to_vec(&self) -> Vec<u64> {
         vec![
             self.shm,
@@ -167,6 +192,8 @@ impl ByteCounts {
             self.combine,
             self.collective,
             self.pipeline,
+            self.tcp_dispatch,
+            self.tcp_combine,
         ]
     }
 
@@ -180,6 +207,8 @@ impl ByteCounts {
             combine: at(3),
             collective: at(4),
             pipeline: at(5),
+            tcp_dispatch: at(6),
+            tcp_combine: at(7),
         }
     }
 
@@ -201,6 +230,11 @@ pub trait Transport: Send {
     fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>>;
     /// Bytes this rank has sent so far.
     fn bytes(&self) -> &ByteCounts;
+    /// The node holding rank `rank` (ranks of one node reach each other without the network).
+    fn node(&self, rank: usize) -> usize {
+        let _ = rank;
+        0
+    }
     /// Tells the other ranks of the mesh to stop waiting: this rank has failed.
     fn abort(&self);
 }
@@ -247,6 +281,13 @@ impl LocalMesh {
     /// `world` connected endpoints, one per rank, whose waits give up after `timeout`.
     #[allow(clippy::new_ret_no_self)]
     pub fn new(world: usize, timeout: Duration) -> Vec<LocalTransport> {
+        Self::with_nodes(&vec![0; world], timeout)
+    }
+
+    /// [`Self::new`] for ranks that stand for devices of several nodes (`node_of[r]` is rank
+    /// `r`'s): the same in-memory queues, with the topology that node-aware exchanges read.
+    pub fn with_nodes(node_of: &[usize], timeout: Duration) -> Vec<LocalTransport> {
+        let world = node_of.len();
         let abort = Arc::new(AtomicBool::new(false));
         let (senders, inboxes): (Vec<_>, Vec<_>) = (0..world).map(|_| mpsc::channel()).unzip();
         inboxes
@@ -264,7 +305,14 @@ impl LocalMesh {
                         }
                     })
                     .collect();
-                LocalTransport::from_parts(rank, links, inbox, abort.clone(), timeout)
+                LocalTransport::from_parts(
+                    rank,
+                    links,
+                    node_of.to_vec(),
+                    inbox,
+                    abort.clone(),
+                    timeout,
+                )
             })
             .collect()
     }
@@ -275,6 +323,8 @@ impl LocalMesh {
 pub struct LocalTransport {
     rank: usize,
     links: Vec<PeerLink>,
+    /// The node of every rank.
+    nodes: Vec<usize>,
     inbox: mpsc::Receiver<Msg>,
     stash: HashMap<(usize, Tag), VecDeque<Vec<u8>>>,
     gone: HashMap<usize, String>,
@@ -296,6 +346,8 @@ pub(crate) fn op_code(op: CommOp) -> u8 {
         CommOp::Combine => 5,
         CommOp::Activation => 6,
         CommOp::Gradient => 7,
+        CommOp::DispatchForward => 8,
+        CommOp::CombineForward => 9,
     }
 }
 
@@ -308,6 +360,8 @@ pub(crate) fn op_of(code: u8) -> Option<CommOp> {
         5 => CommOp::Combine,
         6 => CommOp::Activation,
         7 => CommOp::Gradient,
+        8 => CommOp::DispatchForward,
+        9 => CommOp::CombineForward,
         _ => return None,
     })
 }
@@ -316,6 +370,7 @@ impl LocalTransport {
     pub(crate) fn from_parts(
         rank: usize,
         links: Vec<PeerLink>,
+        nodes: Vec<usize>,
         inbox: mpsc::Receiver<Msg>,
         abort: Arc<AtomicBool>,
         timeout: Duration,
@@ -323,6 +378,7 @@ impl LocalTransport {
         Self {
             rank,
             links,
+            nodes,
             inbox,
             stash: HashMap::new(),
             gone: HashMap::new(),
@@ -447,6 +503,10 @@ impl Transport for LocalTransport {
 
     fn bytes(&self) -> &ByteCounts {
         &self.bytes
+    }
+
+    fn node(&self, rank: usize) -> usize {
+        self.nodes.get(rank).copied().unwrap_or(usize::MAX)
     }
 
     fn abort(&self) {

@@ -443,6 +443,79 @@ fn header(out: &mut Vec<u8>, kind: u8, flags: u8, dims: [usize; 3]) {
     }
 }
 
+/// `rows` (in that order) of `data`, rows of `width` values.
+fn gather<V: Copy>(data: &[V], rows: &[usize], width: usize) -> Vec<V> {
+    let mut out = Vec::with_capacity(rows.len() * width);
+    for &r in rows {
+        out.extend_from_slice(&data[r * width..(r + 1) * width]);
+    }
+    out
+}
+
+/// The rows `rows` (in that order) of a dispatch or combine frame, as a frame of the same kind
+/// and encoding: the bytes that encoding those rows alone gives (rows are encoded each on its
+/// own). A relay splits a node's frame among the node's members with it.
+pub fn select_rows(bytes: &[u8], rows: &[usize]) -> Result<Vec<u8>> {
+    let out_of = |n: usize, k: &'static str| {
+        rows.iter().find(|&&r| r >= n).map_or(Ok(()), |r| {
+            Err(bad(k, format!("row {r} of a frame of {n}")))
+        })
+    };
+    match bytes.get(4) {
+        Some(&KIND_DISPATCH) => {
+            let f = DispatchFrame::decode(bytes, usize::MAX)?;
+            let (n, cols, k) = (f.tokens.rows(), f.tokens.cols(), f.topk);
+            out_of(n, "dispatch")?;
+            let shape = vec![rows.len(), cols];
+            let tokens = match &f.tokens {
+                TokenRows::Fp8(m) => TokenRows::Fp8(
+                    Fp8Matrix::from_parts(
+                        rows.len(),
+                        cols,
+                        Fp8Format::E4M3,
+                        Granularity::Tile1x128,
+                        gather(m.codes(), rows, cols),
+                        gather(m.scales(), rows, blocks(cols)),
+                    )
+                    .map_err(|e| bad("dispatch", e.to_string()))?,
+                ),
+                TokenRows::Bf16(t) => {
+                    TokenRows::Bf16(Tensor::new(shape, gather(t.data(), rows, cols))?)
+                }
+                TokenRows::F32(t) => {
+                    TokenRows::F32(Tensor::new(shape, gather(t.data(), rows, cols))?)
+                }
+            };
+            Ok(DispatchFrame {
+                tokens,
+                topk: k,
+                experts: gather(&f.experts, rows, k),
+                weights: gather(&f.weights, rows, k),
+                pow2_scales: f.pow2_scales,
+            }
+            .encode())
+        }
+        Some(&KIND_COMBINE) => {
+            let f = CombineFrame::decode(bytes)?;
+            out_of(f.rows, "combine")?;
+            let values = match &f.values {
+                CombineValues::Bf16(v) => CombineValues::Bf16(gather(v, rows, f.cols)),
+                CombineValues::F32(v) => CombineValues::F32(gather(v, rows, f.cols)),
+            };
+            Ok(CombineFrame {
+                rows: rows.len(),
+                cols: f.cols,
+                values,
+            }
+            .encode())
+        }
+        other => Err(bad(
+            "frame",
+            format!("kind {other:?}: neither a dispatch nor a combine frame"),
+        )),
+    }
+}
+
 fn read_header(bytes: &[u8], kind: u8, k: &'static str) -> Result<(u8, [usize; 3])> {
     if bytes.len() < HEADER {
         return Err(bad(
@@ -494,4 +567,65 @@ fn f32s(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize, cols: usize) -> Tensor<f32> {
+        let v = (0..n * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+            .collect();
+        Tensor::new(vec![n, cols], v).unwrap()
+    }
+
+    #[test]
+    fn selected_rows_are_the_frame_of_those_rows_alone() {
+        let (n, cols, k) = (7, 300, 2);
+        let x = rows(n, cols);
+        let experts: Vec<u32> = (0..n * k).map(|i| (i % 8) as u32).collect();
+        let weights: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.1).collect();
+        let pick = [1usize, 4, 6];
+        let sub = gather(x.data(), &pick, cols);
+        let sub = Tensor::new(vec![pick.len(), cols], sub).unwrap();
+        for codec in [
+            RowCodec::Fp8 { pow2_scales: false },
+            RowCodec::Fp8 { pow2_scales: true },
+            RowCodec::Bf16,
+            RowCodec::F32,
+        ] {
+            let all = DispatchFrame::encode_rows(&x, k, experts.clone(), weights.clone(), codec)
+                .unwrap()
+                .encode();
+            let want = DispatchFrame::encode_rows(
+                &sub,
+                k,
+                gather(&experts, &pick, k),
+                gather(&weights, &pick, k),
+                codec,
+            )
+            .unwrap()
+            .encode();
+            assert_eq!(select_rows(&all, &pick).unwrap(), want, "{codec:?}");
+            // No rows: an empty frame of the same kind.
+            let none = select_rows(&all, &[]).unwrap();
+            assert_eq!(DispatchFrame::decode(&none, 8).unwrap().tokens.rows(), 0);
+        }
+        for full in [false, true] {
+            let all = CombineFrame::encode_rows(&x, full).unwrap().encode();
+            let want = CombineFrame::encode_rows(&sub, full).unwrap().encode();
+            assert_eq!(select_rows(&all, &pick).unwrap(), want);
+        }
+        // A row past the end, or bytes that are no frame: errors naming the kind.
+        let all = CombineFrame::encode_rows(&x, false).unwrap().encode();
+        assert!(
+            select_rows(&all, &[n])
+                .unwrap_err()
+                .to_string()
+                .contains("combine")
+        );
+        assert!(select_rows(&all[..10], &[0]).is_err());
+        assert!(select_rows(b"garbage!", &[0]).is_err());
+    }
 }

@@ -34,6 +34,21 @@ pub trait ExpertExchange: Sync + fmt::Debug {
     /// the frame each member handed to this one, in member order.
     fn exchange(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>>;
 
+    /// Dispatch: hands member `q` the frame of this rank's tokens `rows[q]` (ascending token
+    /// indices; `encode` makes the frame of any such list, each row encoded on its own) and
+    /// returns the frame each member handed this one, in member order. By default every member
+    /// gets its frame directly; a node-aware exchange sends each token once to each other node
+    /// and forwards it inside the node (see [`crate::comm::expert`]), with the same frames
+    /// arriving.
+    fn dispatch(
+        &self,
+        rows: &[Vec<usize>],
+        encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let frames = rows.iter().map(|r| encode(r)).collect::<Result<Vec<_>>>()?;
+        self.all_to_all(ExchangePhase::Dispatch, frames)
+    }
+
     /// [`Self::exchange`], checking that one frame came back per member.
     fn all_to_all(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let got = self.exchange(phase, frames)?;

@@ -137,22 +137,24 @@ impl Moe {
         let codec = dispatch_codec(ctx.precision);
         let xf = to_f32(x);
         let wf: Vec<f32> = gate.weights.data().iter().map(|v| v.f64() as f32).collect();
-        let frames = sent
-            .iter()
-            .map(|rows| {
-                let xs = gather_rows(&xf, rows)?;
-                let routes = rows
-                    .iter()
-                    .flat_map(|&t| gate.indices[t * k..(t + 1) * k].iter().copied())
-                    .collect();
-                let weights = rows
-                    .iter()
-                    .flat_map(|&t| wf[t * k..(t + 1) * k].iter().copied())
-                    .collect();
-                Ok(DispatchFrame::encode_rows(&xs, k, routes, weights, codec)?.encode())
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let got = ex.all_to_all(ExchangePhase::Dispatch, frames)?;
+        let got = ex.dispatch(&sent, &mut |rows| {
+            let xs = gather_rows(&xf, rows)?;
+            let routes = rows
+                .iter()
+                .flat_map(|&t| gate.indices[t * k..(t + 1) * k].iter().copied())
+                .collect();
+            let weights = rows
+                .iter()
+                .flat_map(|&t| wf[t * k..(t + 1) * k].iter().copied())
+                .collect();
+            Ok(DispatchFrame::encode_rows(&xs, k, routes, weights, codec)?.encode())
+        })?;
+        if got.len() != ep {
+            return Err(WorkerError::invalid(
+                "expert exchange",
+                format!("{} frames from a group of {ep}", got.len()),
+            ));
+        }
         let mut received = Vec::with_capacity(ep);
         for bytes in &got {
             let f = DispatchFrame::decode(bytes, e)?;
@@ -291,12 +293,15 @@ impl Moe {
         // The backward of combine: each dispatched token's output gradient to the same members.
         let dispatch_span = tracing::debug_span!("dispatch(B)").entered();
         let dyf = to_f32(&dy);
-        let frames = eps
-            .sent
-            .iter()
-            .map(|rows| Ok(CombineFrame::encode_rows(&gather_rows(&dyf, rows)?, full)?.encode()))
-            .collect::<Result<Vec<_>>>()?;
-        let got = ex.all_to_all(ExchangePhase::Dispatch, frames)?;
+        let got = ex.dispatch(&eps.sent, &mut |rows| {
+            Ok(CombineFrame::encode_rows(&gather_rows(&dyf, rows)?, full)?.encode())
+        })?;
+        if got.len() != ep {
+            return Err(WorkerError::invalid(
+                "expert exchange",
+                format!("{} frames from a group of {ep}", got.len()),
+            ));
+        }
         let mut dys = Vec::with_capacity(ep);
         for (s, bytes) in got.iter().enumerate() {
             let g = CombineFrame::decode(bytes)?.to_f32()?;

@@ -71,6 +71,8 @@ pub(crate) struct StepPlan<'a> {
     pub(crate) dp: usize,
     /// Expert-parallel group size (1: none).
     pub(crate) ep: usize,
+    /// Dispatch directly to every member, even across nodes.
+    pub(crate) direct_dispatch: bool,
 }
 
 /// What a rank's step produced.
@@ -93,6 +95,15 @@ fn seg_grad<'g>(
     match shard {
         Some(v) => &v[seg.flat.start - base..seg.flat.end - base],
         None => &grads.get(seg.param).data()[seg.within.clone()],
+    }
+}
+
+/// The exchange as the plan routes it.
+fn route<'t>(link: EpLink<'t>, plan: &StepPlan<'_>) -> EpLink<'t> {
+    if plan.direct_dispatch {
+        link.direct()
+    } else {
+        link
     }
 }
 
@@ -130,7 +141,7 @@ pub(crate) fn rank_step(
             let d = k % dp;
             let first = d / ep * ep;
             let group = (first..first + ep).map(|x| s * dp + x).collect();
-            let link = EpLink::new(t, group, d - first, plan.step)?;
+            let link = route(EpLink::new(t, group, d - first, plan.step)?, plan);
             let devices = (0..schedule.pp).map(|r| r * dp + d).collect();
             let experts = (ep > 1).then_some(&link as &dyn ExpertExchange);
             let r = pipeline::run_rank_on(
@@ -188,7 +199,10 @@ pub(crate) fn rank_step(
         (None, ep) => {
             let r = t.rank();
             let first = r / ep * ep;
-            let link = EpLink::new(t, (first..first + ep).collect(), r - first, plan.step)?;
+            let link = route(
+                EpLink::new(t, (first..first + ep).collect(), r - first, plan.step)?,
+                plan,
+            );
             let out = rep.model.forward_backward_ep(
                 batch,
                 &obj,

@@ -71,6 +71,11 @@ pub struct TrainOptions {
     /// combine (must divide `dp`).
     #[serde(default = "one")]
     pub ep: usize,
+    /// Dispatch to every expert-parallel member directly, even across nodes (the peer of the
+    /// default hierarchical route: one network crossing per token and node, then forwarding
+    /// inside the node).
+    #[serde(default)]
+    pub direct_dispatch: bool,
 }
 
 fn one() -> usize {
@@ -110,6 +115,7 @@ impl TrainOptions {
             pipeline: None,
             dp: 1,
             ep: 1,
+            direct_dispatch: false,
         }
     }
 
@@ -776,6 +782,7 @@ impl Trainer {
             group: &group,
             dp,
             ep: self.opts.ep,
+            direct_dispatch: self.opts.direct_dispatch,
         };
         // All ranks here: a mesh of in-memory queues for the step.
         let mut fresh = self
