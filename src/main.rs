@@ -64,6 +64,17 @@ enum Command {
         #[command(flatten)]
         target: cmd::cluster::Target,
     },
+    /// Write a job's step timeline (every node's ranks, clocks aligned) as a Chrome trace that
+    /// Perfetto opens.
+    Trace {
+        /// The job id.
+        job: String,
+        /// Where to write the trace.
+        #[arg(short, long, default_value = "trace.json")]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        target: cmd::cluster::Target,
+    },
     /// List the cluster's nodes.
     Nodes {
         #[command(flatten)]
@@ -124,6 +135,7 @@ fn main() -> ExitCode {
         Command::Status { job, target } => cmd::cluster::status(&job, &target),
         Command::Watch { job, target } => cmd::cluster::watch(&job, &target),
         Command::Cancel { job, target } => cmd::cluster::cancel(&job, &target),
+        Command::Trace { job, out, target } => cmd::cluster::trace(&job, &out, &target),
         Command::Nodes { target } => cmd::cluster::nodes(&target),
         Command::Cordon { node, target } => cmd::cluster::cordon(&node, false, &target),
         Command::Drain { node, target } => cmd::cluster::cordon(&node, true, &target),

@@ -426,6 +426,82 @@ pub fn status(id: &str, t: &Target) -> Result<()> {
     })
 }
 
+/// `shoal trace JOB -o FILE`: the Chrome trace the job's rank 0 gathered from every node (one
+/// process per node, one track per device thread, times on rank 0's clock), from the job's
+/// directory, checked and written to `out`.
+pub fn trace(id: &str, out: &std::path::Path, t: &Target) -> Result<()> {
+    let j = runtime()?.block_on(async {
+        let mut c = jobs_client(t).await?;
+        c.get_job(pb::GetJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .map_err(first_call_err)
+        .map(tonic::Response::into_inner)
+    })?;
+    let spec = j
+        .spec
+        .clone()
+        .map(shoal_proto::convert::job_spec)
+        .transpose()?
+        .with_context(|| format!("job {id} has no spec"))?;
+    let path = shoal_worker::job::run_dir(&spec).join("trace.json");
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "job {id} ({}) has no trace at {} yet: its rank 0 writes it after the second step \
+             (the job is at step {})",
+            state_name(j.state),
+            path.display(),
+            j.step
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a Chrome trace", path.display()))?;
+    let events = v["traceEvents"]
+        .as_array()
+        .with_context(|| format!("{} has no traceEvents", path.display()))?;
+    let named = |what: &str| {
+        events
+            .iter()
+            .filter(|e| e["name"] == what && e["ph"] == "M")
+            .count()
+    };
+    let spans: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    let (start, end) = spans
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), e| {
+            let ts = e["ts"].as_f64().unwrap_or(0.0);
+            (a.min(ts), b.max(ts + e["dur"].as_f64().unwrap_or(0.0)))
+        });
+    std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    if t.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "job": id, "trace": out.display().to_string(), "processes": named("process_name"),
+                "threads": named("thread_name"), "spans": spans.len(),
+                "span_ms": if spans.is_empty() { 0.0 } else { (end - start) / 1e3 },
+            })
+        );
+    } else {
+        println!(
+            "{}: {} processes (nodes), {} threads, {} spans over {:.1} ms; open it in https://ui.perfetto.dev",
+            out.display(),
+            named("process_name"),
+            named("thread_name"),
+            spans.len(),
+            if spans.is_empty() {
+                0.0
+            } else {
+                (end - start) / 1e3
+            }
+        );
+    }
+    Ok(())
+}
+
 fn print_job(j: &pb::Job, json: bool) {
     if json {
         println!("{}", job_json(j));

@@ -244,3 +244,110 @@ fn a_killed_node_fails_a_job_that_spans_nodes_and_frees_the_survivor() {
     let o = run_shoal(&["watch", &small, "--coordinator", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A job placed by a coordinator on two node agents with pipeline stages on different nodes:
+/// `shoal trace` writes one Chrome trace of its second step, one process per node, a track per
+/// device, every node's spans on rank 0's clock.
+#[test]
+fn shoal_trace_gathers_every_nodes_timeline_into_one_chrome_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coordinator, url) = start_coordinator(dir.path());
+    let _workers: Vec<Background> = ["n1", "n2"]
+        .iter()
+        .map(|n| {
+            Background::start(&[
+                "worker",
+                "--coordinator",
+                &url,
+                "--node",
+                n,
+                "--devices",
+                "cpu:2",
+            ])
+        })
+        .collect();
+    wait_for_nodes(&url, 2);
+    let path = dir.path().join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"traced\"\n[training]\nsteps = 3\nseq_len = 32\nbatch = 8\n[parallelism]\npp = 2\ndp = 2\nep = 2\nschedule = \"dualpipe\"\nmicro_batches = 4\n[checkpointing]\ndir = \"{}\"\n",
+            dir.path().join("traced").display()
+        ),
+    )
+    .expect("job file");
+    let o = run_shoal(&[
+        "submit",
+        path.to_str().expect("utf-8"),
+        "--coordinator",
+        &url,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let o = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let out = dir.path().join("trace.json");
+    let o = run_shoal(&[
+        "trace",
+        &id,
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--coordinator",
+        &url,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = last_json(&o);
+    assert_eq!(summary["processes"], 2, "{summary}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out).expect("trace written")).expect("json");
+    let events = v["traceEvents"].as_array().expect("events");
+    for pid in 0..2 {
+        let spans: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["pid"] == pid)
+            .collect();
+        // Each node ran its stage's operations, its experts' dispatch and the collectives.
+        for name in ["F0.0", "dispatch(F)", "combine(B)", "attn(F)", "collective"] {
+            assert!(
+                spans.iter().any(|e| e["name"] == name),
+                "node {pid} has no {name} span"
+            );
+        }
+        // Two devices per node, each a track.
+        let devices = events
+            .iter()
+            .filter(|e| {
+                e["name"] == "thread_name"
+                    && e["pid"] == pid
+                    && e["args"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("device-"))
+            })
+            .count();
+        assert_eq!(devices, 2, "node {pid}");
+    }
+    // The nodes' steps overlap on the shared clock: each starts within a second of the other.
+    let start = |pid: u64| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["pid"] == pid)
+            .filter_map(|e| e["ts"].as_f64())
+            .fold(f64::INFINITY, f64::min)
+    };
+    assert!(
+        (start(0) - start(1)).abs() < 1e6,
+        "{} vs {}",
+        start(0),
+        start(1)
+    );
+    // An unknown job is named.
+    let o = run_shoal(&["trace", "nope", "--coordinator", &url]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

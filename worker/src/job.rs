@@ -242,14 +242,17 @@ pub fn run_on(
     let trace_path = out.join("trace.json");
     let mut trace = None;
     while trainer.step() < total {
-        let m = if trainer.step() + 1 == traced && writes {
+        let m = if trainer.step() + 1 == traced {
+            // Every node records the step; rank 0's process gathers them onto its clock.
             let (m, t) = crate::trace::record(|| trainer.train_step());
-            t.write_chrome(
-                &trace_path,
-                &format!("shoal worker (pid {})", std::process::id()),
-            )?;
-            trace = Some(trace_path.display().to_string());
-            m?
+            let m = m?;
+            if let Some(parts) = trainer.gather_trace(t)?
+                && writes
+            {
+                crate::trace::write_chrome_parts(&trace_path, &parts)?;
+                trace = Some(trace_path.display().to_string());
+            }
+            m
         } else {
             trainer.train_step()?
         };

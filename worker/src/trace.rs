@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
@@ -24,7 +24,7 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::{Result, WorkerError};
 
 /// One span, from an entry to its exit (a span entered twice gives two events).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// The display name (`F0.3`, `attn(F)`, `recv`, ...).
     pub name: String,
@@ -39,10 +39,33 @@ pub struct Event {
 }
 
 /// Span events recorded while a [`Recorder`] was installed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
     /// Span events, in the order the spans exited.
     pub events: Vec<Event>,
+    /// When recording began, in microseconds since the Unix epoch by this process's clock.
+    #[serde(default)]
+    pub epoch_unix_us: f64,
+}
+
+/// One process's trace in a trace of several (one per node), with how far its times move to
+/// line up with the first one's.
+#[derive(Clone, Debug)]
+pub struct Part {
+    /// The process's name (`node 0`, ...).
+    pub process: String,
+    /// Its events.
+    pub trace: Trace,
+    /// Microseconds added to its event times: its recording start minus the first part's, on
+    /// the first part's clock.
+    pub shift_us: f64,
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub fn unix_us() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
 }
 
 /// The recording layer.
@@ -141,6 +164,7 @@ where
 /// thread's dispatcher over, as the pipeline ranks and micro-batches do), and returns its result
 /// with the trace.
 pub fn record<R>(f: impl FnOnce() -> R) -> (R, Trace) {
+    let epoch_unix_us = unix_us();
     let recorder = Recorder {
         epoch: Instant::now(),
         events: Arc::new(Mutex::new(Vec::new())),
@@ -155,34 +179,24 @@ pub fn record<R>(f: impl FnOnce() -> R) -> (R, Trace) {
             .lock()
             .unwrap_or_else(PoisonError::into_inner),
     );
-    (r, Trace { events })
+    (
+        r,
+        Trace {
+            events,
+            epoch_unix_us,
+        },
+    )
 }
 
 impl Trace {
     /// The trace in Chrome's trace event format: one process (`process`), one track per thread
     /// (named after it), complete (`X`) events with microsecond times.
     pub fn to_chrome(&self, process: &str) -> serde_json::Value {
-        let mut threads: Vec<&str> = self.events.iter().map(|e| e.thread.as_str()).collect();
-        threads.sort_unstable();
-        threads.dedup();
-        let tid = |t: &str| threads.iter().position(|x| *x == t).unwrap_or(0);
-        let mut events = vec![serde_json::json!({
-            "name": "process_name", "ph": "M", "pid": 0, "tid": 0,
-            "args": {"name": process},
-        })];
-        for (i, t) in threads.iter().enumerate() {
-            events.push(serde_json::json!({
-                "name": "thread_name", "ph": "M", "pid": 0, "tid": i,
-                "args": {"name": t},
-            }));
-        }
-        for e in &self.events {
-            events.push(serde_json::json!({
-                "name": e.name, "ph": "X", "pid": 0, "tid": tid(&e.thread),
-                "ts": e.start_us, "dur": e.dur_us, "args": e.args,
-            }));
-        }
-        serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+        chrome(&[Part {
+            process: process.into(),
+            trace: self.clone(),
+            shift_us: 0.0,
+        }])
     }
 
     /// Writes [`Trace::to_chrome`] to `path`.
@@ -191,4 +205,45 @@ impl Trace {
             serde_json::to_vec(&self.to_chrome(process)).map_err(|e| WorkerError::io(path, e))?;
         std::fs::write(path, text).map_err(|e| WorkerError::io(path, e))
     }
+}
+
+/// Several processes' traces in Chrome's trace event format: one process per part (pid in part
+/// order), one track per thread of each, times moved by each part's shift so that they share the
+/// first part's clock.
+pub fn chrome(parts: &[Part]) -> serde_json::Value {
+    let mut events = Vec::new();
+    for (pid, part) in parts.iter().enumerate() {
+        let mut threads: Vec<&str> = part
+            .trace
+            .events
+            .iter()
+            .map(|e| e.thread.as_str())
+            .collect();
+        threads.sort_unstable();
+        threads.dedup();
+        let tid = |t: &str| threads.iter().position(|x| *x == t).unwrap_or(0);
+        events.push(serde_json::json!({
+            "name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+            "args": {"name": part.process},
+        }));
+        for (i, t) in threads.iter().enumerate() {
+            events.push(serde_json::json!({
+                "name": "thread_name", "ph": "M", "pid": pid, "tid": i,
+                "args": {"name": t},
+            }));
+        }
+        for e in &part.trace.events {
+            events.push(serde_json::json!({
+                "name": e.name, "ph": "X", "pid": pid, "tid": tid(&e.thread),
+                "ts": e.start_us + part.shift_us, "dur": e.dur_us, "args": e.args,
+            }));
+        }
+    }
+    serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+}
+
+/// Writes [`chrome`] of `parts` to `path`.
+pub fn write_chrome_parts(path: &Path, parts: &[Part]) -> Result<()> {
+    let text = serde_json::to_vec(&chrome(parts)).map_err(|e| WorkerError::io(path, e))?;
+    std::fs::write(path, text).map_err(|e| WorkerError::io(path, e))
 }

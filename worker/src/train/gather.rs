@@ -12,8 +12,9 @@ use super::zero::ZeroLayout;
 use super::{Trainer, WorkerError};
 use crate::Result;
 use crate::comm::collective::{all_gather, decode, encode};
-use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport};
+use crate::comm::transport::{CommOp, LocalTransport, Tag, Transport, comm_error};
 use crate::model::params::ParamId;
+use crate::trace::{Part, Trace, unix_us};
 
 /// Every parameter by name, and the optimizer state of every trained one.
 pub(crate) type CheckpointState = (Vec<(String, Tensor<f32>)>, Vec<(ParamId, AdamWState)>);
@@ -163,5 +164,90 @@ impl Trainer {
     /// Whether this trainer's ranks live in several processes.
     pub(crate) fn is_distributed(&self) -> bool {
         self.mesh.is_some()
+    }
+}
+
+/// Sequence numbers of the trace gather's frames (above the checkpoint's).
+const TRACE_SEQ: u64 = 1 << 34;
+
+/// Clock readings per node when aligning traces; the one with the shortest round trip counts.
+const PINGS: u64 = 5;
+
+impl Trainer {
+    /// Gathers a step's trace from every node onto the process holding rank 0, each node's
+    /// times moved onto rank 0's clock (the offset from the round trip of the fastest of a few
+    /// clock readings, as NTP estimates it): one part per node, `Some` on rank 0's process. A
+    /// collective: every process calls it after the same step.
+    pub fn gather_trace(&mut self, trace: Trace) -> Result<Option<Vec<Part>>> {
+        let step = self.step;
+        let Some(t) = self.mesh.as_mut().and_then(|m| m.first_mut()) else {
+            return Ok(Some(vec![Part {
+                process: "node 0".into(),
+                trace,
+                shift_us: 0.0,
+            }]));
+        };
+        // Each node's lowest rank speaks for the node's process.
+        let mut leaders: Vec<(usize, usize)> = Vec::new();
+        for r in 0..t.world() {
+            let n = t.node(r);
+            if !leaders.iter().any(|&(m, _)| m == n) {
+                leaders.push((n, r));
+            }
+        }
+        leaders.sort_unstable();
+        let tag = |seq: u64| Tag {
+            step,
+            op: CommOp::AllGather,
+            seq: TRACE_SEQ + seq,
+        };
+        let me = t.rank();
+        if me == 0 {
+            let base = trace.epoch_unix_us;
+            let mut parts = vec![Part {
+                process: format!("node {}", t.node(0)),
+                trace,
+                shift_us: 0.0,
+            }];
+            for &(node, r) in &leaders {
+                if r == 0 {
+                    continue;
+                }
+                let mut best = (f64::INFINITY, 0.0);
+                for i in 0..PINGS {
+                    let t0 = unix_us();
+                    t.send(r, tag(2 * i), Vec::new())?;
+                    let b = t.recv(r, tag(2 * i + 1))?;
+                    let t1 = unix_us();
+                    let theirs = <[u8; 8]>::try_from(b.as_slice())
+                        .map(f64::from_le_bytes)
+                        .map_err(|_| {
+                            comm_error(0, r, tag(2 * i + 1), "a clock reading is 8 bytes")
+                        })?;
+                    if t1 - t0 < best.0 {
+                        best = (t1 - t0, theirs - (t0 + t1) / 2.0);
+                    }
+                }
+                let bytes = t.recv(r, tag(2 * PINGS))?;
+                let part: Trace = serde_json::from_slice(&bytes)
+                    .map_err(|e| comm_error(0, r, tag(2 * PINGS), format!("its trace: {e}")))?;
+                parts.push(Part {
+                    process: format!("node {node}"),
+                    shift_us: part.epoch_unix_us - best.1 - base,
+                    trace: part,
+                });
+            }
+            return Ok(Some(parts));
+        }
+        if leaders.iter().any(|&(_, r)| r == me) {
+            for i in 0..PINGS {
+                t.recv(0, tag(2 * i))?;
+                t.send(0, tag(2 * i + 1), unix_us().to_le_bytes().to_vec())?;
+            }
+            let bytes = serde_json::to_vec(&trace)
+                .map_err(|e| WorkerError::invalid("trace", e.to_string()))?;
+            t.send(0, tag(2 * PINGS), bytes)?;
+        }
+        Ok(None)
     }
 }

@@ -672,7 +672,7 @@ impl Trainer {
 
     /// Runs `f` for every replica of this process with its endpoint of the step's mesh (the
     /// kept one across processes, else `fresh` over in-memory queues) and its pipeline ranks'
-    /// endpoints: on this thread for one replica, on a thread each for more. A failing rank
+    /// endpoints, each on a thread named after its device (`device-K`). A failing rank
     /// releases the others; the root cause is returned.
     fn on_ranks<R: Send>(
         replicas: &mut [Replica],
@@ -692,9 +692,8 @@ impl Trainer {
             }
             res
         };
-        let results: Vec<Result<R>> = if replicas.len() == 1 {
-            vec![run(&mut replicas[0], &mut mesh[0], &mut stage_ts[0])]
-        } else {
+        // Each device on a thread of its own (a track of its own in a trace), even alone.
+        let results: Vec<Result<R>> = {
             let dispatch = tracing::dispatcher::get_default(|d| d.clone());
             let parent = tracing::Span::current();
             std::thread::scope(|scope| {
@@ -706,7 +705,7 @@ impl Trainer {
                         let (run, dispatch, parent) = (&run, dispatch.clone(), parent.clone());
                         let r = t.rank();
                         std::thread::Builder::new()
-                            .name(format!("dp-rank-{r}"))
+                            .name(format!("device-{r}"))
                             .spawn_scoped(scope, move || {
                                 tracing::dispatcher::with_default(&dispatch, || {
                                     let _s =
