@@ -73,6 +73,24 @@ struct TrainRow {
     bytes_per_step: u64,
     /// MoE dispatch bytes that crossed nodes per step.
     network_dispatch_per_step: u64,
+    /// Share of the step a device spent blocked on other devices' frames.
+    exposed_comm_share: f64,
+    /// Share of the step a device's network writers spent sending, behind its compute.
+    wire_share: f64,
+}
+
+impl TrainRow {
+    fn of(shape: &'static str, t: &Timed, single: f64) -> Self {
+        Self {
+            shape,
+            tokens_per_s: t.tokens_per_s,
+            vs_single: t.tokens_per_s / single,
+            bytes_per_step: t.bytes,
+            network_dispatch_per_step: t.net_dispatch,
+            exposed_comm_share: t.exposed,
+            wire_share: t.wire,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -384,12 +402,25 @@ fn shaped_trainer(shape: &Shape, mesh: Option<Vec<LocalTransport>>) -> Result<Tr
     Ok(Trainer::new_on(model, batcher, o, mesh)?)
 }
 
-/// Median tokens/s, bytes per step and network dispatch bytes per step of `steps` steps (after
-/// a warm-up) of every trainer, stepping them together (they are the processes of one job).
-fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64, u64)> {
+/// What a training shape measured.
+struct Timed {
+    tokens_per_s: f64,
+    bytes: u64,
+    net_dispatch: u64,
+    /// Median share of the step a device spent blocked on peers' frames.
+    exposed: f64,
+    /// Median share of the step a device's network writers were sending.
+    wire: f64,
+}
+
+/// Median tokens/s, bytes per step, network dispatch bytes per step and communication shares of
+/// `steps` steps (after a warm-up) of every trainer, stepping them together (they are the
+/// processes of one job).
+fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<Timed> {
     let mut rates = Vec::new();
     let mut bytes = 0;
     let mut net_dispatch = 0;
+    let (mut exposed, mut wire) = (Vec::new(), Vec::new());
     for i in 0..=steps {
         let results: Vec<shoal_worker::Result<shoal_worker::train::StepMetrics>> =
             std::thread::scope(|s| {
@@ -407,25 +438,34 @@ fn time_training(mut trainers: Vec<Trainer>, steps: usize) -> Result<(f64, u64, 
             });
         let mut step_s: f64 = 0.0;
         let mut tokens = 0;
-        let (mut b, mut nd) = (0, 0);
+        let (mut b, mut nd, mut ex, mut wi) = (0, 0, 0.0, 0.0);
         for (j, r) in results.into_iter().enumerate() {
             let m = r?;
             step_s = step_s.max(m.seconds);
             tokens = m.tokens;
             b += m.bytes_sent;
-            // Every process reports the whole job's mesh traffic.
+            // Every process reports the whole job's mesh traffic and times.
             if j == 0 {
                 b += m.comm.total();
                 nd = m.comm.tcp_dispatch;
+                (ex, wi) = (m.exposed_comm_s, m.wire_s);
             }
         }
         if i > 0 {
             rates.push(tokens as f64 / step_s);
+            exposed.push(ex / step_s);
+            wire.push(wi / step_s);
             bytes = b;
             net_dispatch = nd;
         }
     }
-    Ok((median(rates), bytes, net_dispatch))
+    Ok(Timed {
+        tokens_per_s: median(rates),
+        bytes,
+        net_dispatch,
+        exposed: median(exposed),
+        wire: median(wire),
+    })
 }
 
 /// Runs the benchmark.
@@ -480,23 +520,12 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
 
     let mut training = Vec::new();
     if a.steps > 0 {
-        let (single, b1, _) = time_training(vec![tiny_trainer(1, 1, None)?], a.steps)?;
-        training.push(TrainRow {
-            shape: "1 rank",
-            tokens_per_s: single,
-            vs_single: 1.0,
-            bytes_per_step: b1,
-            network_dispatch_per_step: 0,
-        });
+        let one = time_training(vec![tiny_trainer(1, 1, None)?], a.steps)?;
+        let single = one.tokens_per_s;
+        training.push(TrainRow::of("1 rank", &one, single));
         for (shape, dp, ep) in [("dp 2 (one node)", 2, 1), ("dp 2 ep 2 (one node)", 2, 2)] {
-            let (r, b, _) = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
-            training.push(TrainRow {
-                shape,
-                tokens_per_s: r,
-                vs_single: r / single,
-                bytes_per_step: b,
-                network_dispatch_per_step: 0,
-            });
+            let t = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
+            training.push(TrainRow::of(shape, &t, single));
         }
         let shapes: [(&'static str, Shape, Vec<usize>); 5] = [
             (
@@ -555,14 +584,8 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                 .into_iter()
                 .map(|mesh| shaped_trainer(&shape, Some(mesh)))
                 .collect::<Result<Vec<_>>>()?;
-            let (r, b, nd) = time_training(trainers, a.steps)?;
-            training.push(TrainRow {
-                shape: name,
-                tokens_per_s: r,
-                vs_single: r / single,
-                bytes_per_step: b,
-                network_dispatch_per_step: nd,
-            });
+            let t = time_training(trainers, a.steps)?;
+            training.push(TrainRow::of(name, &t, single));
         }
     }
 
@@ -603,12 +626,14 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
         println!("tiny model, fp8, 8 x 256 tokens per step:");
         for t in &report.training {
             println!(
-                "  {:<44} {:>8.0} tokens/s  {:.2}x one rank  {:>7.1} MB/step  {:>6.2} MB/step dispatch over the network",
+                "  {:<44} {:>6.0} tok/s {:.2}x  {:>6.1} MB/step  net dispatch {:>5.2} MB  blocked {:>3.0}%  sending {:>3.0}%",
                 t.shape,
                 t.tokens_per_s,
                 t.vs_single,
                 t.bytes_per_step as f64 / 1e6,
-                t.network_dispatch_per_step as f64 / 1e6
+                t.network_dispatch_per_step as f64 / 1e6,
+                100.0 * t.exposed_comm_share,
+                100.0 * t.wire_share
             );
         }
     }

@@ -181,6 +181,10 @@ pub struct RunSummary {
     /// frames between nodes.
     #[serde(default)]
     pub bytes_moved: BTreeMap<String, u64>,
+    /// Seconds over the run a device spent blocked waiting for other devices' frames, and
+    /// seconds its network writers spent sending behind its compute (means over the devices).
+    #[serde(default)]
+    pub comm_seconds: BTreeMap<String, f64>,
     /// What each device of the job holds (weights, gradients, its ZeRO-1 optimizer shard), in
     /// device order (`pp_rank * dp + dp_rank` across processes).
     #[serde(default)]
@@ -305,6 +309,16 @@ pub fn run_on(
             ),
             ("shm".to_string(), history.iter().map(|m| m.comm.shm).sum()),
             ("tcp".to_string(), history.iter().map(|m| m.comm.tcp).sum()),
+        ]),
+        comm_seconds: BTreeMap::from([
+            (
+                "blocked".to_string(),
+                history.iter().map(|m| m.exposed_comm_s).sum(),
+            ),
+            (
+                "sending".to_string(),
+                history.iter().map(|m| m.wire_s).sum(),
+            ),
         ]),
         memory_per_rank: trainer.memory_per_device()?,
     };

@@ -173,6 +173,44 @@ fn frames_wait_for_their_own_tag() {
 }
 
 #[test]
+fn a_frame_of_an_earlier_step_is_an_error_naming_the_peer_and_step() {
+    let step2 = Tag {
+        step: 2,
+        op: CommOp::AllReduce,
+        seq: 0,
+    };
+    let stale = tag(CommOp::AllGather, 9);
+    let current = tag(CommOp::AllReduce, 0);
+    for (name, make) in meshes() {
+        // The stale frame stashed during step 1, or arriving while rank 1 waits in step 2.
+        for stale_first in [true, false] {
+            let out = on_ranks(2, Duration::from_secs(10), make, |r, t| {
+                if r == 0 {
+                    let order = if stale_first {
+                        [stale, current]
+                    } else {
+                        [current, stale]
+                    };
+                    for tg in order {
+                        t.send(1, tg, vec![1]).unwrap();
+                    }
+                    t.send(1, step2, vec![2]).unwrap();
+                    None
+                } else {
+                    t.recv(0, current).unwrap();
+                    t.recv(0, step2).err()
+                }
+            });
+            let err = out[1].as_ref().expect("refused").to_string();
+            assert!(
+                err.contains("rank 0") && err.contains("step 1") && err.contains("out of step"),
+                "{name}, stale first {stale_first}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_silent_peer_times_out_naming_the_peer_and_operation() {
     for (name, make) in meshes() {
         let t0 = Instant::now();

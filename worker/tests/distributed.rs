@@ -115,8 +115,11 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
             }
             for (a, b) in run.iter().zip(&runs[0]) {
                 assert_eq!((a.loss, a.grad_norm), (b.loss, b.grad_norm), "nodes agree");
-                // Every node reports the whole job's traffic.
+                // Every node reports the whole job's traffic and communication times.
                 assert_eq!(a.comm, b.comm, "pp {pp} dp {dp} ep {ep}: bytes");
+                assert_eq!((a.exposed_comm_s, a.wire_s), (b.exposed_comm_s, b.wire_s));
+                // The network writers sent in the background; the devices waited some.
+                assert!(a.wire_s > 0.0 && a.exposed_comm_s > 0.0, "{a:?}");
             }
         }
         // Node 0 wrote one checkpoint with every expert: one rank resumes from it and takes the

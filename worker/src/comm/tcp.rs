@@ -4,20 +4,23 @@
 //! Every process listens on one address. For each pair of ranks on different nodes, the higher
 //! rank connects to the lower rank's node and opens with a handshake (magic `SHC1`, the mesh id,
 //! its rank and the rank it wants), so connections of another mesh or a stray client are refused.
-//! A reader thread per connection turns the byte stream into frames in the receiving rank's
-//! inbox (so a sender never blocks on a peer that is itself sending); when the stream ends, or
-//! carries bytes that are not a frame, the reader reports the peer gone and every wait for it
-//! fails at once with the reason.
+//! Each connection has two communication threads: a writer that sends the frames its rank
+//! queues, in order, while the rank goes on computing, and a reader that turns the byte stream
+//! into frames in the receiving rank's inbox (so a sender never blocks on a peer that is itself
+//! sending). When the stream ends, or carries bytes that are not a frame, the reader reports the
+//! peer gone and every wait for it fails at once with the reason.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::transport::{LocalTransport, Msg, PeerLink, TCP_HEADER, TCP_MAGIC, Tag, op_of};
+use super::transport::{
+    LocalTransport, Msg, Outgoing, PeerLink, TCP_HEADER, TCP_MAGIC, Tag, TcpLink, op_of,
+};
 use crate::{Result, WorkerError};
 
 const HELLO_MAGIC: [u8; 4] = *b"SHC1";
@@ -65,6 +68,35 @@ fn read_hello(s: &mut TcpStream, mesh_id: u64) -> std::result::Result<(usize, us
 }
 
 /// Reads frames from `peer` into `inbox` until the stream ends or breaks.
+/// The sending side of a connection, on its own thread: writes the frames the rank queued, in
+/// order, while the rank computes; counts the time it spends writing. When the queue closes it
+/// has written every frame and closes its half; when a write fails it tells the rank's inbox
+/// that the peer is gone (later sends then fail too: the queue is closed).
+fn writer(
+    mut s: TcpStream,
+    peer: usize,
+    outgoing: &mpsc::Receiver<Outgoing>,
+    inbox: &mpsc::Sender<Msg>,
+    busy: &AtomicU64,
+) {
+    while let Ok(Outgoing { head, payload }) = outgoing.recv() {
+        let t0 = Instant::now();
+        let r = s.write_all(&head).and_then(|()| s.write_all(&payload));
+        busy.fetch_add(
+            u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if let Err(e) = r {
+            let _ = inbox.send(Msg::Gone {
+                from: peer,
+                reason: format!("sending: {e}"),
+            });
+            return;
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
 fn reader(mut s: TcpStream, peer: usize, inbox: mpsc::Sender<Msg>) {
     let gone = |reason: String| Msg::Gone { from: peer, reason };
     loop {
@@ -249,12 +281,31 @@ pub fn connect(
                 let read = s
                     .try_clone()
                     .map_err(|e| mesh_err(format!("rank {r} to rank {q}: {e}")))?;
+                let write = s
+                    .try_clone()
+                    .map_err(|e| mesh_err(format!("rank {r} to rank {q}: {e}")))?;
                 let inbox = senders[r].clone();
                 std::thread::Builder::new()
                     .name(format!("mesh-read-{r}-{q}"))
                     .spawn(move || reader(read, q, inbox))
                     .map_err(|e| mesh_err(format!("cannot start a reader thread: {e}")))?;
-                PeerLink::Tcp(s)
+                let (queue, outgoing) = mpsc::channel();
+                let (done_tx, done) = mpsc::channel();
+                let busy = Arc::new(AtomicU64::new(0));
+                let (inbox, wire) = (senders[r].clone(), Arc::clone(&busy));
+                std::thread::Builder::new()
+                    .name(format!("mesh-write-{r}-{q}"))
+                    .spawn(move || {
+                        writer(write, q, &outgoing, &inbox, &wire);
+                        let _ = done_tx.send(());
+                    })
+                    .map_err(|e| mesh_err(format!("cannot start a writer thread: {e}")))?;
+                PeerLink::Tcp(TcpLink {
+                    stream: s,
+                    queue: Some(queue),
+                    done,
+                    busy,
+                })
             };
             links.push(link);
         }

@@ -230,6 +230,11 @@ pub trait Transport: Send {
     fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>>;
     /// Bytes this rank has sent so far.
     fn bytes(&self) -> &ByteCounts;
+    /// Seconds this rank has spent blocked waiting for frames (exposed communication and
+    /// peers' compute), and seconds its network writers have spent writing (in the background).
+    fn times(&self) -> (f64, f64) {
+        (0.0, 0.0)
+    }
     /// The node holding rank `rank` (ranks of one node reach each other without the network).
     fn node(&self, rank: usize) -> usize {
         let _ = rank;
@@ -270,8 +275,26 @@ pub(crate) enum PeerLink {
     Me,
     /// A rank of this process: its inbox.
     Local(mpsc::Sender<Msg>),
-    /// A rank of another process: a TCP connection.
-    Tcp(std::net::TcpStream),
+    /// A rank of another process: a TCP connection and its writer thread.
+    Tcp(TcpLink),
+}
+
+/// A frame queued for a connection's writer thread.
+pub(crate) struct Outgoing {
+    pub(crate) head: Vec<u8>,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// A TCP connection to a peer, written by its own thread (see [`super::tcp`]).
+pub(crate) struct TcpLink {
+    /// The socket, to close it when the endpoint goes.
+    pub(crate) stream: std::net::TcpStream,
+    /// Frames for the writer; `None` once closed.
+    pub(crate) queue: Option<mpsc::Sender<Outgoing>>,
+    /// Signalled when the writer has written everything queued (or failed).
+    pub(crate) done: mpsc::Receiver<()>,
+    /// Nanoseconds the writer has spent writing.
+    pub(crate) busy: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The ranks of one process, connected by in-memory queues.
@@ -322,6 +345,8 @@ impl LocalMesh {
 /// other processes over TCP (see [`super::tcp`]).
 pub struct LocalTransport {
     rank: usize,
+    /// Time spent blocked in [`Transport::recv`].
+    waited: Duration,
     links: Vec<PeerLink>,
     /// The node of every rank.
     nodes: Vec<usize>,
@@ -377,6 +402,7 @@ impl LocalTransport {
     ) -> Self {
         Self {
             rank,
+            waited: Duration::ZERO,
             links,
             nodes,
             inbox,
@@ -389,12 +415,25 @@ impl LocalTransport {
     }
 }
 
+/// How long an endpoint going away waits for its writers to send what it queued.
+const FLUSH: Duration = Duration::from_secs(10);
+
 impl Drop for LocalTransport {
-    /// Closes the TCP links both ways, so the peers' readers (and this rank's) see the end.
+    /// Lets the writers send every queued frame (for at most [`FLUSH`]), then closes the TCP
+    /// links both ways, so the peers' readers (and this rank's) see the end.
     fn drop(&mut self) {
+        for link in &mut self.links {
+            if let PeerLink::Tcp(l) = link {
+                l.queue = None;
+            }
+        }
+        let deadline = Instant::now() + FLUSH;
         for link in &self.links {
-            if let PeerLink::Tcp(s) = link {
-                let _ = s.shutdown(std::net::Shutdown::Both);
+            if let PeerLink::Tcp(l) = link {
+                let _ = l
+                    .done
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                let _ = l.stream.shutdown(std::net::Shutdown::Both);
             }
         }
     }
@@ -422,8 +461,7 @@ impl Transport for LocalTransport {
                 .map_err(|_| comm_error(rank, to, tag, "the peer has gone away"))?;
                 Link::Shm
             }
-            Some(PeerLink::Tcp(stream)) => {
-                use std::io::Write;
+            Some(PeerLink::Tcp(link)) => {
                 let mut head = Vec::with_capacity(TCP_HEADER);
                 head.extend_from_slice(&TCP_MAGIC);
                 head.extend_from_slice(&u32::try_from(rank).unwrap_or(u32::MAX).to_le_bytes());
@@ -431,10 +469,12 @@ impl Transport for LocalTransport {
                 head.push(op_code(tag.op));
                 head.extend_from_slice(&tag.seq.to_le_bytes());
                 head.extend_from_slice(&n.to_le_bytes());
-                stream
-                    .write_all(&head)
-                    .and_then(|()| stream.write_all(&payload))
-                    .map_err(|e| comm_error(rank, to, tag, format!("sending: {e}")))?;
+                // The connection's writer sends it while this rank goes on.
+                link.queue
+                    .as_ref()
+                    .ok_or(())
+                    .and_then(|q| q.send(Outgoing { head, payload }).map_err(|_| ()))
+                    .map_err(|()| comm_error(rank, to, tag, "the peer has gone away"))?;
                 Link::Tcp
             }
             _ => {
@@ -456,6 +496,60 @@ impl Transport for LocalTransport {
         {
             return Ok(p);
         }
+        // A frame of a step this rank has left, stashed earlier: the peer is out of step.
+        if let Some(&(f, t)) = self
+            .stash
+            .iter()
+            .find(|((_, t), q)| t.step < tag.step && !q.is_empty())
+            .map(|(k, _)| k)
+        {
+            return Err(comm_error(
+                self.rank,
+                f,
+                t,
+                format!(
+                    "a frame of step {} was never taken and this rank is in step {}: the peer \
+                     is out of step",
+                    t.step, tag.step
+                ),
+            ));
+        }
+        // Blocked from here on: the wait shows in a trace and counts as exposed time.
+        let _span = tracing::debug_span!("wait", from, op = %tag.op, seq = tag.seq).entered();
+        let started = Instant::now();
+        let r = self.wait_for(from, tag);
+        self.waited += started.elapsed();
+        r
+    }
+
+    fn bytes(&self) -> &ByteCounts {
+        &self.bytes
+    }
+
+    fn times(&self) -> (f64, f64) {
+        let wire: u64 = self
+            .links
+            .iter()
+            .map(|l| match l {
+                PeerLink::Tcp(t) => t.busy.load(Ordering::Relaxed),
+                _ => 0,
+            })
+            .sum();
+        (self.waited.as_secs_f64(), wire as f64 / 1e9)
+    }
+
+    fn node(&self, rank: usize) -> usize {
+        self.nodes.get(rank).copied().unwrap_or(usize::MAX)
+    }
+
+    fn abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}
+
+impl LocalTransport {
+    /// Waits for the frame `tag` from `from` (it is not in the stash).
+    fn wait_for(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>> {
         let deadline = Instant::now() + self.timeout;
         loop {
             if let Some(reason) = self.gone.get(&from) {
@@ -488,6 +582,20 @@ impl Transport for LocalTransport {
                     if f == from && t == tag {
                         return Ok(payload);
                     }
+                    // Ranks move through steps together: a frame of a step this rank has
+                    // left was never going to be taken, so the peer is out of step.
+                    if t.step < tag.step {
+                        return Err(comm_error(
+                            self.rank,
+                            f,
+                            t,
+                            format!(
+                                "a frame of step {} arrived while this rank waits in step {}: \
+                                 the peer is out of step",
+                                t.step, tag.step
+                            ),
+                        ));
+                    }
                     self.stash.entry((f, t)).or_default().push_back(payload);
                 }
                 Ok(Msg::Gone { from: f, reason }) => {
@@ -499,17 +607,5 @@ impl Transport for LocalTransport {
                 }
             }
         }
-    }
-
-    fn bytes(&self) -> &ByteCounts {
-        &self.bytes
-    }
-
-    fn node(&self, rank: usize) -> usize {
-        self.nodes.get(rank).copied().unwrap_or(usize::MAX)
-    }
-
-    fn abort(&self) {
-        self.abort.store(true, Ordering::Relaxed);
     }
 }

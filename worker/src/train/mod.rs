@@ -243,6 +243,14 @@ pub struct StepMetrics {
     /// process reports the sum over the mesh).
     #[serde(default)]
     pub comm: ByteCounts,
+    /// Seconds a device spent blocked waiting for other devices' frames (the mean over the
+    /// job's devices): communication that compute did not hide, and waits for peers' compute.
+    #[serde(default)]
+    pub exposed_comm_s: f64,
+    /// Seconds a device's network writers spent sending (the mean over the job's devices),
+    /// while the device went on computing.
+    #[serde(default)]
+    pub wire_s: f64,
 }
 
 /// What one data-parallel rank holds, in bytes.
@@ -813,35 +821,46 @@ impl Trainer {
             &mut stage_ts,
             |rep, t, sts| {
                 let before = t.bytes().clone();
+                let times = |t: &LocalTransport, sts: &[LocalTransport]| {
+                    sts.iter().fold(t.times(), |(w, b), st| {
+                        let (w2, b2) = st.times();
+                        (w + w2, b + b2)
+                    })
+                };
+                let (wait0, wire0) = times(t, sts);
                 let (part, share) = &parts[t.rank() % dp];
                 let o = rank_step(rep, t, sts, &plan, part, *share)?;
                 let mut bytes = t.bytes().since(&before);
                 for st in sts.iter() {
                     bytes.merge(st.bytes());
                 }
+                let (wait1, wire1) = times(t, sts);
+                let mut v = bytes.to_vec();
+                // Microseconds blocked on peers' frames and of network writing.
+                v.push(((wait1 - wait0) * 1e6) as u64);
+                v.push(((wire1 - wire0) * 1e6) as u64);
                 if across {
                     let tag = crate::comm::transport::Tag {
                         step: plan.step,
                         op: crate::comm::transport::CommOp::AllReduce,
                         seq: 3,
                     };
-                    bytes = ByteCounts::from_vec(&crate::comm::collective::all_reduce_u64(
-                        t,
-                        &group,
-                        tag,
-                        &bytes.to_vec(),
-                    )?);
+                    v = crate::comm::collective::all_reduce_u64(t, &group, tag, &v)?;
                 }
-                Ok((o, bytes))
+                Ok((o, v))
             },
         )?;
         let mut comm = ByteCounts::default();
         let mut bytes_sent = 0;
-        for (i, (o, b)) in results.iter().enumerate() {
+        let (mut wait_us, mut wire_us) = (0u64, 0u64);
+        for (i, (o, v)) in results.iter().enumerate() {
             bytes_sent += o.pipeline_bytes;
             // Summed over the mesh already: the first device's sum is the job's.
             if !across || i == 0 {
-                comm.merge(b);
+                let n = v.len();
+                comm.merge(&ByteCounts::from_vec(&v[..n - 2]));
+                wait_us += v[n - 2];
+                wire_us += v[n - 1];
             }
         }
         let Some((first, _)) = results.into_iter().next() else {
@@ -868,6 +887,8 @@ impl Trainer {
             seconds: t0.elapsed().as_secs_f64(),
             bytes_sent,
             comm,
+            exposed_comm_s: wait_us as f64 / 1e6 / devices as f64,
+            wire_s: wire_us as f64 / 1e6 / devices as f64,
         })
     }
 }
