@@ -164,10 +164,10 @@ const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 fn cross_node_mesh(
     a: &pb::Assignment,
     node: &str,
-    listener: Option<&std::net::TcpListener>,
+    acceptor: Option<&crate::comm::tcp::Acceptor>,
 ) -> Result<Vec<crate::comm::transport::LocalTransport>> {
     let bad = |why: String| WorkerError::invalid("assignment", why);
-    let listener = listener.ok_or_else(|| {
+    let acceptor = acceptor.ok_or_else(|| {
         bad("the job spans nodes and this agent has no data-plane address (--data-addr)".into())
     })?;
     let names: Vec<&str> = a.peers.iter().map(|p| p.node.as_str()).collect();
@@ -221,17 +221,14 @@ fn cross_node_mesh(
     let mesh_id = a.job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
-    let listener = listener
-        .try_clone()
-        .map_err(|e| bad(format!("data-plane listener: {e}")))?;
-    crate::comm::tcp::connect(
+    crate::comm::tcp::connect_via(
         &crate::comm::tcp::MeshLayout {
             mesh_id,
             node_of,
             addrs,
         },
         me,
-        listener,
+        acceptor,
         MESH_TIMEOUT,
     )
 }
@@ -240,7 +237,7 @@ fn cross_node_mesh(
 fn start_job(
     a: pb::Assignment,
     node: String,
-    listener: Option<Arc<std::net::TcpListener>>,
+    acceptor: Option<crate::comm::tcp::Acceptor>,
     out: mpsc::Sender<pb::AgentMessage>,
     stop: Arc<AtomicBool>,
 ) {
@@ -267,7 +264,7 @@ fn start_job(
             };
             // Ranks on other nodes: this node's ranks join them over TCP.
             let mesh = if a.world.len() > a.ranks.len() {
-                match cross_node_mesh(&a, &node, listener.as_deref()) {
+                match cross_node_mesh(&a, &node, acceptor.as_ref()) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
@@ -324,19 +321,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     .await
     .map_err(|e| transport(&cfg.coordinator, error_chain(&e)))?;
     let mut client = AgentServiceClient::new(channel);
-    let listener = match cfg.data_addr {
-        Some(addr) => Some(Arc::new(std::net::TcpListener::bind(addr).map_err(
-            |e| WorkerError::invalid("data_addr", format!("cannot listen on {addr}: {e}")),
-        )?)),
+    // The data-plane listener, shared by the meshes of every job this node runs.
+    let acceptor = match cfg.data_addr {
+        Some(addr) => Some(crate::comm::tcp::Acceptor::start(
+            std::net::TcpListener::bind(addr).map_err(|e| {
+                WorkerError::invalid("data_addr", format!("cannot listen on {addr}: {e}"))
+            })?,
+        )?),
         None => None,
     };
-    let data_addr = match &listener {
-        Some(l) => l
-            .local_addr()
-            .map_err(|e| WorkerError::invalid("data_addr", e.to_string()))?
-            .to_string(),
-        None => String::new(),
-    };
+    let data_addr = acceptor
+        .as_ref()
+        .map(|a| a.local_addr().to_string())
+        .unwrap_or_default();
     let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
     out.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {
@@ -393,7 +390,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
                         tracing::info!(job = %a.job_id, "assigned");
                         let stop = Arc::new(AtomicBool::new(false));
                         running.insert(a.job_id.clone(), Arc::clone(&stop));
-                        start_job(a, cfg.node.clone(), listener.clone(), out.clone(), stop);
+                        start_job(a, cfg.node.clone(), acceptor.clone(), out.clone(), stop);
                     }
                     pb::coordinator_message::Msg::Revoke(r) => {
                         tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");

@@ -383,3 +383,50 @@ fn garbage_from_a_peer_is_reported_as_a_malformed_link() {
     assert!(err.contains("malformed") && err.contains("magic"), "{err}");
     fake.join().unwrap();
 }
+
+#[test]
+fn the_meshes_of_two_jobs_share_each_nodes_listener() {
+    use shoal_worker::comm::tcp::{Acceptor, connect_via};
+    let acceptors: Vec<Acceptor> = (0..2)
+        .map(|_| Acceptor::start(std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap())
+        .collect();
+    let addrs: Vec<_> = acceptors.iter().map(Acceptor::local_addr).collect();
+    // Two jobs of two ranks on each of the two nodes, connecting at the same time.
+    let sums: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [(11u64, 0usize), (22, 1), (22, 0), (11, 1)]
+            .into_iter()
+            .map(|(mesh, node)| {
+                let (acceptors, addrs) = (&acceptors, &addrs);
+                s.spawn(move || {
+                    let layout = MeshLayout {
+                        mesh_id: mesh,
+                        node_of: vec![0, 0, 1, 1],
+                        addrs: addrs.clone(),
+                    };
+                    let eps = connect_via(&layout, node, &acceptors[node], Duration::from_secs(30))
+                        .unwrap();
+                    std::thread::scope(|s| {
+                        let hs: Vec<_> = eps
+                            .into_iter()
+                            .map(|mut t| {
+                                s.spawn(move || {
+                                    let g = Group {
+                                        ranks: (0..4).collect(),
+                                    };
+                                    let v = [mesh * 100 + t.rank() as u64];
+                                    all_reduce_u64(&mut t, &g, tag(CommOp::AllReduce, 0), &v)
+                                        .unwrap()[0]
+                                })
+                            })
+                            .collect();
+                        hs.into_iter().map(|h| h.join().unwrap()).collect()
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (sum, mesh) in sums.iter().zip([11u64, 22, 22, 11]) {
+        assert_eq!(sum, &vec![4 * mesh * 100 + 6; 2], "mesh {mesh}");
+    }
+}

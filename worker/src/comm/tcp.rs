@@ -51,7 +51,8 @@ fn hello(mesh_id: u64, from: usize, to: usize) -> Vec<u8> {
     b
 }
 
-fn read_hello(s: &mut TcpStream, mesh_id: u64) -> std::result::Result<(usize, usize), String> {
+/// Reads a greeting: the mesh, the dialing rank and the rank it wants.
+fn read_hello(s: &mut TcpStream) -> std::result::Result<(u64, usize, usize), String> {
     let mut b = [0u8; 20];
     s.read_exact(&mut b)
         .map_err(|e| format!("handshake: {e}"))?;
@@ -59,15 +60,120 @@ fn read_hello(s: &mut TcpStream, mesh_id: u64) -> std::result::Result<(usize, us
         return Err(format!("handshake magic {:?}", &b[..4]));
     }
     let id = u64::from_le_bytes(b[4..12].try_into().unwrap_or([0; 8]));
-    if id != mesh_id {
-        return Err(format!("mesh {id:#x}, expected {mesh_id:#x}"));
-    }
     let from = u32::from_le_bytes(b[12..16].try_into().unwrap_or([0; 4])) as usize;
     let to = u32::from_le_bytes(b[16..20].try_into().unwrap_or([0; 4])) as usize;
-    Ok((from, to))
+    Ok((id, from, to))
 }
 
-/// Reads frames from `peer` into `inbox` until the stream ends or breaks.
+/// A greeted connection handed to its mesh: the dialing rank, the rank it wants, the socket.
+type Greeted = (usize, usize, TcpStream);
+
+/// How long a connection for a mesh that is not registered yet waits for it (its job may start
+/// connecting a little later on this node than on the dialing one).
+const PENDING: Duration = Duration::from_secs(60);
+
+/// A mesh asking for its connections.
+struct Register {
+    mesh_id: u64,
+    tx: mpsc::Sender<Greeted>,
+}
+
+/// A node's data-plane listener as an actor: a thread owns the socket, accepts every
+/// connection, reads its greeting and hands it to the mesh it names, so the meshes of several
+/// jobs share the node's one address. A connection for a mesh not registered yet waits up to a
+/// minute; one with a bad greeting is dropped. The handle is cheap to clone; the thread ends
+/// when every handle is gone.
+#[derive(Clone, Debug)]
+pub struct Acceptor {
+    tx: mpsc::Sender<Register>,
+    addr: SocketAddr,
+}
+
+impl Acceptor {
+    /// Starts accepting on `listener`.
+    pub fn start(listener: TcpListener) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| mesh_err(format!("listener: {e}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| mesh_err(format!("listener: {e}")))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("mesh-listen".into())
+            .spawn(move || accept_loop(&listener, &rx))
+            .map_err(|e| mesh_err(format!("cannot start the listening thread: {e}")))?;
+        Ok(Self { tx, addr })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The connections greeting with `mesh_id`, from now until the receiver is dropped.
+    fn register(&self, mesh_id: u64) -> Result<mpsc::Receiver<Greeted>> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Register { mesh_id, tx })
+            .map_err(|_| mesh_err("the listening thread has stopped"))?;
+        Ok(rx)
+    }
+}
+
+fn accept_loop(listener: &TcpListener, registrations: &mpsc::Receiver<Register>) {
+    let mut meshes: HashMap<u64, mpsc::Sender<Greeted>> = HashMap::new();
+    let mut pending: Vec<(Instant, u64, Greeted)> = Vec::new();
+    loop {
+        loop {
+            match registrations.try_recv() {
+                Ok(Register { mesh_id, tx }) => {
+                    for (_, _, g) in pending.extract_if(.., |(_, id, _)| *id == mesh_id) {
+                        let _ = tx.send(g);
+                    }
+                    meshes.insert(mesh_id, tx);
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let greeted = s
+                    .set_nonblocking(false)
+                    .and_then(|()| s.set_read_timeout(Some(Duration::from_secs(5))))
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| read_hello(&mut s))
+                    .and_then(|g| {
+                        s.set_read_timeout(None).map_err(|e| e.to_string())?;
+                        Ok(g)
+                    });
+                // A stray or malformed connection is dropped.
+                let Ok((id, from, to)) = greeted else {
+                    continue;
+                };
+                match meshes.get(&id) {
+                    Some(tx) => {
+                        if tx.send((from, to, s)).is_err() {
+                            // That mesh has finished connecting: a late or stray dial.
+                            meshes.remove(&id);
+                        }
+                    }
+                    None => pending.push((Instant::now(), id, (from, to, s))),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a data-plane connection");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        pending.retain(|(at, _, _)| at.elapsed() < PENDING);
+    }
+}
+
 /// The sending side of a connection, on its own thread: writes the frames the rank queued, in
 /// order, while the rank computes; counts the time it spends writing. When the queue closes it
 /// has written every frame and closes its half; when a write fails it tells the rank's inbox
@@ -97,6 +203,7 @@ fn writer(
     let _ = s.shutdown(std::net::Shutdown::Write);
 }
 
+/// Reads frames from `peer` into `inbox` until the stream ends or breaks.
 fn reader(mut s: TcpStream, peer: usize, inbox: mpsc::Sender<Msg>) {
     let gone = |reason: String| Msg::Gone { from: peer, reason };
     loop {
@@ -151,12 +258,22 @@ fn reader(mut s: TcpStream, peer: usize, inbox: mpsc::Sender<Msg>) {
 
 /// Connects this node's ranks (`layout.node_of[r] == node`) to every rank of the mesh and
 /// returns their endpoints, in rank order. `listener` is this node's listening socket
-/// (`layout.addrs[node]`). Fails, naming the missing peers, when the mesh is not complete
-/// within `timeout`.
+/// (`layout.addrs[node]`), used by this mesh alone. Fails, naming the missing peers, when the
+/// mesh is not complete within `timeout`.
 pub fn connect(
     layout: &MeshLayout,
     node: usize,
     listener: TcpListener,
+    timeout: Duration,
+) -> Result<Vec<LocalTransport>> {
+    connect_via(layout, node, &Acceptor::start(listener)?, timeout)
+}
+
+/// [`connect`] through a node's [`Acceptor`], which other meshes may share.
+pub fn connect_via(
+    layout: &MeshLayout,
+    node: usize,
+    acceptor: &Acceptor,
     timeout: Duration,
 ) -> Result<Vec<LocalTransport>> {
     let world = layout.node_of.len();
@@ -181,48 +298,31 @@ pub fn connect(
                 .count()
         })
         .sum();
+    let incoming = acceptor.register(layout.mesh_id)?;
     let accepter = {
-        let mesh_id = layout.mesh_id;
         let node_of = layout.node_of.clone();
         std::thread::Builder::new()
             .name("mesh-accept".into())
             .spawn(
                 move || -> std::result::Result<Vec<(usize, usize, TcpStream)>, String> {
-                    listener
-                        .set_nonblocking(true)
-                        .map_err(|e| format!("listener: {e}"))?;
                     let mut got = Vec::new();
                     while got.len() < expected {
-                        if Instant::now() >= deadline {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let Ok((from, to, s)) = incoming.recv_timeout(left) else {
                             return Err(format!(
                                 "{} of {expected} peer connections arrived",
                                 got.len()
                             ));
-                        }
-                        match listener.accept() {
-                            Ok((mut s, _)) => {
-                                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                                s.set_read_timeout(Some(Duration::from_secs(5)))
-                                    .map_err(|e| e.to_string())?;
-                                // A stray or foreign connection is dropped; the mesh keeps waiting.
-                                let Ok((from, to)) = read_hello(&mut s, mesh_id) else {
-                                    continue;
-                                };
-                                let valid = from < node_of.len()
-                                    && to < node_of.len()
-                                    && node_of[to] == node
-                                    && node_of[from] != node
-                                    && to < from;
-                                if !valid {
-                                    continue;
-                                }
-                                s.set_read_timeout(None).map_err(|e| e.to_string())?;
-                                got.push((from, to, s));
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                std::thread::sleep(Duration::from_millis(2));
-                            }
-                            Err(e) => return Err(format!("accepting: {e}")),
+                        };
+                        // A connection that does not belong here is dropped; the mesh waits on.
+                        let valid = from < node_of.len()
+                            && to < node_of.len()
+                            && node_of[to] == node
+                            && node_of[from] != node
+                            && to < from
+                            && !got.iter().any(|(f, t, _)| (*f, *t) == (from, to));
+                        if valid {
+                            got.push((from, to, s));
                         }
                     }
                     Ok(got)
