@@ -128,7 +128,11 @@ fn accept_loop(listener: &TcpListener, registrations: &mpsc::Receiver<Register>)
         loop {
             match registrations.try_recv() {
                 Ok(Register { mesh_id, tx }) => {
-                    for (_, _, g) in pending.extract_if(.., |(_, id, _)| *id == mesh_id) {
+                    let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut pending)
+                        .into_iter()
+                        .partition(|(_, id, _)| *id == mesh_id);
+                    pending = others;
+                    for (_, _, g) in mine {
                         let _ = tx.send(g);
                     }
                     meshes.insert(mesh_id, tx);
