@@ -21,34 +21,40 @@ fn losses(v: &serde_json::Value) -> Vec<f64> {
 /// One process, one rank.
 const ONE_RANK: [&str; 8] = ["--nodes", "1", "--pp", "1", "--dp", "1", "--ep", "1"];
 
+/// `shoal train` of 3 steps (4 when resuming) of 8 x 32 tokens into `dir/name` with `extra`
+/// flags; its JSON summary.
+fn train_json(dir: &std::path::Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let out = dir.join(name).display().to_string();
+    let steps = if extra.contains(&"--resume") {
+        "4"
+    } else {
+        "3"
+    };
+    let mut args = vec![
+        "train",
+        "--steps",
+        steps,
+        "--seq-len",
+        "32",
+        "--batch",
+        "8",
+        "--json",
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    let o = run_shoal(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    last_json(&o)
+}
+
 #[test]
 fn two_node_agents_train_what_one_process_trains() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name).display().to_string();
-        let steps = if extra.contains(&"--resume") {
-            "4"
-        } else {
-            "3"
-        };
-        let mut args = vec![
-            "train",
-            "--steps",
-            steps,
-            "--seq-len",
-            "32",
-            "--precision",
-            "fp32",
-            "--batch",
-            "8",
-            "--json",
-            "--out",
-            &out,
-        ];
+        let mut args = vec!["--precision", "fp32"];
         args.extend_from_slice(extra);
-        let o = run_shoal(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        last_json(&o)
+        train_json(dir.path(), name, &args)
     };
     let mut one = ONE_RANK.to_vec();
     one.extend(["--micro-batches", "4"]);
@@ -122,23 +128,7 @@ fn two_node_agents_train_what_one_process_trains() {
 #[test]
 fn the_default_main_job_in_fp8_stays_within_tolerance_of_one_process() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name).display().to_string();
-        let mut args = vec![
-            "train",
-            "--steps",
-            "3",
-            "--seq-len",
-            "32",
-            "--json",
-            "--out",
-            &out,
-        ];
-        args.extend_from_slice(extra);
-        let o = run_shoal(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        last_json(&o)
-    };
+    let run = |name: &str, extra: &[&str]| train_json(dir.path(), name, extra);
     let mut one = ONE_RANK.to_vec();
     one.extend(["--micro-batches", "4"]);
     let single = run("single", &one);

@@ -117,6 +117,31 @@ pub(crate) struct Step<'a, T> {
     pub(crate) experts: &'a [&'a dyn ExpertExchange],
 }
 
+impl<'a, T: ModelFloat> Step<'a, T> {
+    /// The step of `batch` cut into the schedule's micro-batches, starting now.
+    fn new(
+        model: &'a Model<T>,
+        stages: &'a [StagePart],
+        schedule: &'a StepSchedule,
+        batch: &TokenBatch<'a>,
+        obj: &Objective,
+        timeout: Duration,
+        experts: &'a [&'a dyn ExpertExchange],
+    ) -> Result<Self> {
+        Ok(Self {
+            model,
+            stages,
+            schedule,
+            micro: split_micro(batch, schedule.micro_batches)?,
+            obj: *obj,
+            timeout,
+            start: Instant::now(),
+            abort: Arc::new(AtomicBool::new(false)),
+            experts,
+        })
+    }
+}
+
 /// Runs one training step of `batch` split into `schedule.micro_batches` micro-batches over
 /// `schedule.pp` pipeline ranks, each a thread, with the model cut into `stages`; accumulates
 /// the step's gradients into `grads`.
@@ -166,18 +191,7 @@ pub fn run_step_with<T: ModelFloat>(
             format!("{} expert exchanges for {pp} pipeline ranks", experts.len()),
         ));
     }
-    let micro = split_micro(batch, schedule.micro_batches)?;
-    let step = Step {
-        model,
-        stages,
-        schedule,
-        micro,
-        obj: *obj,
-        timeout,
-        start: Instant::now(),
-        abort: Arc::new(AtomicBool::new(false)),
-        experts,
-    };
+    let step = Step::new(model, stages, schedule, batch, obj, timeout, experts)?;
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..pp).map(|_| mpsc::channel()).unzip();
     // The ranks record their spans wherever the caller's do.
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -317,18 +331,7 @@ pub(crate) fn run_rank_on<T: ModelFloat>(
             ),
         ));
     }
-    let micro = split_micro(batch, schedule.micro_batches)?;
-    let step = Step {
-        model,
-        stages,
-        schedule,
-        micro,
-        obj: *obj,
-        timeout,
-        start: Instant::now(),
-        abort: Arc::new(AtomicBool::new(false)),
-        experts: &[],
-    };
+    let step = Step::new(model, stages, schedule, batch, obj, timeout, &[])?;
     let links = Links::Mesh {
         link,
         devices,
