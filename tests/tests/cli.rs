@@ -175,8 +175,24 @@ fn quick_comm_bench_reports_both_transports_and_training_shapes() {
     let r = report["fp8_over_bf16_dispatch"].as_f64().unwrap_or(0.0);
     assert!((0.5..0.7).contains(&r), "{r}");
     let training = report["training"].as_array().expect("training");
-    assert_eq!(training.len(), 4, "{report}");
-    assert!(training[3]["bytes_per_step"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(training.len(), 8, "{report}");
+    for t in &training[1..] {
+        assert!(t["bytes_per_step"].as_u64().unwrap_or(0) > 0, "{t}");
+        assert!(t["vs_single"].as_f64().unwrap_or(0.0) > 0.0, "{t}");
+    }
+    assert!(
+        training[4]["shape"]
+            .as_str()
+            .unwrap_or("")
+            .contains("dualpipe")
+    );
+    // Hierarchical dispatch sends fewer dispatch bytes over the network than direct.
+    let net = |i: usize| {
+        training[i]["network_dispatch_per_step"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(net(6) > 0 && net(6) < net(7), "{report}");
     let out = run_shoal(&["bench", "comm", "--experts", "3"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--experts"), "{}", stderr(&out));

@@ -183,3 +183,35 @@ fn hierarchical_dispatch_matches_direct_dispatch_and_crosses_the_network_less() 
         );
     }
 }
+
+/// Node-limited routing on real shards: with each routing group's experts on one node (8
+/// experts in 4 groups over 4 nodes of one expert-parallel member each) and top-4 routing, a
+/// token limited to `topk_group = 2` groups reaches at most 2 other nodes; unlimited, some reach
+/// more.
+#[test]
+fn node_limited_routing_keeps_each_token_on_at_most_m_nodes() {
+    use shoal_worker::comm::transport::LocalMesh;
+    let most = |topk_group: usize| {
+        let mut c = cfg();
+        c.num_experts_per_tok = 4;
+        c.topk_group = topk_group;
+        let mesh = LocalMesh::with_nodes(&[0, 1, 2, 3], Duration::from_secs(60));
+        let model = Model::<f32>::new(&c, Precision::Fp32, 5).unwrap();
+        let mut t = Trainer::new_on(
+            model,
+            batcher(5),
+            opts(Precision::Fp32, 2, 4, 4, 1),
+            Some(mesh),
+        )
+        .unwrap();
+        (0..2)
+            .map(|_| t.train_step().unwrap().max_target_nodes)
+            .max()
+            .unwrap()
+    };
+    let limited = most(2);
+    assert!((1..=2).contains(&limited), "{limited}");
+    let free = most(4);
+    eprintln!("most other nodes per token: {limited} with topk_group 2, {free} unlimited");
+    assert!(free > 2, "{free}");
+}

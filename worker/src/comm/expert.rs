@@ -36,6 +36,8 @@ pub struct EpLink<'t> {
     me: usize,
     step: u64,
     next: AtomicU64,
+    /// The most other nodes one token of this member was dispatched to.
+    max_nodes: AtomicU64,
 }
 
 impl<'t> EpLink<'t> {
@@ -68,12 +70,40 @@ impl<'t> EpLink<'t> {
             me: position,
             step,
             next: AtomicU64::new(0),
+            max_nodes: AtomicU64::new(0),
         })
     }
 
     /// Exchanges run so far.
     pub fn exchanges(&self) -> u64 {
         self.next.load(Ordering::Relaxed)
+    }
+
+    /// The most nodes other than its own that one of this member's tokens was dispatched to so
+    /// far (what node-limited routing bounds).
+    pub fn max_target_nodes(&self) -> u64 {
+        self.max_nodes.load(Ordering::Relaxed)
+    }
+
+    /// Counts, per token of `rows` (each member's ascending token list), the other nodes it goes
+    /// to, and keeps the most.
+    fn count_target_nodes(&self, rows: &[Vec<usize>]) {
+        let mine = self.nodes[self.me];
+        let mut per_token: std::collections::HashMap<usize, Vec<usize>> = Default::default();
+        for (q, list) in rows.iter().enumerate() {
+            let node = self.nodes[q];
+            if node == mine {
+                continue;
+            }
+            for &t in list {
+                let nodes = per_token.entry(t).or_default();
+                if !nodes.contains(&node) {
+                    nodes.push(node);
+                }
+            }
+        }
+        let most = per_token.values().map(Vec::len).max().unwrap_or(0) as u64;
+        self.max_nodes.fetch_max(most, Ordering::Relaxed);
     }
 
     /// Every member reached directly, whatever the nodes (the peer of the hierarchical route).
@@ -428,6 +458,7 @@ impl ExpertExchange for EpLink<'_> {
                 ),
             ));
         }
+        self.count_target_nodes(rows);
         if self.hierarchical {
             return self.hierarchical_dispatch(rows, encode);
         }

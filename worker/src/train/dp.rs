@@ -82,6 +82,8 @@ pub(crate) struct RankOutcome {
     pub(crate) grad_norm: f64,
     /// Bytes its pipeline ranks on threads handed each other.
     pub(crate) pipeline_bytes: u64,
+    /// The most other nodes one of this rank's tokens was dispatched to.
+    pub(crate) max_target_nodes: u64,
 }
 
 /// A segment's summed gradient: from the reduce-scattered shard (which starts at flat index
@@ -132,7 +134,7 @@ pub(crate) fn rank_step(
         ..plan.obj
     };
     rep.grads.zero();
-    let (out, pipeline_bytes) = match (plan.pipeline, plan.ep) {
+    let (out, pipeline_bytes, max_target_nodes) = match (plan.pipeline, plan.ep) {
         (Some((stages, schedule)), ep) if rep.pipe_rank.is_some() => {
             // This device runs one pipeline rank; its neighbours and its expert-parallel
             // group are other devices of the mesh.
@@ -159,7 +161,7 @@ pub(crate) fn rank_step(
                 experts,
             )?;
             // Its transfers crossed the mesh: counted by the transport, not as in-process.
-            (r.out, 0)
+            (r.out, 0, link.max_target_nodes())
         }
         (Some((stages, schedule)), ep) => {
             // With expert parallelism, each pipeline rank exchanges tokens with the same rank
@@ -189,11 +191,13 @@ pub(crate) fn rank_step(
                 pipeline::DEFAULT_TIMEOUT,
                 &exchanges,
             )?;
-            (r.out, r.bytes_sent.iter().sum())
+            // Pipelines on threads of one process: every member on this node.
+            (r.out, r.bytes_sent.iter().sum(), 0)
         }
         (None, 1) => (
             rep.model
                 .forward_backward_micro(batch, &obj, plan.micro_batches, &mut rep.grads)?,
+            0,
             0,
         ),
         (None, ep) => {
@@ -210,7 +214,7 @@ pub(crate) fn rank_step(
                 &mut rep.grads,
                 &link,
             )?;
-            (out, 0)
+            (out, 0, link.max_target_nodes())
         }
     };
 
@@ -364,5 +368,6 @@ pub(crate) fn rank_step(
         out,
         grad_norm,
         pipeline_bytes,
+        max_target_nodes,
     })
 }

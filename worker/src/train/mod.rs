@@ -251,6 +251,10 @@ pub struct StepMetrics {
     /// while the device went on computing.
     #[serde(default)]
     pub wire_s: f64,
+    /// The most nodes other than its own that one token was dispatched to this step (what
+    /// node-limited routing bounds when routing groups live on nodes; 0 within one node).
+    #[serde(default)]
+    pub max_target_nodes: u64,
 }
 
 /// What one data-parallel rank holds, in bytes.
@@ -839,6 +843,13 @@ impl Trainer {
                 // Microseconds blocked on peers' frames and of network writing.
                 v.push(((wait1 - wait0) * 1e6) as u64);
                 v.push(((wire1 - wire0) * 1e6) as u64);
+                // Each device's most target nodes per token, in its own slot (a sum of one-hot
+                // slots is a gather).
+                let mut most = vec![0u64; devices];
+                if let Some(slot) = most.get_mut(t.rank()) {
+                    *slot = o.max_target_nodes;
+                }
+                v.extend(most);
                 if across {
                     let tag = crate::comm::transport::Tag {
                         step: plan.step,
@@ -852,15 +863,16 @@ impl Trainer {
         )?;
         let mut comm = ByteCounts::default();
         let mut bytes_sent = 0;
-        let (mut wait_us, mut wire_us) = (0u64, 0u64);
+        let (mut wait_us, mut wire_us, mut max_nodes) = (0u64, 0u64, 0u64);
         for (i, (o, v)) in results.iter().enumerate() {
             bytes_sent += o.pipeline_bytes;
             // Summed over the mesh already: the first device's sum is the job's.
             if !across || i == 0 {
-                let n = v.len();
+                let n = v.len() - devices;
                 comm.merge(&ByteCounts::from_vec(&v[..n - 2]));
                 wait_us += v[n - 2];
                 wire_us += v[n - 1];
+                max_nodes = max_nodes.max(v[n..].iter().copied().max().unwrap_or(0));
             }
         }
         let Some((first, _)) = results.into_iter().next() else {
@@ -888,6 +900,7 @@ impl Trainer {
             bytes_sent,
             comm,
             exposed_comm_s: wait_us as f64 / 1e6 / devices as f64,
+            max_target_nodes: max_nodes,
             wire_s: wire_us as f64 / 1e6 / devices as f64,
         })
     }
