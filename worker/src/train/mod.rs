@@ -368,68 +368,25 @@ impl Trainer {
                 format!("{ep} does not divide the model's {experts} routed experts"),
             ));
         }
-        let per = experts / ep.max(1);
         // Across processes, each pipeline rank of each data-parallel rank is a device of the
         // mesh: device `s * dp + d` runs pipeline rank `s` of data-parallel rank `d`, and the
-        // optimizer state is sharded over all of them.
+        // optimizer state is sharded over the devices that use each parameter.
         let pp = match (&mesh, &pipeline) {
             (Some(_), Some((_, schedule))) => schedule.pp,
             _ => 1,
         };
         let devices = pp * dp;
-        // ZeRO-1 groups: the trained parameters by the pipeline ranks that use them and, with
-        // expert parallelism, by the position holding them. Each group is sharded over the
-        // devices that use it (device `k` runs pipeline rank `k / dp` of data-parallel rank
-        // `k % dp`), dense parameters before experts.
-        let cfg_model = model.config().clone();
-        let owners = |name: &str| -> Vec<usize> {
-            match &pipeline {
-                Some((stages, schedule)) if pp > 1 => (0..pp)
-                    .filter(|&r| {
-                        (0..schedule.directions())
-                            .any(|dir| stages[schedule.position(r, dir)].holds(name, &cfg_model))
-                    })
-                    .collect(),
-                _ => vec![0],
-            }
-        };
-        let key_of = |name: &str| -> (Option<usize>, Vec<usize>) {
-            let pos = zero::expert_of(name).filter(|_| ep > 1).map(|j| j / per);
-            (pos, owners(name))
-        };
-        let mut keyed: std::collections::HashMap<String, usize> = Default::default();
-        let mut keys: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
-        for (id, name, _) in model.params().iter() {
-            if model.params().trainable(id) {
-                let k = key_of(name);
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
-        }
-        keys.sort();
-        for (id, name, _) in model.params().iter() {
-            if model.params().trainable(id) {
-                let k = key_of(name);
-                let i = keys.iter().position(|x| *x == k).unwrap_or(0);
-                keyed.insert(name.to_string(), i);
-            }
-        }
-        let members: Vec<Vec<usize>> = keys
-            .iter()
-            .map(|(pos, owners)| {
-                (0..devices)
-                    .filter(|k| owners.contains(&(k / dp)) && pos.is_none_or(|p| k % dp % ep == p))
-                    .collect()
-            })
-            .collect();
-        let layouts: Vec<ZeroLayout> = members
-            .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                ZeroLayout::with_filter(model.params(), m.len(), |n| keyed.get(n) == Some(&i))
-            })
-            .collect();
+        let zero::Groups {
+            layouts,
+            members,
+            group_of,
+        } = zero::Groups::new(
+            model.params(),
+            model.config(),
+            pipeline.as_ref().filter(|_| pp > 1),
+            dp,
+            ep,
+        );
         let ranks: Vec<usize> = match &mesh {
             None => (0..dp).collect(),
             Some(m) => {
@@ -476,7 +433,11 @@ impl Trainer {
                 let others: Vec<ParamId> = m
                     .params()
                     .iter()
-                    .filter(|(_, n, _)| keyed.get(*n).is_some_and(|&li| !members[li].contains(&k)))
+                    .filter(|(_, n, _)| {
+                        group_of
+                            .get(*n)
+                            .is_some_and(|&li| !members[li].contains(&k))
+                    })
                     .map(|(id, _, _)| id)
                     .collect();
                 for id in others {

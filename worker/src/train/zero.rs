@@ -7,13 +7,16 @@
 //! [`Segment`]s, each a contiguous part of one parameter. AdamW is element-wise, so updating a
 //! parameter in pieces gives exactly the numbers of updating it whole.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use shoal_kernels::ops::adamw::{AdamWConfig, AdamWState, Moments};
 
 use crate::comm::collective::even_bounds;
+use crate::model::StagePart;
 use crate::model::params::{Grads, ParamId, ParamStore};
 use crate::{Result, WorkerError};
+use shoal_spec::schedule::StepSchedule;
 
 /// A contiguous part of one parameter inside a shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +27,81 @@ pub struct Segment {
     pub within: Range<usize>,
     /// The same elements' place in the flat vector.
     pub flat: Range<usize>,
+}
+
+/// The trained parameters in ZeRO-1 groups: by the pipeline ranks that use them and, with
+/// expert parallelism, by the position holding them (dense parameters first). Each group is
+/// sharded over the devices that use it: device `k` runs pipeline rank `k / dp` of
+/// data-parallel rank `k % dp`; without pipelines across devices, every parameter belongs to
+/// pipeline rank 0.
+pub(crate) struct Groups {
+    /// Each group's layout, one shard per member.
+    pub(crate) layouts: Vec<ZeroLayout>,
+    /// Each group's devices, in shard order.
+    pub(crate) members: Vec<Vec<usize>>,
+    /// The group of every trained parameter, by name.
+    pub(crate) group_of: HashMap<String, usize>,
+}
+
+impl Groups {
+    /// The groups of `params` for `dp` data-parallel ranks in expert-parallel groups of `ep`,
+    /// with `pipeline` the stages and schedule whose ranks are devices (`None`: one pipeline
+    /// rank per device).
+    pub(crate) fn new<T: shoal_kernels::Real>(
+        params: &ParamStore<T>,
+        cfg: &shoal_spec::ModelConfig,
+        pipeline: Option<&(Vec<StagePart>, StepSchedule)>,
+        dp: usize,
+        ep: usize,
+    ) -> Self {
+        let per = cfg.n_routed_experts / ep.max(1);
+        let pp = pipeline.map_or(1, |(_, s)| s.pp);
+        let owners = |name: &str| -> Vec<usize> {
+            match pipeline {
+                Some((stages, schedule)) => (0..pp)
+                    .filter(|&r| {
+                        (0..schedule.directions())
+                            .any(|dir| stages[schedule.position(r, dir)].holds(name, cfg))
+                    })
+                    .collect(),
+                None => vec![0],
+            }
+        };
+        let key_of = |name: &str| -> (Option<usize>, Vec<usize>) {
+            let pos = expert_of(name).filter(|_| ep > 1).map(|j| j / per.max(1));
+            (pos, owners(name))
+        };
+        let trained: Vec<(String, (Option<usize>, Vec<usize>))> = params
+            .iter()
+            .filter(|(id, _, _)| params.trainable(*id))
+            .map(|(_, name, _)| (name.to_string(), key_of(name)))
+            .collect();
+        let mut keys: Vec<&(Option<usize>, Vec<usize>)> = trained.iter().map(|(_, k)| k).collect();
+        keys.sort();
+        keys.dedup();
+        let group_of: HashMap<String, usize> = trained
+            .iter()
+            .map(|(name, k)| (name.clone(), keys.binary_search(&k).unwrap_or(0)))
+            .collect();
+        let members: Vec<Vec<usize>> = keys
+            .iter()
+            .map(|(pos, owners)| {
+                (0..pp * dp)
+                    .filter(|k| owners.contains(&(k / dp)) && pos.is_none_or(|p| k % dp % ep == p))
+                    .collect()
+            })
+            .collect();
+        let layouts = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ZeroLayout::with_filter(params, m.len(), |n| group_of.get(n) == Some(&i)))
+            .collect();
+        Self {
+            layouts,
+            members,
+            group_of,
+        }
+    }
 }
 
 /// Where every trained parameter lies in the flat vector, and how it is cut into shards.
