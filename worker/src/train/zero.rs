@@ -29,6 +29,10 @@ pub struct Segment {
     pub flat: Range<usize>,
 }
 
+/// What puts parameters in one ZeRO-1 group: the expert-parallel position holding them (`None`
+/// for dense ones) and the pipeline ranks that use them.
+type GroupKey = (Option<usize>, Vec<usize>);
+
 /// The trained parameters in ZeRO-1 groups: by the pipeline ranks that use them and, with
 /// expert parallelism, by the position holding them (dense parameters first). Each group is
 /// sharded over the devices that use it: device `k` runs pipeline rank `k / dp` of
@@ -67,16 +71,16 @@ impl Groups {
                 None => vec![0],
             }
         };
-        let key_of = |name: &str| -> (Option<usize>, Vec<usize>) {
+        let key_of = |name: &str| -> GroupKey {
             let pos = expert_of(name).filter(|_| ep > 1).map(|j| j / per.max(1));
             (pos, owners(name))
         };
-        let trained: Vec<(String, (Option<usize>, Vec<usize>))> = params
+        let trained: Vec<(String, GroupKey)> = params
             .iter()
             .filter(|(id, _, _)| params.trainable(*id))
             .map(|(_, name, _)| (name.to_string(), key_of(name)))
             .collect();
-        let mut keys: Vec<&(Option<usize>, Vec<usize>)> = trained.iter().map(|(_, k)| k).collect();
+        let mut keys: Vec<&GroupKey> = trained.iter().map(|(_, k)| k).collect();
         keys.sort();
         keys.dedup();
         let group_of: HashMap<String, usize> = trained
