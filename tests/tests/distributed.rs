@@ -341,3 +341,72 @@ fn shoal_trace_gathers_every_nodes_timeline_into_one_chrome_trace() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Two jobs that both span nodes run at once on the same node agent: its one data-plane
+/// listener hands each connection to the job's mesh it names. Three nodes of two devices, two
+/// jobs of three data-parallel ranks: the middle node holds a rank of each.
+#[test]
+fn two_jobs_across_nodes_share_a_node_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coordinator, url) = start_coordinator(dir.path());
+    let _workers: Vec<Background> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| {
+            Background::start(&[
+                "worker",
+                "--coordinator",
+                &url,
+                "--node",
+                n,
+                "--devices",
+                "cpu:2",
+            ])
+        })
+        .collect();
+    wait_for_nodes(&url, 3);
+    let ids: Vec<String> = ["first", "second"]
+        .iter()
+        .map(|name| {
+            let path = dir.path().join(format!("{name}.toml"));
+            std::fs::write(
+                &path,
+                format!(
+                    "name = \"{name}\"\nprecision = \"fp32\"\n[training]\nsteps = 3\nseq_len = 32\nbatch = 6\n[parallelism]\ndp = 3\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\n",
+                    dir.path().join(name).display()
+                ),
+            )
+            .expect("job file");
+            let o = run_shoal(&["submit", path.to_str().expect("utf-8"), "--coordinator", &url]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).trim().to_string()
+        })
+        .collect();
+    // Both were placed at once, each on two nodes, sharing n2.
+    let placed = |id: &str| {
+        let j = wait_for_job(&url, id, Duration::from_secs(60), |j| {
+            j["placement"].as_array().is_some_and(|p| !p.is_empty())
+        });
+        let mut nodes: Vec<String> = j["placement"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|r| r["node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    };
+    let (a, b) = (placed(&ids[0]), placed(&ids[1]));
+    assert!(a.len() == 2 && b.len() == 2, "{a:?} {b:?}");
+    assert!(a.iter().any(|n| b.contains(n)), "{a:?} {b:?}");
+    for id in &ids {
+        let o = run_shoal(&["watch", id, "--coordinator", &url]);
+        assert!(
+            o.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
