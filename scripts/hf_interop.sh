@@ -37,7 +37,7 @@ compare() { # name shoal_loss hf_loss
 }
 
 # 1. Shoal -> transformers: a trained (not freshly initialised) checkpoint.
-"$shoal" train --steps 8 --lr 0.01 --precision fp32 --batch 2 --seq-len 64 --seed 3 --out "$work/run" --json >/dev/null
+"$shoal" train --nodes 1 --pp 1 --dp 1 --ep 1 --steps 8 --lr 0.01 --precision fp32 --batch 2 --seq-len 64 --seed 3 --out "$work/run" --json >/dev/null
 ckpt="$work/run/checkpoint"
 shoal_loss=$("$shoal" eval --checkpoint "$ckpt" --data "$work/tokens.bin" --dtype u32 --seq-len 64 --json | json_field loss)
 hf_loss=$("$py" "$tool" loss --model-dir "$ckpt" --tokens "$work/tokens.bin" --seq-len 64 | json_field loss)
