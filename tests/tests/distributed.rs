@@ -141,6 +141,26 @@ fn the_default_main_job_in_fp8_stays_within_tolerance_of_one_process() {
     }
 }
 
+/// Node agents of two CPU devices each, attached to `url` and registered.
+fn start_workers(url: &str, names: &[&str]) -> Vec<Background> {
+    let workers = names
+        .iter()
+        .map(|n| {
+            Background::start(&[
+                "worker",
+                "--coordinator",
+                url,
+                "--node",
+                n,
+                "--devices",
+                "cpu:2",
+            ])
+        })
+        .collect();
+    wait_for_nodes(url, names.len());
+    workers
+}
+
 /// Polls job `id` until `done` holds (and returns it), failing after `within`.
 fn wait_for_job(
     url: &str,
@@ -242,21 +262,7 @@ fn a_killed_node_fails_a_job_that_spans_nodes_and_frees_the_survivor() {
 fn shoal_trace_gathers_every_nodes_timeline_into_one_chrome_trace() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_coordinator, url) = start_coordinator(dir.path());
-    let _workers: Vec<Background> = ["n1", "n2"]
-        .iter()
-        .map(|n| {
-            Background::start(&[
-                "worker",
-                "--coordinator",
-                &url,
-                "--node",
-                n,
-                "--devices",
-                "cpu:2",
-            ])
-        })
-        .collect();
-    wait_for_nodes(&url, 2);
+    let _workers = start_workers(&url, &["n1", "n2"]);
     let path = dir.path().join("job.toml");
     std::fs::write(
         &path,
@@ -349,21 +355,7 @@ fn shoal_trace_gathers_every_nodes_timeline_into_one_chrome_trace() {
 fn two_jobs_across_nodes_share_a_node_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_coordinator, url) = start_coordinator(dir.path());
-    let _workers: Vec<Background> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| {
-            Background::start(&[
-                "worker",
-                "--coordinator",
-                &url,
-                "--node",
-                n,
-                "--devices",
-                "cpu:2",
-            ])
-        })
-        .collect();
-    wait_for_nodes(&url, 3);
+    let _workers = start_workers(&url, &["n1", "n2", "n3"]);
     let ids: Vec<String> = ["first", "second"]
         .iter()
         .map(|name| {
