@@ -89,6 +89,10 @@ impl<'t> EpLink<'t> {
     /// to, and keeps the most.
     fn count_target_nodes(&self, rows: &[Vec<usize>]) {
         let mine = self.nodes[self.me];
+        // A group inside one node sends nothing over the network: nothing to count.
+        if self.nodes.iter().all(|&n| n == mine) {
+            return;
+        }
         let mut per_token: std::collections::HashMap<usize, Vec<usize>> = Default::default();
         for (q, list) in rows.iter().enumerate() {
             let node = self.nodes[q];

@@ -100,13 +100,27 @@ fn seg_grad<'g>(
     }
 }
 
-/// The exchange as the plan routes it.
-fn route<'t>(link: EpLink<'t>, plan: &StepPlan<'_>) -> EpLink<'t> {
-    if plan.direct_dispatch {
+/// Data-parallel rank `d`'s exchange with its expert-parallel group (the `ep` consecutive
+/// data-parallel ranks around it, at mesh ranks `to_mesh(x)`), routed as the plan says.
+fn group_link<'t>(
+    t: &'t mut dyn Transport,
+    d: usize,
+    ep: usize,
+    to_mesh: impl Fn(usize) -> usize,
+    plan: &StepPlan<'_>,
+) -> Result<EpLink<'t>> {
+    let first = d / ep * ep;
+    let link = EpLink::new(
+        t,
+        (first..first + ep).map(to_mesh).collect(),
+        d - first,
+        plan.step,
+    )?;
+    Ok(if plan.direct_dispatch {
         link.direct()
     } else {
         link
-    }
+    })
 }
 
 fn tag(plan: &StepPlan<'_>, op: CommOp, seq: u64) -> Tag {
@@ -141,9 +155,7 @@ pub(crate) fn rank_step(
             let s = rep.pipe_rank.unwrap_or(0);
             let (k, dp) = (t.rank(), plan.dp);
             let d = k % dp;
-            let first = d / ep * ep;
-            let group = (first..first + ep).map(|x| s * dp + x).collect();
-            let link = route(EpLink::new(t, group, d - first, plan.step)?, plan);
+            let link = group_link(t, d, ep, |x| s * dp + x, plan)?;
             let devices = (0..schedule.pp).map(|r| r * dp + d).collect();
             let experts = (ep > 1).then_some(&link as &dyn ExpertExchange);
             let r = pipeline::run_rank_on(
@@ -167,17 +179,9 @@ pub(crate) fn rank_step(
             // With expert parallelism, each pipeline rank exchanges tokens with the same rank
             // of the other pipelines of its group (`stage_ts` is empty without).
             let r = t.rank();
-            let first = r / ep * ep;
             let links = stage_ts
                 .iter_mut()
-                .map(|st| {
-                    EpLink::new(
-                        st as &mut dyn Transport,
-                        (first..first + ep).collect(),
-                        r - first,
-                        plan.step,
-                    )
-                })
+                .map(|st| group_link(st, r, ep, |x| x, plan))
                 .collect::<Result<Vec<_>>>()?;
             let exchanges: Vec<&dyn ExpertExchange> =
                 links.iter().map(|l| l as &dyn ExpertExchange).collect();
@@ -202,11 +206,7 @@ pub(crate) fn rank_step(
         ),
         (None, ep) => {
             let r = t.rank();
-            let first = r / ep * ep;
-            let link = route(
-                EpLink::new(t, (first..first + ep).collect(), r - first, plan.step)?,
-                plan,
-            );
+            let link = group_link(t, r, ep, |x| x, plan)?;
             let out = rep.model.forward_backward_ep(
                 batch,
                 &obj,
