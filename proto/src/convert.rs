@@ -57,6 +57,11 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
             alpha: t.alpha,
             mtp_lambda: t.mtp_lambda,
             seed: t.seed,
+            comm_timeout_s: if t.comm_timeout_s == 0.0 {
+                TrainingSpec::default().comm_timeout_s
+            } else {
+                t.comm_timeout_s
+            },
         });
     let data = match p.data {
         None => DataSpec::default(),
@@ -140,6 +145,7 @@ pub fn job_spec_to_wire(s: &JobSpec) -> Result<pb::JobSpec> {
             alpha: s.training.alpha,
             mtp_lambda: s.training.mtp_lambda,
             seed: s.training.seed,
+            comm_timeout_s: s.training.comm_timeout_s,
         }),
         data: Some(pb::Data {
             source: s.data.source.clone(),
@@ -168,7 +174,7 @@ mod tests {
 
     #[test]
     fn specs_round_trip_and_absent_sections_take_defaults() {
-        let text = "name = \"r\"\nprecision = \"bf16\"\n[parallelism]\ndp = 2\nmicro_batches = 4\n[training]\nbatch = 16\n[data]\ndtype = \"u32\"\nsource = \"t.bin\"";
+        let text = "name = \"r\"\nprecision = \"bf16\"\n[parallelism]\ndp = 2\nmicro_batches = 4\n[training]\nbatch = 16\ncomm_timeout_s = 7.5\n[data]\ndtype = \"u32\"\nsource = \"t.bin\"";
         let spec = JobSpec::from_toml(text, "r.toml").unwrap();
         let back = job_spec(job_spec_to_wire(&spec).unwrap()).unwrap();
         assert_eq!(back, spec);
@@ -178,6 +184,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(minimal, JobSpec::from_toml("name = \"m\"", "m").unwrap());
+        // A training section from a client that does not know the timeout: the default.
+        let old_client = job_spec(pb::JobSpec {
+            name: "m".into(),
+            training: Some(pb::Training {
+                steps: 3,
+                seq_len: 16,
+                batch: 2,
+                lr: 1e-3,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(old_client.training.comm_timeout_s, 120.0);
         let bad = job_spec(pb::JobSpec {
             name: "m".into(),
             precision: 42,

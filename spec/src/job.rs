@@ -30,6 +30,7 @@
 //! alpha = 0.0001            # sequence-wise balance loss weight
 //! mtp_lambda = 0.3
 //! seed = 0
+//! comm_timeout_s = 120      # longest wait for another device's data before the job fails
 //!
 //! [data]
 //! source = "synthetic"      # or a token file (.bin) or a text file
@@ -103,6 +104,11 @@ impl Default for ParallelismSpec {
     }
 }
 
+/// The default of `training.comm_timeout_s`.
+pub const DEFAULT_COMM_TIMEOUT_S: f64 = 120.0;
+/// The largest `training.comm_timeout_s` accepted (a day).
+pub const MAX_COMM_TIMEOUT_S: f64 = 86_400.0;
+
 /// The optimisation run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -127,6 +133,9 @@ pub struct TrainingSpec {
     pub mtp_lambda: f64,
     /// Seed of the initialisation and the data order.
     pub seed: u64,
+    /// Seconds any wait for another device's data (a frame, a collective, a connection) may
+    /// take before the job fails with an error naming the peer and the operation.
+    pub comm_timeout_s: f64,
 }
 
 impl Default for TrainingSpec {
@@ -142,6 +151,7 @@ impl Default for TrainingSpec {
             alpha: 0.0001,
             mtp_lambda: 0.3,
             seed: 0,
+            comm_timeout_s: DEFAULT_COMM_TIMEOUT_S,
         }
     }
 }
@@ -354,12 +364,18 @@ impl JobSpec {
             ("training.gamma", t.gamma, t.gamma >= 0.0),
             ("training.alpha", t.alpha, t.alpha >= 0.0),
             ("training.mtp_lambda", t.mtp_lambda, t.mtp_lambda >= 0.0),
+            (
+                "training.comm_timeout_s",
+                t.comm_timeout_s,
+                t.comm_timeout_s > 0.0 && t.comm_timeout_s <= MAX_COMM_TIMEOUT_S,
+            ),
         ] {
             if !(v.is_finite() && min_ok) {
                 return Err(bad(
                     field,
                     format!(
-                        "got {v}: must be finite and in range (lr > 0, ratio in [0, 1], weights >= 0)"
+                        "got {v}: must be finite and in range (lr > 0, ratio in [0, 1], weights \
+                         >= 0, comm_timeout_s in (0, {MAX_COMM_TIMEOUT_S}])"
                     ),
                 ));
             }
@@ -504,6 +520,18 @@ mod tests {
             (
                 "name = \"a\"\n[checkpointing]\nkeep = 0",
                 "checkpointing.keep",
+            ),
+            (
+                "name = \"a\"\n[training]\ncomm_timeout_s = 0.0",
+                "training.comm_timeout_s",
+            ),
+            (
+                "name = \"a\"\n[training]\ncomm_timeout_s = 1e9",
+                "training.comm_timeout_s",
+            ),
+            (
+                "name = \"a\"\n[training]\ncomm_timeout_s = nan",
+                "training.comm_timeout_s",
             ),
         ];
         for (text, field) in cases {

@@ -55,7 +55,9 @@ struct Exchange {
     transport: &'static str,
     /// Bytes one rank sends to the other per exchange (dispatch + combine).
     bytes_per_rank: u64,
-    /// Median seconds of one exchange (both ranks, dispatch then combine, encode and decode).
+    /// Median seconds of one exchange (both ranks, dispatch then combine: frames cut out of the
+    /// quantized tokens, exchanged, checked and decoded; outputs encoded in BF16, exchanged,
+    /// checked and added into the tokens' rows).
     seconds: f64,
     /// Bytes per second each rank moved.
     gbps: f64,
@@ -63,6 +65,26 @@ struct Exchange {
     peer_gbps: f64,
     /// `gbps / peer_gbps`.
     ratio: f64,
+    /// Median seconds of the quantization before dispatch (E4M3, 1x128 tiles, once per token).
+    quantize_seconds: f64,
+    /// The ratio counting the quantization as part of the exchange.
+    ratio_with_quantize: f64,
+}
+
+impl Exchange {
+    fn of(transport: &'static str, t: &ExchangeTimes, peer_gbps: f64) -> Self {
+        let gbps = t.bytes as f64 / t.exchange / 1e9;
+        Self {
+            transport,
+            bytes_per_rank: t.bytes,
+            seconds: t.exchange,
+            gbps,
+            peer_gbps,
+            ratio: gbps / peer_gbps,
+            quantize_seconds: t.quantize,
+            ratio_with_quantize: t.bytes as f64 / (t.exchange + t.quantize) / 1e9 / peer_gbps,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -121,83 +143,136 @@ fn workload(a: &CommBenchArgs, rank: usize) -> Result<(Tensor<f32>, Vec<u32>, Ve
     Ok((Tensor::new(vec![t, h], x)?, routes, weights))
 }
 
-/// Dispatch then combine through `ex`, as a MoE layer does (no expert compute): returns the
-/// bytes sent to the other member.
+/// One rank's side of a MoE layer's exchange.
+struct Work {
+    x: Tensor<f32>,
+    routes: Vec<u32>,
+    weights: Vec<f32>,
+    /// Stand-ins for the experts' outputs (the combine's input): one row per token.
+    outputs: Tensor<f32>,
+    /// `0..tokens`, to cut the first rows of `outputs`.
+    first: Vec<usize>,
+}
+
+impl Work {
+    fn new(a: &CommBenchArgs, rank: usize) -> Result<Self> {
+        let (x, routes, weights) = workload(a, rank)?;
+        let outputs = x.map(|v| v * 0.5);
+        Ok(Self {
+            x,
+            routes,
+            weights,
+            outputs,
+            first: (0..a.tokens).collect(),
+        })
+    }
+}
+
+/// The layer's tokens quantized once (E4M3, 1x128 tiles), with their routes: what the layer
+/// does before dispatch (and what DeepEP's dispatch takes as input).
+fn quantize(a: &CommBenchArgs, w: &Work) -> Result<DispatchFrame> {
+    Ok(DispatchFrame::encode_rows(
+        &w.x,
+        a.topk,
+        w.routes.clone(),
+        w.weights.clone(),
+        RowCodec::Fp8 { pow2_scales: false },
+    )?)
+}
+
+/// Dispatch then combine through `ex` as a MoE layer runs them, with the library's code (no
+/// expert compute): each member's frame cut out of the quantized tokens, exchanged, checked and
+/// decoded to the FP8 rows the experts take; then the experts' outputs back in BF16, exchanged,
+/// checked and added into the tokens' rows.
 fn exchange_once(
     ex: &EpLink<'_>,
     a: &CommBenchArgs,
-    work: &(Tensor<f32>, Vec<u32>, Vec<f32>),
+    w: &Work,
+    quantized: &DispatchFrame,
+    y: &mut [f32],
 ) -> Result<()> {
-    let (x, routes, weights) = work;
-    let (k, per) = (a.topk, a.experts / 2);
+    let (k, per, h) = (a.topk, a.experts / 2, a.hidden);
     let mut sent: Vec<Vec<usize>> = vec![Vec::new(); 2];
-    for tok in 0..x.rows() {
-        let r = &routes[tok * k..(tok + 1) * k];
+    for tok in 0..w.x.rows() {
+        let r = &w.routes[tok * k..(tok + 1) * k];
         for (q, rows) in sent.iter_mut().enumerate() {
             if r.iter().any(|&j| j as usize / per == q) {
                 rows.push(tok);
             }
         }
     }
-    let h = a.hidden;
-    let frames = sent
+    let got = ex.dispatch(&sent, &mut |rows| quantized.encode_selected(rows))?;
+    let received = got
         .iter()
-        .map(|rows| {
-            let mut xs = Vec::with_capacity(rows.len() * h);
-            let (mut rr, mut ww) = (Vec::new(), Vec::new());
-            for &t in rows {
-                xs.extend_from_slice(&x.data()[t * h..(t + 1) * h]);
-                rr.extend_from_slice(&routes[t * k..(t + 1) * k]);
-                ww.extend_from_slice(&weights[t * k..(t + 1) * k]);
-            }
-            let xs = Tensor::new(vec![rows.len(), h], xs)?;
-            Ok(
-                DispatchFrame::encode_rows(&xs, k, rr, ww, RowCodec::Fp8 { pow2_scales: false })?
-                    .encode(),
-            )
-        })
+        .map(|b| Ok(DispatchFrame::decode(b, a.experts)?.tokens.rows()))
         .collect::<Result<Vec<_>>>()?;
-    let got = ex.exchange(ExchangePhase::Dispatch, frames)?;
-    let back = got
+    let back = received
         .iter()
-        .map(|b| {
-            let f = DispatchFrame::decode(b, a.experts)?;
-            Ok(CombineFrame::from_f32(&f.tokens.to_f32())?.encode())
+        .map(|&n| {
+            Ok(CombineFrame::encode_f32_selected(
+                &w.outputs,
+                &w.first[..n],
+                false,
+            )?)
         })
         .collect::<Result<Vec<_>>>()?;
     let combined = ex.exchange(ExchangePhase::Combine, back)?;
-    for b in &combined {
-        CombineFrame::decode(b)?.to_f32()?;
+    for (q, b) in combined.iter().enumerate() {
+        let view = CombineFrame::view(b)?;
+        if view.rows != sent[q].len() || view.cols != h {
+            bail!("member {q} combined {} x {}", view.rows, view.cols);
+        }
+        for (i, &t) in sent[q].iter().enumerate() {
+            view.add_row(i, &mut y[t * h..(t + 1) * h], |o, v| *o += v);
+        }
     }
     Ok(())
 }
 
-/// Times `iters` exchanges on two endpoints; returns (median seconds, bytes per rank).
-fn time_exchanges(a: &CommBenchArgs, mut mesh: Vec<LocalTransport>) -> Result<(f64, u64)> {
-    let works = [workload(a, 0)?, workload(a, 1)?];
-    let results: Vec<Result<(Vec<f64>, u64)>> = std::thread::scope(|s| {
+/// What timing the exchange on two endpoints measured (medians over iterations, the slower
+/// rank's time each).
+struct ExchangeTimes {
+    /// Seconds of dispatch and combine.
+    exchange: f64,
+    /// Seconds of the quantization before dispatch.
+    quantize: f64,
+    /// Bytes one rank sent to the other per exchange.
+    bytes: u64,
+}
+
+/// Times `iters` exchanges on two endpoints.
+fn time_exchanges(a: &CommBenchArgs, mut mesh: Vec<LocalTransport>) -> Result<ExchangeTimes> {
+    let works = [Work::new(a, 0)?, Work::new(a, 1)?];
+    type PerRank = (Vec<f64>, Vec<f64>, u64);
+    let results: Vec<Result<PerRank>> = std::thread::scope(|s| {
         let hs: Vec<_> = mesh
             .iter_mut()
             .zip(&works)
             .enumerate()
             .map(|(r, (t, work))| {
-                s.spawn(move || -> Result<(Vec<f64>, u64)> {
-                    let mut times = Vec::new();
+                s.spawn(move || -> Result<PerRank> {
+                    let (mut times, mut quant) = (Vec::new(), Vec::new());
                     let mut bytes = 0;
+                    let mut y = vec![0f32; a.tokens * a.hidden];
                     for i in 0..=a.iters {
+                        let t0 = Instant::now();
+                        let quantized = quantize(a, work)?;
+                        let q = t0.elapsed().as_secs_f64();
                         let before = t.bytes().total();
                         let t0 = Instant::now();
                         {
                             let link =
                                 EpLink::new(t as &mut dyn Transport, vec![0, 1], r, i as u64 + 1)?;
-                            exchange_once(&link, a, work)?;
+                            exchange_once(&link, a, work, &quantized, &mut y)?;
                         }
                         if i > 0 {
                             times.push(t0.elapsed().as_secs_f64());
+                            quant.push(q);
                             bytes = t.bytes().total() - before;
                         }
                     }
-                    Ok((times, bytes))
+                    std::hint::black_box(&y);
+                    Ok((times, quant, bytes))
                 })
             })
             .collect();
@@ -209,15 +284,23 @@ fn time_exchanges(a: &CommBenchArgs, mut mesh: Vec<LocalTransport>) -> Result<(f
             .collect()
     });
     let mut per_iter = vec![0f64; a.iters];
+    let mut per_quant = vec![0f64; a.iters];
     let mut bytes = 0;
     for r in results {
-        let (times, b) = r?;
+        let (times, quant, b) = r?;
         for (m, t) in per_iter.iter_mut().zip(times) {
+            *m = m.max(t);
+        }
+        for (m, t) in per_quant.iter_mut().zip(quant) {
             *m = m.max(t);
         }
         bytes = bytes.max(b);
     }
-    Ok((median(per_iter), bytes))
+    Ok(ExchangeTimes {
+        exchange: median(per_iter),
+        quantize: median(per_quant),
+        bytes,
+    })
 }
 
 /// GB/s of two threads each copying `bytes` between buffers of their own (median of `iters`).
@@ -495,28 +578,12 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
 
     let timeout = Duration::from_secs(120);
     let mut exchanges = Vec::new();
-    let (secs, bytes) = time_exchanges(a, LocalMesh::new(2, timeout))?;
-    let peer = memcpy_gbps(bytes as usize, a.iters);
-    let gbps = bytes as f64 / secs / 1e9;
-    exchanges.push(Exchange {
-        transport: "shm (in-process, one node)",
-        bytes_per_rank: bytes,
-        seconds: secs,
-        gbps,
-        peer_gbps: peer,
-        ratio: gbps / peer,
-    });
-    let (secs, bytes) = time_exchanges(a, tcp_pair(timeout).context("a TCP mesh of two nodes")?)?;
-    let peer = raw_tcp_gbps(bytes as usize, a.iters)?;
-    let gbps = bytes as f64 / secs / 1e9;
-    exchanges.push(Exchange {
-        transport: "tcp (loopback, two nodes)",
-        bytes_per_rank: bytes,
-        seconds: secs,
-        gbps,
-        peer_gbps: peer,
-        ratio: gbps / peer,
-    });
+    let t = time_exchanges(a, LocalMesh::new(2, timeout))?;
+    let peer = memcpy_gbps(t.bytes as usize, a.iters);
+    exchanges.push(Exchange::of("shm (in-process, one node)", &t, peer));
+    let t = time_exchanges(a, tcp_pair(timeout).context("a TCP mesh of two nodes")?)?;
+    let peer = raw_tcp_gbps(t.bytes as usize, a.iters)?;
+    exchanges.push(Exchange::of("tcp (loopback, two nodes)", &t, peer));
 
     let mut training = Vec::new();
     if a.steps > 0 {
@@ -613,13 +680,21 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
     );
     for e in &report.exchanges {
         println!(
-            "  {:<28} {:>7.1} MB/rank in {:>7.1} ms: {:>6.2} GB/s, peer {:>6.2} GB/s, ratio {:.2}",
+            "  {:<28} {:>7.1} MB/rank in {:>7.1} ms: {:>6.2} GB/s, peer {:>6.2} GB/s, ratio {:.2} \
+             (goal >= {}) | with the quantization before it (+{:.1} ms): ratio {:.2}",
             e.transport,
             e.bytes_per_rank as f64 / 1e6,
             e.seconds * 1e3,
             e.gbps,
             e.peer_gbps,
-            e.ratio
+            e.ratio,
+            if e.transport.starts_with("shm") {
+                "0.5"
+            } else {
+                "0.7"
+            },
+            e.quantize_seconds * 1e3,
+            e.ratio_with_quantize
         );
     }
     if !report.training.is_empty() {

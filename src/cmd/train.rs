@@ -88,6 +88,10 @@ pub struct TrainArgs {
     /// Expert-bias update speed gamma.
     #[arg(long)]
     pub gamma: Option<f64>,
+    /// Seconds any wait for another device's data (a frame, a collective, a connection) may
+    /// take before the job fails naming the peer and the operation (default 120).
+    #[arg(long, value_name = "SECONDS")]
+    pub comm_timeout: Option<f64>,
     /// Micro-batches per step and data-parallel rank (default: 2 x pp with DualPipe, else 2).
     #[arg(long)]
     pub micro_batches: Option<usize>,
@@ -192,6 +196,7 @@ fn job_spec(args: &TrainArgs) -> Result<(JobSpec, Given)> {
         t.lr = f64::from(lr);
     }
     t.gamma = args.gamma.unwrap_or(t.gamma);
+    t.comm_timeout_s = args.comm_timeout.unwrap_or(t.comm_timeout_s);
     let par = &mut spec.parallelism;
     for (name, set) in [
         (
@@ -289,6 +294,7 @@ fn flag_of(field: &str) -> Option<&'static str> {
         "training.batch" => "--batch",
         "training.lr" => "--lr",
         "training.gamma" => "--gamma",
+        "training.comm_timeout_s" => "--comm-timeout",
         "parallelism.micro_batches" => "--micro-batches",
         "parallelism.pp" => "--pp",
         "parallelism.schedule" => "--schedule",

@@ -155,14 +155,14 @@ fn status(
     }
 }
 
-/// How long a job waits for the ranks of its other nodes to connect.
-const MESH_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// This node's endpoints of a job whose ranks span nodes: the nodes in the order the coordinator
 /// listed them, each rank on the node that holds it. Without pipeline parallelism the mesh's
-/// ranks are the data-parallel ranks; with it, the devices `pp_rank * dp + dp_rank`.
+/// ranks are the data-parallel ranks; with it, the devices `pp_rank * dp + dp_rank`. Connecting,
+/// and every wait for a frame after, gives up after `timeout` (the job's
+/// `training.comm_timeout_s`).
 fn cross_node_mesh(
     a: &pb::Assignment,
+    timeout: Duration,
     node: &str,
     acceptor: Option<&crate::comm::tcp::Acceptor>,
 ) -> Result<Vec<crate::comm::transport::LocalTransport>> {
@@ -229,7 +229,7 @@ fn cross_node_mesh(
         },
         me,
         acceptor,
-        MESH_TIMEOUT,
+        timeout,
     )
 }
 
@@ -264,7 +264,8 @@ fn start_job(
             };
             // Ranks on other nodes: this node's ranks join them over TCP.
             let mesh = if a.world.len() > a.ranks.len() {
-                match cross_node_mesh(&a, &node, acceptor.as_ref()) {
+                let timeout = crate::job::options(&spec).comm_timeout();
+                match cross_node_mesh(&a, timeout, &node, acceptor.as_ref()) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         report(status(&job_id, pb::JobState::Failed, e.to_string(), None));

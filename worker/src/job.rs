@@ -72,6 +72,7 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
     o.balance_alpha = t.alpha;
     o.mtp_lambda = t.mtp_lambda;
     o.micro_batches = spec.parallelism.micro_batches.max(1);
+    o.comm_timeout_s = t.comm_timeout_s;
     let par = &spec.parallelism;
     o.dp = par.dp.max(1);
     o.ep = par.ep.max(1);
@@ -118,6 +119,7 @@ pub fn trainer_for_on(spec: &JobSpec, mesh: Option<Vec<LocalTransport>>) -> Resu
         o.micro_batches = now.micro_batches;
         o.dp = now.dp;
         o.ep = now.ep;
+        o.comm_timeout_s = now.comm_timeout_s;
         return Trainer::resume_on(dir, batcher, o, mesh);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;

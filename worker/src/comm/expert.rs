@@ -182,15 +182,6 @@ impl<'t> EpLink<'t> {
         let mine = self.nodes[me];
         let mut t = self.lock()?;
         let mut got: Vec<Option<Vec<u8>>> = vec![None; ep];
-        // This node's members directly.
-        for q in self.members_on(mine) {
-            let frame = encode(&rows[q])?;
-            if q == me {
-                got[me] = Some(frame);
-            } else {
-                t.send(self.group[q], tag, frame)?;
-            }
-        }
         // Each other node once: the union of its members' rows, to the relay.
         for node in self.remote_nodes() {
             let qs = self.members_on(node);
@@ -208,6 +199,15 @@ impl<'t> EpLink<'t> {
                 .collect();
             let msg = relay_message(&lists, &encode(&union)?);
             t.send(self.group[self.relay(me, node)], tag, msg)?;
+        }
+        // Then this node's members directly (after the network sends, which take longer).
+        for q in self.members_on(mine) {
+            let frame = encode(&rows[q])?;
+            if q == me {
+                got[me] = Some(frame);
+            } else {
+                t.send(self.group[q], tag, frame)?;
+            }
         }
         // Relay duty: cut the frames of this node's members out of what remote sources sent.
         let local = self.members_on(mine);
@@ -466,8 +466,20 @@ impl ExpertExchange for EpLink<'_> {
         if self.hierarchical {
             return self.hierarchical_dispatch(rows, encode);
         }
-        let frames = rows.iter().map(|r| encode(r)).collect::<Result<Vec<_>>>()?;
-        self.exchange(ExchangePhase::Dispatch, frames)
+        // Each frame goes out as soon as it is encoded, other nodes' first: the network
+        // writers start while this member encodes the rest.
+        let tag = self.tag(
+            CommOp::Dispatch,
+            self.next.fetch_add(1, Ordering::Relaxed),
+            None,
+        );
+        let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
+        let mut t = self.lock()?;
+        for q in self.send_order() {
+            t.send(self.group[q], tag, encode(&rows[q])?)?;
+        }
+        let own = encode(&rows[self.me])?;
+        self.receive(&mut **t, tag, own)
     }
 
     fn exchange(&self, phase: ExchangePhase, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
@@ -495,11 +507,28 @@ impl ExpertExchange for EpLink<'_> {
         let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
         let mut t = self.lock()?;
         let own = std::mem::take(&mut frames[self.me]);
-        for (q, frame) in frames.into_iter().enumerate() {
-            if q != self.me {
-                t.send(self.group[q], tag, frame)?;
-            }
+        for q in self.send_order() {
+            t.send(self.group[q], tag, std::mem::take(&mut frames[q]))?;
         }
+        self.receive(&mut **t, tag, own)
+    }
+}
+
+impl EpLink<'_> {
+    /// The other members in the order a direct exchange sends to them: other nodes' first (the
+    /// slower link starts earliest), then this node's, each in member order.
+    fn send_order(&self) -> Vec<usize> {
+        let mine = self.nodes[self.me];
+        let (mut remote, local): (Vec<usize>, Vec<usize>) = (0..self.group.len())
+            .filter(|&q| q != self.me)
+            .partition(|&q| self.nodes[q] != mine);
+        remote.extend(local);
+        remote
+    }
+
+    /// The frame every member sent this one under `tag`, in member order (`own` is this
+    /// member's).
+    fn receive(&self, t: &mut dyn Transport, tag: Tag, own: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(self.group.len());
         let mut own = Some(own);
         for (q, &peer) in self.group.iter().enumerate() {

@@ -208,25 +208,92 @@ impl DispatchFrame {
 
     /// The frame's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let (rows, cols) = (self.tokens.rows(), self.tokens.cols());
-        let mut out =
-            Vec::with_capacity(HEADER + self.tokens.wire_bytes() + 8 * self.experts.len());
+        self.write(None)
+    }
+
+    /// The frame of the rows `rows` (in that order) alone, with their routes: byte for byte what
+    /// encoding those rows on their own gives (every row is encoded on its own), written straight
+    /// from this frame's encoded rows. A layer encodes its tokens once and cuts each member's
+    /// frame out of them; a token bound for several members is quantized once.
+    pub fn encode_selected(&self, rows: &[usize]) -> Result<Vec<u8>> {
+        let n = self.tokens.rows();
+        if let Some(r) = rows.iter().find(|&&r| r >= n) {
+            return Err(bad("dispatch", format!("row {r} of a frame of {n}")));
+        }
+        Ok(self.write(Some(rows)))
+    }
+
+    /// The bytes of the rows `sel` (all rows when `None`; every index is in range).
+    fn write(&self, sel: Option<&[usize]>) -> Vec<u8> {
+        let (n, cols, k) = (self.tokens.rows(), self.tokens.cols(), self.topk);
+        let count = sel.map_or(n, <[usize]>::len);
+        let all: Vec<usize>;
+        let sel = match sel {
+            Some(s) => s,
+            None => {
+                all = (0..n).collect();
+                &all
+            }
+        };
+        let row_bytes = match &self.tokens {
+            TokenRows::Fp8(_) => cols + 4 * blocks(cols),
+            TokenRows::Bf16(_) => 2 * cols,
+            TokenRows::F32(_) => 4 * cols,
+        };
+        let mut out = Vec::with_capacity(HEADER + count * (row_bytes + 8 * k));
         header(
             &mut out,
             KIND_DISPATCH,
             self.tokens.flags() | if self.pow2_scales { FLAG_POW2 } else { 0 },
-            [rows, cols, self.topk],
+            [count, cols, k],
         );
         match &self.tokens {
             TokenRows::Fp8(m) => {
-                out.extend_from_slice(m.codes());
-                put(&mut out, m.scales(), f32::to_le_bytes);
+                for &r in sel {
+                    out.extend_from_slice(&m.codes()[r * cols..(r + 1) * cols]);
+                }
+                let nb = blocks(cols);
+                for &r in sel {
+                    put(
+                        &mut out,
+                        &m.scales()[r * nb..(r + 1) * nb],
+                        f32::to_le_bytes,
+                    );
+                }
             }
-            TokenRows::Bf16(t) => put(&mut out, t.data(), bf16::to_le_bytes),
-            TokenRows::F32(t) => put(&mut out, t.data(), f32::to_le_bytes),
+            TokenRows::Bf16(t) => {
+                for &r in sel {
+                    put(
+                        &mut out,
+                        &t.data()[r * cols..(r + 1) * cols],
+                        bf16::to_le_bytes,
+                    );
+                }
+            }
+            TokenRows::F32(t) => {
+                for &r in sel {
+                    put(
+                        &mut out,
+                        &t.data()[r * cols..(r + 1) * cols],
+                        f32::to_le_bytes,
+                    );
+                }
+            }
         }
-        put(&mut out, &self.experts, u32::to_le_bytes);
-        put(&mut out, &self.weights, f32::to_le_bytes);
+        for &r in sel {
+            put(
+                &mut out,
+                &self.experts[r * k..(r + 1) * k],
+                u32::to_le_bytes,
+            );
+        }
+        for &r in sel {
+            put(
+                &mut out,
+                &self.weights[r * k..(r + 1) * k],
+                f32::to_le_bytes,
+            );
+        }
         out
     }
 
@@ -289,7 +356,10 @@ impl DispatchFrame {
                     f32s(&rows_bytes[n..]),
                 )
                 .map_err(|e| bad(K, e.to_string()))?;
-                if m.codes().iter().any(|c| Fp8Format::E4M3.is_nan(*c)) {
+                // E4M3's NaN is S.1111.111: a branch-free scan first (it vectorises).
+                if m.codes().iter().fold(false, |a, c| a | (c & 0x7F == 0x7F))
+                    && m.codes().iter().any(|c| Fp8Format::E4M3.is_nan(*c))
+                {
                     return Err(bad(K, "a token value is NaN"));
                 }
                 TokenRows::Fp8(m)
@@ -339,9 +409,64 @@ impl CombineFrame {
         let values = if full {
             CombineValues::F32(x.data().to_vec())
         } else {
-            CombineValues::Bf16(x.data().iter().map(|v| bf16::from_f32(*v)).collect())
+            CombineValues::Bf16(
+                x.data()
+                    .iter()
+                    .map(|v| bf16::from_bits(bf16_bits(*v)))
+                    .collect(),
+            )
         };
         Ok(Self { rows, cols, values })
+    }
+
+    /// The bytes of the frame of `x: [rows, cols]` (BF16, or FP32 when `full` is set), written
+    /// straight from `x`: what `encode_rows(x, full)?.encode()` gives, without the copies.
+    pub fn encode_f32(x: &Tensor<f32>, full: bool) -> Result<Vec<u8>> {
+        let [rows, cols] = dims2(x, "combine")?;
+        Ok(Self::write_f32(x.data(), rows, cols, None, full))
+    }
+
+    /// The bytes of the frame of the rows `rows` (in that order) of `x: [n, cols]`.
+    pub fn encode_f32_selected(x: &Tensor<f32>, rows: &[usize], full: bool) -> Result<Vec<u8>> {
+        let [n, cols] = dims2(x, "combine")?;
+        if let Some(r) = rows.iter().find(|&&r| r >= n) {
+            return Err(bad("combine", format!("row {r} of {n}")));
+        }
+        Ok(Self::write_f32(
+            x.data(),
+            rows.len(),
+            cols,
+            Some(rows),
+            full,
+        ))
+    }
+
+    /// Header and values of `count` rows of `cols` (the rows `sel` of `data`, or all of them).
+    fn write_f32(
+        data: &[f32],
+        count: usize,
+        cols: usize,
+        sel: Option<&[usize]>,
+        full: bool,
+    ) -> Vec<u8> {
+        let width = if full { 4 } else { 2 };
+        let mut out = Vec::with_capacity(HEADER + width * count * cols);
+        let flags = if full { ENC_F32 << ENC_SHIFT } else { 0 };
+        header(&mut out, KIND_COMBINE, flags, [count, cols, 0]);
+        let mut row = |r: &[f32]| {
+            if full {
+                put(&mut out, r, f32::to_le_bytes);
+            } else {
+                put_bf16(&mut out, r);
+            }
+        };
+        match sel {
+            Some(sel) => sel
+                .iter()
+                .for_each(|&r| row(&data[r * cols..(r + 1) * cols])),
+            None => row(data),
+        }
+        out
     }
 
     /// The values as FP32.
@@ -376,6 +501,26 @@ impl CombineFrame {
 
     /// Reads a frame made by [`CombineFrame::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let v = Self::view(bytes)?;
+        let values = if v.width == 2 {
+            CombineValues::Bf16(
+                v.data
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            )
+        } else {
+            CombineValues::F32(f32s(v.data))
+        };
+        Ok(Self {
+            rows: v.rows,
+            cols: v.cols,
+            values,
+        })
+    }
+
+    /// Checks a frame made by [`CombineFrame::encode`] and reads its values in place.
+    pub fn view(bytes: &[u8]) -> Result<CombineView<'_>> {
         const K: &str = "combine";
         let (flags, [rows, cols, _]) = read_header(bytes, KIND_COMBINE, K)?;
         let width = match ((flags & ENC_MASK) >> ENC_SHIFT, flags & FLAG_POW2) {
@@ -397,27 +542,111 @@ impl CombineFrame {
                 ),
             ));
         }
-        let values = if width == 2 {
-            let v: Vec<bf16> = bytes[HEADER..]
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            // Exponent all ones: infinite or NaN. A branch-free scan first (it vectorises).
-            let any = v
-                .iter()
-                .fold(false, |a, x| a | (x.to_bits() & 0x7F80 == 0x7F80));
-            if any && let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(bad(K, format!("value {i} is {}", v[i])));
-            }
-            CombineValues::Bf16(v)
+        let data = &bytes[HEADER..];
+        // Exponent all ones: infinite or NaN. A branch-free scan first (it vectorises).
+        let bad_at = if width == 2 {
+            let any = data.chunks_exact(2).fold(false, |a, c| {
+                a | (u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
+            });
+            any.then(|| {
+                data.chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite())
+            })
         } else {
-            let v = f32s(&bytes[HEADER..]);
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(bad(K, format!("value {i} is {}", v[i])));
-            }
-            CombineValues::F32(v)
+            let any = data.chunks_exact(4).fold(false, |a, c| {
+                a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+            });
+            any.then(|| {
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite())
+            })
         };
-        Ok(Self { rows, cols, values })
+        if let Some(Some((i, x))) = bad_at {
+            return Err(bad(K, format!("value {i} is {x}")));
+        }
+        Ok(CombineView {
+            rows,
+            cols,
+            width,
+            data,
+        })
+    }
+}
+
+/// A checked combine frame, read in place (see [`CombineFrame::view`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CombineView<'a> {
+    /// Rows (tokens).
+    pub rows: usize,
+    /// Values per row.
+    pub cols: usize,
+    /// Bytes per value: 2 (BF16) or 4 (FP32).
+    width: usize,
+    data: &'a [u8],
+}
+
+impl CombineView<'_> {
+    /// Calls `add(&mut dst[j], value j of row i)` for every column `j` (`dst` holds at least
+    /// `cols` values; `i < rows`).
+    pub fn add_row<V>(&self, i: usize, dst: &mut [V], add: impl Fn(&mut V, f32)) {
+        let w = self.width * self.cols;
+        let row = &self.data[i * w..(i + 1) * w];
+        if self.width == 2 {
+            for (o, c) in dst.iter_mut().zip(row.chunks_exact(2)) {
+                add(
+                    o,
+                    f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16),
+                );
+            }
+        } else {
+            for (o, c) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                add(o, f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+        }
+    }
+
+    /// The values as an FP32 `[rows, cols]` tensor.
+    pub fn to_f32(&self) -> Result<Tensor<f32>> {
+        let v: Vec<f32> = if self.width == 2 {
+            self.data
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                .collect()
+        } else {
+            f32s(self.data)
+        };
+        Ok(Tensor::new(vec![self.rows, self.cols], v)?)
+    }
+}
+
+/// The BF16 bits of `v` rounded to nearest even, NaN kept NaN (quieted): what
+/// `half::bf16::from_f32` gives, in a branch-free form the compiler vectorises.
+#[inline]
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// Appends `values` rounded to BF16, little-endian (converted through a small stack buffer, so
+/// the output is written once).
+fn put_bf16(out: &mut Vec<u8>, values: &[f32]) {
+    const CHUNK: usize = 64;
+    let mut buf = [0u8; 2 * CHUNK];
+    for chunk in values.chunks(CHUNK) {
+        for (c, v) in buf.chunks_exact_mut(2).zip(chunk) {
+            c.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+        }
+        out.extend_from_slice(&buf[..2 * chunk.len()]);
     }
 }
 
@@ -464,36 +693,8 @@ pub fn select_rows(bytes: &[u8], rows: &[usize]) -> Result<Vec<u8>> {
     match bytes.get(4) {
         Some(&KIND_DISPATCH) => {
             let f = DispatchFrame::decode(bytes, usize::MAX)?;
-            let (n, cols, k) = (f.tokens.rows(), f.tokens.cols(), f.topk);
-            out_of(n, "dispatch")?;
-            let shape = vec![rows.len(), cols];
-            let tokens = match &f.tokens {
-                TokenRows::Fp8(m) => TokenRows::Fp8(
-                    Fp8Matrix::from_parts(
-                        rows.len(),
-                        cols,
-                        Fp8Format::E4M3,
-                        Granularity::Tile1x128,
-                        gather(m.codes(), rows, cols),
-                        gather(m.scales(), rows, blocks(cols)),
-                    )
-                    .map_err(|e| bad("dispatch", e.to_string()))?,
-                ),
-                TokenRows::Bf16(t) => {
-                    TokenRows::Bf16(Tensor::new(shape, gather(t.data(), rows, cols))?)
-                }
-                TokenRows::F32(t) => {
-                    TokenRows::F32(Tensor::new(shape, gather(t.data(), rows, cols))?)
-                }
-            };
-            Ok(DispatchFrame {
-                tokens,
-                topk: k,
-                experts: gather(&f.experts, rows, k),
-                weights: gather(&f.weights, rows, k),
-                pow2_scales: f.pow2_scales,
-            }
-            .encode())
+            out_of(f.tokens.rows(), "dispatch")?;
+            f.encode_selected(rows)
         }
         Some(&KIND_COMBINE) => {
             let f = CombineFrame::decode(bytes)?;
@@ -578,6 +779,82 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
             .collect();
         Tensor::new(vec![n, cols], v).unwrap()
+    }
+
+    #[test]
+    fn bf16_rounding_is_half_s() {
+        let mut specials = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7F80_0001),
+            f32::from_bits(0xFFFF_FFFF),
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            f32::from_bits(0x7F7F_FFFF),
+        ];
+        // A sweep over every exponent with mantissas around the rounding points.
+        for e in 0u32..256 {
+            for m in [0u32, 0x7FFF, 0x8000, 0x8001, 0x1_8000, 0x7F_FFFF] {
+                specials.push(f32::from_bits((e << 23) | m));
+                specials.push(f32::from_bits(0x8000_0000 | (e << 23) | m));
+            }
+        }
+        for v in specials {
+            assert_eq!(
+                bf16_bits(v),
+                bf16::from_f32(v).to_bits(),
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn combine_bytes_written_straight_match_the_frame() {
+        let (n, cols) = (5, 130);
+        let x = rows(n, cols);
+        let pick = [4usize, 0, 2];
+        let sub = Tensor::new(vec![pick.len(), cols], gather(x.data(), &pick, cols)).unwrap();
+        for full in [false, true] {
+            let frame = CombineFrame::encode_rows(&x, full).unwrap();
+            let bytes = frame.encode();
+            assert_eq!(CombineFrame::encode_f32(&x, full).unwrap(), bytes);
+            assert_eq!(
+                CombineFrame::encode_f32_selected(&x, &pick, full).unwrap(),
+                CombineFrame::encode_rows(&sub, full).unwrap().encode()
+            );
+            // Read in place: the values decoding gives, and adding row by row.
+            let view = CombineFrame::view(&bytes).unwrap();
+            let want = frame.to_f32().unwrap();
+            assert_eq!(view.to_f32().unwrap(), want);
+            let mut acc = vec![1.0f32; cols];
+            view.add_row(3, &mut acc, |o, v| *o += v);
+            for (a, w) in acc.iter().zip(&want.data()[3 * cols..4 * cols]) {
+                assert_eq!(*a, 1.0 + w);
+            }
+        }
+        assert!(
+            CombineFrame::encode_f32_selected(&x, &[n], false)
+                .unwrap_err()
+                .to_string()
+                .contains("row 5 of 5")
+        );
+        // A non-finite value is refused, naming its index.
+        let mut y = x.clone();
+        y.data_mut()[7] = f32::INFINITY;
+        let bytes = CombineFrame::encode_f32(&y, false).unwrap();
+        let err = CombineFrame::view(&bytes).unwrap_err().to_string();
+        assert!(err.contains("value 7 is inf"), "{err}");
     }
 
     #[test]

@@ -25,9 +25,8 @@ use super::linear::ModelFloat;
 use super::mlp::MlpSaved;
 use super::moe::{Moe, MoeSaved, MoeStats};
 use super::params::ParamStore;
-use super::tensor_ops::gather_rows;
 use super::wgrad::WTask;
-use crate::comm::wire::{CombineFrame, DispatchFrame};
+use crate::comm::wire::{CombineFrame, CombineView, DispatchFrame};
 use crate::{Result, WorkerError};
 
 /// One of this rank's experts as it ran on the rows it was sent.
@@ -67,17 +66,16 @@ fn from_f32<T: ModelFloat>(x: &Tensor<f32>) -> Tensor<T> {
 fn rows_match(
     what: &str,
     member: usize,
-    got: &Tensor<f32>,
+    got: &CombineView<'_>,
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    if got.rows() != rows || got.last_dim() != cols {
+    if got.rows != rows || got.cols != cols {
         return Err(WorkerError::Frame {
             kind: "combine",
             reason: format!(
                 "{what} from member {member}: {} x {}, expected {rows} x {cols}",
-                got.rows(),
-                got.last_dim()
+                got.rows, got.cols
             ),
         });
     }
@@ -134,21 +132,18 @@ impl Moe {
                 }
             }
         }
-        let codec = dispatch_codec(ctx.precision);
-        let xf = to_f32(x);
+        // Every token is encoded (quantized in FP8 runs) once; each member's frame is cut out of
+        // the encoded rows.
         let wf: Vec<f32> = gate.weights.data().iter().map(|v| v.f64() as f32).collect();
-        let got = ex.dispatch(&sent, &mut |rows| {
-            let xs = gather_rows(&xf, rows)?;
-            let routes = rows
-                .iter()
-                .flat_map(|&t| gate.indices[t * k..(t + 1) * k].iter().copied())
-                .collect();
-            let weights = rows
-                .iter()
-                .flat_map(|&t| wf[t * k..(t + 1) * k].iter().copied())
-                .collect();
-            Ok(DispatchFrame::encode_rows(&xs, k, routes, weights, codec)?.encode())
-        })?;
+        let all = DispatchFrame::encode_rows(
+            &to_f32(x),
+            k,
+            gate.indices.clone(),
+            wf,
+            dispatch_codec(ctx.precision),
+        )?;
+        let got = ex.dispatch(&sent, &mut |rows| all.encode_selected(rows))?;
+        drop(all);
         if got.len() != ep {
             return Err(WorkerError::invalid(
                 "expert exchange",
@@ -221,7 +216,7 @@ impl Moe {
         let full = combine_full(ctx.precision);
         let frames = sums
             .iter()
-            .map(|y| Ok(CombineFrame::encode_rows(&to_f32(y), full)?.encode()))
+            .map(|y| CombineFrame::encode_f32(&to_f32(y), full))
             .collect::<Result<Vec<_>>>()?;
         let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
@@ -236,14 +231,13 @@ impl Moe {
         };
         drop(shared_span);
         for (q, bytes) in back.iter().enumerate() {
-            let part = CombineFrame::decode(bytes)?.to_f32()?;
+            let part = CombineFrame::view(bytes)?;
             rows_match("expert outputs", q, &part, sent[q].len(), hidden)?;
             let yd = y.data_mut();
             for (i, &t) in sent[q].iter().enumerate() {
-                let src = &part.data()[i * hidden..(i + 1) * hidden];
-                for (o, &v) in yd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
+                part.add_row(i, &mut yd[t * hidden..(t + 1) * hidden], |o, v| {
                     *o += T::of(f64::from(v));
-                }
+                });
             }
         }
         let stats = MoeStats {
@@ -294,7 +288,7 @@ impl Moe {
         let dispatch_span = tracing::debug_span!("dispatch(B)").entered();
         let dyf = to_f32(&dy);
         let got = ex.dispatch(&eps.sent, &mut |rows| {
-            Ok(CombineFrame::encode_rows(&gather_rows(&dyf, rows)?, full)?.encode())
+            CombineFrame::encode_f32_selected(&dyf, rows, full)
         })?;
         if got.len() != ep {
             return Err(WorkerError::invalid(
@@ -304,7 +298,7 @@ impl Moe {
         }
         let mut dys = Vec::with_capacity(ep);
         for (s, bytes) in got.iter().enumerate() {
-            let g = CombineFrame::decode(bytes)?.to_f32()?;
+            let g = CombineFrame::view(bytes)?;
             rows_match(
                 "output gradients",
                 s,
@@ -312,7 +306,7 @@ impl Moe {
                 eps.received[s].rows.rows(),
                 hidden,
             )?;
-            dys.push(from_f32::<T>(&g));
+            dys.push(from_f32::<T>(&g.to_f32()?));
         }
         drop(dispatch_span);
 
@@ -358,12 +352,12 @@ impl Moe {
         let combine_span = tracing::debug_span!("combine(B)").entered();
         let frames = dxs
             .iter()
-            .map(|d| Ok(CombineFrame::encode_rows(&to_f32(d), full)?.encode()))
+            .map(|d| CombineFrame::encode_f32(&to_f32(d), full))
             .collect::<Result<Vec<_>>>()?;
         let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         let frames = dws
             .iter()
-            .map(|d| Ok(CombineFrame::encode_rows(&to_f32(d), true)?.encode()))
+            .map(|d| CombineFrame::encode_f32(&to_f32(d), true))
             .collect::<Result<Vec<_>>>()?;
         let back_w = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
@@ -380,20 +374,16 @@ impl Moe {
         drop(shared_span);
         let mut dweights = Tensor::zeros([tokens, k]);
         for (q, (bytes, wbytes)) in back.iter().zip(&back_w).enumerate() {
-            let part = CombineFrame::decode(bytes)?.to_f32()?;
+            let part = CombineFrame::view(bytes)?;
             let rows = eps.sent[q].len();
             rows_match("input gradients", q, &part, rows, hidden)?;
-            let dwq = CombineFrame::decode(wbytes)?.to_f32()?;
+            let dwq = CombineFrame::view(wbytes)?;
             rows_match("gate-weight gradients", q, &dwq, rows, k)?;
             let dxd = dx.data_mut();
             for (i, &t) in eps.sent[q].iter().enumerate() {
-                let src = &part.data()[i * hidden..(i + 1) * hidden];
-                for (o, &v) in dxd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
-                    *o += T::of(f64::from(v));
-                }
-                for (slot, &v) in dwq.data()[i * k..(i + 1) * k].iter().enumerate() {
-                    dweights.data_mut()[t * k + slot] += T::of(f64::from(v));
-                }
+                let add = |o: &mut T, v: f32| *o += T::of(f64::from(v));
+                part.add_row(i, &mut dxd[t * hidden..(t + 1) * hidden], add);
+                dwq.add_row(i, &mut dweights.data_mut()[t * k..(t + 1) * k], add);
             }
         }
         self.router_backward(p, x, &saved.gate, &dweights, dx, ctx, w)

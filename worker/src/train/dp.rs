@@ -73,6 +73,8 @@ pub(crate) struct StepPlan<'a> {
     pub(crate) ep: usize,
     /// Dispatch directly to every member, even across nodes.
     pub(crate) direct_dispatch: bool,
+    /// How long any wait for another rank's data may take.
+    pub(crate) timeout: std::time::Duration,
 }
 
 /// What a rank's step produced.
@@ -165,7 +167,7 @@ pub(crate) fn rank_step(
                 batch,
                 &obj,
                 &mut rep.grads,
-                pipeline::DEFAULT_TIMEOUT,
+                plan.timeout,
                 s,
                 &link,
                 devices,
@@ -192,7 +194,7 @@ pub(crate) fn rank_step(
                 batch,
                 &obj,
                 &mut rep.grads,
-                pipeline::DEFAULT_TIMEOUT,
+                plan.timeout,
                 &exchanges,
             )?;
             // Pipelines on threads of one process: every member on this node.

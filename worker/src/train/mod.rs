@@ -25,7 +25,6 @@ use crate::data::{Batcher, DataPosition};
 use crate::model::params::ParamId;
 use crate::model::{Model, Objective, TokenBatch, split_micro};
 use crate::model::{StagePart, params::ParamStore};
-use crate::pipeline;
 use crate::{Result, WorkerError};
 
 /// Hyper-parameters of a training run.
@@ -76,10 +75,18 @@ pub struct TrainOptions {
     /// inside the node).
     #[serde(default)]
     pub direct_dispatch: bool,
+    /// Seconds any wait for another rank's data may take before the step fails with an error
+    /// naming the peer and the operation.
+    #[serde(default = "default_comm_timeout_s")]
+    pub comm_timeout_s: f64,
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_comm_timeout_s() -> f64 {
+    crate::pipeline::DEFAULT_TIMEOUT.as_secs_f64()
 }
 
 /// Pipeline parallelism inside one process.
@@ -116,7 +123,15 @@ impl TrainOptions {
             dp: 1,
             ep: 1,
             direct_dispatch: false,
+            comm_timeout_s: default_comm_timeout_s(),
         }
+    }
+
+    /// How long a wait for another rank's data may take.
+    pub fn comm_timeout(&self) -> std::time::Duration {
+        // `validate` keeps it finite and positive.
+        std::time::Duration::try_from_secs_f64(self.comm_timeout_s)
+            .unwrap_or(crate::pipeline::DEFAULT_TIMEOUT)
     }
 
     /// Checks the ranges; errors name the option.
@@ -139,6 +154,13 @@ impl TrainOptions {
         }
         if self.micro_batches == 0 {
             return bad("micro_batches", "must be at least 1".into());
+        }
+        let max = shoal_spec::job::MAX_COMM_TIMEOUT_S;
+        if !(self.comm_timeout_s > 0.0 && self.comm_timeout_s <= max) {
+            return bad(
+                "comm_timeout_s",
+                format!("must be in (0, {max}] seconds, got {}", self.comm_timeout_s),
+            );
         }
         if self.dp == 0 || self.dp > shoal_spec::schedule::MAX_RANKS {
             return bad(
@@ -755,19 +777,20 @@ impl Trainer {
             dp,
             ep: self.opts.ep,
             direct_dispatch: self.opts.direct_dispatch,
+            timeout: self.opts.comm_timeout(),
         };
         // All ranks here: a mesh of in-memory queues for the step.
         let mut fresh = self
             .mesh
             .is_none()
-            .then(|| LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT));
+            .then(|| LocalMesh::new(dp, self.opts.comm_timeout()));
         // Expert parallelism inside pipeline stages: one mesh per pipeline rank, joining that
         // rank of every replica; replica r takes endpoint r of each.
         let mut stage_ts: Vec<Vec<LocalTransport>> =
             (0..self.replicas.len()).map(|_| Vec::new()).collect();
         if let (Some((_, schedule)), true, None) = (&self.pipeline, self.opts.ep > 1, &self.mesh) {
             for _ in 0..schedule.pp {
-                for (r, t) in LocalMesh::new(dp, pipeline::DEFAULT_TIMEOUT)
+                for (r, t) in LocalMesh::new(dp, self.opts.comm_timeout())
                     .into_iter()
                     .enumerate()
                 {
