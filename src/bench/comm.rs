@@ -445,6 +445,8 @@ struct Shape {
     /// Pipeline ranks and schedule.
     pipeline: Option<(usize, &'static str)>,
     direct_dispatch: bool,
+    /// Run DualPipe's overlapped pairs on two threads at once.
+    overlap: bool,
 }
 
 fn tiny_trainer(dp: usize, ep: usize, mesh: Option<Vec<LocalTransport>>) -> Result<Trainer> {
@@ -454,6 +456,7 @@ fn tiny_trainer(dp: usize, ep: usize, mesh: Option<Vec<LocalTransport>>) -> Resu
             ep,
             pipeline: None,
             direct_dispatch: false,
+            overlap: true,
         },
         mesh,
     )
@@ -480,6 +483,7 @@ fn shaped_trainer(shape: &Shape, mesh: Option<Vec<LocalTransport>>) -> Result<Tr
         o.pipeline = Some(shoal_worker::train::PipelineOptions {
             pp,
             schedule: schedule.into(),
+            overlap: shape.overlap,
         });
     }
     Ok(Trainer::new_on(model, batcher, o, mesh)?)
@@ -594,7 +598,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
             let t = time_training(vec![tiny_trainer(dp, ep, None)?], a.steps)?;
             training.push(TrainRow::of(shape, &t, single));
         }
-        let shapes: [(&'static str, Shape, Vec<usize>); 5] = [
+        let shapes: [(&'static str, Shape, Vec<usize>); 6] = [
             (
                 "dp 2 ep 2 (two nodes over TCP)",
                 Shape {
@@ -602,6 +606,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                     ep: 2,
                     pipeline: None,
                     direct_dispatch: false,
+                    overlap: true,
                 },
                 vec![0, 1],
             ),
@@ -612,6 +617,18 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                     ep: 2,
                     pipeline: Some((2, "dualpipe")),
                     direct_dispatch: false,
+                    overlap: true,
+                },
+                vec![0, 0, 1, 1],
+            ),
+            (
+                "same, F&B pairs one after the other (2 x 2)",
+                Shape {
+                    dp: 2,
+                    ep: 2,
+                    pipeline: Some((2, "dualpipe")),
+                    direct_dispatch: false,
+                    overlap: false,
                 },
                 vec![0, 0, 1, 1],
             ),
@@ -622,6 +639,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                     ep: 2,
                     pipeline: Some((2, "1f1b")),
                     direct_dispatch: false,
+                    overlap: true,
                 },
                 vec![0, 0, 1, 1],
             ),
@@ -632,6 +650,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                     ep: 4,
                     pipeline: None,
                     direct_dispatch: false,
+                    overlap: true,
                 },
                 vec![0, 0, 1, 1],
             ),
@@ -642,6 +661,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
                     ep: 4,
                     pipeline: None,
                     direct_dispatch: true,
+                    overlap: true,
                 },
                 vec![0, 0, 1, 1],
             ),

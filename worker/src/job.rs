@@ -80,6 +80,7 @@ pub fn options(spec: &JobSpec) -> TrainOptions {
         o.pipeline = Some(crate::train::PipelineOptions {
             pp: par.pp,
             schedule: par.schedule.clone(),
+            overlap: true,
         });
     }
     o

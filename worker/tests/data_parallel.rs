@@ -84,6 +84,7 @@ fn data_parallel_pipelines_match_one_rank() {
     o.pipeline = Some(PipelineOptions {
         pp: 2,
         schedule: "1f1b".into(),
+        overlap: true,
     });
     check(
         Precision::Fp32,
@@ -188,6 +189,7 @@ fn bad_data_parallel_settings_are_refused_naming_the_field() {
     o.pipeline = Some(PipelineOptions {
         pp: 2,
         schedule: "1f1b".into(),
+        overlap: true,
     });
     let model = Model::<f32>::new(&cfg(), Precision::Fp32, 1).unwrap();
     let err = Trainer::new(model, batcher(1), o).err().expect("refused");

@@ -87,6 +87,7 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
             o.pipeline = Some(PipelineOptions {
                 pp,
                 schedule: schedule.into(),
+                overlap: true,
             });
         }
         let runs = distributed(o, 3, 2, &ckpt);

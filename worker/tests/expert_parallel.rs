@@ -102,6 +102,7 @@ fn pipelines_of_expert_parallel_stages_match_one_rank() {
         o.pipeline = Some(PipelineOptions {
             pp: 2,
             schedule: schedule.into(),
+            overlap: true,
         });
         let (_, m) = check(
             Precision::Fp32,

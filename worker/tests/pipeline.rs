@@ -9,10 +9,11 @@ use std::time::Duration;
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_spec::plan::Schedule;
+use shoal_spec::schedule::Op;
 use shoal_spec::schedule::build;
 use shoal_worker::WorkerError;
 use shoal_worker::model::{Model, Objective, StagePart, TokenBatch};
-use shoal_worker::pipeline::run_step;
+use shoal_worker::pipeline::{run_step, run_step_with};
 
 /// The tiny preset cut to a size that runs in milliseconds, 4 layers (1 dense), MTP on.
 fn config() -> ModelConfig {
@@ -345,4 +346,74 @@ fn bad_shapes_are_refused_naming_the_field() {
             .to_string()
             .contains("stages")
     );
+}
+
+#[test]
+fn dualpipe_runs_each_overlapped_pair_on_two_threads_with_the_same_result() {
+    let cfg = config();
+    let model = Model::<f32>::new(&cfg, Precision::Fp32, 11).unwrap();
+    let micro = 8;
+    let (inputs, targets) = tokens(2 * micro, 12);
+    let b = TokenBatch {
+        batch: 2 * micro,
+        seq: 12,
+        inputs: &inputs,
+        targets: &targets,
+    };
+    let stages = StagePart::split(cfg.num_hidden_layers, &[1, 1, 1, 1]).unwrap();
+    let s = build(Schedule::DualPipe, 4, micro).unwrap();
+    let pairs = s
+        .ranks
+        .iter()
+        .flatten()
+        .filter(|op| matches!(op, Op::Overlapped { .. }))
+        .count();
+    assert!(pairs > 0, "{s:?}");
+    let run = |overlap: bool| {
+        let mut g = model.params().zero_grads();
+        let (report, trace) = shoal_worker::trace::record(|| {
+            run_step_with(
+                &model,
+                &stages,
+                &s,
+                &b,
+                &objective(),
+                &mut g,
+                Duration::from_secs(60),
+                &[],
+                overlap,
+            )
+            .unwrap()
+        });
+        (report, g, trace)
+    };
+    let (apart, g_apart, t_apart) = run(false);
+    let (together, g_together, t_together) = run(true);
+    // The same arithmetic on the same data: bit for bit.
+    assert_eq!(together.out, apart.out);
+    let (worst, differ) = compare(&model, &g_apart, &g_together);
+    assert!(differ.is_empty(), "{differ:?} differ (worst {worst:e})");
+
+    // Overlapped, each pair's forward ran on the rank's second thread; apart, none did.
+    let on_second = |t: &shoal_worker::trace::Trace| -> Vec<(String, f64, f64)> {
+        t.events
+            .iter()
+            .filter(|e| e.name == "forward" && e.thread.ends_with("-fwd"))
+            .map(|e| (e.thread.clone(), e.start_us, e.start_us + e.dur_us))
+            .collect()
+    };
+    assert!(on_second(&t_apart).is_empty());
+    let forwards = on_second(&t_together);
+    assert_eq!(forwards.len(), pairs);
+    // And at least one ran while its rank's own thread was in a backward chunk.
+    let overlapped = forwards.iter().any(|(thread, s0, e0)| {
+        let rank = thread.trim_end_matches("-fwd");
+        t_together.events.iter().any(|e| {
+            e.name == "backward"
+                && e.thread == rank
+                && e.start_us < *e0
+                && *s0 < e.start_us + e.dur_us
+        })
+    });
+    assert!(overlapped, "no forward ran during a backward: {forwards:?}");
 }

@@ -18,11 +18,20 @@
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::transport::{CommOp, Tag, Transport, comm_error};
 use super::wire::select_rows;
 use crate::model::ep::{ExchangePhase, ExpertExchange};
 use crate::{Result, WorkerError};
+
+/// Lanes of an [`EpLink`] (see [`EpLane`]).
+const LANES: usize = 2;
+/// Where a frame's lane sits in its tag's sequence number (above the exchange counter and the
+/// forwarding source).
+const LANE_SHIFT: u32 = 60;
+/// The longest a waiting thread holds the endpoint at a time.
+const SLICE: Duration = Duration::from_millis(1);
 
 /// One rank's end of its expert-parallel group for one step.
 pub struct EpLink<'t> {
@@ -35,7 +44,8 @@ pub struct EpLink<'t> {
     hierarchical: bool,
     me: usize,
     step: u64,
-    next: AtomicU64,
+    /// Exchanges started so far on each lane.
+    next: [AtomicU64; LANES],
     /// The most other nodes one token of this member was dispatched to.
     max_nodes: AtomicU64,
 }
@@ -69,14 +79,22 @@ impl<'t> EpLink<'t> {
             hierarchical,
             me: position,
             step,
-            next: AtomicU64::new(0),
+            next: [AtomicU64::new(0), AtomicU64::new(0)],
             max_nodes: AtomicU64::new(0),
         })
     }
 
-    /// Exchanges run so far.
+    /// Exchanges run so far (on all lanes).
     pub fn exchanges(&self) -> u64 {
-        self.next.load(Ordering::Relaxed)
+        self.next.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The exchange on `lane` (0 or 1; see [`EpLane`]).
+    pub fn lane(&self, lane: u8) -> EpLane<'_, 't> {
+        EpLane {
+            link: self,
+            lane: lane.min(LANES as u8 - 1),
+        }
     }
 
     /// The most nodes other than its own that one of this member's tokens was dispatched to so
@@ -157,30 +175,61 @@ impl<'t> EpLink<'t> {
         out
     }
 
-    fn tag(&self, op: CommOp, n: u64, src: Option<usize>) -> Tag {
+    fn tag(&self, lane: u8, op: CommOp, n: u64, src: Option<usize>) -> Tag {
         Tag {
             step: self.step,
             op,
-            seq: match src {
-                Some(s) => (n << 20) | s as u64,
-                None => n,
-            },
+            seq: (u64::from(lane) << LANE_SHIFT)
+                | match src {
+                    Some(s) => (n << 20) | s as u64,
+                    None => n,
+                },
+        }
+    }
+
+    /// Sends `frame` to mesh rank `to`, holding the endpoint only for the send.
+    fn send(&self, to: usize, tag: Tag, frame: Vec<u8>) -> Result<()> {
+        self.lock()?.send(to, tag, frame)
+    }
+
+    /// Waits for the frame `tag` from mesh rank `from`, holding the endpoint for at most
+    /// [`SLICE`] at a time, so a thread on the other lane can send meanwhile; gives up after the
+    /// transport's timeout.
+    fn recv(&self, from: usize, tag: Tag) -> Result<Vec<u8>> {
+        if let Some(b) = self.lock()?.recv_within(from, tag, Duration::ZERO)? {
+            return Ok(b);
+        }
+        // Blocked from here on: the wait shows in a trace.
+        let _span = tracing::debug_span!("wait", from, op = %tag.op, seq = tag.seq).entered();
+        let (timeout, started) = (self.lock()?.timeout(), Instant::now());
+        loop {
+            if let Some(b) = self.lock()?.recv_within(from, tag, SLICE)? {
+                return Ok(b);
+            }
+            if started.elapsed() >= timeout {
+                return Err(comm_error(
+                    self.group[self.me],
+                    from,
+                    tag,
+                    format!("no frame after {timeout:?}"),
+                ));
+            }
         }
     }
 
     fn hierarchical_dispatch(
         &self,
+        lane: u8,
         rows: &[Vec<usize>],
         encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let tag = self.tag(CommOp::Dispatch, n, None);
+        let n = self.next[usize::from(lane)].fetch_add(1, Ordering::Relaxed);
+        let tag = self.tag(lane, CommOp::Dispatch, n, None);
         let _span =
             tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq, hierarchical = true)
                 .entered();
         let (me, ep) = (self.me, self.group.len());
         let mine = self.nodes[me];
-        let mut t = self.lock()?;
         let mut got: Vec<Option<Vec<u8>>> = vec![None; ep];
         // Each other node once: the union of its members' rows, to the relay.
         for node in self.remote_nodes() {
@@ -198,7 +247,7 @@ impl<'t> EpLink<'t> {
                 })
                 .collect();
             let msg = relay_message(&lists, &encode(&union)?);
-            t.send(self.group[self.relay(me, node)], tag, msg)?;
+            self.send(self.group[self.relay(me, node)], tag, msg)?;
         }
         // Then this node's members directly (after the network sends, which take longer).
         for q in self.members_on(mine) {
@@ -206,23 +255,23 @@ impl<'t> EpLink<'t> {
             if q == me {
                 got[me] = Some(frame);
             } else {
-                t.send(self.group[q], tag, frame)?;
+                self.send(self.group[q], tag, frame)?;
             }
         }
         // Relay duty: cut the frames of this node's members out of what remote sources sent.
         let local = self.members_on(mine);
         for s in self.relayed_by_me() {
-            let msg = t.recv(self.group[s], tag)?;
+            let msg = self.recv(self.group[s], tag)?;
             let (lists, frame) = read_relay(&msg, local.len())
-                .map_err(|why| comm_error(t.rank(), self.group[s], tag, why))?;
+                .map_err(|why| comm_error(self.group[self.me], self.group[s], tag, why))?;
             for (list, &q) in lists.iter().zip(&local) {
                 let part = select_rows(frame, list)?;
                 if q == me {
                     got[s] = Some(part);
                 } else {
-                    t.send(
+                    self.send(
                         self.group[q],
-                        self.tag(CommOp::DispatchForward, n, Some(s)),
+                        self.tag(lane, CommOp::DispatchForward, n, Some(s)),
                         part,
                     )?;
                 }
@@ -233,12 +282,12 @@ impl<'t> EpLink<'t> {
         for (s, slot) in got.into_iter().enumerate() {
             out.push(match slot {
                 Some(f) => f,
-                None if self.nodes[s] == mine => t.recv(self.group[s], tag)?,
+                None if self.nodes[s] == mine => self.recv(self.group[s], tag)?,
                 None => {
                     let relay = self.relay(s, mine);
-                    t.recv(
+                    self.recv(
                         self.group[relay],
-                        self.tag(CommOp::DispatchForward, n, Some(s)),
+                        self.tag(lane, CommOp::DispatchForward, n, Some(s)),
                     )?
                 }
             });
@@ -246,15 +295,14 @@ impl<'t> EpLink<'t> {
         Ok(out)
     }
 
-    fn hierarchical_combine(&self, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let tag = self.tag(CommOp::Combine, n, None);
+    fn hierarchical_combine(&self, lane: u8, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let n = self.next[usize::from(lane)].fetch_add(1, Ordering::Relaxed);
+        let tag = self.tag(lane, CommOp::Combine, n, None);
         let _span =
             tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq, hierarchical = true)
                 .entered();
         let (me, ep) = (self.me, self.group.len());
         let mine = self.nodes[me];
-        let mut t = self.lock()?;
         let own = std::mem::take(&mut frames[me]);
         // Rows for a remote source that this member relays itself wait here.
         let mut kept: Vec<Option<Vec<u8>>> = vec![None; ep];
@@ -263,15 +311,15 @@ impl<'t> EpLink<'t> {
                 continue;
             }
             if self.nodes[s] == mine {
-                t.send(self.group[s], tag, frame)?;
+                self.send(self.group[s], tag, frame)?;
             } else {
                 let relay = self.relay(s, mine);
                 if relay == me {
                     kept[s] = Some(frame);
                 } else {
-                    t.send(
+                    self.send(
                         self.group[relay],
-                        self.tag(CommOp::CombineForward, n, Some(s)),
+                        self.tag(lane, CommOp::CombineForward, n, Some(s)),
                         frame,
                     )?;
                 }
@@ -285,25 +333,28 @@ impl<'t> EpLink<'t> {
                 parts.push(if q == me {
                     kept[s].take().unwrap_or_default()
                 } else {
-                    t.recv(self.group[q], self.tag(CommOp::CombineForward, n, Some(s)))?
+                    self.recv(
+                        self.group[q],
+                        self.tag(lane, CommOp::CombineForward, n, Some(s)),
+                    )?
                 });
             }
-            t.send(self.group[s], tag, bundle(&parts))?;
+            self.send(self.group[s], tag, bundle(&parts))?;
         }
         // Sources' rows: this node's directly, each other node's in one bundle from its relay.
         let mut out: Vec<Option<Vec<u8>>> = vec![None; ep];
         out[me] = Some(own);
         for q in self.members_on(mine) {
             if q != me {
-                out[q] = Some(t.recv(self.group[q], tag)?);
+                out[q] = Some(self.recv(self.group[q], tag)?);
             }
         }
         for node in self.remote_nodes() {
             let relay = self.relay(me, node);
-            let msg = t.recv(self.group[relay], tag)?;
+            let msg = self.recv(self.group[relay], tag)?;
             let qs = self.members_on(node);
             let parts = unbundle(&msg, qs.len())
-                .map_err(|why| comm_error(t.rank(), self.group[relay], tag, why))?;
+                .map_err(|why| comm_error(self.group[self.me], self.group[relay], tag, why))?;
             for (q, part) in qs.into_iter().zip(parts) {
                 out[q] = Some(part);
             }
@@ -418,6 +469,8 @@ pub(crate) trait SharedEndpoint: Sync {
     fn send_to(&self, to: usize, tag: Tag, frame: Vec<u8>) -> Result<()>;
     /// Waits for the frame `tag` from mesh rank `from`.
     fn recv_from(&self, from: usize, tag: Tag) -> Result<Vec<u8>>;
+    /// Tells the other ranks of the mesh to stop waiting: this rank has failed.
+    fn abort(&self);
 }
 
 impl<'t> EpLink<'t> {
@@ -434,7 +487,82 @@ impl SharedEndpoint for EpLink<'_> {
     }
 
     fn recv_from(&self, from: usize, tag: Tag) -> Result<Vec<u8>> {
-        self.lock()?.recv(from, tag)
+        self.recv(from, tag)
+    }
+
+    fn abort(&self) {
+        ExpertExchange::abort(self);
+    }
+}
+
+impl EpLink<'_> {
+    fn dispatch_on(
+        &self,
+        lane: u8,
+        rows: &[Vec<usize>],
+        encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        if rows.len() != self.group.len() {
+            return Err(WorkerError::invalid(
+                "ep",
+                format!(
+                    "{} row lists for a group of {}",
+                    rows.len(),
+                    self.group.len()
+                ),
+            ));
+        }
+        self.count_target_nodes(rows);
+        if self.hierarchical {
+            return self.hierarchical_dispatch(lane, rows, encode);
+        }
+        // Each frame goes out as soon as it is encoded, other nodes' first: the network
+        // writers start while this member encodes the rest.
+        let tag = self.tag(
+            lane,
+            CommOp::Dispatch,
+            self.next[usize::from(lane)].fetch_add(1, Ordering::Relaxed),
+            None,
+        );
+        let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
+        for q in self.send_order() {
+            self.send(self.group[q], tag, encode(&rows[q])?)?;
+        }
+        let own = encode(&rows[self.me])?;
+        self.receive(tag, own)
+    }
+
+    fn exchange_on(
+        &self,
+        lane: u8,
+        phase: ExchangePhase,
+        mut frames: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        if frames.len() != self.group.len() {
+            return Err(WorkerError::invalid(
+                "ep",
+                format!(
+                    "{} frames for a group of {}",
+                    frames.len(),
+                    self.group.len()
+                ),
+            ));
+        }
+        if self.hierarchical && phase == ExchangePhase::Combine {
+            return self.hierarchical_combine(lane, frames);
+        }
+        let op = match phase {
+            ExchangePhase::Dispatch => CommOp::Dispatch,
+            ExchangePhase::Combine => CommOp::Combine,
+        };
+        let n = self.next[usize::from(lane)].fetch_add(1, Ordering::Relaxed);
+        let tag = self.tag(lane, op, n, None);
+        let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
+        let own = std::mem::take(&mut frames[self.me]);
+        for q in self.send_order() {
+            self.send(self.group[q], tag, std::mem::take(&mut frames[q]))?;
+        }
+        self.receive(tag, own)
     }
 }
 
@@ -452,65 +580,54 @@ impl ExpertExchange for EpLink<'_> {
         rows: &[Vec<usize>],
         encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
-        if rows.len() != self.group.len() {
-            return Err(WorkerError::invalid(
-                "ep",
-                format!(
-                    "{} row lists for a group of {}",
-                    rows.len(),
-                    self.group.len()
-                ),
-            ));
-        }
-        self.count_target_nodes(rows);
-        if self.hierarchical {
-            return self.hierarchical_dispatch(rows, encode);
-        }
-        // Each frame goes out as soon as it is encoded, other nodes' first: the network
-        // writers start while this member encodes the rest.
-        let tag = self.tag(
-            CommOp::Dispatch,
-            self.next.fetch_add(1, Ordering::Relaxed),
-            None,
-        );
-        let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
-        let mut t = self.lock()?;
-        for q in self.send_order() {
-            t.send(self.group[q], tag, encode(&rows[q])?)?;
-        }
-        let own = encode(&rows[self.me])?;
-        self.receive(&mut **t, tag, own)
+        self.dispatch_on(0, rows, encode)
     }
 
-    fn exchange(&self, phase: ExchangePhase, mut frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
-        if frames.len() != self.group.len() {
-            return Err(WorkerError::invalid(
-                "ep",
-                format!(
-                    "{} frames for a group of {}",
-                    frames.len(),
-                    self.group.len()
-                ),
-            ));
+    fn exchange(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.exchange_on(0, phase, frames)
+    }
+
+    fn abort(&self) {
+        if let Ok(t) = self.lock() {
+            t.abort();
         }
-        if self.hierarchical && phase == ExchangePhase::Combine {
-            return self.hierarchical_combine(frames);
-        }
-        let tag = Tag {
-            step: self.step,
-            op: match phase {
-                ExchangePhase::Dispatch => CommOp::Dispatch,
-                ExchangePhase::Combine => CommOp::Combine,
-            },
-            seq: self.next.fetch_add(1, Ordering::Relaxed),
-        };
-        let _span = tracing::debug_span!("all_to_all", op = %tag.op, seq = tag.seq).entered();
-        let mut t = self.lock()?;
-        let own = std::mem::take(&mut frames[self.me]);
-        for q in self.send_order() {
-            t.send(self.group[q], tag, std::mem::take(&mut frames[q]))?;
-        }
-        self.receive(&mut **t, tag, own)
+    }
+}
+
+/// One lane of an [`EpLink`]: exchanges numbered on their own (frames tagged with the lane),
+/// so two threads of a member can exchange at once, one per lane, and still meet the other
+/// members' exchanges of the same lane in order. DualPipe runs direction `d`'s chunks on lane
+/// `d`, the forward and backward chunks of an overlapped pair on two threads. Lane 0 is the
+/// link itself.
+#[derive(Debug)]
+pub struct EpLane<'l, 't> {
+    link: &'l EpLink<'t>,
+    lane: u8,
+}
+
+impl ExpertExchange for EpLane<'_, '_> {
+    fn ep(&self) -> usize {
+        self.link.group.len()
+    }
+
+    fn position(&self) -> usize {
+        self.link.me
+    }
+
+    fn dispatch(
+        &self,
+        rows: &[Vec<usize>],
+        encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        self.link.dispatch_on(self.lane, rows, encode)
+    }
+
+    fn exchange(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        self.link.exchange_on(self.lane, phase, frames)
+    }
+
+    fn abort(&self) {
+        ExpertExchange::abort(self.link);
     }
 }
 
@@ -528,14 +645,14 @@ impl EpLink<'_> {
 
     /// The frame every member sent this one under `tag`, in member order (`own` is this
     /// member's).
-    fn receive(&self, t: &mut dyn Transport, tag: Tag, own: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+    fn receive(&self, tag: Tag, own: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::with_capacity(self.group.len());
         let mut own = Some(own);
         for (q, &peer) in self.group.iter().enumerate() {
             if q == self.me {
                 out.push(own.take().unwrap_or_default());
             } else {
-                out.push(t.recv(peer, tag)?);
+                out.push(self.recv(peer, tag)?);
             }
         }
         Ok(out)

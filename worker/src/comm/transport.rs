@@ -228,6 +228,12 @@ pub trait Transport: Send {
     fn send(&mut self, to: usize, tag: Tag, payload: Vec<u8>) -> Result<()>;
     /// Waits for the frame with `tag` from rank `from`.
     fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>>;
+    /// Waits at most `wait` for the frame with `tag` from rank `from`: `None` if it has not
+    /// come yet (the caller decides how long to keep asking; see [`Self::timeout`]). Threads
+    /// that share an endpoint wait in such slices, so none blocks the others' sends for long.
+    fn recv_within(&mut self, from: usize, tag: Tag, wait: Duration) -> Result<Option<Vec<u8>>>;
+    /// How long a wait for a frame may take in all.
+    fn timeout(&self) -> Duration;
     /// Bytes this rank has sent so far.
     fn bytes(&self) -> &ByteCounts;
     /// Seconds this rank has spent blocked waiting for frames (exposed communication and
@@ -491,35 +497,36 @@ impl Transport for LocalTransport {
     }
 
     fn recv(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>> {
-        if let Some(q) = self.stash.get_mut(&(from, tag))
-            && let Some(p) = q.pop_front()
-        {
+        if let Some(p) = self.stashed(from, tag)? {
             return Ok(p);
-        }
-        // A frame of a step this rank has left, stashed earlier: the peer is out of step.
-        if let Some(&(f, t)) = self
-            .stash
-            .iter()
-            .find(|((_, t), q)| t.step < tag.step && !q.is_empty())
-            .map(|(k, _)| k)
-        {
-            return Err(comm_error(
-                self.rank,
-                f,
-                t,
-                format!(
-                    "a frame of step {} was never taken and this rank is in step {}: the peer \
-                     is out of step",
-                    t.step, tag.step
-                ),
-            ));
         }
         // Blocked from here on: the wait shows in a trace and counts as exposed time.
         let _span = tracing::debug_span!("wait", from, op = %tag.op, seq = tag.seq).entered();
         let started = Instant::now();
-        let r = self.wait_for(from, tag);
+        let r = self.poll(from, tag, started + self.timeout);
+        self.waited += started.elapsed();
+        r?.ok_or_else(|| {
+            comm_error(
+                self.rank,
+                from,
+                tag,
+                format!("no frame after {:?}", self.timeout),
+            )
+        })
+    }
+
+    fn recv_within(&mut self, from: usize, tag: Tag, wait: Duration) -> Result<Option<Vec<u8>>> {
+        if let Some(p) = self.stashed(from, tag)? {
+            return Ok(Some(p));
+        }
+        let started = Instant::now();
+        let r = self.poll(from, tag, started + wait);
         self.waited += started.elapsed();
         r
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn bytes(&self) -> &ByteCounts {
@@ -548,9 +555,37 @@ impl Transport for LocalTransport {
 }
 
 impl LocalTransport {
-    /// Waits for the frame `tag` from `from` (it is not in the stash).
-    fn wait_for(&mut self, from: usize, tag: Tag) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + self.timeout;
+    /// The frame `tag` from `from` if it arrived earlier; an error if a frame of a step this
+    /// rank has left is still waiting (the peer is out of step).
+    fn stashed(&mut self, from: usize, tag: Tag) -> Result<Option<Vec<u8>>> {
+        if let Some(q) = self.stash.get_mut(&(from, tag))
+            && let Some(p) = q.pop_front()
+        {
+            return Ok(Some(p));
+        }
+        if let Some(&(f, t)) = self
+            .stash
+            .iter()
+            .find(|((_, t), q)| t.step < tag.step && !q.is_empty())
+            .map(|(k, _)| k)
+        {
+            return Err(comm_error(
+                self.rank,
+                f,
+                t,
+                format!(
+                    "a frame of step {} was never taken and this rank is in step {}: the peer \
+                     is out of step",
+                    t.step, tag.step
+                ),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Waits until `until` for the frame `tag` from `from` (it is not in the stash): `None` if
+    /// it has not come by then.
+    fn poll(&mut self, from: usize, tag: Tag, until: Instant) -> Result<Option<Vec<u8>>> {
         loop {
             if let Some(reason) = self.gone.get(&from) {
                 return Err(comm_error(
@@ -563,16 +598,10 @@ impl LocalTransport {
             if self.abort.load(Ordering::Relaxed) {
                 return Err(comm_error(self.rank, from, tag, PEER_FAILED));
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(comm_error(
-                    self.rank,
-                    from,
-                    tag,
-                    format!("no frame after {:?}", self.timeout),
-                ));
-            }
-            let wait = (deadline - now).min(Duration::from_millis(50));
+            // A zero wait still takes a frame that is already there.
+            let wait = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(50));
             match self.inbox.recv_timeout(wait) {
                 Ok(Msg::Frame {
                     from: f,
@@ -580,7 +609,7 @@ impl LocalTransport {
                     payload,
                 }) => {
                     if f == from && t == tag {
-                        return Ok(payload);
+                        return Ok(Some(payload));
                     }
                     // Ranks move through steps together: a frame of a step this rank has
                     // left was never going to be taken, so the peer is out of step.
@@ -601,7 +630,11 @@ impl LocalTransport {
                 Ok(Msg::Gone { from: f, reason }) => {
                     self.gone.insert(f, reason);
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if Instant::now() >= until {
+                        return Ok(None);
+                    }
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(comm_error(self.rank, from, tag, "the mesh has shut down"));
                 }

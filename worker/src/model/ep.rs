@@ -49,6 +49,10 @@ pub trait ExpertExchange: Sync + fmt::Debug {
         self.all_to_all(ExchangePhase::Dispatch, frames)
     }
 
+    /// Tells the other ranks of the mesh to stop waiting: this rank has failed (a no-op where
+    /// nothing waits on this rank).
+    fn abort(&self) {}
+
     /// [`Self::exchange`], checking that one frame came back per member.
     fn all_to_all(&self, phase: ExchangePhase, frames: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let got = self.exchange(phase, frames)?;

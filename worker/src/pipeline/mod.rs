@@ -113,12 +113,15 @@ pub(crate) struct Step<'a, T> {
     /// Set by the first rank that fails; the others stop at their next wait.
     pub(crate) abort: Arc<AtomicBool>,
     /// With expert parallelism: each rank's exchange with the same rank of the other pipelines
-    /// in its expert-parallel group (empty without).
-    pub(crate) experts: &'a [&'a dyn ExpertExchange],
+    /// in its expert-parallel group, one lane per direction (empty without).
+    pub(crate) experts: &'a [[&'a dyn ExpertExchange; 2]],
+    /// Run the two chunks of an overlapped pair at once (on two threads of the rank).
+    pub(crate) overlap: bool,
 }
 
 impl<'a, T: ModelFloat> Step<'a, T> {
     /// The step of `batch` cut into the schedule's micro-batches, starting now.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         model: &'a Model<T>,
         stages: &'a [StagePart],
@@ -126,7 +129,8 @@ impl<'a, T: ModelFloat> Step<'a, T> {
         batch: &TokenBatch<'a>,
         obj: &Objective,
         timeout: Duration,
-        experts: &'a [&'a dyn ExpertExchange],
+        experts: &'a [[&'a dyn ExpertExchange; 2]],
+        overlap: bool,
     ) -> Result<Self> {
         Ok(Self {
             model,
@@ -138,6 +142,7 @@ impl<'a, T: ModelFloat> Step<'a, T> {
             start: Instant::now(),
             abort: Arc::new(AtomicBool::new(false)),
             experts,
+            overlap,
         })
     }
 }
@@ -160,12 +165,23 @@ pub fn run_step<T: ModelFloat>(
     grads: &mut Grads<T>,
     timeout: Duration,
 ) -> Result<StepReport> {
-    run_step_with(model, stages, schedule, batch, obj, grads, timeout, &[])
+    run_step_with(
+        model,
+        stages,
+        schedule,
+        batch,
+        obj,
+        grads,
+        timeout,
+        &[],
+        true,
+    )
 }
 
 /// [`run_step`] with expert parallelism: pipeline rank `r` reaches the experts of its stages on
-/// the other members of its expert-parallel group through `experts[r]` (every member runs the
-/// same schedule, so their exchanges meet in the same order).
+/// the other members of its expert-parallel group through `experts[r]`, direction `d`'s chunks
+/// on lane `d` (every member runs the same schedule, so each lane's exchanges meet in the same
+/// order). With `overlap`, the forward and backward chunks of an overlapped pair run at once.
 #[allow(clippy::too_many_arguments)]
 pub fn run_step_with<T: ModelFloat>(
     model: &Model<T>,
@@ -175,7 +191,8 @@ pub fn run_step_with<T: ModelFloat>(
     obj: &Objective,
     grads: &mut Grads<T>,
     timeout: Duration,
-    experts: &[&dyn ExpertExchange],
+    experts: &[[&dyn ExpertExchange; 2]],
+    overlap: bool,
 ) -> Result<StepReport> {
     schedule.check()?;
     let pp = schedule.pp;
@@ -191,7 +208,9 @@ pub fn run_step_with<T: ModelFloat>(
             format!("{} expert exchanges for {pp} pipeline ranks", experts.len()),
         ));
     }
-    let step = Step::new(model, stages, schedule, batch, obj, timeout, experts)?;
+    let step = Step::new(
+        model, stages, schedule, batch, obj, timeout, experts, overlap,
+    )?;
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..pp).map(|_| mpsc::channel()).unzip();
     // The ranks record their spans wherever the caller's do.
     let dispatch = tracing::dispatcher::get_default(|d| d.clone());
@@ -213,7 +232,11 @@ pub fn run_step_with<T: ModelFloat>(
                             let _span = tracing::debug_span!(parent: &parent, "pp_rank", rank = r)
                                 .entered();
                             let links = Links::Threads { inbox, prev, next };
-                            RankActor::new(step, r, links, step.experts.get(r).copied()).run()
+                            let ex = step
+                                .experts
+                                .get(r)
+                                .map_or([None, None], |[a, b]| [Some(*a), Some(*b)]);
+                            RankActor::new(step, r, links, ex).run()
                         })
                     })
             })
@@ -297,7 +320,9 @@ pub fn run_step_with<T: ModelFloat>(
 
 /// One pipeline rank of a step whose ranks are devices of a mesh, possibly in other processes:
 /// runs rank `rank`'s operations on this thread, reaching pipeline rank `r` at mesh rank
-/// `devices[r]` through `link` (the endpoint it shares with its expert exchange, `experts`).
+/// `devices[r]` through `link` (the endpoint it shares with its expert exchange: direction
+/// `d`'s chunks exchange on `experts[d]`, a lane of that link). With `overlap`, the forward and
+/// backward chunks of an overlapped pair run at once.
 /// Accumulates the rank's weight gradients into `grads`.
 ///
 /// The report's output is this rank's part of the step's: the losses of the stages it ran
@@ -317,7 +342,8 @@ pub(crate) fn run_rank_on<T: ModelFloat>(
     link: &dyn SharedEndpoint,
     devices: Vec<usize>,
     step_no: u64,
-    experts: Option<&dyn ExpertExchange>,
+    experts: [Option<&dyn ExpertExchange>; 2],
+    overlap: bool,
 ) -> Result<StepReport> {
     schedule.check()?;
     let pp = schedule.pp;
@@ -331,7 +357,7 @@ pub(crate) fn run_rank_on<T: ModelFloat>(
             ),
         ));
     }
-    let step = Step::new(model, stages, schedule, batch, obj, timeout, &[])?;
+    let step = Step::new(model, stages, schedule, batch, obj, timeout, &[], overlap)?;
     let links = Links::Mesh {
         link,
         devices,

@@ -55,11 +55,39 @@ pub(crate) enum Links<'l, T> {
     },
 }
 
+/// The sending side of a rank's links, which both threads of an overlapped pair use.
+enum Outbound<'o, T> {
+    Threads {
+        prev: Option<&'o Sender<Transfer<T>>>,
+        next: Option<&'o Sender<Transfer<T>>>,
+    },
+    Mesh {
+        link: &'o dyn SharedEndpoint,
+        devices: &'o [usize],
+        step: u64,
+    },
+}
+
+/// What running one chunk needs and may touch: shared by the two threads of an overlapped
+/// pair (each runs one chunk and returns what the rank's state should record).
+struct ChunkCtx<'o, 's, 'a, T> {
+    step: &'s Step<'a, T>,
+    rank: usize,
+    out: Outbound<'o, T>,
+    /// The exchange of each direction's chunks (its lane of the rank's expert-parallel link).
+    experts: [Option<&'s dyn ExpertExchange>; 2],
+}
+
+/// What a forward chunk leaves behind.
+type Forwarded<T> = (StageSaved<T>, (usize, usize, StageStats), u64);
+
 pub(crate) struct RankActor<'s, 'a, T> {
     step: &'s Step<'a, T>,
     rank: usize,
     links: Links<'s, T>,
-    experts: Option<&'s dyn ExpertExchange>,
+    /// The exchange of direction `d`'s chunks at `experts[d]` (two lanes of one link, so an
+    /// overlapped pair's chunks can exchange at once).
+    experts: [Option<&'s dyn ExpertExchange>; 2],
     /// Messages that arrived before the operation that needs them.
     early: HashMap<(Payload, u8, usize), Tensor<T>>,
     saved: HashMap<(u8, usize), StageSaved<T>>,
@@ -76,7 +104,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         step: &'s Step<'a, T>,
         rank: usize,
         links: Links<'s, T>,
-        experts: Option<&'s dyn ExpertExchange>,
+        experts: [Option<&'s dyn ExpertExchange>; 2],
     ) -> Self {
         Self {
             step,
@@ -161,11 +189,20 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
             .collect::<Result<_>>()?;
         let start = self.step.start.elapsed().as_secs_f64();
         let _span = tracing::debug_span!("op", op = %op, rank = self.rank).entered();
-        for (c, input) in inputs {
-            match c.pass {
-                Pass::F => self.forward(c, input)?,
-                Pass::B => self.backward(c, input)?,
-                Pass::W => self.weights(c)?,
+        match (op, self.step.overlap) {
+            (Op::Overlapped { f, b }, true) if f.pass == Pass::F && b.pass == Pass::B => {
+                let mut it = inputs.into_iter().map(|(_, i)| i);
+                let (fin, bin) = (it.next().flatten(), it.next().flatten());
+                self.overlapped(f, fin, b, bin)?;
+            }
+            _ => {
+                for (c, input) in inputs {
+                    match c.pass {
+                        Pass::F => self.forward(c, input)?,
+                        Pass::B => self.backward(c, input)?,
+                        Pass::W => self.weights(c)?,
+                    }
+                }
             }
         }
         let end = self.step.start.elapsed().as_secs_f64();
@@ -173,9 +210,94 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         Ok(())
     }
 
-    /// This rank's expert-parallel exchange, if any.
-    fn experts(&self) -> Option<&'s dyn ExpertExchange> {
-        self.experts
+    /// The context chunks run in (the rank's sending side and exchanges).
+    fn ctx(&self) -> ChunkCtx<'_, 's, 'a, T> {
+        ChunkCtx {
+            step: self.step,
+            rank: self.rank,
+            out: match &self.links {
+                Links::Threads { prev, next, .. } => Outbound::Threads {
+                    prev: prev.as_ref(),
+                    next: next.as_ref(),
+                },
+                Links::Mesh {
+                    link,
+                    devices,
+                    step,
+                } => Outbound::Mesh {
+                    link: *link,
+                    devices,
+                    step: *step,
+                },
+            },
+            experts: self.experts,
+        }
+    }
+
+    /// An overlapped pair: the forward chunk `f` on a second thread of this rank (its own
+    /// stream in the trace) while this thread runs the backward chunk `b`, as DualPipe overlaps
+    /// the two directions. They share nothing mutable: each exchanges on its direction's lane
+    /// and sends on its own, and the rank records their results after both finish. A failure
+    /// in either stops the mesh, so the other does not wait for a peer that will not answer.
+    fn overlapped(
+        &mut self,
+        f: Chunk,
+        fin: Option<Tensor<T>>,
+        b: Chunk,
+        bin: Option<Tensor<T>>,
+    ) -> Result<()> {
+        let saved = self
+            .saved
+            .remove(&(b.dir, b.mb))
+            .ok_or_else(|| self.fail(format!("B{}.{} runs before its forward", b.dir, b.mb)))?;
+        let ctx = self.ctx();
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+        let parent = tracing::Span::current();
+        let name = format!("{}-fwd", std::thread::current().name().unwrap_or("pp-rank"));
+        let (rf, rb) = std::thread::scope(|s| {
+            let ctx = &ctx;
+            let h = std::thread::Builder::new().name(name).spawn_scoped(s, || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    let _parent = parent.enter();
+                    let r = ctx.forward(f, fin);
+                    if r.is_err() {
+                        ctx.stop_all();
+                    }
+                    r
+                })
+            });
+            let rb = ctx.backward(b, saved, bin);
+            if rb.is_err() {
+                ctx.stop_all();
+            }
+            let rf = match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(ctx.fail("the forward thread panicked".into()))),
+                Err(e) => Err(ctx.fail(format!("cannot start the forward thread: {e}"))),
+            };
+            (rf, rb)
+        });
+        let (rf, rb) = match (rf, rb) {
+            (Ok(f), Ok(b)) => (f, b),
+            // The root cause: the error that is not the consequence of the other's.
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+            (Err(ef), Err(eb)) => {
+                let consequence = |e: &WorkerError| e.to_string().contains(ABORTED);
+                return Err(if consequence(&ef) && !consequence(&eb) {
+                    eb
+                } else {
+                    ef
+                });
+            }
+        };
+        let (saved, stats, bytes_f) = rf;
+        let (w, bytes_b) = rb;
+        self.saved.insert((f.dir, f.mb), saved);
+        self.stats.push(stats);
+        self.deferred.insert((b.dir, b.mb), w);
+        self.bytes_sent += bytes_f + bytes_b;
+        Ok(())
     }
 
     /// The stage this rank runs for direction `dir`, and its position along that direction.
@@ -301,11 +423,149 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         }
     }
 
-    fn send(&mut self, payload: Payload, c: Chunk, to: usize, tensor: Tensor<T>) -> Result<()> {
+    fn forward(&mut self, c: Chunk, input: Option<Tensor<T>>) -> Result<()> {
+        let (saved, stats, bytes) = self.ctx().forward(c, input)?;
+        self.saved.insert((c.dir, c.mb), saved);
+        self.stats.push(stats);
+        self.bytes_sent += bytes;
+        Ok(())
+    }
+
+    fn backward(&mut self, c: Chunk, dout: Option<Tensor<T>>) -> Result<()> {
+        let saved = self
+            .saved
+            .remove(&(c.dir, c.mb))
+            .ok_or_else(|| self.fail(format!("B{}.{} runs before its forward", c.dir, c.mb)))?;
+        let (w, bytes) = self.ctx().backward(c, saved, dout)?;
+        self.deferred.insert((c.dir, c.mb), w);
+        self.bytes_sent += bytes;
+        Ok(())
+    }
+
+    fn weights(&mut self, c: Chunk) -> Result<()> {
+        let tasks = self
+            .deferred
+            .remove(&(c.dir, c.mb))
+            .ok_or_else(|| self.fail(format!("W{}.{} runs before its backward", c.dir, c.mb)))?;
+        let _span = tracing::debug_span!("wgrad", dir = c.dir, mb = c.mb).entered();
+        self.touched.extend(tasks.iter().map(WTask::param));
+        wgrad::run_all(tasks, &mut self.grads)
+    }
+}
+
+impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
+    fn fail(&self, reason: String) -> WorkerError {
+        WorkerError::Pipeline {
+            rank: self.rank,
+            reason,
+        }
+    }
+
+    /// A failure because a peer stopped (see [`RankActor::peer_gone`]).
+    fn peer_gone(&self, reason: String) -> WorkerError {
+        if self.step.abort.load(Ordering::SeqCst) {
+            self.fail(format!("{ABORTED} ({reason})"))
+        } else {
+            self.fail(reason)
+        }
+    }
+
+    /// Stops the step on every rank: this one failed.
+    fn stop_all(&self) {
+        self.step.abort.store(true, Ordering::SeqCst);
+        if let Outbound::Mesh { link, .. } = &self.out {
+            link.abort();
+        }
+        for e in self.experts.iter().flatten() {
+            e.abort();
+        }
+    }
+
+    fn stage(&self, dir: u8) -> usize {
+        self.step.schedule.position(self.rank, dir)
+    }
+
+    fn neighbour(&self, dir: u8, pos: usize) -> usize {
+        self.step.schedule.rank_at(dir, pos)
+    }
+
+    /// The exchange of direction `dir`'s chunks, if any.
+    fn experts(&self, dir: u8) -> Option<&dyn ExpertExchange> {
+        self.experts[usize::from(dir.min(1))]
+    }
+
+    /// The global index of micro-batch `mb` of direction `dir`, and its objective.
+    fn micro(&self, c: Chunk) -> (usize, Objective) {
+        let g = usize::from(c.dir) * self.step.schedule.per_direction() + c.mb;
+        let share = self.step.micro[g].1;
+        let obj = Objective {
+            loss_scale: self.step.obj.loss_scale * share,
+            ..self.step.obj
+        };
+        (g, obj)
+    }
+
+    /// Runs forward chunk `c` and sends its output on: what the rank keeps for the backward,
+    /// the statistics, and the bytes sent.
+    fn forward(&self, c: Chunk, input: Option<Tensor<T>>) -> Result<Forwarded<T>> {
+        let stage = self.stage(c.dir);
+        let (g, obj) = self.micro(c);
+        let part = &self.step.stages[stage];
+        let b = &self.step.micro[g].0;
+        let _span = tracing::debug_span!("forward", stage, dir = c.dir, mb = c.mb).entered();
+        let (out, saved, stats) =
+            self.step
+                .model
+                .stage_forward(part, b, input, &obj, self.experts(c.dir))?;
+        let bytes = match out {
+            Some(out) => {
+                let to = self.neighbour(c.dir, stage + 1);
+                self.send(Payload::Activation, c, to, out)?
+            }
+            None => 0,
+        };
+        Ok((saved, (g, stage, stats), bytes))
+    }
+
+    /// Runs backward chunk `c` (input gradients only) and sends the gradient on: the weight
+    /// gradients' deferred work, and the bytes sent.
+    fn backward(
+        &self,
+        c: Chunk,
+        saved: StageSaved<T>,
+        dout: Option<Tensor<T>>,
+    ) -> Result<(Vec<WTask<T>>, u64)> {
+        let stage = self.stage(c.dir);
+        let (g, obj) = self.micro(c);
+        let part = &self.step.stages[stage];
+        let b = &self.step.micro[g].0;
+        let _span = tracing::debug_span!("backward", stage, dir = c.dir, mb = c.mb).entered();
+        let mut w = Vec::new();
+        let din = self.step.model.stage_backward(
+            part,
+            b,
+            saved,
+            dout,
+            &obj,
+            self.experts(c.dir),
+            &mut w,
+        )?;
+        let bytes = match din {
+            Some(din) => {
+                let to = self.neighbour(c.dir, stage - 1);
+                self.send(Payload::Gradient, c, to, din)?
+            }
+            None => 0,
+        };
+        Ok((w, bytes))
+    }
+
+    /// Sends `tensor` to rank `to`; returns the bytes it counts as.
+    fn send(&self, payload: Payload, c: Chunk, to: usize, tensor: Tensor<T>) -> Result<u64> {
         // Activations and gradients travel in the precision mode: BF16 in BF16 and FP8 runs (as
         // the report's pipeline sends them), full width in FP32 runs.
         let (tensor, bytes) = match self.step.model.precision() {
-            shoal_kernels::ops::linear::Precision::Fp32 => {
+            Precision::Fp32 => {
                 let b = (tensor.numel() * std::mem::size_of::<T>()) as u64;
                 (tensor, b)
             }
@@ -326,8 +586,8 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
             bytes
         )
         .entered();
-        let (prev, next) = match &self.links {
-            Links::Mesh {
+        let (prev, next) = match &self.out {
+            Outbound::Mesh {
                 link,
                 devices,
                 step,
@@ -338,10 +598,9 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                     .ok_or_else(|| self.fail(format!("no pipeline rank {to}")))?;
                 let frame = encode(&tensor, self.step.model.precision());
                 link.send_to(peer, tag, frame)?;
-                self.bytes_sent += bytes;
-                return Ok(());
+                return Ok(bytes);
             }
-            Links::Threads { prev, next, .. } => (prev, next),
+            Outbound::Threads { prev, next } => (prev, next),
         };
         let link = if to + 1 == self.rank {
             prev.as_ref()
@@ -368,71 +627,7 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                 c.mb
             )));
         }
-        self.bytes_sent += bytes;
-        Ok(())
-    }
-
-    /// The global index of micro-batch `mb` of direction `dir`, and its objective.
-    fn micro(&self, c: Chunk) -> (usize, Objective) {
-        let g = usize::from(c.dir) * self.step.schedule.per_direction() + c.mb;
-        let share = self.step.micro[g].1;
-        let obj = Objective {
-            loss_scale: self.step.obj.loss_scale * share,
-            ..self.step.obj
-        };
-        (g, obj)
-    }
-
-    fn forward(&mut self, c: Chunk, input: Option<Tensor<T>>) -> Result<()> {
-        let stage = self.stage(c.dir);
-        let (g, obj) = self.micro(c);
-        let part = &self.step.stages[stage];
-        let b = &self.step.micro[g].0;
-        let _span = tracing::debug_span!("forward", stage, dir = c.dir, mb = c.mb).entered();
-        let (out, saved, stats) =
-            self.step
-                .model
-                .stage_forward(part, b, input, &obj, self.experts())?;
-        self.saved.insert((c.dir, c.mb), saved);
-        self.stats.push((g, stage, stats));
-        if let Some(out) = out {
-            let to = self.neighbour(c.dir, stage + 1);
-            self.send(Payload::Activation, c, to, out)?;
-        }
-        Ok(())
-    }
-
-    fn backward(&mut self, c: Chunk, dout: Option<Tensor<T>>) -> Result<()> {
-        let stage = self.stage(c.dir);
-        let (g, obj) = self.micro(c);
-        let saved = self
-            .saved
-            .remove(&(c.dir, c.mb))
-            .ok_or_else(|| self.fail(format!("B{}.{} runs before its forward", c.dir, c.mb)))?;
-        let part = &self.step.stages[stage];
-        let b = &self.step.micro[g].0;
-        let _span = tracing::debug_span!("backward", stage, dir = c.dir, mb = c.mb).entered();
-        let mut w = Vec::new();
-        let din =
-            self.step
-                .model
-                .stage_backward(part, b, saved, dout, &obj, self.experts(), &mut w)?;
-        self.deferred.insert((c.dir, c.mb), w);
-        if let Some(din) = din {
-            let to = self.neighbour(c.dir, stage - 1);
-            self.send(Payload::Gradient, c, to, din)?;
-        }
-        Ok(())
-    }
-
-    fn weights(&mut self, c: Chunk) -> Result<()> {
-        let tasks = self
-            .deferred
-            .remove(&(c.dir, c.mb))
-            .ok_or_else(|| self.fail(format!("W{}.{} runs before its backward", c.dir, c.mb)))?;
-        let _span = tracing::debug_span!("wgrad", dir = c.dir, mb = c.mb).entered();
-        self.touched.extend(tasks.iter().map(WTask::param));
-        wgrad::run_all(tasks, &mut self.grads)
+        Ok(bytes)
     }
 }
 

@@ -75,6 +75,8 @@ pub(crate) struct StepPlan<'a> {
     pub(crate) direct_dispatch: bool,
     /// How long any wait for another rank's data may take.
     pub(crate) timeout: std::time::Duration,
+    /// Run the chunks of DualPipe's overlapped pairs at once.
+    pub(crate) overlap: bool,
 }
 
 /// What a rank's step produced.
@@ -159,7 +161,15 @@ pub(crate) fn rank_step(
             let d = k % dp;
             let link = group_link(t, d, ep, |x| s * dp + x, plan)?;
             let devices = (0..schedule.pp).map(|r| r * dp + d).collect();
-            let experts = (ep > 1).then_some(&link as &dyn ExpertExchange);
+            let lanes = [link.lane(0), link.lane(1)];
+            let experts = if ep > 1 {
+                [
+                    Some(&lanes[0] as &dyn ExpertExchange),
+                    Some(&lanes[1] as &dyn ExpertExchange),
+                ]
+            } else {
+                [None, None]
+            };
             let r = pipeline::run_rank_on(
                 &rep.model,
                 stages,
@@ -173,6 +183,7 @@ pub(crate) fn rank_step(
                 devices,
                 plan.step,
                 experts,
+                plan.overlap,
             )?;
             // Its transfers crossed the mesh: counted by the transport, not as in-process.
             (r.out, 0, link.max_target_nodes())
@@ -185,8 +196,11 @@ pub(crate) fn rank_step(
                 .iter_mut()
                 .map(|st| group_link(st, r, ep, |x| x, plan))
                 .collect::<Result<Vec<_>>>()?;
-            let exchanges: Vec<&dyn ExpertExchange> =
-                links.iter().map(|l| l as &dyn ExpertExchange).collect();
+            let lanes: Vec<_> = links.iter().map(|l| [l.lane(0), l.lane(1)]).collect();
+            let exchanges: Vec<[&dyn ExpertExchange; 2]> = lanes
+                .iter()
+                .map(|[a, b]| [a as &dyn ExpertExchange, b as &dyn ExpertExchange])
+                .collect();
             let r = pipeline::run_step_with(
                 &rep.model,
                 stages,
@@ -196,6 +210,7 @@ pub(crate) fn rank_step(
                 &mut rep.grads,
                 plan.timeout,
                 &exchanges,
+                plan.overlap,
             )?;
             // Pipelines on threads of one process: every member on this node.
             (r.out, r.bytes_sent.iter().sum(), 0)

@@ -96,6 +96,14 @@ pub struct PipelineOptions {
     pub pp: usize,
     /// Schedule: `1f1b`, `zb1p` or `dualpipe`.
     pub schedule: String,
+    /// Run the forward and backward chunks of DualPipe's overlapped pairs at once, on two
+    /// threads of the rank (otherwise one after the other).
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Two micro-batches: one per core of a small machine, and cheap elsewhere.
@@ -778,6 +786,7 @@ impl Trainer {
             ep: self.opts.ep,
             direct_dispatch: self.opts.direct_dispatch,
             timeout: self.opts.comm_timeout(),
+            overlap: self.opts.pipeline.as_ref().is_none_or(|p| p.overlap),
         };
         // All ranks here: a mesh of in-memory queues for the step.
         let mut fresh = self
