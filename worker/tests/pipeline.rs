@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shoal_kernels::ops::linear::Precision;
@@ -12,6 +14,7 @@ use shoal_spec::plan::Schedule;
 use shoal_spec::schedule::Op;
 use shoal_spec::schedule::build;
 use shoal_worker::WorkerError;
+use shoal_worker::model::ep::{ExchangePhase, ExpertExchange};
 use shoal_worker::model::{Model, Objective, StagePart, TokenBatch};
 use shoal_worker::pipeline::{run_step, run_step_with};
 
@@ -416,4 +419,166 @@ fn dualpipe_runs_each_overlapped_pair_on_two_threads_with_the_same_result() {
         })
     });
     assert!(overlapped, "no forward ran during a backward: {forwards:?}");
+}
+
+/// Rank 0's two lanes of a one-member expert exchange: frames come straight back, except that
+/// lane `fail_lane` fails at its `fail_at`-th backward dispatch (counting from 0), and the
+/// other lane, once that happened, waits like a transport whose peer never answers, until
+/// someone aborts the step.
+#[derive(Debug)]
+struct Faulty {
+    lane: u8,
+    fail_lane: u8,
+    fail_at: usize,
+    state: Arc<FaultState>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    backward_dispatches: AtomicUsize,
+    failed: AtomicBool,
+    aborted: AtomicBool,
+}
+
+impl ExpertExchange for Faulty {
+    fn ep(&self) -> usize {
+        1
+    }
+
+    fn position(&self) -> usize {
+        0
+    }
+
+    fn exchange(
+        &self,
+        phase: ExchangePhase,
+        frames: Vec<Vec<u8>>,
+    ) -> shoal_worker::Result<Vec<Vec<u8>>> {
+        // The backward of combine dispatches combine-kind frames (kind byte 2).
+        let backward = phase == ExchangePhase::Dispatch && frames[0].get(4) == Some(&2);
+        if self.lane == self.fail_lane && backward {
+            let n = self
+                .state
+                .backward_dispatches
+                .fetch_add(1, Ordering::SeqCst);
+            if n == self.fail_at {
+                self.state.failed.store(true, Ordering::SeqCst);
+                return Err(WorkerError::invalid("test exchange", "injected failure"));
+            }
+        }
+        if self.lane != self.fail_lane && self.state.failed.load(Ordering::SeqCst) {
+            let t = std::time::Instant::now();
+            while !self.state.aborted.load(Ordering::SeqCst) {
+                if t.elapsed() > Duration::from_secs(20) {
+                    return Err(WorkerError::invalid(
+                        "test exchange",
+                        "nobody stopped the step",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return Err(WorkerError::invalid(
+                "test exchange",
+                "stopped: another rank failed",
+            ));
+        }
+        Ok(frames)
+    }
+
+    fn abort(&self) {
+        self.state.aborted.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_chunk_failing_inside_an_overlapped_pair_stops_its_partner_and_the_step() {
+    let (model, inputs, targets) = setup(4);
+    let b = batch(&inputs, &targets);
+    let stages = StagePart::split(4, &[2, 2]).unwrap();
+    let s = build(Schedule::DualPipe, 2, 4).unwrap();
+    // The first pair on rank 0: its backward chunk's direction, and how many backward chunks
+    // of that direction rank 0 runs before it (and in all).
+    let d = s.ranks[0]
+        .iter()
+        .find_map(|op| match op {
+            Op::Overlapped { b, .. } => Some(b.dir),
+            _ => None,
+        })
+        .expect("an overlapped pair on rank 0");
+    let bs: Vec<bool> = s.ranks[0]
+        .iter()
+        .flat_map(|op| {
+            let paired = matches!(op, Op::Overlapped { .. });
+            op.chunks()
+                .filter(|c| c.pass == shoal_spec::schedule::Pass::B && c.dir == d)
+                .map(move |_| paired)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let k = bs.iter().position(|&p| p).unwrap_or(0);
+    let run = |fail_at: usize| {
+        let state = Arc::new(FaultState::default());
+        let lanes = [
+            Faulty {
+                lane: 0,
+                fail_lane: d,
+                fail_at,
+                state: state.clone(),
+            },
+            Faulty {
+                lane: 1,
+                fail_lane: d,
+                fail_at,
+                state: state.clone(),
+            },
+        ];
+        // Only rank 0 has the faulty exchange; rank 1 a plain one (nothing fails there).
+        let plain = Arc::new(FaultState::default());
+        let others = [
+            Faulty {
+                lane: 0,
+                fail_lane: d,
+                fail_at: usize::MAX,
+                state: plain.clone(),
+            },
+            Faulty {
+                lane: 1,
+                fail_lane: d,
+                fail_at: usize::MAX,
+                state: plain,
+            },
+        ];
+        let experts: Vec<[&dyn ExpertExchange; 2]> =
+            vec![[&lanes[0], &lanes[1]], [&others[0], &others[1]]];
+        let mut g = model.params().zero_grads();
+        let t = std::time::Instant::now();
+        let r = run_step_with(
+            &model,
+            &stages,
+            &s,
+            &b,
+            &objective(),
+            &mut g,
+            Duration::from_secs(60),
+            &experts,
+            true,
+        );
+        (r, t.elapsed(), state)
+    };
+    // Backward dispatches per such chunk on rank 0: a clean run counts them.
+    let (clean, _, counted) = run(usize::MAX);
+    clean.unwrap();
+    let per_chunk = counted.backward_dispatches.load(Ordering::SeqCst) / bs.len();
+    assert!(per_chunk > 0);
+    let (r, took, state) = run(k * per_chunk);
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("injected failure"), "{e}");
+    assert!(
+        state.aborted.load(Ordering::SeqCst),
+        "the partner was never told to stop"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the step took {took:?} to fail"
+    );
 }
