@@ -22,8 +22,14 @@
 //!   (h+1)` with the second half deferring `W`; `(W, B0 deferring W) x (H-h-1)`; `W x (h+1)`.
 //!   Directions in these steps are the rank's own: on the second half of the ranks, the rank's
 //!   direction 0 is the pipeline's direction 1.
-//!
-//! `dualpipev` operation lists are not generated (the plan's memory model covers it).
+//! - `dualpipev`: DualPipe cut in half (DeepSeek's `DualPipeV`): `2 pp` stages in a V, rank `r`
+//!   holding stage `r` (phase 0, on the way down) and stage `2 pp - 1 - r` (phase 1, on the way
+//!   back up), so every micro-batch enters and leaves at rank 0 and turns on rank `pp - 1`
+//!   without a transfer. A chunk's "direction" is its phase, and both phases run every one of
+//!   the `C` micro-batches. With `p = pp - 1 - r`: `F0 x 2p`; `(F0, F1) x (r+1)`; `(B1 deferring
+//!   W, W, F1) x p`; `(F0&B1, F1&B0) x (C-2pp+r+1)` (the last rank runs its first `F0` and `B1`
+//!   apart); `(B1, F1&B0) x p`; `(B1, B0) x (r+1)` with the second half deferring `W`; `(W, B0
+//!   deferring W) x p`; `W x (r+1)`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -136,27 +142,60 @@ impl StepSchedule {
         Ok(())
     }
 
-    /// Directions the schedule feeds micro-batches from.
+    /// Directions (DualPipe) or phases (DualPipeV) a rank's chunks belong to.
     pub fn directions(&self) -> u8 {
         match self.name {
-            Schedule::DualPipe => 2,
+            Schedule::DualPipe | Schedule::DualPipeV => 2,
             _ => 1,
         }
     }
 
-    /// Micro-batches per direction.
+    /// Micro-batches per direction (DualPipeV's two phases both run every micro-batch).
     pub fn per_direction(&self) -> usize {
-        self.micro_batches / usize::from(self.directions())
+        match self.name {
+            Schedule::DualPipeV => self.micro_batches,
+            _ => self.micro_batches / usize::from(self.directions()),
+        }
     }
 
-    /// The position along direction `dir`'s pipeline of the stage rank `rank` holds for it.
+    /// The step's index of micro-batch `mb` of direction `dir` (`dir * per_direction + mb`;
+    /// DualPipeV's phases share their micro-batches).
+    pub fn micro_index(&self, dir: u8, mb: usize) -> usize {
+        match self.name {
+            Schedule::DualPipeV => mb,
+            _ => usize::from(dir) * self.per_direction() + mb,
+        }
+    }
+
+    /// Stages along a micro-batch's path: `pp`, or `2 pp` for DualPipeV.
+    pub fn stage_count(&self) -> usize {
+        self.name.stages(self.pp)
+    }
+
+    /// The position along direction `dir`'s path (the model stage) of the stage rank `rank`
+    /// holds for it.
     pub fn position(&self, rank: usize, dir: u8) -> usize {
-        if dir == 0 { rank } else { self.pp - 1 - rank }
+        match (self.name, dir) {
+            (_, 0) => rank,
+            (Schedule::DualPipeV, _) => 2 * self.pp - 1 - rank,
+            _ => self.pp - 1 - rank,
+        }
     }
 
-    /// The rank at `pos` along direction `dir`'s pipeline.
+    /// The rank at `pos` along direction `dir`'s path.
     pub fn rank_at(&self, dir: u8, pos: usize) -> usize {
-        if dir == 0 { pos } else { self.pp - 1 - pos }
+        self.holder(dir, pos).0
+    }
+
+    /// The rank holding `pos` along direction `dir`'s path, and the direction of its chunk
+    /// there: `dir` itself, except on DualPipeV, whose stages `pp..2pp` are phase 1.
+    pub fn holder(&self, dir: u8, pos: usize) -> (usize, u8) {
+        match self.name {
+            Schedule::DualPipeV if pos >= self.pp => (2 * self.pp - 1 - pos, 1),
+            Schedule::DualPipeV => (pos, 0),
+            _ if dir == 0 => (pos, 0),
+            _ => (self.pp - 1 - pos, dir),
+        }
     }
 }
 
@@ -221,10 +260,18 @@ pub fn build(
                 .collect::<Result<_, _>>()?
         }
         Schedule::DualPipeV => {
-            return Err(SpecError::invalid(
-                "parallelism.schedule",
-                "operation lists for dualpipev are not generated yet: use dualpipe, zb1p or 1f1b",
-            ));
+            if micro_batches < 2 * pp {
+                return Err(SpecError::invalid(
+                    "parallelism.micro_batches",
+                    format!(
+                        "dualpipev needs at least 2 x pp = {} micro-batches, got {micro_batches}",
+                        2 * pp
+                    ),
+                ));
+            }
+            (0..pp)
+                .map(|r| dual_pipe_v(pp, r, micro_batches))
+                .collect::<Result<_, _>>()?
         }
     };
     Ok(StepSchedule {
@@ -453,6 +500,68 @@ fn dual_pipe(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
     Ok(s.ops)
 }
 
+/// DualPipeV on rank `r` with `c` micro-batches (both phases run each).
+fn dual_pipe_v(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
+    let p = pp - 1 - r;
+    let last = p == 0;
+    let mut s = Builder::new();
+    for _ in 0..2 * p {
+        s.f(0);
+    }
+    for _ in 0..=r {
+        s.f(0);
+        s.f(1);
+    }
+    for _ in 0..p {
+        s.b(1, true);
+        s.w();
+        s.f(1);
+    }
+    for i in 0..c + r + 1 - 2 * pp {
+        if i == 0 && last {
+            s.f(0);
+            s.b(1, false);
+        } else {
+            s.fb(0, 1);
+        }
+        s.fb(1, 0);
+    }
+    for _ in 0..p {
+        s.b(1, false);
+        s.fb(1, 0);
+    }
+    // Half-way through the r + 1 iterations, backwards start deferring their weight gradients.
+    let mid = r.div_ceil(2);
+    let mut zb = false;
+    for i in 0..=r {
+        if i == mid && r % 2 == 1 {
+            zb = true;
+        }
+        s.b(1, zb);
+        if i == mid && r % 2 == 0 {
+            zb = true;
+        }
+        s.b(0, zb);
+    }
+    for _ in 0..p {
+        s.w();
+        s.b(0, true);
+    }
+    for _ in 0..=r {
+        s.w();
+    }
+    if !s.deferred.is_empty() {
+        return Err(SpecError::invalid(
+            "parallelism.schedule",
+            format!(
+                "dualpipev on rank {r} of {pp} left {} weight gradients unscheduled",
+                s.deferred.len()
+            ),
+        ));
+    }
+    Ok(s.ops)
+}
+
 /// How long each kind of operation takes, in any unit.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Costs {
@@ -487,16 +596,16 @@ impl Costs {
     }
 
     /// The bubble per rank of the report's Table 2, where `B` is the whole backward (input and
-    /// weights): 1F1B `(PP-1)(F+B)`, ZB1P `(PP-1)(F+B-2W)`, DualPipe `(PP/2-1)(F&B+B-3W)`.
+    /// weights): 1F1B `(PP-1)(F+B)`, ZB1P `(PP-1)(F+B-2W)`, DualPipe `(PP/2-1)(F&B+B-3W)`, with
+    /// `PP` the stages; `pp` is the ranks, so DualPipeV (`PP = 2 pp` stages) has `(pp-1)(...)`.
     pub fn table2_bubble(&self, schedule: Schedule, pp: usize) -> f64 {
         let full_b = self.b + self.w;
         let p = pp as f64;
         match schedule {
             Schedule::OneFOneB => (p - 1.0) * (self.f + full_b),
             Schedule::Zb1p => (p - 1.0) * (self.f + full_b - 2.0 * self.w),
-            Schedule::DualPipe | Schedule::DualPipeV => {
-                (p / 2.0 - 1.0) * (self.fb + full_b - 3.0 * self.w)
-            }
+            Schedule::DualPipe => (p / 2.0 - 1.0) * (self.fb + full_b - 3.0 * self.w),
+            Schedule::DualPipeV => (p - 1.0) * (self.fb + full_b - 3.0 * self.w),
         }
     }
 }
@@ -531,6 +640,10 @@ pub fn simulate(s: &StepSchedule, costs: &Costs) -> Result<Timeline, SpecError> 
         .iter()
         .map(|r| Vec::with_capacity(r.len()))
         .collect();
+    let stages = s.stage_count();
+    // The chunk `c` waits for: its micro-batch's forward on the previous stage (which may be
+    // the same rank's other phase, on DualPipeV's turn), its backward on the next stage (or on
+    // the last stage its own forward), and for `W` its `B`.
     let need = |rank: usize, c: Chunk| -> (usize, Chunk) {
         let pos = s.position(rank, c.dir);
         match c.pass {
@@ -538,14 +651,16 @@ pub fn simulate(s: &StepSchedule, costs: &Costs) -> Result<Timeline, SpecError> 
                 if pos == 0 {
                     (usize::MAX, c)
                 } else {
-                    (s.rank_at(c.dir, pos - 1), c)
+                    let (r, dir) = s.holder(c.dir, pos - 1);
+                    (r, Chunk { dir, ..c })
                 }
             }
             Pass::B => {
-                if pos + 1 == pp {
+                if pos + 1 == stages {
                     (rank, Chunk { pass: Pass::F, ..c })
                 } else {
-                    (s.rank_at(c.dir, pos + 1), c)
+                    let (r, dir) = s.holder(c.dir, pos + 1);
+                    (r, Chunk { dir, ..c })
                 }
             }
             Pass::W => (rank, Chunk { pass: Pass::B, ..c }),

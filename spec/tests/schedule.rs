@@ -8,12 +8,18 @@ use shoal_spec::SpecError;
 use shoal_spec::plan::Schedule;
 use shoal_spec::schedule::{Chunk, Costs, Op, Pass, StepSchedule, build, simulate};
 
-const RUNNABLE: [Schedule; 3] = [Schedule::OneFOneB, Schedule::Zb1p, Schedule::DualPipe];
+const RUNNABLE: [Schedule; 4] = [
+    Schedule::OneFOneB,
+    Schedule::Zb1p,
+    Schedule::DualPipe,
+    Schedule::DualPipeV,
+];
 
 /// Micro-batch counts to try for `pp` ranks.
 fn counts(schedule: Schedule, pp: usize) -> Vec<usize> {
     match schedule {
         Schedule::DualPipe => vec![2 * pp, 2 * pp + 2, 3 * pp + (3 * pp) % 2, 4 * pp, 6 * pp],
+        Schedule::DualPipeV => vec![2 * pp, 2 * pp + 1, 3 * pp, 4 * pp, 6 * pp + 1],
         _ => vec![1, pp.saturating_sub(1).max(1), pp, 2 * pp, 4 * pp + 3],
     }
 }
@@ -47,7 +53,17 @@ fn every_rank_runs_each_chunk_once_in_order() {
                             );
                         }
                     }
-                    assert_eq!(at.len(), 3 * m, "{schedule} pp {pp} m {m} rank {r}");
+                    // DualPipeV's ranks run both phases of every micro-batch.
+                    let phases = if schedule == Schedule::DualPipeV {
+                        2
+                    } else {
+                        1
+                    };
+                    assert_eq!(
+                        at.len(),
+                        3 * m * phases,
+                        "{schedule} pp {pp} m {m} rank {r}"
+                    );
                     for dir in 0..s.directions() {
                         for mb in 0..per_dir {
                             let pos = |pass| at[&Chunk { pass, dir, mb }];
@@ -145,6 +161,70 @@ fn dualpipe_follows_the_reference_steps() {
     }
 }
 
+#[test]
+fn dualpipev_follows_the_reference_steps() {
+    // pp 4, 8 micro-batches, rank 0 (p = 3), step by step: F0 x 6; (F0, F1); (B1 deferring W,
+    // W, F1) x 3; (F0&B1, F1&B0) x 1; (B1, F1&B0) x 3; (B1, B0 deferring W); (W, B0 deferring
+    // W) x 3; W.
+    let s = build(Schedule::DualPipeV, 4, 8).unwrap();
+    assert_eq!(
+        ops_text(&s.ranks[0]),
+        "F0.0 F0.1 F0.2 F0.3 F0.4 F0.5 | F0.6 F1.0 | B1.0 W1.0 F1.1 B1.1 W1.1 F1.2 B1.2 W1.2 \
+         F1.3 | F0.7&B1.3 W1.3 F1.4&B0.0 W0.0 | B1.4 W1.4 F1.5&B0.1 W0.1 B1.5 W1.5 F1.6&B0.2 \
+         W0.2 B1.6 W1.6 F1.7&B0.3 W0.3 | B1.7 W1.7 B0.4 | W0.4 B0.5 W0.5 B0.6 W0.6 B0.7 | W0.7"
+            .replace(" |", "")
+    );
+    // The last rank turns every micro-batch: its first F0 and B1 of step 4 run apart.
+    assert_eq!(
+        ops_text(&s.ranks[3][..12]),
+        "F0.0 F1.0 F0.1 F1.1 F0.2 F1.2 F0.3 F1.3 F0.4 B1.0 W1.0 F1.4&B0.0"
+    );
+    // Rank r holds stage r for phase 0 and stage 2pp - 1 - r for phase 1; micro-batches enter
+    // and leave at rank 0 and turn on the last rank.
+    assert_eq!(s.stage_count(), 8);
+    assert_eq!((s.position(0, 0), s.position(0, 1)), (0, 7));
+    assert_eq!((s.position(3, 0), s.position(3, 1)), (3, 4));
+    assert_eq!(s.holder(0, 4), (3, 1));
+    assert_eq!(s.holder(1, 3), (3, 0));
+    assert_eq!(s.micro_index(1, 5), 5);
+
+    for pp in [1, 2, 3, 4, 8, 16] {
+        for m in [2 * pp, 2 * pp + 3, 4 * pp] {
+            let s = build(Schedule::DualPipeV, pp, m).unwrap();
+            for (r, ops) in s.ranks.iter().enumerate() {
+                let p = pp - 1 - r;
+                // Steps 1 and 2 (and the last rank's first F0 of step 4) are forwards only.
+                let leading = ops
+                    .iter()
+                    .take_while(|o| matches!(o, Op::One(Chunk { pass: Pass::F, .. })))
+                    .count();
+                assert_eq!(
+                    leading,
+                    2 * p + 2 * (r + 1) + usize::from(p == 0),
+                    "pp {pp} m {m} rank {r}"
+                );
+                // Steps 4 and 5 overlap.
+                let overlapped = ops
+                    .iter()
+                    .filter(|o| matches!(o, Op::Overlapped { .. }))
+                    .count();
+                assert_eq!(
+                    overlapped,
+                    2 * (m + r + 1 - 2 * pp) - usize::from(p == 0) + p,
+                    "pp {pp} m {m} rank {r}"
+                );
+                // It ends with step 8's r + 1 deferred weight gradients.
+                let trailing = ops
+                    .iter()
+                    .rev()
+                    .take_while(|o| matches!(o, Op::One(Chunk { pass: Pass::W, .. })))
+                    .count();
+                assert!(trailing > r, "pp {pp} rank {r}: {}", ops_text(ops));
+            }
+        }
+    }
+}
+
 /// Most activations a rank holds at once: forwards whose weight gradient has not run.
 fn peak_held(ops: &[Op]) -> usize {
     let (mut held, mut peak) = (0usize, 0usize);
@@ -177,6 +257,11 @@ fn activation_memory_follows_table_2() {
                 "dualpipe pp {pp} rank {r}"
             );
         }
+        // DualPipeV over pp / 2 ranks (the same pp stages): PP + 1 as well, on half the devices.
+        let v = build(Schedule::DualPipeV, pp / 2, m).unwrap();
+        for (r, ops) in v.ranks.iter().enumerate() {
+            assert_eq!(peak_held(ops), pp + 1, "dualpipev pp {pp} rank {r}");
+        }
     }
 }
 
@@ -196,7 +281,7 @@ fn close(a: f64, b: f64) -> bool {
 #[test]
 fn unit_cost_bubbles_match_table_2() {
     for pp in [2, 4, 8, 16] {
-        for schedule in [Schedule::Zb1p, Schedule::DualPipe] {
+        for schedule in [Schedule::Zb1p, Schedule::DualPipe, Schedule::DualPipeV] {
             let t = simulate(&build(schedule, pp, 4 * pp).unwrap(), &Costs::UNIT).unwrap();
             let want = Costs::UNIT.table2_bubble(schedule, pp);
             for b in &t.bubble {
@@ -230,6 +315,13 @@ proptest! {
         let one = simulate(&build(Schedule::OneFOneB, pp, m).unwrap(), &c).unwrap();
         let want_zb = c.table2_bubble(Schedule::Zb1p, pp);
         let want_dual = c.table2_bubble(Schedule::DualPipe, pp);
+        // DualPipeV over `half` ranks cuts the same 2 x half stages in a V.
+        let v = simulate(&build(Schedule::DualPipeV, half, m).unwrap(), &c).unwrap();
+        let want_v = c.table2_bubble(Schedule::DualPipeV, half);
+        prop_assert!(close(want_v, want_dual), "{} against {}", want_v, want_dual);
+        for b in &v.bubble {
+            prop_assert!(*b <= want_v + 1e-9, "dualpipev {} against {} {:?}", b, want_v, c);
+        }
         for r in 0..pp {
             prop_assert!(close(zb.bubble[r], want_zb), "zb1p {} against {} {:?}", zb.bubble[r], want_zb, c);
             prop_assert!(dual.bubble[r] <= want_dual + 1e-9, "dualpipe {} against {} {:?}", dual.bubble[r], want_dual, c);
@@ -253,7 +345,7 @@ fn bad_shapes_name_the_field() {
             16_384,
             "parallelism.micro_batches",
         ),
-        (Schedule::DualPipeV, 4, 8, "parallelism.schedule"),
+        (Schedule::DualPipeV, 4, 7, "parallelism.micro_batches"),
     ];
     for (schedule, pp, m, want) in cases {
         let e = build(schedule, pp, m).unwrap_err();

@@ -102,10 +102,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         ),
         None => None,
     };
-    // The step's operations rank by rank (not generated for dualpipev), run on the simulator
-    // with the plan's F, B and W FLOPs.
-    // The plan itself validated the parallelism; a schedule too large to list (or dualpipev's,
-    // not generated yet) only leaves out the operation lists.
+    // The step's operations rank by rank, run on the simulator with the plan's F, B and W FLOPs.
+    // The plan itself validated the parallelism; a schedule too large to list only leaves out
+    // the operation lists.
     let step = match schedule::build(schedule, par.pp, par.micro_batches) {
         Ok(s) => Some(s),
         Err(e) => {

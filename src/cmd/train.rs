@@ -98,7 +98,8 @@ pub struct TrainArgs {
     /// Pipeline ranks: the model cut into this many stages, one device each (default 2).
     #[arg(long)]
     pub pp: Option<usize>,
-    /// Pipeline schedule: 1f1b, zb1p or dualpipe (default: dualpipe for an even pp, else 1f1b).
+    /// Pipeline schedule: 1f1b, zb1p, dualpipe or dualpipev (default: dualpipe for an even pp,
+    /// else 1f1b).
     #[arg(long)]
     pub schedule: Option<String>,
     /// Data-parallel ranks (ZeRO-1): each a share of every batch and a shard of the optimizer

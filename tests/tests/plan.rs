@@ -163,6 +163,59 @@ fn expert_loads_balance_the_plans_ep_groups() {
 }
 
 #[test]
+fn dualpipev_is_planned_with_its_operation_lists() {
+    let out = run_shoal(&[
+        "plan",
+        "--cluster",
+        "4x8",
+        "--pp",
+        "4",
+        "--dp",
+        "8",
+        "--ep",
+        "8",
+        "--schedule",
+        "dualpipev",
+        "--micro-batches",
+        "8",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ranks = plan["schedule"].as_array().expect("schedule");
+    assert_eq!(ranks.len(), 4);
+    for (r, ops) in ranks.iter().enumerate() {
+        let ops: Vec<&str> = ops
+            .as_array()
+            .expect("a rank's operations")
+            .iter()
+            .map(|o| o.as_str().expect("an operation string"))
+            .collect();
+        // Both phases of 8 micro-batches x F, B, W, overlapped pairs counting two.
+        let chunks: usize = ops.iter().map(|o| o.split('&').count()).sum();
+        assert_eq!(chunks, 48, "rank {r}: {ops:?}");
+        assert!(ops.iter().any(|o| o.contains('&')), "rank {r}: {ops:?}");
+    }
+    // Rank 0 feeds every micro-batch in: it starts with 2 (pp - 1) + 1 phase-0 forwards.
+    let rank0 = ranks[0].as_array().expect("rank 0");
+    assert_eq!(rank0[6], "F0.6");
+    assert_eq!(rank0[7], "F1.0");
+    let table2 = plan["simulated"]["table2_bubble_flops"]
+        .as_f64()
+        .expect("table 2");
+    for b in plan["simulated"]["bubble_flops"]
+        .as_array()
+        .expect("bubble")
+    {
+        let b = b.as_f64().expect("a number");
+        assert!(
+            b > 0.0 && b <= table2 * (1.0 + 1e-9),
+            "{b} against {table2}"
+        );
+    }
+}
+
+#[test]
 fn the_schedule_is_data_in_json_and_drawn_as_a_timeline() {
     let args = [
         "plan",

@@ -11,28 +11,31 @@ mod common;
 
 use common::{batcher, opts, small_cfg as cfg};
 use shoal_kernels::ops::linear::Precision;
+use shoal_spec::ModelConfig;
 use shoal_worker::comm::tcp::{MeshLayout, connect};
 use shoal_worker::model::Model;
 use shoal_worker::train::{PipelineOptions, StepMetrics, TrainOptions, Trainer};
 
 /// Runs `steps` steps of `o` on `nodes` trainers of `dp / nodes` ranks each, connected over
-/// TCP (fp32); checkpoints into `ckpt`; returns every node's metrics.
-fn distributed(
-    o: TrainOptions,
-    steps: u64,
-    nodes: usize,
-    ckpt: &std::path::Path,
-) -> Vec<Vec<StepMetrics>> {
-    distributed_in(o, steps, nodes, ckpt, Precision::Fp32)
-}
-
-/// [`distributed`] with the model in `precision`.
+/// TCP, with the model in `precision`; checkpoints into `ckpt`; returns every node's metrics.
 fn distributed_in(
     o: TrainOptions,
     steps: u64,
     nodes: usize,
     ckpt: &std::path::Path,
     precision: Precision,
+) -> Vec<Vec<StepMetrics>> {
+    distributed_model(o, steps, nodes, ckpt, precision, &cfg())
+}
+
+/// [`distributed_in`] with the model `model_cfg`.
+fn distributed_model(
+    o: TrainOptions,
+    steps: u64,
+    nodes: usize,
+    ckpt: &std::path::Path,
+    precision: Precision,
+    model_cfg: &ModelConfig,
 ) -> Vec<Vec<StepMetrics>> {
     // One device per pipeline rank of each data-parallel rank, stage-major over the nodes.
     let world = o.dp * o.pipeline.as_ref().map_or(1, |p| p.pp);
@@ -52,7 +55,7 @@ fn distributed_in(
                 let (layout, o) = (&layout, o.clone());
                 s.spawn(move || {
                     let mesh = connect(layout, n, l, Duration::from_secs(30)).unwrap();
-                    let model = Model::<f32>::new(&cfg(), precision, 3).unwrap();
+                    let model = Model::<f32>::new(model_cfg, precision, 3).unwrap();
                     let mut t = Trainer::new_on(model, batcher(3), o, Some(mesh)).unwrap();
                     let m: Vec<StepMetrics> = (0..steps).map(|_| t.train_step().unwrap()).collect();
                     t.save_checkpoint(ckpt).unwrap();
@@ -77,11 +80,23 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
         (2, 2, 1, "zb1p"),
         // The main job's shape: each stage's expert-parallel group inside a node.
         (2, 2, 2, "dualpipe"),
+        // The V: four stages over two pipeline ranks, turning on the second node.
+        (2, 2, 2, "dualpipev"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("ckpt");
-        // DualPipe needs at least 2 x pp micro-batches per rank.
-        let micro = if schedule == "dualpipe" { 4 } else { 4 / dp };
+        // DualPipe and DualPipeV need at least 2 x pp micro-batches per rank; DualPipeV cuts
+        // the model into 2 x pp stages, so its model has four layers.
+        let dual = schedule.starts_with("dualpipe");
+        let micro = if dual { 4 } else { 4 / dp };
+        let model_cfg = ModelConfig {
+            num_hidden_layers: if schedule == "dualpipev" {
+                4
+            } else {
+                cfg().num_hidden_layers
+            },
+            ..cfg()
+        };
         let mut o = opts(Precision::Fp32, 4, dp, ep, micro);
         if pp > 1 {
             o.pipeline = Some(PipelineOptions {
@@ -90,8 +105,8 @@ fn ranks_on_two_nodes_match_one_rank_and_write_one_checkpoint() {
                 overlap: true,
             });
         }
-        let runs = distributed(o, 3, 2, &ckpt);
-        let model = Model::<f32>::new(&cfg(), Precision::Fp32, 3).unwrap();
+        let runs = distributed_model(o, 3, 2, &ckpt, Precision::Fp32, &model_cfg);
+        let model = Model::<f32>::new(&model_cfg, Precision::Fp32, 3).unwrap();
         let mut one = Trainer::new(model, batcher(3), opts(Precision::Fp32, 4, 1, 1, 4)).unwrap();
         let want: Vec<StepMetrics> = (0..3).map(|_| one.train_step().unwrap()).collect();
         for (node, run) in runs.iter().enumerate() {

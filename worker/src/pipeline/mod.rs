@@ -196,10 +196,15 @@ pub fn run_step_with<T: ModelFloat>(
 ) -> Result<StepReport> {
     schedule.check()?;
     let pp = schedule.pp;
-    if stages.len() != pp {
+    let n_stages = schedule.stage_count();
+    if stages.len() != n_stages {
         return Err(WorkerError::invalid(
             "stages",
-            format!("{} stages for {pp} pipeline ranks", stages.len()),
+            format!(
+                "{} stages for {pp} pipeline ranks under {} (which cuts the model into {n_stages})",
+                stages.len(),
+                schedule.name
+            ),
         ));
     }
     if !experts.is_empty() && experts.len() != pp {
@@ -285,7 +290,7 @@ pub fn run_step_with<T: ModelFloat>(
     // micro-batches' shares in index order, as one pass over the micro-batches reports them.
     let per_dir = schedule.per_direction();
     let n = step.micro.len();
-    let mut stats: Vec<Vec<Option<stage::StageStats>>> = vec![vec![None; pp]; n];
+    let mut stats: Vec<Vec<Option<stage::StageStats>>> = vec![vec![None; n_stages]; n];
     for rank in ranks.iter() {
         for (g, s, st) in &rank.stats {
             stats[*g][*s] = Some(st.clone());
@@ -347,7 +352,7 @@ pub(crate) fn run_rank_on<T: ModelFloat>(
 ) -> Result<StepReport> {
     schedule.check()?;
     let pp = schedule.pp;
-    if stages.len() != pp || devices.len() != pp || rank >= pp {
+    if stages.len() != schedule.stage_count() || devices.len() != pp || rank >= pp {
         return Err(WorkerError::invalid(
             "stages",
             format!(

@@ -78,8 +78,25 @@ struct ChunkCtx<'o, 's, 'a, T> {
     experts: [Option<&'s dyn ExpertExchange>; 2],
 }
 
-/// What a forward chunk leaves behind.
-type Forwarded<T> = (StageSaved<T>, (usize, usize, StageStats), u64);
+/// What a forward chunk leaves behind: what the backward needs, the statistics, bytes sent,
+/// and its output when the next stage is this rank's own (DualPipeV's turn).
+type Forwarded<T> = (
+    StageSaved<T>,
+    (usize, usize, StageStats),
+    u64,
+    Option<Handoff<T>>,
+);
+
+/// What a backward chunk leaves behind: its weight gradients' deferred work, bytes sent, and
+/// its input gradient when the previous stage is this rank's own.
+type Backwarded<T> = (Vec<WTask<T>>, u64, Option<Handoff<T>>);
+
+/// A chunk's output for this rank's own chunk of the neighbouring stage: no transfer, filed
+/// where that chunk looks for its input.
+struct Handoff<T> {
+    key: (Payload, u8, usize),
+    tensor: Tensor<T>,
+}
 
 pub(crate) struct RankActor<'s, 'a, T> {
     step: &'s Step<'a, T>,
@@ -291,13 +308,14 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                 });
             }
         };
-        let (saved, stats, bytes_f) = rf;
-        let (w, bytes_b) = rb;
+        let (saved, stats, bytes_f, handoff_f) = rf;
+        let (w, bytes_b, handoff_b) = rb;
         self.saved.insert((f.dir, f.mb), saved);
         self.stats.push(stats);
         self.deferred.insert((b.dir, b.mb), w);
         self.bytes_sent += bytes_f + bytes_b;
-        Ok(())
+        self.keep(handoff_f)?;
+        self.keep(handoff_b)
     }
 
     /// The stage this rank runs for direction `dir`, and its position along that direction.
@@ -307,13 +325,26 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
 
     /// The message chunk `c` needs before it can run, if any.
     fn input(&mut self, c: Chunk, op: &Op) -> Result<Option<Tensor<T>>> {
-        let pp = self.step.schedule.pp;
+        let stages = self.step.schedule.stage_count();
         let pos = self.stage(c.dir);
         let (payload, from) = match c.pass {
             Pass::F if pos > 0 => (Payload::Activation, self.neighbour(c.dir, pos - 1)),
-            Pass::B if pos + 1 < pp => (Payload::Gradient, self.neighbour(c.dir, pos + 1)),
+            Pass::B if pos + 1 < stages => (Payload::Gradient, self.neighbour(c.dir, pos + 1)),
             _ => return Ok(None),
         };
+        // Handed over by this rank's own chunk of the neighbouring stage (DualPipeV's turn).
+        if from == self.rank {
+            return match self.early.remove(&(payload, c.dir, c.mb)) {
+                Some(t) => Ok(Some(t)),
+                None => Err(self.fail(format!(
+                    "{op} needs the {} of micro-batch {}.{} from this rank's own other stage, \
+                     which has not run",
+                    name(payload),
+                    c.dir,
+                    c.mb
+                ))),
+            };
+        }
         self.wait(payload, c, from, op).map(Some)
     }
 
@@ -419,16 +450,18 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
         let pos = self.stage(t.dir);
         match t.payload {
             Payload::Activation => pos > 0 && t.from == self.neighbour(t.dir, pos - 1),
-            Payload::Gradient => pos + 1 < s.pp && t.from == self.neighbour(t.dir, pos + 1),
+            Payload::Gradient => {
+                pos + 1 < s.stage_count() && t.from == self.neighbour(t.dir, pos + 1)
+            }
         }
     }
 
     fn forward(&mut self, c: Chunk, input: Option<Tensor<T>>) -> Result<()> {
-        let (saved, stats, bytes) = self.ctx().forward(c, input)?;
+        let (saved, stats, bytes, handoff) = self.ctx().forward(c, input)?;
         self.saved.insert((c.dir, c.mb), saved);
         self.stats.push(stats);
         self.bytes_sent += bytes;
-        Ok(())
+        self.keep(handoff)
     }
 
     fn backward(&mut self, c: Chunk, dout: Option<Tensor<T>>) -> Result<()> {
@@ -436,9 +469,23 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
             .saved
             .remove(&(c.dir, c.mb))
             .ok_or_else(|| self.fail(format!("B{}.{} runs before its forward", c.dir, c.mb)))?;
-        let (w, bytes) = self.ctx().backward(c, saved, dout)?;
+        let (w, bytes, handoff) = self.ctx().backward(c, saved, dout)?;
         self.deferred.insert((c.dir, c.mb), w);
         self.bytes_sent += bytes;
+        self.keep(handoff)
+    }
+
+    /// Files a chunk's output for this rank's own chunk of the neighbouring stage.
+    fn keep(&mut self, handoff: Option<Handoff<T>>) -> Result<()> {
+        if let Some(h) = handoff
+            && self.early.insert(h.key, h.tensor).is_some()
+        {
+            let (p, dir, mb) = h.key;
+            return Err(self.fail(format!(
+                "the {} of micro-batch {dir}.{mb} was handed over twice",
+                name(p)
+            )));
+        }
         Ok(())
     }
 
@@ -485,10 +532,6 @@ impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
         self.step.schedule.position(self.rank, dir)
     }
 
-    fn neighbour(&self, dir: u8, pos: usize) -> usize {
-        self.step.schedule.rank_at(dir, pos)
-    }
-
     /// The exchange of direction `dir`'s chunks, if any.
     fn experts(&self, dir: u8) -> Option<&dyn ExpertExchange> {
         self.experts[usize::from(dir.min(1))]
@@ -496,7 +539,7 @@ impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
 
     /// The global index of micro-batch `mb` of direction `dir`, and its objective.
     fn micro(&self, c: Chunk) -> (usize, Objective) {
-        let g = usize::from(c.dir) * self.step.schedule.per_direction() + c.mb;
+        let g = self.step.schedule.micro_index(c.dir, c.mb);
         let share = self.step.micro[g].1;
         let obj = Objective {
             loss_scale: self.step.obj.loss_scale * share,
@@ -517,14 +560,11 @@ impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
             self.step
                 .model
                 .stage_forward(part, b, input, &obj, self.experts(c.dir))?;
-        let bytes = match out {
-            Some(out) => {
-                let to = self.neighbour(c.dir, stage + 1);
-                self.send(Payload::Activation, c, to, out)?
-            }
-            None => 0,
+        let (bytes, handoff) = match out {
+            Some(out) => self.pass_on(Payload::Activation, c, stage + 1, out)?,
+            None => (0, None),
         };
-        Ok((saved, (g, stage, stats), bytes))
+        Ok((saved, (g, stage, stats), bytes, handoff))
     }
 
     /// Runs backward chunk `c` (input gradients only) and sends the gradient on: the weight
@@ -534,7 +574,7 @@ impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
         c: Chunk,
         saved: StageSaved<T>,
         dout: Option<Tensor<T>>,
-    ) -> Result<(Vec<WTask<T>>, u64)> {
+    ) -> Result<Backwarded<T>> {
         let stage = self.stage(c.dir);
         let (g, obj) = self.micro(c);
         let part = &self.step.stages[stage];
@@ -550,14 +590,28 @@ impl<T: ModelFloat> ChunkCtx<'_, '_, '_, T> {
             self.experts(c.dir),
             &mut w,
         )?;
-        let bytes = match din {
-            Some(din) => {
-                let to = self.neighbour(c.dir, stage - 1);
-                self.send(Payload::Gradient, c, to, din)?
-            }
-            None => 0,
+        let (bytes, handoff) = match din {
+            Some(din) => self.pass_on(Payload::Gradient, c, stage - 1, din)?,
+            None => (0, None),
         };
-        Ok((w, bytes))
+        Ok((w, bytes, handoff))
+    }
+
+    /// Hands chunk `c`'s output to the stage at `pos` along its path: sent to the rank holding
+    /// it, or kept for this rank's own chunk there.
+    fn pass_on(
+        &self,
+        payload: Payload,
+        c: Chunk,
+        pos: usize,
+        tensor: Tensor<T>,
+    ) -> Result<(u64, Option<Handoff<T>>)> {
+        let (to, dir) = self.step.schedule.holder(c.dir, pos);
+        if to == self.rank {
+            let key = (payload, dir, c.mb);
+            return Ok((0, Some(Handoff { key, tensor })));
+        }
+        Ok((self.send(payload, c, to, tensor)?, None))
     }
 
     /// Sends `tensor` to rank `to`; returns the bytes it counts as.

@@ -94,7 +94,7 @@ fn default_comm_timeout_s() -> f64 {
 pub struct PipelineOptions {
     /// Pipeline ranks (threads), each holding its stages' layers.
     pub pp: usize,
-    /// Schedule: `1f1b`, `zb1p` or `dualpipe`.
+    /// Schedule: `1f1b`, `zb1p`, `dualpipe` or `dualpipev` (`2 pp` stages in a V).
     pub schedule: String,
     /// Run the forward and backward chunks of DualPipe's overlapped pairs at once, on two
     /// threads of the rank (otherwise one after the other).
@@ -367,10 +367,16 @@ impl Trainer {
         let pipeline = match &opts.pipeline {
             Some(p) => {
                 let layers = model.config().num_hidden_layers;
-                if p.pp > layers {
+                let schedule_name: Schedule = p.schedule.parse()?;
+                let n_stages = schedule_name.stages(p.pp);
+                if n_stages > layers {
                     return Err(WorkerError::invalid(
                         "pp",
-                        format!("{} pipeline ranks for a model of {layers} layers", p.pp),
+                        format!(
+                            "{} pipeline ranks ({n_stages} stages under {schedule_name}) for a \
+                             model of {layers} layers",
+                            p.pp
+                        ),
                     ));
                 }
                 let per_rank = batcher.batch_size() / opts.dp;
@@ -383,9 +389,9 @@ impl Trainer {
                         ),
                     ));
                 }
-                let split = balanced_layers(model.config(), p.pp, batcher.seq_len());
+                let split = balanced_layers(model.config(), n_stages, batcher.seq_len());
                 let stages = StagePart::split(layers, &split)?;
-                let schedule = build(p.schedule.parse()?, p.pp, opts.micro_batches)?;
+                let schedule = build(schedule_name, p.pp, opts.micro_batches)?;
                 Some((stages, schedule))
             }
             None => None,
