@@ -138,13 +138,27 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
 
     let mut rows: Vec<Row> = Vec::new();
     for &pp in &args.pp {
-        let stages = StagePart::split(
-            cfg.num_hidden_layers,
-            &balanced_layers(&cfg, pp, args.seq_len),
-        )
-        .with_context(|| format!("--pp {pp}"))?;
         let mut one_f_one_b = None;
-        for schedule in [Schedule::OneFOneB, Schedule::Zb1p, Schedule::DualPipe] {
+        for schedule in [
+            Schedule::OneFOneB,
+            Schedule::Zb1p,
+            Schedule::DualPipe,
+            Schedule::DualPipeV,
+        ] {
+            // DualPipeV cuts the model into 2 pp stages.
+            let n_stages = schedule.stages(pp);
+            if n_stages > cfg.num_hidden_layers {
+                eprintln!(
+                    "bench: {schedule} at pp {pp} skipped: {n_stages} stages for {} layers",
+                    cfg.num_hidden_layers
+                );
+                continue;
+            }
+            let stages = StagePart::split(
+                cfg.num_hidden_layers,
+                &balanced_layers(&cfg, n_stages, args.seq_len),
+            )
+            .with_context(|| format!("--pp {pp}"))?;
             let steps = match build(schedule, pp, args.micro_batches) {
                 Ok(s) => s,
                 Err(e) => {

@@ -128,7 +128,7 @@ fn quick_pipeline_bench_reports_every_schedule() {
         serde_json::from_str(text.lines().last().expect("a JSON line")).expect("one JSON object");
     let rows = report["rows"].as_array().expect("rows");
     let names: Vec<&str> = rows.iter().filter_map(|r| r["schedule"].as_str()).collect();
-    assert_eq!(names, ["1f1b", "zb1p", "dualpipe"], "{report}");
+    assert_eq!(names, ["1f1b", "zb1p", "dualpipe", "dualpipev"], "{report}");
     for r in rows {
         for key in [
             "step_s",
@@ -142,10 +142,12 @@ fn quick_pipeline_bench_reports_every_schedule() {
             assert!(v.is_finite() && v >= 0.0, "{key} = {v} in {r}");
         }
         // 4 micro-batches of 1 x 16 tokens, 256 wide, fp32: activation and gradient once each
-        // across the one boundary.
-        assert_eq!(r["bytes_per_step"], 4 * 2 * 16 * 256 * 4, "{r}");
+        // across the one boundary (DualPipeV's four stages: two, its turn staying on a rank).
+        let crossings = if r["schedule"] == "dualpipev" { 2 } else { 1 };
+        assert_eq!(r["bytes_per_step"], crossings * 4 * 2 * 16 * 256 * 4, "{r}");
     }
     assert!(rows[2]["fb_ms"].as_f64().is_some(), "dualpipe overlaps");
+    assert!(rows[3]["fb_ms"].as_f64().is_some(), "dualpipev overlaps");
     // A bad flag is refused by name.
     let out = run_shoal(&["bench", "pipeline", "--micro-batches", "99", "--batch", "4"]);
     assert!(!out.status.success());
