@@ -181,9 +181,10 @@ fn quantize(a: &CommBenchArgs, w: &Work) -> Result<DispatchFrame> {
 }
 
 /// Dispatch then combine through `ex` as a MoE layer runs them, with the library's code (no
-/// expert compute): each member's frame cut out of the quantized tokens, exchanged, checked and
-/// decoded to the FP8 rows the experts take; then the experts' outputs back in BF16, exchanged,
-/// checked and added into the tokens' rows.
+/// expert compute): each other member's frame cut out of the quantized tokens, exchanged,
+/// checked and decoded to the FP8 rows the experts take (this member's own rows selected in
+/// memory); then the experts' outputs back in BF16, exchanged, checked and added into the
+/// tokens' rows (its own rounded to BF16 in memory).
 fn exchange_once(
     ex: &EpLink<'_>,
     a: &CommBenchArgs,
@@ -201,14 +202,24 @@ fn exchange_once(
             }
         }
     }
-    let got = ex.dispatch(&sent, &mut |rows| quantized.encode_selected(rows))?;
+    // As the layer does, this member's own rows stay here (an empty frame stands in).
+    let me = ex.position();
+    let mut lists = sent.clone();
+    lists[me].clear();
+    let got = ex.dispatch(&lists, &mut |rows| quantized.encode_selected(rows))?;
     let received = got
         .iter()
-        .map(|b| Ok(DispatchFrame::decode(b, a.experts)?.tokens.rows()))
+        .enumerate()
+        .map(|(s, b)| match s == me {
+            true => Ok(quantized.select(&sent[me])?.tokens.rows()),
+            false => Ok(DispatchFrame::decode(b, a.experts)?.tokens.rows()),
+        })
         .collect::<Result<Vec<_>>>()?;
     let back = received
         .iter()
-        .map(|&n| {
+        .enumerate()
+        .map(|(s, &n)| {
+            let n = if s == me { 0 } else { n };
             Ok(CombineFrame::encode_f32_selected(
                 &w.outputs,
                 &w.first[..n],
@@ -218,6 +229,18 @@ fn exchange_once(
         .collect::<Result<Vec<_>>>()?;
     let combined = ex.exchange(ExchangePhase::Combine, back)?;
     for (q, b) in combined.iter().enumerate() {
+        if q == me {
+            let n = sent[me].len();
+            let own = Tensor::new(vec![n, h], w.outputs.data()[..n * h].to_vec())?;
+            let part = CombineFrame::round_trip(&own, false);
+            for (i, &t) in sent[me].iter().enumerate() {
+                let src = &part.data()[i * h..(i + 1) * h];
+                for (o, v) in y[t * h..(t + 1) * h].iter_mut().zip(src) {
+                    *o += v;
+                }
+            }
+            continue;
+        }
         let view = CombineFrame::view(b)?;
         if view.rows != sent[q].len() || view.cols != h {
             bail!("member {q} combined {} x {}", view.rows, view.cols);

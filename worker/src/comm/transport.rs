@@ -561,6 +561,10 @@ impl LocalTransport {
         if let Some(q) = self.stash.get_mut(&(from, tag))
             && let Some(p) = q.pop_front()
         {
+            // Emptied queues go, so the stash (scanned below) holds only waiting frames.
+            if q.is_empty() {
+                self.stash.remove(&(from, tag));
+            }
             return Ok(Some(p));
         }
         if let Some(&(f, t)) = self

@@ -223,6 +223,41 @@ impl DispatchFrame {
         Ok(self.write(Some(rows)))
     }
 
+    /// The rows `rows` (in that order) with their routes, as [`DispatchFrame::decode`] would
+    /// read the frame [`Self::encode_selected`] makes of them, without the bytes: what a member
+    /// keeps of its own tokens (they need not cross any link).
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        let (n, cols, k) = (self.tokens.rows(), self.tokens.cols(), self.topk);
+        if let Some(r) = rows.iter().find(|&&r| r >= n) {
+            return Err(bad("dispatch", format!("row {r} of a frame of {n}")));
+        }
+        let shape = vec![rows.len(), cols];
+        let tokens = match &self.tokens {
+            TokenRows::Fp8(m) => TokenRows::Fp8(
+                Fp8Matrix::from_parts(
+                    rows.len(),
+                    cols,
+                    Fp8Format::E4M3,
+                    Granularity::Tile1x128,
+                    gather(m.codes(), rows, cols),
+                    gather(m.scales(), rows, blocks(cols)),
+                )
+                .map_err(|e| bad("dispatch", e.to_string()))?,
+            ),
+            TokenRows::Bf16(t) => {
+                TokenRows::Bf16(Tensor::new(shape, gather(t.data(), rows, cols))?)
+            }
+            TokenRows::F32(t) => TokenRows::F32(Tensor::new(shape, gather(t.data(), rows, cols))?),
+        };
+        Ok(Self {
+            tokens,
+            topk: k,
+            experts: gather(&self.experts, rows, k),
+            weights: gather(&self.weights, rows, k),
+            pow2_scales: self.pow2_scales,
+        })
+    }
+
     /// The bytes of the rows `sel` (all rows when `None`; every index is in range).
     fn write(&self, sel: Option<&[usize]>) -> Vec<u8> {
         let (n, cols, k) = (self.tokens.rows(), self.tokens.cols(), self.topk);
@@ -467,6 +502,16 @@ impl CombineFrame {
             None => row(data),
         }
         out
+    }
+
+    /// `x` as its frame would deliver it: rounded to BF16 (kept when `full` is set) and read
+    /// back as FP32, without the bytes: what a member keeps of its own rows.
+    pub fn round_trip(x: &Tensor<f32>, full: bool) -> Tensor<f32> {
+        if full {
+            x.clone()
+        } else {
+            x.map(|v| f32::from_bits(u32::from(bf16_bits(v)) << 16))
+        }
     }
 
     /// The values as FP32.
@@ -843,6 +888,13 @@ mod tests {
                 assert_eq!(*a, 1.0 + w);
             }
         }
+        for full in [false, true] {
+            let bytes = CombineFrame::encode_f32(&x, full).unwrap();
+            assert_eq!(
+                CombineFrame::round_trip(&x, full),
+                CombineFrame::view(&bytes).unwrap().to_f32().unwrap()
+            );
+        }
         assert!(
             CombineFrame::encode_f32_selected(&x, &[n], false)
                 .unwrap_err()
@@ -885,6 +937,15 @@ mod tests {
             .unwrap()
             .encode();
             assert_eq!(select_rows(&all, &pick).unwrap(), want, "{codec:?}");
+            // Kept in memory: what decoding those bytes gives.
+            let frame =
+                DispatchFrame::encode_rows(&x, k, experts.clone(), weights.clone(), codec).unwrap();
+            assert_eq!(
+                frame.select(&pick).unwrap(),
+                DispatchFrame::decode(&want, 8).unwrap(),
+                "{codec:?}"
+            );
+            assert!(frame.select(&[n]).is_err());
             // No rows: an empty frame of the same kind.
             let none = select_rows(&all, &[]).unwrap();
             assert_eq!(DispatchFrame::decode(&none, 8).unwrap().tokens.rows(), 0);

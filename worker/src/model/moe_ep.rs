@@ -25,6 +25,7 @@ use super::linear::ModelFloat;
 use super::mlp::MlpSaved;
 use super::moe::{Moe, MoeSaved, MoeStats};
 use super::params::ParamStore;
+use super::tensor_ops::gather_rows;
 use super::wgrad::WTask;
 use crate::comm::wire::{CombineFrame, CombineView, DispatchFrame};
 use crate::{Result, WorkerError};
@@ -60,6 +61,15 @@ fn to_f32<T: ModelFloat>(x: &Tensor<T>) -> Tensor<f32> {
 
 fn from_f32<T: ModelFloat>(x: &Tensor<f32>) -> Tensor<T> {
     x.map(|v| T::of(f64::from(v)))
+}
+
+/// `lists` with this member's own list emptied: its rows stay here instead of crossing a link.
+fn others_only(lists: &[Vec<usize>], me: usize) -> Vec<Vec<usize>> {
+    lists
+        .iter()
+        .enumerate()
+        .map(|(q, l)| if q == me { Vec::new() } else { l.clone() })
+        .collect()
 }
 
 /// Checks that a member's reply covers the rows this rank sent it.
@@ -142,8 +152,12 @@ impl Moe {
             wf,
             dispatch_codec(ctx.precision),
         )?;
-        let got = ex.dispatch(&sent, &mut |rows| all.encode_selected(rows))?;
-        drop(all);
+        // This member's own tokens stay here (an empty frame stands in for them): the rows it
+        // keeps are exactly what their frame would have delivered.
+        let me = ex.position();
+        let got = ex.dispatch(&others_only(&sent, me), &mut |rows| {
+            all.encode_selected(rows)
+        })?;
         if got.len() != ep {
             return Err(WorkerError::invalid(
                 "expert exchange",
@@ -151,8 +165,12 @@ impl Moe {
             ));
         }
         let mut received = Vec::with_capacity(ep);
-        for bytes in &got {
-            let f = DispatchFrame::decode(bytes, e)?;
+        for (s, bytes) in got.iter().enumerate() {
+            let f = if s == me {
+                all.select(&sent[me])?
+            } else {
+                DispatchFrame::decode(bytes, e)?
+            };
             if f.topk != k || f.tokens.cols() != hidden {
                 return Err(WorkerError::Frame {
                     kind: "dispatch",
@@ -169,6 +187,7 @@ impl Moe {
                 weights: f.weights,
             });
         }
+        drop(all);
         drop(dispatch_span);
 
         // This rank's experts on the rows they were sent, in source order.
@@ -216,7 +235,11 @@ impl Moe {
         let full = combine_full(ctx.precision);
         let frames = sums
             .iter()
-            .map(|y| CombineFrame::encode_f32(&to_f32(y), full))
+            .enumerate()
+            .map(|(s, y)| match s == me {
+                true => CombineFrame::encode_f32(&Tensor::zeros([0, hidden]), full),
+                false => CombineFrame::encode_f32(&to_f32(y), full),
+            })
             .collect::<Result<Vec<_>>>()?;
         let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
@@ -230,14 +253,23 @@ impl Moe {
             None => (Tensor::zeros([tokens, hidden]), None),
         };
         drop(shared_span);
+        let add = |o: &mut T, v: f32| *o += T::of(f64::from(v));
         for (q, bytes) in back.iter().enumerate() {
+            let yd = y.data_mut();
+            if q == me {
+                let part = CombineFrame::round_trip(&to_f32(&sums[me]), full);
+                for (i, &t) in sent[q].iter().enumerate() {
+                    let src = &part.data()[i * hidden..(i + 1) * hidden];
+                    for (o, &v) in yd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
+                        add(o, v);
+                    }
+                }
+                continue;
+            }
             let part = CombineFrame::view(bytes)?;
             rows_match("expert outputs", q, &part, sent[q].len(), hidden)?;
-            let yd = y.data_mut();
             for (i, &t) in sent[q].iter().enumerate() {
-                part.add_row(i, &mut yd[t * hidden..(t + 1) * hidden], |o, v| {
-                    *o += T::of(f64::from(v));
-                });
+                part.add_row(i, &mut yd[t * hidden..(t + 1) * hidden], add);
             }
         }
         let stats = MoeStats {
@@ -287,7 +319,8 @@ impl Moe {
         // The backward of combine: each dispatched token's output gradient to the same members.
         let dispatch_span = tracing::debug_span!("dispatch(B)").entered();
         let dyf = to_f32(&dy);
-        let got = ex.dispatch(&eps.sent, &mut |rows| {
+        let me = ex.position();
+        let got = ex.dispatch(&others_only(&eps.sent, me), &mut |rows| {
             CombineFrame::encode_f32_selected(&dyf, rows, full)
         })?;
         if got.len() != ep {
@@ -298,6 +331,11 @@ impl Moe {
         }
         let mut dys = Vec::with_capacity(ep);
         for (s, bytes) in got.iter().enumerate() {
+            if s == me {
+                let own = gather_rows(&dyf, &eps.sent[me])?;
+                dys.push(from_f32::<T>(&CombineFrame::round_trip(&own, full)));
+                continue;
+            }
             let g = CombineFrame::view(bytes)?;
             rows_match(
                 "output gradients",
@@ -352,12 +390,20 @@ impl Moe {
         let combine_span = tracing::debug_span!("combine(B)").entered();
         let frames = dxs
             .iter()
-            .map(|d| CombineFrame::encode_f32(&to_f32(d), full))
+            .enumerate()
+            .map(|(s, d)| match s == me {
+                true => CombineFrame::encode_f32(&Tensor::zeros([0, hidden]), full),
+                false => CombineFrame::encode_f32(&to_f32(d), full),
+            })
             .collect::<Result<Vec<_>>>()?;
         let back = ex.all_to_all(ExchangePhase::Combine, frames)?;
         let frames = dws
             .iter()
-            .map(|d| CombineFrame::encode_f32(&to_f32(d), true))
+            .enumerate()
+            .map(|(s, d)| match s == me {
+                true => CombineFrame::encode_f32(&Tensor::zeros([0, k]), true),
+                false => CombineFrame::encode_f32(&to_f32(d), true),
+            })
             .collect::<Result<Vec<_>>>()?;
         let back_w = ex.all_to_all(ExchangePhase::Combine, frames)?;
         drop(combine_span);
@@ -373,7 +419,24 @@ impl Moe {
         };
         drop(shared_span);
         let mut dweights = Tensor::zeros([tokens, k]);
+        let add = |o: &mut T, v: f32| *o += T::of(f64::from(v));
         for (q, (bytes, wbytes)) in back.iter().zip(&back_w).enumerate() {
+            if q == me {
+                let part = CombineFrame::round_trip(&to_f32(&dxs[me]), full);
+                let dwq = CombineFrame::round_trip(&to_f32(&dws[me]), true);
+                let dxd = dx.data_mut();
+                for (i, &t) in eps.sent[q].iter().enumerate() {
+                    let src = &part.data()[i * hidden..(i + 1) * hidden];
+                    for (o, &v) in dxd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
+                        add(o, v);
+                    }
+                    let src = &dwq.data()[i * k..(i + 1) * k];
+                    for (o, &v) in dweights.data_mut()[t * k..(t + 1) * k].iter_mut().zip(src) {
+                        add(o, v);
+                    }
+                }
+                continue;
+            }
             let part = CombineFrame::view(bytes)?;
             let rows = eps.sent[q].len();
             rows_match("input gradients", q, &part, rows, hidden)?;
@@ -381,7 +444,6 @@ impl Moe {
             rows_match("gate-weight gradients", q, &dwq, rows, k)?;
             let dxd = dx.data_mut();
             for (i, &t) in eps.sent[q].iter().enumerate() {
-                let add = |o: &mut T, v: f32| *o += T::of(f64::from(v));
                 part.add_row(i, &mut dxd[t * hidden..(t + 1) * hidden], add);
                 dwq.add_row(i, &mut dweights.data_mut()[t * k..(t + 1) * k], add);
             }

@@ -105,7 +105,7 @@ pub(crate) struct Step<'a, T> {
     /// The model's stages, in pipeline order.
     pub(crate) stages: &'a [StagePart],
     pub(crate) schedule: &'a StepSchedule,
-    /// Micro-batches by global index (`dir * per_direction + mb`) with their shares.
+    /// Micro-batches by the step's index (`StepSchedule::micro_index`) with their shares.
     pub(crate) micro: Vec<(TokenBatch<'a>, f64)>,
     pub(crate) obj: Objective,
     pub(crate) timeout: Duration,
@@ -288,7 +288,6 @@ pub fn run_step_with<T: ModelFloat>(
     }
     // Losses: per micro-batch from its stages' statistics in stage order, then weighted by the
     // micro-batches' shares in index order, as one pass over the micro-batches reports them.
-    let per_dir = schedule.per_direction();
     let n = step.micro.len();
     let mut stats: Vec<Vec<Option<stage::StageStats>>> = vec![vec![None; n_stages]; n];
     for rank in ranks.iter() {
@@ -306,9 +305,7 @@ pub fn run_step_with<T: ModelFloat>(
                 st.ok_or_else(|| WorkerError::Pipeline {
                     rank: 0,
                     reason: format!(
-                        "no stage ran the forward of micro-batch {}.{} on stage {s}",
-                        g / per_dir,
-                        g % per_dir
+                        "no stage ran the forward of the step's micro-batch {g} on stage {s}"
                     ),
                 })
             })

@@ -288,10 +288,14 @@ impl<'s, 'a, T: ModelFloat> RankActor<'s, 'a, T> {
                 ctx.stop_all();
             }
             let rf = match h {
-                Ok(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Err(ctx.fail("the forward thread panicked".into()))),
-                Err(e) => Err(ctx.fail(format!("cannot start the forward thread: {e}"))),
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    ctx.stop_all();
+                    Err(ctx.fail("the forward thread panicked".into()))
+                }),
+                Err(e) => {
+                    ctx.stop_all();
+                    Err(ctx.fail(format!("cannot start the forward thread: {e}")))
+                }
             };
             (rf, rb)
         });
