@@ -287,48 +287,13 @@ impl DispatchFrame {
                 for &r in sel {
                     out.extend_from_slice(&m.codes()[r * cols..(r + 1) * cols]);
                 }
-                let nb = blocks(cols);
-                for &r in sel {
-                    put(
-                        &mut out,
-                        &m.scales()[r * nb..(r + 1) * nb],
-                        f32::to_le_bytes,
-                    );
-                }
+                put_rows(&mut out, m.scales(), blocks(cols), sel, f32::to_le_bytes);
             }
-            TokenRows::Bf16(t) => {
-                for &r in sel {
-                    put(
-                        &mut out,
-                        &t.data()[r * cols..(r + 1) * cols],
-                        bf16::to_le_bytes,
-                    );
-                }
-            }
-            TokenRows::F32(t) => {
-                for &r in sel {
-                    put(
-                        &mut out,
-                        &t.data()[r * cols..(r + 1) * cols],
-                        f32::to_le_bytes,
-                    );
-                }
-            }
+            TokenRows::Bf16(t) => put_rows(&mut out, t.data(), cols, sel, bf16::to_le_bytes),
+            TokenRows::F32(t) => put_rows(&mut out, t.data(), cols, sel, f32::to_le_bytes),
         }
-        for &r in sel {
-            put(
-                &mut out,
-                &self.experts[r * k..(r + 1) * k],
-                u32::to_le_bytes,
-            );
-        }
-        for &r in sel {
-            put(
-                &mut out,
-                &self.weights[r * k..(r + 1) * k],
-                f32::to_le_bytes,
-            );
-        }
+        put_rows(&mut out, &self.experts, k, sel, u32::to_le_bytes);
+        put_rows(&mut out, &self.weights, k, sel, f32::to_le_bytes);
         out
     }
 
@@ -806,6 +771,19 @@ fn put<const W: usize, V: Copy>(out: &mut Vec<u8>, values: &[V], bytes: impl Fn(
     out.resize(start + W * values.len(), 0);
     for (c, v) in out[start..].chunks_exact_mut(W).zip(values) {
         c.copy_from_slice(&bytes(*v));
+    }
+}
+
+/// Appends the rows `sel` (in that order) of `data`, rows of `width` values, with [`put`].
+fn put_rows<const W: usize, V: Copy>(
+    out: &mut Vec<u8>,
+    data: &[V],
+    width: usize,
+    sel: &[usize],
+    bytes: impl Fn(V) -> [u8; W],
+) {
+    for &r in sel {
+        put(out, &data[r * width..(r + 1) * width], &bytes);
     }
 }
 
