@@ -167,7 +167,14 @@ fn quick_comm_bench_reports_both_transports_and_training_shapes() {
     let ex = report["exchanges"].as_array().expect("exchanges");
     assert_eq!(ex.len(), 2, "{report}");
     for e in ex {
-        for key in ["seconds", "gbps", "peer_gbps", "ratio"] {
+        for key in [
+            "seconds",
+            "gbps",
+            "peer_gbps",
+            "ratio",
+            "quantize_seconds",
+            "ratio_with_quantize",
+        ] {
             let v = e[key].as_f64().unwrap_or(-1.0);
             assert!(v.is_finite() && v > 0.0, "{key} = {v} in {e}");
         }
@@ -177,7 +184,7 @@ fn quick_comm_bench_reports_both_transports_and_training_shapes() {
     let r = report["fp8_over_bf16_dispatch"].as_f64().unwrap_or(0.0);
     assert!((0.5..0.7).contains(&r), "{r}");
     let training = report["training"].as_array().expect("training");
-    assert_eq!(training.len(), 8, "{report}");
+    assert_eq!(training.len(), 9, "{report}");
     for t in &training[1..] {
         assert!(t["bytes_per_step"].as_u64().unwrap_or(0) > 0, "{t}");
         assert!(t["vs_single"].as_f64().unwrap_or(0.0) > 0.0, "{t}");
@@ -188,13 +195,22 @@ fn quick_comm_bench_reports_both_transports_and_training_shapes() {
             .unwrap_or("")
             .contains("dualpipe")
     );
+    // The main job's shape with each overlapped pair's chunks one after the other: the same
+    // bytes.
+    assert!(
+        training[5]["shape"]
+            .as_str()
+            .unwrap_or("")
+            .contains("one after the other")
+    );
+    assert_eq!(training[5]["bytes_per_step"], training[4]["bytes_per_step"]);
     // Hierarchical dispatch sends fewer dispatch bytes over the network than direct.
     let net = |i: usize| {
         training[i]["network_dispatch_per_step"]
             .as_u64()
             .unwrap_or(0)
     };
-    assert!(net(6) > 0 && net(6) < net(7), "{report}");
+    assert!(net(7) > 0 && net(7) < net(8), "{report}");
     let out = run_shoal(&["bench", "comm", "--experts", "3"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--experts"), "{}", stderr(&out));
