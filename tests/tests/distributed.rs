@@ -311,18 +311,22 @@ fn shoal_trace_gathers_every_nodes_timeline_into_one_chrome_trace() {
                 "node {pid} has no {name} span"
             );
         }
-        // Two devices per node, each a track.
-        let devices = events
-            .iter()
-            .filter(|e| {
-                e["name"] == "thread_name"
-                    && e["pid"] == pid
-                    && e["args"]["name"]
-                        .as_str()
-                        .is_some_and(|n| n.starts_with("device-"))
-            })
-            .count();
-        assert_eq!(devices, 2, "node {pid}");
+        // Two devices per node, each a track, and each a second stream where DualPipe's
+        // overlapped pairs ran their forward chunks.
+        let tracks = |second: bool| {
+            events
+                .iter()
+                .filter(|e| {
+                    e["name"] == "thread_name"
+                        && e["pid"] == pid
+                        && e["args"]["name"].as_str().is_some_and(|n| {
+                            n.starts_with("device-") && n.ends_with("-fwd") == second
+                        })
+                })
+                .count()
+        };
+        assert_eq!(tracks(false), 2, "node {pid}");
+        assert_eq!(tracks(true), 2, "node {pid}");
     }
     // The nodes' steps overlap on the shared clock: each starts within a second of the other.
     let start = |pid: u64| {
