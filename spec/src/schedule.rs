@@ -340,6 +340,20 @@ impl Builder {
         self.weight(b, false);
     }
 
+    /// The operations, once every deferred weight gradient has been placed.
+    fn finish(self, schedule: &str, r: usize, pp: usize) -> Result<Vec<Op>, SpecError> {
+        if !self.deferred.is_empty() {
+            return Err(SpecError::invalid(
+                "parallelism.schedule",
+                format!(
+                    "{schedule} on rank {r} of {pp} left {} weight gradients unscheduled",
+                    self.deferred.len()
+                ),
+            ));
+        }
+        Ok(self.ops)
+    }
+
     /// The oldest deferred weight gradient.
     fn w(&mut self) -> bool {
         match self.deferred.pop_front() {
@@ -488,16 +502,7 @@ fn dual_pipe(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
     for _ in 0..=h {
         s.w();
     }
-    if !s.deferred.is_empty() {
-        return Err(SpecError::invalid(
-            "parallelism.schedule",
-            format!(
-                "dualpipe on rank {r} of {pp} left {} weight gradients unscheduled",
-                s.deferred.len()
-            ),
-        ));
-    }
-    Ok(s.ops)
+    s.finish("dualpipe", r, pp)
 }
 
 /// DualPipeV on rank `r` with `c` micro-batches (both phases run each).
@@ -550,16 +555,7 @@ fn dual_pipe_v(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
     for _ in 0..=r {
         s.w();
     }
-    if !s.deferred.is_empty() {
-        return Err(SpecError::invalid(
-            "parallelism.schedule",
-            format!(
-                "dualpipev on rank {r} of {pp} left {} weight gradients unscheduled",
-                s.deferred.len()
-            ),
-        ));
-    }
-    Ok(s.ops)
+    s.finish("dualpipev", r, pp)
 }
 
 /// How long each kind of operation takes, in any unit.
