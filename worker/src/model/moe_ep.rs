@@ -72,6 +72,22 @@ fn others_only(lists: &[Vec<usize>], me: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
+/// Adds row `i` of `src` (rows of `width`) into row `targets[i]` of `dst`, for every `i`.
+fn add_rows<T>(
+    dst: &mut [T],
+    src: &Tensor<f32>,
+    targets: &[usize],
+    width: usize,
+    add: impl Fn(&mut T, f32),
+) {
+    for (i, &t) in targets.iter().enumerate() {
+        let row = &src.data()[i * width..(i + 1) * width];
+        for (o, &v) in dst[t * width..(t + 1) * width].iter_mut().zip(row) {
+            add(o, v);
+        }
+    }
+}
+
 /// Checks that a member's reply covers the rows this rank sent it.
 fn rows_match(
     what: &str,
@@ -258,12 +274,7 @@ impl Moe {
             let yd = y.data_mut();
             if q == me {
                 let part = CombineFrame::round_trip(&to_f32(&sums[me]), full);
-                for (i, &t) in sent[q].iter().enumerate() {
-                    let src = &part.data()[i * hidden..(i + 1) * hidden];
-                    for (o, &v) in yd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
-                        add(o, v);
-                    }
-                }
+                add_rows(yd, &part, &sent[q], hidden, add);
                 continue;
             }
             let part = CombineFrame::view(bytes)?;
@@ -424,17 +435,8 @@ impl Moe {
             if q == me {
                 let part = CombineFrame::round_trip(&to_f32(&dxs[me]), full);
                 let dwq = CombineFrame::round_trip(&to_f32(&dws[me]), true);
-                let dxd = dx.data_mut();
-                for (i, &t) in eps.sent[q].iter().enumerate() {
-                    let src = &part.data()[i * hidden..(i + 1) * hidden];
-                    for (o, &v) in dxd[t * hidden..(t + 1) * hidden].iter_mut().zip(src) {
-                        add(o, v);
-                    }
-                    let src = &dwq.data()[i * k..(i + 1) * k];
-                    for (o, &v) in dweights.data_mut()[t * k..(t + 1) * k].iter_mut().zip(src) {
-                        add(o, v);
-                    }
-                }
+                add_rows(dx.data_mut(), &part, &eps.sent[q], hidden, add);
+                add_rows(dweights.data_mut(), &dwq, &eps.sent[q], k, add);
                 continue;
             }
             let part = CombineFrame::view(bytes)?;
