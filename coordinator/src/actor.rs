@@ -55,12 +55,23 @@ pub struct ControlConfig {
     /// every heartbeat interval, so it is noticed within the timeout plus one interval). Must be
     /// longer than the heartbeat interval.
     pub heartbeat_timeout: Duration,
+    /// Recoveries a job may go through before a failure fails it.
+    pub max_recoveries: u32,
+    /// How long a recovering job waits before it is placed again, so that the other signs of
+    /// the same failure (the lost node's stream, its peers' reports) arrive first and the new
+    /// placement avoids what failed.
+    pub recovery_settle: Duration,
 }
+
+/// Recoveries a job may go through, unless configured otherwise.
+pub const DEFAULT_MAX_RECOVERIES: u32 = 16;
 
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            max_recoveries: DEFAULT_MAX_RECOVERIES,
+            recovery_settle: Duration::from_millis(200),
         }
     }
 }
@@ -176,6 +187,8 @@ struct Actor<S> {
     /// Per running job, the nodes that have reported it finished: the job succeeds when every
     /// node it is placed on has.
     finished_on: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Recovering jobs and when to place them again.
+    replan_at: BTreeMap<String, Instant>,
 }
 
 impl Control {
@@ -230,6 +243,7 @@ impl Control {
             watchers: BTreeMap::new(),
             nodes,
             finished_on: BTreeMap::new(),
+            replan_at: BTreeMap::new(),
         };
         let placed: Vec<String> = actor
             .jobs
@@ -346,6 +360,14 @@ fn view(e: &NodeEntry) -> NodeView {
     }
 }
 
+/// Resolves when the earliest recovering job is due to be placed again; pending without one.
+async fn next_replan(at: &BTreeMap<String, Instant>) {
+    match at.values().min() {
+        Some(t) => tokio::time::sleep_until(*t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next event of `w`; pending forever without one.
 async fn next_live(w: &mut Option<Watch>) -> Option<crate::Result<WatchEvent>> {
     match w {
@@ -365,6 +387,7 @@ impl<S: Store> Actor<S> {
                     None => break,
                 },
                 _ = tick.tick() => self.check_liveness().await,
+                () = next_replan(&self.replan_at) => self.replan_due().await,
                 ev = next_live(&mut self.live_watch) => self.live_event(ev).await,
             };
             if let Err(e) = r {
@@ -579,6 +602,9 @@ impl<S: Store> Actor<S> {
                 unix_ms: now_ms(),
             }],
             placement: Vec::new(),
+            attempt: 0,
+            checkpoint_step: 0,
+            recoveries: Vec::new(),
         };
         let rev = match self
             .store
@@ -759,7 +785,7 @@ impl<S: Store> Actor<S> {
             .map_err(|_| {
                 CoordinatorError::Store(format!("node {} registered concurrently", reg.node))
             })?;
-        // Fence the old session: its jobs fail, its stream closes, its liveness key goes.
+        // Fence the old session: its jobs recover, its stream closes, its liveness key goes.
         if let Some(old) = self.nodes.remove(&reg.node) {
             if old.session.is_some() {
                 tracing::warn!(node = %reg.node, old = old.record.epoch, new = epoch, "node registered again; fencing the old session");
@@ -772,12 +798,8 @@ impl<S: Store> Actor<S> {
             let jobs: Vec<String> = old.busy.values().cloned().collect();
             for id in jobs {
                 if self.record(&id).is_ok_and(|r| !r.state.is_final()) {
-                    self.transition(
-                        &id,
-                        JobState::Failed,
-                        &format!("node {} re-registered", reg.node),
-                    )
-                    .await?;
+                    let reason = format!("node {} re-registered", reg.node);
+                    self.recover(&id, &reason, old.last_heartbeat_ms).await?;
                 }
             }
         }
@@ -833,6 +855,7 @@ impl<S: Store> Actor<S> {
         let session = e.session.take();
         let live = e.live.take();
         e.record.state = NodeState::Failed;
+        let last_heard = e.last_heartbeat_ms;
         let jobs: Vec<String> = e.busy.values().cloned().collect();
         tracing::warn!(node, epoch, reason, "node session ended");
         if let Some(s) = session {
@@ -855,12 +878,93 @@ impl<S: Store> Actor<S> {
             }
             seen.push(id.clone());
             if self.record(&id).is_ok_and(|r| !r.state.is_final()) {
-                let rec = self.record(&id)?.clone();
-                self.revoke(&rec, "a node of the job failed").await;
-                self.transition(&id, JobState::Failed, reason).await?;
+                self.recover(&id, reason, last_heard).await?;
+            }
+        }
+        // A job already recovering from what its other nodes saw of this loss: the node is
+        // part of the cause.
+        let recovering: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|(r, _)| {
+                r.state == JobState::Recovering && r.placement.iter().any(|p| p.node == node)
+            })
+            .map(|(r, _)| r.id.clone())
+            .collect();
+        for id in recovering {
+            let mut rec = self.record(&id)?.clone();
+            if let Some(open) = rec.recoveries.last_mut()
+                && open.resumed_unix_ms == 0
+                && open.last_heard_unix_ms == 0
+            {
+                open.cause = format!("{reason} ({})", open.cause);
+                open.last_heard_unix_ms = last_heard;
+                self.save(rec).await?;
             }
         }
         Ok(())
+    }
+
+    /// Starts recovering a placed job from a failure: the job is Recovering (persisted, with
+    /// the open recovery's record), its surviving ranks are told to stop and its devices freed;
+    /// after [`ControlConfig::recovery_settle`] it is placed again on healthy devices and
+    /// continues from its newest committed checkpoint. A job out of recoveries fails.
+    async fn recover(&mut self, id: &str, cause: &str, last_heard_unix_ms: u64) -> Result<()> {
+        let rec = self.record(id)?.clone();
+        self.finished_on.remove(id);
+        self.revoke(&rec, cause).await;
+        match rec.state {
+            JobState::Running | JobState::Scheduling => {}
+            // Already recovering, or waiting for devices: nothing runs to stop.
+            _ => return Ok(()),
+        }
+        if rec.attempt >= self.config.max_recoveries {
+            let reason = format!(
+                "{cause}; gave up after {} recoveries",
+                self.config.max_recoveries
+            );
+            self.transition(id, JobState::Failed, &reason).await?;
+            return Ok(());
+        }
+        let mut r = rec.clone();
+        r.attempt += 1;
+        r.recoveries.push(crate::jobs::Recovery {
+            attempt: r.attempt,
+            cause: cause.to_string(),
+            detected_unix_ms: now_ms(),
+            last_heard_unix_ms,
+            failed_step: r.step,
+            dp_before: r.placement.iter().map(|p| p.dp_rank + 1).max().unwrap_or(0) as u32,
+            ..Default::default()
+        });
+        self.save(r).await?;
+        self.transition(id, JobState::Recovering, cause).await?;
+        self.replan_at
+            .insert(id.to_string(), Instant::now() + self.config.recovery_settle);
+        Ok(())
+    }
+
+    /// Places the recovering jobs whose settle time has passed; one that does not fit waits
+    /// in the queue (Pending) for devices.
+    async fn replan_due(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .replan_at
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.replan_at.remove(&id);
+            if self.record(&id).ok().map(|r| r.state) != Some(JobState::Recovering) {
+                continue;
+            }
+            if let Err(reason) = self.try_place(&id).await? {
+                let reason = format!("recovering: {reason}");
+                self.transition(&id, JobState::Pending, &reason).await?;
+            }
+        }
+        self.schedule().await
     }
 
     async fn cordon(&mut self, node: &str, drain: bool) -> Result<NodeView> {
@@ -886,13 +990,9 @@ impl<S: Store> Actor<S> {
                 if rec.state.is_final() {
                     continue;
                 }
-                self.revoke(&rec, "node drained").await;
-                // Back to the queue; it starts again from step 0 until checkpoint restore lands.
-                let reason = format!("node {node} drained; requeued");
-                if rec.state == JobState::Running {
-                    self.transition(&id, JobState::Recovering, &reason).await?;
-                }
-                self.transition(&id, JobState::Pending, &reason).await?;
+                // Placed elsewhere, continuing from its newest checkpoint.
+                let reason = format!("node {node} drained");
+                self.recover(&id, &reason, 0).await?;
             }
         }
         let e = self
@@ -910,12 +1010,29 @@ impl<S: Store> Actor<S> {
             self.finished_on.remove(&rec.id);
             return Ok(());
         }
+        if s.attempt != rec.attempt {
+            // What an earlier attempt's ranks say while they stop is not news.
+            return Ok(());
+        }
         match pb::JobState::try_from(s.state) {
             Ok(pb::JobState::Running) => {
-                if rec.state == JobState::Scheduling {
-                    self.transition(&rec.id, JobState::Running, "").await?;
+                if let Some(start) = s.started_step {
+                    self.started(&rec.id, start).await?;
+                }
+                if s.checkpoint_step > 0 {
+                    let mut r = self.record(&rec.id)?.clone();
+                    r.checkpoint_step = r.checkpoint_step.max(s.checkpoint_step);
+                    self.save(r).await?;
+                    tracing::info!(job = %rec.id, step = s.checkpoint_step, "checkpoint committed");
+                }
+                if !s.checkpoint_error.is_empty() {
+                    tracing::warn!(job = %rec.id, node, error = %s.checkpoint_error, "checkpoint failed");
+                    self.notify(&rec.id, JobEvent::Error(s.checkpoint_error.clone()), false);
                 }
                 if let Some(m) = s.step {
+                    if self.record(&rec.id)?.state == JobState::Scheduling {
+                        self.transition(&rec.id, JobState::Running, "").await?;
+                    }
                     let mut r = self.record(&rec.id)?.clone();
                     r.step = m.step;
                     // Steps are not persisted one by one; the record catches up at the next
@@ -924,6 +1041,9 @@ impl<S: Store> Actor<S> {
                         entry.0 = r;
                     }
                     self.notify(&rec.id, JobEvent::Step(m), false);
+                }
+                if self.record(&rec.id)?.state == JobState::Scheduling {
+                    self.transition(&rec.id, JobState::Running, "").await?;
                 }
             }
             Ok(pb::JobState::Succeeded) => {
@@ -941,13 +1061,50 @@ impl<S: Store> Actor<S> {
             }
             Ok(pb::JobState::Failed) => {
                 self.finished_on.remove(&rec.id);
-                let rec = self.record(&rec.id)?.clone();
-                self.revoke(&rec, "another rank failed").await;
-                self.transition(&rec.id, JobState::Failed, &s.reason)
-                    .await?;
+                if s.retryable {
+                    let cause = format!("node {node}: {}", s.reason);
+                    self.recover(&rec.id, &cause, 0).await?;
+                } else {
+                    let rec = self.record(&rec.id)?.clone();
+                    self.revoke(&rec, "another rank failed").await;
+                    self.transition(&rec.id, JobState::Failed, &s.reason)
+                        .await?;
+                }
                 self.schedule().await?;
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// An attempt's trainer is ready at step `start`: a placed job runs; a recovering one has
+    /// recovered (its open record is closed with the step it went back to).
+    async fn started(&mut self, id: &str, start: u64) -> Result<()> {
+        let mut rec = self.record(id)?.clone();
+        let mut reason = String::new();
+        if let Some(open) = rec.recoveries.last_mut()
+            && open.attempt == rec.attempt
+            && open.resumed_unix_ms == 0
+        {
+            open.resumed_unix_ms = now_ms();
+            open.restored_step = start;
+            open.dp_after = rec
+                .placement
+                .iter()
+                .map(|p| p.dp_rank + 1)
+                .max()
+                .unwrap_or(0) as u32;
+            reason = format!(
+                "recovered in {} ms: continuing after step {start} ({} steps redone)",
+                open.recovery_ms().unwrap_or(0),
+                open.steps_redone()
+            );
+            tracing::info!(job = %id, attempt = open.attempt, restored = start, redone = open.steps_redone(), recovery_ms = open.recovery_ms().unwrap_or(0), "job recovered");
+        }
+        rec.step = start;
+        self.save(rec.clone()).await?;
+        if rec.state == JobState::Scheduling {
+            self.transition(id, JobState::Running, &reason).await?;
         }
         Ok(())
     }
@@ -974,6 +1131,16 @@ impl<S: Store> Actor<S> {
                 match self.try_place(&id).await? {
                     Ok(()) => {}
                     Err(reason) => {
+                        let recovering = self
+                            .record(&id)?
+                            .recoveries
+                            .last()
+                            .is_some_and(|r| r.resumed_unix_ms == 0);
+                        let reason = if recovering {
+                            format!("recovering: {reason}")
+                        } else {
+                            reason
+                        };
                         self.set_reason(&id, &reason).await?;
                         blocked_by = Some(id);
                     }
@@ -995,18 +1162,31 @@ impl<S: Store> Actor<S> {
     /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
     async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
         let rec = self.record(id)?.clone();
-        let usable: Vec<(&String, Vec<usize>)> = self
+        // A job being recovered may also take spare nodes; its earlier nodes come first, then
+        // the spares, then the other healthy nodes (each class by name).
+        let recovering = rec.attempt > 0;
+        let earlier: Vec<&str> = rec.placement.iter().map(|p| p.node.as_str()).collect();
+        let mut usable: Vec<(u8, &String, Vec<usize>)> = self
             .nodes
             .iter()
-            .filter(|(_, e)| e.record.state == NodeState::Healthy && e.session.is_some())
-            .map(|(name, e)| {
+            .filter(|(_, e)| e.session.is_some())
+            .filter_map(|(name, e)| {
+                let class = match e.record.state {
+                    NodeState::Healthy if earlier.contains(&name.as_str()) => 0,
+                    NodeState::Healthy => 2,
+                    NodeState::Spare if recovering => 1,
+                    _ => return None,
+                };
                 let free: Vec<usize> = (0..e.record.devices)
                     .filter(|d| !e.busy.contains_key(d))
                     .collect();
-                (name, free)
+                Some((class, name, free))
             })
-            .filter(|(_, free)| !free.is_empty())
+            .filter(|(_, _, free)| !free.is_empty())
             .collect();
+        usable.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let usable: Vec<(&String, Vec<usize>)> =
+            usable.into_iter().map(|(_, n, f)| (n, f)).collect();
         if self.nodes.values().all(|e| e.session.is_none()) {
             return Ok(Err(NO_NODES.to_string()));
         }
@@ -1018,27 +1198,54 @@ impl<S: Store> Actor<S> {
                 return Ok(Ok(()));
             }
         };
-        let par = rec.spec.parallelism()?;
         let cluster = Cluster {
             nodes: usable
                 .iter()
                 .map(|(n, free)| ((*n).clone(), free.len()))
                 .collect(),
         };
-        let plan = match shoal_spec::plan::plan(&model, &par, &cluster) {
-            Ok(p) => p,
-            Err(e) if e.to_string().contains(NOT_ENOUGH_DEVICES) => {
-                let free: usize = usable.iter().map(|(_, f)| f.len()).sum();
-                return Ok(Err(format!(
-                    "{NOT_ENOUGH_DEVICES}: needs {}, {free} free on healthy nodes",
-                    par.pp * par.dp
-                )));
+        // The spec's data-parallel width; a recovering job may shrink to its `min_dp` (keeping
+        // the global batch, so each rank takes more of it) when the devices are not there.
+        let base = rec.spec.parallelism()?;
+        let widths: Vec<usize> = if recovering {
+            let (min_dp, _) = rec.spec.dp_bounds();
+            let batch = rec.spec.training.batch;
+            (min_dp.max(1)..=base.dp)
+                .rev()
+                .filter(|&d| {
+                    d == base.dp
+                        || (d % base.ep.max(1) == 0
+                            && batch % d == 0
+                            && base.micro_batches.max(1) <= batch / d)
+                })
+                .collect()
+        } else {
+            vec![base.dp]
+        };
+        let mut found = None;
+        for &dp in &widths {
+            let mut par = base;
+            par.dp = dp;
+            match shoal_spec::plan::plan(&model, &par, &cluster) {
+                Ok(p) => {
+                    found = Some((p, dp));
+                    break;
+                }
+                Err(e) if e.to_string().contains(NOT_ENOUGH_DEVICES) => continue,
+                Err(e) => {
+                    self.transition(id, JobState::Failed, &e.to_string())
+                        .await?;
+                    return Ok(Ok(()));
+                }
             }
-            Err(e) => {
-                self.transition(id, JobState::Failed, &e.to_string())
-                    .await?;
-                return Ok(Ok(()));
-            }
+        }
+        let Some((plan, dp)) = found else {
+            let free: usize = usable.iter().map(|(_, f)| f.len()).sum();
+            let least = widths.last().copied().unwrap_or(base.dp);
+            return Ok(Err(format!(
+                "{NOT_ENOUGH_DEVICES}: needs {}, {free} free on healthy nodes",
+                base.pp * least
+            )));
         };
         let placement: Vec<Placed> = plan
             .ranks
@@ -1070,7 +1277,9 @@ impl<S: Store> Actor<S> {
             device: p.device as u32,
         };
         let world: Vec<pb::RankPlacement> = placement.iter().map(wire).collect();
-        let spec = shoal_proto::convert::job_spec_to_wire(&rec.spec)?;
+        let mut run_spec = rec.spec.clone();
+        run_spec.parallelism.dp = dp;
+        let spec = shoal_proto::convert::job_spec_to_wire(&run_spec)?;
         let mut nodes: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
         nodes.dedup();
         let peers: Vec<pb::NodeAddress> = nodes
@@ -1093,6 +1302,7 @@ impl<S: Store> Actor<S> {
                     ranks,
                     world: world.clone(),
                     peers: peers.clone(),
+                    attempt: rec.attempt,
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {

@@ -55,6 +55,23 @@ fn job_to_wire(r: &JobRecord) -> Result<pb::Job> {
             .collect(),
         submitted_unix_ms: r.submitted_unix_ms(),
         updated_unix_ms: r.updated_unix_ms(),
+        checkpoint_step: r.checkpoint_step,
+        recoveries: r
+            .recoveries
+            .iter()
+            .map(|x| pb::Recovery {
+                attempt: x.attempt,
+                cause: x.cause.clone(),
+                detected_unix_ms: x.detected_unix_ms,
+                last_heard_unix_ms: x.last_heard_unix_ms,
+                resumed_unix_ms: x.resumed_unix_ms,
+                failed_step: x.failed_step,
+                restored_step: x.restored_step,
+                steps_redone: x.steps_redone(),
+                dp_before: x.dp_before,
+                dp_after: x.dp_after,
+            })
+            .collect(),
     })
 }
 
@@ -183,11 +200,16 @@ impl JobService for Api {
                             return;
                         }
                     }
-                    Ok(JobEvent::Step(m)) => {
+                    Ok(ev @ (JobEvent::Step(_) | JobEvent::Error(_))) => {
+                        let event = match ev {
+                            JobEvent::Step(m) => pb::job_event::Event::Step(m),
+                            JobEvent::Error(e) => pb::job_event::Event::Error(e),
+                            JobEvent::State(_) => continue,
+                        };
                         let ev = pb::JobEvent {
                             job_id: rec.id.clone(),
                             unix_ms: crate::jobs::now_ms(),
-                            event: Some(pb::job_event::Event::Step(m)),
+                            event: Some(event),
                         };
                         if tx.send(Ok(ev)).await.is_err() {
                             return;

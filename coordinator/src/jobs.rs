@@ -47,8 +47,8 @@ impl JobState {
         match (self, to) {
             (_, Cancelled) | (_, Failed) => !self.is_final(),
             (Pending, Scheduling) | (Scheduling, Running) | (Scheduling, Pending) => true,
-            (Running, Succeeded) | (Running, Recovering) | (Recovering, Running) => true,
-            (Recovering, Pending) => true,
+            (Running, Succeeded) | (Running, Recovering) | (Scheduling, Recovering) => true,
+            (Recovering, Scheduling) | (Recovering, Pending) => true,
             _ => false,
         }
     }
@@ -85,6 +85,52 @@ pub struct JobRecord {
     /// Where the ranks run (empty until scheduled).
     #[serde(default)]
     pub placement: Vec<Placed>,
+    /// 0 until the first recovery; each recovery starts the next attempt, which continues
+    /// from the newest committed checkpoint.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The newest committed checkpoint's step (0: none).
+    #[serde(default)]
+    pub checkpoint_step: u64,
+    /// Every recovery, oldest first; the last one is open until the job runs again.
+    #[serde(default)]
+    pub recoveries: Vec<Recovery>,
+}
+
+/// One recovery from a failure, as recorded in the job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// The attempt it started.
+    pub attempt: u32,
+    /// What failed.
+    pub cause: String,
+    /// When the coordinator noticed, ms since the Unix epoch.
+    pub detected_unix_ms: u64,
+    /// When a lost node was last heard from (0: no node was lost).
+    pub last_heard_unix_ms: u64,
+    /// When the job ran again (0 while recovering).
+    pub resumed_unix_ms: u64,
+    /// The last step completed before the failure.
+    pub failed_step: u64,
+    /// The step the job went back to.
+    pub restored_step: u64,
+    /// Data-parallel ranks before and after.
+    pub dp_before: u32,
+    /// Data-parallel ranks of the new attempt (0 until placed).
+    pub dp_after: u32,
+}
+
+impl Recovery {
+    /// Steps run again.
+    pub fn steps_redone(&self) -> u64 {
+        self.failed_step.saturating_sub(self.restored_step)
+    }
+
+    /// Milliseconds from detection to running again (`None` while recovering).
+    pub fn recovery_ms(&self) -> Option<u64> {
+        (self.resumed_unix_ms > 0)
+            .then(|| self.resumed_unix_ms.saturating_sub(self.detected_unix_ms))
+    }
 }
 
 /// One rank's device.
@@ -119,6 +165,8 @@ pub enum JobEvent {
     State(Transition),
     /// A step completed.
     Step(shoal_proto::v1::StepMetrics),
+    /// Something went wrong that did not end the job (a checkpoint not written).
+    Error(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -190,7 +238,11 @@ mod tests {
             assert!(!a.is_final(), "{a:?} -> {b:?} leaves a final state");
         }
         assert!(Pending.allows(Scheduling) && Scheduling.allows(Running));
-        assert!(Running.allows(Recovering) && Recovering.allows(Running));
+        assert!(Running.allows(Recovering) && Recovering.allows(Scheduling));
+        assert!(
+            !Recovering.allows(Running),
+            "a recovered job is placed again first"
+        );
         assert!(!Pending.allows(Running), "no running without scheduling");
         assert!(!Succeeded.allows(Cancelled));
         assert!(!Cancelled.allows(Pending));

@@ -78,6 +78,7 @@ async fn a_dead_coordinators_nodes_expire_from_etcd() {
         .expect("connect");
     let config = ControlConfig {
         heartbeat_timeout: Duration::from_millis(1000),
+        ..Default::default()
     };
     let (control, actor) = Control::start_with(store.clone(), config)
         .await

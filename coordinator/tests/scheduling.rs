@@ -77,8 +77,34 @@ fn status(id: &str, s: pb::JobState) -> pb::AssignmentStatus {
         job_id: id.into(),
         state: s as i32,
         reason: "boom".into(),
-        step: None,
+        ..Default::default()
     }
+}
+
+/// The next assignment a node received, whole.
+async fn assignment(c: &Control, rx: &mut Inbox) -> Option<pb::Assignment> {
+    c.nodes().await.expect("barrier");
+    loop {
+        match rx.try_recv() {
+            Ok(Ok(pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::Assign(a)),
+            })) => return Some(a),
+            Ok(Ok(pb::CoordinatorMessage {
+                msg:
+                    Some(
+                        pb::coordinator_message::Msg::Revoke(_)
+                        | pb::coordinator_message::Msg::Registered(_),
+                    ),
+            })) => continue,
+            Ok(other) => panic!("unexpected message {other:?}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Longer than the actor's settle time before it places a recovering job again.
+async fn settle() {
+    tokio::time::sleep(ControlConfig::default().recovery_settle + Duration::from_millis(10)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -145,17 +171,21 @@ async fn a_node_registering_again_fences_its_old_session() {
     c.status("n1", e1, status(&job, pb::JobState::Running))
         .await;
 
-    // The node comes back (a restarted agent): a higher epoch, and the old session's job fails.
-    let (_new, e2) = node(&c, "n1", 1).await;
+    // The node comes back (a restarted agent): a higher epoch, and the old session's job
+    // recovers onto the new session as its next attempt.
+    let (mut new, e2) = node(&c, "n1", 1).await;
     assert_eq!(e2, e1 + 1);
     let (s, reason) = state(&c, &job).await;
-    assert_eq!(s, JobState::Failed);
+    assert_eq!(s, JobState::Recovering);
     assert!(reason.contains("re-registered"), "{reason}");
     // Late messages of the fenced session change nothing.
     c.status("n1", e1, status(&job, pb::JobState::Succeeded))
         .await;
     c.disconnected("n1", e1).await;
-    assert_eq!(state(&c, &job).await.0, JobState::Failed);
+    assert_eq!(state(&c, &job).await.0, JobState::Recovering);
+    settle().await;
+    let a = assignment(&c, &mut new).await.expect("placed again");
+    assert_eq!((a.job_id.as_str(), a.attempt), (job.as_str(), 1));
     let nodes = c.nodes().await.expect("nodes");
     assert_eq!(nodes[0].record.epoch, e2);
     assert_eq!(
@@ -183,9 +213,14 @@ async fn cordoned_nodes_take_no_work_and_drained_jobs_requeue() {
         })) => assert_eq!(r.job_id, job),
         other => panic!("expected a revocation, got {other:?}"),
     }
+    assert_eq!(state(&c, &job).await.0, JobState::Recovering);
+    settle().await;
     let (s, reason) = state(&c, &job).await;
     assert_eq!(s, JobState::Pending);
-    assert!(reason.contains("not enough devices"), "{reason}");
+    assert!(
+        reason.contains("recovering: not enough devices"),
+        "{reason}"
+    );
     let history: Vec<JobState> = c
         .get(&job)
         .await
@@ -211,7 +246,7 @@ async fn cordoned_nodes_take_no_work_and_drained_jobs_requeue() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_lost_node_fails_its_job_and_a_failed_rank_fails_the_job() {
+async fn a_lost_node_starts_a_recovery_and_a_failed_rank_fails_the_job() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = control(&dir).await;
     let (mut n1, e1) = node(&c, "n1", 1).await;
@@ -222,9 +257,15 @@ async fn a_lost_node_fails_its_job_and_a_failed_rank_fails_the_job() {
     assert_eq!(assigned(&c, &mut n2).await.as_deref(), Some(b.as_str()));
     c.disconnected("n1", e1).await;
     let (s, reason) = state(&c, &a).await;
-    assert_eq!((s, reason.as_str()), (JobState::Failed, "node n1 lost"));
+    assert_eq!((s, reason.as_str()), (JobState::Recovering, "node n1 lost"));
+    // An error that would recur (not retryable) fails the job; its device frees, and the
+    // recovering job takes it as its next attempt.
+    settle().await;
+    assert_eq!(state(&c, &a).await.0, JobState::Pending);
     c.status("n2", e2, status(&b, pb::JobState::Failed)).await;
     assert_eq!(state(&c, &b).await, (JobState::Failed, "boom".to_string()));
+    let got = assignment(&c, &mut n2).await.expect("a placed again");
+    assert_eq!((got.job_id.as_str(), got.attempt), (a.as_str(), 1));
     // Invalid registrations are refused by field.
     let (tx, _rx) = mpsc::channel(1);
     let e = c
@@ -255,6 +296,7 @@ async fn control_with_store(dir: &tempfile::TempDir) -> (Control, EmbeddedStore)
     let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
     let config = ControlConfig {
         heartbeat_timeout: TIMEOUT,
+        ..Default::default()
     };
     let c = Control::start_with(store.clone(), config)
         .await
@@ -333,9 +375,16 @@ async fn a_node_that_stops_heartbeating_is_failed_after_the_timeout() {
         "failed after {after:?}"
     );
 
-    // n2's job failed with a reason naming the node and the timeout; n1's runs on.
-    let (s, reason) = state(&c, &b).await;
-    assert_eq!(s, JobState::Failed);
+    // n2's job is recovering, with a reason naming the node and the timeout; n1's runs on.
+    let (s, pending) = state(&c, &b).await;
+    assert_eq!(s, JobState::Pending, "no device to recover onto yet");
+    assert!(
+        pending.starts_with("recovering: not enough devices"),
+        "{pending}"
+    );
+    let rec = c.get(&b).await.expect("job");
+    assert_eq!(rec.recoveries.len(), 1);
+    let reason = rec.recoveries[0].cause.clone();
     assert_eq!(
         reason,
         "node n2 sent no heartbeat for 5000 ms (heartbeat timeout)"
@@ -360,15 +409,17 @@ async fn a_node_that_stops_heartbeating_is_failed_after_the_timeout() {
     c.status("n2", e2, status(&b, pb::JobState::Succeeded))
         .await;
     assert_eq!(node_state(&c, "n2").await, (NodeState::Failed, e2));
-    assert_eq!(state(&c, &b).await.0, JobState::Failed);
+    assert_eq!(state(&c, &b).await.0, JobState::Pending);
 
     // The node registers again: a new epoch, healthy, live, and it takes new work.
     let (mut n2b, e2b) = node(&c, "n2", 1).await;
     assert_eq!(e2b, e2 + 1);
     assert_eq!(node_state(&c, "n2").await, (NodeState::Healthy, e2b));
     assert!(store.get("live/n2").await.expect("get").is_some());
-    let d = c.submit(spec("d", 1, 0)).await.expect("submit");
-    assert_eq!(assigned(&c, &mut n2b).await.as_deref(), Some(d.as_str()));
+    // The recovering job takes it.
+    let got = assignment(&c, &mut n2b).await.expect("b placed again");
+    assert_eq!((got.job_id.as_str(), got.attempt), (b.as_str(), 1));
+    let d = b;
     // And it stays healthy while it heartbeats.
     for _ in 0..(2 * TIMEOUT.as_millis() / interval().as_millis()) {
         tokio::time::sleep(interval()).await;
@@ -397,7 +448,7 @@ async fn a_deleted_liveness_key_ends_the_session() {
     // Noticed through the watch, well before any heartbeat timeout.
     assert!(waited < 50, "{waited}");
     let (s, reason) = state(&c, &job).await;
-    assert_eq!(s, JobState::Failed);
+    assert_eq!(s, JobState::Recovering);
     assert_eq!(
         reason,
         "node n1 liveness lease lost in the store (heartbeat timeout 5000 ms)"
@@ -436,10 +487,99 @@ async fn a_heartbeat_timeout_shorter_than_the_interval_is_refused() {
     let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
     let config = ControlConfig {
         heartbeat_timeout: Duration::from_millis(u64::from(HEARTBEAT_MS)),
+        ..Default::default()
     };
     let e = Control::start_with(store, config).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         "heartbeat timeout: must be longer than the 500 ms heartbeat interval, got 500 ms"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let config = ControlConfig {
+        max_recoveries: 2,
+        ..Default::default()
+    };
+    let c = Control::start_with(store, config).await.expect("start").0;
+    let (mut n1, e1) = node(&c, "n1", 1).await;
+    let job = c.submit(spec("j", 1, 0)).await.expect("submit");
+    assert_eq!(assignment(&c, &mut n1).await.expect("placed").attempt, 0);
+    let running = |attempt: u32, started: Option<u64>, step: u64, ckpt: u64| {
+        let mut s = status(&job, pb::JobState::Running);
+        s.attempt = attempt;
+        s.started_step = started;
+        s.checkpoint_step = ckpt;
+        s.step = (step > 0).then(|| pb::StepMetrics {
+            step,
+            ..Default::default()
+        });
+        s
+    };
+    c.status("n1", e1, running(0, Some(0), 0, 0)).await;
+    c.status("n1", e1, running(0, None, 4, 4)).await;
+    c.status("n1", e1, running(0, None, 5, 0)).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Running);
+    assert_eq!(c.get(&job).await.expect("job").checkpoint_step, 4);
+
+    // A spare takes over the lost node: attempt 1, which restores step 4.
+    let (tx, mut spare) = mpsc::channel(64);
+    let es = c
+        .register(
+            Registration {
+                node: "spare".into(),
+                devices: 1,
+                nvlink_domain: "spare".into(),
+                ib_rail: 0,
+                spare: true,
+                data_addr: String::new(),
+            },
+            tx,
+        )
+        .await
+        .expect("register the spare");
+    c.disconnected("n1", e1).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Recovering);
+    settle().await;
+    let a = assignment(&c, &mut spare)
+        .await
+        .expect("placed on the spare");
+    assert_eq!(a.attempt, 1);
+    assert_eq!(state(&c, &job).await.0, JobState::Scheduling);
+    // What the first attempt's ranks still say changes nothing.
+    let mut late = status(&job, pb::JobState::Failed);
+    late.retryable = true;
+    c.status("spare", es, late).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Scheduling);
+    c.status("spare", es, running(1, Some(4), 0, 0)).await;
+    let rec = c.get(&job).await.expect("job");
+    assert_eq!(rec.state, JobState::Running);
+    assert!(rec.reason.contains("recovered in"), "{}", rec.reason);
+    let r = &rec.recoveries[0];
+    assert_eq!(
+        (r.attempt, r.failed_step, r.restored_step, r.steps_redone()),
+        (1, 5, 4, 1)
+    );
+    assert!(r.resumed_unix_ms >= r.detected_unix_ms && r.recovery_ms().is_some());
+    assert_eq!(r.cause, "node n1 lost");
+
+    // A retryable failure of the current attempt recovers again (attempt 2); one more is too
+    // many for max_recoveries = 2.
+    let mut fail = status(&job, pb::JobState::Failed);
+    fail.attempt = 1;
+    fail.retryable = true;
+    c.status("spare", es, fail.clone()).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Recovering);
+    settle().await;
+    assert_eq!(assignment(&c, &mut spare).await.expect("again").attempt, 2);
+    fail.attempt = 2;
+    c.status("spare", es, fail).await;
+    let (s, reason) = state(&c, &job).await;
+    assert_eq!(s, JobState::Failed);
+    assert!(reason.contains("gave up after 2 recoveries"), "{reason}");
+    // The stored record says the same after a restart of the coordinator.
+    drop(c);
 }

@@ -410,10 +410,12 @@ fn launch_latency(dir: &Path, launches: usize, workers: usize, gap: Duration) ->
         store: dir.join("launch-store").display().to_string(),
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         nodes: workers,
+        spares: 0,
         devices_per_node: 1,
         node_prefix: "bench".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
+        restart_agents: false,
     };
     let rt = crate::cmd::cluster::runtime()?;
     let result = rt.block_on(async {

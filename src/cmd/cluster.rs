@@ -261,6 +261,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
         let config = ControlConfig {
             heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+            ..Default::default()
         };
         let (control, actor, path) = start_control_with(&args.store, config).await?;
         let listener = shoal_coordinator::grpc::bind(args.listen).await?;
@@ -695,6 +696,13 @@ pub struct UpArgs {
     /// Fail a node whose agent sends no heartbeat for this long.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_timeout_ms: u64,
+    /// Further node agents offered as spares: idle until a job needs to replace a failed node.
+    #[arg(long, default_value_t = 0)]
+    pub spares: usize,
+    /// Leave a node agent that exits down (by default it is restarted and rejoins as a fresh
+    /// node).
+    #[arg(long)]
+    pub no_restart: bool,
 }
 
 /// Runs `shoal up`: a coordinator and `--nodes` local worker processes until Ctrl-C, then stops
@@ -707,18 +715,43 @@ pub fn up(args: &UpArgs) -> Result<()> {
         store: args.store.clone(),
         listen: args.listen,
         nodes: args.nodes,
+        spares: args.spares,
         devices_per_node: args.gpus_per_node,
         node_prefix: "local".into(),
         quiet_agents: false,
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
+        restart_agents: !args.no_restart,
     };
     runtime()?.block_on(async {
-        let cluster = super::local::LocalCluster::start(&opts).await?;
+        let mut cluster = super::local::LocalCluster::start(&opts).await?;
         println!(
-            "coordinator listening on {} with {} local node(s) of {} device(s) (store {})",
-            cluster.url, args.nodes, args.gpus_per_node, cluster.store
+            "coordinator listening on {} with {} local node(s) and {} spare(s) of {} device(s) (store {})",
+            cluster.url, args.nodes, args.spares, args.gpus_per_node, cluster.store
         );
-        ctrl_c().await;
+        // Report agent exits (and restarts) until Ctrl-C.
+        let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+        let mut nodes = shoal_proto::v1::cluster_service_client::ClusterServiceClient::connect(
+            cluster.url.clone(),
+        )
+        .await
+        .with_context(|| format!("reaching the local coordinator at {}", cluster.url))?;
+        let interrupted = ctrl_c();
+        tokio::pin!(interrupted);
+        loop {
+            tokio::select! {
+                () = &mut interrupted => break,
+                _ = every.tick() => {
+                    if let Err(e) = cluster.check_agents(false) {
+                        eprintln!("{e:#}");
+                    }
+                    if cluster.restart_agents()
+                        && let Err(e) = cluster.replace_failed(&mut nodes).await
+                    {
+                        eprintln!("{e:#}");
+                    }
+                }
+            }
+        }
         eprintln!("stopping {} worker(s) and the coordinator", args.nodes);
         cluster.shutdown().await
     })

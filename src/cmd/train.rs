@@ -17,6 +17,7 @@ use shoal_worker::job::RunSummary;
 use shoal_worker::model::Model;
 
 use super::local::{LocalCluster, LocalOptions, REGISTER_TIMEOUT};
+use shoal_proto::v1::cluster_service_client::ClusterServiceClient;
 
 /// Precision modes on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -122,6 +123,14 @@ pub struct TrainArgs {
     /// Write a checkpoint every this many steps (and always at the end).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Further node agents offered as spares: idle until the job needs to replace a failed
+    /// node.
+    #[arg(long, default_value_t = 0)]
+    pub spares: usize,
+    /// Leave a node agent that dies down (by default it is restarted and rejoins as a fresh
+    /// node, and the job recovers onto it or a spare).
+    #[arg(long)]
+    pub no_restart: bool,
     /// Output directory: checkpoint/, metrics.jsonl, summary.json.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -395,23 +404,40 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         store: store.path().display().to_string(),
         listen: "127.0.0.1:0".parse().context("loopback address")?,
         nodes: nodes as usize,
+        spares: args.spares,
         // Each agent runs its ranks as threads; ranks on different nodes meet over TCP.
         devices_per_node: gpus_per_node,
         node_prefix: "train".into(),
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
+        restart_agents: !args.no_restart,
     };
     let bar = progress(spec.training.steps, args.json);
-    super::cluster::runtime()?.block_on(async {
+    let job = super::cluster::runtime()?.block_on(async {
         let mut cluster = LocalCluster::start(&opts).await?;
         let result = tokio::select! {
             r = drive(&mut cluster, wire, &bar) => r,
             () = super::cluster::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         };
         bar.finish_and_clear();
+        let restarts = cluster.restarts;
         cluster.shutdown().await?;
-        result
+        result.map(|job| (job, restarts))
     })?;
+    let (job, restarts) = job;
+    if !args.json {
+        for r in &job.recoveries {
+            eprintln!(
+                "recovered from \"{}\": {} ms to run again, back to step {} ({} steps redone, dp {} -> {})",
+                r.cause,
+                r.resumed_unix_ms.saturating_sub(r.detected_unix_ms),
+                r.restored_step,
+                r.steps_redone,
+                r.dp_before,
+                r.dp_after
+            );
+        }
+    }
     let path = out.join("summary.json");
     let text = fs::read_to_string(&path)
         .with_context(|| format!("reading the job's summary {}", path.display()))?;
@@ -429,6 +455,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 "parallelism".into(),
                 serde_json::to_value(&spec.parallelism)?,
             );
+            o.insert(
+                "recoveries".into(),
+                job.recoveries.iter().map(recovery_json).collect(),
+            );
+            o.insert("agent_restarts".into(), restarts.into());
         }
         println!("{v}");
     } else if let (Some(first), Some(last)) = (summary.initial_loss, summary.final_loss) {
@@ -450,8 +481,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the local node, submits the job and follows it to the end.
-async fn drive(cluster: &mut LocalCluster, spec: pb::JobSpec, bar: &ProgressBar) -> Result<()> {
+/// Waits for the local node, submits the job and follows it to the end; returns the job as the
+/// coordinator recorded it (with its recoveries).
+async fn drive(
+    cluster: &mut LocalCluster,
+    spec: pb::JobSpec,
+    bar: &ProgressBar,
+) -> Result<pb::Job> {
     cluster.wait_registered(REGISTER_TIMEOUT).await?;
     let mut jobs = JobServiceClient::connect(cluster.url.clone())
         .await
@@ -467,11 +503,27 @@ async fn drive(cluster: &mut LocalCluster, spec: pb::JobSpec, bar: &ProgressBar)
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    while let Some(ev) = events
-        .message()
+    let mut nodes = ClusterServiceClient::connect(cluster.url.clone())
         .await
-        .map_err(|s| anyhow::anyhow!("watching job {id}: {}", s.message()))?
-    {
+        .with_context(|| format!("reaching the local coordinator at {}", cluster.url))?;
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        let ev = tokio::select! {
+            ev = events.message() => ev,
+            _ = every.tick() => {
+                // Agents that died are restarted (reported); one that cannot be is an error.
+                // A hung one the coordinator failed is replaced.
+                bar.suspend(|| cluster.check_agents(false))?;
+                if cluster.restart_agents() {
+                    cluster.replace_failed(&mut nodes).await?;
+                }
+                continue;
+            }
+        };
+        let Some(ev) = ev.map_err(|s| anyhow::anyhow!("watching job {id}: {}", s.message()))?
+        else {
+            bail!("the coordinator closed job {id}'s event stream before it ended");
+        };
         match ev.event {
             Some(pb::job_event::Event::Step(m)) => {
                 let vio = m.max_vio.iter().copied().fold(0.0, f64::max);
@@ -482,13 +534,44 @@ async fn drive(cluster: &mut LocalCluster, spec: pb::JobSpec, bar: &ProgressBar)
                 bar.set_position(m.step);
             }
             Some(pb::job_event::Event::State(s)) => match pb::JobState::try_from(s.state) {
-                Ok(pb::JobState::Succeeded) => return Ok(()),
+                Ok(pb::JobState::Succeeded) => break,
                 Ok(pb::JobState::Failed) => bail!("job {id} failed: {}", s.reason),
                 Ok(pb::JobState::Cancelled) => bail!("job {id} was cancelled: {}", s.reason),
+                Ok(pb::JobState::Recovering) => {
+                    bar.suspend(|| eprintln!("job {id} is recovering: {}", s.reason));
+                }
+                Ok(pb::JobState::Running) if !s.reason.is_empty() => {
+                    bar.suspend(|| eprintln!("job {id} {}", s.reason));
+                }
                 _ => {}
             },
+            Some(pb::job_event::Event::Error(e)) => {
+                bar.suspend(|| eprintln!("job {id}: {e}"));
+            }
             _ => {}
         }
     }
-    bail!("the coordinator closed job {id}'s event stream before it ended")
+    let job = jobs
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .map_err(|s| anyhow::anyhow!("reading job {id}: {}", s.message()))?
+        .into_inner();
+    Ok(job)
+}
+
+/// A recovery as `shoal train --json` reports it.
+fn recovery_json(r: &pb::Recovery) -> serde_json::Value {
+    serde_json::json!({
+        "attempt": r.attempt,
+        "cause": r.cause,
+        "detected_unix_ms": r.detected_unix_ms,
+        "last_heard_unix_ms": r.last_heard_unix_ms,
+        "resumed_unix_ms": r.resumed_unix_ms,
+        "recovery_ms": r.resumed_unix_ms.saturating_sub(r.detected_unix_ms),
+        "failed_step": r.failed_step,
+        "restored_step": r.restored_step,
+        "steps_redone": r.steps_redone,
+        "dp_before": r.dp_before,
+        "dp_after": r.dp_after,
+    })
 }

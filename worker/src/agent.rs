@@ -139,19 +139,19 @@ fn devices(n: u32) -> Vec<pb::Device> {
         .collect()
 }
 
-fn status(
-    job_id: &str,
-    state: pb::JobState,
-    reason: String,
-    step: Option<pb::StepMetrics>,
-) -> pb::AgentMessage {
+/// A status of attempt `attempt` of `job_id`; the caller fills in what else it reports.
+fn status(job_id: &str, attempt: u32, state: pb::JobState) -> pb::AssignmentStatus {
+    pb::AssignmentStatus {
+        job_id: job_id.to_string(),
+        state: state as i32,
+        attempt,
+        ..Default::default()
+    }
+}
+
+fn message(s: pb::AssignmentStatus) -> pb::AgentMessage {
     pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Status(pb::AssignmentStatus {
-            job_id: job_id.to_string(),
-            state: state as i32,
-            reason,
-            step,
-        })),
+        msg: Some(pb::agent_message::Msg::Status(s)),
     }
 }
 
@@ -233,85 +233,116 @@ fn cross_node_mesh(
     )
 }
 
-/// Runs one assignment on a dedicated thread, reporting through `out`; `stop` revokes it.
+/// Runs one assignment on a dedicated thread, reporting through `out`; `stop` revokes it
+/// (between steps, and at once for waits on other nodes' frames). The thread first waits for
+/// `previous`, an earlier attempt of the same job on this node, to end.
 fn start_job(
     a: pb::Assignment,
     node: String,
     acceptor: Option<crate::comm::tcp::Acceptor>,
     out: mpsc::Sender<pb::AgentMessage>,
     stop: Arc<AtomicBool>,
-) {
+    previous: Option<std::thread::JoinHandle<()>>,
+) -> Option<std::thread::JoinHandle<()>> {
     let job_id = a.job_id.clone();
+    let attempt = a.attempt;
     let spawned = std::thread::Builder::new()
         .name(format!("job-{job_id}"))
         .spawn(move || {
-            let report = |m: pb::AgentMessage| out.blocking_send(m).is_ok();
+            if let Some(p) = previous {
+                let _ = p.join();
+            }
+            let report = |s: pb::AssignmentStatus| out.blocking_send(message(s)).is_ok();
+            let failed = |reason: String, retryable: bool| {
+                let mut s = status(&job_id, attempt, pb::JobState::Failed);
+                s.reason = reason;
+                s.retryable = retryable;
+                report(s);
+            };
             let spec = match a.spec.clone().map(convert::job_spec) {
                 Some(Ok(s)) => s,
-                Some(Err(e)) => {
-                    report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
-                    return;
-                }
-                None => {
-                    report(status(
-                        &job_id,
-                        pb::JobState::Failed,
-                        "assignment without a spec".into(),
-                        None,
-                    ));
-                    return;
-                }
+                Some(Err(e)) => return failed(e.to_string(), false),
+                None => return failed("assignment without a spec".into(), false),
             };
             // Ranks on other nodes: this node's ranks join them over TCP.
             let mesh = if a.world.len() > a.ranks.len() {
                 let timeout = crate::job::options(&spec).comm_timeout();
                 match cross_node_mesh(&a, timeout, &node, acceptor.as_ref()) {
                     Ok(m) => Some(m),
-                    Err(e) => {
-                        report(status(&job_id, pb::JobState::Failed, e.to_string(), None));
-                        return;
-                    }
+                    Err(e) => return failed(e.to_string(), true),
                 }
             } else {
                 None
             };
-            report(status(&job_id, pb::JobState::Running, String::new(), None));
-            let result = crate::job::run_on(&spec, mesh, |m| {
-                let step = pb::StepMetrics {
-                    step: m.step,
-                    loss: m.loss,
-                    main_loss: m.main_loss,
-                    tokens_per_s: m.tokens as f64 / m.seconds.max(1e-9),
-                    max_vio: m.max_vio.clone(),
-                };
-                report(status(
-                    &job_id,
-                    pb::JobState::Running,
-                    String::new(),
-                    Some(step),
-                )) && !stop.load(Ordering::Relaxed)
+            // A revocation also ends the waits for other nodes' frames.
+            let ended = Arc::new(AtomicBool::new(false));
+            let watcher = mesh.as_ref().and_then(|m| m.first()).map(|t| {
+                let (abort, stop, ended) =
+                    (t.abort_handle(), Arc::clone(&stop), Arc::clone(&ended));
+                std::thread::spawn(move || {
+                    while !ended.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) {
+                            abort.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
             });
-            let end = match result {
-                Ok(crate::job::RunEnd::Stopped(_)) => None,
-                Ok(crate::job::RunEnd::Finished(_)) => Some(status(
-                    &job_id,
-                    pb::JobState::Succeeded,
-                    String::new(),
-                    None,
-                )),
-                Err(e) => Some(status(&job_id, pb::JobState::Failed, e.to_string(), None)),
+            let options = crate::job::RunOptions {
+                recover: attempt > 0,
             };
-            if let Some(m) = end {
-                report(m);
+            let result = crate::job::run_with(&spec, mesh, options, |ev| {
+                let mut s = status(&job_id, attempt, pb::JobState::Running);
+                match ev {
+                    crate::job::RunEvent::Started { step, .. } => s.started_step = Some(step),
+                    crate::job::RunEvent::Step(m) => {
+                        s.step = Some(pb::StepMetrics {
+                            step: m.step,
+                            loss: m.loss,
+                            main_loss: m.main_loss,
+                            tokens_per_s: m.tokens as f64 / m.seconds.max(1e-9),
+                            max_vio: m.max_vio.clone(),
+                        });
+                    }
+                    crate::job::RunEvent::Checkpoint(w) if w.committed => {
+                        s.checkpoint_step = w.step;
+                    }
+                    crate::job::RunEvent::Checkpoint(_) => {
+                        return !stop.load(Ordering::Relaxed);
+                    }
+                    crate::job::RunEvent::CheckpointFailed { step, error } => {
+                        s.checkpoint_error = format!("checkpoint of step {step}: {error}");
+                    }
+                }
+                report(s) && !stop.load(Ordering::Relaxed)
+            });
+            ended.store(true, Ordering::Relaxed);
+            if let Some(w) = watcher {
+                let _ = w.join();
+            }
+            match result {
+                Ok(crate::job::RunEnd::Stopped(_)) => {}
+                Ok(crate::job::RunEnd::Finished(_)) => {
+                    report(status(&job_id, attempt, pb::JobState::Succeeded));
+                }
+                // A revoked job's own failure (its waits were cut short) is not news.
+                Err(_) if stop.load(Ordering::Relaxed) => {}
+                Err(e) => failed(e.to_string(), e.is_retryable()),
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start a job thread");
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a job thread");
+            None
+        }
     }
 }
 
 /// Attaches to the coordinator and serves it until the stream ends or `shutdown` resolves.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    crate::fault::arm(&cfg.node);
     let channel = endpoint(
         &cfg.coordinator,
         cfg.tls_ca.as_deref(),
@@ -367,14 +398,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     tracing::info!(node = %cfg.node, epoch = reg.epoch, "registered with the coordinator");
     let beat = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50)));
     let mut ticker = tokio::time::interval(beat);
-    let mut running: BTreeMap<String, Arc<AtomicBool>> = BTreeMap::new();
+    // Each job's revocation flag and thread.
+    type Running = (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
             () = &mut shutdown => break Ok(()),
             _ = ticker.tick() => {
-                // Forget jobs whose threads have ended (each holds the other handle of its flag).
-                running.retain(|_, stop| Arc::strong_count(stop) > 1);
+                // Forget jobs whose threads have ended.
+                running.retain(|_, (_, h)| h.as_ref().is_some_and(|h| !h.is_finished()));
                 let hb = pb::AgentMessage {
                     msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                         epoch: reg.epoch,
@@ -388,14 +421,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => match m {
                     pb::coordinator_message::Msg::Assign(a) => {
-                        tracing::info!(job = %a.job_id, "assigned");
+                        tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
                         let stop = Arc::new(AtomicBool::new(false));
-                        running.insert(a.job_id.clone(), Arc::clone(&stop));
-                        start_job(a, cfg.node.clone(), acceptor.clone(), out.clone(), stop);
+                        // An earlier attempt still here is stopped, and the new one waits for it.
+                        let previous = running.remove(&a.job_id).and_then(|(old, h)| {
+                            old.store(true, Ordering::Relaxed);
+                            h
+                        });
+                        let id = a.job_id.clone();
+                        let h = start_job(a, cfg.node.clone(), acceptor.clone(), out.clone(), Arc::clone(&stop), previous);
+                        running.insert(id, (stop, h));
                     }
                     pb::coordinator_message::Msg::Revoke(r) => {
                         tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");
-                        if let Some(stop) = running.remove(&r.job_id) {
+                        if let Some((stop, _)) = running.get(&r.job_id) {
                             stop.store(true, Ordering::Relaxed);
                         }
                     }
@@ -407,7 +446,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
             },
         }
     };
-    for stop in running.values() {
+    for (stop, _) in running.values() {
         stop.store(true, Ordering::Relaxed);
     }
     result

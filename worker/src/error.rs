@@ -107,6 +107,15 @@ impl WorkerError {
         }
     }
 
+    /// Whether running the job again may succeed: a peer lost, a link broken or a wait timed
+    /// out, as opposed to an error that would recur (invalid input, a divergence, a bad file).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Comm { .. } | Self::Pipeline { .. } | Self::Frame { .. }
+        )
+    }
+
     /// An invalid argument.
     pub fn invalid(name: impl ToString, reason: impl ToString) -> Self {
         Self::InvalidArgument {

@@ -12,7 +12,8 @@ use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_spec::job::{self, JobSpec};
 
-use crate::checkpoint::load_model_dir;
+use crate::checkpoint::background::BackgroundWriter;
+use crate::checkpoint::{load_model_dir, sharded};
 use crate::comm::transport::{LocalTransport, Transport};
 use crate::data::{Batcher, DataSpec, TokenDtype, TokenSource};
 use crate::model::Model;
@@ -103,25 +104,8 @@ pub fn trainer_for_on(spec: &JobSpec, mesh: Option<Vec<LocalTransport>>) -> Resu
         job::TokenDtype::U32 => TokenDtype::U32,
     };
     if !spec.checkpointing.resume.is_empty() {
-        let dir = Path::new(&spec.checkpointing.resume);
-        let state = Trainer::read_state(dir)?;
-        let (cfg, _) = load_model_dir(dir)?;
-        let source = TokenSource::load(
-            &data_spec(&spec.data.source, dtype, state.data_seed),
-            cfg.vocab_size,
-        )?;
-        let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
-        let mut o = state.options.clone();
-        o.steps = t.steps.max(state.step + 1);
-        // The spec's parallelism may differ from the checkpoint's (the same spec gives the
-        // same run).
-        let now = options(spec);
-        o.pipeline = now.pipeline;
-        o.micro_batches = now.micro_batches;
-        o.dp = now.dp;
-        o.ep = now.ep;
-        o.comm_timeout_s = now.comm_timeout_s;
-        return Trainer::resume_on(dir, batcher, o, mesh);
+        let dir = resume_dir(Path::new(&spec.checkpointing.resume))?;
+        return resume_trainer(spec, &dir, mesh);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
     if !initialized.is_empty() {
@@ -138,6 +122,68 @@ pub fn trainer_for_on(spec: &JobSpec, mesh: Option<Vec<LocalTransport>>) -> Resu
     )?;
     let batcher = Batcher::new(source, t.seq_len, t.batch, t.seed)?;
     Trainer::new_on(model, batcher, options(spec), mesh)
+}
+
+/// The checkpoint a `checkpointing.resume` path names: a sharded checkpoint (it has a
+/// manifest), a directory of them (the newest that verifies), or a consolidated model directory.
+pub fn resume_dir(path: &Path) -> Result<PathBuf> {
+    if crate::train::snapshot::is_sharded(path)
+        || path.join(crate::checkpoint::CONFIG_FILE).is_file()
+    {
+        return Ok(path.to_path_buf());
+    }
+    if !sharded::step_dirs(path)?.is_empty() {
+        return match sharded::latest_valid(path)? {
+            Some((dir, _)) => Ok(dir),
+            None => Err(WorkerError::checkpoint(
+                path,
+                "no checkpoint under it verifies (every one is torn, corrupt or uncommitted)",
+            )),
+        };
+    }
+    Err(WorkerError::checkpoint(
+        path,
+        "neither a checkpoint (manifest.json or config.json) nor a directory of step-* checkpoints",
+    ))
+}
+
+/// A trainer continuing from the checkpoint in `dir` (sharded or consolidated): its options,
+/// data order and step; `training.steps` still sets where the run ends (at least one step past
+/// the checkpoint), and the spec's parallelism replaces the checkpoint's.
+fn resume_trainer(
+    spec: &JobSpec,
+    dir: &Path,
+    mesh: Option<Vec<LocalTransport>>,
+) -> Result<Trainer> {
+    let dtype = match spec.data.dtype {
+        job::TokenDtype::U16 => TokenDtype::U16,
+        job::TokenDtype::U32 => TokenDtype::U32,
+    };
+    let state = Trainer::read_state(dir)?;
+    let config_path = dir.join(crate::checkpoint::CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| WorkerError::io(&config_path, e))?;
+    let cfg = ModelConfig::from_hf_json(&text, &config_path.display().to_string())?;
+    let source = TokenSource::load(
+        &data_spec(&spec.data.source, dtype, state.data_seed),
+        cfg.vocab_size,
+    )?;
+    let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
+    let mut o = state.options.clone();
+    o.steps = spec.training.steps.max(state.step + 1);
+    // The spec's parallelism may differ from the checkpoint's (the same spec gives the same
+    // run).
+    let now = options(spec);
+    o.pipeline = now.pipeline;
+    o.micro_batches = now.micro_batches;
+    o.dp = now.dp;
+    o.ep = now.ep;
+    o.comm_timeout_s = now.comm_timeout_s;
+    if crate::train::snapshot::is_sharded(dir) {
+        Trainer::restore_sharded(dir, batcher, o, mesh)
+    } else {
+        Trainer::resume_on(dir, batcher, o, mesh)
+    }
 }
 
 /// A job's directory: `checkpointing.dir`, or `runs/<name>`. It holds `checkpoint/`,
@@ -192,6 +238,9 @@ pub struct RunSummary {
     /// device order (`pp_rank * dp + dp_rank` across processes).
     #[serde(default)]
     pub memory_per_rank: Vec<crate::train::MemoryUse>,
+    /// The background checkpoints this run wrote (this process's view).
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointTiming>,
 }
 
 /// How a run ended.
@@ -201,6 +250,37 @@ pub enum RunEnd {
     Finished(Box<RunSummary>),
     /// `on_step` stopped it after this many steps (no final checkpoint, no summary).
     Stopped(u64),
+}
+
+/// How an attempt at a job starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Continue from the newest committed checkpoint in the job's `checkpoints/` (a recovery);
+    /// without one (or `false`), start as the spec says.
+    pub recover: bool,
+}
+
+/// What a run tells its caller as it goes.
+#[derive(Debug)]
+pub enum RunEvent<'a> {
+    /// The trainer is ready at this step (0, or the checkpoint's): steps after it follow.
+    Started {
+        /// The step it starts after.
+        step: u64,
+        /// The checkpoint it continues from, if any.
+        from: Option<&'a Path>,
+    },
+    /// A step completed. The callback's `false` stops the run.
+    Step(&'a StepMetrics),
+    /// A checkpoint was committed (in the process holding rank 0) or written (elsewhere).
+    Checkpoint(&'a crate::checkpoint::background::Written),
+    /// A checkpoint could not be written; training goes on.
+    CheckpointFailed {
+        /// Its step.
+        step: u64,
+        /// Why.
+        error: String,
+    },
 }
 
 /// Trains a job whose ranks all run in this process to the end, calling `on_step` after every
@@ -219,6 +299,53 @@ pub fn run_on(
     mesh: Option<Vec<LocalTransport>>,
     mut on_step: impl FnMut(&StepMetrics) -> bool,
 ) -> Result<RunEnd> {
+    run_with(spec, mesh, RunOptions::default(), |ev| match ev {
+        RunEvent::Step(m) => on_step(m),
+        _ => true,
+    })
+}
+
+/// Keeps the lines of `metrics.jsonl` of steps up to `step` (a run that goes back to a
+/// checkpoint redoes the later ones).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(WorkerError::io(path, e)),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    crate::checkpoint::write_file_atomic(path, kept.as_bytes())
+}
+
+/// The job's split, as a checkpoint's manifest records it.
+fn plan_of(spec: &JobSpec) -> serde_json::Value {
+    let p = &spec.parallelism;
+    serde_json::json!({
+        "pp": p.pp, "dp": p.dp, "ep": p.ep,
+        "schedule": p.schedule, "micro_batches": p.micro_batches,
+    })
+}
+
+/// [`run_on`] with options, telling `on_event` of every step, checkpoint and the start.
+/// Periodic checkpoints (`checkpointing.interval`) are sharded (every device writes its own
+/// shard) and written in the background under `checkpoints/step-N/`, committed by the process
+/// holding rank 0, the newest `checkpointing.keep` kept; the final one is consolidated into
+/// `checkpoint/` (a Hugging Face model directory).
+pub fn run_with(
+    spec: &JobSpec,
+    mesh: Option<Vec<LocalTransport>>,
+    run: RunOptions,
+    mut on_event: impl FnMut(RunEvent<'_>) -> bool,
+) -> Result<RunEnd> {
     let out = run_dir(spec);
     let writes = mesh
         .as_ref()
@@ -226,9 +353,29 @@ pub fn run_on(
     if writes {
         std::fs::create_dir_all(&out).map_err(|e| WorkerError::io(&out, e))?;
     }
-    let mut trainer = trainer_for_on(spec, mesh)?;
+    let root = out.join("checkpoints");
+    let from = if run.recover {
+        sharded::latest_valid(&root)?.map(|(d, _)| d)
+    } else {
+        None
+    };
+    let mut trainer = match &from {
+        Some(dir) => resume_trainer(spec, dir, mesh)?,
+        None => trainer_for_on(spec, mesh)?,
+    };
     let ckpt = out.join("checkpoint");
     let metrics_path = out.join("metrics.jsonl");
+    if writes {
+        // What a failed attempt (or an earlier run in this directory) left past this start.
+        sharded::remove_after(&root, trainer.step())?;
+        truncate_metrics(&metrics_path, trainer.step())?;
+    }
+    if !on_event(RunEvent::Started {
+        step: trainer.step(),
+        from: from.as_deref(),
+    }) {
+        return Ok(RunEnd::Stopped(trainer.step()));
+    }
     let mut metrics: Box<dyn Write> = if writes {
         Box::new(
             std::fs::File::options()
@@ -241,6 +388,31 @@ pub fn run_on(
     } else {
         Box::new(std::io::sink())
     };
+    let mut writer = BackgroundWriter::start()?;
+    let mut written = Vec::new();
+    let mut stalls: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut report = |done: Vec<(u64, Result<crate::checkpoint::background::Written>)>,
+                      on_event: &mut dyn FnMut(RunEvent<'_>) -> bool|
+     -> bool {
+        let mut go_on = true;
+        for (step, r) in done {
+            go_on &= match r {
+                Ok(w) => {
+                    let ok = on_event(RunEvent::Checkpoint(&w));
+                    written.push(w);
+                    ok
+                }
+                Err(e) => {
+                    tracing::warn!(step, error = %e, "checkpoint not written; training goes on");
+                    on_event(RunEvent::CheckpointFailed {
+                        step,
+                        error: e.to_string(),
+                    })
+                }
+            };
+        }
+        go_on
+    };
     let total = trainer.options().steps;
     let started = Instant::now();
     let mut history: Vec<StepMetrics> = Vec::new();
@@ -248,6 +420,11 @@ pub fn run_on(
     let traced = (trainer.step() + 2).min(total);
     let trace_path = out.join("trace.json");
     let mut trace = None;
+    let wait = trainer
+        .options()
+        .comm_timeout()
+        .max(std::time::Duration::from_secs(600));
+    let keep = spec.checkpointing.keep.max(1);
     while trainer.step() < total {
         let m = if trainer.step() + 1 == traced {
             // Every node records the step; rank 0's process gathers them onto its clock.
@@ -277,10 +454,22 @@ pub fn run_on(
                     .and_then(|()| metrics.flush())
                     .map_err(|e| WorkerError::io(&metrics_path, e))
             })?;
-        let go_on = on_step(&m);
+        let mut go_on = on_event(RunEvent::Step(&m));
         let every = spec.checkpointing.interval;
         if every > 0 && m.step % every == 0 && m.step < total {
-            trainer.save_checkpoint(&ckpt)?;
+            let t0 = Instant::now();
+            let snap = trainer.checkpoint_snapshot(&root, plan_of(spec), wait, keep)?;
+            let done = writer.submit(snap);
+            let stall = t0.elapsed().as_secs_f64();
+            tracing::debug!(
+                step = m.step,
+                stall_s = stall,
+                "checkpoint handed to the writer"
+            );
+            stalls.insert(m.step, stall);
+            go_on &= report(done, &mut on_event);
+        } else {
+            go_on &= report(writer.poll(), &mut on_event);
         }
         history.push(m);
         if !go_on {
@@ -288,6 +477,8 @@ pub fn run_on(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let done = writer.finish();
+    report(done, &mut on_event);
     trainer.save_checkpoint(&ckpt)?;
     let tokens: usize = history.iter().map(|m| m.tokens).sum();
     let losses: Vec<f64> = history.iter().map(|m| m.main_loss).collect();
@@ -324,6 +515,15 @@ pub fn run_on(
             ),
         ]),
         memory_per_rank: trainer.memory_per_device()?,
+        checkpoints: written
+            .iter()
+            .map(|w| CheckpointTiming {
+                step: w.step,
+                stall_s: stalls.get(&w.step).copied().unwrap_or(0.0),
+                write_s: w.seconds,
+                bytes: w.bytes,
+            })
+            .collect(),
     };
     if writes {
         let path = out.join("summary.json");
@@ -331,6 +531,20 @@ pub fn run_on(
         std::fs::write(&path, text).map_err(|e| WorkerError::io(&path, e))?;
     }
     Ok(RunEnd::Finished(Box::new(summary)))
+}
+
+/// How long one background checkpoint held the step loop up, and how long it took to write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointTiming {
+    /// Its step.
+    pub step: u64,
+    /// Seconds the step loop stopped for it (copying the shards out, and waiting for the
+    /// previous checkpoint if that was still being written).
+    pub stall_s: f64,
+    /// Seconds the writer took (in the committing process: until the manifest was written).
+    pub write_s: f64,
+    /// Bytes this process wrote.
+    pub bytes: u64,
 }
 
 #[cfg(test)]

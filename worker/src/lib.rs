@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod data;
 pub mod error;
+pub mod fault;
 pub mod job;
 pub mod model;
 pub mod pipeline;

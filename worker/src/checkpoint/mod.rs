@@ -34,6 +34,8 @@
 //! partial file or a partial checkpoint under the final name.
 
 mod atomic;
+pub mod background;
+pub mod sharded;
 mod tensors;
 
 use std::collections::BTreeMap;

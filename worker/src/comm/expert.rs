@@ -504,6 +504,7 @@ impl EpLink<'_> {
         rows: &[Vec<usize>],
         encode: &mut dyn FnMut(&[usize]) -> Result<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
+        crate::fault::point("dispatch");
         if rows.len() != self.group.len() {
             return Err(WorkerError::invalid(
                 "ep",
@@ -540,6 +541,10 @@ impl EpLink<'_> {
         phase: ExchangePhase,
         mut frames: Vec<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
+        crate::fault::point(match phase {
+            ExchangePhase::Dispatch => "dispatch",
+            ExchangePhase::Combine => "combine",
+        });
         if frames.len() != self.group.len() {
             return Err(WorkerError::invalid(
                 "ep",

@@ -455,6 +455,13 @@ impl Transport for LocalTransport {
     }
 
     fn send(&mut self, to: usize, tag: Tag, payload: Vec<u8>) -> Result<()> {
+        if matches!(self.links.get(to), Some(PeerLink::Tcp(_))) && crate::fault::cut("send") {
+            for link in &self.links {
+                if let PeerLink::Tcp(l) = link {
+                    let _ = l.stream.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
         let rank = self.rank;
         let n = payload.len() as u64;
         let link = match self.links.get_mut(to) {
@@ -555,6 +562,12 @@ impl Transport for LocalTransport {
 }
 
 impl LocalTransport {
+    /// The flag that, once set, makes every endpoint of this process's part of the mesh give
+    /// up its waits (as [`Transport::abort`] does): for stopping a job from outside.
+    pub fn abort_handle(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.abort)
+    }
+
     /// The frame `tag` from `from` if it arrived earlier; an error if a frame of a step this
     /// rank has left is still waiting (the peer is out of step).
     fn stashed(&mut self, from: usize, tag: Tag) -> Result<Option<Vec<u8>>> {

@@ -178,6 +178,7 @@ impl<T: ModelFloat> Model<T> {
         obj: &Objective,
         experts: Option<&dyn ExpertExchange>,
     ) -> Result<(Option<Tensor<T>>, StageSaved<T>, StageStats)> {
+        crate::fault::point("forward");
         self.check_batch(b)?;
         self.check_part(part)?;
         let p = &self.params;
@@ -314,6 +315,7 @@ impl<T: ModelFloat> Model<T> {
         experts: Option<&dyn ExpertExchange>,
         w: &mut Vec<WTask<T>>,
     ) -> Result<Option<Tensor<T>>> {
+        crate::fault::point("backward");
         self.check_part(part)?;
         if saved.blocks.len() != part.blocks.len() || saved.head.is_some() != part.head {
             return Err(WorkerError::invalid(

@@ -4,6 +4,7 @@
 
 mod dp;
 mod gather;
+pub mod snapshot;
 pub mod state;
 pub mod zero;
 

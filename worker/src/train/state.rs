@@ -119,17 +119,7 @@ impl Trainer {
         };
         writer.write_safetensors(OPTIMIZER_FILE, &refs, dtype)?;
 
-        let state = TrainerState {
-            format: 1,
-            step: self.step,
-            data_position: self.batcher.position(),
-            data_source: self.batcher.source().name().to_string(),
-            seq_len: self.batcher.seq_len(),
-            batch: self.batcher.batch_size(),
-            data_seed: self.batcher.seed(),
-            precision: precision_name(self.model().precision()).to_string(),
-            options: self.opts.clone(),
-        };
+        let state = self.trainer_state();
         let json = serde_json::to_value(&state).map_err(|e| WorkerError::checkpoint(dir, e))?;
         writer.write_json(TRAINER_STATE_FILE, &json)?;
         writer.commit()
@@ -153,15 +143,61 @@ impl Trainer {
     /// the same checkpoint and keeps its ranks' shards.
     pub fn resume_on(
         dir: &Path,
-        mut batcher: Batcher,
+        batcher: Batcher,
         opts: TrainOptions,
         mesh: Option<Vec<crate::comm::transport::LocalTransport>>,
     ) -> Result<Self> {
         let state = Self::read_state(dir)?;
         let (cfg, tensors): (ModelConfig, BTreeMap<String, Tensor<f32>>) = load_model_dir(dir)?;
+        let opt_path = dir.join(OPTIMIZER_FILE);
+        let mut moments = load_safetensors(&opt_path)?;
+        Self::resume_from(
+            Restored {
+                cfg,
+                tensors,
+                state,
+                origin: dir,
+            },
+            batcher,
+            opts,
+            mesh,
+            |name, fresh| {
+                let mut take = |suffix: &str| {
+                    let key = format!("{name}.{suffix}");
+                    moments.remove(&key).map(Tensor::into_data).ok_or_else(|| {
+                        WorkerError::checkpoint(&opt_path, format!("missing tensor {key}"))
+                    })
+                };
+                let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
+                Ok(match fresh {
+                    Moments::F32 { .. } => Moments::F32 { m, v },
+                    Moments::Bf16 { .. } => Moments::Bf16 {
+                        m: m.into_iter().map(half::bf16::from_f32).collect(),
+                        v: v.into_iter().map(half::bf16::from_f32).collect(),
+                    },
+                })
+            },
+        )
+    }
+
+    /// A trainer from restored weights and state; `moments(name, fresh)` gives a trained
+    /// parameter's moments in the precision of `fresh` (the optimizer's).
+    pub(crate) fn resume_from(
+        r: Restored<'_>,
+        mut batcher: Batcher,
+        opts: TrainOptions,
+        mesh: Option<Vec<crate::comm::transport::LocalTransport>>,
+        mut moments: impl FnMut(&str, &Moments) -> Result<Moments>,
+    ) -> Result<Self> {
+        let Restored {
+            cfg,
+            tensors,
+            state,
+            origin,
+        } = r;
         let precision = parse_precision(&state.precision)?;
         let (model, _) =
-            Model::from_named(&cfg, tensors, precision, 0, &dir.display().to_string())?;
+            Model::from_named(&cfg, tensors, precision, 0, &origin.display().to_string())?;
         for (what, saved, now) in [
             ("seq_len", state.seq_len, batcher.seq_len()),
             ("batch", state.batch, batcher.batch_size()),
@@ -186,7 +222,7 @@ impl Trainer {
             ));
         }
         batcher.seek(state.data_position)?;
-        // One state per trained parameter, to fill from the file.
+        // One state per trained parameter, to fill from the checkpoint.
         let cfg_adamw = opts.adamw();
         let mut whole: Vec<(crate::model::params::ParamId, AdamWState)> = model
             .params()
@@ -195,34 +231,47 @@ impl Trainer {
             .map(|(id, _, t)| (id, AdamWState::new(t.numel(), &cfg_adamw)))
             .collect();
         let mut trainer = Trainer::new_on(model, batcher, opts, mesh)?;
-        let opt_path = dir.join(OPTIMIZER_FILE);
-        let mut moments = load_safetensors(&opt_path)?;
         for (id, st) in whole.iter_mut() {
             let name = trainer.params().name(*id).to_string();
-            let mut take = |suffix: &str| {
-                let key = format!("{name}.{suffix}");
-                moments.remove(&key).map(Tensor::into_data).ok_or_else(|| {
-                    WorkerError::checkpoint(&opt_path, format!("missing tensor {key}"))
-                })
+            let got = moments(&name, &st.moments)?;
+            let (lm, lv) = match &got {
+                Moments::F32 { m, v } => (m.len(), v.len()),
+                Moments::Bf16 { m, v } => (m.len(), v.len()),
             };
-            let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
-            if m.len() != st.len() || v.len() != st.len() {
+            if lm != st.len() || lv != st.len() {
                 return Err(WorkerError::checkpoint(
-                    &opt_path,
+                    origin,
                     format!("moments of {name} have the wrong size"),
                 ));
             }
-            st.moments = match st.moments {
-                Moments::F32 { .. } => Moments::F32 { m, v },
-                Moments::Bf16 { .. } => Moments::Bf16 {
-                    m: m.into_iter().map(half::bf16::from_f32).collect(),
-                    v: v.into_iter().map(half::bf16::from_f32).collect(),
-                },
-            };
+            st.moments = got;
             st.step = state.step;
         }
         trainer.set_param_moments(&whole)?;
         trainer.step = state.step;
         Ok(trainer)
     }
+
+    /// What a checkpoint records of the trainer besides tensors.
+    pub fn trainer_state(&self) -> TrainerState {
+        TrainerState {
+            format: 1,
+            step: self.step,
+            data_position: self.batcher.position(),
+            data_source: self.batcher.source().name().to_string(),
+            seq_len: self.batcher.seq_len(),
+            batch: self.batcher.batch_size(),
+            data_seed: self.batcher.seed(),
+            precision: precision_name(self.model().precision()).to_string(),
+            options: self.opts.clone(),
+        }
+    }
+}
+
+/// Weights and state read back from a checkpoint, and where from (for errors).
+pub(crate) struct Restored<'a> {
+    pub(crate) cfg: ModelConfig,
+    pub(crate) tensors: BTreeMap<String, Tensor<f32>>,
+    pub(crate) state: TrainerState,
+    pub(crate) origin: &'a Path,
 }
