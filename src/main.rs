@@ -22,6 +22,9 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Mean next-token cross-entropy of a checkpoint on a token file.
     Eval(cmd::eval::EvalArgs),
+    /// Write a checkpoint (a committed sharded one, or the newest of a job's) as a Hugging
+    /// Face model directory.
+    Export(cmd::export::ExportArgs),
     /// Place a job on a cluster (stages, EP groups, memory, bubble), or balance experts from
     /// measured loads (EPLB).
     Plan(cmd::plan::PlanArgs),
@@ -115,6 +118,9 @@ enum BenchSuite {
     /// The expert-parallel exchange against memcpy (one node) and raw TCP (two nodes); tokens/s
     /// with data and expert parallelism against one rank.
     Comm(bench::comm::CommBenchArgs),
+    /// Time from SIGKILL of one of two workers to training resumed, against torchrun's
+    /// elastic agent.
+    Recovery(bench::recovery::RecoveryBenchArgs),
     /// The bare TCP echo server `bench control` measures its floor against (prints its port).
     #[command(hide = true)]
     Echo,
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),
+        Command::Export(args) => cmd::export::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
         Command::Coordinator(args) => cmd::cluster::coordinator(&args),
         Command::Worker(args) => cmd::cluster::worker(&args),
@@ -154,6 +161,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Comm(args),
         } => bench::comm::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Recovery(args),
+        } => bench::recovery::run(&args),
         Command::Bench {
             suite: BenchSuite::Echo,
         } => bench::control::echo_server(),

@@ -944,6 +944,54 @@ impl<S: Store> Actor<S> {
         Ok(())
     }
 
+    /// At a checkpoint of a job that runs with fewer data-parallel ranks than its spec asks
+    /// for (it shrank after losing devices): if the devices for the spec's width are there
+    /// again (free ones plus the job's own), the job goes back to them through a recovery from
+    /// that checkpoint.
+    async fn grow_back(&mut self, id: &str, step: u64) -> Result<()> {
+        let rec = self.record(id)?.clone();
+        let now = rec
+            .placement
+            .iter()
+            .map(|p| p.dp_rank + 1)
+            .max()
+            .unwrap_or(0);
+        let want = rec.spec.parallelism.dp;
+        if rec.state != JobState::Running || now >= want || step >= rec.spec.training.steps {
+            return Ok(());
+        }
+        let recovering = rec.attempt > 0;
+        let cluster = Cluster {
+            nodes: self
+                .nodes
+                .iter()
+                .filter(|(_, e)| {
+                    e.session.is_some()
+                        && (e.record.state == NodeState::Healthy
+                            || (recovering && e.record.state == NodeState::Spare))
+                })
+                .map(|(name, e)| {
+                    let free = (0..e.record.devices)
+                        .filter(|d| e.busy.get(d).is_none_or(|j| j == id))
+                        .count();
+                    (name.clone(), free)
+                })
+                .filter(|(_, free)| *free > 0)
+                .collect(),
+        };
+        let Ok(model) = resolve_model(&rec.spec.model) else {
+            return Ok(());
+        };
+        let par = rec.spec.parallelism()?;
+        if shoal_spec::plan::plan(&model, &par, &cluster).is_err() {
+            return Ok(());
+        }
+        let cause =
+            format!("growing back from dp {now} to dp {want} at the checkpoint of step {step}");
+        tracing::info!(job = %id, now, want, step, "growing back");
+        self.recover(id, &cause, 0).await
+    }
+
     /// Places the recovering jobs whose settle time has passed; one that does not fit waits
     /// in the queue (Pending) for devices.
     async fn replan_due(&mut self) -> Result<()> {
@@ -1010,6 +1058,9 @@ impl<S: Store> Actor<S> {
             self.finished_on.remove(&rec.id);
             return Ok(());
         }
+        if s.state == pb::JobState::Failed as i32 {
+            tracing::warn!(job = %rec.id, node, attempt = s.attempt, retryable = s.retryable, reason = %s.reason, "a node reports the job failed");
+        }
         if s.attempt != rec.attempt {
             // What an earlier attempt's ranks say while they stop is not news.
             return Ok(());
@@ -1024,6 +1075,7 @@ impl<S: Store> Actor<S> {
                     r.checkpoint_step = r.checkpoint_step.max(s.checkpoint_step);
                     self.save(r).await?;
                     tracing::info!(job = %rec.id, step = s.checkpoint_step, "checkpoint committed");
+                    self.grow_back(&rec.id, s.checkpoint_step).await?;
                 }
                 if !s.checkpoint_error.is_empty() {
                     tracing::warn!(job = %rec.id, node, error = %s.checkpoint_error, "checkpoint failed");

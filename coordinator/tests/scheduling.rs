@@ -583,3 +583,53 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
     // The stored record says the same after a restart of the coordinator.
     drop(c);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = control(&dir).await;
+    let (mut n1, e1) = node(&c, "n1", 2).await;
+    let (_n2, e2) = node(&c, "n2", 2).await;
+    let mut s = spec("elastic", 4, 0);
+    s.parallelism.ep = 1;
+    s.elasticity.min_dp = 2;
+    let job = c.submit(s).await.expect("submit");
+    let first = assignment(&c, &mut n1).await.expect("placed");
+    assert_eq!(first.world.len(), 4);
+    // n2 is lost for good: the job continues on n1's two devices with dp 2.
+    c.disconnected("n2", e2).await;
+    settle().await;
+    let a = assignment(&c, &mut n1).await.expect("placed again");
+    let dp_of = |a: &pb::Assignment| {
+        a.spec
+            .as_ref()
+            .and_then(|s| s.parallelism.as_ref())
+            .map(|p| p.dp)
+    };
+    assert_eq!((a.attempt, a.world.len(), dp_of(&a)), (1, 2, Some(2)));
+    let mut running = status(&job, pb::JobState::Running);
+    running.attempt = 1;
+    running.started_step = Some(2);
+    c.status("n1", e1, running.clone()).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Running);
+    // A checkpoint with no more devices changes nothing.
+    running.started_step = None;
+    running.checkpoint_step = 4;
+    c.status("n1", e1, running.clone()).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Running);
+    // A node joins; at the next checkpoint the job goes back to dp 4 on both nodes.
+    let (mut n3, _) = node(&c, "n3", 2).await;
+    assert_eq!(state(&c, &job).await.0, JobState::Running);
+    running.checkpoint_step = 6;
+    c.status("n1", e1, running).await;
+    let (st, reason) = state(&c, &job).await;
+    assert_eq!(st, JobState::Recovering);
+    assert!(
+        reason.contains("growing back from dp 2 to dp 4"),
+        "{reason}"
+    );
+    settle().await;
+    let a = assignment(&c, &mut n1).await.expect("grown on n1");
+    assert_eq!((a.attempt, a.world.len(), dp_of(&a)), (2, 4, Some(4)));
+    assert!(assignment(&c, &mut n3).await.is_some(), "and on n3");
+}

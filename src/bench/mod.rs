@@ -6,6 +6,7 @@ pub mod kernels;
 mod numpy;
 pub mod pipeline;
 mod profile;
+pub mod recovery;
 pub mod train;
 
 /// The middle value (the upper one of an even count; NaN when empty).

@@ -343,6 +343,23 @@ fn state_name(v: i32) -> &'static str {
     }
 }
 
+/// A recovery as the `--json` outputs report it.
+pub(crate) fn recovery_json(r: &pb::Recovery) -> serde_json::Value {
+    serde_json::json!({
+        "attempt": r.attempt,
+        "cause": r.cause,
+        "detected_unix_ms": r.detected_unix_ms,
+        "last_heard_unix_ms": r.last_heard_unix_ms,
+        "resumed_unix_ms": r.resumed_unix_ms,
+        "recovery_ms": r.resumed_unix_ms.saturating_sub(r.detected_unix_ms),
+        "failed_step": r.failed_step,
+        "restored_step": r.restored_step,
+        "steps_redone": r.steps_redone,
+        "dp_before": r.dp_before,
+        "dp_after": r.dp_after,
+    })
+}
+
 fn job_json(j: &pb::Job) -> serde_json::Value {
     serde_json::json!({
         "id": j.id,
@@ -353,6 +370,8 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "placement": j.placement.iter().map(|p| serde_json::json!({
             "pp_rank": p.pp_rank, "dp_rank": p.dp_rank, "node": p.node, "device": p.device,
         })).collect::<Vec<_>>(),
+        "checkpoint_step": j.checkpoint_step,
+        "recoveries": j.recoveries.iter().map(recovery_json).collect::<Vec<_>>(),
     })
 }
 

@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod eval;
+pub mod export;
 pub mod local;
 pub mod plan;
 pub mod train;

@@ -457,7 +457,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             );
             o.insert(
                 "recoveries".into(),
-                job.recoveries.iter().map(recovery_json).collect(),
+                job.recoveries
+                    .iter()
+                    .map(super::cluster::recovery_json)
+                    .collect(),
             );
             o.insert("agent_restarts".into(), restarts.into());
         }
@@ -557,21 +560,4 @@ async fn drive(
         .map_err(|s| anyhow::anyhow!("reading job {id}: {}", s.message()))?
         .into_inner();
     Ok(job)
-}
-
-/// A recovery as `shoal train --json` reports it.
-fn recovery_json(r: &pb::Recovery) -> serde_json::Value {
-    serde_json::json!({
-        "attempt": r.attempt,
-        "cause": r.cause,
-        "detected_unix_ms": r.detected_unix_ms,
-        "last_heard_unix_ms": r.last_heard_unix_ms,
-        "resumed_unix_ms": r.resumed_unix_ms,
-        "recovery_ms": r.resumed_unix_ms.saturating_sub(r.detected_unix_ms),
-        "failed_step": r.failed_step,
-        "restored_step": r.restored_step,
-        "steps_redone": r.steps_redone,
-        "dp_before": r.dp_before,
-        "dp_after": r.dp_after,
-    })
 }

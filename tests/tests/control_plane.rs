@@ -172,20 +172,37 @@ fn two_node_agents_run_jobs(
     signal(hung, "-STOP");
     let stopped = Instant::now();
     let deadline = stopped + Duration::from_secs(30);
+    // The job recovers: its record says why, and it runs again on the other node.
     let reason = loop {
         let all = jobs(&url);
         let j = all
             .iter()
             .find(|j| j["id"] == long.as_str())
             .expect("listed");
-        if j["state"] == "failed" {
-            break j["reason"].as_str().unwrap_or("").to_string();
+        if let Some(r) = j["recoveries"].get(0) {
+            break r["cause"].as_str().unwrap_or("").to_string();
         }
         assert_eq!(j["state"], "running", "{j}");
         assert!(Instant::now() < deadline, "hung agent not noticed: {j}");
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     };
     let noticed = stopped.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = jobs(&url);
+        let j = all
+            .iter()
+            .find(|j| j["id"] == long.as_str())
+            .expect("listed");
+        if j["state"] == "running" && j["placement"][0]["node"] == other {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job did not move to {other}: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         reason,
         format!("node {node} sent no heartbeat for {HEARTBEAT_TIMEOUT_MS} ms (heartbeat timeout)")
@@ -247,7 +264,7 @@ fn jobs_run_to_completion_on_two_node_agents_with_etcd() {
 }
 
 #[test]
-fn a_killed_node_agent_fails_its_job_and_the_queue_moves_on() {
+fn a_killed_node_agents_job_waits_for_it_to_return_and_keeps_its_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_coordinator, url) = start_coordinator(dir.path());
     let mut w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
@@ -278,11 +295,15 @@ fn a_killed_node_agent_fails_its_job_and_the_queue_moves_on() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let all = jobs(&url);
-        if all[0]["state"] == "failed" {
+        let why = all[0]["reason"].as_str().unwrap_or("");
+        if all[0]["state"] == "pending" {
+            // Recovering, waiting for devices, still at the head of the queue.
             assert!(
-                all[0]["reason"].as_str().unwrap_or("").contains("n1"),
+                why.starts_with("recovering: waiting for devices"),
                 "{all:?}"
             );
+            assert_eq!(all[0]["recoveries"][0]["cause"], "node n1 lost", "{all:?}");
+            assert_eq!(all[1]["reason"], "queued behind job-1", "{all:?}");
             break;
         }
         assert!(
@@ -291,8 +312,29 @@ fn a_killed_node_agent_fails_its_job_and_the_queue_moves_on() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    // A fresh agent for the node (a new session, a higher epoch) takes the queued job.
+    // A fresh agent for the node (a new session, a higher epoch): the recovering job runs
+    // again there; once it is cancelled the queued job runs.
     let _w1b = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let all = jobs(&url);
+        if all[0]["state"] == "running"
+            && all[0]["recoveries"][0]["resumed_unix_ms"].as_u64() > Some(0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not recovered: {all:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = run_shoal(&["cancel", &long, "--coordinator", &url]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run_shoal(&["watch", &queued, "--coordinator", &url]);
     assert!(
         out.status.success(),
@@ -302,7 +344,6 @@ fn a_killed_node_agent_fails_its_job_and_the_queue_moves_on() {
     let out = run_shoal(&["nodes", "--coordinator", &url, "--json"]);
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(nodes[0]["epoch"], 2, "{nodes}");
-    let _ = long;
 }
 
 #[test]

@@ -221,6 +221,40 @@ fn killed_at(case: &str, fault: &str) -> u64 {
 }
 
 #[test]
+fn the_newest_checkpoint_exports_to_the_final_weights() {
+    let run = reference();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("hf");
+    let root = run.out.join("checkpoints");
+    let o = Command::new(shoal_bin())
+        .args(["export", "--checkpoint"])
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("shoal export");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported = std::fs::read(out.join("model.safetensors")).expect("exported weights");
+    assert!(
+        exported == run.weights(),
+        "the export differs from the final checkpoint"
+    );
+    // A path that is no checkpoint is refused by name.
+    let o = Command::new(shoal_bin())
+        .args(["export", "--checkpoint"])
+        .arg(dir.path().join("nothing"))
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .expect("shoal export");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--checkpoint") && err.contains("no such directory"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sigkill_during_forward_and_backward_loses_nothing() {
     killed_at("SIGKILL in forward (node 1)", "train-1:forward@30");
     killed_at("SIGKILL in backward (node 0)", "train-0:backward@30");

@@ -217,10 +217,15 @@ fn cross_node_mesh(
         .iter()
         .position(|n| *n == node)
         .ok_or_else(|| bad(format!("this node {node} is not among the job's nodes")))?;
-    // The same id on every node of the job, and another for every other job.
-    let mesh_id = a.job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    // The same id on every node of the job's attempt, and another for every other job and
+    // attempt.
+    let mesh_id = a
+        .job_id
+        .bytes()
+        .chain(a.attempt.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
     crate::comm::tcp::connect_via(
         &crate::comm::tcp::MeshLayout {
             mesh_id,

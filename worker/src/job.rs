@@ -29,8 +29,9 @@ pub fn precision(p: job::Precision) -> Precision {
     }
 }
 
-/// Loads a model named by a preset or a checkpoint directory (config.json and safetensors).
-/// Returns the model and the names of tensors the directory lacked (initialised from `seed`).
+/// Loads a model named by a preset, a model directory (config.json and safetensors), a sharded
+/// checkpoint, or a directory of sharded checkpoints (the newest that verifies). Returns the
+/// model and the names of tensors the directory lacked (initialised from `seed`).
 pub fn load_model(
     name: &str,
     precision: Precision,
@@ -46,7 +47,12 @@ pub fn load_model(
         })?;
         return Ok((Model::new(&cfg, precision, seed)?, Vec::new()));
     }
-    let (cfg, tensors) = load_model_dir(path)?;
+    let dir = resume_dir(path)?;
+    let (cfg, tensors) = if crate::train::snapshot::is_sharded(&dir) {
+        crate::train::snapshot::load_weights(&dir)?
+    } else {
+        load_model_dir(&dir)?
+    };
     let (model, report) = Model::from_named(&cfg, tensors, precision, seed, name)?;
     Ok((model, report.initialized))
 }
@@ -105,7 +111,7 @@ pub fn trainer_for_on(spec: &JobSpec, mesh: Option<Vec<LocalTransport>>) -> Resu
     };
     if !spec.checkpointing.resume.is_empty() {
         let dir = resume_dir(Path::new(&spec.checkpointing.resume))?;
-        return resume_trainer(spec, &dir, mesh);
+        return resume_trainer(spec, &dir, mesh, true);
     }
     let (model, initialized) = load_model(&spec.model, precision(spec.precision), t.seed)?;
     if !initialized.is_empty() {
@@ -141,6 +147,9 @@ pub fn resume_dir(path: &Path) -> Result<PathBuf> {
             )),
         };
     }
+    if !path.exists() {
+        return Err(WorkerError::checkpoint(path, "no such directory"));
+    }
     Err(WorkerError::checkpoint(
         path,
         "neither a checkpoint (manifest.json or config.json) nor a directory of step-* checkpoints",
@@ -148,12 +157,14 @@ pub fn resume_dir(path: &Path) -> Result<PathBuf> {
 }
 
 /// A trainer continuing from the checkpoint in `dir` (sharded or consolidated): its options,
-/// data order and step; `training.steps` still sets where the run ends (at least one step past
-/// the checkpoint), and the spec's parallelism replaces the checkpoint's.
+/// data order and step; `training.steps` still sets where the run ends (with `one_more`, at
+/// least one step past the checkpoint, as a user's resume asks; a recovery ends where the job
+/// does), and the spec's parallelism replaces the checkpoint's.
 fn resume_trainer(
     spec: &JobSpec,
     dir: &Path,
     mesh: Option<Vec<LocalTransport>>,
+    one_more: bool,
 ) -> Result<Trainer> {
     let dtype = match spec.data.dtype {
         job::TokenDtype::U16 => TokenDtype::U16,
@@ -170,7 +181,7 @@ fn resume_trainer(
     )?;
     let batcher = Batcher::new(source, state.seq_len, state.batch, state.data_seed)?;
     let mut o = state.options.clone();
-    o.steps = spec.training.steps.max(state.step + 1);
+    o.steps = spec.training.steps.max(state.step + u64::from(one_more));
     // The spec's parallelism may differ from the checkpoint's (the same spec gives the same
     // run).
     let now = options(spec);
@@ -336,10 +347,11 @@ fn plan_of(spec: &JobSpec) -> serde_json::Value {
 }
 
 /// [`run_on`] with options, telling `on_event` of every step, checkpoint and the start.
-/// Periodic checkpoints (`checkpointing.interval`) are sharded (every device writes its own
-/// shard) and written in the background under `checkpoints/step-N/`, committed by the process
-/// holding rank 0, the newest `checkpointing.keep` kept; the final one is consolidated into
-/// `checkpoint/` (a Hugging Face model directory).
+/// Periodic checkpoints (`checkpointing.interval`, and then the last step too) are sharded
+/// (every device writes its own shard) and written in the background under
+/// `checkpoints/step-N/`, committed by the process holding rank 0, the newest
+/// `checkpointing.keep` kept; the final one is also consolidated into `checkpoint/` (a Hugging
+/// Face model directory).
 pub fn run_with(
     spec: &JobSpec,
     mesh: Option<Vec<LocalTransport>>,
@@ -360,7 +372,7 @@ pub fn run_with(
         None
     };
     let mut trainer = match &from {
-        Some(dir) => resume_trainer(spec, dir, mesh)?,
+        Some(dir) => resume_trainer(spec, dir, mesh, false)?,
         None => trainer_for_on(spec, mesh)?,
     };
     let ckpt = out.join("checkpoint");
@@ -477,6 +489,12 @@ pub fn run_with(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    // With periodic checkpoints, the last step is committed as one too.
+    if spec.checkpointing.interval > 0 && !history.is_empty() {
+        let snap = trainer.checkpoint_snapshot(&root, plan_of(spec), wait, keep)?;
+        let done = writer.submit(snap);
+        report(done, &mut on_event);
+    }
     let done = writer.finish();
     report(done, &mut on_event);
     trainer.save_checkpoint(&ckpt)?;

@@ -61,9 +61,24 @@ fn a_run_continued_from_its_checkpoint_ends_bit_identical() {
         let root = whole.path().join("checkpoints");
         assert_eq!(
             committed(&root),
-            vec![4, 2],
-            "keep = 2 of the checkpoints at 2 and 4"
+            vec![6, 4],
+            "keep = 2 of the checkpoints at 2, 4 and the last step, 6"
         );
+        // The last one holds the final weights: loaded whole, they are the consolidated
+        // checkpoint's, bit for bit.
+        let (_, last) =
+            shoal_worker::train::snapshot::load_weights(&root.join("step-00000006")).unwrap();
+        let consolidated = shoal_worker::checkpoint::load_safetensors(
+            &whole.path().join("checkpoint").join("model.safetensors"),
+        )
+        .unwrap();
+        assert_eq!(last.len(), consolidated.len());
+        for (name, t) in &consolidated {
+            let bits = |t: &shoal_kernels::Tensor<f32>| {
+                t.data().iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            assert!(bits(&last[name]) == bits(t), "{precision}: {name} differs");
+        }
         let m = sharded::verify(&root.join("step-00000004")).unwrap();
         assert_eq!((m.step, m.devices), (4, 2));
         assert!(m.files.iter().any(|f| f.name == "shard-00001.safetensors"));
@@ -94,6 +109,14 @@ fn a_run_continued_from_its_checkpoint_ends_bit_identical() {
             steps,
             vec![1, 2, 3, 4, 5, 6],
             "step 5 of the failed attempt is redone once"
+        );
+        // A recovery after the last step's checkpoint (the job failed while finishing) takes
+        // no further step and ends with the same weights.
+        let (start, weights) = go(&s, true, None);
+        assert_eq!(start, 6, "{precision}");
+        assert!(
+            weights.unwrap() == reference,
+            "{precision}: weights changed"
         );
     }
 }

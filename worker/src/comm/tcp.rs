@@ -156,15 +156,19 @@ fn accept_loop(listener: &TcpListener, registrations: &mpsc::Receiver<Register>)
                 let Ok((id, from, to)) = greeted else {
                     continue;
                 };
-                match meshes.get(&id) {
-                    Some(tx) => {
-                        if tx.send((from, to, s)).is_err() {
-                            // That mesh has finished connecting: a late or stray dial.
+                let g = match meshes.get(&id) {
+                    Some(tx) => match tx.send((from, to, s)) {
+                        Ok(()) => continue,
+                        // That mesh has finished connecting: the dial is for a later one of
+                        // the same id, which waits for it like an unregistered mesh.
+                        Err(mpsc::SendError(g)) => {
                             meshes.remove(&id);
+                            g
                         }
-                    }
-                    None => pending.push((Instant::now(), id, (from, to, s))),
-                }
+                    },
+                    None => (from, to, s),
+                };
+                pending.push((Instant::now(), id, g));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(2));

@@ -166,6 +166,18 @@ impl Trainer {
     }
 }
 
+/// The configuration and whole weights of the committed checkpoint in `dir` (verified), as a
+/// model directory would give them: for evaluation, export, or a new job's starting point.
+pub fn load_weights(
+    dir: &Path,
+) -> Result<(ModelConfig, BTreeMap<String, shoal_kernels::Tensor<f32>>)> {
+    let manifest = sharded::verify(dir)?;
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::io(&path, e))?;
+    let cfg = ModelConfig::from_hf_json(&text, &path.display().to_string())?;
+    Ok((cfg, sharded::read_fragments(dir, &manifest)?.tensors))
+}
+
 /// Whether `dir` is a sharded checkpoint (it has a manifest), not a model directory.
 pub fn is_sharded(dir: &Path) -> bool {
     dir.join(sharded::MANIFEST_FILE).is_file()
