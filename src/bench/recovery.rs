@@ -155,8 +155,8 @@ fn torch_once(dir: &Path, torchrun: &Path) -> Result<Option<f64>> {
         .arg("--ckpt")
         .arg(dir.join("torch-ckpt.pt"))
         .args(["--steps", "200", "--every", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("torchrun.log")).context("torchrun's log")?)
         .spawn()
         .context("starting torchrun")?;
     let steps = |evs: &[serde_json::Value]| evs.iter().filter(|e| e["event"] == "step").count();
@@ -173,21 +173,34 @@ fn torch_once(dir: &Path, torchrun: &Path) -> Result<Option<f64>> {
             .filter_map(|e| e["t"].as_f64())
             .collect()
     };
-    let group = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut recovered = true;
     while ready(&lines(&events)).len() < 2 {
         if Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{group}")])
-                .status();
-            let _ = child.wait_with_output();
-            return Ok(None);
+            recovered = false;
+            break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     let resumed = ready(&lines(&events)).into_iter().fold(0.0, f64::max);
-    finish(child, "torchrun")?;
-    Ok(Some(resumed - killed))
+    // Measured: stop the agent (its process group) and every worker (each in a session of its
+    // own), without waiting for the job to end.
+    let mut pids: Vec<String> = lines(&events)
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .filter_map(|e| e["pid"].as_u64())
+        .map(|p| p.to_string())
+        .collect();
+    pids.push(format!("-{}", child.id()));
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .arg("--")
+        .args(&pids)
+        .stderr(Stdio::null())
+        .status();
+    let mut child = child;
+    let _ = child.wait();
+    Ok(recovered.then_some(resumed - killed))
 }
 
 /// Runs `shoal bench recovery`.
