@@ -186,6 +186,18 @@ async fn supervise(
     }
 }
 
+/// The coordinator's nodes.
+async fn list_nodes(
+    client: &mut ClusterServiceClient<tonic::transport::Channel>,
+) -> Result<Vec<pb::Node>> {
+    Ok(client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("listing nodes: {}", s.message()))?
+        .into_inner()
+        .nodes)
+}
+
 impl LocalCluster {
     /// Starts the coordinator and the agents, each under a supervisor (it does not wait for
     /// them to register).
@@ -276,13 +288,7 @@ impl LocalCluster {
         &mut self,
         client: &mut ClusterServiceClient<tonic::transport::Channel>,
     ) -> Result<()> {
-        let nodes = client
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .map_err(|s| anyhow::anyhow!("listing nodes: {}", s.message()))?
-            .into_inner()
-            .nodes;
-        for n in nodes {
+        for n in list_nodes(client).await? {
             let Some(i) = self.names.iter().position(|x| *x == n.name) else {
                 continue;
             };
@@ -317,12 +323,7 @@ impl LocalCluster {
             .with_context(|| format!("reaching the local coordinator at {}", self.url))?;
         loop {
             self.check_agents(true)?;
-            let nodes = client
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .map_err(|s| anyhow::anyhow!("listing nodes: {}", s.message()))?
-                .into_inner()
-                .nodes;
+            let nodes = list_nodes(&mut client).await?;
             let up = self
                 .names
                 .iter()

@@ -90,16 +90,7 @@ impl BackgroundWriter {
     /// Hands a snapshot over. If the previous checkpoint is still being written, waits for it
     /// first (so at most one snapshot is held besides the live state); returns what finished.
     pub fn submit(&mut self, snap: Snapshot) -> Vec<(u64, Result<Written>)> {
-        let mut out = self.poll();
-        while self.in_flight > 0 {
-            match self.done.recv() {
-                Ok(r) => {
-                    self.in_flight -= 1;
-                    out.push(r);
-                }
-                Err(_) => break,
-            }
-        }
+        let mut out = self.finish();
         let step = snap.step;
         match &self.tx {
             Some(tx) if tx.send(snap).is_ok() => self.in_flight += 1,

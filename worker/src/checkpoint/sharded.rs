@@ -93,31 +93,15 @@ pub struct Manifest {
     pub unix_ms: u64,
 }
 
-/// Optimizer moments of a fragment, in the precision the optimizer keeps them.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FragMoments {
-    /// FP32 first and second moments.
-    F32 {
-        /// First moment.
-        m: Vec<f32>,
-        /// Second moment.
-        v: Vec<f32>,
-    },
-    /// BF16 first and second moments.
-    Bf16 {
-        /// First moment.
-        m: Vec<bf16>,
-        /// Second moment.
-        v: Vec<bf16>,
-    },
-}
+/// Optimizer moments of a fragment, in the precision the optimizer keeps them (the
+/// optimizer's own type).
+pub use shoal_kernels::ops::adamw::Moments as FragMoments;
 
-impl FragMoments {
-    fn len(&self) -> usize {
-        match self {
-            FragMoments::F32 { m, .. } => m.len(),
-            FragMoments::Bf16 { m, .. } => m.len(),
-        }
+/// Elements of a fragment's moments (the first moment's; the second's is checked against it).
+fn moments_len(m: &FragMoments) -> (usize, usize) {
+    match m {
+        FragMoments::F32 { m, v } => (m.len(), v.len()),
+        FragMoments::Bf16 { m, v } => (m.len(), v.len()),
     }
 }
 
@@ -210,10 +194,15 @@ impl DeviceShard {
                 },
             ));
             if let Some(mo) = &f.moments {
-                if mo.len() != len {
+                if moments_len(mo) != (len, len) {
                     return Err(WorkerError::invalid(
                         "checkpoint",
-                        format!("{}: {} values but {} moments", f.name, len, mo.len()),
+                        format!(
+                            "{}: {} values but {:?} moments",
+                            f.name,
+                            len,
+                            moments_len(mo)
+                        ),
                     ));
                 }
                 let (dtype, m, v) = match mo {
@@ -298,7 +287,10 @@ impl DeviceShard {
                     ));
                 }
             };
-            if moments.as_ref().is_some_and(|mo| mo.len() != values.len()) {
+            if moments
+                .as_ref()
+                .is_some_and(|mo| moments_len(mo) != (values.len(), values.len()))
+            {
                 return Err(bad("moments and values differ in length".into()));
             }
             fragments.push(Fragment {

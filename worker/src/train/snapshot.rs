@@ -30,16 +30,7 @@ impl Trainer {
                 for part in &rep.parts {
                     let layout = &self.layouts[part.layout];
                     for (seg, st) in layout.shards[part.member].iter().zip(&part.moments) {
-                        let moments = match &st.moments {
-                            Moments::F32 { m, v } => FragMoments::F32 {
-                                m: m.clone(),
-                                v: v.clone(),
-                            },
-                            Moments::Bf16 { m, v } => FragMoments::Bf16 {
-                                m: m.clone(),
-                                v: v.clone(),
-                            },
-                        };
+                        let moments = st.moments.clone();
                         fragments.push(Fragment {
                             name: params.name(seg.param).to_string(),
                             start: seg.within.start,
@@ -150,13 +141,13 @@ impl Trainer {
                     WorkerError::checkpoint(dir, format!("no moments for {name}"))
                 })?;
                 Ok(match (got, fresh) {
-                    (FragMoments::F32 { m, v }, Moments::F32 { .. }) => Moments::F32 { m, v },
-                    (FragMoments::Bf16 { m, v }, Moments::Bf16 { .. }) => Moments::Bf16 { m, v },
-                    (FragMoments::F32 { m, v }, Moments::Bf16 { .. }) => Moments::Bf16 {
+                    (got @ Moments::F32 { .. }, Moments::F32 { .. })
+                    | (got @ Moments::Bf16 { .. }, Moments::Bf16 { .. }) => got,
+                    (Moments::F32 { m, v }, Moments::Bf16 { .. }) => Moments::Bf16 {
                         m: m.into_iter().map(half::bf16::from_f32).collect(),
                         v: v.into_iter().map(half::bf16::from_f32).collect(),
                     },
-                    (FragMoments::Bf16 { m, v }, Moments::F32 { .. }) => Moments::F32 {
+                    (Moments::Bf16 { m, v }, Moments::F32 { .. }) => Moments::F32 {
                         m: m.into_iter().map(half::bf16::to_f32).collect(),
                         v: v.into_iter().map(half::bf16::to_f32).collect(),
                     },
