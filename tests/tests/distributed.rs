@@ -163,6 +163,19 @@ fn start_workers(url: &str, names: &[&str]) -> Vec<Background> {
 }
 
 /// Polls job `id` until `done` holds (and returns it), failing after `within`.
+/// A node agent `name` of two CPU devices attached to the coordinator at `url`.
+fn worker(url: &str, name: &str) -> Background {
+    Background::start(&[
+        "worker",
+        "--coordinator",
+        url,
+        "--node",
+        name,
+        "--devices",
+        "cpu:2",
+    ])
+}
+
 fn wait_for_job(
     url: &str,
     id: &str,
@@ -200,24 +213,8 @@ fn jobs(url: &str) -> Vec<serde_json::Value> {
 fn a_job_whose_node_is_killed_waits_for_devices_and_continues_when_a_node_joins() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_coordinator, url) = start_coordinator(dir.path());
-    let _w1 = Background::start(&[
-        "worker",
-        "--coordinator",
-        &url,
-        "--node",
-        "n1",
-        "--devices",
-        "cpu:2",
-    ]);
-    let mut w2 = Background::start(&[
-        "worker",
-        "--coordinator",
-        &url,
-        "--node",
-        "n2",
-        "--devices",
-        "cpu:2",
-    ]);
+    let _w1 = worker(&url, "n1");
+    let mut w2 = worker(&url, "n2");
     wait_for_nodes(&url, 2);
     let path = dir.path().join("wide.toml");
     std::fs::write(
@@ -248,15 +245,7 @@ fn a_job_whose_node_is_killed_waits_for_devices_and_continues_when_a_node_joins(
     let reason = j["reason"].as_str().unwrap_or("");
     assert!(reason.contains("recovering"), "{j}");
     // A fresh node joins: the job is placed again and continues from its checkpoint.
-    let _w3 = Background::start(&[
-        "worker",
-        "--coordinator",
-        &url,
-        "--node",
-        "n3",
-        "--devices",
-        "cpu:2",
-    ]);
+    let _w3 = worker(&url, "n3");
     let o = run_shoal(&["watch", &id, "--coordinator", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics =

@@ -364,14 +364,10 @@ fn a_full_checkpoint_disk_is_reported_and_training_goes_on() {
         run.stderr
     );
     // No half-written checkpoint is left, and the later ones are there.
-    let root = out_dir(&run).join("checkpoints");
+    let root = run.out.join("checkpoints");
     assert!(!root.join("step-00000002").exists());
     assert!(root.join("step-00000006").join("manifest.json").is_file());
     assert!(run.weights() == reference().weights());
-}
-
-fn out_dir(run: &Run) -> &Path {
-    &run.out
 }
 
 #[test]

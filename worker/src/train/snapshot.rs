@@ -119,12 +119,8 @@ impl Trainer {
         opts: TrainOptions,
         mesh: Option<Vec<LocalTransport>>,
     ) -> Result<Self> {
-        let manifest = sharded::verify(dir)?;
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::io(&path, e))?;
-        let cfg = ModelConfig::from_hf_json(&text, &path.display().to_string())?;
+        let (cfg, parts) = read_checkpoint(dir)?;
         let state = Self::read_state(dir)?;
-        let parts = sharded::read_fragments(dir, &manifest)?;
         let mut moments: BTreeMap<String, FragMoments> = parts.moments;
         Self::resume_from(
             Restored {
@@ -162,11 +158,18 @@ impl Trainer {
 pub fn load_weights(
     dir: &Path,
 ) -> Result<(ModelConfig, BTreeMap<String, shoal_kernels::Tensor<f32>>)> {
+    let (cfg, parts) = read_checkpoint(dir)?;
+    Ok((cfg, parts.tensors))
+}
+
+/// The configuration and reassembled tensors and moments of the committed checkpoint in `dir`,
+/// every file verified first.
+fn read_checkpoint(dir: &Path) -> Result<(ModelConfig, sharded::Assembled)> {
     let manifest = sharded::verify(dir)?;
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::io(&path, e))?;
     let cfg = ModelConfig::from_hf_json(&text, &path.display().to_string())?;
-    Ok((cfg, sharded::read_fragments(dir, &manifest)?.tensors))
+    Ok((cfg, sharded::read_fragments(dir, &manifest)?))
 }
 
 /// Whether `dir` is a sharded checkpoint (it has a manifest), not a model directory.
