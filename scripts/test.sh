@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The etcd store's tests run a real etcd server (Debian's etcd-server), and etcd-client's build
-# script needs protoc (Debian's protobuf-compiler): install whichever is missing.
+# script needs protoc (Debian's protobuf-compiler) with the well-known types it imports
+# (libprotobuf-dev, only recommended by protobuf-compiler): install whichever is missing.
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod alloc;
 mod bench;
 mod cmd;
+mod procs;
 
 /// Shoal: a DeepSeek-V3-style Mixture-of-Experts training orchestrator.
 #[derive(Debug, Parser)]
@@ -28,6 +29,9 @@ enum Command {
     /// Place a job on a cluster (stages, EP groups, memory, bubble), or balance experts from
     /// measured loads (EPLB).
     Plan(cmd::plan::PlanArgs),
+    /// Train on a simulated cluster (`sim` devices on a cost model) against a real coordinator,
+    /// with failures injected at random: placement, detection, recovery, ETTR, GPU-hours.
+    Simulate(cmd::simulate::SimulateArgs),
     /// Run the coordinator (job API, scheduling, membership) until Ctrl-C.
     Coordinator(cmd::cluster::CoordinatorArgs),
     /// Run a node agent: attach to the coordinator and run the jobs it assigns.
@@ -134,6 +138,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cmd::eval::run(&args),
         Command::Export(args) => cmd::export::run(&args),
         Command::Plan(args) => cmd::plan::run(&args),
+        Command::Simulate(args) => cmd::simulate::run(&args),
         Command::Coordinator(args) => cmd::cluster::coordinator(&args),
         Command::Worker(args) => cmd::cluster::worker(&args),
         Command::Up(args) => cmd::cluster::up(&args),

@@ -55,7 +55,8 @@ pub struct ControlConfig {
     /// every heartbeat interval, so it is noticed within the timeout plus one interval). Must be
     /// longer than the heartbeat interval.
     pub heartbeat_timeout: Duration,
-    /// Recoveries a job may go through before a failure fails it.
+    /// Recoveries in a row from the same checkpoint (no newer one committed in between) a job
+    /// may go through before a failure fails it.
     pub max_recoveries: u32,
     /// How long a recovering job waits before it is placed again, so that the other signs of
     /// the same failure (the lost node's stream, its peers' reports) arrive first and the new
@@ -918,9 +919,19 @@ impl<S: Store> Actor<S> {
             // Already recovering, or waiting for devices: nothing runs to stop.
             _ => return Ok(()),
         }
-        if rec.attempt >= self.config.max_recoveries {
+        // Recoveries since the newest checkpoint was committed: a job that keeps committing
+        // new checkpoints is making progress and recovers as often as it fails (a long job on
+        // a big cluster fails many times); one that keeps failing from the same checkpoint
+        // (or before its recovery completes) gives up.
+        let fruitless = rec
+            .recoveries
+            .iter()
+            .rev()
+            .take_while(|r| r.resumed_unix_ms == 0 || r.restored_step >= rec.checkpoint_step)
+            .count() as u32;
+        if fruitless >= self.config.max_recoveries {
             let reason = format!(
-                "{cause}; gave up after {} recoveries",
+                "{cause}; gave up after {} recoveries without a new checkpoint",
                 self.config.max_recoveries
             );
             self.transition(id, JobState::Failed, &reason).await?;
@@ -1007,9 +1018,13 @@ impl<S: Store> Actor<S> {
             if self.record(&id).ok().map(|r| r.state) != Some(JobState::Recovering) {
                 continue;
             }
-            if let Err(reason) = self.try_place(&id).await? {
-                let reason = format!("recovering: {reason}");
-                self.transition(&id, JobState::Pending, &reason).await?;
+            let began = std::time::Instant::now();
+            match self.try_place(&id).await? {
+                Ok(()) => self.replanned(&id, began.elapsed()).await?,
+                Err(reason) => {
+                    let reason = format!("recovering: {reason}");
+                    self.transition(&id, JobState::Pending, &reason).await?;
+                }
             }
         }
         self.schedule().await
@@ -1051,76 +1066,83 @@ impl<S: Store> Actor<S> {
     }
 
     async fn job_status(&mut self, node: &str, s: pb::AssignmentStatus) -> Result<()> {
-        let Ok(rec) = self.record(&s.job_id).cloned() else {
+        // Statuses come from every node of a job at every step: read the record, do not copy
+        // it (a big job's placement has thousands of ranks).
+        let Ok(rec) = self.record(&s.job_id) else {
             return Ok(());
         };
-        if rec.state.is_final() {
-            self.finished_on.remove(&rec.id);
+        let (id, state, attempt) = (rec.id.clone(), rec.state, rec.attempt);
+        if state.is_final() {
+            self.finished_on.remove(&id);
             return Ok(());
         }
         if s.state == pb::JobState::Failed as i32 {
-            tracing::warn!(job = %rec.id, node, attempt = s.attempt, retryable = s.retryable, reason = %s.reason, "a node reports the job failed");
+            tracing::warn!(job = %id, node, attempt = s.attempt, retryable = s.retryable, reason = %s.reason, "a node reports the job failed");
         }
-        if s.attempt != rec.attempt {
+        if s.attempt != attempt {
             // What an earlier attempt's ranks say while they stop is not news.
             return Ok(());
         }
         match pb::JobState::try_from(s.state) {
             Ok(pb::JobState::Running) => {
                 if let Some(start) = s.started_step {
-                    self.started(&rec.id, start).await?;
+                    self.started(&id, start).await?;
                 }
                 if s.checkpoint_step > 0 {
-                    let mut r = self.record(&rec.id)?.clone();
-                    r.checkpoint_step = r.checkpoint_step.max(s.checkpoint_step);
-                    self.save(r).await?;
-                    tracing::info!(job = %rec.id, step = s.checkpoint_step, "checkpoint committed");
-                    self.grow_back(&rec.id, s.checkpoint_step).await?;
+                    // Like steps, kept in memory and persisted with the next state change: the
+                    // job's checkpoint directory, not this field, is what a recovery restores.
+                    if let Some(entry) = self.jobs.get_mut(&id) {
+                        entry.0.checkpoint_step = entry.0.checkpoint_step.max(s.checkpoint_step);
+                    }
+                    tracing::info!(job = %id, step = s.checkpoint_step, "checkpoint committed");
+                    self.grow_back(&id, s.checkpoint_step).await?;
                 }
                 if !s.checkpoint_error.is_empty() {
-                    tracing::warn!(job = %rec.id, node, error = %s.checkpoint_error, "checkpoint failed");
-                    self.notify(&rec.id, JobEvent::Error(s.checkpoint_error.clone()), false);
+                    tracing::warn!(job = %id, node, error = %s.checkpoint_error, "checkpoint failed");
+                    self.notify(&id, JobEvent::Error(s.checkpoint_error.clone()), false);
                 }
                 if let Some(m) = s.step {
-                    if self.record(&rec.id)?.state == JobState::Scheduling {
-                        self.transition(&rec.id, JobState::Running, "").await?;
+                    if self.record(&id)?.state == JobState::Scheduling {
+                        self.transition(&id, JobState::Running, "").await?;
                     }
-                    let mut r = self.record(&rec.id)?.clone();
-                    r.step = m.step;
                     // Steps are not persisted one by one; the record catches up at the next
                     // state change.
-                    if let Some(entry) = self.jobs.get_mut(&rec.id) {
-                        entry.0 = r;
+                    if let Some(entry) = self.jobs.get_mut(&id) {
+                        entry.0.step = m.step;
                     }
-                    self.notify(&rec.id, JobEvent::Step(m), false);
+                    self.notify(&id, JobEvent::Step(m), false);
                 }
-                if self.record(&rec.id)?.state == JobState::Scheduling {
-                    self.transition(&rec.id, JobState::Running, "").await?;
+                if self.record(&id)?.state == JobState::Scheduling {
+                    self.transition(&id, JobState::Running, "").await?;
                 }
             }
             Ok(pb::JobState::Succeeded) => {
-                if rec.state == JobState::Scheduling {
-                    self.transition(&rec.id, JobState::Running, "").await?;
+                if state == JobState::Scheduling {
+                    self.transition(&id, JobState::Running, "").await?;
                 }
-                let done = self.finished_on.entry(rec.id.clone()).or_default();
+                let done = self.finished_on.entry(id.clone()).or_default();
                 done.insert(node.to_string());
-                let all = rec.placement.iter().all(|p| done.contains(&p.node));
+                let done = done.clone();
+                let all = self
+                    .record(&id)?
+                    .placement
+                    .iter()
+                    .all(|p| done.contains(&p.node));
                 if all {
-                    self.finished_on.remove(&rec.id);
-                    self.transition(&rec.id, JobState::Succeeded, "").await?;
+                    self.finished_on.remove(&id);
+                    self.transition(&id, JobState::Succeeded, "").await?;
                     self.schedule().await?;
                 }
             }
             Ok(pb::JobState::Failed) => {
-                self.finished_on.remove(&rec.id);
+                self.finished_on.remove(&id);
                 if s.retryable {
                     let cause = format!("node {node}: {}", s.reason);
-                    self.recover(&rec.id, &cause, 0).await?;
+                    self.recover(&id, &cause, 0).await?;
                 } else {
-                    let rec = self.record(&rec.id)?.clone();
+                    let rec = self.record(&id)?.clone();
                     self.revoke(&rec, "another rank failed").await;
-                    self.transition(&rec.id, JobState::Failed, &s.reason)
-                        .await?;
+                    self.transition(&id, JobState::Failed, &s.reason).await?;
                 }
                 self.schedule().await?;
             }
@@ -1132,7 +1154,17 @@ impl<S: Store> Actor<S> {
     /// An attempt's trainer is ready at step `start`: a placed job runs; a recovering one has
     /// recovered (its open record is closed with the step it went back to).
     async fn started(&mut self, id: &str, start: u64) -> Result<()> {
-        let mut rec = self.record(id)?.clone();
+        // Every node of the attempt reports its start; the first one is news, the others (a
+        // job of a thousand nodes sends a thousand) change nothing and are not persisted.
+        let current = self.record(id)?;
+        let closes = current
+            .recoveries
+            .last()
+            .is_some_and(|open| open.attempt == current.attempt && open.resumed_unix_ms == 0);
+        if !closes && current.state != JobState::Scheduling {
+            return Ok(());
+        }
+        let mut rec = current.clone();
         let mut reason = String::new();
         if let Some(open) = rec.recoveries.last_mut()
             && open.attempt == rec.attempt
@@ -1180,8 +1212,9 @@ impl<S: Store> Actor<S> {
                     self.set_reason(&id, &reason).await?;
                     continue;
                 }
+                let began = std::time::Instant::now();
                 match self.try_place(&id).await? {
-                    Ok(()) => {}
+                    Ok(()) => self.replanned(&id, began.elapsed()).await?,
                     Err(reason) => {
                         let recovering = self
                             .record(&id)?
@@ -1212,6 +1245,20 @@ impl<S: Store> Actor<S> {
     }
 
     /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
+    /// Records on the open recovery how long placing the job again took.
+    async fn replanned(&mut self, id: &str, took: Duration) -> Result<()> {
+        let mut rec = self.record(id)?.clone();
+        if let Some(open) = rec.recoveries.last_mut()
+            && open.attempt == rec.attempt
+            && open.replan_us == 0
+        {
+            open.replan_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+            tracing::info!(job = %id, attempt = open.attempt, replan_us = open.replan_us, "placed again");
+            self.save(rec).await?;
+        }
+        Ok(())
+    }
+
     async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
         let rec = self.record(id)?.clone();
         // A job being recovered may also take spare nodes; its earlier nodes come first, then
@@ -1328,12 +1375,25 @@ impl<S: Store> Actor<S> {
             node: p.node.clone(),
             device: p.device as u32,
         };
-        let world: Vec<pb::RankPlacement> = placement.iter().map(wire).collect();
         let mut run_spec = rec.spec.clone();
         run_spec.parallelism.dp = dp;
         let spec = shoal_proto::convert::job_spec_to_wire(&run_spec)?;
-        let mut nodes: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
-        nodes.dedup();
+        // The job's nodes in order of first appearance, and each rank's among them.
+        let mut nodes: Vec<&str> = Vec::new();
+        let mut index: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut mesh_nodes = vec![0u32; placement.len()];
+        let mut ranks: Vec<Vec<pb::RankPlacement>> = Vec::new();
+        for p in &placement {
+            let i = *index.entry(p.node.as_str()).or_insert_with(|| {
+                nodes.push(p.node.as_str());
+                ranks.push(Vec::new());
+                (nodes.len() - 1) as u32
+            });
+            if let Some(slot) = mesh_nodes.get_mut(p.pp_rank * dp + p.dp_rank) {
+                *slot = i;
+            }
+            ranks[i as usize].push(wire(p));
+        }
         let peers: Vec<pb::NodeAddress> = nodes
             .iter()
             .map(|n| pb::NodeAddress {
@@ -1345,16 +1405,15 @@ impl<S: Store> Actor<S> {
                     .unwrap_or_default(),
             })
             .collect();
-        for n in nodes {
-            let ranks = placement.iter().filter(|p| p.node == n).map(wire).collect();
+        for (n, ranks) in nodes.into_iter().zip(ranks) {
             let msg = pb::CoordinatorMessage {
                 msg: Some(pb::coordinator_message::Msg::Assign(pb::Assignment {
                     job_id: id.to_string(),
                     spec: Some(spec.clone()),
                     ranks,
-                    world: world.clone(),
                     peers: peers.clone(),
                     attempt: rec.attempt,
+                    mesh_nodes: mesh_nodes.clone(),
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {

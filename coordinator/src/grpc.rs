@@ -70,6 +70,7 @@ fn job_to_wire(r: &JobRecord) -> Result<pb::Job> {
                 steps_redone: x.steps_redone(),
                 dp_before: x.dp_before,
                 dp_after: x.dp_after,
+                replan_us: x.replan_us,
             })
             .collect(),
     })

@@ -118,6 +118,9 @@ pub struct Recovery {
     pub dp_before: u32,
     /// Data-parallel ranks of the new attempt (0 until placed).
     pub dp_after: u32,
+    /// Microseconds spent placing the job again (0 until placed).
+    #[serde(default)]
+    pub replan_us: u64,
 }
 
 impl Recovery {

@@ -595,7 +595,7 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
     s.elasticity.min_dp = 2;
     let job = c.submit(s).await.expect("submit");
     let first = assignment(&c, &mut n1).await.expect("placed");
-    assert_eq!(first.world.len(), 4);
+    assert_eq!(first.mesh_nodes.len(), 4);
     // n2 is lost for good: the job continues on n1's two devices with dp 2.
     c.disconnected("n2", e2).await;
     settle().await;
@@ -606,7 +606,7 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
             .and_then(|s| s.parallelism.as_ref())
             .map(|p| p.dp)
     };
-    assert_eq!((a.attempt, a.world.len(), dp_of(&a)), (1, 2, Some(2)));
+    assert_eq!((a.attempt, a.mesh_nodes.len(), dp_of(&a)), (1, 2, Some(2)));
     let mut running = status(&job, pb::JobState::Running);
     running.attempt = 1;
     running.started_step = Some(2);
@@ -630,6 +630,74 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
     );
     settle().await;
     let a = assignment(&c, &mut n1).await.expect("grown on n1");
-    assert_eq!((a.attempt, a.world.len(), dp_of(&a)), (2, 4, Some(4)));
+    assert_eq!((a.attempt, a.mesh_nodes.len(), dp_of(&a)), (2, 4, Some(4)));
     assert!(assignment(&c, &mut n3).await.is_some(), "and on n3");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_that_commits_new_checkpoints_recovers_as_often_as_it_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let config = ControlConfig {
+        max_recoveries: 2,
+        ..Default::default()
+    };
+    let c = Control::start_with(store, config).await.expect("start").0;
+    let (mut n1, e1) = node(&c, "n1", 1).await;
+    let job = c.submit(spec("j", 1, 0)).await.expect("submit");
+    assert_eq!(assignment(&c, &mut n1).await.expect("placed").attempt, 0);
+    let mut st = status(&job, pb::JobState::Running);
+    st.started_step = Some(0);
+    c.status("n1", e1, st).await;
+    // Five failures, each after a new checkpoint: more than max_recoveries, none given up.
+    for attempt in 0..5u32 {
+        let mut ck = status(&job, pb::JobState::Running);
+        ck.attempt = attempt;
+        ck.checkpoint_step = u64::from(10 * (attempt + 1));
+        ck.step = Some(pb::StepMetrics {
+            step: u64::from(10 * (attempt + 1) + 3),
+            ..Default::default()
+        });
+        c.status("n1", e1, ck).await;
+        let mut fail = status(&job, pb::JobState::Failed);
+        fail.attempt = attempt;
+        fail.retryable = true;
+        c.status("n1", e1, fail).await;
+        assert_eq!(
+            state(&c, &job).await.0,
+            JobState::Recovering,
+            "failure {attempt}"
+        );
+        settle().await;
+        let a = assignment(&c, &mut n1).await.expect("placed again");
+        assert_eq!(a.attempt, attempt + 1);
+        let mut started = status(&job, pb::JobState::Running);
+        started.attempt = attempt + 1;
+        started.started_step = Some(u64::from(10 * (attempt + 1)));
+        c.status("n1", e1, started).await;
+        assert_eq!(state(&c, &job).await.0, JobState::Running);
+    }
+    // Then two failures from the same checkpoint: given up.
+    for attempt in 5..7u32 {
+        let mut fail = status(&job, pb::JobState::Failed);
+        fail.attempt = attempt;
+        fail.retryable = true;
+        c.status("n1", e1, fail).await;
+        if attempt == 6 {
+            break;
+        }
+        settle().await;
+        assignment(&c, &mut n1).await.expect("placed again");
+        let mut started = status(&job, pb::JobState::Running);
+        started.attempt = attempt + 1;
+        started.started_step = Some(50);
+        c.status("n1", e1, started).await;
+    }
+    let (s, reason) = state(&c, &job).await;
+    assert_eq!(s, JobState::Failed);
+    assert!(
+        reason.contains("gave up after 2 recoveries without a new checkpoint"),
+        "{reason}"
+    );
+    assert_eq!(c.get(&job).await.expect("job").recoveries.len(), 6);
 }

@@ -7,6 +7,7 @@
 //! Architecture Invariant: pure data and validation. No IO beyond parsing strings the caller has
 //! read, no async, no dependency on any other Shoal crate.
 
+pub mod cost;
 pub mod eplb;
 pub mod error;
 pub mod job;

@@ -663,7 +663,7 @@ impl ModelConfig {
         self.first_k_dense_replace < self.num_hidden_layers
     }
 
-    fn attention_params(&self) -> u64 {
+    pub(crate) fn attention_params(&self) -> u64 {
         let (h, heads) = (self.hidden_size as u64, self.num_attention_heads as u64);
         let qk = self.qk_head_dim() as u64;
         let q = match self.q_lora_rank {
@@ -677,7 +677,7 @@ impl ModelConfig {
         q + kv + heads * self.v_head_dim as u64 * h
     }
 
-    fn mlp_params(&self, inner: usize) -> u64 {
+    pub(crate) fn mlp_params(&self, inner: usize) -> u64 {
         3 * self.hidden_size as u64 * inner as u64
     }
 

@@ -11,7 +11,7 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +26,7 @@ use shoal_spec::job::JobSpec;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cmd::local::{LocalCluster, LocalOptions};
+use crate::procs::{CoordinatorProcess, Proc, clock_ticks, cpu_ticks, pinned, rss_mb};
 
 /// The Ray release the peer installs (it has CPython 3.11 manylinux wheels).
 const RAY_VERSION: &str = "2.60.0";
@@ -201,71 +202,6 @@ fn median(v: &[f64]) -> f64 {
         0 => f64::NAN,
         n if n % 2 == 1 => s[n / 2],
         n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
-}
-
-/// A child process killed (and reaped) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A command for `program`, run pinned to `core` with `taskset` if given.
-fn pinned(program: &Path, core: Option<usize>) -> Command {
-    match core {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &c.to_string()]).arg(program);
-            cmd
-        }
-        None => Command::new(program),
-    }
-}
-
-/// A `shoal coordinator` process on a free loopback port.
-struct CoordinatorProcess {
-    proc: Proc,
-    url: String,
-}
-
-impl CoordinatorProcess {
-    /// Starts one with its embedded store in `store`, pinned to `core` (with `taskset`) if given.
-    fn start(exe: &Path, store: &Path, core: Option<usize>) -> Result<Self> {
-        let mut cmd = pinned(exe, core);
-        cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store"])
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().context("starting a coordinator process")?;
-        let stdout = child.stdout.take();
-        let proc = Proc(child);
-        let mut reader = std::io::BufReader::new(stdout.context("coordinator stdout")?);
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .context("reading the coordinator's address")?;
-        // Keep draining so the coordinator never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .with_context(|| format!("the coordinator printed no address: {:?}", line.trim()))?
-            .to_string();
-        Ok(Self { proc, url })
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.0.id()
     }
 }
 
@@ -640,54 +576,6 @@ async fn session(
         }
     }
     counters.ended.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Clock ticks per second of `/proc/PID/stat` times.
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name (which may hold spaces) start with field 3, the state.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("{path}: unexpected format"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("{path}: unexpected format"))
-    };
-    // utime and stime are fields 14 and 15.
-    Ok(field(11)? + field(12)?)
-}
-
-/// Resident memory of a process in MB.
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn now_unix_ms() -> u64 {

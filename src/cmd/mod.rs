@@ -5,4 +5,5 @@ pub mod eval;
 pub mod export;
 pub mod local;
 pub mod plan;
+pub mod simulate;
 pub mod train;

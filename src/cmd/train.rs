@@ -50,6 +50,9 @@ impl From<DtypeArg> for job::TokenDtype {
     }
 }
 
+/// Steps between the main job's checkpoints unless told otherwise.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 10;
+
 /// Options of `shoal train`. Flags override the job file given with `--config`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -120,7 +123,8 @@ pub struct TrainArgs {
     /// --dp is given).
     #[arg(long)]
     pub gpus_per_node: Option<u32>,
-    /// Write a checkpoint every this many steps (and always at the end).
+    /// Write a checkpoint every this many steps (and always at the end); default 10, or the
+    /// job file's `checkpointing.interval` when it sets one.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
     /// Further node agents offered as spares: idle until the job needs to replace a failed
@@ -230,6 +234,10 @@ fn job_spec(args: &TrainArgs) -> Result<(JobSpec, Given)> {
             bail!("--checkpoint-every must be at least 1");
         }
         spec.checkpointing.interval = n;
+    } else if spec.checkpointing.interval == 0 {
+        // A recovery continues from the newest checkpoint: without periodic ones it would go
+        // back to step 0.
+        spec.checkpointing.interval = DEFAULT_CHECKPOINT_EVERY;
     }
     if let Some(dir) = &args.resume {
         let dir = fs::canonicalize(dir)

@@ -162,6 +162,7 @@ fn message(s: pb::AssignmentStatus) -> pb::AgentMessage {
 /// `training.comm_timeout_s`).
 fn cross_node_mesh(
     a: &pb::Assignment,
+    spec: &shoal_spec::job::JobSpec,
     timeout: Duration,
     node: &str,
     acceptor: Option<&crate::comm::tcp::Acceptor>,
@@ -183,36 +184,30 @@ fn cross_node_mesh(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let world = a.world.len();
-    let pp = a
-        .world
-        .iter()
-        .map(|r| r.pp_rank as usize + 1)
-        .max()
-        .unwrap_or(1);
-    let dp = world / pp;
-    if pp * dp != world {
+    let world = a.mesh_nodes.len();
+    let par = &spec.parallelism;
+    if world != par.pp * par.dp {
         return Err(bad(format!(
-            "{world} ranks are not {pp} pipeline ranks of equal data-parallel size"
+            "{world} ranks in the mesh, but the spec asks for pp {} x dp {}",
+            par.pp, par.dp
         )));
     }
-    let mut node_of = vec![usize::MAX; world];
-    for r in &a.world {
-        let (s, d) = (r.pp_rank as usize, r.dp_rank as usize);
-        let n = names.iter().position(|n| *n == r.node).ok_or_else(|| {
-            bad(format!(
-                "rank ({s}, {d}) is on node {} with no address",
-                r.node
-            ))
-        })?;
-        let i = s * dp + d;
-        if d >= dp || node_of[i] != usize::MAX {
-            return Err(bad(format!(
-                "rank (pipeline {s}, data-parallel {d}) listed twice or out of range"
-            )));
-        }
-        node_of[i] = n;
-    }
+    let node_of = a
+        .mesh_nodes
+        .iter()
+        .enumerate()
+        .map(|(r, &n)| {
+            let n = n as usize;
+            if n < names.len() {
+                Ok(n)
+            } else {
+                Err(bad(format!(
+                    "rank {r} is on node {n} of {} with addresses",
+                    names.len()
+                )))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
     let me = names
         .iter()
         .position(|n| *n == node)
@@ -270,9 +265,9 @@ fn start_job(
                 None => return failed("assignment without a spec".into(), false),
             };
             // Ranks on other nodes: this node's ranks join them over TCP.
-            let mesh = if a.world.len() > a.ranks.len() {
+            let mesh = if a.mesh_nodes.len() > a.ranks.len() {
                 let timeout = crate::job::options(&spec).comm_timeout();
-                match cross_node_mesh(&a, timeout, &node, acceptor.as_ref()) {
+                match cross_node_mesh(&a, &spec, timeout, &node, acceptor.as_ref()) {
                     Ok(m) => Some(m),
                     Err(e) => return failed(e.to_string(), true),
                 }

@@ -14,6 +14,7 @@ pub mod fault;
 pub mod job;
 pub mod model;
 pub mod pipeline;
+pub mod sim;
 pub mod trace;
 pub mod train;
 
