@@ -190,6 +190,8 @@ struct Actor<S> {
     finished_on: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Recovering jobs and when to place them again.
     replan_at: BTreeMap<String, Instant>,
+    /// Per job, the straggler detector of its running attempt.
+    stragglers: BTreeMap<String, (u32, crate::stragglers::Detector)>,
 }
 
 impl Control {
@@ -245,6 +247,7 @@ impl Control {
             nodes,
             finished_on: BTreeMap::new(),
             replan_at: BTreeMap::new(),
+            stragglers: BTreeMap::new(),
         };
         let placed: Vec<String> = actor
             .jobs
@@ -679,6 +682,7 @@ impl<S: Store> Actor<S> {
         rec.history.push(t.clone());
         let placed = matches!(to, JobState::Scheduling | JobState::Running);
         if !placed {
+            self.stragglers.remove(id);
             // Free the devices; a finished job keeps its placement on record, a requeued one
             // will get a new one.
             for p in &rec.placement {
@@ -1101,6 +1105,9 @@ impl<S: Store> Actor<S> {
                     tracing::warn!(job = %id, node, error = %s.checkpoint_error, "checkpoint failed");
                     self.notify(&id, JobEvent::Error(s.checkpoint_error.clone()), false);
                 }
+                if let Some(m) = &s.step {
+                    self.straggling(&id, attempt, node, m.step, s.busy_s);
+                }
                 if let Some(m) = s.step {
                     if self.record(&id)?.state == JobState::Scheduling {
                         self.transition(&id, JobState::Running, "").await?;
@@ -1245,6 +1252,35 @@ impl<S: Store> Actor<S> {
     }
 
     /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
+    /// Feeds a node's compute seconds of a step to the job's straggler detector; a node much
+    /// slower than its peers over several steps becomes a job event.
+    fn straggling(&mut self, id: &str, attempt: u32, node: &str, step: u64, busy_s: f64) {
+        if busy_s <= 0.0 {
+            return;
+        }
+        let Some((rec, _)) = self.jobs.get(id) else {
+            return;
+        };
+        let fresh = || {
+            crate::stragglers::Detector::new(
+                rec.placement.iter().map(|p| (p.node.as_str(), p.pp_rank)),
+                crate::stragglers::DEFAULT_WINDOW,
+                crate::stragglers::DEFAULT_FACTOR,
+            )
+        };
+        let entry = self
+            .stragglers
+            .entry(id.to_string())
+            .or_insert_with(|| (attempt, fresh()));
+        if entry.0 != attempt {
+            *entry = (attempt, fresh());
+        }
+        if let Some(x) = entry.1.observe(node, step, busy_s) {
+            tracing::warn!(job = %id, node = %x.node, step = x.step, busy_s = x.busy_s, peers_busy_s = x.peers_busy_s, steps = x.steps, "straggler");
+            self.notify(id, JobEvent::Straggler(x), false);
+        }
+    }
+
     /// Records on the open recovery how long placing the job again took.
     async fn replanned(&mut self, id: &str, took: Duration) -> Result<()> {
         let mut rec = self.record(id)?.clone();

@@ -201,10 +201,19 @@ impl JobService for Api {
                             return;
                         }
                     }
-                    Ok(ev @ (JobEvent::Step(_) | JobEvent::Error(_))) => {
+                    Ok(ev @ (JobEvent::Step(_) | JobEvent::Error(_) | JobEvent::Straggler(_))) => {
                         let event = match ev {
                             JobEvent::Step(m) => pb::job_event::Event::Step(m),
                             JobEvent::Error(e) => pb::job_event::Event::Error(e),
+                            JobEvent::Straggler(x) => {
+                                pb::job_event::Event::Straggler(pb::Straggler {
+                                    node: x.node,
+                                    step: x.step,
+                                    busy_s: x.busy_s,
+                                    peers_busy_s: x.peers_busy_s,
+                                    steps: x.steps,
+                                })
+                            }
                             JobEvent::State(_) => continue,
                         };
                         let ev = pb::JobEvent {

@@ -170,6 +170,8 @@ pub enum JobEvent {
     Step(shoal_proto::v1::StepMetrics),
     /// Something went wrong that did not end the job (a checkpoint not written).
     Error(String),
+    /// A node much slower than its peers.
+    Straggler(crate::stragglers::Straggler),
 }
 
 /// Milliseconds since the Unix epoch.

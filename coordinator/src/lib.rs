@@ -14,5 +14,6 @@ pub mod grpc;
 pub mod jobs;
 pub mod nodes;
 pub mod store;
+pub mod stragglers;
 
 pub use error::{CoordinatorError, Result};

@@ -701,3 +701,47 @@ async fn a_job_that_commits_new_checkpoints_recovers_as_often_as_it_fails() {
     );
     assert_eq!(c.get(&job).await.expect("job").recoveries.len(), 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_much_slower_than_its_peers_is_flagged_in_the_job_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let c = Control::start(store).await.expect("start").0;
+    let mut nodes = Vec::new();
+    for n in ["a", "b", "c"] {
+        nodes.push((n, node(&c, n, 1).await));
+    }
+    let job = c.submit(spec("j", 3, 0)).await.expect("submit");
+    for (_, (rx, _)) in &mut nodes {
+        assert!(assignment(&c, rx).await.is_some());
+    }
+    let (_, mut events) = c.watch(&job).await.expect("watch");
+    let report = |step: u64, busy_s: f64| {
+        let mut s = status(&job, pb::JobState::Running);
+        s.step = Some(pb::StepMetrics {
+            step,
+            ..Default::default()
+        });
+        s.busy_s = busy_s;
+        s
+    };
+    for step in 1..=8u64 {
+        for (n, (_, epoch)) in &nodes {
+            // Node c computes twice as long as a and b from step 3 on.
+            let busy = if *n == "c" && step >= 3 { 2.0 } else { 1.0 };
+            c.status(n, *epoch, report(step, busy)).await;
+        }
+    }
+    c.nodes().await.expect("barrier");
+    let mut flagged = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let shoal_coordinator::jobs::JobEvent::Straggler(x) = ev {
+            flagged.push(x);
+        }
+    }
+    assert_eq!(flagged.len(), 1, "{flagged:?}");
+    let x = &flagged[0];
+    // Slow in steps 3..=7: flagged at the fifth slow report, once.
+    assert_eq!((x.node.as_str(), x.step, x.steps), ("c", 7, 5));
+    assert_eq!((x.busy_s, x.peers_busy_s), (2.0, 1.0));
+}

@@ -611,6 +611,20 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
                         ));
                     }
                 }
+                Some(pb::job_event::Event::Error(e)) => {
+                    if t.json {
+                        say(serde_json::json!({"error": e}).to_string());
+                    } else {
+                        say(format!("{id}: {e}"));
+                    }
+                }
+                Some(pb::job_event::Event::Straggler(x)) => {
+                    if t.json {
+                        say(serde_json::json!({"straggler": x.node, "step": x.step, "busy_s": x.busy_s, "peers_busy_s": x.peers_busy_s, "steps": x.steps}).to_string());
+                    } else {
+                        say(format!("{id}: {}", straggler_line(&x)));
+                    }
+                }
                 _ => {}
             }
         }
@@ -620,6 +634,14 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// How a straggler event reads.
+pub(crate) fn straggler_line(x: &pb::Straggler) -> String {
+    format!(
+        "straggler: node {} computed {:.3} s in step {} against its peers' {:.3} s ({} steps in a row)",
+        x.node, x.busy_s, x.step, x.peers_busy_s, x.steps
+    )
 }
 
 /// `shoal cordon NODE` and `shoal drain NODE`.

@@ -94,6 +94,13 @@ pub struct SimulateArgs {
     /// Real seconds the failure-free part of the run should take (sets the speed-up).
     #[arg(long, default_value_t = 60.0)]
     pub real_seconds: f64,
+    /// Nodes (of the job's, chosen by the seed) whose GPUs compute slower than the others,
+    /// until they fail: every step waits for them, and the coordinator should flag them.
+    #[arg(long, default_value_t = 0)]
+    pub stragglers: usize,
+    /// How many times slower a straggler computes.
+    #[arg(long, default_value_t = 2.0)]
+    pub straggler_factor: f64,
     /// Seed of the failure times, nodes and kinds.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -159,8 +166,21 @@ struct Report {
     gpu_hours_per_trillion_tokens: f64,
     gpu_hours_per_trillion_tokens_no_failures: f64,
     paper_gpu_hours_per_trillion_tokens: f64,
+    /// The nodes made slow.
+    stragglers: Vec<String>,
+    /// The straggler events the coordinator sent.
+    stragglers_flagged: Vec<Flagged>,
     cost: StepCost,
     failure_log: Vec<Failure>,
+}
+
+/// A straggler event.
+#[derive(Debug, Serialize)]
+struct Flagged {
+    node: String,
+    step: u64,
+    busy_s: f64,
+    peers_busy_s: f64,
 }
 
 fn quantile(v: &[f64], q: f64) -> f64 {
@@ -197,6 +217,19 @@ fn check(args: &SimulateArgs) -> Result<()> {
         if !(v.is_finite() && v >= 0.0) {
             bail!("{flag}: must be zero or positive, got {v}");
         }
+    }
+    if !(args.straggler_factor.is_finite() && args.straggler_factor >= 1.0) {
+        bail!(
+            "--straggler-factor: must be at least 1, got {}",
+            args.straggler_factor
+        );
+    }
+    if args.stragglers > args.nodes {
+        bail!(
+            "--stragglers: at most --nodes ({}), got {}",
+            args.nodes,
+            args.stragglers
+        );
     }
     if !(0.0..=1.0).contains(&args.hang_fraction) {
         bail!(
@@ -269,11 +302,12 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(&mut self, name: &str, spare: bool) {
+    fn start(&mut self, name: &str, spare: bool, slowdown: f64) {
         let hang = Arc::new(AtomicBool::new(false));
         let cfg = SimConfig {
             node: name.to_string(),
             spare,
+            slowdown,
             ..self.base.clone()
         };
         let world = self.world.clone();
@@ -314,7 +348,7 @@ impl Cluster {
         }
     }
 
-    /// Brings `name` back as a fresh agent (a hung one is killed first).
+    /// Brings `name` back as a fresh, healthy agent (a hung one is killed first).
     fn repair(&mut self, name: &str) {
         let spare = match self.nodes.get_mut(name) {
             Some(n) => {
@@ -325,7 +359,7 @@ impl Cluster {
             }
             None => return,
         };
-        self.start(name, spare);
+        self.start(name, spare, 1.0);
     }
 
     fn stop(&mut self) {
@@ -486,14 +520,29 @@ async fn drive(
             speedup,
             init_s: args.restart_s,
             report_every: Duration::from_millis(250),
+            slowdown: 1.0,
         },
         world: world.clone(),
         nodes: BTreeMap::new(),
     };
     let total = args.nodes + args.spares;
     let width = total.to_string().len().max(4);
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut slow: Vec<usize> = (0..args.nodes).collect();
+    for i in 0..args.stragglers {
+        let j = rng.random_range(i..slow.len());
+        slow.swap(i, j);
+    }
+    slow.truncate(args.stragglers);
+    let name = |i: usize| format!("sim-{i:0width$}");
+    let injected: Vec<String> = slow.iter().map(|&i| name(i)).collect();
     for i in 0..total {
-        cluster.start(&format!("sim-{i:0width$}"), i >= args.nodes);
+        let factor = if slow.contains(&i) {
+            args.straggler_factor
+        } else {
+            1.0
+        };
+        cluster.start(&name(i), i >= args.nodes, factor);
         if i % 64 == 63 {
             // Let the sessions attach in waves rather than all at once.
             tokio::task::yield_now().await;
@@ -529,6 +578,28 @@ async fn drive(
         .map_err(|s| anyhow::anyhow!("SubmitJob: {}", s.message()))?
         .into_inner()
         .job_id;
+    // Straggler events, as `shoal watch` sees them.
+    let (flag_tx, mut flag_rx) = tokio::sync::mpsc::unbounded_channel::<pb::Straggler>();
+    let mut watcher = JobServiceClient::new(
+        Channel::from_shared(coordinator.url.clone())?
+            .connect()
+            .await
+            .context("connecting to the coordinator")?,
+    );
+    let mut events = watcher
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .map_err(|s| anyhow::anyhow!("WatchJob: {}", s.message()))?
+        .into_inner();
+    let watch = tokio::spawn(async move {
+        while let Ok(Some(ev)) = events.message().await {
+            if let Some(pb::job_event::Event::Straggler(x)) = ev.event
+                && flag_tx.send(x).is_err()
+            {
+                break;
+            }
+        }
+    });
     let job = wait_job(&mut jobs, &id, Duration::from_secs(60), "get placed", |j| {
         !j.placement.is_empty()
     })
@@ -551,7 +622,6 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
 
-    let mut rng = StdRng::seed_from_u64(args.seed);
     let horizon = args.hours * 3600.0;
     let node_mtbf = args.mtbf_hours * 3600.0;
     // Virtual time: `v_base` at the real instant `t_base`, advancing `speedup` times faster.
@@ -726,6 +796,16 @@ async fn drive(
     let _ = jobs
         .cancel_job(pb::CancelJobRequest { job_id: id.clone() })
         .await;
+    watch.abort();
+    let mut flagged = Vec::new();
+    while let Ok(x) = flag_rx.try_recv() {
+        flagged.push(Flagged {
+            node: x.node,
+            step: x.step,
+            busy_s: x.busy_s,
+            peers_busy_s: x.peers_busy_s,
+        });
+    }
     let cpu_s = cpu_ticks(coordinator.pid())? as f64 / clock_ticks();
     let rss = peak_rss_mb(coordinator.pid());
     cluster.stop();
@@ -773,6 +853,8 @@ async fn drive(
         gpu_hours_per_trillion_tokens: gh,
         gpu_hours_per_trillion_tokens_no_failures: cost.gpu_hours_per_trillion_tokens,
         paper_gpu_hours_per_trillion_tokens: PAPER_GPU_HOURS_PER_TRILLION_TOKENS,
+        stragglers: injected,
+        stragglers_flagged: flagged,
         cost,
         failure_log: failures,
     })
@@ -825,6 +907,15 @@ fn print_report(r: &Report) {
         r.tokens_per_step,
         r.checkpoint_every
     );
+    if !r.stragglers.is_empty() || !r.stragglers_flagged.is_empty() {
+        println!("stragglers made: {}", r.stragglers.join(", "));
+        for f in &r.stragglers_flagged {
+            println!(
+                "  flagged {} at step {}: {:.1} s of compute against its peers' {:.1} s",
+                f.node, f.step, f.busy_s, f.peers_busy_s
+            );
+        }
+    }
     println!(
         "coordinator: {:.2} s CPU, peak RSS {:.1} MB over {:.1} s real",
         r.coordinator_cpu_s, r.coordinator_peak_rss_mb, r.real_s

@@ -559,6 +559,10 @@ async fn drive(
             Some(pb::job_event::Event::Error(e)) => {
                 bar.suspend(|| eprintln!("job {id}: {e}"));
             }
+            Some(pb::job_event::Event::Straggler(x)) => {
+                let line = crate::cmd::cluster::straggler_line(&x);
+                bar.suspend(|| eprintln!("job {id}: {line}"));
+            }
             _ => {}
         }
     }

@@ -178,3 +178,33 @@ fn bad_options_are_refused_with_the_flag_named() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn a_slow_node_is_flagged_as_a_straggler_and_costs_the_job_its_pace() {
+    let r = report(&simulate(&[
+        "--mtbf-hours",
+        "100000",
+        "--stragglers",
+        "1",
+        "--straggler-factor",
+        "1.6",
+        "--seed",
+        "2",
+    ]));
+    let made: Vec<String> = r["stragglers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(made.len(), 1, "{r}");
+    let flagged = r["stragglers_flagged"].as_array().unwrap();
+    assert_eq!(flagged.len(), 1, "{r}");
+    assert_eq!(flagged[0]["node"].as_str(), Some(made[0].as_str()));
+    let ratio =
+        flagged[0]["busy_s"].as_f64().unwrap() / flagged[0]["peers_busy_s"].as_f64().unwrap();
+    assert!((ratio - 1.6).abs() < 1e-9, "{r}");
+    // Every step waits for it: the job runs at 1/1.6 of its pace.
+    let ettr = num(&r, "ettr");
+    assert!((ettr - 1.0 / 1.6).abs() < 0.03, "{r}");
+}

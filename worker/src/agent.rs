@@ -304,6 +304,7 @@ fn start_job(
                             tokens_per_s: m.tokens as f64 / m.seconds.max(1e-9),
                             max_vio: m.max_vio.clone(),
                         });
+                        s.busy_s = m.busy_s;
                     }
                     crate::job::RunEvent::Checkpoint(w) if w.committed => {
                         s.checkpoint_step = w.step;

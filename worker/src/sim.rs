@@ -50,6 +50,9 @@ pub struct SimConfig {
     /// Real time between two status reports of a running job (steps in between are
     /// coalesced into the newest).
     pub report_every: Duration,
+    /// How many times longer than the model says this node's devices compute (1: healthy; a
+    /// straggler above 1 slows every job it runs in).
+    pub slowdown: f64,
 }
 
 /// One attempt's clock: when its steps begin (real time), where from, and how fast.
@@ -250,9 +253,16 @@ impl SimWorld {
         let now = Instant::now();
         self.with(|jobs| {
             let j = jobs.entry(job.to_string()).or_default();
-            match &j.clock {
-                Some(c) if c.attempt > attempt => return None,
-                Some(c) if c.attempt == attempt => {}
+            match j.clock.as_ref().map(|c| c.attempt) {
+                Some(a) if a > attempt => return None,
+                Some(a) if a == attempt => {
+                    // The attempt steps at its slowest node's pace.
+                    if let Some(c) = j.clock.as_mut()
+                        && c.t0.is_none()
+                    {
+                        c.step = c.step.max(clock.step);
+                    }
+                }
                 _ => {
                     j.committed = j.committed_now(now);
                     let start = if attempt == 0 { 0 } else { j.committed };
@@ -284,6 +294,8 @@ struct Running {
     steps: u64,
     tokens: u64,
     step_s: f64,
+    /// This node's compute seconds per step (virtual).
+    busy_s: f64,
     /// Whether this node holds rank (0, 0), the one that reports checkpoints.
     first: bool,
     reported_step: u64,
@@ -360,7 +372,7 @@ fn start(
         nodes: a.peers.len().max(1),
         start: 0,
         steps: spec.training.steps,
-        step: cost.step_s / speed,
+        step: cost.step_s * cfg.slowdown.max(1.0) / speed,
         stall: cost.snapshot_s / speed,
         write: cost.checkpoint_write_s / speed,
         interval: spec.checkpointing.interval,
@@ -382,6 +394,7 @@ fn start(
             steps: spec.training.steps,
             tokens: cost.tokens,
             step_s: cost.step_s,
+            busy_s: cost.step_s * cfg.slowdown.max(1.0),
             first,
             reported_step: start,
             reported_checkpoint: 0,
@@ -407,6 +420,7 @@ fn report(world: &SimWorld, id: &str, r: &mut Running) -> (Vec<pb::AgentMessage>
                     tokens_per_s: r.tokens as f64 / r.step_s.max(1e-9),
                     max_vio: Vec::new(),
                 });
+                s.busy_s = r.busy_s;
             }
             if r.first && p.committed > r.reported_checkpoint {
                 s.checkpoint_step = p.committed;

@@ -265,6 +265,10 @@ pub struct StepMetrics {
     pub tokens: usize,
     /// Wall time of the step.
     pub seconds: f64,
+    /// Seconds this process's busiest device computed: the wall time less the least time any
+    /// of its devices waited for other devices' frames (peers wait for a straggler).
+    #[serde(default)]
+    pub busy_s: f64,
     /// Bytes the pipeline ranks on threads of one process handed each other (activations and
     /// gradients; 0 without pipeline parallelism, and for ranks on devices of a mesh, whose
     /// transfers `comm` counts).
@@ -858,13 +862,18 @@ impl Trainer {
                     };
                     v = crate::comm::collective::all_reduce_u64(t, &group, tag, &v)?;
                 }
-                Ok((o, v))
+                Ok((o, v, wait1 - wait0))
             },
         )?;
         let mut comm = ByteCounts::default();
         let mut bytes_sent = 0;
         let (mut wait_us, mut wire_us, mut max_nodes) = (0u64, 0u64, 0u64);
-        for (i, (o, v)) in results.iter().enumerate() {
+        // This process's least-waiting device: the busiest.
+        let own_wait = results
+            .iter()
+            .map(|(_, _, w)| *w)
+            .fold(f64::INFINITY, f64::min);
+        for (i, (o, v, _)) in results.iter().enumerate() {
             bytes_sent += o.pipeline_bytes;
             // Summed over the mesh already: the first device's sum is the job's.
             if !across || i == 0 {
@@ -875,10 +884,11 @@ impl Trainer {
                 max_nodes = max_nodes.max(v[n..].iter().copied().max().unwrap_or(0));
             }
         }
-        let Some((first, _)) = results.into_iter().next() else {
+        let Some((first, _, _)) = results.into_iter().next() else {
             return Err(WorkerError::invalid("dp", "no rank ran"));
         };
         let (out, grad_norm) = (first.out, first.grad_norm);
+        let seconds = t0.elapsed().as_secs_f64();
 
         self.step += 1;
         let mtp = if out.mtp_losses.is_empty() {
@@ -896,7 +906,8 @@ impl Trainer {
             lr,
             max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
             tokens: out.tokens,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
+            busy_s: (seconds - own_wait.min(seconds)).max(0.0),
             bytes_sent,
             comm,
             exposed_comm_s: wait_us as f64 / 1e6 / devices as f64,
