@@ -357,6 +357,7 @@ pub(crate) fn recovery_json(r: &pb::Recovery) -> serde_json::Value {
         "steps_redone": r.steps_redone,
         "dp_before": r.dp_before,
         "dp_after": r.dp_after,
+        "replan_ms": r.replan_us as f64 / 1e3,
     })
 }
 

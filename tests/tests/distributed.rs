@@ -409,3 +409,108 @@ fn two_jobs_across_nodes_share_a_node_agent() {
         );
     }
 }
+
+/// The report's elastic case as processes: a node agent killed, the job shrinks to the one
+/// node left (dp 4 -> 2, `elasticity.min_dp = 2`, the global batch kept), a fresh node joins,
+/// and at its next checkpoint the job grows back to dp 4; every step once, and the losses those
+/// of a run that lost nothing.
+#[test]
+fn a_shrunk_job_grows_back_when_a_node_joins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coordinator, url) = start_coordinator(dir.path());
+    let _w1 = worker(&url, "n1");
+    let mut w2 = worker(&url, "n2");
+    wait_for_nodes(&url, 2);
+    let job = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nprecision = \"fp32\"\n[training]\nsteps = 40\nseq_len = 32\nbatch = 4\n\
+                 [parallelism]\ndp = 4\nep = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\ninterval = 2\n\
+                 [elasticity]\nmin_dp = 2\n",
+                dir.path().join(name).display()
+            ),
+        )
+        .expect("job file");
+        let o = run_shoal(&[
+            "submit",
+            path.to_str().expect("utf-8"),
+            "--coordinator",
+            &url,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let step_losses = |name: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                (
+                    v["step"].as_u64().unwrap_or(0),
+                    v["loss"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect()
+    };
+    // The reference: the same job on both nodes, nothing lost.
+    let whole = job("whole");
+    let o = run_shoal(&["watch", &whole, "--coordinator", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let id = job("elastic");
+    wait_for_job(&url, &id, Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["step"].as_u64().unwrap_or(0) >= 3
+    });
+    w2.kill();
+    // Shrunk onto n1 and running again.
+    let j = wait_for_job(&url, &id, Duration::from_secs(30), |j| {
+        j["recoveries"].as_array().is_some_and(|r| {
+            r.first()
+                .is_some_and(|r| r["dp_after"] == 2 && r["resumed_unix_ms"].as_u64() > Some(0))
+        })
+    });
+    assert_eq!(j["recoveries"][0]["dp_before"], 4, "{j}");
+    // A fresh node joins: back to dp 4 at the next checkpoint.
+    let _w3 = worker(&url, "n3");
+    let o = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = wait_for_job(&url, &id, Duration::from_secs(10), |j| {
+        j["state"] == "succeeded"
+    });
+    let recoveries = j["recoveries"].as_array().expect("recoveries");
+    assert_eq!(recoveries.len(), 2, "{j}");
+    let back = &recoveries[1];
+    assert!(
+        back["cause"]
+            .as_str()
+            .unwrap_or("")
+            .contains("growing back"),
+        "{j}"
+    );
+    assert_eq!(
+        (back["dp_before"].clone(), back["dp_after"].clone()),
+        (2.into(), 4.into()),
+        "{j}"
+    );
+    // Growing back restores the checkpoint it was triggered at (redoing only the steps run
+    // while that checkpoint was written in the background).
+    let at: u64 = back["cause"]
+        .as_str()
+        .and_then(|c| c.rsplit("step ").next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the checkpoint's step in the cause");
+    assert_eq!(back["restored_step"], at, "{j}");
+    assert!(back["steps_redone"].as_u64() < Some(2), "{j}");
+    let (a, b) = (step_losses("whole"), step_losses("elastic"));
+    assert_eq!(
+        b.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<u64>>(),
+        "every step once"
+    );
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-3 * x.abs(), "step {s}: {x} against {y}");
+    }
+}
