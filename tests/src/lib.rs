@@ -135,6 +135,8 @@ pub struct Etcd {
     child: std::process::Child,
     /// `HOST:PORT` of its client endpoint (`shoal coordinator --store etcd://<this>`).
     pub endpoint: String,
+    dir: std::path::PathBuf,
+    ports: (u16, u16),
 }
 
 impl Etcd {
@@ -142,10 +144,32 @@ impl Etcd {
     pub fn start(dir: &std::path::Path) -> Self {
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("127.0.0.1:{client}");
-        let url = format!("http://{endpoint}");
+        let child = Self::spawn(dir, client, peer);
+        let etcd = Self {
+            child,
+            endpoint,
+            dir: dir.to_path_buf(),
+            ports: (client, peer),
+        };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    /// Kills etcd with SIGKILL and starts it again on the same ports and data (what a crash
+    /// and a restart by its supervisor look like), waiting until it is healthy.
+    pub fn restart(&mut self, down: std::time::Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(&self.dir, self.ports.0, self.ports.1);
+        self.wait_healthy();
+    }
+
+    fn spawn(dir: &std::path::Path, client: u16, peer: u16) -> std::process::Child {
+        let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let bin = std::env::var("SHOAL_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        let child = Command::new(&bin)
+        Command::new(&bin)
             .args([
                 "--name",
                 "shoal-test",
@@ -169,18 +193,19 @@ impl Etcd {
                 panic!(
                     "cannot start {bin} (install Debian's etcd-server; scripts/test.sh does): {e}"
                 )
-            });
-        let etcd = Self { child, endpoint };
+            })
+    }
+
+    fn wait_healthy(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !etcd.healthy() {
+        while !self.healthy() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "etcd did not become healthy at {}",
-                etcd.endpoint
+                self.endpoint
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        etcd
     }
 
     /// Whether etcd answers `GET /health` with `"health":"true"` (it has a leader and serves).

@@ -428,3 +428,74 @@ fn shoal_up_runs_a_local_cluster_and_stops_cleanly_on_ctrl_c() {
         "the coordinator still answers after Ctrl-C"
     );
 }
+
+/// An etcd restart (SIGKILL, down for a second, started again on the same data) while a job
+/// spans two node agents: the coordinator keeps its sessions and the job, which finishes
+/// without a recovery, and the store holds its outcome.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_job_survives_an_etcd_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = shoal_tests::Etcd::start(dir.path());
+    let store = format!("etcd://{}", etcd.endpoint);
+    let (_coordinator, url) = start_coordinator_with(&["--store", &store]);
+    let _w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
+    let _w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
+    wait_for_nodes(&url, 2);
+    let path = dir.path().join("wide.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"wide\"\nprecision = \"fp32\"\n[training]\nsteps = 30\nseq_len = 32\nbatch = 2\n\
+             [parallelism]\ndp = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\ninterval = 5\n",
+            dir.path().join("wide").display()
+        ),
+    )
+    .expect("job file");
+    let id = submit(&url, &path);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j = jobs(&url).into_iter().find(|j| j["id"] == id.as_str());
+        if j.as_ref()
+            .is_some_and(|j| j["state"] == "running" && j["step"].as_u64() >= Some(3))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {j:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    etcd.restart(std::time::Duration::from_secs(1));
+    // Still mid-run once etcd is back: the outage fell inside the job.
+    let j = jobs(&url)
+        .into_iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("job");
+    assert!(
+        j["state"] == "running" && j["step"].as_u64() < Some(30),
+        "{j}"
+    );
+    let o = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let j = jobs(&url)
+        .into_iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("job");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["recoveries"].as_array().map(Vec::len), Some(0), "{j}");
+    assert!(
+        etcd.has_key(&format!("shoal/jobs/{id}")),
+        "the outcome is stored"
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(dir.path().join("wide").join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<u64>>());
+}
