@@ -499,3 +499,76 @@ fn a_job_survives_an_etcd_restart() {
         .collect();
     assert_eq!(steps, (1..=30).collect::<Vec<u64>>());
 }
+
+/// A straggler for real: one of the two node agents of a dp 2 job is stopped two thirds of the
+/// time (SIGSTOP for 100 ms, SIGCONT for 50 ms); the other waits for it at every collective,
+/// and the coordinator flags the slow one, and only it, in the job's events.
+#[test]
+fn a_node_agent_slowed_by_stops_is_flagged_as_a_straggler() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coordinator, url) = start_coordinator(dir.path());
+    let _w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
+    let w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
+    wait_for_nodes(&url, 2);
+    let path = dir.path().join("pair.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"pair\"\nprecision = \"fp32\"\n[training]\nsteps = 30\nseq_len = 64\nbatch = 4\n\
+             [parallelism]\ndp = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\n",
+            dir.path().join("pair").display()
+        ),
+    )
+    .expect("job file");
+    let id = submit(&url, &path);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j = jobs(&url).into_iter().find(|j| j["id"] == id.as_str());
+        if j.as_ref()
+            .is_some_and(|j| j["state"] == "running" && j["step"].as_u64() >= Some(2))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {j:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = w2.child.id().to_string();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let done = std::sync::Arc::clone(&done);
+        std::thread::spawn(move || {
+            let kill = |sig: &str| {
+                let _ = std::process::Command::new("kill")
+                    .args([sig, &pid])
+                    .status();
+            };
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                kill("-STOP");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                kill("-CONT");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            kill("-CONT");
+        })
+    };
+    let o = run_shoal(&["watch", &id, "--coordinator", &url, "--json"]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    slow.join().expect("the slowing thread");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let flagged: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("straggler").is_some())
+        .collect();
+    assert!(!flagged.is_empty(), "no straggler flagged: {text}");
+    for f in &flagged {
+        assert_eq!(f["straggler"], "n2", "{text}");
+        let ratio = f["busy_s"].as_f64().unwrap_or(0.0) / f["peers_busy_s"].as_f64().unwrap_or(1.0);
+        assert!(ratio > 1.5, "{f}");
+    }
+}
