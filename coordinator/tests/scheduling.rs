@@ -496,8 +496,9 @@ async fn a_heartbeat_timeout_shorter_than_the_interval_is_refused() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
+/// A coordinator allowing 2 recoveries in a row, a node `n1` of one device, and a job placed
+/// on it (attempt 0): the store's directory, the handle, n1's inbox and epoch, the job id.
+async fn one_node_job_with_two_recoveries() -> (tempfile::TempDir, Control, Inbox, u64, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
     let config = ControlConfig {
@@ -508,6 +509,12 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
     let (mut n1, e1) = node(&c, "n1", 1).await;
     let job = c.submit(spec("j", 1, 0)).await.expect("submit");
     assert_eq!(assignment(&c, &mut n1).await.expect("placed").attempt, 0);
+    (dir, c, n1, e1, job)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
+    let (_dir, c, _n1, e1, job) = one_node_job_with_two_recoveries().await;
     let running = |attempt: u32, started: Option<u64>, step: u64, ckpt: u64| {
         let mut s = status(&job, pb::JobState::Running);
         s.attempt = attempt;
@@ -636,16 +643,7 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
 
 #[tokio::test(start_paused = true)]
 async fn a_job_that_commits_new_checkpoints_recovers_as_often_as_it_fails() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
-    let config = ControlConfig {
-        max_recoveries: 2,
-        ..Default::default()
-    };
-    let c = Control::start_with(store, config).await.expect("start").0;
-    let (mut n1, e1) = node(&c, "n1", 1).await;
-    let job = c.submit(spec("j", 1, 0)).await.expect("submit");
-    assert_eq!(assignment(&c, &mut n1).await.expect("placed").attempt, 0);
+    let (_dir, c, mut n1, e1, job) = one_node_job_with_two_recoveries().await;
     let mut st = status(&job, pb::JobState::Running);
     st.started_step = Some(0);
     c.status("n1", e1, st).await;

@@ -429,6 +429,40 @@ fn shoal_up_runs_a_local_cluster_and_stops_cleanly_on_ctrl_c() {
     );
 }
 
+/// Submits a dp 2 job `name` of `steps` steps (`training` and `checkpointing` options given
+/// as TOML lines) to two node agents, and waits until it runs past step `past`; its id.
+fn start_pair_job(
+    url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    training: &str,
+    checkpointing: &str,
+    past: u64,
+) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\nprecision = \"fp32\"\n[training]\n{training}\n\
+             [parallelism]\ndp = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\n{checkpointing}\n",
+            dir.join(name).display()
+        ),
+    )
+    .expect("job file");
+    let id = submit(url, &path);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j = jobs(url).into_iter().find(|j| j["id"] == id.as_str());
+        if j.as_ref()
+            .is_some_and(|j| j["state"] == "running" && j["step"].as_u64() >= Some(past))
+        {
+            return id;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ran: {j:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// An etcd restart (SIGKILL, down for a second, started again on the same data) while a job
 /// spans two node agents: the coordinator keeps its sessions and the job, which finishes
 /// without a recovery, and the store holds its outcome.
@@ -442,28 +476,14 @@ fn a_job_survives_an_etcd_restart() {
     let _w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
     let _w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
     wait_for_nodes(&url, 2);
-    let path = dir.path().join("wide.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"wide\"\nprecision = \"fp32\"\n[training]\nsteps = 30\nseq_len = 32\nbatch = 2\n\
-             [parallelism]\ndp = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\ninterval = 5\n",
-            dir.path().join("wide").display()
-        ),
-    )
-    .expect("job file");
-    let id = submit(&url, &path);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let j = jobs(&url).into_iter().find(|j| j["id"] == id.as_str());
-        if j.as_ref()
-            .is_some_and(|j| j["state"] == "running" && j["step"].as_u64() >= Some(3))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ran: {j:?}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let id = start_pair_job(
+        &url,
+        dir.path(),
+        "wide",
+        "steps = 30\nseq_len = 32\nbatch = 2",
+        "interval = 5",
+        3,
+    );
     etcd.restart(std::time::Duration::from_secs(1));
     // Still mid-run once etcd is back: the outage fell inside the job.
     let j = jobs(&url)
@@ -510,28 +530,14 @@ fn a_node_agent_slowed_by_stops_is_flagged_as_a_straggler() {
     let _w1 = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
     let w2 = Background::start(&["worker", "--coordinator", &url, "--node", "n2"]);
     wait_for_nodes(&url, 2);
-    let path = dir.path().join("pair.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"pair\"\nprecision = \"fp32\"\n[training]\nsteps = 30\nseq_len = 64\nbatch = 4\n\
-             [parallelism]\ndp = 2\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"\n",
-            dir.path().join("pair").display()
-        ),
-    )
-    .expect("job file");
-    let id = submit(&url, &path);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let j = jobs(&url).into_iter().find(|j| j["id"] == id.as_str());
-        if j.as_ref()
-            .is_some_and(|j| j["state"] == "running" && j["step"].as_u64() >= Some(2))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ran: {j:?}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let id = start_pair_job(
+        &url,
+        dir.path(),
+        "pair",
+        "steps = 30\nseq_len = 64\nbatch = 4",
+        "",
+        2,
+    );
     let pid = w2.child.id().to_string();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let slow = {
