@@ -467,46 +467,15 @@ pub fn step_cost(
 
 /// `(replicated, routed here)` parameters of each pipeline rank, for the ZeRO-1 shards.
 fn rank_params(model: &ModelConfig, par: &Parallelism) -> Vec<(f64, f64)> {
-    let stages = par.schedule.stages(par.pp);
-    let split = balanced_layers(model, stages, par.seq_len);
-    let h = model.hidden_size as u64;
-    let embed = model.vocab_size as u64 * h;
-    let mut first = 0;
-    let per_stage: Vec<(u64, u64)> = split
-        .iter()
-        .enumerate()
-        .map(|(s, &n)| {
-            let (mut rep, mut routed) = (0u64, 0u64);
-            for i in first..first + n {
-                let (r, x, _) = model.layer_parts(model.is_moe_layer(i));
-                rep += r;
-                routed += x;
-            }
-            first += n;
-            if s == 0 {
-                rep += embed;
-            }
-            if s + 1 == stages {
-                rep += embed + h;
-                for _ in 0..model.num_nextn_predict_layers {
-                    let (r, x, _) = model.layer_parts(model.has_moe_layers());
-                    rep += r + 3 * h + 2 * h * h;
-                    routed += x;
-                }
-            }
-            (rep, routed)
-        })
-        .collect();
+    let split = balanced_layers(model, par.schedule.stages(par.pp), par.seq_len);
+    let per_stage = crate::plan::stage_params(model, &split);
     let ep = par.ep.max(1) as u64;
-    (0..par.pp)
-        .map(|r| {
-            let held: Vec<usize> = match par.schedule {
-                Schedule::OneFOneB | Schedule::Zb1p => vec![r],
-                Schedule::DualPipe => vec![r, par.pp - 1 - r],
-                Schedule::DualPipeV => vec![r, 2 * par.pp - 1 - r],
-            };
+    par.schedule
+        .rank_stages(par.pp)
+        .iter()
+        .map(|held| {
             held.iter().fold((0.0, 0.0), |(a, b), &s| {
-                let (rep, routed) = per_stage[s];
+                let (rep, routed, _) = per_stage[s];
                 (a + rep as f64, b + (routed / ep) as f64)
             })
         })

@@ -57,6 +57,17 @@ impl Schedule {
         }
     }
 
+    /// The stages each of `pp` ranks holds: its own, and under DualPipe(V) the mirrored one.
+    pub fn rank_stages(self, pp: usize) -> Vec<Vec<usize>> {
+        (0..pp)
+            .map(|r| match self {
+                Schedule::OneFOneB | Schedule::Zb1p => vec![r],
+                Schedule::DualPipe => vec![r, pp - 1 - r],
+                Schedule::DualPipeV => vec![r, 2 * pp - 1 - r],
+            })
+            .collect()
+    }
+
     /// Stages (model chunks) each rank holds.
     pub fn stages_per_rank(self) -> usize {
         match self {
@@ -493,13 +504,7 @@ pub fn plan(model: &ModelConfig, par: &Parallelism, cluster: &Cluster) -> Result
 
     let stages = par.schedule.stages(par.pp);
     let layers_per_stage = balanced_layers(model, stages, par.seq_len);
-    let rank_stages: Vec<Vec<usize>> = (0..par.pp)
-        .map(|r| match par.schedule {
-            Schedule::OneFOneB | Schedule::Zb1p => vec![r],
-            Schedule::DualPipe => vec![r, par.pp - 1 - r],
-            Schedule::DualPipeV => vec![r, 2 * par.pp - 1 - r],
-        })
-        .collect();
+    let rank_stages = par.schedule.rank_stages(par.pp);
 
     let (device, bubble) = costs(model, par, &layers_per_stage, &rank_stages);
     Ok(Plan {
@@ -518,7 +523,10 @@ pub fn plan(model: &ModelConfig, par: &Parallelism, cluster: &Cluster) -> Result
 }
 
 /// `(replicated, routed, activated)` parameters of each stage, and attention FLOPs per token.
-fn stage_params(model: &ModelConfig, layers_per_stage: &[usize]) -> Vec<(u64, u64, u64)> {
+pub(crate) fn stage_params(
+    model: &ModelConfig,
+    layers_per_stage: &[usize],
+) -> Vec<(u64, u64, u64)> {
     let h = model.hidden_size as u64;
     let embed = model.vocab_size as u64 * h;
     let last = layers_per_stage.len() - 1;
