@@ -62,7 +62,15 @@ pub struct ControlConfig {
     /// the same failure (the lost node's stream, its peers' reports) arrive first and the new
     /// placement avoids what failed.
     pub recovery_settle: Duration,
+    /// How long a coordinator that finds jobs placed when it starts (it took over from a
+    /// leader that died, or restarted) waits for their nodes to come back naming them before it
+    /// recovers the jobs instead.
+    pub adopt_grace: Duration,
 }
+
+/// How long placed jobs wait for their nodes after a coordinator starts, unless configured
+/// otherwise: nodes reattach within a second or two of a new leader listening.
+pub const DEFAULT_ADOPT_GRACE: Duration = Duration::from_secs(10);
 
 /// Recoveries a job may go through, unless configured otherwise.
 pub const DEFAULT_MAX_RECOVERIES: u32 = 16;
@@ -73,6 +81,7 @@ impl Default for ControlConfig {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             max_recoveries: DEFAULT_MAX_RECOVERIES,
             recovery_settle: Duration::from_millis(200),
+            adopt_grace: DEFAULT_ADOPT_GRACE,
         }
     }
 }
@@ -123,6 +132,9 @@ pub struct Registration {
     pub spare: bool,
     /// Data-plane address (`host:port`; empty when the node takes no cross-node work).
     pub data_addr: String,
+    /// The job attempts the agent still runs (or finished without hearing that the outcome
+    /// arrived): (job id, attempt).
+    pub running: Vec<(String, u32)>,
 }
 
 #[derive(Debug)]
@@ -192,13 +204,27 @@ struct Actor<S> {
     replan_at: BTreeMap<String, Instant>,
     /// Per job, the straggler detector of its running attempt.
     stragglers: BTreeMap<String, (u32, crate::stragglers::Detector)>,
+    /// Jobs found placed when the actor started, waiting for their nodes to come back.
+    adopting: BTreeMap<String, Adoption>,
+}
+
+/// A placed job the actor found when it started, waiting for its nodes to reattach naming it.
+struct Adoption {
+    /// The nodes not back yet.
+    waiting: std::collections::BTreeSet<String>,
+    /// When the job is recovered instead.
+    deadline: Instant,
+    /// When the actor started.
+    began: Instant,
 }
 
 impl Control {
     /// Loads jobs and nodes from `store` and starts the actor on the current runtime. Nodes start
-    /// Failed until their agents attach again; jobs that were placed are failed ("coordinator
-    /// restarted") since their agents' sessions are gone. The actor ends (releasing the store)
-    /// once every handle is dropped; the returned task resolves then.
+    /// Failed until their agents attach again. Jobs that were placed (this coordinator took over
+    /// from a leader that died, or restarted) keep running: they are adopted as their nodes
+    /// reattach naming them, and recovered if one does not within
+    /// [`ControlConfig::adopt_grace`]; recovering jobs are placed again. The actor ends
+    /// (releasing the store) once every handle is dropped; the returned task resolves then.
     pub async fn start<S: Store>(store: S) -> Result<(Self, tokio::task::JoinHandle<()>)> {
         Self::start_with(store, ControlConfig::default()).await
     }
@@ -248,21 +274,36 @@ impl Control {
             finished_on: BTreeMap::new(),
             replan_at: BTreeMap::new(),
             stragglers: BTreeMap::new(),
+            adopting: BTreeMap::new(),
         };
-        let placed: Vec<String> = actor
-            .jobs
-            .values()
-            .filter(|(r, _)| matches!(r.state, JobState::Scheduling | JobState::Running))
-            .map(|(r, _)| r.id.clone())
-            .collect();
-        for id in placed {
-            actor
-                .transition(
-                    &id,
-                    JobState::Failed,
-                    "coordinator restarted while the job ran",
-                )
-                .await?;
+        let began = Instant::now();
+        for (rec, _) in actor.jobs.values() {
+            match rec.state {
+                JobState::Scheduling | JobState::Running => {
+                    let waiting = rec.placement.iter().map(|p| p.node.clone()).collect();
+                    actor.adopting.insert(
+                        rec.id.clone(),
+                        Adoption {
+                            waiting,
+                            deadline: began + actor.config.adopt_grace,
+                            began,
+                        },
+                    );
+                }
+                JobState::Recovering => {
+                    actor
+                        .replan_at
+                        .insert(rec.id.clone(), began + actor.config.recovery_settle);
+                }
+                _ => {}
+            }
+        }
+        if !actor.adopting.is_empty() {
+            tracing::info!(
+                jobs = actor.adopting.len(),
+                grace_ms = actor.config.adopt_grace.as_millis() as u64,
+                "waiting for the nodes of placed jobs"
+            );
         }
         let task = tokio::spawn(actor.run(rx));
         Ok((Self { tx }, task))
@@ -425,7 +466,22 @@ impl<S: Store> Actor<S> {
             );
             self.end_session(node, *epoch, &reason).await?;
         }
-        if !silent.is_empty() {
+        let overdue: Vec<(String, Vec<String>)> = self
+            .adopting
+            .iter()
+            .filter(|(_, a)| a.deadline <= now)
+            .map(|(id, a)| (id.clone(), a.waiting.iter().cloned().collect()))
+            .collect();
+        for (id, missing) in &overdue {
+            self.adopting.remove(id);
+            let cause = format!(
+                "node(s) {} did not come back within {} ms of the coordinator starting",
+                missing.join(", "),
+                self.config.adopt_grace.as_millis()
+            );
+            self.recover(id, &cause, 0).await?;
+        }
+        if !silent.is_empty() || !overdue.is_empty() {
             self.schedule().await?;
         }
         if self.live_watch.is_none() {
@@ -683,6 +739,7 @@ impl<S: Store> Actor<S> {
         let placed = matches!(to, JobState::Scheduling | JobState::Running);
         if !placed {
             self.stragglers.remove(id);
+            self.adopting.remove(id);
             // Free the devices; a finished job keeps its placement on record, a requeued one
             // will get a new one.
             for p in &rec.placement {
@@ -830,7 +887,8 @@ impl<S: Store> Actor<S> {
             }
             return Err(CoordinatorError::Unavailable);
         }
-        tracing::info!(node = %reg.node, epoch, devices = reg.devices, lease = %live.lease, "node registered");
+        tracing::info!(node = %reg.node, epoch, devices = reg.devices, lease = %live.lease, running = reg.running.len(), "node registered");
+        let (node, running) = (reg.node.clone(), reg.running);
         self.nodes.insert(
             reg.node.clone(),
             NodeEntry {
@@ -844,7 +902,85 @@ impl<S: Store> Actor<S> {
                 renewed: Instant::now(),
             },
         );
+        self.reattached(&node, running).await?;
         Ok(epoch)
+    }
+
+    /// A node registered naming the job attempts it runs: the ones this actor waits for (placed
+    /// there when it started) are adopted, the others revoked; a waiting job the node does not
+    /// name is lost there and recovers.
+    async fn reattached(&mut self, node: &str, running: Vec<(String, u32)>) -> Result<()> {
+        let mut stale = Vec::new();
+        for (id, attempt) in running {
+            let current = self.record(&id).ok().map(|r| r.attempt);
+            let adoptable = current == Some(attempt)
+                && self
+                    .adopting
+                    .get(&id)
+                    .is_some_and(|a| a.waiting.contains(node));
+            if !adoptable {
+                stale.push(id);
+                continue;
+            }
+            let rec = self.record(&id)?;
+            let devices: Vec<usize> = rec
+                .placement
+                .iter()
+                .filter(|p| p.node == node)
+                .map(|p| p.device)
+                .collect();
+            if let Some(e) = self.nodes.get_mut(node) {
+                for d in devices {
+                    e.busy.insert(d, id.clone());
+                }
+            }
+            let Some(a) = self.adopting.get_mut(&id) else {
+                continue;
+            };
+            a.waiting.remove(node);
+            if a.waiting.is_empty() {
+                let took = a.began.elapsed();
+                self.adopting.remove(&id);
+                let nodes = self
+                    .record(&id)?
+                    .placement
+                    .iter()
+                    .map(|p| p.node.as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                let reason = format!(
+                    "adopted by this coordinator: its {nodes} node(s) came back in {} ms",
+                    took.as_millis()
+                );
+                tracing::info!(job = %id, nodes, took_ms = took.as_millis() as u64, "job adopted");
+                self.set_reason(&id, &reason).await?;
+            }
+        }
+        if let Some(s) = self.nodes.get(node).and_then(|e| e.session.clone()) {
+            for id in stale {
+                tracing::info!(job = %id, node, "revoking a job attempt the node still runs");
+                let msg = pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Revoke(pb::Revoke {
+                        job_id: id,
+                        reason: "not a current attempt of a running job".into(),
+                    })),
+                };
+                let _ = s.send(Ok(msg)).await;
+            }
+        }
+        let lost: Vec<String> = self
+            .adopting
+            .iter()
+            .filter(|(_, a)| a.waiting.contains(node))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            self.adopting.remove(&id);
+            let cause =
+                format!("node {node} came back without the job after the coordinator started");
+            self.recover(&id, &cause, 0).await?;
+        }
+        Ok(())
     }
 
     /// Ends session `epoch` of `node` (its stream broke, it went silent, or its liveness key
@@ -866,7 +1002,9 @@ impl<S: Store> Actor<S> {
         if let Some(s) = session {
             // The agent hears why, if it still listens; dropping the sender closes the stream.
             // Never wait on a full stream here: the agent may be the hung one.
-            let _ = s.try_send(Err(Status::unavailable(format!(
+            // ABORTED, not a transport error: the agent stops the session's jobs at once (they
+            // recover elsewhere) instead of keeping them for a coordinator that took over.
+            let _ = s.try_send(Err(Status::aborted(format!(
                 "{reason}; the session is closed, register again"
             ))));
         }
@@ -915,8 +1053,22 @@ impl<S: Store> Actor<S> {
     /// after [`ControlConfig::recovery_settle`] it is placed again on healthy devices and
     /// continues from its newest committed checkpoint. A job out of recoveries fails.
     async fn recover(&mut self, id: &str, cause: &str, last_heard_unix_ms: u64) -> Result<()> {
+        let settle = self.config.recovery_settle;
+        self.recover_after(id, cause, last_heard_unix_ms, settle)
+            .await
+    }
+
+    /// [`Actor::recover`], placing the job again after `delay`.
+    async fn recover_after(
+        &mut self,
+        id: &str,
+        cause: &str,
+        last_heard_unix_ms: u64,
+        delay: Duration,
+    ) -> Result<()> {
         let rec = self.record(id)?.clone();
         self.finished_on.remove(id);
+        self.adopting.remove(id);
         self.revoke(&rec, cause).await;
         match rec.state {
             JobState::Running | JobState::Scheduling => {}
@@ -955,7 +1107,7 @@ impl<S: Store> Actor<S> {
         self.save(r).await?;
         self.transition(id, JobState::Recovering, cause).await?;
         self.replan_at
-            .insert(id.to_string(), Instant::now() + self.config.recovery_settle);
+            .insert(id.to_string(), Instant::now() + delay);
         Ok(())
     }
 
@@ -1104,6 +1256,18 @@ impl<S: Store> Actor<S> {
                 if !s.checkpoint_error.is_empty() {
                     tracing::warn!(job = %id, node, error = %s.checkpoint_error, "checkpoint failed");
                     self.notify(&id, JobEvent::Error(s.checkpoint_error.clone()), false);
+                    let policy = &self.record(&id)?.spec.checkpointing;
+                    if policy.pauses() {
+                        let retry = Duration::from_secs_f64(policy.retry_s);
+                        let cause = format!(
+                            "paused: {} on node {node} (checkpointing.on_error = \"pause\"); \
+                             running again from the last committed checkpoint in {} ms",
+                            s.checkpoint_error,
+                            retry.as_millis()
+                        );
+                        self.recover_after(&id, &cause, 0, retry).await?;
+                        return self.schedule().await;
+                    }
                 }
                 if let Some(m) = &s.step {
                     self.straggling(&id, attempt, node, m.step, s.busy_s);

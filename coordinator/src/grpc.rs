@@ -330,6 +330,11 @@ impl AgentService for Api {
                     ib_rail: reg.ib_rail,
                     spare: reg.spare,
                     data_addr: reg.data_addr,
+                    running: reg
+                        .running
+                        .into_iter()
+                        .map(|r| (r.job_id, r.attempt))
+                        .collect(),
                 },
                 tx,
             )

@@ -91,6 +91,7 @@ async fn a_dead_coordinators_nodes_expire_from_etcd() {
         ib_rail: 0,
         spare: false,
         data_addr: String::new(),
+        running: vec![],
     };
     let epoch = control.register(reg, tx).await.expect("register");
     let live = store.get("live/n1").await.expect("get").expect("live key");

@@ -21,6 +21,16 @@ async fn control(dir: &tempfile::TempDir) -> Control {
 }
 
 async fn node(c: &Control, name: &str, devices: usize) -> (Inbox, u64) {
+    node_running(c, name, devices, vec![]).await
+}
+
+/// A node that registers naming the job attempts it runs.
+async fn node_running(
+    c: &Control,
+    name: &str,
+    devices: usize,
+    running: Vec<(String, u32)>,
+) -> (Inbox, u64) {
     let (tx, mut rx): (Session, Inbox) = mpsc::channel(64);
     let epoch = c
         .register(
@@ -31,6 +41,7 @@ async fn node(c: &Control, name: &str, devices: usize) -> (Inbox, u64) {
                 ib_rail: 0,
                 spare: false,
                 data_addr: String::new(),
+                running,
             },
             tx,
         )
@@ -277,6 +288,7 @@ async fn a_lost_node_starts_a_recovery_and_a_failed_rank_fails_the_job() {
                 ib_rail: 0,
                 spare: false,
                 data_addr: String::new(),
+                running: vec![],
             },
             tx,
         )
@@ -543,6 +555,7 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
                 ib_rail: 0,
                 spare: true,
                 data_addr: String::new(),
+                running: vec![],
             },
             tx,
         )
@@ -742,4 +755,161 @@ async fn a_node_much_slower_than_its_peers_is_flagged_in_the_job_events() {
     // Slow in steps 3..=7: flagged at the fifth slow report, once.
     assert_eq!((x.node.as_str(), x.step, x.steps), ("c", 7, 5));
     assert_eq!((x.busy_s, x.peers_busy_s), (2.0, 1.0));
+}
+
+/// A job of two nodes placed and running under one coordinator, which then stops; a second
+/// coordinator starts on the same store with `config`: the store, the new handle, the job id.
+async fn job_under_a_coordinator_that_stops(
+    dir: &tempfile::TempDir,
+    extra_nodes: &[&str],
+    config: ControlConfig,
+) -> (EmbeddedStore, Control, String) {
+    let store = EmbeddedStore::open(&dir.path().join("s.redb")).expect("store");
+    let (c1, task) = Control::start_with(store.clone(), ControlConfig::default())
+        .await
+        .expect("start");
+    let (mut n1, e1) = node(&c1, "n1", 1).await;
+    let (mut n2, e2) = node(&c1, "n2", 1).await;
+    let mut extra = Vec::new();
+    for n in extra_nodes {
+        extra.push(node(&c1, n, 1).await);
+    }
+    let job = c1.submit(spec("j", 2, 0)).await.expect("submit");
+    assert_eq!(assigned(&c1, &mut n1).await.as_deref(), Some(job.as_str()));
+    assert_eq!(assigned(&c1, &mut n2).await.as_deref(), Some(job.as_str()));
+    let mut step = status(&job, pb::JobState::Running);
+    step.step = Some(pb::StepMetrics {
+        step: 3,
+        ..Default::default()
+    });
+    c1.status("n1", e1, step.clone()).await;
+    c1.status("n2", e2, step).await;
+    assert_eq!(state(&c1, &job).await.0, JobState::Running);
+    // The coordinator goes (its sessions with it); another starts on the same store.
+    drop(c1);
+    task.await.expect("first actor");
+    drop((n1, n2, extra));
+    let c2 = Control::start_with(store.clone(), config)
+        .await
+        .expect("start again")
+        .0;
+    (store, c2, job)
+}
+
+fn revoked(got: &[Result<pb::CoordinatorMessage, tonic::Status>]) -> Vec<String> {
+    got.iter()
+        .filter_map(|m| match m {
+            Ok(pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::Revoke(r)),
+            }) => Some(r.job_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_coordinator_adopts_a_running_job_as_its_nodes_come_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, c, job) =
+        job_under_a_coordinator_that_stops(&dir, &[], ControlConfig::default()).await;
+    // Still running as far as the new coordinator knows: nothing failed, nothing restarted.
+    assert_eq!(state(&c, &job).await.0, JobState::Running);
+    let (mut n1, e1) = node_running(&c, "n1", 1, vec![(job.clone(), 0)]).await;
+    let (mut n2, e2) = node_running(&c, "n2", 1, vec![(job.clone(), 0)]).await;
+    let (s, reason) = state(&c, &job).await;
+    assert_eq!(s, JobState::Running);
+    assert!(
+        reason.contains("adopted") && reason.contains("2 node(s)"),
+        "{reason}"
+    );
+    // No new assignment and no revocation: the workers run on.
+    for rx in [&mut n1, &mut n2] {
+        assert_eq!(assignment(&c, rx).await.map(|a| a.job_id), None);
+    }
+    // The job holds its devices: a second job waits.
+    let other = c.submit(spec("other", 1, 0)).await.expect("submit");
+    assert_eq!(state(&c, &other).await.0, JobState::Pending);
+    // Long past the grace, it is still the same attempt.
+    let until = Instant::now() + ControlConfig::default().adopt_grace * 2;
+    while Instant::now() < until {
+        tokio::time::sleep(interval()).await;
+        c.heartbeat("n1", e1).await;
+        c.heartbeat("n2", e2).await;
+    }
+    for (n, e) in [("n1", e1), ("n2", e2)] {
+        c.status(n, e, status(&job, pb::JobState::Succeeded)).await;
+    }
+    let r = c.get(&job).await.expect("job");
+    assert_eq!(
+        (r.state, r.attempt, r.recoveries.len()),
+        (JobState::Succeeded, 0, 0)
+    );
+    // Its devices went to the waiting job.
+    assert_eq!(assigned(&c, &mut n1).await.as_deref(), Some(other.as_str()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_placed_job_whose_node_does_not_come_back_recovers_after_the_grace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let grace = Duration::from_secs(3);
+    let config = ControlConfig {
+        adopt_grace: grace,
+        heartbeat_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let (_store, c, job) = job_under_a_coordinator_that_stops(&dir, &["n3"], config).await;
+    let (mut n1, _) = node_running(&c, "n1", 1, vec![(job.clone(), 0)]).await;
+    let (mut n3, _) = node(&c, "n3", 1).await;
+    tokio::time::sleep(grace - Duration::from_millis(600)).await;
+    assert_eq!(
+        state(&c, &job).await.0,
+        JobState::Running,
+        "within the grace"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = c.get(&job).await.expect("job");
+    let cause = &r.recoveries.last().expect("a recovery").cause;
+    assert!(
+        cause.contains("n2") && cause.contains("did not come back"),
+        "{cause}"
+    );
+    // n1 is told to stop attempt 0, then (after the settle time, within the second slept)
+    // attempt 1 goes to n1 and the free n3.
+    let (got, _) = drain(&mut n1);
+    assert_eq!(revoked(&got), vec![job.clone()]);
+    let attempts = |got: &[Result<pb::CoordinatorMessage, tonic::Status>]| -> Vec<u32> {
+        got.iter()
+            .filter_map(|m| match m {
+                Ok(pb::CoordinatorMessage {
+                    msg: Some(pb::coordinator_message::Msg::Assign(a)),
+                }) => Some(a.attempt),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(attempts(&got), vec![1]);
+    assert_eq!(attempts(&drain(&mut n3).0), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_back_without_the_job_recovers_it_and_stale_attempts_are_revoked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, c, job) =
+        job_under_a_coordinator_that_stops(&dir, &[], ControlConfig::default()).await;
+    // n1 was restarted meanwhile: it runs nothing; the job recovers at once.
+    let (_n1, _) = node(&c, "n1", 1).await;
+    let r = c.get(&job).await.expect("job");
+    assert_eq!(r.state, JobState::Recovering);
+    assert!(
+        r.recoveries[0].cause.contains("came back without the job"),
+        "{:?}",
+        r.recoveries
+    );
+    // n2 names attempt 0 (and a job no one knows of): both are stopped.
+    let (mut n2, _) = node_running(&c, "n2", 1, vec![(job.clone(), 0), ("job-77".into(), 0)]).await;
+    c.nodes().await.expect("barrier");
+    assert_eq!(
+        revoked(&drain(&mut n2).0),
+        vec![job.clone(), "job-77".to_string()]
+    );
 }

@@ -86,6 +86,16 @@ pub fn job_spec(p: pb::JobSpec) -> Result<JobSpec> {
             interval: c.interval,
             keep: usize_of(c.keep),
             resume: c.resume,
+            on_error: if c.on_error.is_empty() {
+                CheckpointSpec::default().on_error
+            } else {
+                c.on_error
+            },
+            retry_s: if c.retry_s == 0.0 {
+                CheckpointSpec::default().retry_s
+            } else {
+                c.retry_s
+            },
         });
     let elasticity = p
         .elasticity
@@ -159,6 +169,8 @@ pub fn job_spec_to_wire(s: &JobSpec) -> Result<pb::JobSpec> {
             interval: s.checkpointing.interval,
             keep: u32_of("spec.checkpointing.keep", s.checkpointing.keep)?,
             resume: s.checkpointing.resume.clone(),
+            on_error: s.checkpointing.on_error.clone(),
+            retry_s: s.checkpointing.retry_s,
         }),
         elasticity: Some(pb::Elasticity {
             min_dp: u32_of("spec.elasticity.min_dp", s.elasticity.min_dp)?,

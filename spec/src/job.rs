@@ -41,6 +41,8 @@
 //! interval = 0              # steps between checkpoints; 0 = only at the end
 //! keep = 3
 //! resume = ""              # a checkpoint directory to continue from
+//! on_error = "continue"     # a checkpoint that cannot be written: "continue" | "pause"
+//! retry_s = 10              # paused: seconds before trying again from the last checkpoint
 //!
 //! [elasticity]
 //! min_dp = 1                # default: dp
@@ -188,6 +190,23 @@ pub struct CheckpointSpec {
     /// Continue from this checkpoint directory (one a previous run wrote: weights, optimizer,
     /// data position); empty starts from step 0.
     pub resume: String,
+    /// What a checkpoint that cannot be written (a full or unwritable disk) does to the job:
+    /// `continue` trains on (the error is a job event); `pause` stops the job and, every
+    /// `retry_s`, runs it again from its last committed checkpoint, so it never gets further
+    /// than one interval past what is saved.
+    pub on_error: String,
+    /// Seconds a paused job waits before it tries again.
+    pub retry_s: f64,
+}
+
+/// `checkpointing.on_error` values.
+pub const ON_CHECKPOINT_ERROR: [&str; 2] = ["continue", "pause"];
+
+impl CheckpointSpec {
+    /// Whether a checkpoint that cannot be written pauses the job.
+    pub fn pauses(&self) -> bool {
+        self.on_error == "pause"
+    }
 }
 
 impl Default for CheckpointSpec {
@@ -197,6 +216,8 @@ impl Default for CheckpointSpec {
             interval: 0,
             keep: 3,
             resume: String::new(),
+            on_error: "continue".into(),
+            retry_s: 10.0,
         }
     }
 }
@@ -392,6 +413,22 @@ impl JobSpec {
         if self.checkpointing.keep == 0 {
             return Err(bad("checkpointing.keep", "must be at least 1"));
         }
+        if !ON_CHECKPOINT_ERROR.contains(&self.checkpointing.on_error.as_str()) {
+            return Err(bad(
+                "checkpointing.on_error",
+                format!(
+                    "must be \"continue\" or \"pause\", got {:?}",
+                    self.checkpointing.on_error
+                ),
+            ));
+        }
+        let retry = self.checkpointing.retry_s;
+        if !(retry.is_finite() && (0.1..=86_400.0).contains(&retry)) {
+            return Err(bad(
+                "checkpointing.retry_s",
+                format!("must be between 0.1 and 86400 seconds, got {retry}"),
+            ));
+        }
         crate::plan::validate(model, &self.parallelism()?)?;
         let (min_dp, max_dp) = self.dp_bounds();
         if min_dp > par.dp || max_dp < par.dp {
@@ -520,6 +557,14 @@ mod tests {
             (
                 "name = \"a\"\n[checkpointing]\nkeep = 0",
                 "checkpointing.keep",
+            ),
+            (
+                "name = \"a\"\n[checkpointing]\non_error = \"stop\"",
+                "checkpointing.on_error",
+            ),
+            (
+                "name = \"a\"\n[checkpointing]\nretry_s = 0.0",
+                "checkpointing.retry_s",
             ),
             (
                 "name = \"a\"\n[training]\ncomm_timeout_s = 0.0",

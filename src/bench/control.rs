@@ -526,6 +526,7 @@ async fn session(
             ib_rail: 0,
             spare: false,
             data_addr: String::new(),
+            running: Vec::new(),
         })),
     };
     if tx.send(register).await.is_err() {

@@ -22,7 +22,8 @@ pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:50051";
 /// Where to reach the coordinator.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Target {
-    /// Coordinator URL (or `SHOAL_COORDINATOR`).
+    /// Coordinator URL (or `SHOAL_COORDINATOR`); with standbys, their URLs too, comma-separated
+    /// (the leader is the one that answers).
     #[arg(long, env = "SHOAL_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
     /// Print JSON.
@@ -77,20 +78,28 @@ impl ClientTlsArgs {
 }
 
 impl Target {
-    /// A channel to the coordinator (TLS for an `https://` URL).
+    /// A channel to the coordinator: the first of the `--coordinator` URLs that answers (only
+    /// a leader listens); TLS for an `https://` URL.
     async fn channel(&self) -> Result<Channel> {
         let (ca, identity) = self.tls.load()?;
-        shoal_worker::agent::endpoint(&self.coordinator, ca.as_deref(), identity.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the coordinator at {}: {}",
-                    self.coordinator,
-                    shoal_proto::transport::error_chain(&e)
-                )
-            })
+        let urls = coordinator_urls(&self.coordinator)?;
+        let mut errors = Vec::new();
+        for url in &urls {
+            let ep = shoal_worker::agent::endpoint(url, ca.as_deref(), identity.as_ref())?;
+            match ep
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await
+            {
+                Ok(c) => return Ok(c),
+                Err(e) => errors.push(shoal_proto::transport::error_chain(&e)),
+            }
+        }
+        bail!(
+            "cannot reach the coordinator at {}: {}",
+            self.coordinator,
+            errors.join("; ")
+        )
     }
 
     /// `msg` as a request carrying the bearer token, if one is set.
@@ -103,6 +112,20 @@ impl Target {
         }
         Ok(req)
     }
+}
+
+/// The URLs of a `--coordinator` value (comma-separated).
+pub(crate) fn coordinator_urls(value: &str) -> Result<Vec<String>> {
+    let urls: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        bail!("--coordinator {value:?}: name at least one URL");
+    }
+    Ok(urls)
 }
 
 /// Options of `shoal coordinator`.
@@ -131,6 +154,15 @@ pub struct CoordinatorArgs {
     /// Mutual TLS: require client certificates signed by this CA (PEM); needs --tls-cert.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// With the etcd store, this coordinator's name in the leader election (default: its
+    /// listen address). Several coordinators on one etcd elect a leader; only the leader
+    /// listens, the others stand by and take over when it is gone.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TTL of the leader's lease in etcd: a standby takes over within it after the leader dies.
+    /// A leader that cannot renew it for 4/5 of it exits.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub leader_lease_ms: u64,
 }
 
 impl CoordinatorArgs {
@@ -167,9 +199,15 @@ impl CoordinatorArgs {
 /// Options of `shoal worker`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// Coordinator URL (or `SHOAL_COORDINATOR`).
+    /// Coordinator URL (or `SHOAL_COORDINATOR`); with standbys, every one's URL, comma-separated:
+    /// the agent attaches to the one that answers (the leader) and, when its stream breaks,
+    /// finds the next leader while its jobs run on.
     #[arg(long, env = "SHOAL_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+    /// After its session broke, keep attaching again for this long (jobs running meanwhile)
+    /// before stopping the node's jobs and exiting.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    pub reconnect_ms: u64,
     /// This node's name (unique in the cluster).
     #[arg(long)]
     pub node: String,
@@ -211,26 +249,57 @@ pub(super) async fn ctrl_c() {
     }
 }
 
+/// How a coordinator campaigns for the lead of a shared store (only etcd is shared).
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub(super) struct Campaign {
+    pub me: shoal_coordinator::leader::Candidate,
+    pub lease: std::time::Duration,
+}
+
+/// The lead a coordinator holds: `lost` resolves with why once it is gone (the coordinator must
+/// stop at once); `resign` hands it over.
+pub(super) struct Lead {
+    pub lost: tokio::sync::oneshot::Receiver<String>,
+    resign: tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Lead {
+    /// Resigns, so that a standby takes over at once.
+    pub async fn resign(self) {
+        let (done, resigned) = tokio::sync::oneshot::channel();
+        if self.resign.send(done).is_ok() {
+            let _ = resigned.await;
+        }
+    }
+}
+
+/// What [`start_control_with`] started.
+pub(super) type Started = (Control, tokio::task::JoinHandle<()>, String, Option<Lead>);
+
 /// Opens the store a `--store` value names and starts the control actor on it with `config`;
-/// returns the handle, the actor's task and a description of the store.
+/// returns the handle, the actor's task, a description of the store and, when `campaign` is
+/// given and the store is shared (etcd), the lead this coordinator waited for.
 pub(super) async fn start_control_with(
     store: &str,
     config: ControlConfig,
-) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    campaign: Option<Campaign>,
+) -> Result<Started> {
     if let Some(endpoints) = store.strip_prefix("etcd://") {
-        return start_etcd(endpoints, config).await;
+        return start_etcd(endpoints, config, campaign).await;
     }
+    // The embedded store is one process's file (locked while open): no one to elect.
     let path = PathBuf::from(store).join("coordinator.redb");
     let s = EmbeddedStore::open(&path)?;
     let (control, actor) = Control::start_with(s, config).await?;
-    Ok((control, actor, path.display().to_string()))
+    Ok((control, actor, path.display().to_string(), None))
 }
 
 #[cfg(feature = "etcd")]
 async fn start_etcd(
     endpoints: &str,
     config: ControlConfig,
-) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    campaign: Option<Campaign>,
+) -> Result<Started> {
     let urls: Vec<String> = endpoints
         .split(',')
         .filter(|e| !e.is_empty())
@@ -240,15 +309,49 @@ async fn start_etcd(
         bail!("--store etcd://: name at least one HOST:PORT");
     }
     let s = shoal_coordinator::store::EtcdStore::connect(&urls, "shoal/").await?;
+    let lead = match campaign {
+        Some(c) => Some(lead(s.clone(), c).await?),
+        None => None,
+    };
     let (control, actor) = Control::start_with(s, config).await?;
-    Ok((control, actor, format!("etcd {}", urls.join(","))))
+    Ok((control, actor, format!("etcd {}", urls.join(",")), lead))
+}
+
+/// Waits for the lead of `store`, then keeps it on a task of its own.
+#[cfg(feature = "etcd")]
+async fn lead<S: shoal_coordinator::store::Store>(store: S, c: Campaign) -> Result<Lead> {
+    use shoal_coordinator::leader;
+    let mut held = leader::campaign(store, &c.me, c.lease, |holder| {
+        eprintln!(
+            "coordinator {} standing by: {} leads at {}",
+            c.me.name, holder.name, holder.url
+        );
+    })
+    .await?;
+    let (lost_tx, lost) = tokio::sync::oneshot::channel();
+    let (resign, resign_rx) = tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
+    tokio::spawn(async move {
+        tokio::select! {
+            why = held.lost() => { let _ = lost_tx.send(why); }
+            done = resign_rx => {
+                if let Err(e) = held.resign().await {
+                    tracing::warn!(error = %e, "resigning the lead");
+                }
+                if let Ok(done) = done {
+                    let _ = done.send(());
+                }
+            }
+        }
+    });
+    Ok(Lead { lost, resign })
 }
 
 #[cfg(not(feature = "etcd"))]
 async fn start_etcd(
     _endpoints: &str,
     _config: ControlConfig,
-) -> Result<(Control, tokio::task::JoinHandle<()>, String)> {
+    _campaign: Option<Campaign>,
+) -> Result<Started> {
     bail!(
         "--store etcd://...: this shoal was built without etcd support; build it with \
          `--features etcd` (which needs protoc)"
@@ -263,18 +366,60 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
             ..Default::default()
         };
-        let (control, actor, path) = start_control_with(&args.store, config).await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("coordinator@{}", args.listen));
+        let campaign = Campaign {
+            me: shoal_coordinator::leader::Candidate {
+                name: name.clone(),
+                url: format!("{scheme}://{}", args.listen),
+                since_unix_ms: 0,
+            },
+            lease: std::time::Duration::from_millis(args.leader_lease_ms),
+        };
+        // A standby waits here, not listening, until it leads.
+        let (control, actor, path, lead) =
+            start_control_with(&args.store, config, Some(campaign)).await?;
         let listener = shoal_coordinator::grpc::bind(args.listen).await?;
         let addr = listener.local_addr().context("listen address")?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
         let mutual = match &tls {
             Some(t) if t.client_ca_pem.is_some() => ", mutual TLS",
             _ => "",
         };
+        let leads = if lead.is_some() {
+            format!(", leading as {name}")
+        } else {
+            String::new()
+        };
         // The first line of stdout is the address (tests and scripts read it).
-        println!("coordinator listening on {scheme}://{addr} (store {path}{mutual})");
-        shoal_coordinator::grpc::serve_with(listener, control, args.token.clone(), tls, ctrl_c())
-            .await?;
+        println!("coordinator listening on {scheme}://{addr} (store {path}{mutual}{leads})");
+        let serve = shoal_coordinator::grpc::serve_with(
+            listener,
+            control,
+            args.token.clone(),
+            tls,
+            ctrl_c(),
+        );
+        let Some(mut lead) = lead else {
+            serve.await?;
+            actor.await.context("control actor")?;
+            eprintln!("coordinator stopped");
+            return Ok(());
+        };
+        tokio::select! {
+            r = serve => {
+                r?;
+                lead.resign().await;
+            }
+            why = &mut lead.lost => {
+                let why = why.unwrap_or_else(|_| "the lead keeper ended".into());
+                // Stop at once, before a standby can take over: no more writes from here.
+                eprintln!("coordinator {name} lost the lead: {why}; exiting");
+                std::process::exit(3);
+            }
+        }
         actor.await.context("control actor")?;
         eprintln!("coordinator stopped");
         Ok(())
@@ -299,7 +444,8 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
     let cpu_devices = parse_devices(&args.devices)?;
     let (tls_ca, tls_identity) = args.tls.load()?;
     let cfg = shoal_worker::agent::AgentConfig {
-        coordinator: args.coordinator.clone(),
+        coordinators: coordinator_urls(&args.coordinator)?,
+        reconnect: std::time::Duration::from_millis(args.reconnect_ms),
         node: args.node.clone(),
         cpu_devices,
         spare: args.spare,
@@ -557,13 +703,7 @@ pub fn cancel(id: &str, t: &Target) -> Result<()> {
 pub fn watch(id: &str, t: &Target) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = jobs_client(t).await?;
-        let mut events = c
-            .watch_job(pb::WatchJobRequest {
-                job_id: id.to_string(),
-            })
-            .await
-            .map_err(first_call_err)?
-            .into_inner();
+        let mut events = watch_stream(&mut c, id).await?;
         let total = c
             .get_job(pb::GetJobRequest {
                 job_id: id.to_string(),
@@ -585,7 +725,35 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
         };
         let mut last = pb::JobState::Unspecified as i32;
         let mut reason = String::new();
-        while let Some(ev) = events.message().await.map_err(status_err)? {
+        loop {
+            let ev = match events.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(s) => {
+                    // The coordinator went away (a standby is taking over, or it restarts):
+                    // watch again through whichever of the URLs answers.
+                    tracing::debug!(error = %s.message(), "watch stream broken");
+                    let since = std::time::Instant::now();
+                    events = loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        let again = match jobs_client(t).await {
+                            Ok(mut c) => watch_stream(&mut c, id).await,
+                            Err(e) => Err(e),
+                        };
+                        match again {
+                            Ok(e) => break e,
+                            Err(e) if since.elapsed() > std::time::Duration::from_secs(30) => {
+                                return Err(e.context(format!(
+                                    "watching {id}: the coordinator went away ({})",
+                                    s.message()
+                                )));
+                            }
+                            Err(_) => {}
+                        }
+                    };
+                    continue;
+                }
+            };
             match ev.event {
                 Some(pb::job_event::Event::State(s)) => {
                     last = s.state;
@@ -635,6 +803,19 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The events of job `id`, from its current state on.
+async fn watch_stream(
+    c: &mut JobServiceClient<Channel>,
+    id: &str,
+) -> Result<tonic::Streaming<pb::JobEvent>> {
+    Ok(c.watch_job(pb::WatchJobRequest {
+        job_id: id.to_string(),
+    })
+    .await
+    .map_err(first_call_err)?
+    .into_inner())
 }
 
 /// How a straggler event reads.

@@ -207,8 +207,9 @@ impl LocalCluster {
             heartbeat_timeout: opts.heartbeat_timeout,
             ..Default::default()
         };
-        let (control, actor, store) =
-            super::cluster::start_control_with(&opts.store, config).await?;
+        // A local cluster's coordinator is its only one: it does not campaign.
+        let (control, actor, store, _) =
+            super::cluster::start_control_with(&opts.store, config, None).await?;
         let listener = shoal_coordinator::grpc::bind(opts.listen).await?;
         let addr = listener.local_addr().context("listen address")?;
         let url = format!("http://{addr}");

@@ -226,20 +226,48 @@ fn two_node_agents_run_jobs(
         assert!(!live(&node), "the hung node's liveness key is gone");
         assert!(live(other), "the other node is still live");
     }
-    // Resumed, the agent finds its session closed and exits with an error.
+    // Resumed, the agent finds its session closed (ABORTED), stops the job's old attempt and
+    // attaches again as a fresh session of the node, which is healthy again.
+    let epoch = |all: &serde_json::Value| {
+        all.as_array()
+            .expect("array")
+            .iter()
+            .find(|v| v["name"] == node.as_str())
+            .and_then(|v| v["epoch"].as_u64())
+            .expect("epoch")
+    };
+    let fenced = epoch(&all);
     signal(hung, "-CONT");
     let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = hung.child.try_wait().expect("try_wait") {
-            break s;
+    loop {
+        let all = nodes(&url);
+        let back = all.as_array().expect("array").iter().any(|v| {
+            v["name"] == node.as_str()
+                && v["state"] == "healthy"
+                && v["epoch"].as_u64() > Some(fenced)
+        });
+        if back {
+            break;
         }
         assert!(
+            hung.child.try_wait().expect("try_wait").is_none(),
+            "the resumed agent exited"
+        );
+        assert!(
             Instant::now() < deadline,
-            "the resumed agent did not notice its closed session"
+            "the resumed agent did not attach again: {all}"
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success(), "{status:?}");
+    }
+    let j = jobs(&url)
+        .into_iter()
+        .find(|j| j["id"] == long.as_str())
+        .expect("listed");
+    assert!(
+        j["state"] == "running" && j["placement"][0]["node"] == other,
+        "the job stays where it recovered: {j}"
+    );
+    assert_eq!(j["recoveries"].as_array().map(Vec::len), Some(1), "{j}");
 }
 
 #[test]
@@ -518,6 +546,148 @@ fn a_job_survives_an_etcd_restart() {
         .filter_map(|v| v["step"].as_u64())
         .collect();
     assert_eq!(steps, (1..=30).collect::<Vec<u64>>());
+}
+
+/// Coordinator high availability: two coordinators on one etcd elect a leader, and only it
+/// listens. Two node agents that know both URLs run a dp 2 job; the leader is killed with
+/// SIGKILL mid-run. The standby takes the lead once the dead leader's lease expires, the agents
+/// attach to it naming their job, and it adopts the job: the same workers finish it without a
+/// recovery, every step taken once.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_standby_coordinator_takes_over_from_a_killed_leader_and_the_job_runs_on() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etcd = shoal_tests::Etcd::start(dir.path());
+    let store = format!("etcd://{}", etcd.endpoint);
+    let (pa, pb) = (shoal_tests::free_port(), shoal_tests::free_port());
+    let lease_ms = 2000u64;
+    let coordinator = |name: &str, port: u16| {
+        Background::start(&[
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            &store,
+            "--name",
+            name,
+            "--leader-lease-ms",
+            &lease_ms.to_string(),
+            "--heartbeat-timeout-ms",
+            "3000",
+        ])
+    };
+    let mut a = coordinator("a", pa);
+    let line = a.first_line();
+    assert!(line.contains("leading as a"), "{line}");
+    // The standby prints its first line only once it leads.
+    let mut b = coordinator("b", pb);
+    let (led_tx, led) = mpsc::channel();
+    let mut b_out = b.child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(&mut b_out);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = led_tx.send((line, Instant::now()));
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let urls = format!("http://127.0.0.1:{pa},http://127.0.0.1:{pb}");
+    let w1 = Background::start(&["worker", "--coordinator", &urls, "--node", "n1"]);
+    let w2 = Background::start(&["worker", "--coordinator", &urls, "--node", "n2"]);
+    wait_for_nodes(&urls, 2);
+    assert!(
+        led.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the standby leads while the leader lives"
+    );
+    let steps = 150u64;
+    let id = start_pair_job(
+        &urls,
+        dir.path(),
+        "ha",
+        &format!("steps = {steps}\nseq_len = 32\nbatch = 2"),
+        "interval = 10",
+        5,
+    );
+    let before = jobs(&urls)
+        .into_iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("job")["step"]
+        .as_u64()
+        .unwrap_or(0);
+    // A watcher through the leader follows the failover.
+    let mut watcher = Background::start(&["watch", &id, "--coordinator", &urls, "--json"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    a.kill();
+    let (line, led_at) = led
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the standby took the lead");
+    assert!(line.contains("leading as b"), "{line}");
+    let takeover = led_at - killed;
+    assert!(
+        takeover < Duration::from_millis(lease_ms + 1500),
+        "took the lead {takeover:?} after the kill (lease {lease_ms} ms)"
+    );
+    // The new leader adopted the job, which reports progress to it.
+    let resumed = loop {
+        let j = jobs(&urls)
+            .into_iter()
+            .find(|j| j["id"] == id.as_str())
+            .expect("job");
+        let adopted = j["reason"].as_str().is_some_and(|r| r.contains("adopted"));
+        if adopted && j["step"].as_u64() > Some(before) {
+            assert_eq!(j["state"], "running", "{j}");
+            break Instant::now() - killed;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "not adopted: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "coordinator failover: lead taken {} ms after SIGKILL (lease {lease_ms} ms), job heard \
+         from again after {} ms",
+        takeover.as_millis(),
+        resumed.as_millis()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let watched = loop {
+        if let Some(s) = watcher.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the watcher never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        watched.success(),
+        "the watcher saw the job fail: {watched:?}"
+    );
+    let j = jobs(&urls)
+        .into_iter()
+        .find(|j| j["id"] == id.as_str())
+        .expect("job");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["recoveries"].as_array().map(Vec::len), Some(0), "{j}");
+    // The same worker processes ran it throughout, each step once.
+    let (mut w1, mut w2) = (w1, w2);
+    for w in [&mut w1, &mut w2] {
+        assert!(
+            w.child.try_wait().expect("try_wait").is_none(),
+            "a worker exited"
+        );
+    }
+    let taken: Vec<u64> = std::fs::read_to_string(dir.path().join("ha").join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(taken, (1..=steps).collect::<Vec<u64>>());
 }
 
 /// A straggler for real: one of the two node agents of a dp 2 job is stopped two thirds of the

@@ -370,6 +370,63 @@ fn a_full_checkpoint_disk_is_reported_and_training_goes_on() {
     assert!(run.weights() == reference().weights());
 }
 
+/// The same full disk with `checkpointing.on_error = "pause"`: the job stops instead of training
+/// on past what is saved, says why, and runs again from its last committed checkpoint (here none:
+/// step 0) once the retry time has passed; the result is the uninterrupted run's.
+#[test]
+fn a_full_checkpoint_disk_pauses_the_job_when_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("pause.toml");
+    std::fs::write(
+        &job,
+        "name = \"pause\"\n[checkpointing]\non_error = \"pause\"\nretry_s = 0.5\n",
+    )
+    .expect("job file");
+    let marker = dir.path().join("fired");
+    let env = [
+        ("SHOAL_FAULT", "train-0:write@1=enospc".to_string()),
+        ("SHOAL_FAULT_ONCE", marker.display().to_string()),
+    ];
+    let job = job.display().to_string();
+    let (child, out) = start(dir.path(), "run", &env, &["--config", &job]);
+    let run = finish(child, out);
+    assert!(marker.is_file(), "the write never failed");
+    let rec = run.recoveries();
+    assert_eq!(rec.len(), 1, "{}", run.json);
+    let r = &rec[0];
+    let cause = r["cause"].as_str().unwrap_or_default();
+    // Whichever node reported first: the full disk itself, or the other node finding the
+    // half-written checkpoint already removed.
+    assert!(
+        cause.contains("paused") && cause.contains("checkpoint of step 2"),
+        "{cause}"
+    );
+    assert_eq!(r["restored_step"], 0, "{r}");
+    // Paused within the checkpoint's write, well before the next one.
+    let failed = r["failed_step"].as_u64().expect("failed_step");
+    assert!(
+        failed < 4,
+        "trained on to step {failed} past the unsaved checkpoint"
+    );
+    // Paused for the retry time, not restarted at once.
+    assert!(r["recovery_ms"].as_u64() >= Some(500), "{r}");
+    eprintln!(
+        "fault matrix | {:<34} | paused at step {failed} | recovery {:>5} ms | steps redone {} | restored step 0",
+        "full checkpoint disk, on_error=pause", r["recovery_ms"], r["steps_redone"]
+    );
+    // Every checkpoint left is a committed one, up to the last step.
+    let root = run.out.join("checkpoints");
+    for e in std::fs::read_dir(&root).expect("checkpoints").flatten() {
+        assert!(
+            e.path().join("manifest.json").is_file(),
+            "{} is not committed",
+            e.path().display()
+        );
+    }
+    assert!(root.join("step-00000008").join("manifest.json").is_file());
+    assert!(run.weights() == reference().weights());
+}
+
 #[test]
 fn a_spare_replaces_a_node_lost_for_good() {
     let dir = tempfile::tempdir().expect("tempdir");

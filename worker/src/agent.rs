@@ -1,7 +1,9 @@
 //! The node agent: one per node. It attaches to the coordinator with one long-lived bidirectional
 //! stream (`AgentService.Attach`), registers the node's devices, heartbeats, runs the jobs it is
 //! assigned (each on a dedicated thread, never on the async runtime) and reports their progress.
-//! When the stream breaks the coordinator knows at once; the agent then stops its jobs.
+//! When the stream breaks the coordinator knows at once. The agent keeps its jobs running and
+//! attaches again (to a standby that took over, or to the same coordinator), naming them: the
+//! coordinator adopts the ones it expects and revokes the rest.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,8 +22,12 @@ use crate::{Result, WorkerError};
 /// What an agent offers and where it attaches.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// The coordinator's URL, for example `http://127.0.0.1:50051`.
-    pub coordinator: String,
+    /// The coordinators' URLs, for example `http://127.0.0.1:50051`: a leader and its standbys
+    /// (only the leader answers), tried in turn.
+    pub coordinators: Vec<String>,
+    /// How long the agent keeps attaching again after its session broke, its jobs running
+    /// meanwhile, before it stops them and gives up.
+    pub reconnect: Duration,
     /// This node's name (unique in the cluster).
     pub node: String,
     /// CPU devices to offer.
@@ -341,19 +347,266 @@ fn start_job(
     }
 }
 
-/// Attaches to the coordinator and serves it until the stream ends or `shutdown` resolves.
+/// A job attempt on this node: its revocation flag and thread.
+struct Running {
+    attempt: u32,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Final statuses kept for re-sending after a reattach (the oldest go first beyond this).
+const KEPT_FINALS: usize = 16;
+
+/// An open session with a coordinator.
+struct Session {
+    url: String,
+    out: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    registered: pb::Registered,
+}
+
+/// How a session ended.
+enum End {
+    Shutdown,
+    /// The stream broke (the coordinator died, or the network): the jobs run on.
+    Lost(String),
+    /// The coordinator ended the session (ABORTED): it recovers the jobs elsewhere.
+    Fenced(String),
+}
+
+/// What the agent keeps across sessions: its jobs, and the outcomes it reported.
+struct Agent {
+    cfg: AgentConfig,
+    acceptor: Option<crate::comm::tcp::Acceptor>,
+    data_addr: String,
+    /// Job threads report here; the current session forwards.
+    status_tx: mpsc::Sender<pb::AgentMessage>,
+    status_rx: mpsc::Receiver<pb::AgentMessage>,
+    jobs: BTreeMap<String, Running>,
+    /// The last final status (SUCCEEDED or FAILED) of each ended job, oldest first: sent again
+    /// after a reattach, since the stream that carried it may have broken first.
+    finals: Vec<pb::AssignmentStatus>,
+    /// The index in `cfg.coordinators` of the last one that answered.
+    current: usize,
+}
+
+impl Agent {
+    fn register(&self) -> pb::AgentMessage {
+        let mut running: Vec<pb::JobAttempt> = self
+            .jobs
+            .iter()
+            .filter(|(_, r)| r.thread.as_ref().is_some_and(|h| !h.is_finished()))
+            .map(|(id, r)| pb::JobAttempt {
+                job_id: id.clone(),
+                attempt: r.attempt,
+            })
+            .collect();
+        for f in &self.finals {
+            if !running.iter().any(|r| r.job_id == f.job_id) {
+                running.push(pb::JobAttempt {
+                    job_id: f.job_id.clone(),
+                    attempt: f.attempt,
+                });
+            }
+        }
+        pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Register(pb::Register {
+                node: self.cfg.node.clone(),
+                devices: devices(self.cfg.cpu_devices),
+                nvlink_domain: self.cfg.node.clone(),
+                ib_rail: 0,
+                spare: self.cfg.spare,
+                data_addr: self.data_addr.clone(),
+                running,
+            })),
+        }
+    }
+
+    /// Attaches to the first coordinator that answers, starting with the last one that did.
+    async fn attach_any(&mut self) -> Result<Session> {
+        let n = self.cfg.coordinators.len();
+        let mut last = None;
+        for i in 0..n {
+            let k = (self.current + i) % n;
+            match self.attach(k).await {
+                Ok(s) => {
+                    self.current = k;
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| WorkerError::invalid("--coordinator", "no coordinator URL given")))
+    }
+
+    async fn attach(&self, k: usize) -> Result<Session> {
+        let url = &self.cfg.coordinators[k];
+        let channel = endpoint(
+            url,
+            self.cfg.tls_ca.as_deref(),
+            self.cfg.tls_identity.as_ref(),
+        )?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| transport(url, error_chain(&e)))?;
+        let mut client = AgentServiceClient::new(channel);
+        let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
+        out.send(self.register())
+            .await
+            .map_err(|e| transport("register", e))?;
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.cfg.token {
+            let v = shoal_proto::transport::bearer(token).map_err(|e| transport("token", e))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        let mut inbound = client.attach(req).await.map_err(attach_err)?.into_inner();
+        let first = inbound.message().await.map_err(attach_err)?;
+        let Some(pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Registered(registered)),
+        }) = first
+        else {
+            return Err(transport(
+                "attach",
+                "the coordinator did not answer Register",
+            ));
+        };
+        Ok(Session {
+            url: url.clone(),
+            out,
+            inbound,
+            registered,
+        })
+    }
+
+    fn keep_final(&mut self, s: &pb::AssignmentStatus) {
+        let fin =
+            s.state == pb::JobState::Succeeded as i32 || s.state == pb::JobState::Failed as i32;
+        if !fin {
+            return;
+        }
+        self.finals.retain(|f| f.job_id != s.job_id);
+        self.finals.push(s.clone());
+        if self.finals.len() > KEPT_FINALS {
+            self.finals.remove(0);
+        }
+    }
+
+    /// Serves one session until it breaks or `shutdown` resolves.
+    async fn serve(
+        &mut self,
+        mut session: Session,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> End {
+        let reg = session.registered;
+        tracing::info!(node = %self.cfg.node, coordinator = %session.url, epoch = reg.epoch, "registered with the coordinator");
+        // Outcomes the last session may not have delivered.
+        for f in self.finals.clone() {
+            if session.out.send(message(f)).await.is_err() {
+                return End::Lost("the stream closed".into());
+            }
+        }
+        let beat = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50)));
+        let mut ticker = tokio::time::interval(beat);
+        loop {
+            tokio::select! {
+                () = shutdown.as_mut() => return End::Shutdown,
+                _ = ticker.tick() => {
+                    // Forget jobs whose threads have ended.
+                    self.jobs.retain(|_, r| r.thread.as_ref().is_some_and(|h| !h.is_finished()));
+                    let hb = pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                            epoch: reg.epoch,
+                            job_steps: Default::default(),
+                        })),
+                    };
+                    if session.out.send(hb).await.is_err() {
+                        return End::Lost("the stream closed".into());
+                    }
+                }
+                Some(m) = self.status_rx.recv() => {
+                    if let Some(pb::agent_message::Msg::Status(s)) = &m.msg {
+                        self.keep_final(s);
+                    }
+                    if session.out.send(m).await.is_err() {
+                        return End::Lost("the stream closed".into());
+                    }
+                }
+                msg = session.inbound.message() => match msg {
+                    Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => self.order(m),
+                    Ok(Some(pb::CoordinatorMessage { msg: None })) => {}
+                    Ok(None) => return End::Lost("the coordinator closed the stream".into()),
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        return End::Fenced(s.message().to_string());
+                    }
+                    Err(s) => return End::Lost(s.message().to_string()),
+                },
+            }
+        }
+    }
+
+    /// An assignment or a revocation.
+    fn order(&mut self, m: pb::coordinator_message::Msg) {
+        match m {
+            pb::coordinator_message::Msg::Assign(a) => {
+                tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
+                self.finals.retain(|f| f.job_id != a.job_id);
+                let stop = Arc::new(AtomicBool::new(false));
+                // An earlier attempt still here is stopped, and the new one waits for it.
+                let previous = self.jobs.remove(&a.job_id).and_then(|old| {
+                    old.stop.store(true, Ordering::Relaxed);
+                    old.thread
+                });
+                let (id, attempt) = (a.job_id.clone(), a.attempt);
+                let thread = start_job(
+                    a,
+                    self.cfg.node.clone(),
+                    self.acceptor.clone(),
+                    self.status_tx.clone(),
+                    Arc::clone(&stop),
+                    previous,
+                );
+                self.jobs.insert(
+                    id,
+                    Running {
+                        attempt,
+                        stop,
+                        thread,
+                    },
+                );
+            }
+            pb::coordinator_message::Msg::Revoke(r) => {
+                tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");
+                self.finals.retain(|f| f.job_id != r.job_id);
+                if let Some(j) = self.jobs.get(&r.job_id) {
+                    j.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            pb::coordinator_message::Msg::Registered(_) => {}
+        }
+    }
+
+    fn stop_all(&self) {
+        for j in self.jobs.values() {
+            j.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Attaches to a coordinator and serves it until `shutdown` resolves. The first attach must
+/// succeed (on any of `cfg.coordinators`). When the stream breaks later (the coordinator died,
+/// a standby is taking over, or the coordinator closed the session) the node's jobs keep running
+/// while the agent attaches again, to whichever coordinator answers, naming them; after
+/// `cfg.reconnect` without one, it stops them and returns the error.
 pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     crate::fault::arm(&cfg.node);
-    let channel = endpoint(
-        &cfg.coordinator,
-        cfg.tls_ca.as_deref(),
-        cfg.tls_identity.as_ref(),
-    )?
-    .connect_timeout(Duration::from_secs(5))
-    .connect()
-    .await
-    .map_err(|e| transport(&cfg.coordinator, error_chain(&e)))?;
-    let mut client = AgentServiceClient::new(channel);
+    if cfg.coordinators.is_empty() {
+        return Err(WorkerError::invalid(
+            "--coordinator",
+            "name at least one coordinator URL",
+        ));
+    }
     // The data-plane listener, shared by the meshes of every job this node runs.
     let acceptor = match cfg.data_addr {
         Some(addr) => Some(crate::comm::tcp::Acceptor::start(
@@ -367,88 +620,57 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         .as_ref()
         .map(|a| a.local_addr().to_string())
         .unwrap_or_default();
-    let (out, rx) = mpsc::channel::<pb::AgentMessage>(256);
-    out.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Register(pb::Register {
-            node: cfg.node.clone(),
-            devices: devices(cfg.cpu_devices),
-            nvlink_domain: cfg.node.clone(),
-            ib_rail: 0,
-            spare: cfg.spare,
-            data_addr,
-        })),
-    })
-    .await
-    .map_err(|e| transport("register", e))?;
-    let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(token) = &cfg.token {
-        let v = shoal_proto::transport::bearer(token).map_err(|e| transport("token", e))?;
-        req.metadata_mut().insert("authorization", v);
-    }
-    let mut inbound = client.attach(req).await.map_err(attach_err)?.into_inner();
-    let first = inbound.message().await.map_err(attach_err)?;
-    let Some(pb::CoordinatorMessage {
-        msg: Some(pb::coordinator_message::Msg::Registered(reg)),
-    }) = first
-    else {
-        return Err(transport(
-            "attach",
-            "the coordinator did not answer Register",
-        ));
+    let (status_tx, status_rx) = mpsc::channel(256);
+    let mut agent = Agent {
+        cfg,
+        acceptor,
+        data_addr,
+        status_tx,
+        status_rx,
+        jobs: BTreeMap::new(),
+        finals: Vec::new(),
+        current: 0,
     };
-    tracing::info!(node = %cfg.node, epoch = reg.epoch, "registered with the coordinator");
-    let beat = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50)));
-    let mut ticker = tokio::time::interval(beat);
-    // Each job's revocation flag and thread.
-    type Running = (Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
-    let mut running: BTreeMap<String, Running> = BTreeMap::new();
     tokio::pin!(shutdown);
-    let result = loop {
-        tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            _ = ticker.tick() => {
-                // Forget jobs whose threads have ended.
-                running.retain(|_, (_, h)| h.as_ref().is_some_and(|h| !h.is_finished()));
-                let hb = pb::AgentMessage {
-                    msg: Some(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
-                        epoch: reg.epoch,
-                        job_steps: Default::default(),
-                    })),
-                };
-                if out.send(hb).await.is_err() {
-                    break Ok(());
-                }
+    let mut session = agent.attach_any().await?;
+    let result = 'sessions: loop {
+        let why = match agent.serve(session, &mut shutdown).await {
+            End::Shutdown => break Ok(()),
+            End::Lost(why) => why,
+            End::Fenced(why) => {
+                tracing::warn!(node = %agent.cfg.node, reason = %why, "the coordinator ended the session; stopping its jobs");
+                agent.stop_all();
+                why
             }
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::CoordinatorMessage { msg: Some(m) })) => match m {
-                    pb::coordinator_message::Msg::Assign(a) => {
-                        tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
-                        let stop = Arc::new(AtomicBool::new(false));
-                        // An earlier attempt still here is stopped, and the new one waits for it.
-                        let previous = running.remove(&a.job_id).and_then(|(old, h)| {
-                            old.store(true, Ordering::Relaxed);
-                            h
-                        });
-                        let id = a.job_id.clone();
-                        let h = start_job(a, cfg.node.clone(), acceptor.clone(), out.clone(), Arc::clone(&stop), previous);
-                        running.insert(id, (stop, h));
-                    }
-                    pb::coordinator_message::Msg::Revoke(r) => {
-                        tracing::info!(job = %r.job_id, reason = %r.reason, "revoked");
-                        if let Some((stop, _)) = running.get(&r.job_id) {
-                            stop.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    pb::coordinator_message::Msg::Registered(_) => {}
-                },
-                Ok(Some(pb::CoordinatorMessage { msg: None })) => {}
-                Ok(None) => break Ok(()),
-                Err(s) => break Err(transport("stream", s.message())),
-            },
-        }
+        };
+        tracing::warn!(node = %agent.cfg.node, reason = %why, jobs = agent.jobs.len(), "session lost; attaching again");
+        let lost = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        session = loop {
+            let attached = tokio::select! {
+                () = shutdown.as_mut() => break 'sessions Ok(()),
+                s = agent.attach_any() => s,
+            };
+            match attached {
+                Ok(s) => break s,
+                Err(e) if lost.elapsed() >= agent.cfg.reconnect => {
+                    break 'sessions Err(WorkerError::invalid(
+                        "coordinator",
+                        format!(
+                            "{why}; no coordinator answered for {} ms: {e}",
+                            agent.cfg.reconnect.as_millis()
+                        ),
+                    ));
+                }
+                Err(e) => tracing::debug!(error = %e, "attaching again"),
+            }
+            tokio::select! {
+                () = shutdown.as_mut() => break 'sessions Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+        };
     };
-    for (stop, _) in running.values() {
-        stop.store(true, Ordering::Relaxed);
-    }
+    agent.stop_all();
     result
 }

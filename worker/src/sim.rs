@@ -476,6 +476,7 @@ pub async fn run(
             ib_rail: 0,
             spare: cfg.spare,
             data_addr: String::new(),
+            running: Vec::new(),
         })),
     })
     .await

@@ -104,6 +104,7 @@ pub async fn run<S: Store>(s: &S) {
 
     watches(s).await;
     leases(s).await;
+    elections(s).await;
 }
 
 /// The next event of `w`, or a panic naming what was expected.
@@ -268,6 +269,44 @@ async fn leases<S: Store>(s: &S) {
         "{seen:?}"
     );
     assert!(seen[3].revision() > seen[2].revision(), "{seen:?}");
+}
+
+/// `create_ephemeral` takes a key only while it is absent (an election): the loser gets `None`
+/// and nothing changes; once the holder's lease goes, the key can be taken again.
+async fn elections<S: Store>(s: &S) {
+    let won = s
+        .create_ephemeral("elect/leader", b"a".to_vec(), TTL * 10)
+        .await
+        .expect("create_ephemeral")
+        .expect("an absent key is taken");
+    let lost = s
+        .create_ephemeral("elect/leader", b"b".to_vec(), TTL * 10)
+        .await
+        .expect("create_ephemeral");
+    assert_eq!(lost, None, "a taken key is not taken again");
+    let got = s.get("elect/leader").await.expect("get").expect("present");
+    assert_eq!((got.value, got.revision), (b"a".to_vec(), won.revision));
+    // An ordinary key counts as taken too.
+    s.put("elect/plain", b"p".to_vec()).await.expect("put");
+    assert_eq!(
+        s.create_ephemeral("elect/plain", b"b".to_vec(), TTL)
+            .await
+            .expect("create_ephemeral"),
+        None
+    );
+    assert!(s.revoke(won.lease).await.expect("revoke"));
+    let again = s
+        .create_ephemeral("elect/leader", b"b".to_vec(), TTL * 10)
+        .await
+        .expect("create_ephemeral")
+        .expect("a key whose lease went is free");
+    assert!(again.revision > won.revision);
+    assert_eq!(
+        s.get("elect/leader").await.expect("get").map(|v| v.value),
+        Some(b"b".to_vec())
+    );
+    assert!(s.revoke(again.lease).await.expect("revoke"));
+    assert!(s.delete("elect/plain").await.expect("delete"));
 }
 
 /// After [`run`] and a reopen: the data written is still there.

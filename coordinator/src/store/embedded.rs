@@ -366,6 +366,54 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn create_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Option<Ephemeral>> {
+        let id = {
+            let mut leases = lock(&self.inner.leases);
+            leases.next += 1;
+            leases.next
+        };
+        let k = key.to_string();
+        let revision = self
+            .blocking(move |inner| {
+                // One write transaction at a time: the check and the write are atomic.
+                write_txn(inner, |tx, ev| {
+                    let exists = tx
+                        .open_table(DATA)
+                        .map_err(store_err)?
+                        .get(k.as_str())
+                        .map_err(store_err)?
+                        .is_some();
+                    if exists {
+                        return Ok(None);
+                    }
+                    write(tx, ev, &k, &value, Some(id)).map(Some)
+                })
+            })
+            .await?;
+        let Some(revision) = revision else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + ttl;
+        lock(&self.inner.leases).live.insert(
+            id,
+            Lease {
+                key: key.to_string(),
+                ttl,
+                deadline,
+            },
+        );
+        tokio::spawn(expire(Arc::downgrade(&self.inner), id, deadline));
+        Ok(Some(Ephemeral {
+            lease: LeaseId(id),
+            revision,
+        }))
+    }
+
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
         let mut leases = lock(&self.inner.leases);
         Ok(match leases.live.get_mut(&lease.0) {

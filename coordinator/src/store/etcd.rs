@@ -196,6 +196,40 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn create_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Option<Ephemeral>> {
+        let mut c = self.client.clone();
+        let lease = c
+            .lease_grant(ttl_seconds(ttl), None)
+            .await
+            .map_err(etcd_err)?
+            .id();
+        let k = self.key(key);
+        let txn = Txn::new()
+            .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                k,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let r = c.txn(txn).await;
+        match r {
+            Ok(r) if r.succeeded() => Ok(Some(Ephemeral {
+                lease: LeaseId(lease),
+                revision: r.header().map_or(0, |h| rev(h.revision())),
+            })),
+            other => {
+                // Do not leave an unused lease behind (it would expire anyway).
+                let _ = c.lease_revoke(lease).await;
+                other.map(|_| None).map_err(etcd_err)
+            }
+        }
+    }
+
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
         let mut c = self.client.clone();
         // Opening the keep-alive stream sends the first keep-alive and reads its answer.

@@ -167,6 +167,14 @@ pub trait Store: Clone + Send + Sync + 'static {
         value: Vec<u8>,
         ttl: Duration,
     ) -> impl Future<Output = Result<Ephemeral>> + Send;
+    /// [`Store::put_ephemeral`] only if `key` does not exist: `None` (and no lease left behind)
+    /// when it does. Two callers racing for one key: exactly one gets it (a leader election).
+    fn create_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Ephemeral>>> + Send;
     /// Restarts `lease`'s TTL; `false` if it is gone (expired or revoked).
     fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<bool>> + Send;
     /// Ends `lease` and deletes its keys; `false` if it was already gone.
