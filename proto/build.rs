@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("shoal_v1_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // Shared by every node's assignment: cloning it is a reference count.
+        .bytes(".shoal.v1.Assignment.mesh")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

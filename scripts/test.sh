@@ -11,6 +11,9 @@ need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# The network-cut test puts a node agent in a network namespace (`ip netns`, iproute2; it needs
+# root or CAP_NET_ADMIN, as the installs here do).
+command -v ip >/dev/null || need+=(iproute2)
 if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi

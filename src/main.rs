@@ -130,8 +130,27 @@ enum BenchSuite {
     Echo,
 }
 
+/// `shoal plan | head`: when the reader of stdout goes away, end quietly with SIGPIPE's status
+/// (141), as Unix tools do, instead of the panic `println!` raises on a broken pipe.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     alloc::keep_freed_memory();
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),

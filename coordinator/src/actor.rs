@@ -1605,15 +1605,16 @@ impl<S: Store> Actor<S> {
                     .unwrap_or_default(),
             })
             .collect();
+        // Encoded once; each assignment shares the bytes.
+        let mesh = shoal_proto::encode_mesh(&pb::JobMesh { peers, mesh_nodes });
         for (n, ranks) in nodes.into_iter().zip(ranks) {
             let msg = pb::CoordinatorMessage {
                 msg: Some(pb::coordinator_message::Msg::Assign(pb::Assignment {
                     job_id: id.to_string(),
                     spec: Some(spec.clone()),
                     ranks,
-                    peers: peers.clone(),
                     attempt: rec.attempt,
-                    mesh_nodes: mesh_nodes.clone(),
+                    mesh: mesh.clone(),
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {

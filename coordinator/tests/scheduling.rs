@@ -113,6 +113,10 @@ async fn assignment(c: &Control, rx: &mut Inbox) -> Option<pb::Assignment> {
     }
 }
 
+fn mesh_of(a: &pb::Assignment) -> pb::JobMesh {
+    shoal_proto::decode_mesh(a).expect("mesh")
+}
+
 /// Longer than the actor's settle time before it places a recovering job again.
 async fn settle() {
     tokio::time::sleep(ControlConfig::default().recovery_settle + Duration::from_millis(10)).await;
@@ -615,7 +619,7 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
     s.elasticity.min_dp = 2;
     let job = c.submit(s).await.expect("submit");
     let first = assignment(&c, &mut n1).await.expect("placed");
-    assert_eq!(first.mesh_nodes.len(), 4);
+    assert_eq!(mesh_of(&first).mesh_nodes.len(), 4);
     // n2 is lost for good: the job continues on n1's two devices with dp 2.
     c.disconnected("n2", e2).await;
     settle().await;
@@ -626,7 +630,10 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
             .and_then(|s| s.parallelism.as_ref())
             .map(|p| p.dp)
     };
-    assert_eq!((a.attempt, a.mesh_nodes.len(), dp_of(&a)), (1, 2, Some(2)));
+    assert_eq!(
+        (a.attempt, mesh_of(&a).mesh_nodes.len(), dp_of(&a)),
+        (1, 2, Some(2))
+    );
     let mut running = status(&job, pb::JobState::Running);
     running.attempt = 1;
     running.started_step = Some(2);
@@ -650,7 +657,10 @@ async fn a_shrunk_job_grows_back_at_its_next_checkpoint_once_devices_return() {
     );
     settle().await;
     let a = assignment(&c, &mut n1).await.expect("grown on n1");
-    assert_eq!((a.attempt, a.mesh_nodes.len(), dp_of(&a)), (2, 4, Some(4)));
+    assert_eq!(
+        (a.attempt, mesh_of(&a).mesh_nodes.len(), dp_of(&a)),
+        (2, 4, Some(4))
+    );
     assert!(assignment(&c, &mut n3).await.is_some(), "and on n3");
 }
 

@@ -21,5 +21,17 @@ pub mod v1 {
     tonic::include_proto!("shoal.v1");
 }
 
+/// Encodes a job's mesh once, for every node's [`v1::Assignment::mesh`].
+pub fn encode_mesh(mesh: &v1::JobMesh) -> prost::bytes::Bytes {
+    use prost::Message;
+    mesh.encode_to_vec().into()
+}
+
+/// The mesh of an assignment.
+pub fn decode_mesh(a: &v1::Assignment) -> Result<v1::JobMesh, prost::DecodeError> {
+    use prost::Message;
+    v1::JobMesh::decode(a.mesh.as_ref())
+}
+
 /// The encoded file descriptor set of every `shoal.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("shoal_v1_descriptor");

@@ -306,3 +306,28 @@ fn the_schedule_is_data_in_json_and_drawn_as_a_timeline() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("parallelism.pp"), "{}", stderr(&out));
 }
+
+/// `shoal plan | head` with the reader gone before the output: no panic, SIGPIPE's status.
+#[test]
+fn a_closed_stdout_ends_the_plan_quietly() {
+    let mut child = std::process::Command::new(shoal_tests::shoal_bin())
+        .args([
+            "plan",
+            "--model",
+            "deepseek-v3-671b",
+            "--cluster",
+            "256x8",
+            "--pp",
+            "16",
+        ])
+        .args(["--dp", "128", "--ep", "64", "--schedule", "dualpipe"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start shoal plan");
+    // The reader goes away before the plan is printed.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

@@ -168,6 +168,7 @@ fn message(s: pb::AssignmentStatus) -> pb::AgentMessage {
 /// `training.comm_timeout_s`).
 fn cross_node_mesh(
     a: &pb::Assignment,
+    m: &pb::JobMesh,
     spec: &shoal_spec::job::JobSpec,
     timeout: Duration,
     node: &str,
@@ -177,8 +178,8 @@ fn cross_node_mesh(
     let acceptor = acceptor.ok_or_else(|| {
         bad("the job spans nodes and this agent has no data-plane address (--data-addr)".into())
     })?;
-    let names: Vec<&str> = a.peers.iter().map(|p| p.node.as_str()).collect();
-    let addrs = a
+    let names: Vec<&str> = m.peers.iter().map(|p| p.node.as_str()).collect();
+    let addrs = m
         .peers
         .iter()
         .map(|p| {
@@ -190,7 +191,7 @@ fn cross_node_mesh(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let world = a.mesh_nodes.len();
+    let world = m.mesh_nodes.len();
     let par = &spec.parallelism;
     if world != par.pp * par.dp {
         return Err(bad(format!(
@@ -198,7 +199,7 @@ fn cross_node_mesh(
             par.pp, par.dp
         )));
     }
-    let node_of = a
+    let node_of = m
         .mesh_nodes
         .iter()
         .enumerate()
@@ -271,9 +272,13 @@ fn start_job(
                 None => return failed("assignment without a spec".into(), false),
             };
             // Ranks on other nodes: this node's ranks join them over TCP.
-            let mesh = if a.mesh_nodes.len() > a.ranks.len() {
+            let layout = match shoal_proto::decode_mesh(&a) {
+                Ok(m) => m,
+                Err(e) => return failed(format!("the assignment's mesh: {e}"), false),
+            };
+            let mesh = if layout.mesh_nodes.len() > a.ranks.len() {
                 let timeout = crate::job::options(&spec).comm_timeout();
-                match cross_node_mesh(&a, &spec, timeout, &node, acceptor.as_ref()) {
+                match cross_node_mesh(&a, &layout, &spec, timeout, &node, acceptor.as_ref()) {
                     Ok(m) => Some(m),
                     Err(e) => return failed(e.to_string(), true),
                 }
@@ -448,6 +453,11 @@ impl Agent {
             self.cfg.tls_identity.as_ref(),
         )?
         .connect_timeout(Duration::from_secs(2))
+        // A coordinator gone silent (its host lost, the network cut) shows as an error of the
+        // session within about three seconds, as a dead one's closed connection does.
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| transport(url, error_chain(&e)))?;

@@ -369,7 +369,9 @@ fn start(
     let clock = Clock {
         attempt: a.attempt,
         t0: None,
-        nodes: a.peers.len().max(1),
+        nodes: shoal_proto::decode_mesh(a)
+            .map_or(0, |m| m.peers.len())
+            .max(1),
         start: 0,
         steps: spec.training.steps,
         step: cost.step_s * cfg.slowdown.max(1.0) / speed,
