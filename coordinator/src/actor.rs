@@ -721,7 +721,19 @@ impl<S: Store> Actor<S> {
     /// Moves a job to `to`: persisted first, then watchers hear of it. Leaving a placed state
     /// frees the job's devices.
     async fn transition(&mut self, id: &str, to: JobState, reason: &str) -> Result<JobRecord> {
+        self.transition_with(id, to, reason, |_| {}).await
+    }
+
+    /// [`Actor::transition`] with more changes to the record, persisted in the same write.
+    async fn transition_with(
+        &mut self,
+        id: &str,
+        to: JobState,
+        reason: &str,
+        edit: impl FnOnce(&mut JobRecord) + Send,
+    ) -> Result<JobRecord> {
         let mut rec = self.record(id)?.clone();
+        edit(&mut rec);
         if !rec.state.allows(to) {
             return Err(CoordinatorError::FailedPrecondition(format!(
                 "job {id} cannot go from {:?} to {to:?}",
@@ -1460,11 +1472,13 @@ impl<S: Store> Actor<S> {
     }
 
     async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
+        let began = std::time::Instant::now();
         let rec = self.record(id)?.clone();
         // A job being recovered may also take spare nodes; its earlier nodes come first, then
         // the spares, then the other healthy nodes (each class by name).
         let recovering = rec.attempt > 0;
-        let earlier: Vec<&str> = rec.placement.iter().map(|p| p.node.as_str()).collect();
+        let earlier: std::collections::BTreeSet<&str> =
+            rec.placement.iter().map(|p| p.node.as_str()).collect();
         let mut usable: Vec<(u8, &String, Vec<usize>)> = self
             .nodes
             .iter()
@@ -1546,6 +1560,7 @@ impl<S: Store> Actor<S> {
                 base.pp * least
             )));
         };
+        let planned = began.elapsed();
         let placement: Vec<Placed> = plan
             .ranks
             .iter()
@@ -1564,11 +1579,15 @@ impl<S: Store> Actor<S> {
                 n.busy.insert(p.device, id.to_string());
             }
         }
-        let mut placed = rec.clone();
-        placed.placement = placement.clone();
-        self.save(placed).await?;
         let reason = format!("placed on {} device(s)", placement.len());
-        let rec = self.transition(id, JobState::Scheduling, &reason).await?;
+        // The placement and the state change: one write of a record that, for a job of
+        // thousands of ranks, is hundreds of kilobytes.
+        let rec = self
+            .transition_with(id, JobState::Scheduling, &reason, |r| {
+                r.placement = placement.clone();
+            })
+            .await?;
+        let persisted = began.elapsed();
         let wire = |p: &Placed| pb::RankPlacement {
             pp_rank: p.pp_rank as u32,
             dp_rank: p.dp_rank as u32,
@@ -1607,13 +1626,39 @@ impl<S: Store> Actor<S> {
             .collect();
         // Encoded once; each assignment shares the bytes.
         let mesh = shoal_proto::encode_mesh(&pb::JobMesh { peers, mesh_nodes });
+        // Queued on every node's stream without yielding to the streams' tasks in between (as
+        // tokio's cooperative budget would every 128 sends): they encode and write the
+        // assignments once all are queued. A full stream still waits.
+        tokio::task::unconstrained(self.send_assignments(
+            id,
+            rec.attempt,
+            spec,
+            nodes,
+            ranks,
+            mesh,
+        ))
+        .await;
+        tracing::debug!(job = %id, ranks = placement.len(), plan_us = planned.as_micros() as u64, persist_us = (persisted - planned).as_micros() as u64, send_us = (began.elapsed() - persisted).as_micros() as u64, "placed");
+        Ok(Ok(()))
+    }
+
+    /// Sends attempt `attempt` of job `id` to each of `nodes`, with its `ranks`.
+    async fn send_assignments(
+        &self,
+        id: &str,
+        attempt: u32,
+        spec: pb::JobSpec,
+        nodes: Vec<&str>,
+        ranks: Vec<Vec<pb::RankPlacement>>,
+        mesh: shoal_proto::Bytes,
+    ) {
         for (n, ranks) in nodes.into_iter().zip(ranks) {
             let msg = pb::CoordinatorMessage {
                 msg: Some(pb::coordinator_message::Msg::Assign(pb::Assignment {
                     job_id: id.to_string(),
                     spec: Some(spec.clone()),
                     ranks,
-                    attempt: rec.attempt,
+                    attempt,
                     mesh: mesh.clone(),
                 })),
             };
@@ -1621,6 +1666,5 @@ impl<S: Store> Actor<S> {
                 let _ = s.send(Ok(msg)).await;
             }
         }
-        Ok(Ok(()))
     }
 }

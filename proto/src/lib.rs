@@ -21,8 +21,11 @@ pub mod v1 {
     tonic::include_proto!("shoal.v1");
 }
 
+/// The shared buffer type of `bytes` fields such as [`v1::Assignment::mesh`].
+pub use prost::bytes::Bytes;
+
 /// Encodes a job's mesh once, for every node's [`v1::Assignment::mesh`].
-pub fn encode_mesh(mesh: &v1::JobMesh) -> prost::bytes::Bytes {
+pub fn encode_mesh(mesh: &v1::JobMesh) -> Bytes {
     use prost::Message;
     mesh.encode_to_vec().into()
 }
