@@ -639,16 +639,20 @@ async fn drive(
     let mut repairs: Vec<(f64, String)> = Vec::new();
     let mut failures: Vec<Failure> = Vec::new();
     let mut attempt = 0u32;
-    let mut next_fail =
-        v_base + exp_sample(&mut rng, node_mtbf / cluster.alive().len().max(1) as f64);
+    // Counted from the job's start at virtual 0 (not from its real placement time).
+    let mut next_fail = exp_sample(&mut rng, node_mtbf / cluster.alive().len().max(1) as f64);
     loop {
         let next_repair = repairs.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
         let next = next_fail.min(next_repair).min(horizon);
-        let now = v_now(v_base, t_base);
-        if next > now {
+        // Until the event is due (a timer may wake a fraction of a millisecond early, which is
+        // seconds of virtual time).
+        let now = loop {
+            let now = v_now(v_base, t_base);
+            if next <= now {
+                break now;
+            }
             tokio::time::sleep(Duration::from_secs_f64((next - now) / speedup)).await;
-        }
-        let now = v_now(v_base, t_base);
+        };
         if let Some(p) = world.progress(&id)
             && p.step >= steps
         {
@@ -663,12 +667,15 @@ async fn drive(
             cluster.repair(&name);
             continue;
         }
-        // A failure.
+        // A failure, due at `next`: the schedule follows from the seed alone (each failure and
+        // repair is timed from the one before on the virtual clock, never from when the real
+        // run got to it), so one seed fails the same nodes at the same simulated times. One due
+        // while the control plane was busy with the one before is handled as soon as it is done.
         let alive = cluster.alive();
         let Some(victim) =
             (!alive.is_empty()).then(|| alive[rng.random_range(0..alive.len())].clone())
         else {
-            next_fail = now + exp_sample(&mut rng, node_mtbf);
+            next_fail = next + exp_sample(&mut rng, node_mtbf);
             continue;
         };
         let hang = rng.random::<f64>() < args.hang_fraction;
@@ -680,9 +687,9 @@ async fn drive(
         let killed_ms = unix_ms();
         let killed_at = Instant::now();
         cluster.fail(&victim, hang);
-        repairs.push((now + args.repair_hours * 3600.0, victim.clone()));
+        repairs.push((next + args.repair_hours * 3600.0, victim.clone()));
         let mut f = Failure {
-            at_s: now,
+            at_s: next,
             node: victim.clone(),
             kind: if hang { "hang" } else { "kill" },
             in_job,
@@ -788,8 +795,7 @@ async fn drive(
             v_base = resumed_v;
         }
         failures.push(f);
-        let now = v_now(v_base, t_base);
-        next_fail = now + exp_sample(&mut rng, node_mtbf / cluster.alive().len().max(1) as f64);
+        next_fail = next + exp_sample(&mut rng, node_mtbf / cluster.alive().len().max(1) as f64);
     }
     let end_v = v_now(v_base, t_base).min(horizon.max(v_base));
     let done = world.progress(&id).map_or(0, |p| p.step);

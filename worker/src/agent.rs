@@ -391,6 +391,8 @@ struct Agent {
     /// The last final status (SUCCEEDED or FAILED) of each ended job, oldest first: sent again
     /// after a reattach, since the stream that carried it may have broken first.
     finals: Vec<pb::AssignmentStatus>,
+    /// Statuses reported while no session was open, to send once one is.
+    pending: std::collections::VecDeque<pb::AgentMessage>,
     /// The index in `cfg.coordinators` of the last one that answered.
     current: usize,
 }
@@ -429,6 +431,14 @@ impl Agent {
 
     /// Attaches to the first coordinator that answers, starting with the last one that did.
     async fn attach_any(&mut self) -> Result<Session> {
+        // What the jobs reported since the last session broke: a job that finished meanwhile
+        // is named in the registration with its outcome, as one that still runs is.
+        while let Ok(m) = self.status_rx.try_recv() {
+            if let Some(pb::agent_message::Msg::Status(s)) = &m.msg {
+                self.keep_final(s);
+            }
+            self.pending.push_back(m);
+        }
         let n = self.cfg.coordinators.len();
         let mut last = None;
         for i in 0..n {
@@ -511,9 +521,14 @@ impl Agent {
     ) -> End {
         let reg = session.registered;
         tracing::info!(node = %self.cfg.node, coordinator = %session.url, epoch = reg.epoch, "registered with the coordinator");
-        // Outcomes the last session may not have delivered.
+        // Outcomes the last session may not have delivered, then what came in between.
         for f in self.finals.clone() {
             if session.out.send(message(f)).await.is_err() {
+                return End::Lost("the stream closed".into());
+            }
+        }
+        while let Some(m) = self.pending.pop_front() {
+            if session.out.send(m).await.is_err() {
                 return End::Lost("the stream closed".into());
             }
         }
@@ -639,6 +654,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
         status_rx,
         jobs: BTreeMap::new(),
         finals: Vec::new(),
+        pending: std::collections::VecDeque::new(),
         current: 0,
     };
     tokio::pin!(shutdown);
