@@ -95,13 +95,16 @@ pub fn start_coordinator_with(args: &[&str]) -> (Background, String) {
     let mut all = vec!["coordinator", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
     let mut c = Background::start(&all);
-    let line = c.first_line();
-    let url = line
-        .split_whitespace()
+    let url = url_in(&c.first_line());
+    (c, url)
+}
+
+/// The `http://` URL in a coordinator's first line (`coordinator listening on URL ...`).
+pub fn url_in(line: &str) -> String {
+    line.split_whitespace()
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    (c, url)
+        .to_string()
 }
 
 /// Polls `shoal nodes --json` until `n` nodes are healthy (panics after 20 s).

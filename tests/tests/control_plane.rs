@@ -884,12 +884,7 @@ fn a_network_cut_made_with_a_network_namespace_is_recovered_from() {
         "--heartbeat-timeout-ms",
         "2000",
     ]);
-    let line = c.first_line();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let url = shoal_tests::url_in(&c.first_line());
     let host_data = format!("{}:0", ns.host);
     let inside_data = format!("{}:0", ns.inside);
     let _n1 = Background::start(&[

@@ -6,24 +6,30 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `shoal plan` of the report's setup.
+const PAPER: [&str; 15] = [
+    "plan",
+    "--model",
+    "deepseek-v3-671b",
+    "--cluster",
+    "256x8",
+    "--pp",
+    "16",
+    "--dp",
+    "128",
+    "--ep",
+    "64",
+    "--schedule",
+    "dualpipe",
+    "--micro-batches",
+    "32",
+];
+
 #[test]
 fn the_papers_setup_places_every_ep_group_on_eight_nodes() {
-    let out = run_shoal(&[
-        "plan",
-        "--model",
-        "deepseek-v3-671b",
-        "--cluster",
-        "256x8",
-        "--pp",
-        "16",
-        "--dp",
-        "128",
-        "--ep",
-        "64",
-        "--schedule",
-        "dualpipe",
-        "--json",
-    ]);
+    let mut args = PAPER.to_vec();
+    args.push("--json");
+    let out = run_shoal(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let groups = plan["ep_groups"].as_array().expect("ep_groups");
@@ -311,16 +317,7 @@ fn the_schedule_is_data_in_json_and_drawn_as_a_timeline() {
 #[test]
 fn a_closed_stdout_ends_the_plan_quietly() {
     let mut child = std::process::Command::new(shoal_tests::shoal_bin())
-        .args([
-            "plan",
-            "--model",
-            "deepseek-v3-671b",
-            "--cluster",
-            "256x8",
-            "--pp",
-            "16",
-        ])
-        .args(["--dp", "128", "--ep", "64", "--schedule", "dualpipe"])
+        .args(PAPER)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -124,6 +124,58 @@ impl EmbeddedStore {
             .await
             .map_err(|e| CoordinatorError::Store(format!("store task: {e}")))?
     }
+
+    /// Writes `key` attached to a new lease of `ttl`; with `only_if_absent`, only if the key
+    /// does not exist (`None` then, and no lease).
+    async fn ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+        only_if_absent: bool,
+    ) -> Result<Option<Ephemeral>> {
+        let id = {
+            let mut leases = lock(&self.inner.leases);
+            leases.next += 1;
+            leases.next
+        };
+        let k = key.to_string();
+        let revision = self
+            .blocking(move |inner| {
+                // One write transaction at a time: the check and the write are atomic.
+                write_txn(inner, |tx, ev| {
+                    if only_if_absent
+                        && tx
+                            .open_table(DATA)
+                            .map_err(store_err)?
+                            .get(k.as_str())
+                            .map_err(store_err)?
+                            .is_some()
+                    {
+                        return Ok(None);
+                    }
+                    write(tx, ev, &k, &value, Some(id)).map(Some)
+                })
+            })
+            .await?;
+        let Some(revision) = revision else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + ttl;
+        lock(&self.inner.leases).live.insert(
+            id,
+            Lease {
+                key: key.to_string(),
+                ttl,
+                deadline,
+            },
+        );
+        tokio::spawn(expire(Arc::downgrade(&self.inner), id, deadline));
+        Ok(Some(Ephemeral {
+            lease: LeaseId(id),
+            revision,
+        }))
+    }
 }
 
 /// Runs `f` in one write transaction; after the commit, sends the events it recorded.
@@ -341,29 +393,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn put_ephemeral(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<Ephemeral> {
-        let id = {
-            let mut leases = lock(&self.inner.leases);
-            leases.next += 1;
-            leases.next
-        };
-        let k = key.to_string();
-        let revision = self
-            .blocking(move |inner| write_txn(inner, |tx, ev| write(tx, ev, &k, &value, Some(id))))
-            .await?;
-        let deadline = Instant::now() + ttl;
-        lock(&self.inner.leases).live.insert(
-            id,
-            Lease {
-                key: key.to_string(),
-                ttl,
-                deadline,
-            },
-        );
-        tokio::spawn(expire(Arc::downgrade(&self.inner), id, deadline));
-        Ok(Ephemeral {
-            lease: LeaseId(id),
-            revision,
-        })
+        self.ephemeral(key, value, ttl, false)
+            .await?
+            .ok_or_else(|| CoordinatorError::Store(format!("{key}: ephemeral write lost")))
     }
 
     async fn create_ephemeral(
@@ -372,46 +404,7 @@ impl Store for EmbeddedStore {
         value: Vec<u8>,
         ttl: Duration,
     ) -> Result<Option<Ephemeral>> {
-        let id = {
-            let mut leases = lock(&self.inner.leases);
-            leases.next += 1;
-            leases.next
-        };
-        let k = key.to_string();
-        let revision = self
-            .blocking(move |inner| {
-                // One write transaction at a time: the check and the write are atomic.
-                write_txn(inner, |tx, ev| {
-                    let exists = tx
-                        .open_table(DATA)
-                        .map_err(store_err)?
-                        .get(k.as_str())
-                        .map_err(store_err)?
-                        .is_some();
-                    if exists {
-                        return Ok(None);
-                    }
-                    write(tx, ev, &k, &value, Some(id)).map(Some)
-                })
-            })
-            .await?;
-        let Some(revision) = revision else {
-            return Ok(None);
-        };
-        let deadline = Instant::now() + ttl;
-        lock(&self.inner.leases).live.insert(
-            id,
-            Lease {
-                key: key.to_string(),
-                ttl,
-                deadline,
-            },
-        );
-        tokio::spawn(expire(Arc::downgrade(&self.inner), id, deadline));
-        Ok(Some(Ephemeral {
-            lease: LeaseId(id),
-            revision,
-        }))
+        self.ephemeral(key, value, ttl, true).await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {

@@ -46,6 +46,14 @@ fn lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// A new lease of `ttl`.
+async fn grant(c: &mut Client, ttl: Duration) -> Result<i64> {
+    Ok(c.lease_grant(ttl_seconds(ttl), None)
+        .await
+        .map_err(etcd_err)?
+        .id())
+}
+
 /// `ttl` in etcd's whole seconds, rounded up (at least 1).
 fn ttl_seconds(ttl: Duration) -> i64 {
     let secs = ttl.as_millis().div_ceil(1000).max(1);
@@ -171,11 +179,7 @@ impl Store for EtcdStore {
 
     async fn put_ephemeral(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<Ephemeral> {
         let mut c = self.client.clone();
-        let lease = c
-            .lease_grant(ttl_seconds(ttl), None)
-            .await
-            .map_err(etcd_err)?
-            .id();
+        let lease = grant(&mut c, ttl).await?;
         let put = c
             .put(
                 self.key(key),
@@ -203,11 +207,7 @@ impl Store for EtcdStore {
         ttl: Duration,
     ) -> Result<Option<Ephemeral>> {
         let mut c = self.client.clone();
-        let lease = c
-            .lease_grant(ttl_seconds(ttl), None)
-            .await
-            .map_err(etcd_err)?
-            .id();
+        let lease = grant(&mut c, ttl).await?;
         let k = self.key(key);
         let txn = Txn::new()
             .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
