@@ -776,15 +776,20 @@ impl<S: Store> Actor<S> {
         let mut nodes: Vec<&str> = rec.placement.iter().map(|p| p.node.as_str()).collect();
         nodes.dedup();
         for n in nodes {
-            if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {
-                let msg = pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::Revoke(pb::Revoke {
-                        job_id: rec.id.clone(),
-                        reason: reason.to_string(),
-                    })),
-                };
-                let _ = s.send(Ok(msg)).await;
-            }
+            self.revoke_on(n, &rec.id, reason).await;
+        }
+    }
+
+    /// Tells `node`, if its session is open, to stop job `id`.
+    async fn revoke_on(&self, node: &str, id: &str, reason: &str) {
+        if let Some(s) = self.nodes.get(node).and_then(|e| e.session.as_ref()) {
+            let msg = pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::Revoke(pb::Revoke {
+                    job_id: id.to_string(),
+                    reason: reason.to_string(),
+                })),
+            };
+            let _ = s.send(Ok(msg)).await;
         }
     }
 
@@ -968,17 +973,10 @@ impl<S: Store> Actor<S> {
                 self.set_reason(&id, &reason).await?;
             }
         }
-        if let Some(s) = self.nodes.get(node).and_then(|e| e.session.clone()) {
-            for id in stale {
-                tracing::info!(job = %id, node, "revoking a job attempt the node still runs");
-                let msg = pb::CoordinatorMessage {
-                    msg: Some(pb::coordinator_message::Msg::Revoke(pb::Revoke {
-                        job_id: id,
-                        reason: "not a current attempt of a running job".into(),
-                    })),
-                };
-                let _ = s.send(Ok(msg)).await;
-            }
+        for id in stale {
+            tracing::info!(job = %id, node, "revoking a job attempt the node still runs");
+            self.revoke_on(node, &id, "not a current attempt of a running job")
+                .await;
         }
         let lost: Vec<String> = self
             .adopting
@@ -1427,7 +1425,6 @@ impl<S: Store> Actor<S> {
         self.save(rec).await
     }
 
-    /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
     /// Feeds a node's compute seconds of a step to the job's straggler detector; a node much
     /// slower than its peers over several steps becomes a job event.
     fn straggling(&mut self, id: &str, attempt: u32, node: &str, step: u64, busy_s: f64) {
@@ -1471,6 +1468,7 @@ impl<S: Store> Actor<S> {
         Ok(())
     }
 
+    /// Places a pending job if its ranks fit; `Ok(Err(reason))` when it must wait.
     async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
         let began = std::time::Instant::now();
         let rec = self.record(id)?.clone();

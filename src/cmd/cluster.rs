@@ -256,20 +256,19 @@ pub(super) struct Campaign {
     pub lease: std::time::Duration,
 }
 
-/// The lead a coordinator holds: `lost` resolves with why once it is gone (the coordinator must
-/// stop at once); `resign` hands it over.
+/// The lead a coordinator holds, kept by a task of its own: `lost` resolves with why once it is
+/// gone (the coordinator must stop at once); `resign` hands it over.
 pub(super) struct Lead {
     pub lost: tokio::sync::oneshot::Receiver<String>,
-    resign: tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>,
+    resign: tokio::sync::oneshot::Sender<()>,
+    keeper: tokio::task::JoinHandle<()>,
 }
 
 impl Lead {
     /// Resigns, so that a standby takes over at once.
     pub async fn resign(self) {
-        let (done, resigned) = tokio::sync::oneshot::channel();
-        if self.resign.send(done).is_ok() {
-            let _ = resigned.await;
-        }
+        let _ = self.resign.send(());
+        let _ = self.keeper.await;
     }
 }
 
@@ -329,21 +328,22 @@ async fn lead<S: shoal_coordinator::store::Store>(store: S, c: Campaign) -> Resu
     })
     .await?;
     let (lost_tx, lost) = tokio::sync::oneshot::channel();
-    let (resign, resign_rx) = tokio::sync::oneshot::channel::<tokio::sync::oneshot::Sender<()>>();
-    tokio::spawn(async move {
+    let (resign, resign_rx) = tokio::sync::oneshot::channel::<()>();
+    let keeper = tokio::spawn(async move {
         tokio::select! {
             why = held.lost() => { let _ = lost_tx.send(why); }
-            done = resign_rx => {
+            _ = resign_rx => {
                 if let Err(e) = held.resign().await {
                     tracing::warn!(error = %e, "resigning the lead");
-                }
-                if let Ok(done) = done {
-                    let _ = done.send(());
                 }
             }
         }
     });
-    Ok(Lead { lost, resign })
+    Ok(Lead {
+        lost,
+        resign,
+        keeper,
+    })
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -730,27 +730,7 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(s) => {
-                    // The coordinator went away (a standby is taking over, or it restarts):
-                    // watch again through whichever of the URLs answers.
-                    tracing::debug!(error = %s.message(), "watch stream broken");
-                    let since = std::time::Instant::now();
-                    events = loop {
-                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                        let again = match jobs_client(t).await {
-                            Ok(mut c) => watch_stream(&mut c, id).await,
-                            Err(e) => Err(e),
-                        };
-                        match again {
-                            Ok(e) => break e,
-                            Err(e) if since.elapsed() > std::time::Duration::from_secs(30) => {
-                                return Err(e.context(format!(
-                                    "watching {id}: the coordinator went away ({})",
-                                    s.message()
-                                )));
-                            }
-                            Err(_) => {}
-                        }
-                    };
+                    events = watch_again(t, id, &s).await?;
                     continue;
                 }
             };
@@ -803,6 +783,35 @@ pub fn watch(id: &str, t: &Target) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// After the watch of job `id` broke with `broke` (the coordinator went away: a standby is
+/// taking over, or it restarts): watches again through whichever of the URLs answers, for up to
+/// 30 s.
+async fn watch_again(
+    t: &Target,
+    id: &str,
+    broke: &tonic::Status,
+) -> Result<tonic::Streaming<pb::JobEvent>> {
+    tracing::debug!(error = %broke.message(), "watch stream broken");
+    let since = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let again = match jobs_client(t).await {
+            Ok(mut c) => watch_stream(&mut c, id).await,
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(e) => return Ok(e),
+            Err(e) if since.elapsed() > std::time::Duration::from_secs(30) => {
+                return Err(e.context(format!(
+                    "watching {id}: the coordinator went away ({})",
+                    broke.message()
+                )));
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The events of job `id`, from its current state on.

@@ -522,12 +522,14 @@ impl Agent {
         let reg = session.registered;
         tracing::info!(node = %self.cfg.node, coordinator = %session.url, epoch = reg.epoch, "registered with the coordinator");
         // Outcomes the last session may not have delivered, then what came in between.
-        for f in self.finals.clone() {
-            if session.out.send(message(f)).await.is_err() {
-                return End::Lost("the stream closed".into());
-            }
-        }
-        while let Some(m) = self.pending.pop_front() {
+        let backlog: Vec<pb::AgentMessage> = self
+            .finals
+            .iter()
+            .cloned()
+            .map(message)
+            .chain(self.pending.drain(..))
+            .collect();
+        for m in backlog {
             if session.out.send(m).await.is_err() {
                 return End::Lost("the stream closed".into());
             }
