@@ -1629,7 +1629,7 @@ impl<S: Store> Actor<S> {
         // assignments once all are queued. A full stream still waits.
         tokio::task::unconstrained(self.send_assignments(
             id,
-            rec.attempt,
+            (rec.attempt, rec.checkpoint_step),
             spec,
             nodes,
             ranks,
@@ -1640,11 +1640,12 @@ impl<S: Store> Actor<S> {
         Ok(Ok(()))
     }
 
-    /// Sends attempt `attempt` of job `id` to each of `nodes`, with its `ranks`.
+    /// Sends attempt `attempt` of job `id` to each of `nodes`, with its `ranks`; a recovery
+    /// restores from the checkpoint of step `checkpoint` (or the newest valid one before it).
     async fn send_assignments(
         &self,
         id: &str,
-        attempt: u32,
+        (attempt, checkpoint): (u32, u64),
         spec: pb::JobSpec,
         nodes: Vec<&str>,
         ranks: Vec<Vec<pb::RankPlacement>>,
@@ -1658,6 +1659,7 @@ impl<S: Store> Actor<S> {
                     ranks,
                     attempt,
                     mesh: mesh.clone(),
+                    restore_step: (attempt > 0).then_some(checkpoint),
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {

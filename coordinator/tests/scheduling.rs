@@ -524,7 +524,8 @@ async fn one_node_job_with_two_recoveries() -> (tempfile::TempDir, Control, Inbo
     let c = Control::start_with(store, config).await.expect("start").0;
     let (mut n1, e1) = node(&c, "n1", 1).await;
     let job = c.submit(spec("j", 1, 0)).await.expect("submit");
-    assert_eq!(assignment(&c, &mut n1).await.expect("placed").attempt, 0);
+    let first = assignment(&c, &mut n1).await.expect("placed");
+    assert_eq!((first.attempt, first.restore_step), (0, None));
     (dir, c, n1, e1, job)
 }
 
@@ -572,6 +573,11 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
         .await
         .expect("placed on the spare");
     assert_eq!(a.attempt, 1);
+    assert_eq!(
+        a.restore_step,
+        Some(4),
+        "every node of the attempt restores the checkpoint the coordinator knows of"
+    );
     assert_eq!(state(&c, &job).await.0, JobState::Scheduling);
     // What the first attempt's ranks still say changes nothing.
     let mut late = status(&job, pb::JobState::Failed);

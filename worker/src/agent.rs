@@ -301,7 +301,7 @@ fn start_job(
                 })
             });
             let options = crate::job::RunOptions {
-                recover: attempt > 0,
+                restore: (attempt > 0).then(|| a.restore_step.unwrap_or(u64::MAX)),
             };
             let result = crate::job::run_with(&spec, mesh, options, |ev| {
                 let mut s = status(&job_id, attempt, pb::JobState::Running);

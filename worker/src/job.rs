@@ -266,9 +266,11 @@ pub enum RunEnd {
 /// How an attempt at a job starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunOptions {
-    /// Continue from the newest committed checkpoint in the job's `checkpoints/` (a recovery);
-    /// without one (or `false`), start as the spec says.
-    pub recover: bool,
+    /// `Some(step)`: continue from the newest committed checkpoint in the job's `checkpoints/`
+    /// at or before `step` that verifies (a recovery: every process of an attempt is given the
+    /// same step, so all restore the same checkpoint; `u64::MAX` takes the newest). Without
+    /// one (or with `None`), start as the spec says.
+    pub restore: Option<u64>,
 }
 
 /// What a run tells its caller as it goes.
@@ -366,10 +368,9 @@ pub fn run_with(
         std::fs::create_dir_all(&out).map_err(|e| WorkerError::io(&out, e))?;
     }
     let root = out.join("checkpoints");
-    let from = if run.recover {
-        sharded::latest_valid(&root)?.map(|(d, _)| d)
-    } else {
-        None
+    let from = match run.restore {
+        Some(step) => sharded::latest_valid_at_most(&root, step)?.map(|(d, _)| d),
+        None => None,
     };
     let mut trainer = match &from {
         Some(dir) => resume_trainer(spec, dir, mesh, false)?,

@@ -21,10 +21,19 @@ fn spec(dir: &Path, dp: usize, ep: usize, precision: &str) -> JobSpec {
 }
 
 /// Runs to the end (or stops after step `stop_after`); returns the steps it started after and
-/// the final weights file's bytes.
+/// the final weights file's bytes. `recover` continues from the newest checkpoint.
 fn go(spec: &JobSpec, recover: bool, stop_after: Option<u64>) -> (u64, Option<Vec<u8>>) {
+    go_from(spec, recover.then_some(u64::MAX), stop_after)
+}
+
+/// [`go`], restoring the newest checkpoint at or before `restore`.
+fn go_from(
+    spec: &JobSpec,
+    restore: Option<u64>,
+    stop_after: Option<u64>,
+) -> (u64, Option<Vec<u8>>) {
     let mut start = u64::MAX;
-    let end = run_with(spec, None, RunOptions { recover }, |ev| match ev {
+    let end = run_with(spec, None, RunOptions { restore }, |ev| match ev {
         RunEvent::Started { step, .. } => {
             start = step;
             true
@@ -118,6 +127,19 @@ fn a_run_continued_from_its_checkpoint_ends_bit_identical() {
             weights.unwrap() == reference,
             "{precision}: weights changed"
         );
+        // A recovery told to restore at most step 5 (its coordinator had not heard of the
+        // checkpoint of step 6 when it sent the attempt) goes back to step 4, drops the newer
+        // checkpoint, and ends the same.
+        let (start, weights) = go_from(&s, Some(5), None);
+        assert_eq!(
+            start, 4,
+            "{precision}: the newest checkpoint at or before step 5"
+        );
+        assert!(
+            weights.unwrap() == reference,
+            "{precision}: weights changed"
+        );
+        assert_eq!(committed(&cut.path().join("checkpoints")), vec![6, 4]);
     }
 }
 

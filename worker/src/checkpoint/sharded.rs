@@ -508,7 +508,12 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
 /// The newest step directory under `root` that verifies, skipping (and logging) those that do
 /// not; `None` when there is none.
 pub fn latest_valid(root: &Path) -> Result<Option<(PathBuf, Manifest)>> {
-    for (step, dir) in step_dirs(root)? {
+    latest_valid_at_most(root, u64::MAX)
+}
+
+/// [`latest_valid`] among the step directories of step `at_most` or earlier.
+pub fn latest_valid_at_most(root: &Path, at_most: u64) -> Result<Option<(PathBuf, Manifest)>> {
+    for (step, dir) in step_dirs(root)?.into_iter().filter(|(s, _)| *s <= at_most) {
         match verify(&dir) {
             Ok(m) if m.step == step => return Ok(Some((dir, m))),
             Ok(m) => tracing::warn!(
