@@ -8,11 +8,21 @@ mod alloc;
 mod bench;
 mod cmd;
 mod procs;
+mod telemetry;
 
 /// Shoal: a DeepSeek-V3-style Mixture-of-Experts training orchestrator.
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, about)]
 struct Cli {
+    /// Export spans over OTLP/gRPC to this collector (http://host:4317); also read from the
+    /// standard OTEL_EXPORTER_OTLP_ENDPOINT. Log lines go to stderr at RUST_LOG's level.
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -130,6 +140,22 @@ enum BenchSuite {
     Echo,
 }
 
+impl Command {
+    /// The process's role (its service name is `shoal-<role>`) and the level it logs at
+    /// without `RUST_LOG`: daemons say what they do, one-shot commands only what goes wrong.
+    fn role(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Coordinator(_) => ("coordinator", "info"),
+            Self::Worker(_) => ("worker", "info"),
+            Self::Up(_) => ("up", "info"),
+            Self::Train(_) => ("train", "warn"),
+            Self::Simulate(_) => ("simulate", "warn"),
+            Self::Bench { .. } => ("bench", "warn"),
+            _ => ("cli", "warn"),
+        }
+    }
+}
+
 /// `shoal plan | head`: when the reader of stdout goes away, end quietly with SIGPIPE's status
 /// (141), as Unix tools do, instead of the panic `println!` raises on a broken pipe.
 fn quiet_on_broken_pipe() {
@@ -152,6 +178,14 @@ fn main() -> ExitCode {
     alloc::keep_freed_memory();
     quiet_on_broken_pipe();
     let cli = Cli::parse();
+    let (role, level) = cli.command.role();
+    let _telemetry = match telemetry::init(role, level, cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(&args),
         Command::Eval(args) => cmd::eval::run(&args),

@@ -139,7 +139,7 @@ pub struct Registration {
 
 #[derive(Debug)]
 enum Msg {
-    Submit(Box<JobSpec>, oneshot::Sender<Result<String>>),
+    Submit(Box<JobSpec>, String, oneshot::Sender<Result<String>>),
     Get(String, oneshot::Sender<Result<JobRecord>>),
     List(oneshot::Sender<Vec<JobRecord>>),
     Cancel(String, oneshot::Sender<Result<JobRecord>>),
@@ -326,8 +326,14 @@ impl Control {
 
     /// Validates and queues a job; returns its id.
     pub async fn submit(&self, spec: JobSpec) -> Result<String> {
+        self.submit_traced(spec, String::new()).await
+    }
+
+    /// [`Self::submit`], the job's spans joining the trace `traceparent` (W3C) names.
+    pub async fn submit_traced(&self, spec: JobSpec, traceparent: String) -> Result<String> {
         validate(&spec)?;
-        self.ask(|tx| Msg::Submit(Box::new(spec), tx)).await?
+        self.ask(|tx| Msg::Submit(Box::new(spec), traceparent, tx))
+            .await?
     }
 
     /// One job.
@@ -571,8 +577,8 @@ impl<S: Store> Actor<S> {
 
     async fn handle(&mut self, msg: Msg) -> Result<()> {
         match msg {
-            Msg::Submit(spec, reply) => {
-                let r = self.submit(*spec).await;
+            Msg::Submit(spec, trace, reply) => {
+                let r = self.submit(*spec, trace).await;
                 let ok = r.is_ok();
                 let _ = reply.send(r);
                 if ok {
@@ -645,7 +651,7 @@ impl<S: Store> Actor<S> {
             .ok_or_else(|| not_found("job", id))
     }
 
-    async fn submit(&mut self, spec: JobSpec) -> Result<String> {
+    async fn submit(&mut self, spec: JobSpec, trace: String) -> Result<String> {
         let seq = self.seq + 1;
         let id = format!("job-{seq}");
         let reason = NO_NODES.to_string();
@@ -665,6 +671,7 @@ impl<S: Store> Actor<S> {
             attempt: 0,
             checkpoint_step: 0,
             recoveries: Vec::new(),
+            trace,
         };
         let rev = match self
             .store
@@ -1008,7 +1015,11 @@ impl<S: Store> Actor<S> {
         e.record.state = NodeState::Failed;
         let last_heard = e.last_heartbeat_ms;
         let jobs: Vec<String> = e.busy.values().cloned().collect();
-        tracing::warn!(node, epoch, reason, "node session ended");
+        if jobs.is_empty() {
+            tracing::info!(node, epoch, reason, "node session ended (it ran no job)");
+        } else {
+            tracing::warn!(node, epoch, reason, jobs = jobs.len(), "node session ended");
+        }
         if let Some(s) = session {
             // The agent hears why, if it still listens; dropping the sender closes the stream.
             // Never wait on a full stream here: the agent may be the hung one.
@@ -1077,6 +1088,12 @@ impl<S: Store> Actor<S> {
         delay: Duration,
     ) -> Result<()> {
         let rec = self.record(id)?.clone();
+        // In the job's trace, from the failure to the attempt stopped (not entered: the actor
+        // awaits inside it).
+        let _span = job_span(
+            &rec,
+            tracing::info_span!("recovery", job = %id, cause, attempt = rec.attempt + 1),
+        );
         self.finished_on.remove(id);
         self.adopting.remove(id);
         self.revoke(&rec, cause).await;
@@ -1472,6 +1489,10 @@ impl<S: Store> Actor<S> {
     async fn try_place(&mut self, id: &str) -> Result<Result<(), String>> {
         let began = std::time::Instant::now();
         let rec = self.record(id)?.clone();
+        let _span = job_span(
+            &rec,
+            tracing::info_span!("place", job = %id, attempt = rec.attempt),
+        );
         // A job being recovered may also take spare nodes; its earlier nodes come first, then
         // the spares, then the other healthy nodes (each class by name).
         let recovering = rec.attempt > 0;
@@ -1629,7 +1650,7 @@ impl<S: Store> Actor<S> {
         // assignments once all are queued. A full stream still waits.
         tokio::task::unconstrained(self.send_assignments(
             id,
-            (rec.attempt, rec.checkpoint_step),
+            (rec.attempt, rec.checkpoint_step, rec.trace.clone()),
             spec,
             nodes,
             ranks,
@@ -1645,7 +1666,7 @@ impl<S: Store> Actor<S> {
     async fn send_assignments(
         &self,
         id: &str,
-        (attempt, checkpoint): (u32, u64),
+        (attempt, checkpoint, traceparent): (u32, u64, String),
         spec: pb::JobSpec,
         nodes: Vec<&str>,
         ranks: Vec<Vec<pb::RankPlacement>>,
@@ -1660,6 +1681,7 @@ impl<S: Store> Actor<S> {
                     attempt,
                     mesh: mesh.clone(),
                     restore_step: (attempt > 0).then_some(checkpoint),
+                    traceparent: traceparent.clone(),
                 })),
             };
             if let Some(s) = self.nodes.get(n).and_then(|e| e.session.as_ref()) {
@@ -1667,4 +1689,10 @@ impl<S: Store> Actor<S> {
             }
         }
     }
+}
+
+/// `span`, in the trace of `rec`'s submission.
+fn job_span(rec: &JobRecord, span: tracing::Span) -> tracing::Span {
+    shoal_proto::trace_context::follow(&span, &rec.trace);
+    span
 }

@@ -11,6 +11,7 @@ use shoal_proto::v1::job_service_server::{JobService, JobServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::actor::{Control, NodeView, Registration};
 use crate::jobs::{JobEvent, JobRecord, JobState};
@@ -140,12 +141,24 @@ impl JobService for Api {
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         self.authorize(req.metadata())?;
+        // The job's trace: this call's span, a child of the client's when it sent one.
+        let span = tracing::info_span!("submit_job", job = tracing::field::Empty);
+        shoal_proto::trace_context::follow(
+            &span,
+            &shoal_proto::trace_context::remote(req.metadata()),
+        );
+        let traceparent = shoal_proto::trace_context::traceparent(&span);
         let spec = req
             .into_inner()
             .spec
             .ok_or_else(|| CoordinatorError::invalid("spec", "is required"))?;
         let spec = convert::job_spec(spec).map_err(CoordinatorError::from)?;
-        let job_id = self.jobs.submit(spec).await?;
+        let job_id = self
+            .jobs
+            .submit_traced(spec, traceparent)
+            .instrument(span.clone())
+            .await?;
+        span.record("job", job_id.as_str());
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 

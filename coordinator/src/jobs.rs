@@ -95,6 +95,10 @@ pub struct JobRecord {
     /// Every recovery, oldest first; the last one is open until the job runs again.
     #[serde(default)]
     pub recoveries: Vec<Recovery>,
+    /// The W3C `traceparent` of the job's submission (empty when it was not traced): the
+    /// coordinator's spans for the job and every node's attempt join that trace.
+    #[serde(default)]
+    pub trace: String,
 }
 
 /// One recovery from a failure, as recorded in the job.

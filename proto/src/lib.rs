@@ -6,7 +6,8 @@
 //! ([`convert`]), which the coordinator, the node agents and the CLI use at the edge.
 //!
 //! [`transport`] holds the little both ends of the transport share (error chains, PEM checks,
-//! the TLS-mismatch hint, the bearer header).
+//! the TLS-mismatch hint, the bearer header); [`trace_context`] carries W3C trace context in
+//! gRPC metadata and in messages, so one job's spans, on every process, join one trace.
 //!
 //! Architecture Invariant: wire types, their conversions and those transport helpers only; no
 //! other logic.
@@ -14,6 +15,7 @@
 #![allow(missing_docs, clippy::doc_markdown, clippy::large_enum_variant)]
 
 pub mod convert;
+pub mod trace_context;
 pub mod transport;
 
 /// Package `shoal.v1`.

@@ -105,6 +105,8 @@ impl Target {
     /// `msg` as a request carrying the bearer token, if one is set.
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>> {
         let mut req = tonic::Request::new(msg);
+        // The call joins the caller's trace (a no-op unless spans are exported).
+        shoal_proto::trace_context::inject(req.metadata_mut());
         if let Some(t) = &self.token {
             let v =
                 shoal_proto::transport::bearer(t).context("--token: not a valid header value")?;
@@ -528,6 +530,9 @@ pub fn submit(file: &PathBuf, t: &Target) -> Result<()> {
         .with_context(|| format!("reading job file {}", file.display()))?;
     let spec = JobSpec::from_toml(&text, &file.display().to_string())?;
     let wire = shoal_proto::convert::job_spec_to_wire(&spec)?;
+    // The root of the job's trace.
+    let span = tracing::info_span!("shoal submit", job = %spec.name);
+    let _in = span.enter();
     runtime()?.block_on(async {
         let mut c = jobs_client(t).await?;
         let id = c

@@ -104,6 +104,10 @@ fn agent_command(
     if opts.quiet_agents {
         cmd.arg("--quiet");
     }
+    // The agents' spans go where this process's go.
+    if let Some(e) = crate::telemetry::endpoint() {
+        cmd.args(["--otlp-endpoint", e]);
+    }
     // The agents reach this coordinator over plain loopback whatever the environment says
     // about TLS for other coordinators.
     for var in [

@@ -1,6 +1,7 @@
 //! Helpers for Shoal's multi-process integration tests (the tests live in `tests/tests/`).
 
 pub mod certs;
+pub mod otlp;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -45,8 +46,14 @@ pub struct Background {
 impl Background {
     /// Starts `shoal` with `args`, stdout piped (stderr inherited).
     pub fn start(args: &[&str]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    /// [`Background::start`] with environment variables `env` set.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let child = Command::new(shoal_bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("could not start shoal {args:?}: {e}"));

@@ -259,6 +259,11 @@ fn start_job(
             if let Some(p) = previous {
                 let _ = p.join();
             }
+            // This node's part of the attempt, in the job's trace: its steps, pipeline
+            // operations and exchanges are children.
+            let span = tracing::info_span!("attempt", job = %job_id, attempt, node = %node);
+            shoal_proto::trace_context::follow(&span, &a.traceparent);
+            let _in = span.enter();
             let report = |s: pb::AssignmentStatus| out.blocking_send(message(s)).is_ok();
             let failed = |reason: String, retryable: bool| {
                 let mut s = status(&job_id, attempt, pb::JobState::Failed);

@@ -360,6 +360,9 @@ pub fn run_with(
     run: RunOptions,
     mut on_event: impl FnMut(RunEvent<'_>) -> bool,
 ) -> Result<RunEnd> {
+    // The run's steps are its children (and, under a node agent, the attempt's).
+    let span = tracing::info_span!("run", job = %spec.name);
+    let _in = span.enter();
     let out = run_dir(spec);
     let writes = mesh
         .as_ref()
