@@ -135,6 +135,8 @@ enum BenchSuite {
     /// Time from SIGKILL of one of two workers to training resumed, against torchrun's
     /// elastic agent.
     Recovery(bench::recovery::RecoveryBenchArgs),
+    /// Tokens/s with every span exported over OTLP against tracing off.
+    Tracing(bench::tracing::TracingBenchArgs),
     /// The bare TCP echo server `bench control` measures its floor against (prints its port).
     #[command(hide = true)]
     Echo,
@@ -222,6 +224,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Recovery(args),
         } => bench::recovery::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Tracing(args),
+        } => bench::tracing::run(&args),
         Command::Bench {
             suite: BenchSuite::Echo,
         } => bench::control::echo_server(),

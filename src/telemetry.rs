@@ -88,8 +88,34 @@ pub fn init(role: &str, default_level: &str, otlp: Option<&str>) -> Result<Telem
         tracing_subscriber::registry().with(logs).try_init()?;
         return Ok(Telemetry { provider: None });
     };
-    check_endpoint(endpoint)?;
+    let provider = provider(role, endpoint)?;
     let _ = ENDPOINT.set(endpoint.to_string());
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(span_layer(&provider))
+        .try_init()?;
+    tracing::info!(endpoint, "exporting spans over OTLP");
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+/// The layer that hands Shoal's spans to `provider`.
+pub fn span_layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("shoal"))
+        .with_threads(true)
+        .with_location(false)
+        .with_filter(EnvFilter::new(EXPORTED))
+}
+
+/// A tracer provider for a process in `role` that batches spans to the OTLP/gRPC collector at
+/// `endpoint` (checked first).
+pub fn provider(role: &str, endpoint: &str) -> Result<SdkTracerProvider> {
+    check_endpoint(endpoint)?;
     let exporter = Exporter::new(endpoint)?;
     let mut batch = BatchConfigBuilder::default();
     if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
@@ -112,19 +138,7 @@ pub fn init(role: &str, default_level: &str, otlp: Option<&str>) -> Result<Telem
                 .build(),
         )
         .build();
-    let spans = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("shoal"))
-        .with_threads(true)
-        .with_location(false)
-        .with_filter(EnvFilter::new(EXPORTED));
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(spans)
-        .try_init()?;
-    tracing::info!(endpoint, "exporting spans over OTLP");
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+    Ok(provider)
 }
 
 /// The OTLP/gRPC exporter on a runtime of its own (the batch processor exports from a plain

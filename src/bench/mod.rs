@@ -7,6 +7,7 @@ mod numpy;
 pub mod pipeline;
 mod profile;
 pub mod recovery;
+pub mod tracing;
 pub mod train;
 
 /// The middle value (the upper one of an even count; NaN when empty).
