@@ -28,6 +28,10 @@ fi
 # so the binary the tests find in target/debug always has etcd support.
 features=shoal/etcd,shoal-tests/etcd
 cargo build --locked -p shoal --features etcd
+# deploy/: the Kubernetes manifests against the Kubernetes schemas (kubernetes-validate, strict),
+# the systemd units, the Slurm script and the container build file (installs its tools into a
+# venv from PyPI on first use).
+bash scripts/validate-deploy.sh
 cargo test --locked --workspace --all-targets --features "$features"
 # Doc tests (not part of --all-targets).
 cargo test --locked --workspace --doc --features "$features"

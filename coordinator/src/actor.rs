@@ -153,6 +153,7 @@ enum Msg {
     Disconnected(String, u64),
     Nodes(oneshot::Sender<Vec<NodeView>>),
     Cordon(String, bool, oneshot::Sender<Result<NodeView>>),
+    Close(oneshot::Sender<()>),
 }
 
 /// A node with its live state.
@@ -206,6 +207,9 @@ struct Actor<S> {
     stragglers: BTreeMap<String, (u32, crate::stragglers::Detector)>,
     /// Jobs found placed when the actor started, waiting for their nodes to come back.
     adopting: BTreeMap<String, Adoption>,
+    /// [`Control::close`] was called: sessions and watches are over, and nothing changes any
+    /// more (the next leader, or this coordinator's next start, takes the jobs over as stored).
+    closing: bool,
 }
 
 /// A placed job the actor found when it started, waiting for its nodes to reattach naming it.
@@ -275,6 +279,7 @@ impl Control {
             replan_at: BTreeMap::new(),
             stragglers: BTreeMap::new(),
             adopting: BTreeMap::new(),
+            closing: false,
         };
         let began = Instant::now();
         for (rec, _) in actor.jobs.values() {
@@ -382,6 +387,15 @@ impl Control {
         self.ask(Msg::Nodes).await
     }
 
+    /// For a coordinator that stops: ends every node session and job watch (their streams
+    /// close, so the server's graceful shutdown does not wait on them, and agents attach to
+    /// the next leader), and from then on answers reads only: what would change a job or a
+    /// node is refused as unavailable, and a session ending is not a node lost. The store
+    /// keeps every job as it was, for the next leader to adopt.
+    pub async fn close(&self) {
+        let _ = self.ask(Msg::Close).await;
+    }
+
     /// Cordons a node (`drain`: and moves its jobs off it, back to the queue).
     pub async fn cordon(&self, node: &str, drain: bool) -> Result<NodeView> {
         self.ask(|tx| Msg::Cordon(node.to_string(), drain, tx))
@@ -457,6 +471,9 @@ impl<S: Store> Actor<S> {
 
     /// Fails the sessions that sent no heartbeat for the timeout; re-establishes a lost watch.
     async fn check_liveness(&mut self) -> Result<()> {
+        if self.closing {
+            return Ok(());
+        }
         let timeout = self.config.heartbeat_timeout;
         let now = Instant::now();
         let silent: Vec<(String, u64)> = self
@@ -576,7 +593,27 @@ impl<S: Store> Actor<S> {
     }
 
     async fn handle(&mut self, msg: Msg) -> Result<()> {
+        if self.closing {
+            match msg {
+                Msg::Get(..) | Msg::List(..) | Msg::Nodes(..) => {}
+                Msg::Close(reply) => {
+                    let _ = reply.send(());
+                    return Ok(());
+                }
+                // Dropping a request's reply sender answers it as unavailable.
+                _ => return Ok(()),
+            }
+        }
         match msg {
+            Msg::Close(reply) => {
+                self.closing = true;
+                for e in self.nodes.values_mut() {
+                    e.session = None;
+                }
+                self.watchers.clear();
+                tracing::info!("closing: node sessions and job watches ended; jobs stay as stored");
+                let _ = reply.send(());
+            }
             Msg::Submit(spec, trace, reply) => {
                 let r = self.submit(*spec, trace).await;
                 let ok = r.is_ok();
@@ -1189,6 +1226,10 @@ impl<S: Store> Actor<S> {
     /// Places the recovering jobs whose settle time has passed; one that does not fit waits
     /// in the queue (Pending) for devices.
     async fn replan_due(&mut self) -> Result<()> {
+        if self.closing {
+            self.replan_at.clear();
+            return Ok(());
+        }
         let now = Instant::now();
         let due: Vec<String> = self
             .replan_at

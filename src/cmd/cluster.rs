@@ -245,9 +245,27 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send to stop a
+/// process).
 pub(super) async fn ctrl_c() {
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if r.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = term => {}
     }
 }
 
@@ -397,12 +415,19 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         };
         // The first line of stdout is the address (tests and scripts read it).
         println!("coordinator listening on {scheme}://{addr} (store {path}{mutual}{leads})");
+        // On Ctrl-C or SIGTERM: end the agents' sessions and the watches first, so the
+        // graceful shutdown does not wait on streams that never end by themselves.
+        let closing = control.clone();
         let serve = shoal_coordinator::grpc::serve_with(
             listener,
             control,
             args.token.clone(),
             tls,
-            ctrl_c(),
+            async move {
+                ctrl_c().await;
+                eprintln!("coordinator stopping: ending node sessions and watches");
+                closing.close().await;
+            },
         );
         let Some(mut lead) = lead else {
             serve.await?;

@@ -978,3 +978,68 @@ fn shoal_tests_now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// SIGTERM (what systemd and Kubernetes send) stops a coordinator promptly even with a node
+/// agent attached and a job running: it ends the sessions instead of waiting on them, and
+/// leaves the job as stored, so a coordinator started again on the same store adopts it where
+/// it runs and the job ends without a recovery.
+#[test]
+fn a_coordinator_stops_on_sigterm_and_the_next_one_adopts_its_running_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let port = shoal_tests::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let start = || {
+        let mut c = Background::start(&[
+            "coordinator",
+            "--listen",
+            &listen,
+            "--store",
+            store.to_str().expect("utf-8"),
+        ]);
+        c.first_line();
+        c
+    };
+    let mut c = start();
+    let url = format!("http://{listen}");
+    let _w = Background::start(&["worker", "--coordinator", &url, "--node", "n1"]);
+    wait_for_nodes(&url, 1);
+    let id = submit(&url, &job_file(dir.path(), "long", 60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !jobs(&url)
+        .iter()
+        .any(|j| j["id"] == id && j["step"].as_u64().unwrap_or(0) >= 2)
+    {
+        assert!(Instant::now() < deadline, "the job never ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&c, "-TERM");
+    let began = Instant::now();
+    let status = loop {
+        if let Some(s) = c.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let stopped = began.elapsed();
+
+    let _c2 = start();
+    let o = run_shoal(&["watch", &id, "--coordinator", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = jobs(&url)
+        .into_iter()
+        .find(|j| j["id"] == id)
+        .expect("the job");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["recoveries"].as_array().map(Vec::len),
+        Some(0),
+        "adopted, not recovered: {j}"
+    );
+    eprintln!("coordinator stopped {stopped:?} after SIGTERM");
+}
