@@ -154,6 +154,18 @@ enum Msg {
     Nodes(oneshot::Sender<Vec<NodeView>>),
     Cordon(String, bool, oneshot::Sender<Result<NodeView>>),
     Close(oneshot::Sender<()>),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// What the cluster looks like now, for `/metrics` and the dashboard.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Every job, in submission order.
+    pub jobs: Vec<JobRecord>,
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+    /// Per job, its latest step's figures (expert loads from the latest step that had them).
+    pub steps: BTreeMap<String, pb::StepMetrics>,
 }
 
 /// A node with its live state.
@@ -210,6 +222,8 @@ struct Actor<S> {
     /// [`Control::close`] was called: sessions and watches are over, and nothing changes any
     /// more (the next leader, or this coordinator's next start, takes the jobs over as stored).
     closing: bool,
+    /// Per job, its latest step's figures.
+    last_steps: BTreeMap<String, pb::StepMetrics>,
 }
 
 /// A placed job the actor found when it started, waiting for its nodes to reattach naming it.
@@ -280,6 +294,7 @@ impl Control {
             stragglers: BTreeMap::new(),
             adopting: BTreeMap::new(),
             closing: false,
+            last_steps: BTreeMap::new(),
         };
         let began = Instant::now();
         for (rec, _) in actor.jobs.values() {
@@ -385,6 +400,11 @@ impl Control {
     /// Every node, by name.
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {
         self.ask(Msg::Nodes).await
+    }
+
+    /// The cluster now: jobs, nodes and each job's latest step.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        self.ask(Msg::Snapshot).await
     }
 
     /// For a coordinator that stops: ends every node session and job watch (their streams
@@ -595,7 +615,7 @@ impl<S: Store> Actor<S> {
     async fn handle(&mut self, msg: Msg) -> Result<()> {
         if self.closing {
             match msg {
-                Msg::Get(..) | Msg::List(..) | Msg::Nodes(..) => {}
+                Msg::Get(..) | Msg::List(..) | Msg::Nodes(..) | Msg::Snapshot(..) => {}
                 Msg::Close(reply) => {
                     let _ = reply.send(());
                     return Ok(());
@@ -605,6 +625,15 @@ impl<S: Store> Actor<S> {
             }
         }
         match msg {
+            Msg::Snapshot(reply) => {
+                let mut jobs: Vec<JobRecord> = self.jobs.values().map(|(r, _)| r.clone()).collect();
+                jobs.sort_by_key(|r| r.seq);
+                let _ = reply.send(Snapshot {
+                    jobs,
+                    nodes: self.nodes.values().map(view).collect(),
+                    steps: self.last_steps.clone(),
+                });
+            }
             Msg::Close(reply) => {
                 self.closing = true;
                 for e in self.nodes.values_mut() {
@@ -1348,6 +1377,21 @@ impl<S: Store> Actor<S> {
                     // state change.
                     if let Some(entry) = self.jobs.get_mut(&id) {
                         entry.0.step = m.step;
+                    }
+                    // Only the node holding rank 0 sends expert loads: keep the last ones.
+                    let kept = self.last_steps.entry(id.clone()).or_default();
+                    let loads = if m.expert_loads.is_empty() {
+                        std::mem::take(&mut kept.expert_loads)
+                    } else {
+                        m.expert_loads.clone()
+                    };
+                    if m.step >= kept.step {
+                        *kept = pb::StepMetrics {
+                            expert_loads: loads,
+                            ..m.clone()
+                        };
+                    } else {
+                        kept.expert_loads = loads;
                     }
                     self.notify(&id, JobEvent::Step(m), false);
                 }

@@ -11,6 +11,7 @@
 pub mod actor;
 pub mod error;
 pub mod grpc;
+pub mod http;
 pub mod jobs;
 pub mod leader;
 pub mod nodes;

@@ -595,6 +595,21 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
     );
     assert!(r.resumed_unix_ms >= r.detected_unix_ms && r.recovery_ms().is_some());
     assert_eq!(r.cause, "node n1 lost");
+    // /metrics shows it: one failure, one step redone, one recovery timed, the spare busy.
+    let text = shoal_coordinator::http::render_metrics(&c.snapshot().await.expect("snapshot"));
+    for line in [
+        format!("shoal_job_failures_total{{job=\"{job}\",name=\"j\"}} 1"),
+        format!("shoal_job_steps_redone_total{{job=\"{job}\",name=\"j\"}} 1"),
+        format!("shoal_job_attempt{{job=\"{job}\",name=\"j\"}} 1"),
+        format!("shoal_job_checkpoint_step{{job=\"{job}\",name=\"j\"}} 4"),
+        "shoal_recovery_seconds_count 1".to_string(),
+        "shoal_jobs{state=\"running\"} 1".to_string(),
+        "shoal_nodes{state=\"failed\"} 1".to_string(),
+        "shoal_node_up{node=\"n1\",state=\"failed\"} 0".to_string(),
+        "shoal_devices{node_state=\"spare\",use=\"busy\"} 1".to_string(),
+    ] {
+        assert!(text.contains(&line), "{line} not in\n{text}");
+    }
 
     // A retryable failure of the current attempt recovers again (attempt 2); one more is too
     // many for max_recoveries = 2.

@@ -44,10 +44,10 @@ pub fn follow(span: &tracing::Span, traceparent: &str) {
 /// Adds the current span's context to a call's metadata.
 pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     let value = traceparent(&tracing::Span::current());
-    if let Ok(v) = value.parse() {
-        if !value.is_empty() {
-            metadata.insert(TRACEPARENT, v);
-        }
+    if let Ok(v) = value.parse()
+        && !value.is_empty()
+    {
+        metadata.insert(TRACEPARENT, v);
     }
 }
 

@@ -192,13 +192,13 @@ pub fn rebalance(
     positive("groups", groups)?;
     positive("nodes", nodes)?;
     positive("gpus", gpus)?;
-    if experts % groups != 0 {
+    if !experts.is_multiple_of(groups) {
         return Err(SpecError::invalid(
             "groups",
             format!("{groups} does not divide the {experts} experts"),
         ));
     }
-    if gpus % nodes != 0 {
+    if !gpus.is_multiple_of(nodes) {
         return Err(SpecError::invalid(
             "gpus",
             format!("{gpus} GPUs cannot be split evenly over {nodes} nodes"),
@@ -210,14 +210,14 @@ pub fn rebalance(
             format!("{replicas} slots cannot hold {experts} experts"),
         ));
     }
-    if replicas % gpus != 0 {
+    if !replicas.is_multiple_of(gpus) {
         return Err(SpecError::invalid(
             "replicas",
             format!("{replicas} slots cannot be split evenly over {gpus} GPUs"),
         ));
     }
     // The hierarchical policy needs whole groups per node (and so whole experts per node).
-    let (groups, nodes) = if groups % nodes == 0 {
+    let (groups, nodes) = if groups.is_multiple_of(nodes) {
         (groups, nodes)
     } else {
         (1, 1)
@@ -296,7 +296,7 @@ pub fn expert_placement(
     let nodes = plan.ep_groups.first().map_or(1, |g| g.nodes.len().max(1));
     // Hierarchical packing needs the routing groups to split over the nodes and the devices
     // over the nodes; otherwise the group is treated as one node.
-    let (groups, nodes) = if model.n_group % nodes == 0 && ep % nodes == 0 {
+    let (groups, nodes) = if model.n_group.is_multiple_of(nodes) && ep.is_multiple_of(nodes) {
         (model.n_group, nodes)
     } else {
         (1, 1)

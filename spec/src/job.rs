@@ -366,7 +366,7 @@ impl JobSpec {
             }
         }
         let per_step = par.dp.saturating_mul(par.micro_batches);
-        if t.batch == 0 || per_step == 0 || t.batch % per_step != 0 {
+        if t.batch == 0 || per_step == 0 || !t.batch.is_multiple_of(per_step) {
             return Err(bad(
                 "training.batch",
                 format!(

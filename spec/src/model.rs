@@ -561,7 +561,7 @@ impl ModelConfig {
         if self.q_lora_rank == Some(0) {
             return Err(invalid(source, "q_lora_rank", "must be at least 1 or null"));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(invalid(
                 source,
                 "qk_rope_head_dim",
@@ -617,7 +617,7 @@ impl ModelConfig {
                 "must be at least 1 when the model has MoE layers",
             ));
         }
-        if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+        if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
             return Err(invalid(
                 source,
                 "n_group",

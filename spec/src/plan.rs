@@ -280,12 +280,12 @@ pub fn validate(model: &ModelConfig, par: &Parallelism) -> Result<(), SpecError>
     ] {
         check(v >= 1, field, || format!("must be at least 1, got {v}"))?;
     }
-    check(par.dp % par.ep == 0, "parallelism.ep", || {
+    check(par.dp.is_multiple_of(par.ep), "parallelism.ep", || {
         format!("{} does not divide dp {}", par.ep, par.dp)
     })?;
     if model.has_moe_layers() {
         check(
-            model.n_routed_experts % par.ep == 0,
+            model.n_routed_experts.is_multiple_of(par.ep),
             "parallelism.ep",
             || {
                 format!(
@@ -305,12 +305,12 @@ pub fn validate(model: &ModelConfig, par: &Parallelism) -> Result<(), SpecError>
     match par.schedule {
         Schedule::DualPipe | Schedule::DualPipeV => {
             if par.schedule == Schedule::DualPipe {
-                check(par.pp % 2 == 0, "parallelism.pp", || {
+                check(par.pp.is_multiple_of(2), "parallelism.pp", || {
                     format!("dualpipe needs an even pp, got {}", par.pp)
                 })?;
             }
             check(
-                par.micro_batches % 2 == 0 && par.micro_batches >= 2 * par.pp,
+                par.micro_batches.is_multiple_of(2) && par.micro_batches >= 2 * par.pp,
                 "parallelism.micro_batches",
                 || {
                     format!(

@@ -240,13 +240,13 @@ pub fn build(
         Schedule::OneFOneB => (0..pp).map(|r| one_f_one_b(pp, r, micro_batches)).collect(),
         Schedule::Zb1p => zero_bubble(pp, micro_batches),
         Schedule::DualPipe => {
-            if pp % 2 != 0 {
+            if !pp.is_multiple_of(2) {
                 return Err(SpecError::invalid(
                     "parallelism.pp",
                     format!("dualpipe needs an even number of pipeline ranks, got {pp}"),
                 ));
             }
-            if micro_batches % 2 != 0 || micro_batches < 2 * pp {
+            if !micro_batches.is_multiple_of(2) || micro_batches < 2 * pp {
                 return Err(SpecError::invalid(
                     "parallelism.micro_batches",
                     format!(
@@ -490,7 +490,7 @@ fn dual_pipe(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
             zb = true;
         }
         s.b(d(1), zb);
-        if i == mid && h % 2 == 0 {
+        if i == mid && h.is_multiple_of(2) {
             zb = true;
         }
         s.b(d(0), zb);
@@ -543,7 +543,7 @@ fn dual_pipe_v(pp: usize, r: usize, c: usize) -> Result<Vec<Op>, SpecError> {
             zb = true;
         }
         s.b(1, zb);
-        if i == mid && r % 2 == 0 {
+        if i == mid && r.is_multiple_of(2) {
             zb = true;
         }
         s.b(0, zb);

@@ -583,7 +583,7 @@ pub fn run(a: &CommBenchArgs) -> Result<()> {
     if a.tokens == 0 || a.hidden == 0 || a.iters == 0 {
         bail!("--tokens, --hidden and --iters must be at least 1");
     }
-    if a.topk == 0 || a.experts < 2 || a.experts % 2 != 0 || a.topk > a.experts {
+    if a.topk == 0 || a.experts < 2 || !a.experts.is_multiple_of(2) || a.topk > a.experts {
         bail!("--experts must be even and at least 2, --topk in 1..=experts");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -352,6 +352,7 @@ fn launch_latency(dir: &Path, launches: usize, workers: usize, gap: Duration) ->
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
         restart_agents: false,
+        http: None,
     };
     let rt = crate::cmd::cluster::runtime()?;
     let result = rt.block_on(async {

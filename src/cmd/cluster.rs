@@ -136,6 +136,10 @@ pub struct CoordinatorArgs {
     /// Address to listen on (loopback by default; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve /metrics (Prometheus) on this address, read-only (loopback by default; port 0:
+    /// any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
     /// The store: a directory for the embedded store (one file, `coordinator.redb`), or
     /// `etcd://HOST:PORT[,HOST:PORT...]` (builds with the `etcd` feature).
     #[arg(long, default_value = "runs/coordinator")]
@@ -223,6 +227,10 @@ pub struct WorkerArgs {
     /// free port; the coordinator tells the job's other nodes the address it got).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub data_addr: std::net::SocketAddr,
+    /// Serve this node's /metrics (Prometheus) on this address (loopback by default; port 0:
+    /// any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: std::net::SocketAddr,
     /// Bearer token for registration (or `SHOAL_TOKEN`).
     #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -246,26 +254,33 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `kill`, systemd and Kubernetes send to stop a
-/// process).
-pub(super) async fn ctrl_c() {
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// process). The handlers are installed when this is called (inside the runtime), not when the
+/// future is first polled, so a signal right after a caller prints its address is not missed.
+#[cfg(unix)]
+pub(super) fn ctrl_c() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let int = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        match (int, term) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+            _ => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => {
-            if r.is_err() {
-                std::future::pending::<()>().await;
-            }
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+pub(super) fn ctrl_c() -> impl std::future::Future<Output = ()> + Send + 'static {
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
         }
-        () = term => {}
     }
 }
 
@@ -413,8 +428,20 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         } else {
             String::new()
         };
+        let http = tokio::net::TcpListener::bind(args.http)
+            .await
+            .with_context(|| format!("--http {}: cannot listen", args.http))?;
+        let http_addr = http.local_addr().context("http address")?;
+        tokio::spawn(shoal_coordinator::http::serve(
+            http,
+            control.clone(),
+            std::future::pending(),
+        ));
+        // Installed before the address is printed: a script may signal as soon as it reads it.
+        let interrupted = ctrl_c();
         // The first line of stdout is the address (tests and scripts read it).
         println!("coordinator listening on {scheme}://{addr} (store {path}{mutual}{leads})");
+        println!("metrics at http://{http_addr}/metrics");
         // On Ctrl-C or SIGTERM: end the agents' sessions and the watches first, so the
         // graceful shutdown does not wait on streams that never end by themselves.
         let closing = control.clone();
@@ -424,7 +451,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             args.token.clone(),
             tls,
             async move {
-                ctrl_c().await;
+                interrupted.await;
                 eprintln!("coordinator stopping: ending node sessions and watches");
                 closing.close().await;
             },
@@ -480,10 +507,23 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
         tls_ca,
         tls_identity,
         data_addr: Some(args.data_addr),
+        metrics: shoal_worker::metrics::AgentMetrics::new(&args.node, cpu_devices),
     };
     runtime()?.block_on(async {
+        let http = tokio::net::TcpListener::bind(args.http)
+            .await
+            .with_context(|| format!("--http {}: cannot listen", args.http))?;
+        let http_addr = http.local_addr().context("http address")?;
+        tokio::spawn(shoal_worker::metrics::serve(
+            http,
+            cfg.metrics.clone(),
+            std::future::pending(),
+        ));
         if !args.quiet {
-            eprintln!("worker {} attaching to {}", args.node, args.coordinator);
+            eprintln!(
+                "worker {} attaching to {} (metrics at http://{http_addr}/metrics)",
+                args.node, args.coordinator
+            );
         }
         shoal_worker::agent::run(cfg, ctrl_c()).await?;
         Ok(())
@@ -961,6 +1001,9 @@ pub struct UpArgs {
     /// Further node agents offered as spares: idle until a job needs to replace a failed node.
     #[arg(long, default_value_t = 0)]
     pub spares: usize,
+    /// Serve the coordinator's /metrics (Prometheus) on this address (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http: SocketAddr,
     /// Leave a node agent that exits down (by default it is restarted and rejoins as a fresh
     /// node).
     #[arg(long)]
@@ -983,6 +1026,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         quiet_agents: false,
         heartbeat_timeout: std::time::Duration::from_millis(args.heartbeat_timeout_ms),
         restart_agents: !args.no_restart,
+        http: Some(args.http),
     };
     runtime()?.block_on(async {
         let mut cluster = super::local::LocalCluster::start(&opts).await?;
@@ -990,6 +1034,9 @@ pub fn up(args: &UpArgs) -> Result<()> {
             "coordinator listening on {} with {} local node(s) and {} spare(s) of {} device(s) (store {})",
             cluster.url, args.nodes, args.spares, args.gpus_per_node, cluster.store
         );
+        if let Some(h) = &cluster.http_url {
+            println!("metrics at {h}/metrics");
+        }
         // Report agent exits (and restarts) until Ctrl-C.
         let mut every = tokio::time::interval(std::time::Duration::from_millis(200));
         let mut nodes = shoal_proto::v1::cluster_service_client::ClusterServiceClient::connect(

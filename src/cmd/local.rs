@@ -35,6 +35,8 @@ pub struct LocalOptions {
     pub heartbeat_timeout: Duration,
     /// Restart an agent that exits, so it rejoins as a fresh node.
     pub restart_agents: bool,
+    /// Serve the coordinator's `/metrics` on this address.
+    pub http: Option<SocketAddr>,
 }
 
 /// How long a node stays failed before its (hung) agent is replaced.
@@ -60,6 +62,8 @@ struct Exit {
 pub struct LocalCluster {
     /// The coordinator's URL.
     pub url: String,
+    /// Where the coordinator serves `/metrics`, when asked to.
+    pub http_url: Option<String>,
     /// A description of the store.
     pub store: String,
     names: Vec<String>,
@@ -218,13 +222,33 @@ impl LocalCluster {
         let addr = listener.local_addr().context("listen address")?;
         let url = format!("http://{addr}");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(shoal_coordinator::grpc::serve(listener, control, async {
-            let _ = stop_rx.await;
-        }));
+        let server = tokio::spawn(shoal_coordinator::grpc::serve(
+            listener,
+            control.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        let http_url = match opts.http {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--http {addr}: cannot listen"))?;
+                let at = l.local_addr().context("http address")?;
+                tokio::spawn(shoal_coordinator::http::serve(
+                    l,
+                    control.clone(),
+                    std::future::pending(),
+                ));
+                Some(format!("http://{at}"))
+            }
+            None => None,
+        };
         let (stop_agents, stopped) = watch::channel(false);
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let mut cluster = Self {
             url,
+            http_url,
             store,
             names: Vec::new(),
             supervisors: Vec::new(),

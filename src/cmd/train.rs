@@ -276,7 +276,12 @@ fn default_shape(
         par.pp = 2.min(model.num_hidden_layers.max(1));
     }
     if !has("schedule") {
-        par.schedule = if par.pp % 2 == 0 { "dualpipe" } else { "1f1b" }.into();
+        par.schedule = if par.pp.is_multiple_of(2) {
+            "dualpipe"
+        } else {
+            "1f1b"
+        }
+        .into();
     }
     let gpus = match args.gpus_per_node {
         Some(g) => g,
@@ -290,7 +295,8 @@ fn default_shape(
     }
     if !has("ep") {
         let experts = model.n_routed_experts;
-        par.ep = if par.dp % 2 == 0 && experts % 2 == 0 && model.has_moe_layers() {
+        par.ep = if par.dp.is_multiple_of(2) && experts.is_multiple_of(2) && model.has_moe_layers()
+        {
             2
         } else {
             1
@@ -419,6 +425,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         quiet_agents: true,
         heartbeat_timeout: shoal_coordinator::actor::ControlConfig::default().heartbeat_timeout,
         restart_agents: !args.no_restart,
+        http: None,
     };
     let bar = progress(spec.training.steps, args.json);
     let job = super::cluster::runtime()?.block_on(async {

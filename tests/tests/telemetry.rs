@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use shoal_tests::otlp::{Receiver, Span};
-use shoal_tests::{Background, run_shoal, url_in, wait_for_nodes};
+use shoal_tests::{Background, free_port, http_get, run_shoal, sample, url_in, wait_for_nodes};
 
 /// Batches go out every 100 ms rather than every 5 s.
 const FAST: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
@@ -22,6 +22,7 @@ fn a_submitted_jobs_spans_reach_the_collector_as_one_trace() {
     let rx = Receiver::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
+    let http = format!("127.0.0.1:{}", free_port());
     let mut coordinator = Background::start_env(
         &[
             "coordinator",
@@ -31,13 +32,19 @@ fn a_submitted_jobs_spans_reach_the_collector_as_one_trace() {
             store.to_str().expect("utf-8"),
             "--otlp-endpoint",
             &rx.url,
+            "--http",
+            &http,
         ],
         &FAST,
     );
     let url = url_in(&coordinator.first_line());
+    let worker_http: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
     let _workers: Vec<Background> = ["n1", "n2"]
         .iter()
-        .map(|n| {
+        .zip(&worker_http)
+        .map(|(n, h)| {
             Background::start_env(
                 &[
                     "worker",
@@ -49,6 +56,8 @@ fn a_submitted_jobs_spans_reach_the_collector_as_one_trace() {
                     "cpu:2",
                     "--otlp-endpoint",
                     &rx.url,
+                    "--http",
+                    h,
                 ],
                 &FAST,
             )
@@ -157,6 +166,93 @@ fn a_submitted_jobs_spans_reach_the_collector_as_one_trace() {
             "{op}"
         );
     }
+
+    // Prometheus: the coordinator's view of the cluster and the job, and each node's own.
+    let (code, m) = http_get(&format!("http://{http}/metrics"));
+    assert_eq!(code, 200, "{m}");
+    let job = format!("job=\"{id}\",name=\"otel\"");
+    for (series, want) in [
+        ("shoal_jobs{state=\"succeeded\"}".to_string(), 1.0),
+        ("shoal_queue_length".to_string(), 0.0),
+        ("shoal_nodes{state=\"healthy\"}".to_string(), 2.0),
+        (
+            "shoal_devices{node_state=\"healthy\",use=\"free\"}".to_string(),
+            4.0,
+        ),
+        (format!("shoal_job_step{{{job}}}"), 3.0),
+        (format!("shoal_job_steps{{{job}}}"), 3.0),
+        (format!("shoal_job_ranks{{{job}}}"), 4.0),
+        (format!("shoal_job_failures_total{{{job}}}"), 0.0),
+    ] {
+        assert_eq!(sample(&m, &series), Some(want), "{series} in\n{m}");
+    }
+    let loss = sample(&m, &format!("shoal_job_loss{{{job}}}")).expect("the job's loss");
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    assert!(
+        sample(&m, &format!("shoal_job_tokens_per_second{{{job}}}")) > Some(0.0),
+        "{m}"
+    );
+    // DualPipe over 2 stages leaves a bubble: some of the step, not all of it.
+    let bubble = sample(&m, &format!("shoal_job_pipeline_bubble_ratio{{{job}}}")).expect("bubble");
+    assert!(bubble > 0.0 && bubble < 1.0, "{bubble}");
+    // Every MoE layer of the model routed the same number of tokens (each to its top-k
+    // experts); the MTP module's layer routes fewer (a sequence's last token predicts nothing
+    // there).
+    let layer_sum = |layer: usize| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "shoal_job_expert_load_tokens{{job=\"{id}\",layer=\"{layer}\","
+                ))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let first = layer_sum(0);
+    assert!(first > 0.0, "expert loads of layer 0 in\n{m}");
+    assert!(
+        sample(
+            &m,
+            &format!("shoal_job_max_vio{{job=\"{id}\",layer=\"0\"}}")
+        )
+        .is_some(),
+        "{m}"
+    );
+    let layers = (0..64).take_while(|l| layer_sum(*l) > 0.0).count();
+    assert!(layers >= 2, "{m}");
+    for l in 0..layers - 1 {
+        assert_eq!(layer_sum(l), first, "layer {l}");
+    }
+    assert!(layer_sum(layers - 1) <= first, "{m}");
+    for (node, h) in ["n1", "n2"].iter().zip(&worker_http) {
+        let (code, w) = http_get(&format!("http://{h}/metrics"));
+        assert_eq!(code, 200, "{w}");
+        let at = format!("job=\"{id}\",node=\"{node}\"");
+        assert_eq!(sample(&w, &format!("shoal_step{{{at}}}")), Some(3.0), "{w}");
+        assert_eq!(sample(&w, "shoal_agent_jobs_running"), Some(0.0), "{w}");
+        assert_eq!(sample(&w, "shoal_agent_sessions_total"), Some(1.0), "{w}");
+        assert_eq!(sample(&w, "shoal_agent_devices"), Some(2.0), "{w}");
+        assert!(
+            sample(
+                &w,
+                &format!("shoal_comm_bytes_total{{{at},transport=\"tcp\",op=\"all\"}}")
+            ) > Some(0.0),
+            "the stages talk across nodes: {w}"
+        );
+        assert!(
+            sample(&w, &format!("shoal_step_duration_seconds_count{{{at}}}")) == Some(3.0),
+            "{w}"
+        );
+        assert!(w.ends_with("# EOF\n"), "{w}");
+        let (code, body) = http_get(&format!("http://{h}/nope"));
+        assert_eq!(code, 404, "{body}");
+    }
+    let (code, body) = http_get(&format!("http://{http}/no/such/page"));
+    assert_eq!(
+        (code, body.contains("/no/such/page")),
+        (404, true),
+        "{body}"
+    );
     drop(coordinator);
 }
 

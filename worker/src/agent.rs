@@ -44,6 +44,8 @@ pub struct AgentConfig {
     /// Where to accept data-plane connections from other nodes' ranks (`host:port`, port 0
     /// for any); `None`: this node takes no job that spans nodes.
     pub data_addr: Option<std::net::SocketAddr>,
+    /// The node's Prometheus metrics, which its job threads update.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// A client certificate chain and its private key (PEM), for mutual TLS.
@@ -246,6 +248,7 @@ fn cross_node_mesh(
 fn start_job(
     a: pb::Assignment,
     node: String,
+    metrics: crate::metrics::AgentMetrics,
     acceptor: Option<crate::comm::tcp::Acceptor>,
     out: mpsc::Sender<pb::AgentMessage>,
     stop: Arc<AtomicBool>,
@@ -264,6 +267,17 @@ fn start_job(
             let span = tracing::info_span!("attempt", job = %job_id, attempt, node = %node);
             shoal_proto::trace_context::follow(&span, &a.traceparent);
             let _in = span.enter();
+            metrics.job_running(1);
+            // Ends the gauge's count however the thread ends.
+            struct Running<'m>(&'m crate::metrics::AgentMetrics);
+            impl Drop for Running<'_> {
+                fn drop(&mut self) {
+                    self.0.job_running(-1);
+                }
+            }
+            let _running = Running(&metrics);
+            // The node holding rank (0, 0) sends the expert loads (every node has the same).
+            let first = a.ranks.iter().any(|r| r.pp_rank == 0 && r.dp_rank == 0);
             let report = |s: pb::AssignmentStatus| out.blocking_send(message(s)).is_ok();
             let failed = |reason: String, retryable: bool| {
                 let mut s = status(&job_id, attempt, pb::JobState::Failed);
@@ -313,22 +327,42 @@ fn start_job(
                 match ev {
                     crate::job::RunEvent::Started { step, .. } => s.started_step = Some(step),
                     crate::job::RunEvent::Step(m) => {
+                        metrics.step(&job_id, m);
                         s.step = Some(pb::StepMetrics {
                             step: m.step,
                             loss: m.loss,
                             main_loss: m.main_loss,
                             tokens_per_s: m.tokens as f64 / m.seconds.max(1e-9),
                             max_vio: m.max_vio.clone(),
+                            seconds: m.seconds,
+                            bubble_s: m.bubble_s,
+                            expert_loads: if first {
+                                m.expert_loads
+                                    .iter()
+                                    .map(|l| pb::ExpertLoads {
+                                        tokens: l.iter().map(|&n| n as u64).collect(),
+                                    })
+                                    .collect()
+                            } else {
+                                Vec::new()
+                            },
                         });
                         s.busy_s = m.busy_s;
                     }
                     crate::job::RunEvent::Checkpoint(w) if w.committed => {
+                        metrics.checkpoint_written(&job_id);
                         s.checkpoint_step = w.step;
                     }
                     crate::job::RunEvent::Checkpoint(_) => {
+                        metrics.checkpoint_written(&job_id);
+                        return !stop.load(Ordering::Relaxed);
+                    }
+                    crate::job::RunEvent::CheckpointStall { stall_s, .. } => {
+                        metrics.checkpoint_stall(&job_id, stall_s);
                         return !stop.load(Ordering::Relaxed);
                     }
                     crate::job::RunEvent::CheckpointFailed { step, error } => {
+                        metrics.checkpoint_failed(&job_id);
                         s.checkpoint_error = format!("checkpoint of step {step}: {error}");
                     }
                 }
@@ -345,7 +379,10 @@ fn start_job(
                 }
                 // A revoked job's own failure (its waits were cut short) is not news.
                 Err(_) if stop.load(Ordering::Relaxed) => {}
-                Err(e) => failed(e.to_string(), e.is_retryable()),
+                Err(e) => {
+                    metrics.job_failed(&job_id, e.is_retryable());
+                    failed(e.to_string(), e.is_retryable());
+                }
             }
         });
     match spawned {
@@ -526,6 +563,7 @@ impl Agent {
     ) -> End {
         let reg = session.registered;
         tracing::info!(node = %self.cfg.node, coordinator = %session.url, epoch = reg.epoch, "registered with the coordinator");
+        self.cfg.metrics.session_opened();
         // Outcomes the last session may not have delivered, then what came in between.
         let backlog: Vec<pb::AgentMessage> = self
             .finals
@@ -594,6 +632,7 @@ impl Agent {
                 let thread = start_job(
                     a,
                     self.cfg.node.clone(),
+                    self.cfg.metrics.clone(),
                     self.acceptor.clone(),
                     self.status_tx.clone(),
                     Arc::clone(&stop),

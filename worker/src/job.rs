@@ -287,6 +287,14 @@ pub enum RunEvent<'a> {
     Step(&'a StepMetrics),
     /// A checkpoint was committed (in the process holding rank 0) or written (elsewhere).
     Checkpoint(&'a crate::checkpoint::background::Written),
+    /// A checkpoint's snapshot was handed to the background writer: training stalled this
+    /// long for it (the copy of the weights and optimizer state; the write goes on behind).
+    CheckpointStall {
+        /// Its step.
+        step: u64,
+        /// Seconds the step loop waited.
+        stall_s: f64,
+    },
     /// A checkpoint could not be written; training goes on.
     CheckpointFailed {
         /// Its step.
@@ -483,6 +491,10 @@ pub fn run_with(
                 "checkpoint handed to the writer"
             );
             stalls.insert(m.step, stall);
+            go_on &= on_event(RunEvent::CheckpointStall {
+                step: m.step,
+                stall_s: stall,
+            });
             go_on &= report(done, &mut on_event);
         } else {
             go_on &= report(writer.poll(), &mut on_event);

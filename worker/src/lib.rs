@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod fault;
 pub mod job;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod sim;

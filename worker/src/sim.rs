@@ -421,6 +421,8 @@ fn report(world: &SimWorld, id: &str, r: &mut Running) -> (Vec<pb::AgentMessage>
                     main_loss: 0.0,
                     tokens_per_s: r.tokens as f64 / r.step_s.max(1e-9),
                     max_vio: Vec::new(),
+                    seconds: r.step_s,
+                    ..Default::default()
                 });
                 s.busy_s = r.busy_s;
             }

@@ -73,7 +73,7 @@ impl GateConfig {
                 format!("must be in 1..={}, got {e}", u32::MAX),
             ));
         }
-        if self.n_group == 0 || e % self.n_group != 0 {
+        if self.n_group == 0 || !e.is_multiple_of(self.n_group) {
             return Err(KernelError::invalid(
                 "gate.n_group",
                 format!(

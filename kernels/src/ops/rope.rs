@@ -56,7 +56,7 @@ impl RopeTable {
     /// Fails unless `dim` is even and positive (argument `rope.dim`) and `base` is finite and
     /// positive (`rope.base`).
     pub fn new(dim: usize, max_positions: usize, base: f64) -> Result<Self> {
-        if dim == 0 || dim % 2 != 0 {
+        if dim == 0 || !dim.is_multiple_of(2) {
             return Err(KernelError::invalid(
                 "rope.dim",
                 format!("must be even and positive, got {dim}"),

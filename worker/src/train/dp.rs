@@ -88,6 +88,9 @@ pub(crate) struct RankOutcome {
     pub(crate) pipeline_bytes: u64,
     /// The most other nodes one of this rank's tokens was dispatched to.
     pub(crate) max_target_nodes: u64,
+    /// Seconds of the step its pipeline ranks did not compute (the mean over them; 0 without
+    /// pipeline parallelism).
+    pub(crate) bubble_s: f64,
 }
 
 /// A segment's summed gradient: from the reduce-scattered shard (which starts at flat index
@@ -152,7 +155,8 @@ pub(crate) fn rank_step(
         ..plan.obj
     };
     rep.grads.zero();
-    let (out, pipeline_bytes, max_target_nodes) = match (plan.pipeline, plan.ep) {
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (out, pipeline_bytes, max_target_nodes, bubble_s) = match (plan.pipeline, plan.ep) {
         (Some((stages, schedule)), ep) if rep.pipe_rank.is_some() => {
             // This device runs one pipeline rank; its neighbours and its expert-parallel
             // group are other devices of the mesh.
@@ -186,7 +190,8 @@ pub(crate) fn rank_step(
                 plan.overlap,
             )?;
             // Its transfers crossed the mesh: counted by the transport, not as in-process.
-            (r.out, 0, link.max_target_nodes())
+            let bubble = mean(r.bubble());
+            (r.out, 0, link.max_target_nodes(), bubble)
         }
         (Some((stages, schedule)), ep) => {
             // With expert parallelism, each pipeline rank exchanges tokens with the same rank
@@ -213,13 +218,15 @@ pub(crate) fn rank_step(
                 plan.overlap,
             )?;
             // Pipelines on threads of one process: every member on this node.
-            (r.out, r.bytes_sent.iter().sum(), 0)
+            let bubble = mean(r.bubble());
+            (r.out, r.bytes_sent.iter().sum(), 0, bubble)
         }
         (None, 1) => (
             rep.model
                 .forward_backward_micro(batch, &obj, plan.micro_batches, &mut rep.grads)?,
             0,
             0,
+            0.0,
         ),
         (None, ep) => {
             let r = t.rank();
@@ -231,7 +238,7 @@ pub(crate) fn rank_step(
                 &mut rep.grads,
                 &link,
             )?;
-            (out, 0, link.max_target_nodes())
+            (out, 0, link.max_target_nodes(), 0.0)
         }
     };
 
@@ -386,5 +393,6 @@ pub(crate) fn rank_step(
         grad_norm,
         pipeline_bytes,
         max_target_nodes,
+        bubble_s,
     })
 }

@@ -196,7 +196,7 @@ impl TrainOptions {
                 return bad(name, format!("must be a finite number >= 0, got {v}"));
             }
         }
-        if self.ep == 0 || self.dp % self.ep != 0 {
+        if self.ep == 0 || !self.dp.is_multiple_of(self.ep) {
             return bad("ep", format!("{} does not divide dp {}", self.ep, self.dp));
         }
         self.adamw().validate()?;
@@ -261,6 +261,11 @@ pub struct StepMetrics {
     pub lr: f32,
     /// MaxVio per MoE layer: max expert load / mean load - 1.
     pub max_vio: Vec<f64>,
+    /// Tokens routed to each expert, per MoE layer (the whole batch's).
+    pub expert_loads: Vec<Vec<usize>>,
+    /// Seconds of the step a pipeline rank did not compute (the mean over this process's
+    /// ranks): the pipeline bubble, plus waits for peers; 0 without pipeline parallelism.
+    pub bubble_s: f64,
     /// Tokens processed.
     pub tokens: usize,
     /// Wall time of the step.
@@ -403,7 +408,7 @@ impl Trainer {
         };
         let (dp, ep) = (opts.dp, opts.ep);
         let experts = model.config().n_routed_experts;
-        if ep > 1 && (experts == 0 || experts % ep != 0) {
+        if ep > 1 && (experts == 0 || !experts.is_multiple_of(ep)) {
             return Err(WorkerError::invalid(
                 "ep",
                 format!("{ep} does not divide the model's {experts} routed experts"),
@@ -884,6 +889,8 @@ impl Trainer {
                 max_nodes = max_nodes.max(v[n..].iter().copied().max().unwrap_or(0));
             }
         }
+        let bubble_s =
+            results.iter().map(|(o, _, _)| o.bubble_s).sum::<f64>() / results.len().max(1) as f64;
         let Some((first, _, _)) = results.into_iter().next() else {
             return Err(WorkerError::invalid("dp", "no rank ran"));
         };
@@ -905,6 +912,8 @@ impl Trainer {
             grad_norm,
             lr,
             max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
+            expert_loads: out.expert_loads.clone(),
+            bubble_s,
             tokens: out.tokens,
             seconds,
             busy_s: (seconds - own_wait.min(seconds)).max(0.0),
