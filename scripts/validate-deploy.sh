@@ -231,7 +231,18 @@ if [ -n "$SHOAL" ]; then
     echo "$out" >&2
     fail "job spec: a coordinator ($SHOAL) refuses $JOB_SPEC"
   fi
-  kill -INT "$coordinator_pid" 2>/dev/null || true
+  # SIGTERM, as Kubernetes and systemd stop it: it must be gone within 10 s.
+  kill -TERM "$coordinator_pid" 2>/dev/null || true
+  for _ in $(seq 100); do
+    kill -0 "$coordinator_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$coordinator_pid" 2>/dev/null; then
+    kill -KILL "$coordinator_pid" 2>/dev/null || true
+    fail "job spec: the throwaway coordinator was still running 10 s after SIGTERM"
+  else
+    pass "job spec: the throwaway coordinator stopped on SIGTERM"
+  fi
   wait "$coordinator_pid" 2>/dev/null || true
 else
   skip "job spec: submitting it to a coordinator (no shoal binary: build it or set SHOAL_BIN)"

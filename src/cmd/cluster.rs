@@ -432,7 +432,9 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("--http {}: cannot listen", args.http))?;
         let http_addr = http.local_addr().context("http address")?;
-        tokio::spawn(shoal_coordinator::http::serve(
+        // Its handle on the actor goes when the task is aborted, after the gRPC server stops
+        // (the actor ends once every handle is gone).
+        let http_task = tokio::spawn(shoal_coordinator::http::serve(
             http,
             control.clone(),
             std::future::pending(),
@@ -458,6 +460,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         );
         let Some(mut lead) = lead else {
             serve.await?;
+            http_task.abort();
+            let _ = http_task.await;
             actor.await.context("control actor")?;
             eprintln!("coordinator stopped");
             return Ok(());
@@ -474,6 +478,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
                 std::process::exit(3);
             }
         }
+        http_task.abort();
+        let _ = http_task.await;
         actor.await.context("control actor")?;
         eprintln!("coordinator stopped");
         Ok(())

@@ -64,6 +64,8 @@ pub struct LocalCluster {
     pub url: String,
     /// Where the coordinator serves `/metrics`, when asked to.
     pub http_url: Option<String>,
+    /// The HTTP server's task (it holds a handle on the actor: aborted at shutdown).
+    http_task: Option<JoinHandle<std::io::Result<()>>>,
     /// A description of the store.
     pub store: String,
     names: Vec<String>,
@@ -229,26 +231,28 @@ impl LocalCluster {
                 let _ = stop_rx.await;
             },
         ));
-        let http_url = match opts.http {
+        let http = match opts.http {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("--http {addr}: cannot listen"))?;
                 let at = l.local_addr().context("http address")?;
-                tokio::spawn(shoal_coordinator::http::serve(
+                let task = tokio::spawn(shoal_coordinator::http::serve(
                     l,
                     control.clone(),
                     std::future::pending(),
                 ));
-                Some(format!("http://{at}"))
+                Some((format!("http://{at}"), task))
             }
             None => None,
         };
+        let (http_url, http_task) = http.unzip();
         let (stop_agents, stopped) = watch::channel(false);
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let mut cluster = Self {
             url,
             http_url,
+            http_task,
             store,
             names: Vec::new(),
             supervisors: Vec::new(),
@@ -387,6 +391,10 @@ impl LocalCluster {
             let _ = stop.send(());
         }
         (&mut self.server).await.context("server task")??;
+        if let Some(t) = self.http_task.take() {
+            t.abort();
+            let _ = t.await;
+        }
         (&mut self.actor).await.context("control actor")?;
         Ok(())
     }
