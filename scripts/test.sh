@@ -14,6 +14,9 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 # The network-cut test puts a node agent in a network namespace (`ip netns`, iproute2; it needs
 # root or CAP_NET_ADMIN, as the installs here do).
 command -v ip >/dev/null || need+=(iproute2)
+# The dashboard's browser test (tests/tests/dashboard.rs) drives headless Chromium (Debian's
+# chromium); it fails without one.
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi

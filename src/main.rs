@@ -137,6 +137,8 @@ enum BenchSuite {
     Recovery(bench::recovery::RecoveryBenchArgs),
     /// Tokens/s with every span exported over OTLP against tracing off.
     Tracing(bench::tracing::TracingBenchArgs),
+    /// Dashboard page load times (p50, p99) at 256 nodes x 8 devices against a 300 ms goal.
+    Dashboard(bench::dashboard::DashboardBenchArgs),
     /// The bare TCP echo server `bench control` measures its floor against (prints its port).
     #[command(hide = true)]
     Echo,
@@ -227,6 +229,9 @@ fn main() -> ExitCode {
         Command::Bench {
             suite: BenchSuite::Tracing(args),
         } => bench::tracing::run(&args),
+        Command::Bench {
+            suite: BenchSuite::Dashboard(args),
+        } => bench::dashboard::run(&args),
         Command::Bench {
             suite: BenchSuite::Echo,
         } => bench::control::echo_server(),

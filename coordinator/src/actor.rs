@@ -16,7 +16,7 @@
 //! `live/` too: a liveness key deleted under a live session (the lease expired, or an operator
 //! deleted the key) ends that session.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use shoal_proto::v1 as pb;
@@ -166,6 +166,25 @@ pub struct Snapshot {
     pub nodes: Vec<NodeView>,
     /// Per job, its latest step's figures (expert loads from the latest step that had them).
     pub steps: BTreeMap<String, pb::StepMetrics>,
+    /// Per job, its latest [`STEP_HISTORY`] steps, oldest first (a redone step replaces the
+    /// first run of it), in memory only.
+    pub curves: BTreeMap<String, Vec<StepPoint>>,
+}
+
+/// Steps of each job the actor keeps for the dashboard's curves.
+pub const STEP_HISTORY: usize = 512;
+
+/// One step of a job's curves.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepPoint {
+    /// The step.
+    pub step: u64,
+    /// Training objective.
+    pub loss: f64,
+    /// Training tokens per second.
+    pub tokens_per_s: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
 }
 
 /// A node with its live state.
@@ -224,6 +243,8 @@ struct Actor<S> {
     closing: bool,
     /// Per job, its latest step's figures.
     last_steps: BTreeMap<String, pb::StepMetrics>,
+    /// Per job, its latest steps (at most [`STEP_HISTORY`]).
+    curves: BTreeMap<String, VecDeque<StepPoint>>,
 }
 
 /// A placed job the actor found when it started, waiting for its nodes to reattach naming it.
@@ -295,6 +316,7 @@ impl Control {
             adopting: BTreeMap::new(),
             closing: false,
             last_steps: BTreeMap::new(),
+            curves: BTreeMap::new(),
         };
         let began = Instant::now();
         for (rec, _) in actor.jobs.values() {
@@ -632,6 +654,11 @@ impl<S: Store> Actor<S> {
                     jobs,
                     nodes: self.nodes.values().map(view).collect(),
                     steps: self.last_steps.clone(),
+                    curves: self
+                        .curves
+                        .iter()
+                        .map(|(id, c)| (id.clone(), c.iter().copied().collect()))
+                        .collect(),
                 });
             }
             Msg::Close(reply) => {
@@ -1195,6 +1222,7 @@ impl<S: Store> Actor<S> {
             last_heard_unix_ms,
             failed_step: r.step,
             dp_before: r.placement.iter().map(|p| p.dp_rank + 1).max().unwrap_or(0) as u32,
+            nodes_before: crate::jobs::nodes_of(&r.placement),
             ..Default::default()
         });
         self.save(r).await?;
@@ -1393,6 +1421,21 @@ impl<S: Store> Actor<S> {
                     } else {
                         kept.expert_loads = loads;
                     }
+                    // Every node reports each step; a recovery runs steps again: the latest
+                    // report of a step replaces what was kept from it on.
+                    let curve = self.curves.entry(id.clone()).or_default();
+                    while curve.back().is_some_and(|p| p.step >= m.step) {
+                        curve.pop_back();
+                    }
+                    if curve.len() == STEP_HISTORY {
+                        curve.pop_front();
+                    }
+                    curve.push_back(StepPoint {
+                        step: m.step,
+                        loss: m.loss,
+                        tokens_per_s: m.tokens_per_s,
+                        seconds: m.seconds,
+                    });
                     self.notify(&id, JobEvent::Step(m), false);
                 }
                 if self.record(&id)?.state == JobState::Scheduling {
@@ -1461,6 +1504,7 @@ impl<S: Store> Actor<S> {
                 .map(|p| p.dp_rank + 1)
                 .max()
                 .unwrap_or(0) as u32;
+            open.nodes_after = crate::jobs::nodes_of(&rec.placement);
             reason = format!(
                 "recovered in {} ms: continuing after step {start} ({} steps redone)",
                 open.recovery_ms().unwrap_or(0),

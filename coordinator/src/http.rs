@@ -1,5 +1,7 @@
-//! The coordinator's HTTP side (read-only, loopback by default): `/metrics` in the OpenMetrics
-//! text format Prometheus scrapes, names prefixed `shoal_`. Every scrape asks the control actor
+//! The coordinator's HTTP side (read-only, loopback by default): the dashboard (`/`,
+//! `/jobs/{id}`, and the JSON its pages poll, `/api/cluster`, `/api/jobs/{id}`; see
+//! [`crate::dashboard`]), and `/metrics` in the OpenMetrics text format Prometheus scrapes,
+//! names prefixed `shoal_`. Anything else is a 404 page. Every scrape asks the control actor
 //! for a [`Snapshot`] and renders it: jobs by state and the queue, nodes and devices by state,
 //! each job's progress and latest step (loss, tokens/s, step time, MaxVio and expert loads per
 //! MoE layer, pipeline bubble), and its failures (detection and recovery times, steps redone).
@@ -8,7 +10,8 @@
 
 use std::sync::atomic::AtomicU64;
 
-use axum::extract::State;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use prometheus_client::encoding::text::encode;
@@ -19,6 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::actor::{Control, Snapshot};
+use crate::dashboard;
 use crate::jobs::JobState;
 use crate::nodes::NodeState;
 
@@ -313,17 +317,128 @@ async fn metrics(State(control): State<Control>) -> axum::response::Response {
     }
 }
 
-async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!("not found: {}\n", uri.path()),
-    )
-        .into_response()
+/// A 404: an HTML page naming what was not found, or JSON under `/api/`.
+fn missing(api: bool, what: &str) -> axum::response::Response {
+    if api {
+        (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({ "error": what })),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            axum::response::Html(dashboard::not_found_page(what)),
+        )
+            .into_response()
+    }
 }
 
-/// The HTTP routes: `/metrics` (and a 404 for anything else).
+fn unavailable(e: &crate::CoordinatorError) -> axum::response::Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    let path = uri.path();
+    missing(path.starts_with("/api/"), &format!("nothing at {path}"))
+}
+
+/// No cache: every load shows the cluster as it is now.
+const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
+
+async fn cluster_page(State(control): State<Control>) -> axum::response::Response {
+    match control.snapshot().await {
+        Ok(s) => (
+            [NO_STORE],
+            axum::response::Html(dashboard::cluster::render_page(&s)),
+        )
+            .into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
+async fn cluster_api(State(control): State<Control>) -> axum::response::Response {
+    match control.snapshot().await {
+        Ok(s) => (
+            [NO_STORE],
+            axum::Json(dashboard::cluster::api(&s, crate::jobs::now_ms())),
+        )
+            .into_response(),
+        Err(e) => unavailable(&e),
+    }
+}
+
+/// The job of `id` in a fresh snapshot, or the response to give instead.
+async fn job_of(
+    control: &Control,
+    id: Result<Path<String>, PathRejection>,
+    api: bool,
+) -> Result<(Snapshot, usize), axum::response::Response> {
+    let Ok(Path(id)) = id else {
+        return Err(missing(api, "no such job"));
+    };
+    let s = control.snapshot().await.map_err(|e| unavailable(&e))?;
+    match s.jobs.iter().position(|j| j.id == id) {
+        Some(i) => Ok((s, i)),
+        None => Err(missing(api, &format!("no job {id}"))),
+    }
+}
+
+/// The job's step timeline, read on the blocking pool (it reads the trace file).
+async fn timeline_of(job: &crate::jobs::JobRecord) -> String {
+    let job = job.clone();
+    tokio::task::spawn_blocking(move || dashboard::job::timeline_fragment(&job))
+        .await
+        .unwrap_or_else(|e| format!("<p class=\"note\">timeline unavailable: {e}</p>"))
+}
+
+async fn job_page(
+    State(control): State<Control>,
+    id: Result<Path<String>, PathRejection>,
+) -> axum::response::Response {
+    let (s, i) = match job_of(&control, id, false).await {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let j = &s.jobs[i];
+    let timeline = timeline_of(j).await;
+    let html = dashboard::job::render_page(&s, j, &timeline, crate::jobs::now_ms());
+    ([NO_STORE], axum::response::Html(html)).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct JobQuery {
+    /// Also render the step timeline (the page asks while it has none).
+    #[serde(default)]
+    timeline: Option<String>,
+}
+
+async fn job_api(
+    State(control): State<Control>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<JobQuery>, QueryRejection>,
+) -> axum::response::Response {
+    let (s, i) = match job_of(&control, id, true).await {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let j = &s.jobs[i];
+    let timeline = match q.ok().and_then(|Query(q)| q.timeline) {
+        Some(_) => Some(timeline_of(j).await),
+        None => None,
+    };
+    let body = dashboard::job::api(&s, j, timeline, crate::jobs::now_ms());
+    ([NO_STORE], axum::Json(body)).into_response()
+}
+
+/// The HTTP routes: the dashboard's pages and JSON, `/metrics`, and a 404 page for anything
+/// else.
 pub fn router(control: Control) -> axum::Router {
     axum::Router::new()
+        .route("/", axum::routing::get(cluster_page))
+        .route("/jobs/{id}", axum::routing::get(job_page))
+        .route("/api/cluster", axum::routing::get(cluster_api))
+        .route("/api/jobs/{id}", axum::routing::get(job_api))
         .route("/metrics", axum::routing::get(metrics))
         .fallback(not_found)
         .with_state(control)

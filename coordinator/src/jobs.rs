@@ -125,6 +125,12 @@ pub struct Recovery {
     /// Microseconds spent placing the job again (0 until placed).
     #[serde(default)]
     pub replan_us: u64,
+    /// The nodes the job ran on when it failed, in placement order.
+    #[serde(default)]
+    pub nodes_before: Vec<String>,
+    /// The nodes of the new attempt (empty until it runs).
+    #[serde(default)]
+    pub nodes_after: Vec<String>,
 }
 
 impl Recovery {
@@ -151,6 +157,16 @@ pub struct Placed {
     pub node: String,
     /// Device index within the node.
     pub device: usize,
+}
+
+/// The distinct nodes of a placement, in placement order.
+pub fn nodes_of(placement: &[Placed]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    placement
+        .iter()
+        .filter(|p| seen.insert(p.node.as_str()))
+        .map(|p| p.node.clone())
+        .collect()
 }
 
 impl JobRecord {

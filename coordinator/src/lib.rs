@@ -9,6 +9,7 @@
 //! one conformance suite) and leader election among coordinators sharing a store.
 
 pub mod actor;
+pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod control;
+pub mod dashboard;
 pub mod kernels;
 mod numpy;
 pub mod pipeline;

@@ -443,7 +443,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         let interrupted = ctrl_c();
         // The first line of stdout is the address (tests and scripts read it).
         println!("coordinator listening on {scheme}://{addr} (store {path}{mutual}{leads})");
-        println!("metrics at http://{http_addr}/metrics");
+        println!("dashboard at http://{http_addr}/ (metrics at http://{http_addr}/metrics)");
         // On Ctrl-C or SIGTERM: end the agents' sessions and the watches first, so the
         // graceful shutdown does not wait on streams that never end by themselves.
         let closing = control.clone();
@@ -1041,7 +1041,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             cluster.url, args.nodes, args.spares, args.gpus_per_node, cluster.store
         );
         if let Some(h) = &cluster.http_url {
-            println!("metrics at {h}/metrics");
+            println!("dashboard at {h}/ (metrics at {h}/metrics)");
         }
         // Report agent exits (and restarts) until Ctrl-C.
         let mut every = tokio::time::interval(std::time::Duration::from_millis(200));

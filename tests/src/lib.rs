@@ -343,6 +343,109 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// Chromium for the dashboard's browser tests: `chromium` or `chromium-browser` on `PATH`.
+/// Panics when neither is there (`scripts/test.sh` installs Debian's `chromium`): the browser
+/// tests fail rather than skip.
+pub fn chromium() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        for name in ["chromium", "chromium-browser"] {
+            let p = dir.join(name);
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "no chromium or chromium-browser on PATH: install Debian's chromium (scripts/test.sh does)"
+    )
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments (a fresh profile, no sandbox, no
+/// GPU) and returns its stdout; panics if it fails or takes over 90 s.
+pub fn headless(url: &str, extra: &[&str]) -> String {
+    use std::io::Read;
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let profile = std::env::temp_dir().join(format!(
+        "shoal-chromium-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start chromium: {e}"));
+    let mut out = child.stdout.take().expect("stdout piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let mut err = child.stderr.take().expect("stderr piped");
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for chromium") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium on {url} took over 90 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(status.success(), "chromium on {url}: {status}\n{stderr}");
+    stdout
+}
+
+/// The DOM of `url` as headless Chromium has it after `budget_ms` of virtual time (scripts
+/// and their fetches have run).
+pub fn rendered_dom(url: &str, budget_ms: u64) -> String {
+    headless(
+        url,
+        &["--dump-dom", &format!("--virtual-time-budget={budget_ms}")],
+    )
+}
+
+/// A screenshot of `url` by headless Chromium, `width` x `height`, written to `path`.
+pub fn screenshot(url: &str, path: &std::path::Path, width: u32, height: u32) {
+    let _ = std::fs::remove_file(path);
+    headless(
+        url,
+        &[
+            &format!("--screenshot={}", path.display()),
+            &format!("--window-size={width},{height}"),
+            "--virtual-time-budget=3000",
+        ],
+    );
+    let png = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 1000,
+        "{} is not a PNG",
+        path.display()
+    );
+}
+
 /// The value of the sample `series` (its name and labels exactly as written) in Prometheus
 /// text, if present.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
@@ -364,4 +467,29 @@ mod tests {
         assert_eq!(super::base64(b"foo"), "Zm9v");
         assert_eq!(super::base64(b"shoal/live/n1"), "c2hvYWwvbGl2ZS9uMQ==");
     }
+}
+
+/// Writes `toml` to `dir/NAME.toml` (NAME = `name`, with `{dir}` in `toml` replaced by
+/// `dir/NAME`, the job's directory) and submits it to the coordinator at `url` with `extra`
+/// flags; returns the job id (panics unless `shoal submit` succeeds).
+pub fn submit_toml(
+    url: &str,
+    dir: &std::path::Path,
+    name: &str,
+    toml: &str,
+    extra: &[&str],
+) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    let text = toml.replace("{dir}", &dir.join(name).display().to_string());
+    std::fs::write(&path, text).expect("write the job file");
+    let mut args = vec![
+        "submit",
+        path.to_str().expect("utf-8 path"),
+        "--coordinator",
+        url,
+    ];
+    args.extend_from_slice(extra);
+    let o = run_shoal(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }

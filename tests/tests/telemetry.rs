@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use shoal_tests::otlp::{Receiver, Span};
-use shoal_tests::{Background, free_port, http_get, run_shoal, sample, url_in, wait_for_nodes};
+use shoal_tests::{
+    Background, free_port, http_get, run_shoal, sample, submit_toml, url_in, wait_for_nodes,
+};
 
 /// Batches go out every 100 ms rather than every 5 s.
 const FAST: [(&str, &str); 1] = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
@@ -64,25 +66,13 @@ fn a_submitted_jobs_spans_reach_the_collector_as_one_trace() {
         })
         .collect();
     wait_for_nodes(&url, 2);
-    let path = dir.path().join("job.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"otel\"\n[training]\nsteps = 3\nseq_len = 32\nbatch = 8\n[parallelism]\npp = 2\ndp = 2\nep = 2\nschedule = \"dualpipe\"\nmicro_batches = 4\n[checkpointing]\ndir = \"{}\"\n",
-            dir.path().join("otel").display()
-        ),
-    )
-    .expect("job file");
-    let o = run_shoal(&[
-        "submit",
-        path.to_str().expect("utf-8"),
-        "--coordinator",
+    let id = submit_toml(
         &url,
-        "--otlp-endpoint",
-        &rx.url,
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        dir.path(),
+        "otel",
+        "name = \"otel\"\n[training]\nsteps = 3\nseq_len = 32\nbatch = 8\n[parallelism]\npp = 2\ndp = 2\nep = 2\nschedule = \"dualpipe\"\nmicro_batches = 4\n[checkpointing]\ndir = \"{dir}\"\n",
+        &["--otlp-endpoint", &rx.url],
+    );
     let o = run_shoal(&["watch", &id, "--coordinator", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
