@@ -457,18 +457,6 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_the_standard() {
-        assert_eq!(super::base64(b""), "");
-        assert_eq!(super::base64(b"f"), "Zg==");
-        assert_eq!(super::base64(b"fo"), "Zm8=");
-        assert_eq!(super::base64(b"foo"), "Zm9v");
-        assert_eq!(super::base64(b"shoal/live/n1"), "c2hvYWwvbGl2ZS9uMQ==");
-    }
-}
-
 /// Writes `toml` to `dir/NAME.toml` (NAME = `name`, with `{dir}` in `toml` replaced by
 /// `dir/NAME`, the job's directory) and submits it to the coordinator at `url` with `extra`
 /// flags; returns the job id (panics unless `shoal submit` succeeds).
@@ -492,4 +480,16 @@ pub fn submit_toml(
     let o = run_shoal(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(super::base64(b""), "");
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(b"shoal/live/n1"), "c2hvYWwvbGl2ZS9uMQ==");
+    }
 }

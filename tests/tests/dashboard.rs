@@ -144,6 +144,14 @@ fn the_dashboard_shows_a_job_that_failed_and_recovered_in_a_real_browser() {
     };
     assert!(live(&dom), "the page's script fetched /api/cluster");
     assert!(dom.contains("live · updated"));
+    // The page timed its own load (what `shoal bench dashboard` reads).
+    let load_ms: f64 = dom
+        .split("data-load-ms=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|v| v.parse().ok())
+        .expect("data-load-ms on the body");
+    assert!(load_ms > 0.0, "{load_ms}");
 
     // The job's page: curves, heat map, timeline, and the recovery log.
     let job_url = format!("{http}/jobs/{id}");

@@ -210,10 +210,13 @@ svg{display:block;max-width:100%;height:auto}svg text{font:11px system-ui,sans-s
 "#;
 
 /// The pages' live updates: poll the page's JSON and put each fragment it carries into the
-/// element of that id; `#live` says when the data last arrived (`data-updated`).
+/// element of that id; `#live` says when the data last arrived (`data-updated`). At the load
+/// event the body's `data-load-ms` records the milliseconds since navigation began (what `shoal
+/// bench dashboard` reads from a real browser).
 const SCRIPT: &str = r#"
 (function(){
 var b=document.body,api=b.dataset.api,poll=+b.dataset.poll||1500,live=document.getElementById('live'),seen={};
+addEventListener('load',function(){b.dataset.loadMs=performance.now().toFixed(1);});
 function filter(){var f=document.getElementById('filter');if(!f)return;var q=f.value.trim().toLowerCase();
 document.querySelectorAll('.node').forEach(function(n){n.style.display=!q||n.dataset.f.indexOf(q)>=0?'':'none';});}
 var f=document.getElementById('filter');if(f)f.addEventListener('input',filter);
