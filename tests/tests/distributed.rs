@@ -495,15 +495,17 @@ fn a_shrunk_job_grows_back_when_a_node_joins() {
         (2.into(), 4.into()),
         "{j}"
     );
-    // Growing back restores the checkpoint it was triggered at (redoing only the steps run
-    // while that checkpoint was written in the background).
+    // Growing back restores the checkpoint it was triggered at, on every node (the coordinator
+    // names it), redoing only the steps run while that checkpoint was written in the
+    // background: at most one interval (2), since the next snapshot waits for the write and
+    // the commit is reported before the steps after it.
     let at: u64 = back["cause"]
         .as_str()
         .and_then(|c| c.rsplit("step ").next())
         .and_then(|n| n.trim().parse().ok())
         .expect("the checkpoint's step in the cause");
     assert_eq!(back["restored_step"], at, "{j}");
-    assert!(back["steps_redone"].as_u64() < Some(2), "{j}");
+    assert!(back["steps_redone"].as_u64() <= Some(2), "{j}");
     let (a, b) = (step_losses("whole"), step_losses("elastic"));
     assert_eq!(
         b.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
