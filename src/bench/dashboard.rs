@@ -99,6 +99,22 @@ struct PageTimes {
     p99_over_goal: f64,
 }
 
+impl PageTimes {
+    /// The figures of `ms`, one load time per entry.
+    fn of(path: String, bytes: usize, mut ms: Vec<f64>) -> Self {
+        ms.sort_by(f64::total_cmp);
+        let p99 = percentile(&ms, 0.99);
+        Self {
+            path,
+            bytes,
+            p50_ms: percentile(&ms, 0.5),
+            p99_ms: p99,
+            max_ms: ms.last().copied().unwrap_or(f64::NAN),
+            p99_over_goal: p99 / GOAL_MS,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     nodes: usize,
@@ -297,16 +313,7 @@ async fn bench(args: &DashboardBenchArgs, dp: usize) -> Result<()> {
                 get(addr, &path)?;
                 ms.push(t.elapsed().as_secs_f64() * 1000.0);
             }
-            ms.sort_by(f64::total_cmp);
-            let p99 = percentile(&ms, 0.99);
-            pages.push(PageTimes {
-                path,
-                bytes,
-                p50_ms: percentile(&ms, 0.5),
-                p99_ms: p99,
-                max_ms: ms.last().copied().unwrap_or(f64::NAN),
-                p99_over_goal: p99 / GOAL_MS,
-            });
+            pages.push(PageTimes::of(path, bytes, ms));
         }
         Ok(pages)
     })
@@ -348,21 +355,13 @@ async fn bench(args: &DashboardBenchArgs, dp: usize) -> Result<()> {
             for (i, url) in urls.iter().enumerate() {
                 // One warm-up load (the first start of chromium reads its files from disk).
                 browser_load(&chromium, url, i * (n + 1))?;
-                let mut ms = (1..=n)
+                let ms = (1..=n)
                     .map(|k| browser_load(&chromium, url, i * (n + 1) + k))
                     .collect::<Result<Vec<f64>>>()?;
-                ms.sort_by(f64::total_cmp);
-                let p99 = percentile(&ms, 0.99);
-                pages.push(PageTimes {
-                    path: url
-                        .rsplit_once(&addr.to_string())
-                        .map_or(url.clone(), |(_, p)| p.to_string()),
-                    bytes: 0,
-                    p50_ms: percentile(&ms, 0.5),
-                    p99_ms: p99,
-                    max_ms: ms.last().copied().unwrap_or(f64::NAN),
-                    p99_over_goal: p99 / GOAL_MS,
-                });
+                let path = url
+                    .rsplit_once(&addr.to_string())
+                    .map_or(url.clone(), |(_, p)| p.to_string());
+                pages.push(PageTimes::of(path, 0, ms));
             }
             Ok(pages)
         })

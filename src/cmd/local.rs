@@ -109,6 +109,11 @@ fn agent_command(
     }
     if opts.quiet_agents {
         cmd.arg("--quiet");
+        // `shoal train`'s agents log what goes wrong only (its progress bar says the rest),
+        // unless RUST_LOG says otherwise.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
     }
     // The agents' spans go where this process's go.
     if let Some(e) = crate::telemetry::endpoint() {

@@ -90,6 +90,19 @@ impl Drop for Background {
     }
 }
 
+/// A node agent `name` of two CPU devices attached to the coordinator at `url`.
+pub fn start_worker(url: &str, name: &str) -> Background {
+    Background::start(&[
+        "worker",
+        "--coordinator",
+        url,
+        "--node",
+        name,
+        "--devices",
+        "cpu:2",
+    ])
+}
+
 /// A coordinator on a free loopback port with an embedded store in `dir`; returns it and its URL.
 pub fn start_coordinator(dir: &std::path::Path) -> (Background, String) {
     let store = dir.join("store");

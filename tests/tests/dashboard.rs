@@ -7,22 +7,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use shoal_tests::start_worker as worker;
 use shoal_tests::{
     Background, free_port, http_get, rendered_dom, screenshot, shoal_bin, submit_toml, url_in,
     wait_for_nodes,
 };
-
-fn worker(url: &str, name: &str) -> Background {
-    Background::start(&[
-        "worker",
-        "--coordinator",
-        url,
-        "--node",
-        name,
-        "--devices",
-        "cpu:2",
-    ])
-}
 
 /// Polls `/api/jobs/{id}` until `done` holds (and returns it), failing after `within`.
 fn wait_for(

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use shoal_tests::start_worker as worker;
 use shoal_tests::{Background, run_shoal, start_coordinator, wait_for_nodes};
 
 fn last_json(o: &std::process::Output) -> serde_json::Value {
@@ -144,38 +145,12 @@ fn the_default_main_job_in_fp8_stays_within_tolerance_of_one_process() {
 
 /// Node agents of two CPU devices each, attached to `url` and registered.
 fn start_workers(url: &str, names: &[&str]) -> Vec<Background> {
-    let workers = names
-        .iter()
-        .map(|n| {
-            Background::start(&[
-                "worker",
-                "--coordinator",
-                url,
-                "--node",
-                n,
-                "--devices",
-                "cpu:2",
-            ])
-        })
-        .collect();
+    let workers = names.iter().map(|n| worker(url, n)).collect();
     wait_for_nodes(url, names.len());
     workers
 }
 
 /// Polls job `id` until `done` holds (and returns it), failing after `within`.
-/// A node agent `name` of two CPU devices attached to the coordinator at `url`.
-fn worker(url: &str, name: &str) -> Background {
-    Background::start(&[
-        "worker",
-        "--coordinator",
-        url,
-        "--node",
-        name,
-        "--devices",
-        "cpu:2",
-    ])
-}
-
 fn wait_for_job(
     url: &str,
     id: &str,
