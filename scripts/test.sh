@@ -17,6 +17,9 @@ command -v ip >/dev/null || need+=(iproute2)
 # The dashboard's browser test (tests/tests/dashboard.rs) drives headless Chromium (Debian's
 # chromium); it fails without one.
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
+# The CUDA kernels' CPU-emulated tests (kernels/tests/emulated.rs) compile the kernel sources with
+# g++ against kernels/cuda/emu/cuda_emu.h.
+command -v g++ >/dev/null || need+=(g++)
 if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; fi
@@ -38,6 +41,16 @@ bash scripts/validate-deploy.sh
 cargo test --locked --workspace --all-targets --features "$features"
 # Doc tests (not part of --all-targets).
 cargo test --locked --workspace --doc --features "$features"
+# The CUDA path (feature `cuda`) builds without a CUDA toolkit or GPU. Every kernel source is
+# compiled by NVRTC for sm_80, sm_89 and sm_90 (kernels/tests/nvrtc.rs), with the NVRTC library
+# from PyPI (scripts/nvrtc-env.sh installs it into target/nvrtc-venv on first use); a kernel that
+# stops compiling fails here. The worker's device resolution is tested with the feature on too
+# (a CUDA request on this GPU-less machine falls back to the CPU and says why). The GPU
+# conformance tests (kernels/tests/gpu.rs) need a GPU: scripts/gpu-check.sh runs them.
+nvrtc_lib="$(bash scripts/nvrtc-env.sh)"
+LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  cargo test --locked -p shoal-kernels --features cuda --test nvrtc
+cargo test --locked -p shoal-worker --features cuda --lib devices
 # Checkpoint interoperability with Hugging Face transformers (installs torch + transformers into
 # target/hf-venv on first use: about 2 minutes and 4.3 GB).
 bash scripts/hf_interop.sh target/debug/shoal

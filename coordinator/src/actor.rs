@@ -124,6 +124,8 @@ pub struct Registration {
     pub node: String,
     /// Devices.
     pub devices: usize,
+    /// What each device is (empty: CPU shares, as older agents register).
+    pub models: Vec<crate::nodes::DeviceModel>,
     /// NVLink domain.
     pub nvlink_domain: String,
     /// InfiniBand rail.
@@ -942,9 +944,20 @@ impl<S: Store> Actor<S> {
             None => (0, Expect::Absent),
         };
         let epoch = old_epoch + 1;
+        if !reg.models.is_empty() && reg.models.len() != reg.devices {
+            return Err(CoordinatorError::invalid(
+                "register.devices",
+                format!(
+                    "{} device descriptions for {} devices",
+                    reg.models.len(),
+                    reg.devices
+                ),
+            ));
+        }
         let record = NodeRecord {
             name: reg.node.clone(),
             devices: reg.devices,
+            models: reg.models.clone(),
             nvlink_domain: reg.nvlink_domain,
             ib_rail: reg.ib_rail,
             data_addr: reg.data_addr,

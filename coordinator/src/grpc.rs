@@ -268,12 +268,18 @@ fn node_to_wire(v: &NodeView) -> pb::Node {
         name: v.record.name.clone(),
         state: node_state(v.record.state) as i32,
         devices: (0..v.record.devices)
-            .map(|i| pb::Device {
-                index: i as u32,
-                kind: pb::DeviceKind::Cpu as i32,
-                name: "cpu".into(),
-                memory_bytes: 0,
-                job_id: v.busy.get(&i).cloned().unwrap_or_default(),
+            .map(|i| {
+                let job = v.busy.get(&i).cloned().unwrap_or_default();
+                match v.record.models.get(i) {
+                    Some(m) => m.to_wire(i as u32, job),
+                    None => pb::Device {
+                        index: i as u32,
+                        kind: pb::DeviceKind::Cpu as i32,
+                        name: "cpu".into(),
+                        job_id: job,
+                        ..Default::default()
+                    },
+                }
             })
             .collect(),
         nvlink_domain: v.record.nvlink_domain.clone(),
@@ -339,6 +345,11 @@ impl AgentService for Api {
                 Registration {
                     node: reg.node,
                     devices: reg.devices.len(),
+                    models: reg
+                        .devices
+                        .iter()
+                        .map(crate::nodes::DeviceModel::from_wire)
+                        .collect(),
                     nvlink_domain: reg.nvlink_domain,
                     ib_rail: reg.ib_rail,
                     spare: reg.spare,

@@ -42,6 +42,7 @@ async fn pages_answer_and_bad_urls_get_404_pages() {
             Registration {
                 node: "n1".into(),
                 devices: 2,
+                models: Vec::new(),
                 nvlink_domain: "n1".into(),
                 ib_rail: 0,
                 spare: false,

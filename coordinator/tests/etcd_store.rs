@@ -87,6 +87,7 @@ async fn a_dead_coordinators_nodes_expire_from_etcd() {
     let reg = Registration {
         node: "n1".into(),
         devices: 1,
+        models: Vec::new(),
         nvlink_domain: "n1".into(),
         ib_rail: 0,
         spare: false,

@@ -37,6 +37,7 @@ async fn node_running(
             Registration {
                 node: name.into(),
                 devices,
+                models: Vec::new(),
                 nvlink_domain: name.into(),
                 ib_rail: 0,
                 spare: false,
@@ -288,6 +289,7 @@ async fn a_lost_node_starts_a_recovery_and_a_failed_rank_fails_the_job() {
             Registration {
                 node: "bad name!".into(),
                 devices: 1,
+                models: Vec::new(),
                 nvlink_domain: String::new(),
                 ib_rail: 0,
                 spare: false,
@@ -299,6 +301,57 @@ async fn a_lost_node_starts_a_recovery_and_a_failed_rank_fails_the_job() {
         .await
         .unwrap_err();
     assert!(e.to_string().starts_with("register.node"), "{e}");
+}
+
+#[tokio::test]
+async fn gpu_nodes_register_their_device_models_and_a_count_mismatch_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = control(&dir).await;
+    let h200 = shoal_coordinator::nodes::DeviceModel {
+        kind: "cuda".into(),
+        name: "NVIDIA H200".into(),
+        memory_bytes: 150_000_000_000,
+        compute_capability: "9.0".into(),
+        nvlink_peers: vec![1],
+    };
+    let reg = |devices: usize, models: Vec<shoal_coordinator::nodes::DeviceModel>| Registration {
+        node: "g1".into(),
+        devices,
+        models,
+        nvlink_domain: "g1".into(),
+        ib_rail: 0,
+        spare: false,
+        data_addr: String::new(),
+        running: vec![],
+    };
+    let (tx, _rx) = mpsc::channel(8);
+    let e = c
+        .register(reg(2, vec![h200.clone()]), tx)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("register.devices")
+            && e.to_string()
+                .contains("1 device descriptions for 2 devices"),
+        "{e}"
+    );
+    let (tx, _rx2) = mpsc::channel(8);
+    c.register(reg(2, vec![h200.clone(), h200.clone()]), tx)
+        .await
+        .expect("register");
+    let nodes = c.nodes().await.expect("nodes");
+    assert_eq!(nodes[0].record.models, vec![h200.clone(), h200]);
+    // The wire form keeps what the agent sent.
+    let wire = nodes[0].record.models[0].to_wire(0, String::new());
+    assert_eq!(
+        (
+            wire.kind,
+            wire.name.as_str(),
+            wire.compute_capability.as_str(),
+            wire.nvlink_peers
+        ),
+        (pb::DeviceKind::Cuda as i32, "NVIDIA H200", "9.0", vec![1])
+    );
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -556,6 +609,7 @@ async fn a_recovery_is_recorded_and_a_job_gives_up_after_its_recoveries() {
             Registration {
                 node: "spare".into(),
                 devices: 1,
+                models: Vec::new(),
                 nvlink_domain: "spare".into(),
                 ib_rail: 0,
                 spare: true,

@@ -46,6 +46,32 @@ pub enum KernelError {
         /// The exclusive upper bound.
         bound: usize,
     },
+    /// The CUDA driver, a CUDA library (NVRTC, cuBLAS, NCCL) or a device is not available.
+    #[error("cuda unavailable: {reason}")]
+    CudaUnavailable {
+        /// What is missing, and what to do about it.
+        reason: String,
+    },
+    /// NVRTC did not compile a kernel source.
+    #[error("nvrtc could not compile {source_name}.cu for {arch}: {log}")]
+    Compile {
+        /// The source (`quant`, `fp8_gemm`, ...).
+        source_name: &'static str,
+        /// The target architecture (`sm_90`).
+        arch: String,
+        /// NVRTC's log.
+        log: String,
+    },
+    /// A CUDA call failed while running a kernel: a launch error, an out-of-memory, a fault.
+    #[error("cuda error in {kernel} ({shapes}): {reason}")]
+    Cuda {
+        /// The kernel or operation (`fp8_gemm_grouped`, `alloc`, ...).
+        kernel: &'static str,
+        /// The shapes it was given.
+        shapes: String,
+        /// The driver's message.
+        reason: String,
+    },
 }
 
 /// Result alias for kernels.

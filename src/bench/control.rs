@@ -522,6 +522,7 @@ async fn session(
                 name: "sim".into(),
                 memory_bytes: 0,
                 job_id: String::new(),
+                ..Default::default()
             }],
             nvlink_domain: node,
             ib_rail: 0,

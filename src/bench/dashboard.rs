@@ -187,6 +187,7 @@ async fn bench(args: &DashboardBenchArgs, dp: usize) -> Result<()> {
                 Registration {
                     node: name.clone(),
                     devices: args.devices,
+                    models: Vec::new(),
                     nvlink_domain: name.clone(),
                     ib_rail: (i % 8) as u32,
                     spare: false,

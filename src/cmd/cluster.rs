@@ -217,7 +217,8 @@ pub struct WorkerArgs {
     /// This node's name (unique in the cluster).
     #[arg(long)]
     pub node: String,
-    /// Devices to offer: `cpu:N`.
+    /// Devices to offer: `cpu:N`, `cuda:all` or `cuda:0,1,...` (GPUs need a build with
+    /// `--features cuda`; a CUDA request without a usable GPU falls back to `cpu:1` and says why).
     #[arg(long, default_value = "cpu:1")]
     pub devices: String,
     /// Offer the node as a spare.
@@ -486,34 +487,39 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     })
 }
 
-fn parse_devices(s: &str) -> Result<u32> {
-    let Some(n) = s.strip_prefix("cpu:") else {
-        bail!("--devices {s}: expected cpu:N (CUDA devices come with the CUDA path)");
-    };
-    let n: u32 = n
-        .parse()
-        .with_context(|| format!("--devices {s}: N must be a number"))?;
-    if n == 0 {
-        bail!("--devices {s}: at least one device");
-    }
-    Ok(n)
-}
-
 /// Runs `shoal worker` until Ctrl-C or until the coordinator closes the session.
 pub fn worker(args: &WorkerArgs) -> Result<()> {
-    let cpu_devices = parse_devices(&args.devices)?;
+    let request: shoal_worker::devices::DeviceRequest =
+        args.devices.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let offered = request
+        .resolve()
+        .with_context(|| format!("--devices {}", args.devices))?;
+    if let Some(why) = &offered.fallback {
+        eprintln!("warning: --devices {}: {why}", args.devices);
+        tracing::warn!(devices = %args.devices, reason = %why, "devices fell back to the cpu");
+    }
+    if offered
+        .devices
+        .iter()
+        .any(|d| d.kind == shoal_worker::devices::DeviceKind::Cuda)
+    {
+        tracing::warn!(
+            "gpus registered; this version still runs a job's model on the cpu path (the gpu kernels are used by the kernel tests and benchmarks)"
+        );
+    }
+    let device_count = offered.devices.len() as u32;
     let (tls_ca, tls_identity) = args.tls.load()?;
     let cfg = shoal_worker::agent::AgentConfig {
         coordinators: coordinator_urls(&args.coordinator)?,
         reconnect: std::time::Duration::from_millis(args.reconnect_ms),
         node: args.node.clone(),
-        cpu_devices,
+        devices: offered.devices,
         spare: args.spare,
         token: args.token.clone(),
         tls_ca,
         tls_identity,
         data_addr: Some(args.data_addr),
-        metrics: shoal_worker::metrics::AgentMetrics::new(&args.node, cpu_devices),
+        metrics: shoal_worker::metrics::AgentMetrics::new(&args.node, device_count),
     };
     runtime()?.block_on(async {
         let http = tokio::net::TcpListener::bind(args.http)
@@ -946,6 +952,24 @@ fn node_state_name(v: i32) -> &'static str {
     }
 }
 
+/// `, 8 x NVIDIA H200 (sm 9.0, 141 GiB)` for GPU nodes; nothing for CPU shares.
+fn device_summary(devices: &[pb::Device]) -> String {
+    let gpus: Vec<&pb::Device> = devices
+        .iter()
+        .filter(|d| d.kind == pb::DeviceKind::Cuda as i32)
+        .collect();
+    let Some(first) = gpus.first() else {
+        return String::new();
+    };
+    format!(
+        ", {} x {} (sm {}, {:.0} GiB)",
+        gpus.len(),
+        first.name,
+        first.compute_capability,
+        first.memory_bytes as f64 / f64::from(1u32 << 30)
+    )
+}
+
 /// `shoal nodes`.
 pub fn nodes(t: &Target) -> Result<()> {
     runtime()?.block_on(async {
@@ -965,6 +989,12 @@ pub fn nodes(t: &Target) -> Result<()> {
                         "name": n.name, "state": state(n.state), "epoch": n.epoch,
                         "devices": n.devices.len(),
                         "busy": n.devices.iter().filter(|d| !d.job_id.is_empty()).count(),
+                        "models": n.devices.iter().map(|d| serde_json::json!({
+                            "name": d.name,
+                            "memory_bytes": d.memory_bytes,
+                            "compute_capability": d.compute_capability,
+                            "nvlink_peers": d.nvlink_peers,
+                        })).collect::<Vec<_>>(),
                     })
                 })
                 .collect();
@@ -973,12 +1003,13 @@ pub fn nodes(t: &Target) -> Result<()> {
             for n in &nodes {
                 let busy = n.devices.iter().filter(|d| !d.job_id.is_empty()).count();
                 println!(
-                    "{:<16} {:<9} epoch {:<4} devices {} ({} busy)",
+                    "{:<16} {:<9} epoch {:<4} devices {} ({} busy){}",
                     n.name,
                     state(n.state),
                     n.epoch,
                     n.devices.len(),
-                    busy
+                    busy,
+                    device_summary(&n.devices)
                 );
             }
         }

@@ -30,8 +30,8 @@ pub struct AgentConfig {
     pub reconnect: Duration,
     /// This node's name (unique in the cluster).
     pub node: String,
-    /// CPU devices to offer.
-    pub cpu_devices: u32,
+    /// The devices to offer (see [`crate::devices::DeviceRequest::resolve`]).
+    pub devices: Vec<crate::devices::Device>,
     /// Offer the node as a spare.
     pub spare: bool,
     /// Bearer token for registration, if the coordinator asks for one.
@@ -135,14 +135,24 @@ pub fn endpoint(
         .map_err(|e| WorkerError::invalid(flags, error_chain(&e)))
 }
 
-fn devices(n: u32) -> Vec<pb::Device> {
-    (0..n)
-        .map(|i| pb::Device {
-            index: i,
-            kind: pb::DeviceKind::Cpu as i32,
-            name: "cpu".into(),
-            memory_bytes: 0,
+fn devices(offered: &[crate::devices::Device]) -> Vec<pb::Device> {
+    offered
+        .iter()
+        .enumerate()
+        .map(|(i, d)| pb::Device {
+            index: i as u32,
+            kind: match d.kind {
+                crate::devices::DeviceKind::Cpu => pb::DeviceKind::Cpu,
+                crate::devices::DeviceKind::Cuda => pb::DeviceKind::Cuda,
+            } as i32,
+            name: d.name.clone(),
+            memory_bytes: d.memory_bytes,
             job_id: String::new(),
+            compute_capability: d
+                .compute_capability
+                .map(|(a, b)| format!("{a}.{b}"))
+                .unwrap_or_default(),
+            nvlink_peers: d.nvlink_peers.clone(),
         })
         .collect()
 }
@@ -461,7 +471,7 @@ impl Agent {
         pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Register(pb::Register {
                 node: self.cfg.node.clone(),
-                devices: devices(self.cfg.cpu_devices),
+                devices: devices(&self.cfg.devices),
                 nvlink_domain: self.cfg.node.clone(),
                 ib_rail: 0,
                 spare: self.cfg.spare,

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
+pub mod devices;
 pub mod error;
 pub mod fault;
 pub mod job;

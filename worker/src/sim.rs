@@ -471,6 +471,7 @@ pub async fn run(
         name: "sim H800".into(),
         memory_bytes: cfg.hardware.memory_bytes,
         job_id: String::new(),
+        ..Default::default()
     };
     out.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {

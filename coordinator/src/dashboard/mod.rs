@@ -334,6 +334,7 @@ pub(crate) mod sample {
                     record: NodeRecord {
                         name,
                         devices,
+                        models: Vec::new(),
                         nvlink_domain: format!("nv{i}"),
                         ib_rail: 0,
                         data_addr: String::new(),

@@ -212,21 +212,7 @@ impl AdamWState {
     }
 }
 
-/// Per-step constants of the element-wise update.
-#[derive(Clone, Copy)]
-struct Coeffs {
-    decay: f32,
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    step_size: f32,
-    inv_sqrt_bc2: f32,
-    eps: f32,
-    grad_scale: f32,
-}
-
-impl Coeffs {
+impl AdamCoeffs {
     /// Updates one parameter; returns the new `(m, v)` in FP32.
     #[inline(always)]
     fn apply(&self, p: &mut f32, g: f32, m: f32, v: f32) -> (f32, f32) {
@@ -242,7 +228,7 @@ impl Coeffs {
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn update_f32(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+fn update_f32(k: &AdamCoeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
         (*m, *v) = k.apply(p, g * k.grad_scale, *m, *v);
     }
@@ -252,11 +238,56 @@ fn update_f32(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+avx2+fma",
     "x86_64+avx2+fma"
 ))]
-fn update_bf16(k: &Coeffs, p: &mut [f32], g: &[f32], m: &mut [bf16], v: &mut [bf16]) {
+fn update_bf16(k: &AdamCoeffs, p: &mut [f32], g: &[f32], m: &mut [bf16], v: &mut [bf16]) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
         let (mn, vn) = k.apply(p, g * k.grad_scale, m.to_f32(), v.to_f32());
         *m = bf16::from_f32(mn);
         *v = bf16::from_f32(vn);
+    }
+}
+
+/// The AdamW coefficients of one step as the GPU kernels take them (`struct AdamCoeffs` in
+/// kernels/cuda/ops.cu), computed exactly as [`adamw_step`] computes its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AdamCoeffs {
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `beta1`.
+    pub beta1: f32,
+    /// `1 - beta1`.
+    pub one_minus_beta1: f32,
+    /// `beta2`.
+    pub beta2: f32,
+    /// `1 - beta2`.
+    pub one_minus_beta2: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_sqrt_bc2: f32,
+    /// `eps`.
+    pub eps: f32,
+    /// Multiplier of the gradients (clipping).
+    pub grad_scale: f32,
+}
+
+impl AdamCoeffs {
+    /// The coefficients of step `t` (1-based) at learning rate `lr`.
+    pub fn new(cfg: &AdamWConfig, lr: f32, t: u64, grad_scale: f32) -> Self {
+        let (beta1, beta2) = (f64::from(cfg.beta1), f64::from(cfg.beta2));
+        let bc1 = 1.0 - beta1.powf(t as f64);
+        let bc2 = 1.0 - beta2.powf(t as f64);
+        Self {
+            decay: 1.0 - lr * cfg.weight_decay,
+            beta1: cfg.beta1,
+            one_minus_beta1: 1.0 - cfg.beta1,
+            beta2: cfg.beta2,
+            one_minus_beta2: 1.0 - cfg.beta2,
+            step_size: (f64::from(lr) / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            eps: cfg.eps,
+            grad_scale,
+        }
     }
 }
 
@@ -330,20 +361,7 @@ pub fn adamw_step_scaled(
         .checked_add(1)
         .ok_or_else(|| KernelError::invalid("adamw.state", "step counter overflow"))?;
 
-    let (beta1, beta2) = (f64::from(cfg.beta1), f64::from(cfg.beta2));
-    let bc1 = 1.0 - beta1.powf(t as f64);
-    let bc2 = 1.0 - beta2.powf(t as f64);
-    let k = Coeffs {
-        decay: 1.0 - lr * cfg.weight_decay,
-        beta1: cfg.beta1,
-        one_minus_beta1: 1.0 - cfg.beta1,
-        beta2: cfg.beta2,
-        one_minus_beta2: 1.0 - cfg.beta2,
-        step_size: (f64::from(lr) / bc1) as f32,
-        inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-        eps: cfg.eps,
-        grad_scale,
-    };
+    let k = AdamCoeffs::new(cfg, lr, t, grad_scale);
 
     match &mut state.moments {
         Moments::F32 { m, v } => {

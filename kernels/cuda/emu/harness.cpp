@@ -1,0 +1,70 @@
+// The kernel sources, compiled for the host against cuda_emu.h, with one C entry point per kernel
+// that runs it on host memory (kernels/tests/emulated.rs loads this as a shared library).
+#include "cuda_emu.h"
+
+#include "../prelude.cuh"
+#include "../quant.cu"
+#include "../fp8_gemm.cu"
+#include "../ops.cu"
+#include "../dispatch.cu"
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+EXPORT void emu_quantize_tiles(const float* x, u8* codes, float* scales, int rows, int cols, int fmt, int pow2, int* bad, unsigned grid) {
+  emu::launch_seq(dim3{grid, 1, 1}, dim3{256, 1, 1}, [&] { quantize_tiles(x, codes, scales, rows, cols, fmt, pow2, bad); });
+}
+EXPORT void emu_quantize_tiles_transposed(const float* x, u8* codes, float* scales, int rows, int cols, int fmt, int pow2, int* bad) {
+  const dim3 g{(unsigned)((cols + 31) / 32), (unsigned)((rows + 127) / 128), 1};
+  emu::launch_seq(g, dim3{256, 1, 1}, [&] { quantize_tiles_transposed(x, codes, scales, rows, cols, fmt, pow2, bad); });
+}
+EXPORT void emu_quantize_blocks(const float* x, u8* codes, float* scales, int rows, int cols, int fmt, int pow2, int* bad) {
+  const dim3 g{(unsigned)((cols + 127) / 128), (unsigned)((rows + 127) / 128), 1};
+  emu::launch_seq(g, dim3{256, 1, 1}, [&] { quantize_blocks(x, codes, scales, rows, cols, fmt, pow2, bad); });
+}
+EXPORT void emu_dequantize(const u8* codes, const float* scales, float* out, int rows, int cols, int fmt, int per) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{128, 1, 1}, [&] { dequantize(codes, scales, out, rows, cols, fmt, per); });
+}
+EXPORT void emu_transpose_u8(const u8* in, u8* out, int rows, int cols) {
+  const dim3 g{(unsigned)((cols + 31) / 32), (unsigned)((rows + 31) / 32), 1};
+  emu::launch_seq(g, dim3{32, 8, 1}, [&] { transpose_u8(in, out, rows, cols); });
+}
+EXPORT void emu_fp8_gemm_grouped(const u8* A, const float* sa, const u8* B, const float* sb, float* C, const int* seg_end,
+                                 const int* tile_group, const int* tile_row0, int tiles, int n, int k, int b_scale_rows) {
+  const dim3 g{(unsigned)((n + 127) / 128), (unsigned)tiles, 1};
+  emu::launch_seq(g, dim3{256, 1, 1}, [&] { fp8_gemm_grouped(A, sa, B, sb, C, seg_end, tile_group, tile_row0, n, k, b_scale_rows); });
+}
+EXPORT void emu_rmsnorm_forward(const float* x, const float* w, float* y, int rows, int d, double eps) {
+  emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{64, 1, 1}, [&] { rmsnorm_forward(x, w, y, rows, d, eps); });
+}
+EXPORT void emu_rmsnorm_backward_input(const float* x, const float* w, const float* dy, float* dx, int rows, int d, double eps) {
+  emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{64, 1, 1}, [&] { rmsnorm_backward_input(x, w, dy, dx, rows, d, eps); });
+}
+EXPORT void emu_swiglu_backward(const float* g, const float* u, const float* dy, float* dg, float* du, long long n) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { swiglu_backward(g, u, dy, dg, du, n); });
+}
+EXPORT void emu_rope(const float* x, float* y, const float* c, const float* s, long long tokens, int seq, int heads, int dim, int offset, float sign, int interleaved) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { rope(x, y, c, s, tokens, seq, heads, dim, offset, sign, interleaved); });
+}
+EXPORT void emu_cross_entropy_forward(const float* logits, const unsigned* targets, double* lse, double* loss, int rows, int vocab, long long ignore, int* bad) {
+  emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{96, 1, 1}, [&] { cross_entropy_forward(logits, targets, lse, loss, rows, vocab, ignore, bad); });
+}
+EXPORT void emu_cross_entropy_backward(const float* logits, const unsigned* targets, const double* lse, float* d, int rows, int vocab, long long ignore, float scale) {
+  emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{64, 1, 1}, [&] { cross_entropy_backward(logits, targets, lse, d, rows, vocab, ignore, scale); });
+}
+EXPORT void emu_adamw_bf16(float* p, const float* g, u16* m, u16* v, long long n, const AdamCoeffs* k) {
+  const AdamCoeffs kk = *k;
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { adamw_bf16(p, g, m, v, n, kk); });
+}
+EXPORT void emu_adamw_f32(float* p, const float* g, float* m, float* v, long long n, const AdamCoeffs* k) {
+  const AdamCoeffs kk = *k;
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { adamw_f32(p, g, m, v, n, kk); });
+}
+EXPORT void emu_two_hop(const TwoHopRank* ranks, int nranks, int local, int len0, int len1, int maxd, int slots, int slot_bytes,
+                        long long ring_bytes, int combine, long long spin_limit, int* error, int sms, int receivers) {
+  emu::launch_all(dim3{(unsigned)sms, (unsigned)nranks, 1}, dim3{(unsigned)(32 * (2 + receivers)), 1, 1}, [&] {
+    two_hop(ranks, 0, nranks, local, len0, len1, maxd, slots, slot_bytes, ring_bytes, combine, spin_limit, error);
+  });
+}
+EXPORT void emu_combine_reduce(const u16* staged, const int* dest, float* out, int rows, int maxd, int hidden) {
+  emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{32, 1, 1}, [&] { combine_reduce(staged, dest, out, rows, maxd, hidden); });
+}

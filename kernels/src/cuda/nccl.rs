@@ -1,0 +1,151 @@
+//! ZeRO-1 collectives and point-to-point transfers through NCCL (cudarc's `nccl` feature): the
+//! gradient reduce-scatter and the parameter all-gather of the data-parallel ranks, and the
+//! inter-node hop of dispatch/combine until a GPUDirect path exists.
+
+use cudarc::driver::CudaSlice;
+use cudarc::nccl::{Comm, Id, ReduceOp, result};
+
+use super::device::Gpu;
+use crate::{KernelError, Result};
+
+/// Whether the NCCL library (`libnccl.so`) can be loaded; checked before any NCCL call.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to open the library with `libloading`; no function of it is called.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+fn nccl_err(op: &'static str, shapes: String) -> impl FnOnce(result::NcclError) -> KernelError {
+    move |e| KernelError::Cuda {
+        kernel: op,
+        shapes,
+        reason: format!("{e:?}"),
+    }
+}
+
+fn require_nccl() -> Result<()> {
+    if nccl_present() {
+        Ok(())
+    } else {
+        Err(KernelError::CudaUnavailable {
+            reason: "the NCCL library (libnccl.so) was not found; install nvidia-nccl-cu12 or the \
+                     system package and put it on LD_LIBRARY_PATH"
+                .into(),
+        })
+    }
+}
+
+/// The communicators of one process: one per GPU it drives (ranks `0..gpus.len()` of the group),
+/// or its single rank of a group spread over processes.
+pub struct Collectives {
+    comms: Vec<Comm>,
+}
+
+impl std::fmt::Debug for Collectives {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collectives")
+            .field("ranks", &self.comms.len())
+            .finish()
+    }
+}
+
+/// A new NCCL group identifier (rank 0 creates it and the coordinator hands it to the others).
+pub fn unique_id() -> Result<[i8; 128]> {
+    require_nccl()?;
+    let id = Id::new().map_err(nccl_err("nccl_unique_id", String::new()))?;
+    // `c_char` is `i8` here but `u8` on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(id.internal().map(|c| c as i8))
+}
+
+impl Collectives {
+    /// One communicator per GPU, all in this process (NCCL needs distinct GPUs).
+    pub fn single_process(gpus: &[&Gpu]) -> Result<Self> {
+        require_nccl()?;
+        let streams = gpus.iter().map(|g| g.stream().clone()).collect();
+        let comms = Comm::from_devices(streams)
+            .map_err(nccl_err("nccl_init", format!("{} GPUs", gpus.len())))?;
+        Ok(Self { comms })
+    }
+
+    /// Rank `rank` of `world` ranks in different processes, joined through `id`.
+    pub fn from_rank(gpu: &Gpu, rank: usize, world: usize, id: [i8; 128]) -> Result<Self> {
+        require_nccl()?;
+        let id = Id::uninit(id.map(|c| c as std::ffi::c_char));
+        let comm = Comm::from_rank(gpu.stream().clone(), rank, world, id)
+            .map_err(nccl_err("nccl_init", format!("rank {rank} of {world}")))?;
+        Ok(Self { comms: vec![comm] })
+    }
+
+    /// Communicators in this process.
+    pub fn local_ranks(&self) -> usize {
+        self.comms.len()
+    }
+
+    /// Reduce-scatter (sum) of the gradients: `recv[i]` gets shard `rank(i)` of the sum of every
+    /// `send`. `send[i]` holds `world * recv[i].len()` elements.
+    pub fn reduce_scatter_sum(
+        &self,
+        send: &[CudaSlice<f32>],
+        recv: &mut [CudaSlice<f32>],
+    ) -> Result<()> {
+        self.check("reduce_scatter", send.len(), recv.len())?;
+        for (c, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter())) {
+            if s.len() != r.len() * c.world_size() {
+                return Err(KernelError::shape(
+                    "reduce_scatter.send",
+                    format!("{} x {} elements", c.world_size(), r.len()),
+                    format!("{} elements", s.len()),
+                ));
+            }
+        }
+        let shapes = format!("{} elements per shard", recv.first().map_or(0, |r| r.len()));
+        result::group_start().map_err(nccl_err("reduce_scatter", shapes.clone()))?;
+        let mut res = Ok(());
+        for (c, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
+            if let Err(e) = c.reduce_scatter(s, r, &ReduceOp::Sum) {
+                res = Err(e);
+            }
+        }
+        result::group_end().map_err(nccl_err("reduce_scatter", shapes.clone()))?;
+        res.map(|_| ()).map_err(nccl_err("reduce_scatter", shapes))
+    }
+
+    /// All-gather of the updated parameter shards: `recv[i]` gets every rank's `send` in rank
+    /// order.
+    pub fn all_gather(&self, send: &[CudaSlice<f32>], recv: &mut [CudaSlice<f32>]) -> Result<()> {
+        self.check("all_gather", send.len(), recv.len())?;
+        for (c, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter())) {
+            if r.len() != s.len() * c.world_size() {
+                return Err(KernelError::shape(
+                    "all_gather.recv",
+                    format!("{} x {} elements", c.world_size(), s.len()),
+                    format!("{} elements", r.len()),
+                ));
+            }
+        }
+        let shapes = format!("{} elements per shard", send.first().map_or(0, |s| s.len()));
+        result::group_start().map_err(nccl_err("all_gather", shapes.clone()))?;
+        let mut res = Ok(());
+        for (c, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
+            if let Err(e) = c.all_gather(s, r) {
+                res = Err(e);
+            }
+        }
+        result::group_end().map_err(nccl_err("all_gather", shapes.clone()))?;
+        res.map(|_| ()).map_err(nccl_err("all_gather", shapes))
+    }
+
+    fn check(&self, op: &'static str, send: usize, recv: usize) -> Result<()> {
+        if send != self.comms.len() || recv != self.comms.len() {
+            return Err(KernelError::shape(
+                op,
+                format!(
+                    "one send and one receive buffer per local rank ({})",
+                    self.comms.len()
+                ),
+                format!("{send} and {recv}"),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,643 @@
+//! GPU conformance: every CUDA kernel against the CPU reference of this crate. Needs a CUDA GPU and
+//! fails without one (it is run by `scripts/gpu-check.sh` on a GPU machine, not by the CPU-only
+//! test command). Exactness is stated per test: bit-exact for FP8 casts, quantization, transposes,
+//! AdamW and the transports; a tolerance for GEMMs and reductions.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used)]
+
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use shoal_kernels::cuda::Gpu;
+use shoal_kernels::cuda::dispatch::{
+    Routing, Rows, TransferConfig, cpu_combine_reduce, cpu_transfer,
+};
+use shoal_kernels::cuda::launch::{GpuFp8, GroupedWeights};
+use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, AdamWState, Moments, adamw_step};
+use shoal_kernels::{
+    Accumulation, Fp8Format, Fp8Matrix, KernelError, QuantConfig, Tensor, fp8_gemm,
+};
+
+fn gpu() -> Gpu {
+    Gpu::open(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
+}
+
+fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            (rng.random::<f32>() * 2.0 - 1.0)
+                * scale
+                * if rng.random::<f32>() < 0.01 {
+                    40.0
+                } else {
+                    1.0
+                }
+        })
+        .collect()
+}
+
+const SHAPES: [(usize, usize); 5] = [(1, 128), (3, 200), (130, 257), (256, 1024), (77, 7168)];
+
+#[test]
+fn tile_quantization_is_bit_exact_in_both_formats_and_with_pow2_scales() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(1);
+    for &(r, c) in &SHAPES {
+        let x = randn(&mut rng, r * c, 3.0);
+        let dx = g.upload("x", &x).unwrap();
+        for format in [Fp8Format::E4M3, Fp8Format::E5M2] {
+            for pow2_scales in [false, true] {
+                let cfg = QuantConfig {
+                    format,
+                    pow2_scales,
+                };
+                let cpu = Fp8Matrix::quantize_tiles(&x, r, c, cfg).unwrap();
+                let got = g
+                    .quantize_tiles(&dx, r, c, cfg)
+                    .unwrap()
+                    .to_host(&g)
+                    .unwrap();
+                assert_eq!(got, cpu, "tiles {r}x{c} {cfg:?}");
+                let cpu_t = Fp8Matrix::quantize_tiles_transposed(&x, r, c, cfg).unwrap();
+                let got_t = g
+                    .quantize_tiles_transposed(&dx, r, c, cfg)
+                    .unwrap()
+                    .to_host(&g)
+                    .unwrap();
+                assert_eq!(got_t, cpu_t, "transposed tiles {r}x{c} {cfg:?}");
+                let cpu_b = Fp8Matrix::quantize_blocks(&x, r, c, cfg).unwrap();
+                let got_b = g
+                    .quantize_blocks(&dx, r, c, cfg)
+                    .unwrap()
+                    .to_host(&g)
+                    .unwrap();
+                assert_eq!(got_b, cpu_b, "blocks {r}x{c} {cfg:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_hardware_fp8_conversion_equals_the_software_encoder_on_every_float_class() {
+    let hw = gpu();
+    let sw = Gpu::open_with(0, &["SHOAL_SOFT_FP8"]).unwrap();
+    // Subnormals, ties, values past the maximum (saturation), zeros of both signs.
+    let mut x: Vec<f32> = (0..4096)
+        .map(|i| f32::from_bits(0x3000_0000 + i * 0x0007_ffff))
+        .collect();
+    x.extend((0..4096).map(|i| -f32::from_bits(0x3800_0000 + i * 0x0003_ffff)));
+    x.extend([
+        0.0,
+        -0.0,
+        448.0,
+        464.0,
+        1e30,
+        -1e30,
+        2f32.powi(-10),
+        2f32.powi(-9) * 1.5,
+    ]);
+    x.resize(x.len().next_multiple_of(128), 1.0);
+    let n = x.len() / 128;
+    let dx = hw.upload("x", &x).unwrap();
+    let dx2 = sw.upload("x", &x).unwrap();
+    for format in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        let cfg = QuantConfig {
+            format,
+            pow2_scales: false,
+        };
+        let a = hw
+            .quantize_tiles(&dx, n, 128, cfg)
+            .unwrap()
+            .to_host(&hw)
+            .unwrap();
+        let b = sw
+            .quantize_tiles(&dx2, n, 128, cfg)
+            .unwrap()
+            .to_host(&sw)
+            .unwrap();
+        assert_eq!(a, b, "{format:?}");
+        assert_eq!(a, Fp8Matrix::quantize_tiles(&x, n, 128, cfg).unwrap());
+    }
+}
+
+#[test]
+fn dequantization_and_the_block_transpose_equal_the_cpu() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(2);
+    let (r, c) = (300, 520);
+    let x = randn(&mut rng, r * c, 1.0);
+    let cfg = QuantConfig::default();
+    let w = Fp8Matrix::quantize_blocks(&x, r, c, cfg).unwrap();
+    let dw = GpuFp8::from_host(&g, &w).unwrap();
+    let deq = g.dequantize(&dw).unwrap();
+    assert_eq!(
+        g.download("deq", &deq, r * c).unwrap(),
+        w.dequantize().data().to_vec()
+    );
+    let t = g.transpose_blocks(&dw).unwrap().to_host(&g).unwrap();
+    assert_eq!(t, w.transpose().unwrap());
+}
+
+/// Max |gpu - cpu| / (|A| . |B|) over the output (the FP32 sums of one K block may be ordered
+/// differently by the tensor cores).
+fn gemm_error(got: &[f32], want: &[f32], a: &Fp8Matrix, b: &Fp8Matrix) -> f64 {
+    let (ad, bd) = (a.dequantize(), b.dequantize());
+    let k = a.cols();
+    let mut worst = 0f64;
+    for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (i, j) = (idx / b.rows(), idx % b.rows());
+        let mag: f64 = (0..k)
+            .map(|p| f64::from(ad.data()[i * k + p].abs()) * f64::from(bd.data()[j * k + p].abs()))
+            .sum();
+        worst = worst.max(f64::from((g - w).abs()) / mag.max(1e-30));
+    }
+    worst
+}
+
+/// The GEMM's tolerance relative to |A| . |B|: Ada's FP8 mma.sync accumulates with about 13
+/// mantissa bits inside each 128-deep block (what the promotion to FP32 bounds); Hopper lowers
+/// the same instruction to FP16 tensor-core math with FP32 accumulation.
+fn gemm_tolerance(g: &Gpu) -> f64 {
+    if g.info().compute_capability == (8, 9) {
+        2e-3
+    } else {
+        1e-6
+    }
+}
+
+#[test]
+fn the_fp8_gemm_matches_the_exact_cpu_accumulation_within_the_accumulators_precision() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(3);
+    for &(m, n, k) in &[
+        (1, 8, 128),
+        (130, 200, 256),
+        (256, 384, 1024),
+        (64, 128, 7168),
+        (200, 96, 48),
+    ] {
+        let a =
+            Fp8Matrix::quantize_tiles(&randn(&mut rng, m * k, 2.0), m, k, QuantConfig::default())
+                .unwrap();
+        for block_b in [true, false] {
+            let xb = randn(&mut rng, n * k, 0.5);
+            let b = if block_b {
+                Fp8Matrix::quantize_blocks(&xb, n, k, QuantConfig::default()).unwrap()
+            } else {
+                Fp8Matrix::quantize_tiles(&xb, n, k, QuantConfig::default()).unwrap()
+            };
+            let want = fp8_gemm(&a, &b, Accumulation::Fp32).unwrap();
+            let c = g
+                .fp8_gemm(
+                    &GpuFp8::from_host(&g, &a).unwrap(),
+                    &GpuFp8::from_host(&g, &b).unwrap(),
+                )
+                .unwrap();
+            let got = g.download("c", &c, m * n).unwrap();
+            let err = gemm_error(&got, want.data(), &a, &b);
+            assert!(
+                err < gemm_tolerance(&g),
+                "{m}x{n}x{k} block_b={block_b}: relative error {err:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_grouped_gemm_equals_one_gemm_per_expert_segment() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(4);
+    let (n, k) = (256, 512);
+    let segments = [0usize, 37, 129, 1, 256];
+    let m: usize = segments.iter().sum();
+    let a = Fp8Matrix::quantize_tiles(&randn(&mut rng, m * k, 1.0), m, k, QuantConfig::default())
+        .unwrap();
+    let ws: Vec<Fp8Matrix> = segments
+        .iter()
+        .map(|_| {
+            Fp8Matrix::quantize_blocks(&randn(&mut rng, n * k, 0.2), n, k, QuantConfig::default())
+                .unwrap()
+        })
+        .collect();
+    let codes: Vec<u8> = ws.iter().flat_map(|w| w.codes().to_vec()).collect();
+    let scales: Vec<f32> = ws.iter().flat_map(|w| w.scales().to_vec()).collect();
+    let (dc, ds) = (
+        g.upload("w", &codes).unwrap(),
+        g.upload("s", &scales).unwrap(),
+    );
+    let gw = GroupedWeights {
+        groups: ws.len(),
+        n,
+        k,
+        format: Fp8Format::E4M3,
+        granularity: ws[0].granularity(),
+        codes: &dc,
+        scales: &ds,
+    };
+    let c = g
+        .fp8_gemm_grouped(&GpuFp8::from_host(&g, &a).unwrap(), &segments, &gw)
+        .unwrap();
+    let got = g.download("c", &c, m * n).unwrap();
+    let mut row = 0;
+    for (s, &len) in segments.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        let part = Fp8Matrix::from_parts(
+            len,
+            k,
+            Fp8Format::E4M3,
+            a.granularity(),
+            a.codes()[row * k..(row + len) * k].to_vec(),
+            a.scales()[row * (k / 128)..(row + len) * (k / 128)].to_vec(),
+        )
+        .unwrap();
+        let want = fp8_gemm(&part, &ws[s], Accumulation::Fp32).unwrap();
+        let err = gemm_error(&got[row * n..(row + len) * n], want.data(), &part, &ws[s]);
+        assert!(
+            err < gemm_tolerance(&g),
+            "segment {s}: relative error {err:e}"
+        );
+        row += len;
+    }
+}
+
+#[test]
+fn bad_gemm_shapes_are_typed_errors_not_faults() {
+    let g = gpu();
+    let a = Fp8Matrix::quantize_tiles(&vec![1.0; 4 * 40], 4, 40, QuantConfig::default()).unwrap();
+    let b = Fp8Matrix::quantize_blocks(&vec![1.0; 8 * 40], 8, 40, QuantConfig::default()).unwrap();
+    let e = g
+        .fp8_gemm(
+            &GpuFp8::from_host(&g, &a).unwrap(),
+            &GpuFp8::from_host(&g, &b).unwrap(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KernelError::InvalidArgument {
+                name: "fp8_gemm.a",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // An allocation no GPU has: a typed out-of-memory error naming the operation.
+    let e = g.zeros::<f32>("huge", 1usize << 50).unwrap_err();
+    assert!(
+        matches!(&e, KernelError::Cuda { kernel: "huge", reason, .. } if reason.contains("OUT_OF_MEMORY")),
+        "{e}"
+    );
+}
+
+#[test]
+fn adamw_with_bf16_and_fp32_moments_is_bit_exact() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    let n = 100_003;
+    for bf16_moments in [true, false] {
+        let cfg = AdamWConfig {
+            bf16_moments,
+            ..AdamWConfig::default()
+        };
+        let mut p = randn(&mut rng, n, 1.0);
+        let mut state = AdamWState::new(n, &cfg);
+        let mut dp = g.upload("p", &p).unwrap();
+        let (mut m16, mut v16) = (
+            g.zeros::<u16>("m", n).unwrap(),
+            g.zeros::<u16>("v", n).unwrap(),
+        );
+        let (mut m32, mut v32) = (
+            g.zeros::<f32>("m", n).unwrap(),
+            g.zeros::<f32>("v", n).unwrap(),
+        );
+        for t in 1..=3u64 {
+            let grads = randn(&mut rng, n, 0.1);
+            adamw_step(&mut p, &grads, &mut state, &cfg, 1e-3).unwrap();
+            let dg = g.upload("g", &grads).unwrap();
+            let k = AdamCoeffs::new(&cfg, 1e-3, t, 1.0);
+            if bf16_moments {
+                g.adamw_bf16(&mut dp, &dg, &mut m16, &mut v16, n, k)
+                    .unwrap();
+            } else {
+                g.adamw_f32(&mut dp, &dg, &mut m32, &mut v32, n, k).unwrap();
+            }
+        }
+        assert_eq!(
+            g.download("p", &dp, n).unwrap(),
+            p,
+            "bf16_moments={bf16_moments}"
+        );
+        if let Moments::Bf16 { m, .. } = &state.moments {
+            let got: Vec<bf16> = g
+                .download("m", &m16, n)
+                .unwrap()
+                .into_iter()
+                .map(bf16::from_bits)
+                .collect();
+            assert_eq!(&got, m);
+        }
+    }
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}[{i}]: gpu {a} cpu {b}"
+        );
+    }
+}
+
+#[test]
+fn norms_activations_rope_and_cross_entropy_match_the_cpu() {
+    use shoal_kernels::ops::{cross_entropy, rmsnorm, rope, swiglu};
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(6);
+    let (rows, d) = (37, 320);
+    let x = randn(&mut rng, rows * d, 1.0);
+    let w = randn(&mut rng, d, 1.0);
+    let dy = randn(&mut rng, rows * d, 1.0);
+    let tx = Tensor::new(vec![rows, d], x.clone()).unwrap();
+    let tw = Tensor::new(vec![d], w.clone()).unwrap();
+    let tdy = Tensor::new(vec![rows, d], dy.clone()).unwrap();
+    let (gx, gw, gdy) = (
+        g.upload("x", &x).unwrap(),
+        g.upload("w", &w).unwrap(),
+        g.upload("dy", &dy).unwrap(),
+    );
+    let y = g.rmsnorm_forward(&gx, &gw, rows, d, 1e-6).unwrap();
+    close(
+        &g.download("y", &y, rows * d).unwrap(),
+        rmsnorm::rmsnorm_forward(&tx, &tw, 1e-6).unwrap().data(),
+        1e-6,
+        "rmsnorm",
+    );
+    let dx = g
+        .rmsnorm_backward_input(&gx, &gw, &gdy, rows, d, 1e-6)
+        .unwrap();
+    close(
+        &g.download("dx", &dx, rows * d).unwrap(),
+        rmsnorm::rmsnorm_backward_input(&tdy, &tx, &tw, 1e-6)
+            .unwrap()
+            .data(),
+        1e-5,
+        "rmsnorm dx",
+    );
+
+    let s = g.swiglu_forward(&gx, &gdy, rows * d).unwrap();
+    close(
+        &g.download("s", &s, rows * d).unwrap(),
+        swiglu::swiglu_forward(&tx, &tdy).unwrap().data(),
+        1e-6,
+        "swiglu",
+    );
+
+    let (b, seq, h, hd) = (2, 5, 3, 64);
+    let table = rope::RopeTable::new(hd, 16, 10_000.0).unwrap();
+    let q = randn(&mut rng, b * seq * h * hd, 1.0);
+    let tq = Tensor::new(vec![b, seq, h, hd], q.clone()).unwrap();
+    let cos: Vec<f32> = table.cos().iter().map(|&c| c as f32).collect();
+    let sin: Vec<f32> = table.sin().iter().map(|&c| c as f32).collect();
+    let (gq, gc, gs) = (
+        g.upload("q", &q).unwrap(),
+        g.upload("cos", &cos).unwrap(),
+        g.upload("sin", &sin).unwrap(),
+    );
+    for layout in [rope::RopeLayout::Interleaved, rope::RopeLayout::HalfSplit] {
+        let want = rope::rope_forward(&tq, &table, layout, 3).unwrap();
+        let got = g
+            .rope(
+                &gq,
+                &gc,
+                &gs,
+                [b, seq, h, hd],
+                16,
+                3,
+                1.0,
+                layout == rope::RopeLayout::Interleaved,
+            )
+            .unwrap();
+        close(
+            &g.download("rope", &got, q.len()).unwrap(),
+            want.data(),
+            1e-6,
+            "rope",
+        );
+    }
+
+    let (n, vocab) = (9, 1000);
+    let logits = randn(&mut rng, n * vocab, 4.0);
+    let targets: Vec<u32> = (0..n).map(|i| (i * 97 % vocab) as u32).collect();
+    let want = cross_entropy::cross_entropy_forward(
+        &Tensor::new(vec![n, vocab], logits.clone()).unwrap(),
+        &targets,
+        Some(97),
+    )
+    .unwrap();
+    let (gl, gt) = (
+        g.upload("logits", &logits).unwrap(),
+        g.upload("targets", &targets).unwrap(),
+    );
+    let (_lse, loss) = g.cross_entropy_rows(&gl, &gt, n, vocab, Some(97)).unwrap();
+    let mean = loss.iter().sum::<f64>() / want.count as f64;
+    assert!(
+        (mean - want.loss).abs() < 1e-9 * want.loss.abs().max(1.0),
+        "gpu {mean} cpu {}",
+        want.loss
+    );
+}
+
+/// Random top-k routing of `rows` rows per rank over `ranks` ranks, at most `nodes_per_row` nodes
+/// per row (node-limited routing).
+fn routing(rng: &mut StdRng, ranks: usize, local: usize, rows: usize, maxd: usize) -> Routing {
+    let dest = (0..ranks)
+        .map(|_| {
+            let mut out = Vec::with_capacity(rows * maxd);
+            for _ in 0..rows {
+                let mut d: Vec<i32> = (0..ranks as i32)
+                    .filter(|_| rng.random::<f32>() < 0.4)
+                    .take(maxd)
+                    .collect();
+                d.sort_unstable();
+                d.resize(maxd, -1);
+                out.extend(d);
+            }
+            out
+        })
+        .collect();
+    Routing {
+        ranks,
+        local,
+        maxd,
+        dest,
+    }
+}
+
+#[test]
+fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(7);
+    // 8 ranks on this one GPU, as 2 nodes of 4: both hops, fan-out at the proxy, self-sends.
+    let (ranks, local, rows, maxd, hidden) = (8, 4, 300, 4, 512);
+    let r = routing(&mut rng, ranks, local, rows, maxd);
+    let layout = r.layout().unwrap();
+    let (len0, len1) = (hidden, hidden / 128 * 4);
+    let inputs: Vec<Rows> = (0..ranks)
+        .map(|_| Rows {
+            part0: (0..rows * len0).map(|_| rng.random()).collect(),
+            part1: (0..rows * len1).map(|_| rng.random()).collect(),
+        })
+        .collect();
+    let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
+    for cfg in [
+        TransferConfig {
+            sms: 4,
+            slots: 2,
+            receivers: 1,
+            ..Default::default()
+        },
+        TransferConfig {
+            sms: 12,
+            ..Default::default()
+        },
+    ] {
+        let got = g
+            .two_hop(&r, &layout, &inputs, (len0, len1), false, cfg)
+            .unwrap()
+            .received;
+        assert_eq!(got, want, "dispatch with {cfg:?}");
+    }
+
+    // Combine: every received row goes back to its source, into the staging slot of its entry.
+    let back = Routing {
+        ranks,
+        local,
+        maxd: 1,
+        dest: want
+            .iter()
+            .map(|rcv| rcv.meta.iter().map(|m| m[0]).collect())
+            .collect(),
+    };
+    let mut back_layout = back.layout().unwrap();
+    for (d, rcv) in want.iter().enumerate() {
+        back_layout.pos[d] = rcv.meta.iter().map(|m| m[1] * maxd as i32 + m[2]).collect();
+    }
+    for (s, n) in back_layout.received.iter_mut().enumerate() {
+        *n = r.dest[s].len();
+    }
+    let bf16_rows: Vec<Rows> = want
+        .iter()
+        .map(|rcv| Rows {
+            part0: (0..rcv.meta.len() * hidden)
+                .flat_map(|_| {
+                    bf16::from_f32(rng.random::<f32>() - 0.5)
+                        .to_bits()
+                        .to_le_bytes()
+                })
+                .collect(),
+            part1: vec![],
+        })
+        .collect();
+    let staged_want = cpu_transfer(&back, &back_layout, &bf16_rows, hidden * 2, 0).unwrap();
+    let staged = g
+        .two_hop(
+            &back,
+            &back_layout,
+            &bf16_rows,
+            (hidden * 2, 0),
+            true,
+            TransferConfig::default(),
+        )
+        .unwrap()
+        .received;
+    for s in 0..ranks {
+        assert_eq!(
+            staged[s].rows, staged_want[s].rows,
+            "combine staging at rank {s}"
+        );
+        let vals: Vec<u16> = staged[s]
+            .rows
+            .part0
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let out = g
+            .combine_reduce(&vals, &r.dest[s], rows, maxd, hidden)
+            .unwrap();
+        assert_eq!(
+            out,
+            cpu_combine_reduce(&vals, &r.dest[s], rows, maxd, hidden),
+            "combine sum at rank {s}"
+        );
+    }
+}
+
+#[test]
+fn a_transfer_that_cannot_be_resident_at_once_is_refused_by_name() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(8);
+    let r = routing(&mut rng, 8, 4, 4, 2);
+    let layout = r.layout().unwrap();
+    let inputs = vec![
+        Rows {
+            part0: vec![0; 4 * 16],
+            part1: vec![]
+        };
+        8
+    ];
+    let cfg = TransferConfig {
+        sms: 10_000,
+        ..Default::default()
+    };
+    let e = g
+        .two_hop(&r, &layout, &inputs, (16, 0), false, cfg)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            KernelError::InvalidArgument {
+                name: "dispatch.sms",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero1_collectives_through_nccl_on_every_local_gpu() {
+    use shoal_kernels::cuda::nccl::Collectives;
+    let n = shoal_kernels::cuda::probe().unwrap().len();
+    let gpus: Vec<Gpu> = (0..n).map(|i| Gpu::open(i).unwrap()).collect();
+    let refs: Vec<&Gpu> = gpus.iter().collect();
+    let c = Collectives::single_process(&refs).unwrap();
+    let shard = 1000;
+    let send: Vec<_> = gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| g.upload("grad", &vec![(i + 1) as f32; shard * n]).unwrap())
+        .collect();
+    let mut recv: Vec<_> = gpus
+        .iter()
+        .map(|g| g.zeros::<f32>("shard", shard).unwrap())
+        .collect();
+    c.reduce_scatter_sum(&send, &mut recv).unwrap();
+    let total = (n * (n + 1) / 2) as f32;
+    for (g, r) in gpus.iter().zip(&recv) {
+        assert_eq!(g.download("shard", r, shard).unwrap(), vec![total; shard]);
+    }
+    let mut full: Vec<_> = gpus
+        .iter()
+        .map(|g| g.zeros::<f32>("params", shard * n).unwrap())
+        .collect();
+    c.all_gather(&recv, &mut full).unwrap();
+    for (g, f) in gpus.iter().zip(&full) {
+        assert_eq!(
+            g.download("params", f, shard * n).unwrap(),
+            vec![total; shard * n]
+        );
+    }
+}

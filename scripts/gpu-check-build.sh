@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the device check's binaries (release, feature `cuda`) into target/gpu-check/bin and prints
+# that directory: the NVRTC and GPU test binaries and the GPU benchmark. No CUDA toolkit needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=target/gpu-check/bin
+mkdir -p "$dir"
+msgs="$(cargo test --locked --release -p shoal-kernels --features cuda --test gpu --test nvrtc --no-run --message-format=json 2>/dev/null)"
+for t in gpu nvrtc; do
+  exe="$(printf '%s\n' "$msgs" | python3 -c "import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get('reason')=='compiler-artifact' and m['target']['name']=='$t' and m.get('executable'): print(m['executable'])" | tail -1)"
+  cp "$exe" "$dir/$t"
+  strip "$dir/$t"
+done
+cargo build --locked --release -p shoal-kernels --features cuda --example gpu_bench >&2
+cp target/release/examples/gpu_bench "$dir/gpu_bench"
+strip "$dir/gpu_bench"
+echo "$PWD/$dir"
