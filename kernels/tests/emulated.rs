@@ -8,10 +8,13 @@
 //! GPU-only instructions (mma.sync, cvt.satfinite, ld.acquire): the sources' portable paths stand
 //! in for them here, and `tests/gpu.rs` checks those on a GPU.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+use common::{close, combine_routing, gemm_error, randn, random_routing};
 use half::bf16;
 use libloading::{Library, Symbol};
 use rand::rngs::StdRng;
@@ -68,20 +71,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 type QuantFn = unsafe extern "C" fn(*const f32, *mut u8, *mut f32, i32, i32, i32, i32, *mut i32);
-
-fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            (rng.random::<f32>() * 2.0 - 1.0)
-                * scale
-                * if rng.random::<f32>() < 0.02 {
-                    50.0
-                } else {
-                    1.0
-                }
-        })
-        .collect()
-}
 
 fn fmt(f: Fp8Format) -> i32 {
     match f {
@@ -338,34 +327,10 @@ fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm()
         )
         .unwrap();
         let want = fp8_gemm(&part, &ws[s], Accumulation::Fp32).unwrap();
-        // Both sum each 128-deep block in FP32 in different orders: compare against the size of
-        // the products, |A| . |B|, as one would bound the rounding.
-        let (ad, bd) = (part.dequantize(), ws[s].dequantize());
-        for (i, (&g, &w)) in c[row * n..(row + len) * n]
-            .iter()
-            .zip(want.data())
-            .enumerate()
-        {
-            let (ri, cj) = (i / n, i % n);
-            let mag: f32 = (0..k)
-                .map(|p| (ad.data()[ri * k + p] * bd.data()[cj * k + p]).abs())
-                .sum();
-            assert!(
-                (g - w).abs() <= 1e-6 * mag,
-                "segment {s} element {i}: emulated {g} cpu {w} (|A||B| {mag})"
-            );
-        }
+        // Both sum each 128-deep block in FP32, in different orders.
+        let err = gemm_error(&c[row * n..(row + len) * n], want.data(), &part, &ws[s]);
+        assert!(err < 1e-6, "segment {s}: error {err:e} of |A||B|");
         row += len;
-    }
-}
-
-fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (a - b).abs() <= tol * (1.0 + b.abs()),
-            "{what}[{i}]: kernel {a} cpu {b}"
-        );
     }
 }
 
@@ -743,26 +708,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
     let mut rng = StdRng::seed_from_u64(16);
     // 8 ranks as 2 nodes of 4: both hops, fan-out at the proxies, self-sends, empty rows.
     let (ranks, local, rows, maxd, hidden) = (8usize, 4usize, 24usize, 3usize, 256usize);
-    let dest: Vec<Vec<i32>> = (0..ranks)
-        .map(|_| {
-            (0..rows)
-                .flat_map(|_| {
-                    let mut d: Vec<i32> = (0..ranks as i32)
-                        .filter(|_| rng.random::<f32>() < 0.3)
-                        .take(maxd)
-                        .collect();
-                    d.resize(maxd, -1);
-                    d
-                })
-                .collect()
-        })
-        .collect();
-    let r = Routing {
-        ranks,
-        local,
-        maxd,
-        dest,
-    };
+    let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.3);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
     let inputs: Vec<Rows> = (0..ranks)
@@ -825,20 +771,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
 
     // Combine: each received row goes back to its source's staging slot (row * maxd + entry),
     // then the source sums its entries in order.
-    let back = Routing {
-        ranks,
-        local,
-        maxd: 1,
-        dest: want
-            .iter()
-            .map(|w| w.meta.iter().map(|m| m[0]).collect())
-            .collect(),
-    };
-    let back_pos: Vec<Vec<i32>> = want
-        .iter()
-        .map(|w| w.meta.iter().map(|m| m[1] * maxd as i32 + m[2]).collect())
-        .collect();
-    let staged_rows: Vec<usize> = r.dest.iter().map(Vec::len).collect();
+    let (back, back_layout) = combine_routing(&r, &want);
     let vals: Vec<Rows> = want
         .iter()
         .map(|w| Rows {
@@ -852,15 +785,11 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             part1: vec![],
         })
         .collect();
-    let back_layout = shoal_kernels::two_hop::Layout {
-        pos: back_pos.clone(),
-        received: staged_rows.clone(),
-    };
     let staged_want = cpu_transfer(&back, &back_layout, &vals, hidden * 2, 0).unwrap();
     let (staged, _, error) = two_hop(
         &back,
-        &back_pos,
-        &staged_rows,
+        &back_layout.pos,
+        &back_layout.received,
         &vals,
         (hidden * 2, 0),
         true,

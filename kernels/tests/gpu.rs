@@ -5,13 +5,14 @@
 #![cfg(feature = "cuda")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::{close, combine_routing, gemm_error, randn, random_routing};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use shoal_kernels::cuda::Gpu;
-use shoal_kernels::cuda::dispatch::{
-    Routing, Rows, TransferConfig, cpu_combine_reduce, cpu_transfer,
-};
+use shoal_kernels::cuda::dispatch::{Rows, TransferConfig, cpu_combine_reduce, cpu_transfer};
 use shoal_kernels::cuda::launch::{GpuFp8, GroupedWeights};
 use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, AdamWState, Moments, adamw_step};
 use shoal_kernels::{
@@ -20,20 +21,6 @@ use shoal_kernels::{
 
 fn gpu() -> Gpu {
     Gpu::open(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
-}
-
-fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            (rng.random::<f32>() * 2.0 - 1.0)
-                * scale
-                * if rng.random::<f32>() < 0.01 {
-                    40.0
-                } else {
-                    1.0
-                }
-        })
-        .collect()
 }
 
 const SHAPES: [(usize, usize); 5] = [(1, 128), (3, 200), (130, 257), (256, 1024), (77, 7168)];
@@ -136,22 +123,6 @@ fn dequantization_and_the_block_transpose_equal_the_cpu() {
     );
     let t = g.transpose_blocks(&dw).unwrap().to_host(&g).unwrap();
     assert_eq!(t, w.transpose().unwrap());
-}
-
-/// Max |gpu - cpu| / (|A| . |B|) over the output (the FP32 sums of one K block may be ordered
-/// differently by the tensor cores).
-fn gemm_error(got: &[f32], want: &[f32], a: &Fp8Matrix, b: &Fp8Matrix) -> f64 {
-    let (ad, bd) = (a.dequantize(), b.dequantize());
-    let k = a.cols();
-    let mut worst = 0f64;
-    for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let (i, j) = (idx / b.rows(), idx % b.rows());
-        let mag: f64 = (0..k)
-            .map(|p| f64::from(ad.data()[i * k + p].abs()) * f64::from(bd.data()[j * k + p].abs()))
-            .sum();
-        worst = worst.max(f64::from((g - w).abs()) / mag.max(1e-30));
-    }
-    worst
 }
 
 /// The GEMM's tolerance relative to |A| . |B|: Ada's FP8 mma.sync accumulates with about 13
@@ -341,16 +312,6 @@ fn adamw_with_bf16_and_fp32_moments_is_bit_exact() {
     }
 }
 
-fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (a - b).abs() <= tol * (1.0 + b.abs()),
-            "{what}[{i}]: gpu {a} cpu {b}"
-        );
-    }
-}
-
 #[test]
 fn norms_activations_rope_and_cross_entropy_match_the_cpu() {
     use shoal_kernels::ops::{cross_entropy, rmsnorm, rope, swiglu};
@@ -450,39 +411,13 @@ fn norms_activations_rope_and_cross_entropy_match_the_cpu() {
     );
 }
 
-/// Random top-k routing of `rows` rows per rank over `ranks` ranks, at most `nodes_per_row` nodes
-/// per row (node-limited routing).
-fn routing(rng: &mut StdRng, ranks: usize, local: usize, rows: usize, maxd: usize) -> Routing {
-    let dest = (0..ranks)
-        .map(|_| {
-            let mut out = Vec::with_capacity(rows * maxd);
-            for _ in 0..rows {
-                let mut d: Vec<i32> = (0..ranks as i32)
-                    .filter(|_| rng.random::<f32>() < 0.4)
-                    .take(maxd)
-                    .collect();
-                d.sort_unstable();
-                d.resize(maxd, -1);
-                out.extend(d);
-            }
-            out
-        })
-        .collect();
-    Routing {
-        ranks,
-        local,
-        maxd,
-        dest,
-    }
-}
-
 #[test]
 fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
     let g = gpu();
     let mut rng = StdRng::seed_from_u64(7);
     // 8 ranks on this one GPU, as 2 nodes of 4: both hops, fan-out at the proxy, self-sends.
     let (ranks, local, rows, maxd, hidden) = (8, 4, 300, 4, 512);
-    let r = routing(&mut rng, ranks, local, rows, maxd);
+    let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.4);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
     let inputs: Vec<Rows> = (0..ranks)
@@ -512,22 +447,7 @@ fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
     }
 
     // Combine: every received row goes back to its source, into the staging slot of its entry.
-    let back = Routing {
-        ranks,
-        local,
-        maxd: 1,
-        dest: want
-            .iter()
-            .map(|rcv| rcv.meta.iter().map(|m| m[0]).collect())
-            .collect(),
-    };
-    let mut back_layout = back.layout().unwrap();
-    for (d, rcv) in want.iter().enumerate() {
-        back_layout.pos[d] = rcv.meta.iter().map(|m| m[1] * maxd as i32 + m[2]).collect();
-    }
-    for (s, n) in back_layout.received.iter_mut().enumerate() {
-        *n = r.dest[s].len();
-    }
+    let (back, back_layout) = combine_routing(&r, &want);
     let bf16_rows: Vec<Rows> = want
         .iter()
         .map(|rcv| Rows {
@@ -579,7 +499,7 @@ fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
 fn a_transfer_that_cannot_be_resident_at_once_is_refused_by_name() {
     let g = gpu();
     let mut rng = StdRng::seed_from_u64(8);
-    let r = routing(&mut rng, 8, 4, 4, 2);
+    let r = random_routing(&mut rng, 8, 4, 4, 2, 0.4);
     let layout = r.layout().unwrap();
     let inputs = vec![
         Rows {

@@ -536,7 +536,7 @@ impl Gpu {
 /// Queues kernel `$kernel` of `$src` with the arguments in order; a launch failure returns a
 /// [`KernelError::Cuda`] naming the kernel and `$shapes`.
 macro_rules! launch {
-    ($gpu:expr, $src:expr, $kernel:literal, $shapes:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+    ($gpu:expr, $src:expr, $kernel:expr, $shapes:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let f = $gpu.function(&$src, $kernel)?;
         let mut b = $gpu.stream().launch_builder(&f);
         $( b.arg($arg); )*
@@ -760,16 +760,7 @@ impl Gpu {
         n: usize,
         k: AdamCoeffs,
     ) -> Result<()> {
-        check_len("adamw.params", p, n)?;
-        check_len("adamw.grads", g, n)?;
-        check_len("adamw.state", m, n)?;
-        check_len("adamw.state", v, n)?;
-        if n > 0 {
-            let nn = n as i64;
-            let k = DevCoeffs(k);
-            launch!(self, OPS, "adamw_f32", format!("[{n}]"), grid_stride(n, 256); p, g, m, v, &nn, &k);
-        }
-        Ok(())
+        self.adamw("adamw_f32", p, g, (m, v), n, k)
     }
 
     /// One AdamW step with BF16 moments (`m`, `v` hold BF16 bit patterns) on FP32 master weights.
@@ -782,14 +773,25 @@ impl Gpu {
         n: usize,
         k: AdamCoeffs,
     ) -> Result<()> {
+        self.adamw("adamw_bf16", p, g, (m, v), n, k)
+    }
+
+    fn adamw<M: DeviceRepr>(
+        &self,
+        kernel: &'static str,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        (m, v): (&mut CudaSlice<M>, &mut CudaSlice<M>),
+        n: usize,
+        k: AdamCoeffs,
+    ) -> Result<()> {
         check_len("adamw.params", p, n)?;
         check_len("adamw.grads", g, n)?;
         check_len("adamw.state", m, n)?;
         check_len("adamw.state", v, n)?;
         if n > 0 {
-            let nn = n as i64;
-            let k = DevCoeffs(k);
-            launch!(self, OPS, "adamw_bf16", format!("[{n}]"), grid_stride(n, 256); p, g, m, v, &nn, &k);
+            let (nn, k) = (n as i64, DevCoeffs(k));
+            launch!(self, OPS, kernel, format!("[{n}]"), grid_stride(n, 256); p, g, m, v, &nn, &k);
         }
         Ok(())
     }
