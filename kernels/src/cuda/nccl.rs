@@ -138,16 +138,33 @@ impl Collectives {
     /// Point-to-point exchange of this process's rank (`from_rank` communicators): sends each
     /// `(peer, rows)` and receives each `(peer, buffer)` in one NCCL group, so the pairs may be
     /// in any order without deadlock. The inter-node hop of dispatch/combine between processes.
-    pub fn exchange(&self, sends: &[(usize, &CudaSlice<u8>)], recvs: &mut [(usize, &mut CudaSlice<u8>)]) -> Result<()> {
+    pub fn exchange(
+        &self,
+        sends: &[(usize, &CudaSlice<u8>)],
+        recvs: &mut [(usize, &mut CudaSlice<u8>)],
+    ) -> Result<()> {
         let [comm] = self.comms.as_slice() else {
-            return Err(KernelError::invalid("exchange", "needs the single communicator of a rank in its own process"));
+            return Err(KernelError::invalid(
+                "exchange",
+                "needs the single communicator of a rank in its own process",
+            ));
         };
         let world = comm.world_size();
         if let Some(&(p, _)) = sends.iter().find(|(p, _)| *p >= world) {
-            return Err(KernelError::IndexOutOfRange { operand: "exchange.sends", position: 0, index: p, bound: world });
+            return Err(KernelError::IndexOutOfRange {
+                operand: "exchange.sends",
+                position: 0,
+                index: p,
+                bound: world,
+            });
         }
         if let Some((p, _)) = recvs.iter().find(|(p, _)| *p >= world) {
-            return Err(KernelError::IndexOutOfRange { operand: "exchange.recvs", position: 0, index: *p, bound: world });
+            return Err(KernelError::IndexOutOfRange {
+                operand: "exchange.recvs",
+                position: 0,
+                index: *p,
+                bound: world,
+            });
         }
         let shapes = format!("{} sends, {} receives", sends.len(), recvs.len());
         result::group_start().map_err(nccl_err("exchange", shapes.clone()))?;
