@@ -933,6 +933,16 @@ impl<S: Store> Actor<S> {
                 "a node needs at least one device",
             ));
         }
+        if !reg.models.is_empty() && reg.models.len() != reg.devices {
+            return Err(CoordinatorError::invalid(
+                "register.devices",
+                format!(
+                    "{} device descriptions for {} devices",
+                    reg.models.len(),
+                    reg.devices
+                ),
+            ));
+        }
         // A fresh epoch, written with compare-and-set so two coordinators cannot hand out the
         // same one.
         let key = format!("nodes/{}", reg.node);
@@ -944,16 +954,6 @@ impl<S: Store> Actor<S> {
             None => (0, Expect::Absent),
         };
         let epoch = old_epoch + 1;
-        if !reg.models.is_empty() && reg.models.len() != reg.devices {
-            return Err(CoordinatorError::invalid(
-                "register.devices",
-                format!(
-                    "{} device descriptions for {} devices",
-                    reg.models.len(),
-                    reg.devices
-                ),
-            ));
-        }
         let record = NodeRecord {
             name: reg.node.clone(),
             devices: reg.devices,
