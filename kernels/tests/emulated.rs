@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{close, combine_routing, gemm_error, randn, random_routing};
+use common::{
+    bf16_bits, close, combine_routing, gemm_error, randn, random_bf16_rows, random_routing,
+};
 use half::bf16;
 use libloading::{Library, Symbol};
 use rand::rngs::StdRng;
@@ -772,19 +774,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
     // Combine: each received row goes back to its source's staging slot (row * maxd + entry),
     // then the source sums its entries in order.
     let (back, back_layout) = combine_routing(&r, &want);
-    let vals: Vec<Rows> = want
-        .iter()
-        .map(|w| Rows {
-            part0: (0..w.meta.len() * hidden)
-                .flat_map(|_| {
-                    bf16::from_f32(rng.random::<f32>() - 0.5)
-                        .to_bits()
-                        .to_le_bytes()
-                })
-                .collect(),
-            part1: vec![],
-        })
-        .collect();
+    let vals = random_bf16_rows(&mut rng, &want, hidden);
     let staged_want = cpu_transfer(&back, &back_layout, &vals, hidden * 2, 0).unwrap();
     let (staged, _, error) = two_hop(
         &back,
@@ -806,11 +796,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             staged[s], staged_want[s].rows,
             "combine staging at rank {s}"
         );
-        let v: Vec<u16> = staged[s]
-            .part0
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let v: Vec<u16> = bf16_bits(&staged[s].part0);
         let mut out = vec![0f32; rows * hidden];
         // SAFETY: staged is rows x maxd x hidden, dest rows x maxd, out rows x hidden.
         unsafe {

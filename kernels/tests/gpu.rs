@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{close, combine_routing, gemm_error, randn, random_routing};
+use common::{
+    bf16_bits, close, combine_routing, gemm_error, randn, random_bf16_rows, random_routing,
+};
 use half::bf16;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -449,19 +451,7 @@ fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
 
     // Combine: every received row goes back to its source, into the staging slot of its entry.
     let (back, back_layout) = combine_routing(&r, &want);
-    let bf16_rows: Vec<Rows> = want
-        .iter()
-        .map(|rcv| Rows {
-            part0: (0..rcv.meta.len() * hidden)
-                .flat_map(|_| {
-                    bf16::from_f32(rng.random::<f32>() - 0.5)
-                        .to_bits()
-                        .to_le_bytes()
-                })
-                .collect(),
-            part1: vec![],
-        })
-        .collect();
+    let bf16_rows = random_bf16_rows(&mut rng, &want, hidden);
     let staged_want = cpu_transfer(&back, &back_layout, &bf16_rows, hidden * 2, 0).unwrap();
     let staged = g
         .two_hop(
@@ -479,12 +469,7 @@ fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
             staged[s].rows, staged_want[s].rows,
             "combine staging at rank {s}"
         );
-        let vals: Vec<u16> = staged[s]
-            .rows
-            .part0
-            .chunks(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let vals: Vec<u16> = bf16_bits(&staged[s].rows.part0);
         let out = g
             .combine_reduce(&vals, &r.dest[s], rows, maxd, hidden)
             .unwrap();

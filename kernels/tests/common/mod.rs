@@ -1,10 +1,11 @@
 //! Helpers shared by the kernel test binaries (emulated and GPU).
 #![allow(dead_code)]
 
+use half::bf16;
 use rand::RngExt;
 use rand::rngs::StdRng;
 use shoal_kernels::Fp8Matrix;
-use shoal_kernels::two_hop::{Layout, Received, Routing};
+use shoal_kernels::two_hop::{Layout, Received, Routing, Rows};
 
 /// Uniform values in `[-scale, scale)`, 2% of them 50 times larger (the outliers fine-grained
 /// scaling is for).
@@ -101,4 +102,30 @@ pub fn combine_routing(dispatch: &Routing, received: &[Received]) -> (Routing, L
         received: dispatch.dest.iter().map(Vec::len).collect(),
     };
     (back, layout)
+}
+
+/// Random BF16 rows (values in [-0.5, 0.5)), one per row each rank received: what the experts send
+/// back in a combine.
+pub fn random_bf16_rows(rng: &mut StdRng, received: &[Received], hidden: usize) -> Vec<Rows> {
+    received
+        .iter()
+        .map(|r| Rows {
+            part0: (0..r.meta.len() * hidden)
+                .flat_map(|_| {
+                    bf16::from_f32(rng.random::<f32>() - 0.5)
+                        .to_bits()
+                        .to_le_bytes()
+                })
+                .collect(),
+            part1: vec![],
+        })
+        .collect()
+}
+
+/// BF16 bit patterns from little-endian bytes.
+pub fn bf16_bits(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
