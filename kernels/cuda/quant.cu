@@ -163,3 +163,13 @@ extern "C" __global__ void transpose_f32(const float* __restrict__ in, float* __
     out[c * rows + r] = in[i];
   }
 }
+
+// out[r * ld + c] = in[r * cols + c] for c < cols: rows of a scale grid copied into rows of `ld`
+// (the 16-byte-aligned rows cuBLASLt's 128x128 block scales are read in); `out` is pre-zeroed.
+extern "C" __global__ void pad_rows_f32(const float* __restrict__ in, float* __restrict__ out,
+                                        int rows, int cols, int ld) {
+  const i64 n = (i64)rows * cols;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    out[(i / cols) * ld + i % cols] = in[i];
+  }
+}

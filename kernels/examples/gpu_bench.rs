@@ -1,7 +1,7 @@
 //! GPU benchmarks for the device check (`scripts/gpu-check.sh`): FP8 GEMM TFLOP/s at DeepSeek-V3
-//! shapes next to cuBLAS BF16 in the same run, quantization GB/s next to the device's
-//! device-to-device copy bandwidth, and the two-hop dispatch/combine GB/s. Writes a JSON report to
-//! the path given as the first argument (stdout too).
+//! shapes next to cuBLAS BF16 and cuBLASLt's block-scaled FP8 in the same run, quantization GB/s
+//! next to the device's device-to-device copy bandwidth, and the two-hop dispatch/combine GB/s.
+//! Writes a JSON report to the path given as the first argument (stdout too).
 
 use std::time::Instant;
 
@@ -59,11 +59,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let b16 = gpu.upload("b", &vec![bf16::from_f32(0.25); n * k])?;
         let bf = time(&gpu, 10, || gpu.bf16_gemm(&a16, &b16, m, n, k).map(drop))?;
         let (t8, t16) = (flops / fp8 / 1e12, flops / bf / 1e12);
+        // cuBLASLt's block-scaled FP8 on the same operands (Hopper and cuBLAS 12.9+ only).
+        let lt = match time(&gpu, 10, || gpu.fp8_gemm_cublaslt(&ga, &gb).map(drop)) {
+            Ok(s) => json!(flops / s / 1e12),
+            Err(e) => json!(format!("unavailable: {e}")),
+        };
         eprintln!(
-            "gemm {m}x{n}x{k}: fp8 {t8:.1} TFLOP/s, cuBLAS bf16 {t16:.1} TFLOP/s, ratio {:.2}",
+            "gemm {m}x{n}x{k}: fp8 {t8:.1} TFLOP/s, cuBLAS bf16 {t16:.1} TFLOP/s, ratio {:.2}, cuBLASLt fp8 {lt}",
             t8 / t16
         );
-        gemms.push(json!({"m": m, "n": n, "k": k, "fp8_tflops": t8, "cublas_bf16_tflops": t16, "fp8_over_bf16": t8 / t16}));
+        gemms.push(json!({"m": m, "n": n, "k": k, "fp8_tflops": t8, "cublas_bf16_tflops": t16, "fp8_over_bf16": t8 / t16, "cublaslt_fp8_tflops": lt}));
     }
 
     // Quantization vs the copy bandwidth.

@@ -220,7 +220,7 @@ fn a_non_finite_input_raises_the_flag_of_every_quantization_kernel() {
 }
 
 #[test]
-fn dequantization_and_the_byte_transpose_equal_the_cpu() {
+fn dequantization_the_byte_transpose_and_the_scale_relayouts_equal_the_cpu() {
     let _serial = serial();
     let mut rng = StdRng::seed_from_u64(12);
     let (r, c) = (140, 300);
@@ -250,6 +250,44 @@ fn dequantization_and_the_byte_transpose_equal_the_cpu() {
     }
     assert_eq!(out, w.dequantize().data().to_vec());
     assert_eq!(t, w.transpose().unwrap().codes().to_vec());
+
+    // The scale grids in cuBLASLt's layouts: tile scales K-block-major, block-scale rows padded
+    // to a multiple of 4.
+    let x = Fp8Matrix::quantize_tiles(&randn(&mut rng, r * c, 1.0), r, c, QuantConfig::default())
+        .unwrap();
+    let kb = c.div_ceil(128);
+    let (nb, ld) = (r.div_ceil(128), kb.next_multiple_of(4));
+    let mut st = vec![0f32; r * kb];
+    let mut sp = vec![0f32; nb * ld];
+    // SAFETY: the inputs are the grids' r x kb and nb x kb scales; the outputs hold as many and
+    // nb x ld.
+    unsafe {
+        kernel::<unsafe extern "C" fn(*const f32, *mut f32, i32, i32)>("emu_transpose_f32")(
+            x.scales().as_ptr(),
+            st.as_mut_ptr(),
+            r as i32,
+            kb as i32,
+        );
+        kernel::<unsafe extern "C" fn(*const f32, *mut f32, i32, i32, i32)>("emu_pad_rows_f32")(
+            w.scales().as_ptr(),
+            sp.as_mut_ptr(),
+            nb as i32,
+            kb as i32,
+            ld as i32,
+        );
+    }
+    for row in 0..r {
+        for b in 0..kb {
+            assert_eq!(st[b * r + row], x.scales()[row * kb + b]);
+        }
+    }
+    for row in 0..nb {
+        assert_eq!(
+            &sp[row * ld..row * ld + kb],
+            &w.scales()[row * kb..(row + 1) * kb]
+        );
+        assert!(sp[row * ld + kb..(row + 1) * ld].iter().all(|&v| v == 0.0));
+    }
 }
 
 #[test]

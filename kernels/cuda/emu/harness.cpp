@@ -28,6 +28,12 @@ EXPORT void emu_transpose_u8(const u8* in, u8* out, int rows, int cols) {
   const dim3 g{(unsigned)((cols + 31) / 32), (unsigned)((rows + 31) / 32), 1};
   emu::launch_seq(g, dim3{32, 8, 1}, [&] { transpose_u8(in, out, rows, cols); });
 }
+EXPORT void emu_transpose_f32(const float* in, float* out, int rows, int cols) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { transpose_f32(in, out, rows, cols); });
+}
+EXPORT void emu_pad_rows_f32(const float* in, float* out, int rows, int cols, int ld) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { pad_rows_f32(in, out, rows, cols, ld); });
+}
 EXPORT void emu_fp8_gemm_grouped(const u8* A, const float* sa, const u8* B, const float* sb, float* C, const int* seg_end,
                                  const int* tile_group, const int* tile_row0, int tiles, int n, int k, int b_scale_rows) {
   const dim3 g{(unsigned)((n + 127) / 128), (unsigned)tiles, 1};

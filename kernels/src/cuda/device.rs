@@ -144,6 +144,7 @@ pub struct Gpu {
     modules: [OnceLock<Arc<CudaModule>>; SOURCES.len()],
     defines: Vec<&'static str>,
     blas: OnceLock<cudarc::cublas::CudaBlas>,
+    lt: OnceLock<super::blaslt::LtState>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -180,6 +181,7 @@ impl Gpu {
             modules: Default::default(),
             defines: defines.to_vec(),
             blas: OnceLock::new(),
+            lt: OnceLock::new(),
         })
     }
 
@@ -246,6 +248,11 @@ impl Gpu {
                 reason: format!("{e:?}"),
             })?;
         Ok(self.blas.get_or_init(|| b))
+    }
+
+    /// Where the cuBLASLt state lives (see `blaslt.rs`).
+    pub(crate) fn lt_slot(&self) -> &OnceLock<super::blaslt::LtState> {
+        &self.lt
     }
 
     /// Copies `data` to a new device buffer.

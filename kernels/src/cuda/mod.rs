@@ -1,5 +1,6 @@
 //! The CUDA path (feature `cuda`): GPUs through cudarc, kernels compiled at run time by NVRTC for
-//! the device's architecture, cuBLAS for BF16 GEMMs and NCCL for collectives.
+//! the device's architecture, cuBLAS for BF16 GEMMs, cuBLASLt's block-scaled FP8 GEMM as the peer
+//! of Shoal's, and NCCL for collectives.
 //!
 //! Every library is loaded at run time (cudarc's `dynamic-loading`), so this builds without a CUDA
 //! toolkit. Before any call into a library its presence is checked ([`source::nvrtc_present`],
@@ -10,6 +11,7 @@
 //! (`tests/gpu.rs`) hold each to it: bit-exact for FP8 casts, quantization, AdamW and transports,
 //! a stated tolerance for GEMMs and reductions.
 
+pub mod blaslt;
 pub mod device;
 pub mod dispatch;
 pub mod launch;

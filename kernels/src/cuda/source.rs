@@ -34,6 +34,7 @@ pub const QUANT: Source = Source {
         "dequantize",
         "transpose_u8",
         "transpose_f32",
+        "pad_rows_f32",
     ],
     fmad: false,
 };
