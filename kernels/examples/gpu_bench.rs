@@ -9,7 +9,7 @@ use half::bf16;
 use serde_json::json;
 use shoal_kernels::cuda::Gpu;
 use shoal_kernels::cuda::dispatch::{Routing, Rows, TransferConfig};
-use shoal_kernels::cuda::launch::GpuFp8;
+use shoal_kernels::cuda::launch::{GemmKernel, GpuFp8, GroupedWeights};
 use shoal_kernels::{Fp8Matrix, QuantConfig};
 
 /// Seconds per call of `f` (after one warm-up call), timed over `iters` calls.
@@ -55,6 +55,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let b = Fp8Matrix::quantize_blocks(&vec![0.25f32; n * k], n, k, QuantConfig::default())?;
         let (ga, gb) = (GpuFp8::from_host(&gpu, &a)?, GpuFp8::from_host(&gpu, &b)?);
         let fp8 = time(&gpu, 10, || gpu.fp8_gemm(&ga, &gb).map(drop))?;
+        // The other kernel on Hopper: mma.sync, which Hopper lowers to FP16 tensor-core math.
+        let mma_sync = if GemmKernel::for_device(info.compute_capability) == GemmKernel::Wgmma {
+            let w = GroupedWeights::single(&gb);
+            let s = time(&gpu, 10, || {
+                gpu.fp8_gemm_grouped_with(&ga, &[m], &w, GemmKernel::MmaSync)
+                    .map(drop)
+            })?;
+            json!(flops / s / 1e12)
+        } else {
+            json!(null)
+        };
         let a16 = gpu.upload("a", &vec![bf16::from_f32(0.5); m * k])?;
         let b16 = gpu.upload("b", &vec![bf16::from_f32(0.25); n * k])?;
         let bf = time(&gpu, 10, || gpu.bf16_gemm(&a16, &b16, m, n, k).map(drop))?;
@@ -68,7 +79,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "gemm {m}x{n}x{k}: fp8 {t8:.1} TFLOP/s, cuBLAS bf16 {t16:.1} TFLOP/s, ratio {:.2}, cuBLASLt fp8 {lt}",
             t8 / t16
         );
-        gemms.push(json!({"m": m, "n": n, "k": k, "fp8_tflops": t8, "cublas_bf16_tflops": t16, "fp8_over_bf16": t8 / t16, "cublaslt_fp8_tflops": lt}));
+        gemms.push(json!({"m": m, "n": n, "k": k, "kernel": format!("{:?}", GemmKernel::for_device(info.compute_capability)), "fp8_tflops": t8, "fp8_mma_sync_tflops_on_hopper": mma_sync, "cublas_bf16_tflops": t16, "fp8_over_bf16": t8 / t16, "cublaslt_fp8_tflops": lt}));
     }
 
     // Quantization vs the copy bandwidth.

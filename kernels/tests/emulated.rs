@@ -290,20 +290,38 @@ fn dequantization_the_byte_transpose_and_the_scale_relayouts_equal_the_cpu() {
     }
 }
 
-#[test]
-fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm() {
-    let _serial = serial();
-    let mut rng = StdRng::seed_from_u64(13);
-    let (n, k) = (136, 272);
-    let segments = [37usize, 0, 93];
+type GemmFn = unsafe extern "C" fn(
+    *const u8,
+    *const f32,
+    *const u8,
+    *const f32,
+    *mut f32,
+    *const i32,
+    *const i32,
+    *const i32,
+    i32,
+    i32,
+    i32,
+    i32,
+);
+
+/// Runs the grouped GEMM kernel `name` over `segments` of A's rows (one weight each, block or tile
+/// scales) and holds every segment to the exact CPU GEMM.
+#[allow(clippy::unwrap_used)]
+fn check_grouped_gemm(name: &str, seed: u64, segments: &[usize], n: usize, k: usize, blocks: bool) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let m: usize = segments.iter().sum();
     let a = Fp8Matrix::quantize_tiles(&randn(&mut rng, m * k, 1.0), m, k, QuantConfig::default())
         .unwrap();
     let ws: Vec<Fp8Matrix> = segments
         .iter()
         .map(|_| {
-            Fp8Matrix::quantize_blocks(&randn(&mut rng, n * k, 0.3), n, k, QuantConfig::default())
-                .unwrap()
+            let x = randn(&mut rng, n * k, 0.3);
+            if blocks {
+                Fp8Matrix::quantize_blocks(&x, n, k, QuantConfig::default()).unwrap()
+            } else {
+                Fp8Matrix::quantize_tiles(&x, n, k, QuantConfig::default()).unwrap()
+            }
         })
         .collect();
     let codes: Vec<u8> = ws.iter().flat_map(|w| w.codes().to_vec()).collect();
@@ -319,24 +337,9 @@ fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm()
         start += len;
     }
     let mut c = vec![0f32; m * n];
-    // SAFETY: A is m x k with m x kb scales; B is 3 x n x k with its block scales; C is m x n.
+    // SAFETY: A is m x k with m x kb scales; B is groups x n x k with its scales; C is m x n.
     unsafe {
-        kernel::<
-            unsafe extern "C" fn(
-                *const u8,
-                *const f32,
-                *const u8,
-                *const f32,
-                *mut f32,
-                *const i32,
-                *const i32,
-                *const i32,
-                i32,
-                i32,
-                i32,
-                i32,
-            ),
-        >("emu_fp8_gemm_grouped")(
+        kernel::<GemmFn>(name)(
             a.codes().as_ptr(),
             a.scales().as_ptr(),
             codes.as_ptr(),
@@ -348,7 +351,7 @@ fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm()
             tg.len() as i32,
             n as i32,
             k as i32,
-            128,
+            if blocks { 128 } else { 1 },
         );
     }
     let mut row = 0;
@@ -369,9 +372,25 @@ fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm()
         let want = fp8_gemm(&part, &ws[s], Accumulation::Fp32).unwrap();
         // Both sum each 128-deep block in FP32, in different orders.
         let err = gemm_error(&c[row * n..(row + len) * n], want.data(), &part, &ws[s]);
-        assert!(err < 1e-6, "segment {s}: error {err:e} of |A||B|");
+        assert!(err < 1e-6, "{name}, segment {s}: error {err:e} of |A||B|");
         row += len;
     }
+}
+
+#[test]
+fn the_grouped_fp8_gemm_tiles_fragments_and_promotion_match_the_exact_cpu_gemm() {
+    let _serial = serial();
+    check_grouped_gemm("emu_fp8_gemm_grouped", 13, &[37, 0, 93], 136, 272, true);
+}
+
+/// The Hopper kernel's shared-memory layout, WGMMA descriptors, accumulator fragments, cp.async
+/// pipeline (more K blocks than stages, a partial last block) and promotion, with WGMMA itself
+/// computed as the PTX ISA defines it from the descriptors.
+#[test]
+fn the_wgmma_gemm_layouts_descriptors_pipeline_and_promotion_match_the_exact_cpu_gemm() {
+    let _serial = serial();
+    check_grouped_gemm("emu_fp8_gemm_wgmma", 15, &[37, 0, 93], 136, 272, true);
+    check_grouped_gemm("emu_fp8_gemm_wgmma", 16, &[130, 70], 200, 656, false);
 }
 
 #[test]

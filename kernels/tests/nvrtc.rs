@@ -45,6 +45,23 @@ fn hopper_code_uses_the_fp8_tensor_core_and_conversion_instructions() {
         gemm.to_src()
             .contains("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32")
     );
+    // What a Hopper GPU gets (sm_90a): the WGMMA kernel on the FP8 tensor cores, fed through the
+    // async proxy by a cp.async pipeline.
+    let gemm90a = compile(&shoal_kernels::cuda::source::FP8_GEMM, "sm_90a", &[])
+        .expect("fp8_gemm for sm_90a")
+        .to_src();
+    for instr in [
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3",
+        "wgmma.fence.sync.aligned",
+        "wgmma.commit_group.sync.aligned",
+        "wgmma.wait_group.sync.aligned",
+        "fence.proxy.async.shared::cta",
+        "cp.async.cg.shared.global",
+    ] {
+        assert!(gemm90a.contains(instr), "sm_90a PTX lacks {instr}");
+    }
+    // Without the architecture-specific features there is no WGMMA: the portable path.
+    assert!(!gemm.to_src().contains("wgmma.mma_async"));
     let quant = compile(&shoal_kernels::cuda::source::QUANT, "sm_90", &[]).expect("quant");
     assert!(quant.to_src().contains("cvt.rn.satfinite.e4m3x2.f32"));
     // Ampere has neither: the software paths are compiled instead.

@@ -67,6 +67,13 @@ void run_thread(Block* b, int t, F& f, dim3 blk) {
   f();
 }
 
+// Dynamic shared memory (`extern __shared__`): one buffer, which the blocks of a `launch_seq`
+// launch use in turn. Kernels reach it through this function under SHOAL_EMU.
+inline unsigned char* dynamic_smem() {
+  alignas(1024) static unsigned char buf[256 * 1024];
+  return buf;
+}
+
 // Blocks one after another; the threads of a block run concurrently.
 template <class F>
 void launch_seq(dim3 g, dim3 b, F f) {

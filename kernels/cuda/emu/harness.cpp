@@ -39,6 +39,11 @@ EXPORT void emu_fp8_gemm_grouped(const u8* A, const float* sa, const u8* B, cons
   const dim3 g{(unsigned)((n + 127) / 128), (unsigned)tiles, 1};
   emu::launch_seq(g, dim3{256, 1, 1}, [&] { fp8_gemm_grouped(A, sa, B, sb, C, seg_end, tile_group, tile_row0, n, k, b_scale_rows); });
 }
+EXPORT void emu_fp8_gemm_wgmma(const u8* A, const float* sa, const u8* B, const float* sb, float* C, const int* seg_end,
+                               const int* tile_group, const int* tile_row0, int tiles, int n, int k, int b_scale_rows) {
+  const dim3 g{(unsigned)((n + 127) / 128), (unsigned)tiles, 1};
+  emu::launch_seq(g, dim3{256, 1, 1}, [&] { fp8_gemm_wgmma(A, sa, B, sb, C, seg_end, tile_group, tile_row0, n, k, b_scale_rows); });
+}
 EXPORT void emu_rmsnorm_forward(const float* x, const float* w, float* y, int rows, int d, double eps) {
   emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{64, 1, 1}, [&] { rmsnorm_forward(x, w, y, rows, d, eps); });
 }

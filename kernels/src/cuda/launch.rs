@@ -1,6 +1,7 @@
 //! Launching the kernels: shape checks, grid sizes, and conversion to and from the CPU types.
 //! Every failure is a [`KernelError`] naming the kernel and the shapes.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::device::{Gpu, cuda_err};
@@ -326,13 +327,36 @@ impl Gpu {
     }
 
     /// The grouped FP8 GEMM of MoE experts: the rows of `a` form contiguous segments of
-    /// `segments[g]` rows, and segment `g` is multiplied by weight `g` of `w`.
+    /// `segments[g]` rows, and segment `g` is multiplied by weight `g` of `w`. Runs the kernel
+    /// [`GemmKernel::for_device`] picks.
     pub fn fp8_gemm_grouped(
         &self,
         a: &GpuFp8,
         segments: &[usize],
         w: &GroupedWeights<'_>,
     ) -> Result<CudaSlice<f32>> {
+        let kernel = GemmKernel::for_device(self.info().compute_capability);
+        self.fp8_gemm_grouped_with(a, segments, w, kernel)
+    }
+
+    /// [`Gpu::fp8_gemm_grouped`] on a chosen kernel (the benchmark and the tests run both on
+    /// Hopper). WGMMA needs a Hopper GPU; asking for it elsewhere is a typed error.
+    pub fn fp8_gemm_grouped_with(
+        &self,
+        a: &GpuFp8,
+        segments: &[usize],
+        w: &GroupedWeights<'_>,
+        kernel: GemmKernel,
+    ) -> Result<CudaSlice<f32>> {
+        if kernel == GemmKernel::Wgmma && self.info().compute_capability != (9, 0) {
+            let (major, minor) = self.info().compute_capability;
+            return Err(KernelError::invalid(
+                "fp8_gemm.kernel",
+                format!(
+                    "WGMMA runs on compute capability 9.0 (sm_90a) only; this GPU is {major}.{minor}"
+                ),
+            ));
+        }
         let (m, k, n) = (a.rows, a.cols, w.n);
         let shapes = format!(
             "a [{m}, {k}] in {} segments, b [{}, {n}, {}]",
@@ -426,7 +450,18 @@ impl Gpu {
             Granularity::Tile1x128 => 1i32,
             Granularity::Block128x128 => QUANT_BLOCK as i32,
         };
-        let f = self.function(&FP8_GEMM, "fp8_gemm_grouped")?;
+        let (name, smem) = match kernel {
+            GemmKernel::MmaSync => ("fp8_gemm_grouped", 0u32),
+            GemmKernel::Wgmma => ("fp8_gemm_wgmma", WGMMA_SMEM_BYTES),
+        };
+        let f = self.function(&FP8_GEMM, name)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(cuda_err(name, &shapes))?;
+        }
         let mut b = self.stream().launch_builder(&f);
         b.arg(&a.codes)
             .arg(&a.scales)
@@ -442,15 +477,41 @@ impl Gpu {
         let launch = LaunchConfig {
             grid_dim: (n.div_ceil(128) as u32, tiles as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         // SAFETY: a holds m x k codes and m x ceil(k/128) scales, w holds groups x n x k codes and
-        // its scale grid, c holds m x n; every tile lies inside one segment; the arguments match
-        // `fp8_gemm_grouped` in fp8_gemm.cu.
-        unsafe { b.launch(launch) }.map_err(cuda_err("fp8_gemm_grouped", &shapes))?;
+        // its scale grid, c holds m x n; every tile lies inside one segment; both kernels take the
+        // arguments of `fp8_gemm_grouped` in fp8_gemm.cu, and the WGMMA kernel gets the dynamic
+        // shared memory its pipeline indexes (WG_SMEM_BYTES), allowed by the attribute above.
+        unsafe { b.launch(launch) }.map_err(cuda_err(name, &shapes))?;
         Ok(c)
     }
 }
+
+/// Which FP8 GEMM kernel runs (both compute the same product: see fp8_gemm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// `mma.sync m16n8k32` (native FP8 on Ada; on Hopper lowered to FP16 tensor-core math;
+    /// CUDA cores on older GPUs).
+    MmaSync,
+    /// `wgmma.mma_async m64n128k32` with a cp.async pipeline: Hopper's FP8 tensor cores.
+    Wgmma,
+}
+
+impl GemmKernel {
+    /// The kernel for a GPU of this compute capability: WGMMA on Hopper, mma.sync elsewhere.
+    pub fn for_device(compute_capability: (i32, i32)) -> Self {
+        if compute_capability == (9, 0) {
+            Self::Wgmma
+        } else {
+            Self::MmaSync
+        }
+    }
+}
+
+/// Dynamic shared memory of the WGMMA kernel: 4 pipeline stages of a 128x128-byte A tile and a
+/// 128x128-byte B tile (`WG_SMEM_BYTES` in fp8_gemm.cu).
+const WGMMA_SMEM_BYTES: u32 = 4 * 2 * 128 * 128;
 
 /// The weights of a grouped GEMM: `groups` matrices `[n, k]` stored back to back, with their
 /// scales (`[groups, ceil(n / 128) or n, ceil(k / 128)]`).

@@ -39,11 +39,12 @@ pub const QUANT: Source = Source {
     fmad: false,
 };
 
-/// The FP8 GEMM with fine-grained scales and FP32 promotion (dense and grouped).
+/// The FP8 GEMM with fine-grained scales and FP32 promotion (dense and grouped): mma.sync, and
+/// WGMMA for Hopper (sm_90a).
 pub const FP8_GEMM: Source = Source {
     name: "fp8_gemm",
     text: include_str!("../../cuda/fp8_gemm.cu"),
-    kernels: &["fp8_gemm_grouped"],
+    kernels: &["fp8_gemm_grouped", "fp8_gemm_wgmma"],
     fmad: true,
 };
 
@@ -77,12 +78,18 @@ pub const DISPATCH: Source = Source {
 pub const SOURCES: [&Source; 4] = [&QUANT, &FP8_GEMM, &OPS, &DISPATCH];
 
 /// The architectures CI compiles every source for: Ampere (no FP8 instructions: the software
-/// paths), Ada and Hopper.
-pub const CHECKED_ARCHS: [&str; 3] = ["sm_80", "sm_89", "sm_90"];
+/// paths), Ada, and Hopper both with its architecture-specific features (`sm_90a`: WGMMA, what a
+/// Hopper GPU gets) and without them.
+pub const CHECKED_ARCHS: [&str; 4] = ["sm_80", "sm_89", "sm_90", "sm_90a"];
 
-/// The NVRTC architecture name of a compute capability (`(9, 0)` gives `sm_90`).
+/// The NVRTC architecture a GPU of this compute capability is compiled for: `sm_XY`, and for
+/// Hopper (9.0) `sm_90a`, whose architecture-specific instructions (WGMMA) run only there.
 pub fn arch_of(major: i32, minor: i32) -> String {
-    format!("sm_{major}{minor}")
+    if (major, minor) == (9, 0) {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    }
 }
 
 /// Whether the NVRTC library can be loaded (checked before any NVRTC call: cudarc panics when a
