@@ -920,3 +920,336 @@ fn a_row_sent_to_more_ranks_behind_one_proxy_than_a_slot_holds_reaches_all_of_th
         }
     }
 }
+
+/// The model-step kernels of model.cu: attention forward and backward, the RMSNorm weight
+/// gradient, embedding rows and their deterministic table gradient, column and row copies, row
+/// dot products, y += x and the sum of squares, each against the CPU.
+#[test]
+fn the_model_step_kernels_match_the_cpu() {
+    use shoal_kernels::ops::{attention, embedding};
+    let _serial = serial();
+    let mut rng = StdRng::seed_from_u64(17);
+
+    // Attention: 2 sequences of 19 tokens, 3 heads, dk 48 (two partial warps of lanes), dv 40.
+    let (b, s, h, dk, dv) = (2usize, 19usize, 3usize, 48usize, 40usize);
+    let scale = 0.2f32;
+    let q = randn(&mut rng, b * s * h * dk, 0.5);
+    let k = randn(&mut rng, b * s * h * dk, 0.5);
+    let v = randn(&mut rng, b * s * h * dv, 1.0);
+    let dout = randn(&mut rng, b * s * h * dv, 1.0);
+    let t = |d: &[f32], w| Tensor::new([b, s, h, w], d.to_vec()).unwrap();
+    let (want_out, saved) =
+        attention::attention_forward(&t(&q, dk), &t(&k, dk), &t(&v, dv), f64::from(scale)).unwrap();
+    let (want_dq, want_dk, want_dv) = attention::attention_backward(
+        &t(&dout, dv),
+        &t(&q, dk),
+        &t(&k, dk),
+        &t(&v, dv),
+        &want_out,
+        &saved,
+        f64::from(scale),
+    )
+    .unwrap();
+    let mut out = vec![0f32; b * s * h * dv];
+    let mut lse = vec![0f32; b * h * s];
+    let (mut delta, mut dq, mut dkk, mut dvv) = (
+        vec![0f32; b * h * s],
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    );
+    let dims = (b as i32, s as i32, h as i32, dk as i32, dv as i32);
+    // SAFETY: every buffer has the length of its [b, s, h, d] or [b, h, s] shape.
+    unsafe {
+        kernel::<
+            unsafe extern "C" fn(
+                *const f32,
+                *const f32,
+                *const f32,
+                *mut f32,
+                *mut f32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                f32,
+            ),
+        >("emu_attention_forward")(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            out.as_mut_ptr(),
+            lse.as_mut_ptr(),
+            dims.0,
+            dims.1,
+            dims.2,
+            dims.3,
+            dims.4,
+            scale,
+        );
+        kernel::<
+            unsafe extern "C" fn(
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *const f32,
+                *mut f32,
+                *mut f32,
+                *mut f32,
+                *mut f32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                f32,
+            ),
+        >("emu_attention_backward")(
+            dout.as_ptr(),
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            out.as_ptr(),
+            lse.as_ptr(),
+            delta.as_mut_ptr(),
+            dq.as_mut_ptr(),
+            dkk.as_mut_ptr(),
+            dvv.as_mut_ptr(),
+            dims.0,
+            dims.1,
+            dims.2,
+            dims.3,
+            dims.4,
+            scale,
+        );
+    }
+    close(&out, want_out.data(), 1e-5, "attention.out");
+    close(&lse, saved.lse.data(), 1e-5, "attention.lse");
+    close(&dq, want_dq.data(), 1e-4, "attention.dq");
+    close(&dkk, want_dk.data(), 1e-4, "attention.dk");
+    close(&dvv, want_dv.data(), 1e-4, "attention.dv");
+
+    // RMSNorm weight gradient, accumulated into an existing gradient.
+    let (rows, d) = (37usize, 70usize);
+    let x = randn(&mut rng, rows * d, 1.0);
+    let dy = randn(&mut rng, rows * d, 1.0);
+    let before = randn(&mut rng, d, 1.0);
+    let mut dw = before.clone();
+    let mut rstd = vec![0f32; rows];
+    // SAFETY: x, dy are rows x d; rstd has rows entries, dw d.
+    unsafe {
+        kernel::<unsafe extern "C" fn(*const f32, *const f32, *mut f32, *mut f32, i32, i32, f64)>(
+            "emu_rmsnorm_backward_weight",
+        )(
+            x.as_ptr(),
+            dy.as_ptr(),
+            rstd.as_mut_ptr(),
+            dw.as_mut_ptr(),
+            rows as i32,
+            d as i32,
+            1e-6,
+        );
+    }
+    let want = rmsnorm::rmsnorm_backward_weight(
+        &Tensor::new([rows, d], dy.clone()).unwrap(),
+        &Tensor::new([rows, d], x.clone()).unwrap(),
+        1e-6,
+    )
+    .unwrap();
+    let want: Vec<f32> = before.iter().zip(want.data()).map(|(a, b)| a + b).collect();
+    close(&dw, &want, 1e-5, "rmsnorm.dweight");
+
+    // Embedding rows and the table gradient from the host's per-id row lists.
+    let (vocab, n) = (11usize, 29usize);
+    let table = randn(&mut rng, vocab * d, 1.0);
+    let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let mut rows_out = vec![0f32; n * d];
+    let dy = randn(&mut rng, n * d, 1.0);
+    let mut uniq: Vec<u32> = ids.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    let mut off = vec![0u32];
+    let mut order = Vec::new();
+    for &u in &uniq {
+        order.extend((0..n as u32).filter(|&i| ids[i as usize] == u));
+        off.push(order.len() as u32);
+    }
+    let mut dtable = vec![0f32; vocab * d];
+    // SAFETY: the table is vocab x d, ids and rows n long, dy n x d, the CSR lists as built.
+    unsafe {
+        kernel::<unsafe extern "C" fn(*const f32, *const u32, *mut f32, i64, i32)>(
+            "emu_embedding_gather",
+        )(
+            table.as_ptr(),
+            ids.as_ptr(),
+            rows_out.as_mut_ptr(),
+            n as i64,
+            d as i32,
+        );
+        kernel::<
+            unsafe extern "C" fn(
+                *const f32,
+                *const u32,
+                *const u32,
+                *const u32,
+                *mut f32,
+                i32,
+                i32,
+            ),
+        >("emu_embedding_scatter")(
+            dy.as_ptr(),
+            uniq.as_ptr(),
+            off.as_ptr(),
+            order.as_ptr(),
+            dtable.as_mut_ptr(),
+            uniq.len() as i32,
+            d as i32,
+        );
+    }
+    let tt = Tensor::new([vocab, d], table.clone()).unwrap();
+    assert_eq!(
+        rows_out,
+        embedding::embedding_forward(&tt, &ids)
+            .unwrap()
+            .data()
+            .to_vec()
+    );
+    let want =
+        embedding::embedding_backward(&Tensor::new([n, d], dy.clone()).unwrap(), &ids, vocab)
+            .unwrap();
+    assert_eq!(
+        dtable,
+        want.data().to_vec(),
+        "embedding.dtable, rows summed in order"
+    );
+
+    // Column blocks: heads 0..3 of width 5 taken from offset 2 of groups of 9, accumulated into
+    // groups of 7 at offset 1.
+    let (r, g, w) = (6usize, 3usize, 5usize);
+    let src = randn(&mut rng, r * g * 9, 1.0);
+    let mut dst = randn(&mut rng, r * g * 7, 1.0);
+    let mut want = dst.clone();
+    for ri in 0..r {
+        for gi in 0..g {
+            for c in 0..w {
+                want[ri * g * 7 + 1 + gi * 7 + c] += src[ri * g * 9 + 2 + gi * 9 + c];
+            }
+        }
+    }
+    // SAFETY: src is r x 27 and dst r x 21; the copy stays inside both rows.
+    unsafe {
+        kernel::<
+            unsafe extern "C" fn(
+                *const f32,
+                *mut f32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+            ),
+        >("emu_copy_cols")(
+            src.as_ptr(),
+            dst.as_mut_ptr(),
+            r as i32,
+            g as i32,
+            w as i32,
+            (g * 9) as i32,
+            2,
+            9,
+            (g * 7) as i32,
+            1,
+            7,
+            1,
+        );
+    }
+    assert_eq!(dst, want);
+
+    // Rows: a scaled gather, a scaled scatter-add to distinct rows, dot products, y += x.
+    let width = 45usize;
+    let src = randn(&mut rng, 10 * width, 1.0);
+    let idx: Vec<u32> = vec![7, 2, 9, 0];
+    let sc: Vec<f32> = vec![0.5, -2.0, 1.5, 3.0];
+    let mut gathered = vec![0f32; idx.len() * width];
+    let mut scattered = randn(&mut rng, 10 * width, 1.0);
+    let mut want_sc = scattered.clone();
+    let mut dots = vec![0f32; idx.len()];
+    let mut y = randn(&mut rng, 300, 1.0);
+    let xs = randn(&mut rng, 300, 1.0);
+    let want_y: Vec<f32> = y.iter().zip(&xs).map(|(a, b)| a + b).collect();
+    let mut partial = vec![0f64; 3];
+    // SAFETY: src has 10 rows of `width`, every index is below 10, the outputs are sized here.
+    unsafe {
+        type Rows = unsafe extern "C" fn(*const f32, *const u32, *const f32, *mut f32, i64, i32);
+        kernel::<Rows>("emu_gather_rows")(
+            src.as_ptr(),
+            idx.as_ptr(),
+            sc.as_ptr(),
+            gathered.as_mut_ptr(),
+            idx.len() as i64,
+            width as i32,
+        );
+        kernel::<Rows>("emu_scatter_add_rows")(
+            gathered.as_ptr(),
+            idx.as_ptr(),
+            std::ptr::null(),
+            scattered.as_mut_ptr(),
+            idx.len() as i64,
+            width as i32,
+        );
+        kernel::<unsafe extern "C" fn(*const f32, *const u32, *const f32, *mut f32, i32, i32)>(
+            "emu_row_dots",
+        )(
+            src.as_ptr(),
+            idx.as_ptr(),
+            gathered.as_ptr(),
+            dots.as_mut_ptr(),
+            idx.len() as i32,
+            width as i32,
+        );
+        kernel::<unsafe extern "C" fn(*mut f32, *const f32, i64)>("emu_add_into")(
+            y.as_mut_ptr(),
+            xs.as_ptr(),
+            300,
+        );
+        kernel::<unsafe extern "C" fn(*const f32, *mut f64, i64, u32)>("emu_sum_sq_partial")(
+            xs.as_ptr(),
+            partial.as_mut_ptr(),
+            300,
+            3,
+        );
+    }
+    for (i, (&row, &s)) in idx.iter().zip(&sc).enumerate() {
+        let from = &src[row as usize * width..(row as usize + 1) * width];
+        let want_row: Vec<f32> = from.iter().map(|v| v * s).collect();
+        assert_eq!(&gathered[i * width..(i + 1) * width], &want_row[..]);
+        for (o, v) in want_sc[row as usize * width..(row as usize + 1) * width]
+            .iter_mut()
+            .zip(&want_row)
+        {
+            *o += v;
+        }
+        let dot: f64 = from
+            .iter()
+            .zip(&want_row)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        assert!(
+            (f64::from(dots[i]) - dot).abs() <= 1e-5 * (1.0 + dot.abs()),
+            "row_dots[{i}]"
+        );
+    }
+    assert_eq!(scattered, want_sc);
+    assert_eq!(y, want_y);
+    let want: f64 = xs.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+    let got: f64 = partial.iter().sum();
+    assert!((got - want).abs() <= 1e-12 * want, "sum_sq {got} vs {want}");
+}

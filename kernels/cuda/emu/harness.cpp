@@ -7,6 +7,7 @@
 #include "../fp8_gemm.cu"
 #include "../ops.cu"
 #include "../dispatch.cu"
+#include "../model.cu"
 
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -78,4 +79,53 @@ EXPORT void emu_two_hop(const TwoHopRank* ranks, int nranks, int local, int len0
 }
 EXPORT void emu_combine_reduce(const u16* staged, const int* dest, float* out, int rows, int maxd, int hidden) {
   emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{32, 1, 1}, [&] { combine_reduce(staged, dest, out, rows, maxd, hidden); });
+}
+
+// ---- model.cu: warp-per-row kernels run 8 warps per block ----
+static dim3 warps_grid(long long rows) { return dim3{(unsigned)((rows + 7) / 8), 1, 1}; }
+EXPORT void emu_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int batch, int seq,
+                                  int heads, int dk, int dv, float scale) {
+  emu::launch_seq(warps_grid((long long)batch * heads * seq), dim3{256, 1, 1},
+                  [&] { attention_forward(q, k, v, out, lse, batch, seq, heads, dk, dv, scale); });
+}
+EXPORT void emu_attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                                   const float* lse, float* delta, float* dq, float* dk_, float* dv_, int batch, int seq,
+                                   int heads, int dk, int dv, float scale) {
+  const dim3 g = warps_grid((long long)batch * heads * seq);
+  emu::launch_seq(g, dim3{256, 1, 1}, [&] { attention_delta(dout, out, delta, batch, seq, heads, dv); });
+  emu::launch_seq(g, dim3{256, 1, 1},
+                  [&] { attention_backward_q(dout, q, k, v, lse, delta, dq, batch, seq, heads, dk, dv, scale); });
+  emu::launch_seq(g, dim3{256, 1, 1},
+                  [&] { attention_backward_kv(dout, q, k, v, lse, delta, dk_, dv_, batch, seq, heads, dk, dv, scale); });
+}
+EXPORT void emu_rmsnorm_backward_weight(const float* x, const float* dy, float* rstd, float* dw, int rows, int d, double eps) {
+  emu::launch_seq(warps_grid(rows), dim3{256, 1, 1}, [&] { row_rstd(x, rstd, rows, d, eps); });
+  emu::launch_seq(dim3{(unsigned)((d + 63) / 64), 1, 1}, dim3{64, 1, 1}, [&] { rmsnorm_backward_weight(x, dy, rstd, dw, rows, d); });
+}
+EXPORT void emu_embedding_gather(const float* table, const unsigned* ids, float* out, long long n, int d) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { embedding_gather(table, ids, out, n, d); });
+}
+EXPORT void emu_embedding_scatter(const float* dy, const unsigned* uniq, const unsigned* off, const unsigned* rows, float* dtable,
+                                  int n_uniq, int d) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { embedding_scatter(dy, uniq, off, rows, dtable, n_uniq, d); });
+}
+EXPORT void emu_copy_cols(const float* src, float* dst, int rows, int groups, int width, int src_ld, int src_off, int src_gs,
+                          int dst_ld, int dst_off, int dst_gs, int accumulate) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1},
+                  [&] { copy_cols(src, dst, rows, groups, width, src_ld, src_off, src_gs, dst_ld, dst_off, dst_gs, accumulate); });
+}
+EXPORT void emu_gather_rows(const float* src, const unsigned* idx, const float* scale, float* dst, long long n, int width) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { gather_rows(src, idx, scale, dst, n, width); });
+}
+EXPORT void emu_scatter_add_rows(const float* src, const unsigned* idx, const float* scale, float* dst, long long n, int width) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { scatter_add_rows(src, idx, scale, dst, n, width); });
+}
+EXPORT void emu_row_dots(const float* a, const unsigned* idx, const float* b, float* out, int n, int width) {
+  emu::launch_seq(warps_grid(n), dim3{256, 1, 1}, [&] { row_dots(a, idx, b, out, n, width); });
+}
+EXPORT void emu_add_into(float* y, const float* x, long long n) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { add_into(y, x, n); });
+}
+EXPORT void emu_sum_sq_partial(const float* x, double* partial, long long n, unsigned blocks) {
+  emu::launch_seq(dim3{blocks, 1, 1}, dim3{256, 1, 1}, [&] { sum_sq_partial(x, partial, n); });
 }

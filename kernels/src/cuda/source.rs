@@ -74,8 +74,32 @@ pub const DISPATCH: Source = Source {
     fmad: false,
 };
 
+/// The rest of the model's training step: attention, the RMSNorm weight gradient, embeddings,
+/// column and row copies, row dot products, sums.
+pub const MODEL: Source = Source {
+    name: "model",
+    text: include_str!("../../cuda/model.cu"),
+    kernels: &[
+        "attention_forward",
+        "attention_delta",
+        "attention_backward_q",
+        "attention_backward_kv",
+        "row_rstd",
+        "rmsnorm_backward_weight",
+        "embedding_gather",
+        "embedding_scatter",
+        "copy_cols",
+        "gather_rows",
+        "scatter_add_rows",
+        "row_dots",
+        "add_into",
+        "sum_sq_partial",
+    ],
+    fmad: false,
+};
+
 /// Every source, in a fixed order (the index is the per-device module cache's slot).
-pub const SOURCES: [&Source; 4] = [&QUANT, &FP8_GEMM, &OPS, &DISPATCH];
+pub const SOURCES: [&Source; 5] = [&QUANT, &FP8_GEMM, &OPS, &DISPATCH, &MODEL];
 
 /// The architectures CI compiles every source for: Ampere (no FP8 instructions: the software
 /// paths), Ada, and Hopper both with its architecture-specific features (`sm_90a`: WGMMA, what a
