@@ -14,6 +14,7 @@
 //! arguments (rayon may split it across threads), and bad input is reported as a
 //! [`KernelError`], never a panic.
 
+pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;

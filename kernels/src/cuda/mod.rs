@@ -11,6 +11,7 @@
 //! (`tests/gpu.rs`) hold each to it: bit-exact for FP8 casts, quantization, AdamW and transports,
 //! a stated tolerance for GEMMs and reductions.
 
+pub mod backend;
 pub mod blaslt;
 pub mod device;
 pub mod dispatch;

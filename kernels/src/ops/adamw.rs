@@ -385,6 +385,33 @@ pub fn adamw_step_scaled(
     Ok(())
 }
 
+/// The element-wise update of one AdamW step with precomputed coefficients and FP32 moments
+/// (what [`adamw_step_scaled`] runs after its checks; the CUDA kernel computes the same).
+/// Fails if the four slices differ in length (operand `adamw.state`).
+pub fn adamw_apply_f32(
+    k: &AdamCoeffs,
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let n = params.len();
+    if grads.len() != n || m.len() != n || v.len() != n {
+        return Err(KernelError::shape(
+            "adamw.state",
+            format!("parameters, gradients and moments of {n} elements each"),
+            format!("{}, {} and {}", grads.len(), m.len(), v.len()),
+        ));
+    }
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((pc, gc), mc), vc)| update_f32(k, pc, gc, mc, vc));
+    Ok(())
+}
+
 /// Sum of squares of `x` in `f64`, over fixed chunks summed in order (deterministic): the
 /// per-slice term of [`grad_norm`].
 pub fn sum_sq(x: &[f32]) -> f64 {

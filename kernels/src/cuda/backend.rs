@@ -1,0 +1,562 @@
+//! The GPU as a [`Backend`]: buffers are device memory, GEMMs cuBLAS SGEMM (FP32, no TF32), the
+//! rest the kernels of ops.cu and model.cu. Every operation is queued on the `Gpu`'s one stream;
+//! downloads wait for it.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::device::{Gpu, cuda_err};
+use super::launch::launch;
+use super::source::MODEL;
+use crate::backend::{AttnDims, Backend, ColCopy, Gemm};
+use crate::ops::adamw::AdamCoeffs;
+use crate::ops::rope::{RopeLayout, RopeTable};
+use crate::{KernelError, Result};
+
+/// A RoPE table on the GPU: cos and sin `[positions, dim / 2]` in FP32.
+pub struct GpuRope {
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    positions: usize,
+    interleaved: bool,
+}
+
+/// What cross-entropy's forward keeps on the GPU: the per-row log-sum-exp (FP64) and the count.
+pub struct GpuCe {
+    lse: CudaSlice<f64>,
+    count: usize,
+}
+
+fn i32_of(what: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| KernelError::invalid(what, format!("{v} does not fit a 32-bit index")))
+}
+
+fn check(what: &'static str, len: usize, n: usize) -> Result<()> {
+    if len < n {
+        return Err(KernelError::shape(
+            what,
+            format!("at least {n} elements"),
+            format!("{len} elements"),
+        ));
+    }
+    Ok(())
+}
+
+fn flat(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, eight warps per block.
+fn warps(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks of the sum-of-squares reduction: a fixed count, so the partial sums (added on the host
+/// in order) make the result independent of timing.
+const SUM_BLOCKS: usize = 256;
+
+impl Gpu {
+    fn sgemm(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+        g: Gemm,
+        beta: f32,
+    ) -> Result<()> {
+        use cudarc::cublas::{Gemm as _, GemmConfig, sys::cublasOperation_t as Op};
+        let shapes = format!("{g:?}");
+        check("gemm.a", a.len(), g.m * g.k)?;
+        check("gemm.b", b.len(), g.k * g.n)?;
+        check("gemm.c", c.len(), g.m * g.n)?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (
+            i32_of("gemm.m", g.m)?,
+            i32_of("gemm.n", g.n)?,
+            i32_of("gemm.k", g.k)?,
+        );
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        // Row-major C[m, n] is column-major C^T[n, m] = op(B)^T . op(A)^T.
+        let cfg = GemmConfig {
+            transa: op(g.b_t),
+            transb: op(g.a_t),
+            m: n,
+            n: m,
+            k: k.max(1),
+            alpha: 1.0f32,
+            lda: if g.b_t { k.max(1) } else { n },
+            ldb: if g.a_t { m } else { k.max(1) },
+            beta,
+            ldc: n,
+        };
+        if g.k == 0 {
+            // Nothing to multiply: C = beta * C, which for the overwrite case is zeros.
+            if beta == 0.0 {
+                self.stream()
+                    .memset_zeros(c)
+                    .map_err(cuda_err("gemm", &shapes))?;
+            }
+            return Ok(());
+        }
+        // SAFETY: a, b and c hold at least the elements their shapes need (checked above) and the
+        // leading dimensions describe those row-major shapes as column-major operands.
+        unsafe { self.blas()?.gemm(cfg, b, a, c) }.map_err(|e| KernelError::Cuda {
+            kernel: "cublas_sgemm",
+            shapes,
+            reason: format!("{e:?}"),
+        })
+    }
+}
+
+impl Backend for Gpu {
+    type Buf = CudaSlice<f32>;
+    type Ids = CudaSlice<u32>;
+    type Ce = GpuCe;
+    type Rope = GpuRope;
+
+    fn describe(&self) -> String {
+        format!("{} ({})", self.info().name, self.info().arch())
+    }
+
+    fn upload(&self, what: &'static str, x: &[f32]) -> Result<CudaSlice<f32>> {
+        Gpu::upload(self, what, x)
+    }
+
+    fn upload_ids(&self, what: &'static str, x: &[u32]) -> Result<CudaSlice<u32>> {
+        Gpu::upload(self, what, x)
+    }
+
+    fn zeros(&self, what: &'static str, n: usize) -> Result<CudaSlice<f32>> {
+        Gpu::zeros(self, what, n)
+    }
+
+    fn download(&self, what: &'static str, x: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        Gpu::download(self, what, x, x.len())
+    }
+
+    fn numel(&self, x: &CudaSlice<f32>) -> usize {
+        x.len()
+    }
+
+    fn rope_table(&self, table: &RopeTable, layout: RopeLayout) -> Result<GpuRope> {
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        Ok(GpuRope {
+            cos: Gpu::upload(self, "rope.cos", &f(table.cos()))?,
+            sin: Gpu::upload(self, "rope.sin", &f(table.sin()))?,
+            positions: table.max_positions(),
+            interleaved: layout == RopeLayout::Interleaved,
+        })
+    }
+
+    fn gemm(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, g: Gemm) -> Result<CudaSlice<f32>> {
+        let mut c = Gpu::zeros(self, "gemm.c", g.m * g.n)?;
+        self.sgemm(a, b, &mut c, g, 0.0)?;
+        Ok(c)
+    }
+
+    fn gemm_acc(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        c: &mut CudaSlice<f32>,
+        g: Gemm,
+    ) -> Result<()> {
+        self.sgemm(a, b, c, g, 1.0)
+    }
+
+    fn add_into(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+        let n = y.len();
+        check("add.x", x.len(), n)?;
+        let nn = n as i64;
+        launch!(self, MODEL, "add_into", format!("[{n}]"), flat(n); y, x, &nn);
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        d: usize,
+        eps: f64,
+    ) -> Result<CudaSlice<f32>> {
+        self.rmsnorm_forward(x, w, rows, d, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rows: usize,
+        d: usize,
+        eps: f64,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        let dx = self.rmsnorm_backward_input(x, w, dy, rows, d, eps)?;
+        check("rmsnorm.dweight", dw.len(), d)?;
+        if rows * d > 0 {
+            let shapes = format!("x [{rows}, {d}]");
+            let (r, dd) = (i32_of("rmsnorm.rows", rows)?, i32_of("rmsnorm.d", d)?);
+            let mut rstd = Gpu::zeros::<f32>(self, "rmsnorm.rstd", rows)?;
+            launch!(self, MODEL, "row_rstd", &shapes, warps(rows); x, &mut rstd, &r, &dd, &eps);
+            let cfg = LaunchConfig {
+                grid_dim: (d.div_ceil(64) as u32, 1, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, MODEL, "rmsnorm_backward_weight", &shapes, cfg; x, dy, &rstd, dw, &r, &dd);
+        }
+        Ok(dx)
+    }
+
+    fn swiglu(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.swiglu_forward(g, u, g.len())
+    }
+
+    fn swiglu_backward(
+        &self,
+        g: &CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        Gpu::swiglu_backward(self, g, u, dy, g.len())
+    }
+
+    fn rope(
+        &self,
+        x: &CudaSlice<f32>,
+        t: &GpuRope,
+        shape: [usize; 4],
+        inverse: bool,
+    ) -> Result<CudaSlice<f32>> {
+        let sign = if inverse { -1.0 } else { 1.0 };
+        Gpu::rope(
+            self,
+            x,
+            &t.cos,
+            &t.sin,
+            shape,
+            t.positions,
+            0,
+            sign,
+            t.interleaved,
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        d: AttnDims,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let rows = d.batch * d.seq * d.heads;
+        let shapes = format!("{d:?}");
+        check_attention(&d, q.len(), k.len(), v.len())?;
+        let mut out = Gpu::zeros(self, "attention.out", rows * d.dv)?;
+        let mut lse = Gpu::zeros(self, "attention.lse", rows)?;
+        if rows > 0 {
+            let (b, s, h, dk, dv) = attn_args(&d)?;
+            let scale = d.scale as f32;
+            launch!(self, MODEL, "attention_forward", &shapes, warps(rows); q, k, v, &mut out, &mut lse, &b, &s, &h, &dk, &dv, &scale);
+        }
+        Ok((out, lse))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        d: AttnDims,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        let rows = d.batch * d.seq * d.heads;
+        let shapes = format!("{d:?}");
+        check_attention(&d, q.len(), k.len(), v.len())?;
+        check("attention.dout", dout.len(), rows * d.dv)?;
+        check("attention.out", out.len(), rows * d.dv)?;
+        check("attention.lse", lse.len(), rows)?;
+        let mut dq = Gpu::zeros(self, "attention.dq", rows * d.dk)?;
+        let mut dk_ = Gpu::zeros(self, "attention.dk", rows * d.dk)?;
+        let mut dv_ = Gpu::zeros(self, "attention.dv", rows * d.dv)?;
+        if rows > 0 {
+            let (b, s, h, dk, dv) = attn_args(&d)?;
+            let scale = d.scale as f32;
+            let mut delta = Gpu::zeros::<f32>(self, "attention.delta", rows)?;
+            launch!(self, MODEL, "attention_delta", &shapes, warps(rows); dout, out, &mut delta, &b, &s, &h, &dv);
+            launch!(self, MODEL, "attention_backward_q", &shapes, warps(rows); dout, q, k, v, lse, &delta, &mut dq, &b, &s, &h, &dk, &dv, &scale);
+            launch!(self, MODEL, "attention_backward_kv", &shapes, warps(rows); dout, q, k, v, lse, &delta, &mut dk_, &mut dv_, &b, &s, &h, &dk, &dv, &scale);
+        }
+        Ok((dq, dk_, dv_))
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaSlice<f32>,
+        ids: &CudaSlice<u32>,
+        n: usize,
+        d: usize,
+    ) -> Result<CudaSlice<f32>> {
+        check("embedding.ids", ids.len(), n)?;
+        let mut out = Gpu::zeros(self, "embedding.out", n * d)?;
+        if n * d > 0 {
+            // The caller checks the ids against the table on the host (see the trait): the
+            // kernel would read outside it otherwise.
+            let dd = i32_of("embedding.d", d)?;
+            let nn = n as i64;
+            launch!(self, MODEL, "embedding_gather", format!("[{n}, {d}] of {}", table.len()), flat(n * d); table, ids, &mut out, &nn, &dd);
+        }
+        Ok(out)
+    }
+
+    fn embedding_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        ids: &[u32],
+        d: usize,
+        dtable: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let vocab = dtable.len().checked_div(d).unwrap_or(0);
+        check("embedding.dy", dy.len(), ids.len() * d)?;
+        if let Some((position, &id)) = ids.iter().enumerate().find(|(_, i)| **i as usize >= vocab) {
+            return Err(KernelError::IndexOutOfRange {
+                operand: "embedding.ids",
+                position,
+                index: id as usize,
+                bound: vocab,
+            });
+        }
+        if ids.is_empty() || d == 0 {
+            return Ok(());
+        }
+        // Each id's rows, in order: the sums are deterministic without atomics.
+        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+        order.sort_by_key(|&i| (ids[i as usize], i));
+        let (mut uniq, mut off) = (Vec::new(), Vec::new());
+        for (pos, &i) in order.iter().enumerate() {
+            let id = ids[i as usize];
+            if uniq.last() != Some(&id) {
+                uniq.push(id);
+                off.push(pos as u32);
+            }
+        }
+        off.push(order.len() as u32);
+        let (u, o, r) = (
+            Gpu::upload(self, "embedding.ids", &uniq)?,
+            Gpu::upload(self, "embedding.ids", &off)?,
+            Gpu::upload(self, "embedding.ids", &order)?,
+        );
+        let (nu, dd) = (
+            i32_of("embedding.ids", uniq.len())?,
+            i32_of("embedding.d", d)?,
+        );
+        launch!(self, MODEL, "embedding_scatter", format!("[{}, {d}]", ids.len()), flat(uniq.len() * d); dy, &u, &o, &r, dtable, &nu, &dd);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<(f64, usize, GpuCe)> {
+        let (lse, loss) = self.cross_entropy_rows(logits, targets, rows, vocab, None)?;
+        let total: f64 = loss.iter().sum();
+        let mean = if rows == 0 { 0.0 } else { total / rows as f64 };
+        Ok((mean, rows, GpuCe { lse, count: rows }))
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        ce: &GpuCe,
+        rows: usize,
+        vocab: usize,
+        dloss: f64,
+    ) -> Result<CudaSlice<f32>> {
+        Gpu::cross_entropy_backward(
+            self,
+            logits,
+            targets,
+            &ce.lse,
+            rows,
+            vocab,
+            None,
+            dloss as f32,
+            ce.count,
+        )
+    }
+
+    fn copy_cols(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, c: ColCopy) -> Result<()> {
+        c.check("copy_cols", src.len(), dst.len())?;
+        let n = c.rows * c.groups * c.width;
+        if n == 0 {
+            return Ok(());
+        }
+        let a = [
+            c.rows, c.groups, c.width, c.src_ld, c.src_off, c.src_gs, c.dst_ld, c.dst_off, c.dst_gs,
+        ]
+        .iter()
+        .map(|&v| i32_of("copy_cols", v))
+        .collect::<Result<Vec<i32>>>()?;
+        let acc = i32::from(c.accumulate);
+        launch!(self, MODEL, "copy_cols", format!("{c:?}"), flat(n); src, dst, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &acc);
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        idx: &CudaSlice<u32>,
+        n: usize,
+        width: usize,
+        scale: Option<&CudaSlice<f32>>,
+    ) -> Result<CudaSlice<f32>> {
+        check("gather_rows.idx", idx.len(), n)?;
+        if let Some(s) = scale {
+            check("gather_rows.scale", s.len(), n)?;
+        }
+        let mut out = Gpu::zeros(self, "gather_rows.out", n * width)?;
+        if n * width > 0 {
+            let (nn, w) = (n as i64, i32_of("gather_rows.width", width)?);
+            let f = self.function(&MODEL, "gather_rows")?;
+            let mut b = self.stream().launch_builder(&f);
+            let null = 0u64;
+            b.arg(src).arg(idx);
+            match scale {
+                Some(s) => b.arg(s),
+                None => b.arg(&null),
+            };
+            b.arg(&mut out).arg(&nn).arg(&w);
+            // SAFETY: src holds the rows idx names (the caller's indices come from the host's
+            // routing, bounded by the source's rows), idx and scale hold n entries, out n x width;
+            // a null scale is a null pointer of the kernel's `const float*`.
+            unsafe { b.launch(flat(n * width)) }
+                .map_err(cuda_err("gather_rows", format!("[{n}, {width}]")))?;
+        }
+        Ok(out)
+    }
+
+    fn scatter_add_rows(
+        &self,
+        src: &CudaSlice<f32>,
+        idx: &CudaSlice<u32>,
+        n: usize,
+        width: usize,
+        scale: Option<&CudaSlice<f32>>,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check("scatter_add_rows.idx", idx.len(), n)?;
+        check("scatter_add_rows.src", src.len(), n * width)?;
+        if let Some(s) = scale {
+            check("scatter_add_rows.scale", s.len(), n)?;
+        }
+        if n * width > 0 {
+            let (nn, w) = (n as i64, i32_of("scatter_add_rows.width", width)?);
+            let f = self.function(&MODEL, "scatter_add_rows")?;
+            let mut b = self.stream().launch_builder(&f);
+            let null = 0u64;
+            b.arg(src).arg(idx);
+            match scale {
+                Some(s) => b.arg(s),
+                None => b.arg(&null),
+            };
+            b.arg(dst).arg(&nn).arg(&w);
+            // SAFETY: as for gather_rows; the indices of one call are distinct rows of dst.
+            unsafe { b.launch(flat(n * width)) }
+                .map_err(cuda_err("scatter_add_rows", format!("[{n}, {width}]")))?;
+        }
+        Ok(())
+    }
+
+    fn row_dots(
+        &self,
+        a: &CudaSlice<f32>,
+        idx: &CudaSlice<u32>,
+        b: &CudaSlice<f32>,
+        n: usize,
+        width: usize,
+    ) -> Result<Vec<f32>> {
+        check("row_dots.idx", idx.len(), n)?;
+        check("row_dots.b", b.len(), n * width)?;
+        let mut out = Gpu::zeros(self, "row_dots.out", n)?;
+        if n > 0 {
+            let (nn, w) = (i32_of("row_dots.n", n)?, i32_of("row_dots.width", width)?);
+            launch!(self, MODEL, "row_dots", format!("[{n}, {width}]"), warps(n); a, idx, b, &mut out, &nn, &w);
+        }
+        Gpu::download(self, "row_dots.out", &out, n)
+    }
+
+    fn sum_sq(&self, x: &CudaSlice<f32>) -> Result<f64> {
+        let n = x.len();
+        let mut partial = Gpu::zeros::<f64>(self, "sum_sq.partial", SUM_BLOCKS)?;
+        let nn = n as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (SUM_BLOCKS as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, MODEL, "sum_sq_partial", format!("[{n}]"), cfg; x, &mut partial, &nn);
+        Ok(Gpu::download(self, "sum_sq.partial", &partial, SUM_BLOCKS)?
+            .iter()
+            .sum())
+    }
+
+    fn adamw(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        k: &AdamCoeffs,
+    ) -> Result<()> {
+        let n = p.len();
+        self.adamw_f32(p, g, m, v, n, *k)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Gpu::synchronize(self, "backend", "synchronize")
+    }
+}
+
+fn check_attention(d: &AttnDims, q: usize, k: usize, v: usize) -> Result<()> {
+    let rows = d.batch * d.seq * d.heads;
+    if d.dk > 256 || d.dv > 128 {
+        return Err(KernelError::invalid(
+            "attention",
+            format!(
+                "head dimensions dk {} and dv {} exceed the kernel's 256 and 128",
+                d.dk, d.dv
+            ),
+        ));
+    }
+    check("attention.q", q, rows * d.dk)?;
+    check("attention.k", k, rows * d.dk)?;
+    check("attention.v", v, rows * d.dv)
+}
+
+fn attn_args(d: &AttnDims) -> Result<(i32, i32, i32, i32, i32)> {
+    Ok((
+        i32_of("attention.batch", d.batch)?,
+        i32_of("attention.seq", d.seq)?,
+        i32_of("attention.heads", d.heads)?,
+        i32_of("attention.dk", d.dk)?,
+        i32_of("attention.dv", d.dv)?,
+    ))
+}
