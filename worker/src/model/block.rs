@@ -28,10 +28,10 @@ pub enum Ffn {
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub struct Block {
-    in_norm: ParamId,
-    attn: Mla,
-    post_norm: ParamId,
-    ffn: Ffn,
+    pub(super) in_norm: ParamId,
+    pub(super) attn: Mla,
+    pub(super) post_norm: ParamId,
+    pub(super) ffn: Ffn,
 }
 
 enum FfnSaved<T> {

@@ -24,11 +24,11 @@ use crate::Result;
 
 /// Hugging Face's `q_a_layernorm` and `kv_a_layernorm` use the RMSNorm default epsilon whatever
 /// `rms_norm_eps` says; so do DeepSeek's reference implementation and Shoal.
-const LATENT_NORM_EPS: f64 = 1e-6;
+pub(super) const LATENT_NORM_EPS: f64 = 1e-6;
 
 /// Query projection: compressed (`q_lora_rank`) or plain.
 #[derive(Clone, Debug)]
-enum QProj {
+pub(super) enum QProj {
     Lora {
         a: ParamId,
         norm: ParamId,
@@ -47,16 +47,16 @@ fn two<T>(parts: Vec<Tensor<T>>) -> Result<[Tensor<T>; 2]> {
 /// One MLA layer's parameters.
 #[derive(Clone, Debug)]
 pub struct Mla {
-    q: QProj,
-    kv_a: ParamId,
-    kv_norm: ParamId,
-    kv_b: ParamId,
-    o: ParamId,
-    heads: usize,
-    nope: usize,
-    rope: usize,
-    v: usize,
-    kv_lora: usize,
+    pub(super) q: QProj,
+    pub(super) kv_a: ParamId,
+    pub(super) kv_norm: ParamId,
+    pub(super) kv_b: ParamId,
+    pub(super) o: ParamId,
+    pub(super) heads: usize,
+    pub(super) nope: usize,
+    pub(super) rope: usize,
+    pub(super) v: usize,
+    pub(super) kv_lora: usize,
 }
 
 /// What the forward pass keeps for backward.

@@ -13,9 +13,9 @@ use crate::Result;
 /// One SwiGLU MLP's weights.
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    gate: ParamId,
-    up: ParamId,
-    down: ParamId,
+    pub(super) gate: ParamId,
+    pub(super) up: ParamId,
+    pub(super) down: ParamId,
 }
 
 /// What the forward pass keeps: the two pre-activation projections.

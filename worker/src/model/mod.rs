@@ -7,6 +7,7 @@
 
 mod block;
 mod ctx;
+pub mod device;
 pub mod ep;
 pub mod linear;
 mod mla;

@@ -218,6 +218,20 @@ impl TrainOptions {
         }
     }
 
+    /// The hyper-parameters of optimizer step `step` (0-based) for the device step
+    /// ([`crate::model::device::DeviceModel::train_step`]): the same schedule, clipping, AdamW
+    /// and bias update speed this trainer uses.
+    pub fn step_hyper(&self, step: u64) -> crate::model::device::StepHyper {
+        crate::model::device::StepHyper {
+            lr: self.lr_at(step),
+            adamw: self.adamw(),
+            grad_clip: self.grad_clip,
+            gamma: self.bias_update_speed as f32,
+            micro_batches: self.micro_batches,
+            obj: self.objective(),
+        }
+    }
+
     /// The learning rate of step `step` (0-based): linear warmup, then cosine decay to
     /// `lr * min_lr_ratio` at the last step.
     pub fn lr_at(&self, step: u64) -> f32 {

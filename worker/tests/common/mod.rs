@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+pub mod device;
+
 use shoal_kernels::ops::linear::Precision;
 use shoal_spec::ModelConfig;
 use shoal_worker::data::{Batcher, DataSpec, TokenSource};

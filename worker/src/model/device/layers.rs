@@ -1,0 +1,614 @@
+//! The layers' forward and backward passes on a [`Backend`]: MLA, the SwiGLU MLP, DeepSeekMoE
+//! and the transformer block, computing what `super::super::{mla, mlp, moe, block}` compute on
+//! the CPU, with every activation in the backend's memory.
+//!
+//! The forward pass keeps the activations the backward pass reads (no recomputation: memory is
+//! not what limits the step this path serves). Weight gradients are added into the gradient
+//! buffers as soon as the backward pass reaches a layer.
+//!
+//! The MoE router's selection and its backward run on the host, on the `[tokens, experts]`
+//! logits: the top-k choice is the CPU gate's, so a step on any backend routes exactly as the
+//! CPU model does. Everything per token and per feature stays on the backend.
+
+use shoal_kernels::Tensor;
+use shoal_kernels::backend::{AttnDims, Backend, ColCopy, Gemm};
+use shoal_kernels::ops::moe_gate::{GateOutput, expert_load, gate_backward, gate_forward};
+
+use super::super::block::{Block, Ffn};
+use super::super::ctx::Ctx;
+use super::super::mla::{LATENT_NORM_EPS, Mla, QProj};
+use super::super::mlp::Mlp;
+use super::super::moe::{Moe, MoeStats};
+use super::super::params::ParamId;
+use crate::{Result, WorkerError};
+
+/// The backend and the parameters: what a forward pass reads.
+pub(super) struct Fw<'a, B: Backend> {
+    pub be: &'a B,
+    pub p: &'a [B::Buf],
+    pub shapes: &'a [Vec<usize>],
+    /// Host copies of the parameters the host reads (the MoE biases).
+    pub host: &'a super::super::params::ParamStore<f32>,
+}
+
+/// A forward view plus the gradient buffers: what a backward pass writes.
+pub(super) struct Bw<'a, B: Backend> {
+    pub fw: Fw<'a, B>,
+    pub g: &'a mut [B::Buf],
+}
+
+fn dims2(shape: &[usize]) -> (usize, usize) {
+    (
+        shape.first().copied().unwrap_or(0),
+        shape.get(1).copied().unwrap_or(0),
+    )
+}
+
+impl<B: Backend> Fw<'_, B> {
+    /// `x[rows, in] . W^T`.
+    pub fn lin(&self, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
+        let (o, i) = dims2(&self.shapes[id.index()]);
+        Ok(self
+            .be
+            .gemm(x, &self.p[id.index()], Gemm::forward(rows, o, i))?)
+    }
+
+    pub fn norm(&self, x: &B::Buf, id: ParamId, rows: usize, eps: f64) -> Result<B::Buf> {
+        let d = self.shapes[id.index()][0];
+        Ok(self.be.rmsnorm(x, &self.p[id.index()], rows, d, eps)?)
+    }
+
+    /// Column blocks `[off, off + width)` of every group of `gs` columns (`groups` of them) of a
+    /// `[rows, ld]` matrix, as a new `[rows, groups * width]` matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn take(
+        &self,
+        src: &B::Buf,
+        rows: usize,
+        ld: usize,
+        off: usize,
+        gs: usize,
+        groups: usize,
+        width: usize,
+    ) -> Result<B::Buf> {
+        let mut dst = self.be.zeros("columns", rows * groups * width)?;
+        self.be.copy_cols(
+            src,
+            &mut dst,
+            ColCopy {
+                rows,
+                groups,
+                width,
+                src_ld: ld,
+                src_off: off,
+                src_gs: gs,
+                dst_ld: groups * width,
+                dst_off: 0,
+                dst_gs: width,
+                accumulate: false,
+            },
+        )?;
+        Ok(dst)
+    }
+
+    /// The inverse of [`Fw::take`]: writes (or adds) `src: [rows, groups * width]` into those
+    /// column blocks of `dst: [rows, ld]`. `src_gs = 0` repeats one block in every group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put(
+        &self,
+        src: &B::Buf,
+        src_gs: usize,
+        dst: &mut B::Buf,
+        rows: usize,
+        ld: usize,
+        off: usize,
+        gs: usize,
+        groups: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let src_ld = if src_gs == 0 { width } else { groups * width };
+        Ok(self.be.copy_cols(
+            src,
+            dst,
+            ColCopy {
+                rows,
+                groups,
+                width,
+                src_ld,
+                src_off: 0,
+                src_gs,
+                dst_ld: ld,
+                dst_off: off,
+                dst_gs: gs,
+                accumulate,
+            },
+        )?)
+    }
+}
+
+impl<B: Backend> Bw<'_, B> {
+    /// B and W of `y = x . W^T`: returns `dx`, adds `dy^T . x` into W's gradient.
+    pub fn lin_b(&mut self, dy: &B::Buf, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
+        let (o, i) = dims2(&self.fw.shapes[id.index()]);
+        let be = self.fw.be;
+        let dx = be.gemm(dy, &self.fw.p[id.index()], Gemm::input_grad(rows, o, i))?;
+        be.gemm_acc(
+            dy,
+            x,
+            &mut self.g[id.index()],
+            Gemm::weight_grad(rows, o, i),
+        )?;
+        Ok(dx)
+    }
+
+    /// RMSNorm's B and W: returns `dx`, adds the weight gradient.
+    pub fn norm_b(
+        &mut self,
+        dy: &B::Buf,
+        x: &B::Buf,
+        id: ParamId,
+        rows: usize,
+        eps: f64,
+    ) -> Result<B::Buf> {
+        let d = self.fw.shapes[id.index()][0];
+        Ok(self.fw.be.rmsnorm_backward(
+            dy,
+            x,
+            &self.fw.p[id.index()],
+            rows,
+            d,
+            eps,
+            &mut self.g[id.index()],
+        )?)
+    }
+}
+
+/// What MLA's forward keeps.
+pub(super) struct MlaSaved<B: Backend> {
+    x: B::Buf,
+    q_lora: Option<(B::Buf, B::Buf)>,
+    c: B::Buf,
+    cn: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    out: B::Buf,
+    lse: B::Buf,
+}
+
+fn attn_dims(m: &Mla, ctx: &Ctx<'_>) -> AttnDims {
+    AttnDims {
+        batch: ctx.batch,
+        seq: ctx.seq,
+        heads: m.heads,
+        dk: m.nope + m.rope,
+        dv: m.v,
+        scale: ctx.softmax_scale,
+    }
+}
+
+/// MLA forward on the normalised input `x: [tokens, hidden]` (takes ownership of `x` to keep it).
+pub(super) fn mla_forward<B: Backend>(
+    f: &Fw<'_, B>,
+    rope: &B::Rope,
+    m: &Mla,
+    x: B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<(B::Buf, MlaSaved<B>)> {
+    let t = ctx.tokens();
+    let (hd, qk) = (m.heads, m.nope + m.rope);
+    let (q, q_lora) = match &m.q {
+        QProj::Lora { a, norm, b } => {
+            let qa = f.lin(&x, *a, t)?;
+            let qn = f.norm(&qa, *norm, t, LATENT_NORM_EPS)?;
+            (f.lin(&qn, *b, t)?, Some((qa, qn)))
+        }
+        QProj::Plain(w) => (f.lin(&x, *w, t)?, None),
+    };
+    let ckv_w = m.kv_lora + m.rope;
+    let ckv = f.lin(&x, m.kv_a, t)?;
+    let c = f.take(&ckv, t, ckv_w, 0, 0, 1, m.kv_lora)?;
+    let k_pe = f.take(&ckv, t, ckv_w, m.kv_lora, 0, 1, m.rope)?;
+    let cn = f.norm(&c, m.kv_norm, t, LATENT_NORM_EPS)?;
+    let kv_w = m.nope + m.v;
+    let kv = f.lin(&cn, m.kv_b, t)?;
+    // Queries: the rope part of every head rotated in place.
+    let q_pe = f.take(&q, t, hd * qk, m.nope, qk, hd, m.rope)?;
+    let q_pe =
+        f.be.rope(&q_pe, rope, [ctx.batch, ctx.seq, hd, m.rope], false)?;
+    let mut q_full = q;
+    f.put(
+        &q_pe,
+        m.rope,
+        &mut q_full,
+        t,
+        hd * qk,
+        m.nope,
+        qk,
+        hd,
+        m.rope,
+        false,
+    )?;
+    // Keys: each head's nope part, then the one rotated k_pe repeated in every head.
+    let k_pe =
+        f.be.rope(&k_pe, rope, [ctx.batch, ctx.seq, 1, m.rope], false)?;
+    let mut k_full = f.be.zeros("mla.k", t * hd * qk)?;
+    f.put(
+        &f.take(&kv, t, hd * kv_w, 0, kv_w, hd, m.nope)?,
+        m.nope,
+        &mut k_full,
+        t,
+        hd * qk,
+        0,
+        qk,
+        hd,
+        m.nope,
+        false,
+    )?;
+    f.put(
+        &k_pe,
+        0,
+        &mut k_full,
+        t,
+        hd * qk,
+        m.nope,
+        qk,
+        hd,
+        m.rope,
+        false,
+    )?;
+    let v = f.take(&kv, t, hd * kv_w, m.nope, kv_w, hd, m.v)?;
+    let (out, lse) = f.be.attention(&q_full, &k_full, &v, attn_dims(m, ctx))?;
+    let y = f.lin(&out, m.o, t)?;
+    Ok((
+        y,
+        MlaSaved {
+            x,
+            q_lora,
+            c,
+            cn,
+            q: q_full,
+            k: k_full,
+            v,
+            out,
+            lse,
+        },
+    ))
+}
+
+/// MLA backward: the gradient of the normalised input.
+pub(super) fn mla_backward<B: Backend>(
+    w: &mut Bw<'_, B>,
+    rope: &B::Rope,
+    m: &Mla,
+    s: MlaSaved<B>,
+    dy: &B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<B::Buf> {
+    let t = ctx.tokens();
+    let (hd, qk) = (m.heads, m.nope + m.rope);
+    let (be, kv_w, ckv_w) = (w.fw.be, m.nope + m.v, m.kv_lora + m.rope);
+    let d_out = w.lin_b(dy, &s.out, m.o, t)?;
+    let (mut dq, dk, dv) =
+        be.attention_backward(&d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, attn_dims(m, ctx))?;
+    // Undo the assembly: the rope parts rotated back, the shared key's gradient summed over heads.
+    let dq_pe = w.fw.take(&dq, t, hd * qk, m.nope, qk, hd, m.rope)?;
+    let dq_pe = be.rope(&dq_pe, rope, [ctx.batch, ctx.seq, hd, m.rope], true)?;
+    w.fw.put(
+        &dq_pe,
+        m.rope,
+        &mut dq,
+        t,
+        hd * qk,
+        m.nope,
+        qk,
+        hd,
+        m.rope,
+        false,
+    )?;
+    let mut dk_pe = be.zeros("mla.dk_pe", t * m.rope)?;
+    for h in 0..hd {
+        // One head at a time: the heads add into the same values.
+        let part = w.fw.take(&dk, t, hd * qk, h * qk + m.nope, qk, 1, m.rope)?;
+        be.add_into(&mut dk_pe, &part)?;
+    }
+    let dk_pe = be.rope(&dk_pe, rope, [ctx.batch, ctx.seq, 1, m.rope], true)?;
+    let mut dkv = be.zeros("mla.dkv", t * hd * kv_w)?;
+    let dk_nope = w.fw.take(&dk, t, hd * qk, 0, qk, hd, m.nope)?;
+    w.fw.put(
+        &dk_nope,
+        m.nope,
+        &mut dkv,
+        t,
+        hd * kv_w,
+        0,
+        kv_w,
+        hd,
+        m.nope,
+        false,
+    )?;
+    w.fw.put(
+        &dv,
+        m.v,
+        &mut dkv,
+        t,
+        hd * kv_w,
+        m.nope,
+        kv_w,
+        hd,
+        m.v,
+        false,
+    )?;
+    let dcn = w.lin_b(&dkv, &s.cn, m.kv_b, t)?;
+    let dc = w.norm_b(&dcn, &s.c, m.kv_norm, t, LATENT_NORM_EPS)?;
+    let mut dckv = be.zeros("mla.dckv", t * ckv_w)?;
+    w.fw.put(
+        &dc, m.kv_lora, &mut dckv, t, ckv_w, 0, 0, 1, m.kv_lora, false,
+    )?;
+    w.fw.put(
+        &dk_pe, m.rope, &mut dckv, t, ckv_w, m.kv_lora, 0, 1, m.rope, false,
+    )?;
+    let mut dx = w.lin_b(&dckv, &s.x, m.kv_a, t)?;
+    let dx_q = match (&m.q, &s.q_lora) {
+        (QProj::Lora { a, norm, b }, Some((qa, qn))) => {
+            let dqn = w.lin_b(&dq, qn, *b, t)?;
+            let dqa = w.norm_b(&dqn, qa, *norm, t, LATENT_NORM_EPS)?;
+            w.lin_b(&dqa, &s.x, *a, t)?
+        }
+        (QProj::Plain(wq), None) => w.lin_b(&dq, &s.x, *wq, t)?,
+        _ => {
+            return Err(WorkerError::invalid(
+                "mla",
+                "saved state of another query projection",
+            ));
+        }
+    };
+    be.add_into(&mut dx, &dx_q)?;
+    Ok(dx)
+}
+
+/// What a SwiGLU MLP's forward keeps.
+pub(super) struct MlpSaved<B: Backend> {
+    x: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    act: B::Buf,
+}
+
+pub(super) fn mlp_forward<B: Backend>(
+    f: &Fw<'_, B>,
+    m: &Mlp,
+    x: B::Buf,
+    rows: usize,
+) -> Result<(B::Buf, MlpSaved<B>)> {
+    let g = f.lin(&x, m.gate, rows)?;
+    let u = f.lin(&x, m.up, rows)?;
+    let act = f.be.swiglu(&g, &u)?;
+    let y = f.lin(&act, m.down, rows)?;
+    Ok((y, MlpSaved { x, g, u, act }))
+}
+
+pub(super) fn mlp_backward<B: Backend>(
+    w: &mut Bw<'_, B>,
+    m: &Mlp,
+    s: MlpSaved<B>,
+    dy: &B::Buf,
+    rows: usize,
+) -> Result<B::Buf> {
+    let dact = w.lin_b(dy, &s.act, m.down, rows)?;
+    let (dg, du) = w.fw.be.swiglu_backward(&s.g, &s.u, &dact)?;
+    let mut dx = w.lin_b(&dg, &s.x, m.gate, rows)?;
+    let dxu = w.lin_b(&du, &s.x, m.up, rows)?;
+    w.fw.be.add_into(&mut dx, &dxu)?;
+    Ok(dx)
+}
+
+struct ExpertSaved<B: Backend> {
+    rows: Vec<usize>,
+    slots: Vec<usize>,
+    idx: B::Ids,
+    weights: B::Buf,
+    mlp: MlpSaved<B>,
+    out: B::Buf,
+}
+
+/// What an MoE layer's forward keeps.
+pub(super) struct MoeSaved<B: Backend> {
+    x: B::Buf,
+    gate: GateOutput<f32>,
+    experts: Vec<Option<ExpertSaved<B>>>,
+    shared: Option<MlpSaved<B>>,
+}
+
+pub(super) fn moe_forward<B: Backend>(
+    f: &Fw<'_, B>,
+    m: &Moe,
+    x: B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<(B::Buf, MoeSaved<B>, MoeStats)> {
+    let t = ctx.tokens();
+    let (e, k) = (m.gate.n_routed_experts, m.gate.top_k);
+    let hidden = f.shapes[m.router.index()][1];
+    let logits = f.be.download("moe.logits", &f.lin(&x, m.router, t)?)?;
+    let gate = gate_forward(
+        &Tensor::new([t, e], logits)?,
+        f.host.get(m.bias).data(),
+        &m.gate,
+    )?;
+    let mut by_expert: Vec<(Vec<usize>, Vec<usize>)> = vec![(Vec::new(), Vec::new()); e];
+    for (pos, &ex) in gate.indices.iter().enumerate() {
+        let (rows, slots) = &mut by_expert[ex as usize];
+        rows.push(pos / k);
+        slots.push(pos % k);
+    }
+    let (mut y, shared) = match &m.shared {
+        Some(sm) => {
+            // The shared experts keep their own copy of x; the router keeps the original.
+            let (y, s) = mlp_forward(f, sm, clone_buf(f.be, &x)?, t)?;
+            (y, Some(s))
+        }
+        None => (f.be.zeros("moe.y", t * hidden)?, None),
+    };
+    // Experts in order: each adds its weighted output into its tokens' rows (distinct within one
+    // expert), so the sums are in expert order, as on the CPU.
+    let mut experts = Vec::with_capacity(e);
+    for (j, (rows, slots)) in by_expert.into_iter().enumerate() {
+        if rows.is_empty() {
+            experts.push(None);
+            continue;
+        }
+        let n = rows.len();
+        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = f.be.upload_ids("moe.rows", &ids)?;
+        let wts: Vec<f32> = rows
+            .iter()
+            .zip(&slots)
+            .map(|(&r, &s)| gate.weights.data()[r * k + s])
+            .collect();
+        let weights = f.be.upload("moe.weights", &wts)?;
+        let xe = f.be.gather_rows(&x, &idx, n, hidden, None)?;
+        let (out, mlp) = mlp_forward(f, &m.experts[j], xe, n)?;
+        f.be.scatter_add_rows(&out, &idx, n, hidden, Some(&weights), &mut y)?;
+        experts.push(Some(ExpertSaved {
+            rows,
+            slots,
+            idx,
+            weights,
+            mlp,
+            out,
+        }));
+    }
+    let stats = MoeStats {
+        load: expert_load(&gate.indices, e),
+        balance: m.balance(&gate, ctx, None)?,
+    };
+    Ok((
+        y,
+        MoeSaved {
+            x,
+            gate,
+            experts,
+            shared,
+        },
+        stats,
+    ))
+}
+
+/// A copy of a buffer, made on the backend.
+fn clone_buf<B: Backend>(be: &B, x: &B::Buf) -> Result<B::Buf> {
+    let n = be.numel(x);
+    let mut y = be.zeros("copy", n)?;
+    be.add_into(&mut y, x)?;
+    Ok(y)
+}
+
+pub(super) fn moe_backward<B: Backend>(
+    w: &mut Bw<'_, B>,
+    m: &Moe,
+    s: MoeSaved<B>,
+    dy: &B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<B::Buf> {
+    let t = ctx.tokens();
+    let k = m.gate.top_k;
+    let hidden = w.fw.shapes[m.router.index()][1];
+    let be = w.fw.be;
+    let mut dx = match (&m.shared, s.shared) {
+        (Some(sm), Some(ss)) => mlp_backward(w, sm, ss, dy, t)?,
+        _ => be.zeros("moe.dx", t * hidden)?,
+    };
+    let mut dweights = vec![0f32; t * k];
+    for (j, es) in s.experts.into_iter().enumerate() {
+        let Some(es) = es else { continue };
+        let n = es.rows.len();
+        let dots = be.row_dots(dy, &es.idx, &es.out, n, hidden)?;
+        for ((&r, &slot), d) in es.rows.iter().zip(&es.slots).zip(dots) {
+            dweights[r * k + slot] = d;
+        }
+        let dye = be.gather_rows(dy, &es.idx, n, hidden, Some(&es.weights))?;
+        let dxe = mlp_backward(w, &m.experts[j], es.mlp, &dye, n)?;
+        be.scatter_add_rows(&dxe, &es.idx, n, hidden, None, &mut dx)?;
+    }
+    // The router: gate weights and the balance loss back to the logits on the host, then the
+    // FP32 router's B and W on the backend.
+    let e = m.gate.n_routed_experts;
+    let mut dlogits = gate_backward(&Tensor::new([t, k], dweights)?, &s.gate, &m.gate)?;
+    if ctx.balance_alpha != 0.0 {
+        m.balance(&s.gate, ctx, Some((&mut dlogits, ctx.balance_alpha)))?;
+    }
+    if dlogits.shape() != [t, e] {
+        return Err(WorkerError::invalid(
+            "moe.router",
+            "gradient of another shape",
+        ));
+    }
+    let dl = be.upload("moe.dlogits", dlogits.data())?;
+    let dxr = w.lin_b(&dl, &s.x, m.router, t)?;
+    be.add_into(&mut dx, &dxr)?;
+    Ok(dx)
+}
+
+enum FfnSaved<B: Backend> {
+    Dense(MlpSaved<B>),
+    Moe(MoeSaved<B>),
+}
+
+/// What a block's forward keeps.
+pub(super) struct BlockSaved<B: Backend> {
+    h: B::Buf,
+    h1: B::Buf,
+    attn: MlaSaved<B>,
+    ffn: FfnSaved<B>,
+}
+
+/// A block on the residual stream `h: [tokens, hidden]`.
+pub(super) fn block_forward<B: Backend>(
+    f: &Fw<'_, B>,
+    rope: &B::Rope,
+    blk: &Block,
+    h: B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<(B::Buf, BlockSaved<B>, Option<MoeStats>)> {
+    let t = ctx.tokens();
+    let x = f.norm(&h, blk.in_norm, t, ctx.eps)?;
+    let (mut h1, attn) = mla_forward(f, rope, &blk.attn, x, ctx)?;
+    f.be.add_into(&mut h1, &h)?;
+    let x2 = f.norm(&h1, blk.post_norm, t, ctx.eps)?;
+    let (mut h2, ffn, stats) = match &blk.ffn {
+        Ffn::Dense(m) => {
+            let (y, s) = mlp_forward(f, m, x2, t)?;
+            (y, FfnSaved::Dense(s), None)
+        }
+        Ffn::Moe(m) => {
+            let (y, s, st) = moe_forward(f, m, x2, ctx)?;
+            (y, FfnSaved::Moe(s), Some(st))
+        }
+    };
+    f.be.add_into(&mut h2, &h1)?;
+    Ok((h2, BlockSaved { h, h1, attn, ffn }, stats))
+}
+
+/// A block's backward: the gradient of its input.
+pub(super) fn block_backward<B: Backend>(
+    w: &mut Bw<'_, B>,
+    rope: &B::Rope,
+    blk: &Block,
+    s: BlockSaved<B>,
+    dh2: &B::Buf,
+    ctx: &Ctx<'_>,
+) -> Result<B::Buf> {
+    let t = ctx.tokens();
+    let be = w.fw.be;
+    let dx2 = match (&blk.ffn, s.ffn) {
+        (Ffn::Dense(m), FfnSaved::Dense(ms)) => mlp_backward(w, m, ms, dh2, t)?,
+        (Ffn::Moe(m), FfnSaved::Moe(ms)) => moe_backward(w, m, ms, dh2, ctx)?,
+        _ => return Err(WorkerError::invalid("block", "saved state of another kind")),
+    };
+    let mut dh1 = w.norm_b(&dx2, &s.h1, blk.post_norm, t, ctx.eps)?;
+    be.add_into(&mut dh1, dh2)?;
+    let dx = mla_backward(w, rope, &blk.attn, s.attn, &dh1, ctx)?;
+    let mut dh = w.norm_b(&dx, &s.h, blk.in_norm, t, ctx.eps)?;
+    be.add_into(&mut dh, &dh1)?;
+    Ok(dh)
+}

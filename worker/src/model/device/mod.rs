@@ -1,0 +1,525 @@
+//! The model's training step on a compute [`Backend`]: parameters, gradients, AdamW moments and
+//! activations live in the backend's memory (a GPU's, with `shoal_kernels::cuda::Gpu`), and one
+//! step is a forward pass, a backward pass, the global-norm clipping, AdamW and the expert-bias
+//! update, as [`crate::train::Trainer`] computes them on the CPU for one data-parallel rank.
+//!
+//! [`DeviceModel`] runs the whole model (embedding, MLA and dense/MoE blocks, the head and the
+//! MTP modules) in FP32: the GEMMs are `Backend::gemm`, everything else the backend's operators.
+//! The router's top-k selection runs on the host (see `layers.rs`). Pipeline and expert
+//! parallelism, and the BF16 and FP8 recipes, are the CPU path's only.
+
+mod layers;
+
+use shoal_kernels::Tensor;
+use shoal_kernels::backend::Backend;
+use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, clip_coefficient};
+use shoal_kernels::ops::linear::Precision;
+
+use self::layers::{BlockSaved, Bw, Fw, block_backward, block_forward};
+use super::{Model, Objective, StepOutput, TokenBatch, split_micro};
+use crate::{Result, WorkerError};
+
+/// What one device step computed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceStep {
+    /// Losses and expert loads of the step's batch.
+    pub out: StepOutput,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The hyper-parameters of one optimizer step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepHyper {
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// AdamW (weight decay applies to matrices only; moments are FP32 on the device).
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this.
+    pub grad_clip: f32,
+    /// Expert-bias update speed.
+    pub gamma: f32,
+    /// Micro-batches the batch is split into (by sequences), run one after another.
+    pub micro_batches: usize,
+    /// Loss weights.
+    pub obj: Objective,
+}
+
+/// One MTP depth's forward state.
+struct MtpSaved<B: Backend> {
+    len: usize,
+    prev_len: usize,
+    ids: Vec<u32>,
+    prefix: B::Ids,
+    e: B::Buf,
+    prev: B::Buf,
+    cat: B::Buf,
+    block: BlockSaved<B>,
+    out: B::Buf,
+    hn: B::Buf,
+    targets: B::Ids,
+    logits: B::Buf,
+    ce: B::Ce,
+}
+
+/// A forward pass's state and measurements.
+struct Forward<B: Backend> {
+    blocks: Vec<BlockSaved<B>>,
+    h: B::Buf,
+    hn: B::Buf,
+    logits: B::Buf,
+    targets: B::Ids,
+    ce: B::Ce,
+    mtp: Vec<MtpSaved<B>>,
+    out: StepOutput,
+}
+
+/// The model on a backend. See the module documentation.
+pub struct DeviceModel<B: Backend> {
+    be: B,
+    /// The structure and configuration; its parameter store keeps only what the host reads (the
+    /// MoE biases), the rest is released.
+    model: Model<f32>,
+    shapes: Vec<Vec<usize>>,
+    p: Vec<B::Buf>,
+    g: Vec<B::Buf>,
+    m: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    rope: B::Rope,
+    adam_step: u64,
+}
+
+impl<B: Backend> std::fmt::Debug for DeviceModel<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceModel")
+            .field("backend", &self.be.describe())
+            .field("params", &self.shapes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> DeviceModel<B> {
+    /// `model`'s parameters copied to `be`, with zero gradients and moments. The model must be
+    /// FP32 (the device step has no BF16 or FP8 recipe).
+    pub fn new(be: B, model: &Model<f32>) -> Result<Self> {
+        if model.precision() != Precision::Fp32 {
+            return Err(WorkerError::invalid(
+                "precision",
+                format!(
+                    "the device step computes in fp32; {:?} runs on the CPU path",
+                    model.precision()
+                ),
+            ));
+        }
+        let n = model.params().layout().len();
+        let (mut shapes, mut p, mut g, mut m, mut v) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (id, name, t) in model.params().iter() {
+            shapes.push(t.shape().to_vec());
+            p.push(be.upload("params", t.data()).map_err(|e| named(name, e))?);
+            g.push(be.zeros("grads", t.numel())?);
+            let moments = if model.params().trainable(id) {
+                t.numel()
+            } else {
+                0
+            };
+            m.push(be.zeros("adamw.m", moments)?);
+            v.push(be.zeros("adamw.v", moments)?);
+        }
+        let mut host = model.clone();
+        let biases = host.expert_biases();
+        let ids: Vec<_> = host.params().iter().map(|(id, _, _)| id).collect();
+        for id in ids {
+            if !biases.contains(&id) {
+                host.params_mut().release(id);
+            }
+        }
+        let layout = host.ctx(1, 1, 0.0).rope_layout;
+        let rope = be.rope_table(&host.rope, layout)?;
+        Ok(Self {
+            be,
+            model: host,
+            shapes,
+            p,
+            g,
+            m,
+            v,
+            rope,
+            adam_step: 0,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    /// The parameters copied back into a CPU model (the MoE biases from the host's copy).
+    pub fn to_model(&self) -> Result<Model<f32>> {
+        let mut out = self.model.clone();
+        let biases = out.expert_biases();
+        for (i, shape) in self.shapes.iter().enumerate() {
+            let id = out
+                .params()
+                .iter()
+                .nth(i)
+                .map(|(id, _, _)| id)
+                .ok_or_else(|| WorkerError::invalid("params", "layout changed"))?;
+            if biases.contains(&id) {
+                continue;
+            }
+            let data = self.be.download("params", &self.p[i])?;
+            out.params_mut()
+                .set(id, Tensor::new(shape.clone(), truncate(data, shape))?)?;
+        }
+        Ok(out)
+    }
+
+    /// The accumulated gradient of every parameter, on the host, in layout order.
+    pub fn gradients(&self) -> Result<Vec<Vec<f32>>> {
+        self.g
+            .iter()
+            .zip(&self.shapes)
+            .map(|(g, s)| Ok(truncate(self.be.download("grads", g)?, s)))
+            .collect()
+    }
+
+    /// Sets every gradient to zero.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        for (g, s) in self.g.iter_mut().zip(&self.shapes) {
+            *g = self.be.zeros("grads", s.iter().product())?;
+        }
+        Ok(())
+    }
+
+    fn check_ids(&self, b: &TokenBatch<'_>) -> Result<()> {
+        let vocab = self.model.config().vocab_size;
+        for (what, ids) in [("batch.inputs", b.inputs), ("batch.targets", b.targets)] {
+            if let Some((pos, id)) = ids.iter().enumerate().find(|(_, i)| **i as usize >= vocab) {
+                return Err(WorkerError::invalid(
+                    what,
+                    format!(
+                        "token {id} at position {pos} is not below the vocabulary size {vocab}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Losses of a forward pass only.
+    pub fn evaluate(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
+        Ok(self.forward(b, obj)?.out)
+    }
+
+    /// Forward and backward of a micro-batch: adds the gradients of `obj.loss_scale * loss`
+    /// into the gradient buffers and returns the losses.
+    pub fn forward_backward(&mut self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
+        let fwd = self.forward(b, obj)?;
+        let out = fwd.out.clone();
+        self.backward(fwd, b, obj)?;
+        Ok(out)
+    }
+
+    fn forward(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<Forward<B>> {
+        self.model.check_batch(b)?;
+        self.check_ids(b)?;
+        let model = &self.model;
+        let cfg = model.config();
+        let (be, hidden, vocab) = (&self.be, cfg.hidden_size, cfg.vocab_size);
+        let f = Fw {
+            be,
+            p: &self.p,
+            shapes: &self.shapes,
+            host: model.params(),
+        };
+        let ctx = model.ctx(b.batch, b.seq, obj.balance_alpha);
+        let t = ctx.tokens();
+        let (mut balance, mut loads) = (Vec::new(), Vec::new());
+        let ids = be.upload_ids("batch.inputs", b.inputs)?;
+        let mut h = be.embedding(&self.p[model.embed.index()], &ids, t, hidden)?;
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for blk in &model.blocks {
+            let (h2, s, st) = block_forward(&f, &self.rope, blk, h, &ctx)?;
+            if let Some(st) = st {
+                balance.push(st.balance);
+                loads.push(st.load);
+            }
+            blocks.push(s);
+            h = h2;
+        }
+        let hn = f.norm(&h, model.norm, t, ctx.eps)?;
+        let logits = f.lin(&hn, model.head, t)?;
+        let targets = be.upload_ids("batch.targets", b.targets)?;
+        let (main, count, ce) = be.cross_entropy(&logits, &targets, t, vocab)?;
+
+        let mut mtp: Vec<MtpSaved<B>> = Vec::with_capacity(model.mtp.len());
+        let mut mtp_losses = Vec::new();
+        for (k, m) in model.mtp.iter().enumerate() {
+            let depth = k + 1;
+            let len = b.seq - depth;
+            let prev_len = mtp.last().map_or(b.seq, |s| s.len);
+            let pick = |src: &[u32]| -> Vec<u32> {
+                (0..b.batch)
+                    .flat_map(|s| src[s * b.seq + depth..(s + 1) * b.seq].iter().copied())
+                    .collect()
+            };
+            let (ids_k, targets_k) = (pick(b.inputs), pick(b.targets));
+            let tk = b.batch * len;
+            let rows: Vec<u32> = (0..b.batch)
+                .flat_map(|s| (0..len).map(move |i| (s * prev_len + i) as u32))
+                .collect();
+            let prefix = be.upload_ids("mtp.rows", &rows)?;
+            let prev_src = mtp.last().map_or(&h, |s| &s.out);
+            let prev = be.gather_rows(prev_src, &prefix, tk, hidden, None)?;
+            let e = be.embedding(
+                &self.p[model.embed.index()],
+                &be.upload_ids("mtp.ids", &ids_k)?,
+                tk,
+                hidden,
+            )?;
+            let en = f.norm(&e, m.enorm, tk, ctx.eps)?;
+            let pn = f.norm(&prev, m.hnorm, tk, ctx.eps)?;
+            let mut cat = be.zeros("mtp.cat", tk * 2 * hidden)?;
+            f.put(
+                &en,
+                hidden,
+                &mut cat,
+                tk,
+                2 * hidden,
+                0,
+                0,
+                1,
+                hidden,
+                false,
+            )?;
+            f.put(
+                &pn,
+                hidden,
+                &mut cat,
+                tk,
+                2 * hidden,
+                hidden,
+                0,
+                1,
+                hidden,
+                false,
+            )?;
+            let hk = f.lin(&cat, m.eh_proj, tk)?;
+            let mctx = ctx.with_seq(len);
+            let (out, bs, st) = block_forward(&f, &self.rope, &m.block, hk, &mctx)?;
+            if let Some(st) = st {
+                balance.push(st.balance);
+                loads.push(st.load);
+            }
+            let hn_k = f.norm(&out, m.head_norm, tk, ctx.eps)?;
+            let logits_k = f.lin(&hn_k, model.head, tk)?;
+            let targets_up = be.upload_ids("mtp.targets", &targets_k)?;
+            let (loss_k, _, ce_k) = be.cross_entropy(&logits_k, &targets_up, tk, vocab)?;
+            mtp_losses.push(loss_k);
+            mtp.push(MtpSaved {
+                len,
+                prev_len,
+                ids: ids_k,
+                prefix,
+                e,
+                prev,
+                cat,
+                block: bs,
+                out,
+                hn: hn_k,
+                targets: targets_up,
+                logits: logits_k,
+                ce: ce_k,
+            });
+        }
+        let d = model.mtp.len().max(1) as f64;
+        let bsum: f64 = balance.iter().sum();
+        let out = StepOutput {
+            loss: main
+                + obj.mtp_lambda / d * mtp_losses.iter().sum::<f64>()
+                + obj.balance_alpha * bsum,
+            main_loss: main,
+            mtp_losses,
+            balance_loss: bsum,
+            expert_loads: loads,
+            tokens: count,
+        };
+        Ok(Forward {
+            blocks,
+            h,
+            hn,
+            logits,
+            targets,
+            ce,
+            mtp,
+            out,
+        })
+    }
+
+    fn backward(&mut self, fwd: Forward<B>, b: &TokenBatch<'_>, obj: &Objective) -> Result<()> {
+        let Self {
+            be,
+            model,
+            shapes,
+            p,
+            g,
+            rope,
+            ..
+        } = self;
+        let be: &B = be;
+        let cfg = model.config();
+        let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let mut w = Bw {
+            fw: Fw {
+                be,
+                p,
+                shapes,
+                host: model.params(),
+            },
+            g,
+        };
+        // The backward differentiates `loss_scale * loss`; the balance loss through its weight.
+        let ctx = model.ctx(b.batch, b.seq, obj.balance_alpha * obj.loss_scale);
+        let t = ctx.tokens();
+        let d = model.mtp.len().max(1) as f64;
+        let embed = model.embed.index();
+        let mut dprev: Option<B::Buf> = None;
+        for (m, s) in model.mtp.iter().zip(fwd.mtp).rev() {
+            let tk = b.batch * s.len;
+            let dlogits = be.cross_entropy_backward(
+                &s.logits,
+                &s.targets,
+                &s.ce,
+                tk,
+                vocab,
+                obj.loss_scale * obj.mtp_lambda / d,
+            )?;
+            let dhn = w.lin_b(&dlogits, &s.hn, model.head, tk)?;
+            let mut dout = w.norm_b(&dhn, &s.out, m.head_norm, tk, ctx.eps)?;
+            if let Some(gp) = dprev.take() {
+                be.add_into(&mut dout, &gp)?;
+            }
+            let mctx = ctx.with_seq(s.len);
+            let dhk = block_backward(&mut w, rope, &m.block, s.block, &dout, &mctx)?;
+            let dcat = w.lin_b(&dhk, &s.cat, m.eh_proj, tk)?;
+            let den = w.fw.take(&dcat, tk, 2 * hidden, 0, 0, 1, hidden)?;
+            let dpn = w.fw.take(&dcat, tk, 2 * hidden, hidden, 0, 1, hidden)?;
+            let de = w.norm_b(&den, &s.e, m.enorm, tk, ctx.eps)?;
+            let dprev_k = w.norm_b(&dpn, &s.prev, m.hnorm, tk, ctx.eps)?;
+            be.embedding_backward(&de, &s.ids, hidden, &mut w.g[embed])?;
+            let mut full = be.zeros("mtp.dprev", b.batch * s.prev_len * hidden)?;
+            be.scatter_add_rows(&dprev_k, &s.prefix, tk, hidden, None, &mut full)?;
+            dprev = Some(full);
+        }
+        let dlogits = be.cross_entropy_backward(
+            &fwd.logits,
+            &fwd.targets,
+            &fwd.ce,
+            t,
+            vocab,
+            obj.loss_scale,
+        )?;
+        let dhn = w.lin_b(&dlogits, &fwd.hn, model.head, t)?;
+        let mut dh = w.norm_b(&dhn, &fwd.h, model.norm, t, ctx.eps)?;
+        if let Some(gp) = dprev {
+            be.add_into(&mut dh, &gp)?;
+        }
+        for (blk, s) in model.blocks.iter().zip(fwd.blocks).rev() {
+            dh = block_backward(&mut w, rope, blk, s, &dh, &ctx)?;
+        }
+        be.embedding_backward(&dh, b.inputs, hidden, &mut w.g[embed])?;
+        Ok(())
+    }
+
+    /// One optimizer step on batch `b`: the gradients of every micro-batch, the global-norm
+    /// clipping, AdamW on every trainable parameter and the expert-bias update.
+    pub fn train_step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep> {
+        h.adamw.validate()?;
+        if h.adamw.bf16_moments {
+            return Err(WorkerError::invalid(
+                "bf16_moments",
+                "the device step keeps FP32 AdamW moments",
+            ));
+        }
+        self.zero_grads()?;
+        let micro = h.micro_batches.clamp(1, b.batch.max(1));
+        let parts = split_micro(b, micro)?;
+        let mut out = StepOutput::zero(self.model.mtp.len());
+        for (part, share) in &parts {
+            let o = Objective {
+                loss_scale: h.obj.loss_scale * share,
+                ..h.obj
+            };
+            let mo = self.forward_backward(part, &o)?;
+            if micro == 1 {
+                out = mo;
+            } else {
+                out.accumulate(mo, *share);
+            }
+        }
+        let trainable: Vec<(usize, bool)> = self
+            .model
+            .params()
+            .iter()
+            .filter(|(id, _, _)| self.model.params().trainable(*id))
+            .map(|(id, _, _)| (id.index(), self.model.params().decays(id)))
+            .collect();
+        let mut sq = 0.0;
+        for &(i, _) in &trainable {
+            sq += self.be.sum_sq(&self.g[i])?;
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(shoal_kernels::KernelError::NonFinite {
+                operand: "clip_grad_norm.grads",
+                index: 0,
+                value: grad_norm,
+            }
+            .into());
+        }
+        let clip = clip_coefficient(grad_norm, h.grad_clip)?;
+        self.adam_step += 1;
+        let no_decay = AdamWConfig {
+            weight_decay: 0.0,
+            ..h.adamw
+        };
+        for &(i, decays) in &trainable {
+            let c = if decays { &h.adamw } else { &no_decay };
+            let k = AdamCoeffs::new(c, h.lr, self.adam_step, clip);
+            let Self { be, p, g, m, v, .. } = self;
+            be.adamw(&mut p[i], &g[i], &mut m[i], &mut v[i], &k)?;
+        }
+        // Auxiliary-loss-free balancing: each bias moves by gamma against its expert's load.
+        let biases = self.model.expert_biases();
+        for (bias, load) in biases.iter().zip(&out.expert_loads) {
+            let total: usize = load.iter().sum();
+            let mean = total as f64 / load.len().max(1) as f64;
+            let bv = self.model.params_mut().get_mut(*bias);
+            for (v, &l) in bv.data_mut().iter_mut().zip(load) {
+                let l = l as f64;
+                if l > mean {
+                    *v -= h.gamma;
+                } else if l < mean {
+                    *v += h.gamma;
+                }
+            }
+        }
+        Ok(DeviceStep { out, grad_norm })
+    }
+}
+
+/// A downloaded buffer cut to its shape (a GPU allocates at least one element).
+fn truncate(mut v: Vec<f32>, shape: &[usize]) -> Vec<f32> {
+    v.truncate(shape.iter().product());
+    v
+}
+
+fn named(name: &str, e: shoal_kernels::KernelError) -> WorkerError {
+    WorkerError::invalid(name, e.to_string())
+}
