@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA path's device check, for a machine with an NVIDIA GPU (the `device` tool's H200, or any
-# CUDA machine): the GPU conformance tests (kernels/tests/gpu.rs), the NVRTC compile tests, and the
-# GPU benchmarks (kernels/examples/gpu_bench.rs), with logs and a JSON report written to OUT_DIR.
+# CUDA machine): the GPU conformance tests (kernels/tests/gpu.rs), the NVRTC compile tests, the
+# device step against the CPU model (worker/tests/device_step_gpu.rs), and the GPU benchmarks
+# (kernels/examples/gpu_bench.rs, worker/examples/device_step.rs: tiny-model tokens/s against the
+# CPU), with logs and JSON reports written to OUT_DIR.
 #
 #   scripts/gpu-check.sh OUT_DIR            builds with cargo on the GPU machine, then runs
 #   scripts/gpu-check.sh OUT_DIR BIN_DIR    runs binaries built elsewhere by
@@ -44,6 +46,8 @@ fi
 status=0
 "$bins/nvrtc" --test-threads=1 2>&1 | tee "$out/nvrtc-tests.log" || status=1
 "$bins/gpu" --test-threads=1 2>&1 | tee "$out/gpu-tests.log" || status=1
+"$bins/device_step_gpu" --test-threads=1 2>&1 | tee "$out/device-step-tests.log" || status=1
 "$bins/gpu_bench" "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log" || status=1
+"$bins/device_step" --backend cuda --json "$out/device-step.json" 2>&1 | tee "$out/device-step.log" || status=1
 echo "exit $status" | tee "$out/status.txt"
 exit "$status"

@@ -76,6 +76,7 @@ pub fn one_pass_matches_the_cpu_model<B: Backend>(
     );
     assert_eq!(got.tokens, want.tokens);
     assert_eq!(got.expert_loads.len(), want.expert_loads.len());
+    let mut moved = 0;
     for (g, w) in got.expert_loads.iter().zip(&want.expert_loads) {
         assert_eq!(
             g.iter().sum::<usize>(),
@@ -85,6 +86,18 @@ pub fn one_pass_matches_the_cpu_model<B: Backend>(
         if tol.same_routing {
             assert_eq!(g, w, "{what}: expert loads");
         }
+        moved += g.iter().zip(w).map(|(a, b)| a.abs_diff(*b)).sum::<usize>() / 2;
+    }
+    if moved > 0 {
+        // A near-tie in the router went the other way for a few tokens: their outputs, and so
+        // every gradient, differ by more than rounding. Few may move, and the losses above held.
+        let routed: usize = want.expert_loads.iter().flatten().sum();
+        assert!(
+            moved * 200 <= routed,
+            "{what}: {moved} of {routed} routes differ from the cpu"
+        );
+        eprintln!("{what}: {moved} of {routed} routes differ from the cpu; gradients not compared");
+        return;
     }
     let dg = dev.gradients().unwrap();
     assert_eq!(dg.len(), model.params().iter().count());
