@@ -503,8 +503,8 @@ pub fn worker(args: &WorkerArgs) -> Result<()> {
         .iter()
         .any(|d| d.kind == shoal_worker::devices::DeviceKind::Cuda)
     {
-        tracing::warn!(
-            "gpus registered; this version still runs a job's model on the cpu path (the gpu kernels are used by the kernel tests and benchmarks)"
+        tracing::info!(
+            "gpus registered: an fp32 job with one data-parallel rank on this node trains on its rank's gpu; other jobs train on the cpu (each says why)"
         );
     }
     let device_count = offered.devices.len() as u32;

@@ -255,8 +255,10 @@ fn cross_node_mesh(
 /// Runs one assignment on a dedicated thread, reporting through `out`; `stop` revokes it
 /// (between steps, and at once for waits on other nodes' frames). The thread first waits for
 /// `previous`, an earlier attempt of the same job on this node, to end.
+#[allow(clippy::too_many_arguments)]
 fn start_job(
     a: pb::Assignment,
+    gpu: Option<usize>,
     node: String,
     metrics: crate::metrics::AgentMetrics,
     acceptor: Option<crate::comm::tcp::Acceptor>,
@@ -331,6 +333,7 @@ fn start_job(
             });
             let options = crate::job::RunOptions {
                 restore: (attempt > 0).then(|| a.restore_step.unwrap_or(u64::MAX)),
+                gpu,
             };
             let result = crate::job::run_with(&spec, mesh, options, |ev| {
                 let mut s = status(&job_id, attempt, pb::JobState::Running);
@@ -639,8 +642,16 @@ impl Agent {
                     old.thread
                 });
                 let (id, attempt) = (a.job_id.clone(), a.attempt);
+                // The GPU of this node's (first) rank, if it is one.
+                let gpu = a
+                    .ranks
+                    .first()
+                    .and_then(|r| self.cfg.devices.get(r.device as usize))
+                    .filter(|d| d.kind == crate::devices::DeviceKind::Cuda)
+                    .and_then(|d| d.ordinal);
                 let thread = start_job(
                     a,
+                    gpu,
                     self.cfg.node.clone(),
                     self.cfg.metrics.clone(),
                     self.acceptor.clone(),

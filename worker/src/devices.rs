@@ -37,6 +37,8 @@ pub struct Device {
     pub compute_capability: Option<(i32, i32)>,
     /// Indices (among this node's offered devices) reached over NVLink.
     pub nvlink_peers: Vec<u32>,
+    /// The CUDA ordinal of a GPU (`None` for a CPU share).
+    pub ordinal: Option<usize>,
 }
 
 impl Device {
@@ -48,6 +50,7 @@ impl Device {
             memory_bytes: 0,
             compute_capability: None,
             nvlink_peers: Vec::new(),
+            ordinal: None,
         }
     }
 }
@@ -167,6 +170,7 @@ fn cuda_devices(req: &DeviceRequest) -> std::result::Result<Vec<Device>, CudaMis
                     .iter()
                     .filter_map(|p| chosen.iter().position(|c| c == p).map(|i| i as u32))
                     .collect(),
+                ordinal: Some(o),
             }
         })
         .collect())

@@ -271,6 +271,10 @@ pub struct RunOptions {
     /// same step, so all restore the same checkpoint; `u64::MAX` takes the newest). Without
     /// one (or with `None`), start as the spec says.
     pub restore: Option<u64>,
+    /// The CUDA GPU (ordinal) to train on. The run trains there when it is eligible
+    /// ([`Trainer::device_eligibility`]) and on the CPU otherwise, with a warning saying why;
+    /// failing to open the GPU fails the run with the typed error. `None`: the CPU.
+    pub gpu: Option<usize>,
 }
 
 /// What a run tells its caller as it goes.
@@ -328,6 +332,29 @@ pub fn run_on(
 
 /// Keeps the lines of `metrics.jsonl` of steps up to `step` (a run that goes back to a
 /// checkpoint redoes the later ones).
+/// Puts the trainer's steps on GPU `ordinal` when the run is eligible; warns and leaves them on
+/// the CPU otherwise.
+fn attach_gpu(trainer: &mut Trainer, ordinal: usize) -> Result<()> {
+    if let Some(why) = trainer.device_eligibility() {
+        tracing::warn!(gpu = ordinal, reason = %why, "training on the cpu, not the gpu");
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let gpu = shoal_kernels::cuda::Gpu::open(ordinal)?;
+        let device = crate::model::device::DeviceModel::new(gpu, trainer.model())?;
+        trainer.attach_device(Box::new(device))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        tracing::warn!(
+            gpu = ordinal,
+            "this build has no CUDA support (rebuild with --features cuda); training on the cpu"
+        );
+        Ok(())
+    }
+}
+
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -387,6 +414,9 @@ pub fn run_with(
         Some(dir) => resume_trainer(spec, dir, mesh, false)?,
         None => trainer_for_on(spec, mesh)?,
     };
+    if let Some(ordinal) = run.gpu {
+        attach_gpu(&mut trainer, ordinal)?;
+    }
     let ckpt = out.join("checkpoint");
     let metrics_path = out.join("metrics.jsonl");
     if writes {
@@ -629,5 +659,55 @@ mod tests {
         wide.parallelism.ep = 3;
         let e = trainer_for(&wide).err().unwrap().to_string();
         assert!(e.contains("ep"), "{e}");
+    }
+
+    fn gpu_spec(dir: &Path) -> JobSpec {
+        let text = format!(
+            "name = \"g\"\nprecision = \"fp32\"\n[training]\nsteps = 2\nseq_len = 32\nbatch = 2\n[parallelism]\nmicro_batches = 1\n[checkpointing]\ndir = \"{}\"",
+            dir.display()
+        );
+        JobSpec::from_toml(&text, "g.toml").unwrap()
+    }
+
+    fn run_on_gpu(spec: &JobSpec) -> Result<RunEnd> {
+        let opts = RunOptions {
+            restore: None,
+            gpu: Some(0),
+        };
+        run_with(spec, None, opts, |_| true)
+    }
+
+    /// Without CUDA support in the build, a run placed on a GPU trains on the CPU (warning why).
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn devices_a_gpu_run_in_a_build_without_cuda_trains_on_the_cpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let RunEnd::Finished(s) = run_on_gpu(&gpu_spec(dir.path())).unwrap() else {
+            panic!("the run stopped early")
+        };
+        assert_eq!(s.steps, 2);
+    }
+
+    /// With CUDA support but no usable GPU, a run placed on one fails with the typed error that
+    /// names the missing library (what the agent reports to the coordinator); an ineligible run
+    /// trains on the CPU.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn devices_a_gpu_run_without_a_gpu_fails_with_the_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = gpu_spec(dir.path());
+        if shoal_kernels::cuda::driver_present() {
+            // A machine with a driver: the run trains on its GPU.
+            assert!(matches!(run_on_gpu(&spec).unwrap(), RunEnd::Finished(_)));
+        } else {
+            let e = run_on_gpu(&spec).unwrap_err().to_string();
+            assert!(
+                e.contains("cuda unavailable") && e.contains("libcuda"),
+                "{e}"
+            );
+        }
+        let mut fp8 = spec.clone();
+        fp8.precision = shoal_spec::job::Precision::Fp8;
+        assert!(matches!(run_on_gpu(&fp8).unwrap(), RunEnd::Finished(_)));
     }
 }

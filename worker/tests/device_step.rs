@@ -2,6 +2,8 @@
 //! `common/device.rs`, which `device_step_gpu.rs` runs on a GPU. On the host the operators are
 //! the CPU model's own, so the forward pass routes identically and the losses agree to rounding.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::device::{
@@ -29,4 +31,120 @@ fn one_pass_of_the_tiny_preset_matches_the_cpu_model() {
 #[test]
 fn three_training_steps_match_the_cpu_trainer() {
     training_steps_match_the_cpu_trainer(Host, 3, HOST);
+}
+
+fn host_trainer(
+    precision: shoal_kernels::ops::linear::Precision,
+    steps: u64,
+) -> shoal_worker::train::Trainer {
+    let o = common::opts(precision, steps, 1, 1, 2);
+    common::trainer(precision, o, 9)
+}
+
+fn attach_host(t: &mut shoal_worker::train::Trainer) {
+    let dev = shoal_worker::model::device::DeviceModel::new(Host, t.model()).unwrap();
+    t.attach_device(Box::new(dev)).unwrap();
+}
+
+/// A trainer with a device attached steps on the device and keeps its host model, expert biases
+/// and optimizer state as the CPU trainer does: the same losses, and the same weights after.
+#[test]
+fn a_trainer_with_a_device_attached_trains_as_the_cpu_trainer_does() {
+    use shoal_kernels::ops::linear::Precision;
+    let mut cpu = host_trainer(Precision::Fp32, 4);
+    let mut dev = host_trainer(Precision::Fp32, 4);
+    attach_host(&mut dev);
+    assert!(dev.device().unwrap().starts_with("cpu"));
+    for _ in 0..4 {
+        let (a, b) = (cpu.train_step().unwrap(), dev.train_step().unwrap());
+        assert_eq!(a.step, b.step);
+        assert!(
+            common::rel(b.loss, a.loss) < 1e-6,
+            "loss {} vs {}",
+            b.loss,
+            a.loss
+        );
+        assert_eq!(a.expert_loads, b.expert_loads);
+        assert_eq!(a.lr, b.lr);
+    }
+    for ((_, name, a), (_, _, b)) in cpu.model().params().iter().zip(dev.model().params().iter()) {
+        let worst = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst < 1e-5, "{name} differs by {worst:e}");
+    }
+}
+
+/// A device run checkpoints its host state; resumed (on the device again) it continues to the
+/// same losses and weights as the run that never stopped.
+#[test]
+fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
+    use shoal_kernels::ops::linear::Precision;
+    use shoal_worker::train::Trainer;
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let mut straight = host_trainer(Precision::Fp32, 6);
+    attach_host(&mut straight);
+    let losses: Vec<f64> = (0..6)
+        .map(|_| straight.train_step().unwrap().loss)
+        .collect();
+    let mut first = host_trainer(Precision::Fp32, 6);
+    attach_host(&mut first);
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    first.save_checkpoint(&ckpt).unwrap();
+    drop(first);
+    let opts = Trainer::read_state(&ckpt).unwrap().options;
+    let mut resumed = Trainer::resume(&ckpt, common::batcher(9), opts).unwrap();
+    attach_host(&mut resumed);
+    let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
+    assert_eq!(tail, losses[3..]);
+    for ((_, name, a), (_, _, b)) in straight
+        .model()
+        .params()
+        .iter()
+        .zip(resumed.model().params().iter())
+    {
+        assert_eq!(a, b, "{name} differs after resume");
+    }
+}
+
+/// Runs the device step does not cover are refused by name, and the trainer stays on the CPU.
+#[test]
+fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
+    use shoal_kernels::ops::linear::Precision;
+    for (t, why) in [
+        (host_trainer(Precision::Fp8, 2), "fp8 precision"),
+        (
+            common::trainer(
+                Precision::Fp32,
+                common::opts(Precision::Fp32, 2, 2, 1, 1),
+                9,
+            ),
+            "2 data-parallel ranks",
+        ),
+    ] {
+        let mut t = t;
+        assert_eq!(
+            t.device_eligibility().as_deref().map(|s| s.contains(why)),
+            Some(true)
+        );
+        let model =
+            shoal_worker::model::Model::<f32>::new(&common::small_cfg(), Precision::Fp32, 9)
+                .unwrap();
+        let dev = shoal_worker::model::device::DeviceModel::new(Host, &model).unwrap();
+        let e = t.attach_device(Box::new(dev)).unwrap_err().to_string();
+        assert!(e.contains("device") && e.contains(why), "{e}");
+        assert!(t.device().is_none());
+        t.train_step().unwrap();
+    }
+    let fp8 =
+        shoal_worker::model::Model::<f32>::new(&common::small_cfg(), Precision::Fp8, 9).unwrap();
+    let e = shoal_worker::model::device::DeviceModel::new(Host, &fp8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("precision") && e.contains("fp32"), "{e}");
 }

@@ -33,14 +33,19 @@ fn go_from(
     stop_after: Option<u64>,
 ) -> (u64, Option<Vec<u8>>) {
     let mut start = u64::MAX;
-    let end = run_with(spec, None, RunOptions { restore }, |ev| match ev {
-        RunEvent::Started { step, .. } => {
-            start = step;
-            true
-        }
-        RunEvent::Step(m) => stop_after.is_none_or(|s| m.step < s),
-        _ => true,
-    })
+    let end = run_with(
+        spec,
+        None,
+        RunOptions { restore, gpu: None },
+        |ev| match ev {
+            RunEvent::Started { step, .. } => {
+                start = step;
+                true
+            }
+            RunEvent::Step(m) => stop_after.is_none_or(|s| m.step < s),
+            _ => true,
+        },
+    )
     .unwrap();
     let weights = match end {
         RunEnd::Finished(s) => {

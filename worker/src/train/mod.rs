@@ -2,6 +2,7 @@
 //! gradient clipping, a warmup-then-cosine learning-rate schedule, and the auxiliary-loss-free
 //! expert-bias update after every step.
 
+pub mod device;
 mod dp;
 mod gather;
 pub mod snapshot;
@@ -348,6 +349,8 @@ pub struct Trainer {
     batcher: Batcher,
     opts: TrainOptions,
     step: u64,
+    /// Where the steps run when not on the CPU replicas (see `device.rs`).
+    device: Option<Box<dyn device::DeviceStepper>>,
 }
 
 /// MaxVio of a load vector: `max / mean - 1` (0 for an empty layer).
@@ -521,6 +524,7 @@ impl Trainer {
             batcher,
             opts,
             step: 0,
+            device: None,
         })
     }
 
@@ -781,6 +785,9 @@ impl Trainer {
 
     /// Runs one optimizer step on the next batch.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        if self.device.is_some() {
+            return self.device_train_step();
+        }
         let t0 = Instant::now();
         let _span = tracing::debug_span!("step", step = self.step + 1).entered();
         let batch = self.batcher.next_batch();

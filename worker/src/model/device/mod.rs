@@ -16,6 +16,7 @@ use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, clip_coefficient};
 use shoal_kernels::ops::linear::Precision;
 
 use self::layers::{BlockSaved, Bw, Fw, block_backward, block_forward};
+use super::params::ParamId;
 use super::{Model, Objective, StepOutput, TokenBatch, split_micro};
 use crate::{Result, WorkerError};
 
@@ -162,22 +163,76 @@ impl<B: Backend> DeviceModel<B> {
     /// The parameters copied back into a CPU model (the MoE biases from the host's copy).
     pub fn to_model(&self) -> Result<Model<f32>> {
         let mut out = self.model.clone();
-        let biases = out.expert_biases();
-        for (i, shape) in self.shapes.iter().enumerate() {
-            let id = out
-                .params()
-                .iter()
-                .nth(i)
-                .map(|(id, _, _)| id)
-                .ok_or_else(|| WorkerError::invalid("params", "layout changed"))?;
-            if biases.contains(&id) {
+        self.params_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Copies every parameter into `model` (which must have this model's layout): the weights
+    /// from the backend, the MoE biases from the host's copy.
+    pub fn params_into(&self, model: &mut Model<f32>) -> Result<()> {
+        let ids: Vec<_> = model.params().iter().map(|(id, _, _)| id).collect();
+        if ids.len() != self.shapes.len() {
+            return Err(WorkerError::invalid(
+                "params",
+                format!(
+                    "{} parameters, the device holds {}",
+                    ids.len(),
+                    self.shapes.len()
+                ),
+            ));
+        }
+        let biases = self.model.expert_biases();
+        for (id, shape) in ids.into_iter().zip(&self.shapes) {
+            let t = if biases.contains(&id) {
+                self.model.params().get(id).clone()
+            } else {
+                let data = self.be.download("params", &self.p[id.index()])?;
+                Tensor::new(shape.clone(), truncate(data, shape))?
+            };
+            model.params_mut().set(id, t)?;
+        }
+        Ok(())
+    }
+
+    /// The AdamW steps taken, and the FP32 moments `(m, v)` of every trainable parameter.
+    #[allow(clippy::type_complexity)]
+    pub fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)> {
+        let mut out = Vec::new();
+        for (id, _, _) in self.model.params().iter() {
+            if !self.model.params().trainable(id) {
                 continue;
             }
-            let data = self.be.download("params", &self.p[i])?;
-            out.params_mut()
-                .set(id, Tensor::new(shape.clone(), truncate(data, shape))?)?;
+            let n: usize = self.shapes[id.index()].iter().product();
+            let mut m = self.be.download("adamw.m", &self.m[id.index()])?;
+            let mut v = self.be.download("adamw.v", &self.v[id.index()])?;
+            m.truncate(n);
+            v.truncate(n);
+            out.push((id, m, v));
         }
-        Ok(out)
+        Ok((self.adam_step, out))
+    }
+
+    /// Replaces the AdamW state (a resumed run's): the steps taken and each trainable
+    /// parameter's FP32 moments.
+    pub fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()> {
+        for (id, m, v) in moments {
+            let n: usize = self.shapes[id.index()].iter().product();
+            if m.len() != n || v.len() != n || !self.model.params().trainable(*id) {
+                return Err(WorkerError::invalid(
+                    "adamw.state",
+                    format!(
+                        "{}: moments of {} and {} for {n} trained values",
+                        self.model.params().name(*id),
+                        m.len(),
+                        v.len()
+                    ),
+                ));
+            }
+            self.m[id.index()] = self.be.upload("adamw.m", m)?;
+            self.v[id.index()] = self.be.upload("adamw.v", v)?;
+        }
+        self.adam_step = step;
+        Ok(())
     }
 
     /// The accumulated gradient of every parameter, on the host, in layout order.

@@ -1,0 +1,184 @@
+//! Training on a compute backend. A [`Trainer`] with a device attached runs each step's forward,
+//! backward, clipping, AdamW and bias update on the device ([`DeviceModel`]); after every step
+//! the parameters, expert biases and AdamW moments are copied back into the trainer's host model
+//! and optimizer state, so checkpoints, resumption and every report read them unchanged (and a
+//! run resumed on the CPU, or on another device, continues from the same state).
+//!
+//! Which runs can: one data-parallel rank in this process, no pipeline or expert parallelism,
+//! FP32 weights with FP32 AdamW moments ([`Trainer::device_eligibility`] says why not).
+
+use std::time::Instant;
+
+use shoal_kernels::backend::Backend;
+use shoal_kernels::ops::adamw::{AdamWState, Moments};
+use shoal_kernels::ops::linear::Precision;
+
+use super::{StepMetrics, Trainer, max_violation};
+use crate::model::device::{DeviceModel, DeviceStep, StepHyper};
+use crate::model::params::ParamId;
+use crate::model::{Model, TokenBatch};
+use crate::{Result, WorkerError};
+
+/// A model whose steps run on a compute backend (object-safe over the backend type).
+pub trait DeviceStepper: Send {
+    /// What computes.
+    fn describe(&self) -> String;
+    /// One optimizer step.
+    fn step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep>;
+    /// Copies the parameters into `model`.
+    fn params_into(&self, model: &mut Model<f32>) -> Result<()>;
+    /// The AdamW steps taken and every trainable parameter's `(m, v)`.
+    #[allow(clippy::type_complexity)]
+    fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)>;
+    /// Replaces the AdamW state.
+    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()>;
+}
+
+impl<B: Backend + 'static> DeviceStepper for DeviceModel<B> {
+    fn describe(&self) -> String {
+        self.backend().describe()
+    }
+
+    fn step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep> {
+        self.train_step(b, h)
+    }
+
+    fn params_into(&self, model: &mut Model<f32>) -> Result<()> {
+        DeviceModel::params_into(self, model)
+    }
+
+    fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)> {
+        DeviceModel::moments(self)
+    }
+
+    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()> {
+        DeviceModel::set_moments(self, step, moments)
+    }
+}
+
+impl Trainer {
+    /// Why this run cannot train on a device (`None`: it can).
+    pub fn device_eligibility(&self) -> Option<String> {
+        let o = &self.opts;
+        if self.devices() != 1 || o.dp != 1 {
+            return Some(format!(
+                "{} data-parallel ranks: the device step runs one",
+                o.dp.max(self.devices())
+            ));
+        }
+        if o.pipeline.is_some() {
+            return Some("pipeline parallelism runs on the cpu path".into());
+        }
+        if o.ep != 1 {
+            return Some("expert parallelism runs on the cpu path".into());
+        }
+        let p = self.model().precision();
+        if p != Precision::Fp32 {
+            return Some(format!(
+                "{} precision: the device step computes in fp32",
+                super::state::precision_name(p)
+            ));
+        }
+        if o.bf16_moments {
+            return Some("bf16 adamw moments: the device step keeps fp32 moments".into());
+        }
+        None
+    }
+
+    /// Trains every following step on `device` (made from this trainer's current model), after
+    /// giving it this trainer's optimizer state. Fails, leaving the trainer on the CPU, when the
+    /// run is not eligible (see [`Self::device_eligibility`]).
+    pub fn attach_device(&mut self, mut device: Box<dyn DeviceStepper>) -> Result<()> {
+        if let Some(why) = self.device_eligibility() {
+            return Err(WorkerError::invalid("device", why));
+        }
+        let states = self.param_moments()?;
+        let step = states.first().map_or(0, |(_, s)| s.step);
+        let mut moments = Vec::with_capacity(states.len());
+        for (id, s) in &states {
+            match &s.moments {
+                Moments::F32 { m, v } => moments.push((*id, m.as_slice(), v.as_slice())),
+                Moments::Bf16 { .. } => {
+                    return Err(WorkerError::invalid(
+                        "device",
+                        "bf16 adamw moments: the device step keeps fp32 moments",
+                    ));
+                }
+            }
+        }
+        device.set_moments(step, &moments)?;
+        tracing::info!(device = %device.describe(), step = self.step, "training on the device");
+        self.device = Some(device);
+        Ok(())
+    }
+
+    /// What computes this trainer's steps, when a device does.
+    pub fn device(&self) -> Option<String> {
+        self.device.as_ref().map(|d| d.describe())
+    }
+
+    /// [`Trainer::train_step`] on the attached device.
+    pub(super) fn device_train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let _span = tracing::debug_span!("step", step = self.step + 1).entered();
+        let batch = self.batcher.next_batch();
+        let tb = TokenBatch {
+            batch: batch.batch,
+            seq: batch.seq_len,
+            inputs: &batch.inputs,
+            targets: &batch.targets,
+        };
+        let h = self.opts.step_hyper(self.step);
+        let device = self
+            .device
+            .as_mut()
+            .ok_or_else(|| WorkerError::invalid("device", "no device attached"))?;
+        let r = device.step(&tb, &h)?;
+        // The host copy: parameters, biases and moments, as the CPU path would hold them.
+        let sync = tracing::debug_span!("device.sync").entered();
+        device.params_into(&mut self.replicas[0].model)?;
+        let (steps, moments) = device.moments()?;
+        let states: Vec<(ParamId, AdamWState)> = moments
+            .into_iter()
+            .map(|(id, m, v)| {
+                (
+                    id,
+                    AdamWState {
+                        moments: Moments::F32 { m, v },
+                        step: steps,
+                    },
+                )
+            })
+            .collect();
+        self.set_param_moments(&states)?;
+        drop(sync);
+        self.step += 1;
+        let out = r.out;
+        let mtp = if out.mtp_losses.is_empty() {
+            0.0
+        } else {
+            out.mtp_losses.iter().sum::<f64>() / out.mtp_losses.len() as f64
+        };
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.step,
+            loss: out.loss,
+            main_loss: out.main_loss,
+            mtp_loss: mtp,
+            balance_loss: out.balance_loss,
+            grad_norm: r.grad_norm,
+            lr: h.lr,
+            max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
+            expert_loads: out.expert_loads,
+            bubble_s: 0.0,
+            tokens: out.tokens,
+            seconds,
+            busy_s: seconds,
+            bytes_sent: 0,
+            comm: Default::default(),
+            exposed_comm_s: 0.0,
+            max_target_nodes: 0,
+            wire_s: 0.0,
+        })
+    }
+}
