@@ -572,3 +572,220 @@ fn zero1_collectives_through_nccl_on_every_local_gpu() {
         );
     }
 }
+
+/// The GPU backend, operation by operation, against the CPU reference backend on the same inputs
+/// (what the device step is built from: a wrong transposition, stride or offset shows here
+/// before it shows in a loss).
+#[test]
+fn the_gpu_backend_matches_the_host_backend_op_by_op() {
+    use shoal_kernels::backend::{AttnDims, Backend, ColCopy, Gemm, Host};
+    use shoal_kernels::ops::rope::{RopeLayout, RopeTable};
+    let g = gpu();
+    let h = Host;
+    let mut rng = StdRng::seed_from_u64(41);
+    let up = |x: &[f32]| g.upload("x", x).unwrap();
+    let down = |x: &cudarc::driver::CudaSlice<f32>| Backend::download(&g, "x", x).unwrap();
+    let check = |got: &[f32], want: &[f32], tol: f32, what: &str| {
+        close(&got[..want.len()], want, tol, what);
+    };
+    // GEMMs in the three forms a linear layer uses, and accumulation.
+    let (m, n, k) = (37, 45, 70);
+    for gm in [
+        Gemm::forward(m, n, k),
+        Gemm::input_grad(m, k, n),
+        Gemm::weight_grad(k, m, n),
+    ] {
+        let a = randn(&mut rng, gm.m * gm.k, 1.0);
+        let b = randn(&mut rng, gm.k * gm.n, 1.0);
+        let c0 = randn(&mut rng, gm.m * gm.n, 1.0);
+        let want = h.gemm(&a, &b, gm).unwrap();
+        check(
+            &down(&g.gemm(&up(&a), &up(&b), gm).unwrap()),
+            &want,
+            1e-4,
+            &format!("{gm:?}"),
+        );
+        let mut wc = c0.clone();
+        h.gemm_acc(&a, &b, &mut wc, gm).unwrap();
+        let mut gc = up(&c0);
+        g.gemm_acc(&up(&a), &up(&b), &mut gc, gm).unwrap();
+        check(&down(&gc), &wc, 1e-4, "gemm_acc");
+    }
+    // Norms, activations, RoPE.
+    let (rows, d) = (19, 96);
+    let x = randn(&mut rng, rows * d, 1.0);
+    let w = randn(&mut rng, d, 1.0);
+    let dy = randn(&mut rng, rows * d, 1.0);
+    check(
+        &down(&g.rmsnorm(&up(&x), &up(&w), rows, d, 1e-6).unwrap()),
+        &h.rmsnorm(&x, &w, rows, d, 1e-6).unwrap(),
+        1e-5,
+        "rmsnorm",
+    );
+    let mut hdw = vec![0.5f32; d];
+    let hdx = h
+        .rmsnorm_backward(&dy, &x, &w, rows, d, 1e-6, &mut hdw)
+        .unwrap();
+    let mut gdw = up(&vec![0.5f32; d]);
+    let gdx = g
+        .rmsnorm_backward(&up(&dy), &up(&x), &up(&w), rows, d, 1e-6, &mut gdw)
+        .unwrap();
+    check(&down(&gdx), &hdx, 1e-4, "rmsnorm dx");
+    check(&down(&gdw), &hdw, 1e-4, "rmsnorm dw");
+    check(
+        &down(&g.swiglu(&up(&x), &up(&dy)).unwrap()),
+        &h.swiglu(&x, &dy).unwrap(),
+        1e-5,
+        "swiglu",
+    );
+    let (hg, hu) = h.swiglu_backward(&x, &dy, &w.repeat(rows)).unwrap();
+    let (gg, gu) = Backend::swiglu_backward(&g, &up(&x), &up(&dy), &up(&w.repeat(rows))).unwrap();
+    check(&down(&gg), &hg, 1e-5, "swiglu dg");
+    check(&down(&gu), &hu, 1e-5, "swiglu du");
+    let table = RopeTable::new(16, 64, 10_000.0).unwrap();
+    for layout in [RopeLayout::Interleaved, RopeLayout::HalfSplit] {
+        let (ht, gt) = (
+            h.rope_table(&table, layout).unwrap(),
+            g.rope_table(&table, layout).unwrap(),
+        );
+        let xr = randn(&mut rng, 2 * 9 * 3 * 16, 1.0);
+        for inverse in [false, true] {
+            let want = h.rope(&xr, &ht, [2, 9, 3, 16], inverse).unwrap();
+            check(
+                &down(&Backend::rope(&g, &up(&xr), &gt, [2, 9, 3, 16], inverse).unwrap()),
+                &want,
+                1e-5,
+                "rope",
+            );
+        }
+    }
+    // Attention.
+    let ad = AttnDims {
+        batch: 2,
+        seq: 23,
+        heads: 3,
+        dk: 48,
+        dv: 32,
+        scale: 0.15,
+    };
+    let nq = ad.batch * ad.seq * ad.heads;
+    let (q, kk, v, dout) = (
+        randn(&mut rng, nq * ad.dk, 0.5),
+        randn(&mut rng, nq * ad.dk, 0.5),
+        randn(&mut rng, nq * ad.dv, 1.0),
+        randn(&mut rng, nq * ad.dv, 1.0),
+    );
+    let (ho, hl) = h.attention(&q, &kk, &v, ad).unwrap();
+    let (go, gl) = g.attention(&up(&q), &up(&kk), &up(&v), ad).unwrap();
+    check(&down(&go), &ho, 1e-4, "attention out");
+    check(&down(&gl), &hl, 1e-4, "attention lse");
+    let (hq, hk, hv) = h
+        .attention_backward(&dout, &q, &kk, &v, &ho, &hl, ad)
+        .unwrap();
+    let (gq, gk, gv) = g
+        .attention_backward(&up(&dout), &up(&q), &up(&kk), &up(&v), &go, &gl, ad)
+        .unwrap();
+    check(&down(&gq), &hq, 1e-3, "attention dq");
+    check(&down(&gk), &hk, 1e-3, "attention dk");
+    check(&down(&gv), &hv, 1e-3, "attention dv");
+    // Embeddings and cross-entropy.
+    let (vocab, nt) = (50usize, 33usize);
+    let tab = randn(&mut rng, vocab * d, 1.0);
+    let ids: Vec<u32> = (0..nt).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let gids = g.upload_ids("ids", &ids).unwrap();
+    check(
+        &down(&g.embedding(&up(&tab), &gids, nt, d).unwrap()),
+        &h.embedding(&tab, &ids, nt, d).unwrap(),
+        0.0,
+        "embedding",
+    );
+    let dye = randn(&mut rng, nt * d, 1.0);
+    let mut hdt = vec![0f32; vocab * d];
+    h.embedding_backward(&dye, &ids, d, &mut hdt).unwrap();
+    let mut gdt = up(&vec![0f32; vocab * d]);
+    g.embedding_backward(&up(&dye), &ids, d, &mut gdt).unwrap();
+    check(&down(&gdt), &hdt, 1e-6, "embedding backward");
+    let logits = randn(&mut rng, nt * vocab, 2.0);
+    let (hl, hc, hce) = h.cross_entropy(&logits, &ids, nt, vocab).unwrap();
+    let (gl2, gc, gce) = g.cross_entropy(&up(&logits), &gids, nt, vocab).unwrap();
+    assert_eq!(hc, gc);
+    assert!(
+        (hl - gl2).abs() < 1e-5 * hl.abs().max(1.0),
+        "cross-entropy {gl2} vs {hl}"
+    );
+    let hd = h
+        .cross_entropy_backward(&logits, &ids, &hce, nt, vocab, 0.7)
+        .unwrap();
+    let gd =
+        Backend::cross_entropy_backward(&g, &up(&logits), &gids, &gce, nt, vocab, 0.7).unwrap();
+    check(&down(&gd), &hd, 1e-5, "cross-entropy backward");
+    // Copies, gathers, scatters, dots, sums, AdamW.
+    let cc = ColCopy {
+        rows: 5,
+        groups: 3,
+        width: 4,
+        src_ld: 30,
+        src_off: 2,
+        src_gs: 9,
+        dst_ld: 20,
+        dst_off: 1,
+        dst_gs: 6,
+        accumulate: true,
+    };
+    let (src, dst) = (randn(&mut rng, 150, 1.0), randn(&mut rng, 100, 1.0));
+    let mut hdst = dst.clone();
+    h.copy_cols(&src, &mut hdst, cc).unwrap();
+    let mut gdst = up(&dst);
+    g.copy_cols(&up(&src), &mut gdst, cc).unwrap();
+    check(&down(&gdst), &hdst, 0.0, "copy_cols");
+    let rowsrc = randn(&mut rng, 12 * d, 1.0);
+    let idx: Vec<u32> = vec![3, 11, 0, 7];
+    let sc = vec![0.5f32, -1.0, 2.0, 0.25];
+    let (gidx, gsc) = (g.upload_ids("idx", &idx).unwrap(), up(&sc));
+    let hgat = h.gather_rows(&rowsrc, &idx, 4, d, Some(&sc)).unwrap();
+    let ggat = g
+        .gather_rows(&up(&rowsrc), &gidx, 4, d, Some(&gsc))
+        .unwrap();
+    check(&down(&ggat), &hgat, 0.0, "gather_rows");
+    let mut hs = rowsrc.clone();
+    h.scatter_add_rows(&hgat, &idx, 4, d, None, &mut hs)
+        .unwrap();
+    let mut gs = up(&rowsrc);
+    g.scatter_add_rows(&ggat, &gidx, 4, d, None, &mut gs)
+        .unwrap();
+    check(&down(&gs), &hs, 0.0, "scatter_add_rows");
+    let hdots = h.row_dots(&rowsrc, &idx, &hgat, 4, d).unwrap();
+    check(
+        &g.row_dots(&up(&rowsrc), &gidx, &ggat, 4, d).unwrap(),
+        &hdots,
+        1e-5,
+        "row_dots",
+    );
+    let ss = (h.sum_sq(&rowsrc).unwrap(), g.sum_sq(&up(&rowsrc)).unwrap());
+    assert!((ss.0 - ss.1).abs() < 1e-9 * ss.0, "sum_sq {ss:?}");
+    let coeffs = AdamCoeffs::new(
+        &AdamWConfig {
+            bf16_moments: false,
+            ..AdamWConfig::default()
+        },
+        1e-3,
+        3,
+        0.5,
+    );
+    let (p0, gr, m0, v0) = (
+        randn(&mut rng, 300, 1.0),
+        randn(&mut rng, 300, 1.0),
+        randn(&mut rng, 300, 0.1),
+        randn(&mut rng, 300, 0.1)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+    );
+    let (mut hp, mut hm, mut hv2) = (p0.clone(), m0.clone(), v0.clone());
+    h.adamw(&mut hp, &gr, &mut hm, &mut hv2, &coeffs).unwrap();
+    let (mut gp, mut gm, mut gv2) = (up(&p0), up(&m0), up(&v0));
+    Backend::adamw(&g, &mut gp, &up(&gr), &mut gm, &mut gv2, &coeffs).unwrap();
+    check(&down(&gp), &hp, 0.0, "adamw params");
+    check(&down(&gm), &hm, 0.0, "adamw m");
+    check(&down(&gv2), &hv2, 0.0, "adamw v");
+}
