@@ -682,6 +682,7 @@ fn the_adamw_kernels_equal_the_cpu_step_bit_for_bit() {
 }
 
 /// Runs the two-hop kernel on host memory; returns what each rank received.
+#[allow(clippy::too_many_arguments)]
 fn two_hop(
     routing: &Routing,
     pos: &[Vec<i32>],
@@ -690,6 +691,7 @@ fn two_hop(
     (len0, len1): (usize, usize),
     combine: bool,
     cfg: TransferConfig,
+    split: usize,
 ) -> (Vec<Rows>, Vec<Vec<i32>>, i32) {
     let geo = Geometry::new(routing.ranks, (len0, len1), &cfg);
     let mut outs: Vec<Rows> = received
@@ -739,6 +741,7 @@ fn two_hop(
                 *mut i32,
                 i32,
                 i32,
+                i32,
             ),
         >("emu_two_hop")(
             descs.as_ptr(),
@@ -755,6 +758,7 @@ fn two_hop(
             &mut error,
             cfg.sms as i32,
             cfg.receivers as i32,
+            split as i32,
         );
     }
     drop(rings);
@@ -778,8 +782,9 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
         .collect();
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     // Either route (dispatch: inter-node hop first; combine: intra-node hop first) delivers the
-    // same rows to the same places.
-    for (combine, cfg) in [
+    // same rows to the same places; so do two launches sharing the ranks (as on two GPUs: ranks
+    // 0..3 and 3..8, the second with a rank base of 3), split across a node boundary.
+    for (combine, cfg, split) in [
         (
             false,
             TransferConfig {
@@ -788,6 +793,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 1,
                 ..Default::default()
             },
+            0,
         ),
         (
             false,
@@ -797,6 +803,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 2,
                 ..Default::default()
             },
+            3,
         ),
         (
             true,
@@ -806,6 +813,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 2,
                 ..Default::default()
             },
+            5,
         ),
     ] {
         let (got, meta, error) = two_hop(
@@ -816,6 +824,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             (len0, len1),
             combine,
             cfg,
+            split,
         );
         assert_eq!(error, 0, "timed out with {cfg:?}");
         for d in 0..ranks {
@@ -846,6 +855,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             receivers: 2,
             ..Default::default()
         },
+        0,
     );
     assert_eq!(error, 0, "combine timed out");
     for s in 0..ranks {
@@ -912,6 +922,7 @@ fn a_row_sent_to_more_ranks_behind_one_proxy_than_a_slot_holds_reaches_all_of_th
                 receivers: 1,
                 ..Default::default()
             },
+            0,
         );
         assert_eq!(error, 0);
         for d in 0..ranks {

@@ -789,3 +789,76 @@ fn the_gpu_backend_matches_the_host_backend_op_by_op() {
     check(&down(&gm), &hm, 0.0, "adamw m");
     check(&down(&gv2), &hv2, 0.0, "adamw v");
 }
+
+/// Ranks placed on several GPUs of one process: two launches on this GPU (two handles, two
+/// streams, running at once, the second with a rank base), and, with more than one GPU, ranks
+/// on every GPU with their rings in their own GPU's memory and peer access between them. Each
+/// equals the CPU transport; a placement that does not add up is refused by name.
+#[test]
+fn dispatch_with_ranks_on_several_launches_and_gpus_equals_the_cpu_transport() {
+    use shoal_kernels::cuda::dispatch::two_hop_across;
+    let (a, b) = (gpu(), gpu());
+    let mut rng = StdRng::seed_from_u64(43);
+    let (ranks, local, rows, maxd, hidden) = (8, 4, 200, 4, 256);
+    let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.4);
+    let layout = r.layout().unwrap();
+    let (len0, len1) = (hidden, hidden / 128 * 4);
+    let inputs: Vec<Rows> = (0..ranks)
+        .map(|_| Rows {
+            part0: (0..rows * len0).map(|_| rng.random()).collect(),
+            part1: (0..rows * len1).map(|_| rng.random()).collect(),
+        })
+        .collect();
+    let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
+    let cfg = TransferConfig {
+        sms: 6,
+        ..Default::default()
+    };
+    for combine in [false, true] {
+        let got = two_hop_across(
+            &[&a, &b],
+            &[3, 5],
+            &r,
+            &layout,
+            &inputs,
+            (len0, len1),
+            combine,
+            cfg,
+        )
+        .unwrap()
+        .received;
+        assert_eq!(got, want, "two launches on one GPU, combine={combine}");
+    }
+    let e = two_hop_across(
+        &[&a, &b],
+        &[3, 4],
+        &r,
+        &layout,
+        &inputs,
+        (len0, len1),
+        false,
+        cfg,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("dispatch.placement"), "{e}");
+    let n = shoal_kernels::cuda::probe().unwrap().len();
+    if n > 1 {
+        let gpus: Vec<Gpu> = (0..n.min(ranks)).map(|o| Gpu::open(o).unwrap()).collect();
+        let refs: Vec<&Gpu> = gpus.iter().collect();
+        let mut placement = vec![ranks / refs.len(); refs.len()];
+        placement[0] += ranks % refs.len();
+        let got = two_hop_across(
+            &refs,
+            &placement,
+            &r,
+            &layout,
+            &inputs,
+            (len0, len1),
+            false,
+            cfg,
+        )
+        .unwrap()
+        .received;
+        assert_eq!(got, want, "ranks on {n} GPUs, placement {placement:?}");
+    }
+}

@@ -71,10 +71,17 @@ EXPORT void emu_adamw_f32(float* p, const float* g, float* m, float* v, long lon
   const AdamCoeffs kk = *k;
   emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { adamw_f32(p, g, m, v, n, kk); });
 }
+// `split` > 0: ranks [0, split) and [split, nranks) as two launches running at once (as on two
+// GPUs), the second with rank_base = split and its own blockIdx.y from 0.
 EXPORT void emu_two_hop(const TwoHopRank* ranks, int nranks, int local, int len0, int len1, int maxd, int slots, int slot_bytes,
-                        long long ring_bytes, int combine, long long spin_limit, int* error, int sms, int receivers) {
+                        long long ring_bytes, int combine, long long spin_limit, int* error, int sms, int receivers, int split) {
   emu::launch_all(dim3{(unsigned)sms, (unsigned)nranks, 1}, dim3{(unsigned)(32 * (2 + receivers)), 1, 1}, [&] {
-    two_hop(ranks, 0, nranks, local, len0, len1, maxd, slots, slot_bytes, ring_bytes, combine, spin_limit, error);
+    int base = 0;
+    if (split > 0 && (int)emu::bid.y >= split) {
+      base = split;
+      emu::bid.y -= split;
+    }
+    two_hop(ranks, base, nranks, local, len0, len1, maxd, slots, slot_bytes, ring_bytes, combine, spin_limit, error);
   });
 }
 EXPORT void emu_combine_reduce(const u16* staged, const int* dest, float* out, int rows, int maxd, int hidden) {

@@ -4,7 +4,8 @@
 //! The layout (where each row lands) is computed on the host from the routing, source-major, so
 //! a transfer's result does not depend on timing. [`Gpu::two_hop`] runs several ranks on one GPU
 //! through exactly the protocol ranks on several GPUs use (each rank's rings are its own buffer);
-//! only the pointers differ.
+//! [`two_hop_across`] places ranks on several GPUs of the process, their rings in their own GPU's
+//! memory and reached by the others through peer access (NVLink where the GPUs have it).
 
 use cudarc::driver::{
     CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -51,106 +52,222 @@ impl Gpu {
         routing: &Routing,
         layout: &Layout,
         inputs: &[Rows],
-        (len0, len1): (usize, usize),
+        parts: (usize, usize),
         combine: bool,
         cfg: TransferConfig,
     ) -> Result<Transfer> {
-        let rows = routing.validate()?;
-        if len0 % 4 != 0 || len1 % 4 != 0 || len0 == 0 {
-            return Err(KernelError::invalid(
-                "dispatch.row_bytes",
-                format!("parts of {len0} and {len1} bytes must be non-empty multiples of 4"),
-            ));
+        two_hop_across(
+            &[self],
+            &[routing.ranks],
+            routing,
+            layout,
+            inputs,
+            parts,
+            combine,
+            cfg,
+        )
+    }
+}
+
+/// Lets `a`'s kernels read and write `b`'s memory (peer access; NVLink or PCIe). Nothing to do for
+/// one device; an error naming both when the hardware cannot.
+fn enable_peer_access(a: &Gpu, b: &Gpu) -> Result<()> {
+    use cudarc::driver::sys::{CUresult, cuCtxEnablePeerAccess};
+    let (ia, ib) = (a.info(), b.info());
+    if ia.ordinal == ib.ordinal {
+        return Ok(());
+    }
+    if !ia.p2p_peers.contains(&ib.ordinal) {
+        return Err(KernelError::invalid(
+            "dispatch.placement",
+            format!(
+                "GPU {} cannot reach GPU {}'s memory directly (no peer-to-peer access between them)",
+                ia.ordinal, ib.ordinal
+            ),
+        ));
+    }
+    let what = format!("GPU {} -> GPU {}", ia.ordinal, ib.ordinal);
+    a.context()
+        .bind_to_thread()
+        .map_err(cuda_err("enable_peer_access", &what))?;
+    // SAFETY: both contexts are alive (held by the `Gpu`s); the call only maps `b`'s memory
+    // into `a`'s context, which is current on this thread.
+    let r = unsafe { cuCtxEnablePeerAccess(b.context().cu_ctx(), 0) };
+    match r {
+        CUresult::CUDA_SUCCESS | CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+        other => Err(KernelError::Cuda {
+            kernel: "enable_peer_access",
+            shapes: what,
+            reason: format!("{other:?}"),
+        }),
+    }
+}
+
+/// [`Gpu::two_hop`] over ranks on several GPUs of this process: `placement[g]` consecutive ranks
+/// live on `gpus[g]` (the same GPU may appear more than once). Each rank's rings and outputs are
+/// in its own GPU's memory, which the other GPUs reach through peer access (enabled here); every
+/// GPU runs one launch for its ranks, and all launches run at once. The result equals
+/// [`cpu_transfer`].
+#[allow(clippy::too_many_arguments)]
+pub fn two_hop_across(
+    gpus: &[&Gpu],
+    placement: &[usize],
+    routing: &Routing,
+    layout: &Layout,
+    inputs: &[Rows],
+    (len0, len1): (usize, usize),
+    combine: bool,
+    cfg: TransferConfig,
+) -> Result<Transfer> {
+    let rows = routing.validate()?;
+    if len0 % 4 != 0 || len1 % 4 != 0 || len0 == 0 {
+        return Err(KernelError::invalid(
+            "dispatch.row_bytes",
+            format!("parts of {len0} and {len1} bytes must be non-empty multiples of 4"),
+        ));
+    }
+    layout.validate(routing)?;
+    crate::two_hop::check_inputs(&rows, inputs, len0, len1)?;
+    if cfg.sms == 0 || cfg.slots == 0 || cfg.receivers == 0 {
+        return Err(KernelError::invalid(
+            "dispatch.config",
+            "sms, slots and receivers must be at least 1",
+        ));
+    }
+    if gpus.is_empty()
+        || placement.len() != gpus.len()
+        || placement.contains(&0)
+        || placement.iter().sum::<usize>() != routing.ranks
+    {
+        return Err(KernelError::invalid(
+            "dispatch.placement",
+            format!(
+                "{placement:?} ranks on {} GPUs: every GPU needs at least one, and they must add up to the {} ranks",
+                gpus.len(),
+                routing.ranks
+            ),
+        ));
+    }
+    let shapes = format!(
+        "{} ranks in nodes of {}, rows {rows:?}, {len0} + {len1} bytes per row, {} SMs per rank, placement {placement:?}",
+        routing.ranks, routing.local, cfg.sms
+    );
+    // Every block of every launch must be resident at once (they wait on each other): count
+    // per physical device.
+    let threads = 32 * (2 + cfg.receivers) as u32;
+    let mut per_device: Vec<(usize, usize, &Gpu)> = Vec::new();
+    for (g, &n) in gpus.iter().zip(placement) {
+        match per_device
+            .iter_mut()
+            .find(|(o, _, _)| *o == g.info().ordinal)
+        {
+            Some(e) => e.1 += n,
+            None => per_device.push((g.info().ordinal, n, g)),
         }
-        layout.validate(routing)?;
-        crate::two_hop::check_inputs(&rows, inputs, len0, len1)?;
-        if cfg.sms == 0 || cfg.slots == 0 || cfg.receivers == 0 {
-            return Err(KernelError::invalid(
-                "dispatch.config",
-                "sms, slots and receivers must be at least 1",
-            ));
-        }
-        let shapes = format!(
-            "{} ranks in nodes of {}, rows {rows:?}, {len0} + {len1} bytes per row, {} SMs per rank",
-            routing.ranks, routing.local, cfg.sms
-        );
-        let threads = 32 * (2 + cfg.receivers) as u32;
-        let f = self.function(&DISPATCH, "two_hop")?;
+    }
+    for &(_, n, g) in &per_device {
+        let f = g.function(&DISPATCH, "two_hop")?;
         let per_sm = f
             .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
             .map_err(cuda_err("two_hop", &shapes))? as usize;
-        let blocks = cfg.sms * routing.ranks;
-        if blocks > per_sm * self.info().sms as usize {
+        let blocks = cfg.sms * n;
+        if blocks > per_sm * g.info().sms as usize {
             return Err(KernelError::invalid(
                 "dispatch.sms",
                 format!(
-                    "{blocks} blocks ({} SMs x {} ranks) cannot all be resident on {} SMs ({per_sm} per SM); the protocol needs every block running at once",
+                    "{blocks} blocks ({} SMs x {n} ranks) cannot all be resident on GPU {}'s {} SMs ({per_sm} per SM); the protocol needs every block running at once",
                     cfg.sms,
-                    routing.ranks,
-                    self.info().sms
+                    g.info().ordinal,
+                    g.info().sms
                 ),
             ));
         }
-        let geo = Geometry::new(routing.ranks, (len0, len1), &cfg);
-
-        let mut bufs = Vec::with_capacity(routing.ranks);
-        for s in 0..routing.ranks {
-            let n = layout.received[s];
-            bufs.push(RankBufs {
-                in0: self.upload("dispatch.input", &inputs[s].part0)?,
-                in1: self.upload("dispatch.input", &inputs[s].part1)?,
-                dest: self.upload("dispatch.dest", &routing.dest[s])?,
-                pos: self.upload("dispatch.pos", &layout.pos[s])?,
-                out0: self.zeros("dispatch.output", n * len0)?,
-                out1: self.zeros("dispatch.output", n * len1)?,
-                meta: self.zeros("dispatch.output", n * 3)?,
-                rings: self.zeros("dispatch.rings", geo.rings_per_rank)?,
-                rows: rows[s],
-            });
+    }
+    for a in gpus {
+        for b in gpus {
+            enable_peer_access(a, b)?;
         }
-        let stream = self.stream().clone();
-        let descs: Vec<DevRank> = bufs
-            .iter()
-            .map(|b| {
-                let p = |s: &CudaSlice<u8>| s.device_ptr(&stream).0;
-                let q = |s: &CudaSlice<i32>| s.device_ptr(&stream).0;
-                DevRank(TwoHopRank {
-                    in0: p(&b.in0),
-                    in1: p(&b.in1),
-                    dest: q(&b.dest),
-                    pos: q(&b.pos),
-                    rows: b.rows as i32,
-                    pad: 0,
-                    out0: p(&b.out0),
-                    out1: p(&b.out1),
-                    out_meta: q(&b.meta),
-                    rings: p(&b.rings),
-                })
+    }
+    let geo = Geometry::new(routing.ranks, (len0, len1), &cfg);
+    // The GPU of each rank.
+    let owner: Vec<&Gpu> = gpus
+        .iter()
+        .zip(placement)
+        .flat_map(|(g, &n)| std::iter::repeat_n(*g, n))
+        .collect();
+    let mut bufs = Vec::with_capacity(routing.ranks);
+    for (s, gpu) in owner.iter().enumerate() {
+        let n = layout.received[s];
+        bufs.push(RankBufs {
+            in0: gpu.upload("dispatch.input", &inputs[s].part0)?,
+            in1: gpu.upload("dispatch.input", &inputs[s].part1)?,
+            dest: gpu.upload("dispatch.dest", &routing.dest[s])?,
+            pos: gpu.upload("dispatch.pos", &layout.pos[s])?,
+            out0: gpu.zeros("dispatch.output", n * len0)?,
+            out1: gpu.zeros("dispatch.output", n * len1)?,
+            meta: gpu.zeros("dispatch.output", n * 3)?,
+            rings: gpu.zeros("dispatch.rings", geo.rings_per_rank)?,
+            rows: rows[s],
+        });
+    }
+    let descs: Vec<DevRank> = bufs
+        .iter()
+        .zip(&owner)
+        .map(|(b, gpu)| {
+            let stream = gpu.stream();
+            let p = |s: &CudaSlice<u8>| s.device_ptr(stream).0;
+            let q = |s: &CudaSlice<i32>| s.device_ptr(stream).0;
+            DevRank(TwoHopRank {
+                in0: p(&b.in0),
+                in1: p(&b.in1),
+                dest: q(&b.dest),
+                pos: q(&b.pos),
+                rows: b.rows as i32,
+                pad: 0,
+                out0: p(&b.out0),
+                out1: p(&b.out1),
+                out_meta: q(&b.meta),
+                rings: p(&b.rings),
             })
-            .collect();
-        let desc = self.upload("dispatch.ranks", &descs)?;
-        let mut error = self.zeros::<i32>("dispatch.error", 1)?;
-        let (base, nranks, local) = (0i32, routing.ranks as i32, routing.local as i32);
-        let (l0, l1, maxd) = (len0 as i32, len1 as i32, routing.maxd as i32);
-        let (slots, sb, rb) = (
-            cfg.slots as i32,
-            geo.slot_bytes as i32,
-            geo.ring_bytes as i64,
-        );
-        let comb = i32::from(combine);
-        let spin = cfg.spin_limit_cycles;
+        })
+        .collect();
+    let mut launches = Vec::with_capacity(gpus.len());
+    for g in gpus {
+        launches.push((
+            g.upload("dispatch.ranks", &descs)?,
+            g.zeros::<i32>("dispatch.error", 1)?,
+        ));
+    }
+    let (nranks, local) = (routing.ranks as i32, routing.local as i32);
+    let (l0, l1, maxd) = (len0 as i32, len1 as i32, routing.maxd as i32);
+    let (slots, sb, rb) = (
+        cfg.slots as i32,
+        geo.slot_bytes as i32,
+        geo.ring_bytes as i64,
+    );
+    let comb = i32::from(combine);
+    let spin = cfg.spin_limit_cycles;
+    for g in gpus {
+        g.synchronize("two_hop", "uploads")?;
+    }
+    let started = std::time::Instant::now();
+    let mut base = 0i32;
+    for ((g, &n), (desc, error)) in gpus.iter().zip(placement).zip(launches.iter_mut()) {
         let lc = LaunchConfig {
-            grid_dim: (cfg.sms as u32, routing.ranks as u32, 1),
+            grid_dim: (cfg.sms as u32, n as u32, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.synchronize("two_hop", "uploads")?;
-        let started = std::time::Instant::now();
-        launch!(self, DISPATCH, "two_hop", &shapes, lc;
-            &desc, &base, &nranks, &local, &l0, &l1, &maxd, &slots, &sb, &rb, &comb, &spin, &mut error);
-        self.synchronize("two_hop", &shapes)?;
-        let kernel_seconds = started.elapsed().as_secs_f64();
-        let e = self.download("dispatch.error", &error, 1)?;
+        launch!(g, DISPATCH, "two_hop", &shapes, lc;
+            &*desc, &base, &nranks, &local, &l0, &l1, &maxd, &slots, &sb, &rb, &comb, &spin, error);
+        base += n as i32;
+    }
+    for g in gpus {
+        g.synchronize("two_hop", &shapes)?;
+    }
+    let kernel_seconds = started.elapsed().as_secs_f64();
+    for (g, (_, error)) in gpus.iter().zip(&launches) {
+        let e = g.download("dispatch.error", error, 1)?;
         if let Some(&code) = e.first().filter(|&&c| c != 0) {
             let role = match code {
                 1 => "a sender or forwarder found a ring full",
@@ -160,27 +277,33 @@ impl Gpu {
             return Err(KernelError::Cuda {
                 kernel: "two_hop",
                 shapes,
-                reason: format!("timed out: {role} for {} cycles", cfg.spin_limit_cycles),
+                reason: format!(
+                    "timed out on GPU {}: {role} for {} cycles",
+                    g.info().ordinal,
+                    cfg.spin_limit_cycles
+                ),
             });
         }
-        let mut out = Vec::with_capacity(routing.ranks);
-        for (s, b) in bufs.iter().enumerate() {
-            let n = layout.received[s];
-            let meta = self.download("dispatch.output", &b.meta, n * 3)?;
-            out.push(Received {
-                rows: Rows {
-                    part0: self.download("dispatch.output", &b.out0, n * len0)?,
-                    part1: self.download("dispatch.output", &b.out1, n * len1)?,
-                },
-                meta: meta.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
-            });
-        }
-        Ok(Transfer {
-            received: out,
-            kernel_seconds,
-        })
     }
+    let mut out = Vec::with_capacity(routing.ranks);
+    for (s, (b, gpu)) in bufs.iter().zip(&owner).enumerate() {
+        let n = layout.received[s];
+        let meta = gpu.download("dispatch.output", &b.meta, n * 3)?;
+        out.push(Received {
+            rows: Rows {
+                part0: gpu.download("dispatch.output", &b.out0, n * len0)?,
+                part1: gpu.download("dispatch.output", &b.out1, n * len1)?,
+            },
+            meta: meta.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+        });
+    }
+    Ok(Transfer {
+        received: out,
+        kernel_seconds,
+    })
+}
 
+impl Gpu {
     /// The combine's reduction on a source rank: `out[row] = sum_j staged[row * maxd + j]` over
     /// the row's used entries in entry order (BF16 in, FP32 sums), `[rows, hidden]`.
     pub fn combine_reduce(
