@@ -682,6 +682,18 @@ fn the_adamw_kernels_equal_the_cpu_step_bit_for_bit() {
 }
 
 /// Runs the two-hop kernel on host memory; returns what each rank received.
+/// How the emulated two-hop transfer is launched.
+#[derive(Clone, Copy, Debug)]
+enum Launches {
+    /// One launch for every rank (ranks on one GPU).
+    One,
+    /// Ranks `0..n` and `n..` as two launches at once (as on two GPUs of a process).
+    Split(usize),
+    /// One launch per rank, each with a table holding only the others' rings (ranks in separate
+    /// processes, their rings mapped through CUDA IPC).
+    PerRank,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn two_hop(
     routing: &Routing,
@@ -691,7 +703,7 @@ fn two_hop(
     (len0, len1): (usize, usize),
     combine: bool,
     cfg: TransferConfig,
-    split: usize,
+    launches: Launches,
 ) -> (Vec<Rows>, Vec<Vec<i32>>, i32) {
     let geo = Geometry::new(routing.ranks, (len0, len1), &cfg);
     let mut outs: Vec<Rows> = received
@@ -721,45 +733,112 @@ fn two_hop(
         })
         .collect();
     let mut error = 0i32;
-    // SAFETY: every address in `descs` points into a live buffer of the size the kernel indexes
-    // (inputs rows x len, outputs received x len, rings `rings_per_rank` bytes), all outliving the
-    // call, which joins every emulated thread before returning.
+    type TwoHopFn = unsafe extern "C" fn(
+        *const TwoHopRank,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        i64,
+        i32,
+        i64,
+        *mut i32,
+        i32,
+        i32,
+    );
+    let args = (
+        routing.ranks as i32,
+        routing.local as i32,
+        len0 as i32,
+        len1 as i32,
+        routing.maxd as i32,
+        cfg.slots as i32,
+        geo.slot_bytes as i32,
+        geo.ring_bytes as i64,
+        i32::from(combine),
+        60_000_000_000i64,
+    );
+    // Rank r's view for per-rank launches: its own entry, and only the rings of the others.
+    let tables: Vec<TwoHopRank> = (0..routing.ranks)
+        .flat_map(|r| {
+            descs.iter().enumerate().map(move |(s, d)| {
+                if s == r {
+                    *d
+                } else {
+                    TwoHopRank {
+                        rings: d.rings,
+                        ..Default::default()
+                    }
+                }
+            })
+        })
+        .collect();
+    // SAFETY: every address in `descs` (and `tables`) points into a live buffer of the size the
+    // kernel indexes (inputs rows x len, outputs received x len, rings `rings_per_rank` bytes),
+    // all outliving the call, which joins every emulated thread before returning.
     unsafe {
-        kernel::<
-            unsafe extern "C" fn(
-                *const TwoHopRank,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i32,
-                i64,
-                i32,
-                i64,
-                *mut i32,
-                i32,
-                i32,
-                i32,
+        match launches {
+            Launches::PerRank => kernel::<TwoHopFn>("emu_two_hop_private")(
+                tables.as_ptr(),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                args.5,
+                args.6,
+                args.7,
+                args.8,
+                args.9,
+                &mut error,
+                cfg.sms as i32,
+                cfg.receivers as i32,
             ),
-        >("emu_two_hop")(
-            descs.as_ptr(),
-            routing.ranks as i32,
-            routing.local as i32,
-            len0 as i32,
-            len1 as i32,
-            routing.maxd as i32,
-            cfg.slots as i32,
-            geo.slot_bytes as i32,
-            geo.ring_bytes as i64,
-            i32::from(combine),
-            60_000_000_000,
-            &mut error,
-            cfg.sms as i32,
-            cfg.receivers as i32,
-            split as i32,
-        );
+            Launches::One | Launches::Split(_) => {
+                let split = match launches {
+                    Launches::Split(n) => n as i32,
+                    _ => 0,
+                };
+                kernel::<
+                    unsafe extern "C" fn(
+                        *const TwoHopRank,
+                        i32,
+                        i32,
+                        i32,
+                        i32,
+                        i32,
+                        i32,
+                        i32,
+                        i64,
+                        i32,
+                        i64,
+                        *mut i32,
+                        i32,
+                        i32,
+                        i32,
+                    ),
+                >("emu_two_hop")(
+                    descs.as_ptr(),
+                    args.0,
+                    args.1,
+                    args.2,
+                    args.3,
+                    args.4,
+                    args.5,
+                    args.6,
+                    args.7,
+                    args.8,
+                    args.9,
+                    &mut error,
+                    cfg.sms as i32,
+                    cfg.receivers as i32,
+                    split,
+                )
+            }
+        }
     }
     drop(rings);
     (outs, metas, error)
@@ -783,8 +862,9 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     // Either route (dispatch: inter-node hop first; combine: intra-node hop first) delivers the
     // same rows to the same places; so do two launches sharing the ranks (as on two GPUs: ranks
-    // 0..3 and 3..8, the second with a rank base of 3), split across a node boundary.
-    for (combine, cfg, split) in [
+    // 0..3 and 3..8, the second with a rank base of 3, split across a node boundary), and one
+    // launch per rank that sees only the others' rings (as processes sharing them over IPC).
+    for (combine, cfg, launches) in [
         (
             false,
             TransferConfig {
@@ -793,7 +873,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 1,
                 ..Default::default()
             },
-            0,
+            Launches::One,
         ),
         (
             false,
@@ -803,7 +883,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 2,
                 ..Default::default()
             },
-            3,
+            Launches::Split(3),
         ),
         (
             true,
@@ -813,7 +893,17 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
                 receivers: 2,
                 ..Default::default()
             },
-            5,
+            Launches::Split(5),
+        ),
+        (
+            false,
+            TransferConfig {
+                sms: 2,
+                slots: 2,
+                receivers: 1,
+                ..Default::default()
+            },
+            Launches::PerRank,
         ),
     ] {
         let (got, meta, error) = two_hop(
@@ -824,9 +914,9 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             (len0, len1),
             combine,
             cfg,
-            split,
+            launches,
         );
-        assert_eq!(error, 0, "timed out with {cfg:?}");
+        assert_eq!(error, 0, "timed out with {cfg:?}, {launches:?}");
         for d in 0..ranks {
             assert_eq!(
                 got[d], want[d].rows,
@@ -855,7 +945,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
             receivers: 2,
             ..Default::default()
         },
-        0,
+        Launches::PerRank,
     );
     assert_eq!(error, 0, "combine timed out");
     for s in 0..ranks {
@@ -922,7 +1012,7 @@ fn a_row_sent_to_more_ranks_behind_one_proxy_than_a_slot_holds_reaches_all_of_th
                 receivers: 1,
                 ..Default::default()
             },
-            0,
+            Launches::One,
         );
         assert_eq!(error, 0);
         for d in 0..ranks {

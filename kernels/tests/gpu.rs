@@ -862,3 +862,97 @@ fn dispatch_with_ranks_on_several_launches_and_gpus_equals_the_cpu_transport() {
         assert_eq!(got, want, "ranks on {n} GPUs, placement {placement:?}");
     }
 }
+
+/// Two processes, one rank each (two nodes of one rank), their rings shared over CUDA IPC: each
+/// exports its rings, maps the other's, and launches only its own rank. Together they deliver
+/// what the CPU transport does. The test starts its peer as a child process of this binary
+/// (on the second GPU when there is one; else on the same GPU, where the driver time-slices the
+/// two processes' kernels).
+#[test]
+fn a_transfer_between_processes_over_cuda_ipc_equals_the_cpu_transport() {
+    use shoal_kernels::cuda::dispatch::Geometry;
+    use shoal_kernels::cuda::ipc::IpcHandle;
+    const PEER: &str = "SHOAL_IPC_PEER_DIR";
+    let peer_dir = std::env::var(PEER).ok();
+    let tmp = tempfile::tempdir().unwrap();
+    let (me, dir) = match &peer_dir {
+        Some(d) => (1usize, std::path::PathBuf::from(d)),
+        None => (0, tmp.path().to_path_buf()),
+    };
+    let gpus = shoal_kernels::cuda::probe().unwrap().len();
+    let g = Gpu::open(if me == 1 { 1.min(gpus - 1) } else { 0 }).unwrap();
+    // The same routing in both processes (seeded).
+    let mut rng = StdRng::seed_from_u64(47);
+    let (ranks, local, rows, maxd, hidden) = (2, 1, 64, 2, 128);
+    let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.6);
+    let layout = r.layout().unwrap();
+    let (len0, len1) = (hidden, hidden / 128 * 4);
+    let inputs: Vec<Rows> = (0..ranks)
+        .map(|_| Rows {
+            part0: (0..rows * len0).map(|_| rng.random()).collect(),
+            part1: (0..rows * len1).map(|_| rng.random()).collect(),
+        })
+        .collect();
+    let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
+    let cfg = TransferConfig {
+        sms: 2,
+        ..Default::default()
+    };
+    let rings = g
+        .shared_zeros(Geometry::new(ranks, (len0, len1), &cfg).rings_per_rank)
+        .unwrap();
+    std::fs::write(
+        dir.join(format!("handle{me}.tmp")),
+        g.export(&rings).unwrap().0,
+    )
+    .unwrap();
+    std::fs::rename(
+        dir.join(format!("handle{me}.tmp")),
+        dir.join(format!("handle{me}")),
+    )
+    .unwrap();
+    let child = (me == 0).then(|| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_transfer_between_processes_over_cuda_ipc_equals_the_cpu_transport",
+                "--test-threads=1",
+            ])
+            .env(PEER, &dir)
+            .spawn()
+            .unwrap()
+    });
+    let other = dir.join(format!("handle{}", 1 - me));
+    let started = std::time::Instant::now();
+    while !other.exists() {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "the peer process never shared its rings"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let bytes: [u8; 64] = std::fs::read(&other).unwrap().try_into().unwrap();
+    let theirs = g.import(&IpcHandle(bytes)).unwrap();
+    let mut ptrs = [0u64; 2];
+    ptrs[me] = rings.device_ptr();
+    ptrs[1 - me] = theirs.device_ptr();
+    let got = g
+        .two_hop_ranks(
+            me,
+            &r,
+            &layout,
+            &inputs[me..me + 1],
+            &ptrs,
+            (len0, len1),
+            false,
+            cfg,
+        )
+        .unwrap()
+        .received;
+    assert_eq!(got[0], want[me], "rank {me} over IPC");
+    if let Some(mut c) = child {
+        // The peer writes into these rings until it is done: keep them until it exits.
+        assert!(c.wait().unwrap().success(), "the peer process failed");
+    }
+    drop(theirs);
+}

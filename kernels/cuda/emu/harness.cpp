@@ -84,6 +84,18 @@ EXPORT void emu_two_hop(const TwoHopRank* ranks, int nranks, int local, int len0
     two_hop(ranks, base, nranks, local, len0, len1, maxd, slots, slot_bytes, ring_bytes, combine, spin_limit, error);
   });
 }
+// One launch per rank, as ranks in separate processes run them: rank r's blocks read the table
+// `tables + r * nranks`, in which the other ranks carry only their rings.
+EXPORT void emu_two_hop_private(const TwoHopRank* tables, int nranks, int local, int len0, int len1, int maxd, int slots,
+                                int slot_bytes, long long ring_bytes, int combine, long long spin_limit, int* error, int sms,
+                                int receivers) {
+  emu::launch_all(dim3{(unsigned)sms, (unsigned)nranks, 1}, dim3{(unsigned)(32 * (2 + receivers)), 1, 1}, [&] {
+    const int r = (int)emu::bid.y;
+    emu::bid.y = 0;
+    two_hop(tables + (long long)r * nranks, r, nranks, local, len0, len1, maxd, slots, slot_bytes, ring_bytes, combine,
+            spin_limit, error);
+  });
+}
 EXPORT void emu_combine_reduce(const u16* staged, const int* dest, float* out, int rows, int maxd, int hidden) {
   emu::launch_seq(dim3{(unsigned)rows, 1, 1}, dim3{32, 1, 1}, [&] { combine_reduce(staged, dest, out, rows, maxd, hidden); });
 }

@@ -15,6 +15,7 @@ pub mod backend;
 pub mod blaslt;
 pub mod device;
 pub mod dispatch;
+pub mod ipc;
 pub mod launch;
 pub mod nccl;
 pub mod source;
