@@ -239,20 +239,23 @@ __device__ __forceinline__ u8 desc_byte(u64 desc, int row, int kk) {
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
 #ifdef SHOAL_EMU
-  std::memset(dst, 0, 16);
-  if (bytes) std::memcpy(dst, src, 16);
+  emu::cp_async16(dst, src, bytes);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef SHOAL_EMU
+#ifdef SHOAL_EMU
+  emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef SHOAL_EMU
+#ifdef SHOAL_EMU
+  emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
@@ -446,8 +449,9 @@ fp8_gemm_wgmma(const u8* __restrict__ A, const float* __restrict__ sa, const u8*
     const u8* st = smem + (kbi % WG_STAGES) * WG_STAGE_BYTES;
     const u32 a_addr = smem_u32(st) + wg * 8 * WG_SBO;
     const u32 b_addr = smem_u32(st + WG_TILE_BYTES);
-    wgmma_begin();
+    // The register fence first (the previous block's promotion read `part`), then WGMMA's own.
     fence_fragment(part);
+    wgmma_begin();
 #pragma unroll
     for (int s = 0; s < 4; s++) wgmma_e4m3(part, wg_desc(a_addr + s * 2 * WG_LBO), wg_desc(b_addr + s * 2 * WG_LBO), s);
     wgmma_end();

@@ -159,9 +159,11 @@ extern "C" __global__ void embedding_scatter(const float* __restrict__ dy, const
   for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < (i64)n_uniq * d; e += (i64)gridDim.x * blockDim.x) {
     const int u = (int)(e / d);
     const int c = (int)(e % d);
-    float s = 0.0f;
+    // Added into the gradient one row at a time, in order: the host's sums, bit for bit.
+    float* o = dtable + (i64)uniq[u] * d + c;
+    float s = *o;
     for (unsigned r = off[u]; r < off[u + 1]; r++) s += dy[(i64)rows[r] * d + c];
-    dtable[(i64)uniq[u] * d + c] += s;
+    *o = s;
   }
 }
 

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -65,6 +66,35 @@ void run_thread(Block* b, int t, F& f, dim3 blk) {
   block = b;
   bid = blk;
   f();
+}
+
+// cp.async as the hardware defines it: a copy lands only when a cp.async.wait_group lets its
+// group complete. Until then its destination holds 0x7F bytes (an E4M3 NaN), so a kernel that
+// reads a stage too early computes NaNs instead of passing by luck.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+inline thread_local std::vector<AsyncCopy> copies_open;
+inline thread_local std::deque<std::vector<AsyncCopy>> copies_committed;
+inline void cp_async16(void* dst, const void* src, int bytes) {
+  AsyncCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memset(c.data, 0, 16);
+  if (bytes) std::memcpy(c.data, src, 16);
+  std::memset(dst, 0x7F, 16);
+  copies_open.push_back(c);
+}
+inline void cp_async_commit() {
+  copies_committed.push_back(std::move(copies_open));
+  copies_open.clear();
+}
+// Completes every committed group but the `pending` newest.
+inline void cp_async_wait(int pending) {
+  while ((int)copies_committed.size() > pending) {
+    for (auto& c : copies_committed.front()) std::memcpy(c.dst, c.data, 16);
+    copies_committed.pop_front();
+  }
 }
 
 // Dynamic shared memory (`extern __shared__`): one buffer, which the blocks of a `launch_seq`

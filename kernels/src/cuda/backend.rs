@@ -14,10 +14,41 @@ use crate::{KernelError, Result};
 
 /// A RoPE table on the GPU: cos and sin `[positions, dim / 2]` in FP32.
 pub struct GpuRope {
+    dim: usize,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     positions: usize,
     interleaved: bool,
+}
+
+/// Indices on the GPU, with the largest one (known when they were uploaded): every operation that
+/// indexes rows with them checks, on the host, that the rows exist.
+pub struct GpuIds {
+    ids: CudaSlice<u32>,
+    len: usize,
+    /// One past the largest index (0 for none).
+    bound: usize,
+}
+
+impl GpuIds {
+    fn check(&self, what: &'static str, n: usize, rows: usize) -> Result<()> {
+        if self.len < n {
+            return Err(KernelError::shape(
+                what,
+                format!("at least {n} indices"),
+                format!("{}", self.len),
+            ));
+        }
+        if self.bound > rows {
+            return Err(KernelError::IndexOutOfRange {
+                operand: what,
+                position: 0,
+                index: self.bound - 1,
+                bound: rows,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What cross-entropy's forward keeps on the GPU: the per-row log-sum-exp (FP64) and the count.
@@ -80,6 +111,10 @@ impl Gpu {
         if g.m == 0 || g.n == 0 {
             return Ok(());
         }
+        // cuBLAS runs on the thread's current context, which nothing before may have set.
+        self.context()
+            .bind_to_thread()
+            .map_err(cuda_err("cublas_sgemm", &shapes))?;
         let (m, n, k) = (
             i32_of("gemm.m", g.m)?,
             i32_of("gemm.n", g.n)?,
@@ -120,7 +155,7 @@ impl Gpu {
 
 impl Backend for Gpu {
     type Buf = CudaSlice<f32>;
-    type Ids = CudaSlice<u32>;
+    type Ids = GpuIds;
     type Ce = GpuCe;
     type Rope = GpuRope;
 
@@ -132,8 +167,12 @@ impl Backend for Gpu {
         Gpu::upload(self, what, x)
     }
 
-    fn upload_ids(&self, what: &'static str, x: &[u32]) -> Result<CudaSlice<u32>> {
-        Gpu::upload(self, what, x)
+    fn upload_ids(&self, what: &'static str, x: &[u32]) -> Result<GpuIds> {
+        Ok(GpuIds {
+            ids: Gpu::upload(self, what, x)?,
+            len: x.len(),
+            bound: x.iter().max().map_or(0, |&m| m as usize + 1),
+        })
     }
 
     fn zeros(&self, what: &'static str, n: usize) -> Result<CudaSlice<f32>> {
@@ -151,6 +190,7 @@ impl Backend for Gpu {
     fn rope_table(&self, table: &RopeTable, layout: RopeLayout) -> Result<GpuRope> {
         let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
         Ok(GpuRope {
+            dim: table.dim(),
             cos: Gpu::upload(self, "rope.cos", &f(table.cos()))?,
             sin: Gpu::upload(self, "rope.sin", &f(table.sin()))?,
             positions: table.max_positions(),
@@ -240,6 +280,13 @@ impl Backend for Gpu {
         shape: [usize; 4],
         inverse: bool,
     ) -> Result<CudaSlice<f32>> {
+        if shape[3] != t.dim {
+            return Err(KernelError::shape(
+                "rope.x",
+                format!("a last dimension of {} (the table's)", t.dim),
+                format!("{shape:?}"),
+            ));
+        }
         let sign = if inverse { -1.0 } else { 1.0 };
         Gpu::rope(
             self,
@@ -307,18 +354,16 @@ impl Backend for Gpu {
     fn embedding(
         &self,
         table: &CudaSlice<f32>,
-        ids: &CudaSlice<u32>,
+        ids: &GpuIds,
         n: usize,
         d: usize,
     ) -> Result<CudaSlice<f32>> {
-        check("embedding.ids", ids.len(), n)?;
+        ids.check("embedding.ids", n, table.len().checked_div(d).unwrap_or(0))?;
         let mut out = Gpu::zeros(self, "embedding.out", n * d)?;
         if n * d > 0 {
-            // The caller checks the ids against the table on the host (see the trait): the
-            // kernel would read outside it otherwise.
             let dd = i32_of("embedding.d", d)?;
             let nn = n as i64;
-            launch!(self, MODEL, "embedding_gather", format!("[{n}, {d}] of {}", table.len()), flat(n * d); table, ids, &mut out, &nn, &dd);
+            launch!(self, MODEL, "embedding_gather", format!("[{n}, {d}] of {}", table.len()), flat(n * d); table, &ids.ids, &mut out, &nn, &dd);
         }
         Ok(out)
     }
@@ -371,11 +416,11 @@ impl Backend for Gpu {
     fn cross_entropy(
         &self,
         logits: &CudaSlice<f32>,
-        targets: &CudaSlice<u32>,
+        targets: &GpuIds,
         rows: usize,
         vocab: usize,
     ) -> Result<(f64, usize, GpuCe)> {
-        let (lse, loss) = self.cross_entropy_rows(logits, targets, rows, vocab, None)?;
+        let (lse, loss) = self.cross_entropy_rows(logits, &targets.ids, rows, vocab, None)?;
         let total: f64 = loss.iter().sum();
         let mean = if rows == 0 { 0.0 } else { total / rows as f64 };
         Ok((mean, rows, GpuCe { lse, count: rows }))
@@ -384,7 +429,7 @@ impl Backend for Gpu {
     fn cross_entropy_backward(
         &self,
         logits: &CudaSlice<f32>,
-        targets: &CudaSlice<u32>,
+        targets: &GpuIds,
         ce: &GpuCe,
         rows: usize,
         vocab: usize,
@@ -393,7 +438,7 @@ impl Backend for Gpu {
         Gpu::cross_entropy_backward(
             self,
             logits,
-            targets,
+            &targets.ids,
             &ce.lse,
             rows,
             vocab,
@@ -423,12 +468,16 @@ impl Backend for Gpu {
     fn gather_rows(
         &self,
         src: &CudaSlice<f32>,
-        idx: &CudaSlice<u32>,
+        idx: &GpuIds,
         n: usize,
         width: usize,
         scale: Option<&CudaSlice<f32>>,
     ) -> Result<CudaSlice<f32>> {
-        check("gather_rows.idx", idx.len(), n)?;
+        idx.check(
+            "gather_rows.idx",
+            n,
+            src.len().checked_div(width).unwrap_or(0),
+        )?;
         if let Some(s) = scale {
             check("gather_rows.scale", s.len(), n)?;
         }
@@ -438,15 +487,15 @@ impl Backend for Gpu {
             let f = self.function(&MODEL, "gather_rows")?;
             let mut b = self.stream().launch_builder(&f);
             let null = 0u64;
-            b.arg(src).arg(idx);
+            b.arg(src).arg(&idx.ids);
             match scale {
                 Some(s) => b.arg(s),
                 None => b.arg(&null),
             };
             b.arg(&mut out).arg(&nn).arg(&w);
-            // SAFETY: src holds the rows idx names (the caller's indices come from the host's
-            // routing, bounded by the source's rows), idx and scale hold n entries, out n x width;
-            // a null scale is a null pointer of the kernel's `const float*`.
+            // SAFETY: src holds every row idx names (checked against its bound above), idx and
+            // scale hold n entries, out n x width; a null scale is a null pointer of the kernel's
+            // `const float*`.
             unsafe { b.launch(flat(n * width)) }
                 .map_err(cuda_err("gather_rows", format!("[{n}, {width}]")))?;
         }
@@ -456,13 +505,17 @@ impl Backend for Gpu {
     fn scatter_add_rows(
         &self,
         src: &CudaSlice<f32>,
-        idx: &CudaSlice<u32>,
+        idx: &GpuIds,
         n: usize,
         width: usize,
         scale: Option<&CudaSlice<f32>>,
         dst: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check("scatter_add_rows.idx", idx.len(), n)?;
+        idx.check(
+            "scatter_add_rows.idx",
+            n,
+            dst.len().checked_div(width).unwrap_or(0),
+        )?;
         check("scatter_add_rows.src", src.len(), n * width)?;
         if let Some(s) = scale {
             check("scatter_add_rows.scale", s.len(), n)?;
@@ -472,13 +525,14 @@ impl Backend for Gpu {
             let f = self.function(&MODEL, "scatter_add_rows")?;
             let mut b = self.stream().launch_builder(&f);
             let null = 0u64;
-            b.arg(src).arg(idx);
+            b.arg(src).arg(&idx.ids);
             match scale {
                 Some(s) => b.arg(s),
                 None => b.arg(&null),
             };
             b.arg(dst).arg(&nn).arg(&w);
-            // SAFETY: as for gather_rows; the indices of one call are distinct rows of dst.
+            // SAFETY: as for gather_rows, against dst's rows; the indices of one call are
+            // distinct (the trait's contract), so no two threads write one element.
             unsafe { b.launch(flat(n * width)) }
                 .map_err(cuda_err("scatter_add_rows", format!("[{n}, {width}]")))?;
         }
@@ -488,17 +542,17 @@ impl Backend for Gpu {
     fn row_dots(
         &self,
         a: &CudaSlice<f32>,
-        idx: &CudaSlice<u32>,
+        idx: &GpuIds,
         b: &CudaSlice<f32>,
         n: usize,
         width: usize,
     ) -> Result<Vec<f32>> {
-        check("row_dots.idx", idx.len(), n)?;
+        idx.check("row_dots.idx", n, a.len().checked_div(width).unwrap_or(0))?;
         check("row_dots.b", b.len(), n * width)?;
         let mut out = Gpu::zeros(self, "row_dots.out", n)?;
         if n > 0 {
             let (nn, w) = (i32_of("row_dots.n", n)?, i32_of("row_dots.width", width)?);
-            launch!(self, MODEL, "row_dots", format!("[{n}, {width}]"), warps(n); a, idx, b, &mut out, &nn, &w);
+            launch!(self, MODEL, "row_dots", format!("[{n}, {width}]"), warps(n); a, &idx.ids, b, &mut out, &nn, &w);
         }
         Gpu::download(self, "row_dots.out", &out, n)
     }

@@ -94,8 +94,15 @@ impl Gpu {
                 return Err(e);
             }
         };
-        // Another thread may have won the race; its state is dropped with ours unused.
-        Ok(self.lt_slot().get_or_init(|| LtState { handle, workspace }))
+        if let Err(lost) = self.lt_slot().set(LtState { handle, workspace }) {
+            // Another thread's state got there first: dropping ours destroys its handle.
+            drop(lost);
+        }
+        self.lt_slot().get().ok_or_else(|| KernelError::Cuda {
+            kernel: "cublaslt_create",
+            shapes: String::new(),
+            reason: "the cuBLASLt state was not kept".into(),
+        })
     }
 
     /// `C[m, n] = A[m, k] . B[n, k]^T` in BF16 through cuBLASLt's block-scaled FP8 GEMM: A with

@@ -44,6 +44,10 @@ pub fn gemm_error(got: &[f32], want: &[f32], a: &Fp8Matrix, b: &Fp8Matrix) -> f6
         let mag: f64 = (0..k)
             .map(|p| f64::from(ad.data()[i * k + p].abs()) * f64::from(bd.data()[j * k + p].abs()))
             .sum();
+        if !g.is_finite() {
+            // A NaN would vanish in `max`: a non-finite output is the worst error there is.
+            return f64::INFINITY;
+        }
         worst = worst.max(f64::from((g - w).abs()) / mag.max(1e-30));
     }
     worst
