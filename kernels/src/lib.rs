@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod error;
 pub mod fp8;
 pub mod fp8_gemm;
+pub mod inter_node;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

@@ -927,6 +927,50 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
         }
     }
 
+    // Nodes without shared memory: rows cross nodes once (phase 1, copies standing in for NCCL
+    // point-to-point), then each node's kernel launch moves them inside the node (phase 2).
+    let phased = shoal_kernels::inter_node::transfer_in_phases(
+        &r,
+        &layout,
+        &inputs,
+        (len0, len1),
+        |phase, ins| {
+            let cfg = TransferConfig {
+                sms: 2,
+                slots: 2,
+                receivers: 1,
+                ..Default::default()
+            };
+            let (rows, metas, error) = two_hop(
+                &phase.routing,
+                &phase.layout.pos,
+                &phase.layout.received,
+                ins,
+                (len0, len1),
+                false,
+                cfg,
+                Launches::One,
+            );
+            assert_eq!(error, 0, "a node's phase 2 timed out");
+            Ok(rows
+                .into_iter()
+                .zip(metas)
+                .map(|(rows, m)| shoal_kernels::two_hop::Received {
+                    rows,
+                    meta: m.chunks(3).map(|c| [c[0], c[1], c[2]]).collect(),
+                })
+                .collect())
+        },
+    )
+    .unwrap();
+    for d in 0..ranks {
+        assert_eq!(phased[d].rows, want[d].rows, "two-phase rows at rank {d}");
+        assert_eq!(
+            phased[d].meta, want[d].meta,
+            "two-phase provenance at rank {d}"
+        );
+    }
+
     // Combine: each received row goes back to its source's staging slot (row * maxd + entry),
     // then the source sums its entries in order.
     let (back, back_layout) = combine_routing(&r, &want);

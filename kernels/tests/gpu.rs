@@ -829,6 +829,20 @@ fn dispatch_with_ranks_on_several_launches_and_gpus_equals_the_cpu_transport() {
         .received;
         assert_eq!(got, want, "two launches on one GPU, combine={combine}");
     }
+    // The two-phase plan for nodes without shared memory: phase 1 as host copies, each node's
+    // phase 2 through the kernel.
+    let phased = shoal_kernels::inter_node::transfer_in_phases(
+        &r,
+        &layout,
+        &inputs,
+        (len0, len1),
+        |phase, ins| {
+            a.two_hop(&phase.routing, &phase.layout, ins, (len0, len1), false, cfg)
+                .map(|t| t.received)
+        },
+    )
+    .unwrap();
+    assert_eq!(phased, want, "two phases");
     let e = two_hop_across(
         &[&a, &b],
         &[3, 4],
