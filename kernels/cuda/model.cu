@@ -11,6 +11,18 @@
 
 #define ATT_MAX_DV 128
 
+// The (sequence, head, position) of warp-row `row`, rows ordered [batch, heads, seq].
+struct AttRow {
+  int b, h, i;
+};
+__device__ __forceinline__ AttRow att_row(i64 row, int seq, int heads) {
+  AttRow r;
+  r.i = (int)(row % seq);
+  r.h = (int)((row / seq) % heads);
+  r.b = (int)(row / ((i64)seq * heads));
+  return r;
+}
+
 __device__ __forceinline__ float warp_dot(const float* a, const float* b, int n, int lane) {
   float s = 0.0f;
   for (int i = lane; i < n; i += 32) s += a[i] * b[i];
@@ -24,9 +36,8 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
   const int lane = threadIdx.x & 31;
   const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (b, h, i)
   if (row >= (i64)batch * heads * seq) return;
-  const int i = (int)(row % seq);
-  const int h = (int)((row / seq) % heads);
-  const int b = (int)(row / ((i64)seq * heads));
+  const AttRow at = att_row(row, seq, heads);
+  const int i = at.i, h = at.h, b = at.b;
   const float* qi = q + (((i64)b * seq + i) * heads + h) * dk;
   float acc[ATT_MAX_DV / 32];
   for (int c = 0; c < ATT_MAX_DV / 32; c++) acc[c] = 0.0f;
@@ -54,9 +65,8 @@ extern "C" __global__ void attention_delta(const float* __restrict__ dout, const
   const int lane = threadIdx.x & 31;
   const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (row >= (i64)batch * heads * seq) return;
-  const int i = (int)(row % seq);
-  const int h = (int)((row / seq) % heads);
-  const int b = (int)(row / ((i64)seq * heads));
+  const AttRow at = att_row(row, seq, heads);
+  const int i = at.i, h = at.h, b = at.b;
   const i64 o = (((i64)b * seq + i) * heads + h) * dv;
   const float d = warp_dot(dout + o, out + o, dv, lane);
   if (lane == 0) delta[((i64)b * heads + h) * seq + i] = d;
@@ -71,9 +81,8 @@ extern "C" __global__ void attention_backward_q(const float* __restrict__ dout, 
   const int lane = threadIdx.x & 31;
   const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (row >= (i64)batch * heads * seq) return;
-  const int i = (int)(row % seq);
-  const int h = (int)((row / seq) % heads);
-  const int b = (int)(row / ((i64)seq * heads));
+  const AttRow at = att_row(row, seq, heads);
+  const int i = at.i, h = at.h, b = at.b;
   const i64 qi = ((i64)b * seq + i) * heads + h;
   const i64 bh = ((i64)b * heads + h) * seq;
   const float li = lse[bh + i], di = delta[bh + i];
@@ -98,9 +107,8 @@ extern "C" __global__ void attention_backward_kv(const float* __restrict__ dout,
   const int lane = threadIdx.x & 31;
   const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   if (row >= (i64)batch * heads * seq) return;
-  const int j = (int)(row % seq);
-  const int h = (int)((row / seq) % heads);
-  const int b = (int)(row / ((i64)seq * heads));
+  const AttRow at = att_row(row, seq, heads);
+  const int j = at.i, h = at.h, b = at.b;
   const i64 kj = ((i64)b * seq + j) * heads + h;
   const i64 bh = ((i64)b * heads + h) * seq;
   float ak[8], av[ATT_MAX_DV / 32];

@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 
 use common::{
     bf16_bits, close, combine_routing, gemm_error, randn, random_bf16_rows, random_routing,
+    random_rows,
 };
 use half::bf16;
 use libloading::{Library, Symbol};
@@ -853,12 +854,7 @@ fn the_warp_specialized_two_hop_dispatch_and_combine_equal_the_cpu_transport() {
     let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.3);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
-    let inputs: Vec<Rows> = (0..ranks)
-        .map(|_| Rows {
-            part0: (0..rows * len0).map(|_| rng.random()).collect(),
-            part1: (0..rows * len1).map(|_| rng.random()).collect(),
-        })
-        .collect();
+    let inputs = random_rows(&mut rng, ranks, rows, (len0, len1));
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     // Either route (dispatch: inter-node hop first; combine: intra-node hop first) delivers the
     // same rows to the same places; so do two launches sharing the ranks (as on two GPUs: ranks

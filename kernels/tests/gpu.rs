@@ -9,6 +9,7 @@ mod common;
 
 use common::{
     bf16_bits, close, combine_routing, gemm_error, randn, random_bf16_rows, random_routing,
+    random_rows,
 };
 use half::bf16;
 use rand::rngs::StdRng;
@@ -448,12 +449,7 @@ fn dispatch_and_combine_over_the_two_hop_kernel_equal_the_cpu_transport() {
     let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.4);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
-    let inputs: Vec<Rows> = (0..ranks)
-        .map(|_| Rows {
-            part0: (0..rows * len0).map(|_| rng.random()).collect(),
-            part1: (0..rows * len1).map(|_| rng.random()).collect(),
-        })
-        .collect();
+    let inputs = random_rows(&mut rng, ranks, rows, (len0, len1));
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     for cfg in [
         TransferConfig {
@@ -803,12 +799,7 @@ fn dispatch_with_ranks_on_several_launches_and_gpus_equals_the_cpu_transport() {
     let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.4);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
-    let inputs: Vec<Rows> = (0..ranks)
-        .map(|_| Rows {
-            part0: (0..rows * len0).map(|_| rng.random()).collect(),
-            part1: (0..rows * len1).map(|_| rng.random()).collect(),
-        })
-        .collect();
+    let inputs = random_rows(&mut rng, ranks, rows, (len0, len1));
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     let cfg = TransferConfig {
         sms: 6,
@@ -901,12 +892,7 @@ fn a_transfer_between_processes_over_cuda_ipc_equals_the_cpu_transport() {
     let r = random_routing(&mut rng, ranks, local, rows, maxd, 0.6);
     let layout = r.layout().unwrap();
     let (len0, len1) = (hidden, hidden / 128 * 4);
-    let inputs: Vec<Rows> = (0..ranks)
-        .map(|_| Rows {
-            part0: (0..rows * len0).map(|_| rng.random()).collect(),
-            part1: (0..rows * len1).map(|_| rng.random()).collect(),
-        })
-        .collect();
+    let inputs = random_rows(&mut rng, ranks, rows, (len0, len1));
     let want = cpu_transfer(&r, &layout, &inputs, len0, len1).unwrap();
     let cfg = TransferConfig {
         sms: 2,

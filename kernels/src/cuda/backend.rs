@@ -153,6 +153,44 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Launches `gather_rows` or `scatter_add_rows` (the same arguments: source, indices,
+    /// optional per-row scale, destination, rows, width).
+    ///
+    /// # Safety
+    /// The caller checks that the kernel's reads and writes stay inside the buffers.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_kernel(
+        &self,
+        kernel: &'static str,
+        src: &CudaSlice<f32>,
+        idx: &GpuIds,
+        n: usize,
+        width: usize,
+        scale: Option<&CudaSlice<f32>>,
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if n * width == 0 {
+            return Ok(());
+        }
+        let (nn, w) = (n as i64, i32_of("rows.width", width)?);
+        let f = self.function(&MODEL, kernel)?;
+        let mut b = self.stream().launch_builder(&f);
+        let null = 0u64;
+        b.arg(src).arg(&idx.ids);
+        match scale {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(dst).arg(&nn).arg(&w);
+        // SAFETY: the caller's checks (see above); a null scale is a null pointer of the
+        // kernel's `const float*`.
+        unsafe { b.launch(flat(n * width)) }
+            .map_err(cuda_err(kernel, format!("[{n}, {width}]")))?;
+        Ok(())
+    }
+}
+
 impl Backend for Gpu {
     type Buf = CudaSlice<f32>;
     type Ids = GpuIds;
@@ -482,23 +520,9 @@ impl Backend for Gpu {
             check("gather_rows.scale", s.len(), n)?;
         }
         let mut out = Gpu::zeros(self, "gather_rows.out", n * width)?;
-        if n * width > 0 {
-            let (nn, w) = (n as i64, i32_of("gather_rows.width", width)?);
-            let f = self.function(&MODEL, "gather_rows")?;
-            let mut b = self.stream().launch_builder(&f);
-            let null = 0u64;
-            b.arg(src).arg(&idx.ids);
-            match scale {
-                Some(s) => b.arg(s),
-                None => b.arg(&null),
-            };
-            b.arg(&mut out).arg(&nn).arg(&w);
-            // SAFETY: src holds every row idx names (checked against its bound above), idx and
-            // scale hold n entries, out n x width; a null scale is a null pointer of the kernel's
-            // `const float*`.
-            unsafe { b.launch(flat(n * width)) }
-                .map_err(cuda_err("gather_rows", format!("[{n}, {width}]")))?;
-        }
+        // SAFETY: src holds every row idx names (checked against its bound above), idx and scale
+        // hold n entries, out n x width.
+        unsafe { self.rows_kernel("gather_rows", src, idx, n, width, scale, &mut out) }?;
         Ok(out)
     }
 
@@ -520,23 +544,9 @@ impl Backend for Gpu {
         if let Some(s) = scale {
             check("scatter_add_rows.scale", s.len(), n)?;
         }
-        if n * width > 0 {
-            let (nn, w) = (n as i64, i32_of("scatter_add_rows.width", width)?);
-            let f = self.function(&MODEL, "scatter_add_rows")?;
-            let mut b = self.stream().launch_builder(&f);
-            let null = 0u64;
-            b.arg(src).arg(&idx.ids);
-            match scale {
-                Some(s) => b.arg(s),
-                None => b.arg(&null),
-            };
-            b.arg(dst).arg(&nn).arg(&w);
-            // SAFETY: as for gather_rows, against dst's rows; the indices of one call are
-            // distinct (the trait's contract), so no two threads write one element.
-            unsafe { b.launch(flat(n * width)) }
-                .map_err(cuda_err("scatter_add_rows", format!("[{n}, {width}]")))?;
-        }
-        Ok(())
+        // SAFETY: src holds n x width values, dst every row idx names (checked above), and the
+        // indices of one call are distinct (the trait's contract): no two threads write one value.
+        unsafe { self.rows_kernel("scatter_add_rows", src, idx, n, width, scale, dst) }
     }
 
     fn row_dots(

@@ -133,3 +133,18 @@ pub fn bf16_bits(bytes: &[u8]) -> Vec<u16> {
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect()
 }
+
+/// `ranks` ranks' random input rows: `rows` rows of `len0` and `len1` bytes each.
+pub fn random_rows(
+    rng: &mut StdRng,
+    ranks: usize,
+    rows: usize,
+    (len0, len1): (usize, usize),
+) -> Vec<Rows> {
+    (0..ranks)
+        .map(|_| Rows {
+            part0: (0..rows * len0).map(|_| rng.random()).collect(),
+            part1: (0..rows * len1).map(|_| rng.random()).collect(),
+        })
+        .collect()
+}

@@ -122,12 +122,7 @@ impl Trainer {
         let t0 = Instant::now();
         let _span = tracing::debug_span!("step", step = self.step + 1).entered();
         let batch = self.batcher.next_batch();
-        let tb = TokenBatch {
-            batch: batch.batch,
-            seq: batch.seq_len,
-            inputs: &batch.inputs,
-            targets: &batch.targets,
-        };
+        let tb = super::tokens_of(&batch);
         let h = self.opts.step_hyper(self.step);
         let device = self
             .device
@@ -154,11 +149,7 @@ impl Trainer {
         drop(sync);
         self.step += 1;
         let out = r.out;
-        let mtp = if out.mtp_losses.is_empty() {
-            0.0
-        } else {
-            out.mtp_losses.iter().sum::<f64>() / out.mtp_losses.len() as f64
-        };
+        let mtp = super::mean_mtp(&out);
         let seconds = t0.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: self.step,

@@ -330,6 +330,25 @@ impl MemoryUse {
     }
 }
 
+/// A batch as the model reads it.
+fn tokens_of(b: &crate::data::Batch) -> TokenBatch<'_> {
+    TokenBatch {
+        batch: b.batch,
+        seq: b.seq_len,
+        inputs: &b.inputs,
+        targets: &b.targets,
+    }
+}
+
+/// The mean MTP loss over depths (0 without MTP).
+fn mean_mtp(out: &crate::model::StepOutput) -> f64 {
+    if out.mtp_losses.is_empty() {
+        0.0
+    } else {
+        out.mtp_losses.iter().sum::<f64>() / out.mtp_losses.len() as f64
+    }
+}
+
 /// Optimizer and schedule state, everything a checkpoint needs besides the weights.
 pub struct Trainer {
     /// One per data-parallel rank of this process; the first one's weights are the model.
@@ -791,12 +810,7 @@ impl Trainer {
         let t0 = Instant::now();
         let _span = tracing::debug_span!("step", step = self.step + 1).entered();
         let batch = self.batcher.next_batch();
-        let tb = TokenBatch {
-            batch: batch.batch,
-            seq: batch.seq_len,
-            inputs: &batch.inputs,
-            targets: &batch.targets,
-        };
+        let tb = tokens_of(&batch);
         let dp = self.opts.dp;
         let devices = self.devices();
         let group = Group {
@@ -919,11 +933,7 @@ impl Trainer {
         let seconds = t0.elapsed().as_secs_f64();
 
         self.step += 1;
-        let mtp = if out.mtp_losses.is_empty() {
-            0.0
-        } else {
-            out.mtp_losses.iter().sum::<f64>() / out.mtp_losses.len() as f64
-        };
+        let mtp = mean_mtp(&out);
         Ok(StepMetrics {
             step: self.step,
             loss: out.loss,
