@@ -199,6 +199,66 @@ fn the_fp8_gemm_matches_the_exact_cpu_accumulation_within_the_accumulators_preci
     }
 }
 
+/// cuBLASLt's block-scaled FP8 GEMM (the peer `gpu_bench` measures Shoal's kernel against) reads
+/// the same quantized operands through its own scale layouts: on Hopper it must agree with the
+/// exact CPU accumulation within its BF16 output's rounding and its accumulator's precision (a
+/// misplaced scale would be off by whole factors); elsewhere it is a typed error.
+#[test]
+fn cublaslt_block_scaled_fp8_agrees_with_the_cpu_on_hopper_and_is_refused_elsewhere() {
+    let g = gpu();
+    let mut rng = StdRng::seed_from_u64(31);
+    for &(m, n, k) in &[
+        (64, 128, 256),
+        (130, 200, 640),
+        (256, 384, 1024),
+        (8, 136, 7168),
+    ] {
+        let a =
+            Fp8Matrix::quantize_tiles(&randn(&mut rng, m * k, 2.0), m, k, QuantConfig::default())
+                .unwrap();
+        let b =
+            Fp8Matrix::quantize_blocks(&randn(&mut rng, n * k, 0.5), n, k, QuantConfig::default())
+                .unwrap();
+        let r = g.fp8_gemm_cublaslt(
+            &GpuFp8::from_host(&g, &a).unwrap(),
+            &GpuFp8::from_host(&g, &b).unwrap(),
+        );
+        if g.info().compute_capability != (9, 0) {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    KernelError::InvalidArgument {
+                        name: "fp8_gemm_cublaslt",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            return;
+        }
+        let got: Vec<f32> = g
+            .download("d", &r.unwrap(), m * n)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let want = fp8_gemm(&a, &b, Accumulation::Fp32).unwrap();
+        let err = gemm_error(&got, want.data(), &a, &b);
+        assert!(err < 4e-3, "{m}x{n}x{k}: relative error {err:e}");
+    }
+    let a = Fp8Matrix::quantize_tiles(&vec![1.0; 4 * 200], 4, 200, QuantConfig::default()).unwrap();
+    let b =
+        Fp8Matrix::quantize_blocks(&vec![1.0; 8 * 200], 8, 200, QuantConfig::default()).unwrap();
+    let e = g
+        .fp8_gemm_cublaslt(
+            &GpuFp8::from_host(&g, &a).unwrap(),
+            &GpuFp8::from_host(&g, &b).unwrap(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("multiple of 128"), "{e}");
+}
+
 #[test]
 fn the_grouped_gemm_equals_one_gemm_per_expert_segment() {
     let g = gpu();
