@@ -817,7 +817,11 @@ fn the_gpu_backend_matches_the_host_backend_op_by_op() {
         1e-5,
         "row_dots",
     );
-    let ss = (h.sum_sq(&rowsrc).unwrap(), g.sum_sq(&up(&rowsrc)).unwrap());
+    let (gx, gy) = (up(&rowsrc), up(&hgat));
+    let ss = (
+        h.sum_sq(&[&rowsrc, &hgat]).unwrap(),
+        g.sum_sq(&[&gx, &gy]).unwrap(),
+    );
     assert!((ss.0 - ss.1).abs() < 1e-9 * ss.0, "sum_sq {ss:?}");
     let coeffs = AdamCoeffs::new(
         &AdamWConfig {

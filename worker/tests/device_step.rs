@@ -148,3 +148,33 @@ fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
         .to_string();
     assert!(e.contains("precision") && e.contains("fp32"), "{e}");
 }
+
+/// A token id outside the vocabulary is refused by the backend's embedding, by name, and a
+/// target outside it by its cross-entropy: no read outside the table.
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_by_name() {
+    use shoal_kernels::ops::linear::Precision;
+    use shoal_worker::model::{Model, Objective, TokenBatch};
+    let cfg = common::small_cfg();
+    let model = Model::<f32>::new(&cfg, Precision::Fp32, 1).unwrap();
+    let mut dev = shoal_worker::model::device::DeviceModel::new(Host, &model).unwrap();
+    let good: Vec<u32> = (0..16).collect();
+    let mut bad = good.clone();
+    bad[5] = cfg.vocab_size as u32;
+    for (inputs, targets, what) in [
+        (&bad, &good, "embedding.ids"),
+        (&good, &bad, "cross_entropy.targets"),
+    ] {
+        let b = TokenBatch {
+            batch: 2,
+            seq: 8,
+            inputs,
+            targets,
+        };
+        let e = dev
+            .forward_backward(&b, &Objective::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{e}");
+    }
+}

@@ -9,6 +9,7 @@ use crate::ops::embedding::embedding_forward;
 use crate::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_backward_weight, rmsnorm_forward};
 use crate::ops::rope::{RopeLayout, RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use crate::real::add_into;
 use crate::{KernelError, Result, Tensor};
 
 /// The CPU: buffers are `Vec`s, operations the reference operators of `ops` (which split their
@@ -117,9 +118,7 @@ impl Backend for Host {
                 format!("{}", x.len()),
             ));
         }
-        for (a, b) in y.iter_mut().zip(x) {
-            *a += b;
-        }
+        add_into(y, x);
         Ok(())
     }
 
@@ -260,9 +259,7 @@ impl Backend for Host {
         check_len("embedding.dy", dy, ids.len() * d)?;
         for (row, &id) in dy.chunks_exact(d.max(1)).zip(ids) {
             let at = id as usize * d;
-            for (a, b) in dtable[at..at + d].iter_mut().zip(row) {
-                *a += b;
-            }
+            add_into(&mut dtable[at..at + d], row);
         }
         Ok(())
     }
@@ -310,9 +307,7 @@ impl Backend for Host {
                 let d = r * c.dst_ld + c.dst_off + g * c.dst_gs;
                 let (from, to) = (&src[s..s + c.width], &mut dst[d..d + c.width]);
                 if c.accumulate {
-                    for (a, b) in to.iter_mut().zip(from) {
-                        *a += b;
-                    }
+                    add_into(to, from);
                 } else {
                     to.copy_from_slice(from);
                 }
@@ -390,8 +385,8 @@ impl Backend for Host {
             .collect())
     }
 
-    fn sum_sq(&self, x: &Vec<f32>) -> Result<f64> {
-        Ok(sum_sq(x))
+    fn sum_sq(&self, xs: &[&Vec<f32>]) -> Result<f64> {
+        Ok(xs.iter().map(|x| sum_sq(x)).sum())
     }
 
     fn adamw(

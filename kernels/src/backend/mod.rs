@@ -298,8 +298,9 @@ pub trait Backend: Send + Sync {
         n: usize,
         width: usize,
     ) -> Result<Vec<f32>>;
-    /// The sum of squares of `x`, in FP64.
-    fn sum_sq(&self, x: &Self::Buf) -> Result<f64>;
+    /// The sum of squares of every value of `xs`, in FP64, buffer by buffer in order (one
+    /// result for many buffers: a device waits once, not once per buffer).
+    fn sum_sq(&self, xs: &[&Self::Buf]) -> Result<f64>;
     /// One AdamW step with FP32 master weights and FP32 moments.
     fn adamw(
         &self,

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{Gpu, cuda_err};
-use super::launch::launch;
+use super::launch::{check_len, dim, grid_stride, launch};
 use super::source::MODEL;
 use crate::backend::{AttnDims, Backend, ColCopy, Gemm};
 use crate::ops::adamw::AdamCoeffs;
@@ -57,30 +57,6 @@ pub struct GpuCe {
     count: usize,
 }
 
-fn i32_of(what: &'static str, v: usize) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| KernelError::invalid(what, format!("{v} does not fit a 32-bit index")))
-}
-
-fn check(what: &'static str, len: usize, n: usize) -> Result<()> {
-    if len < n {
-        return Err(KernelError::shape(
-            what,
-            format!("at least {n} elements"),
-            format!("{len} elements"),
-        ));
-    }
-    Ok(())
-}
-
-fn flat(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// One warp per row, eight warps per block.
 fn warps(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -95,20 +71,20 @@ fn warps(rows: usize) -> LaunchConfig {
 const SUM_BLOCKS: usize = 256;
 
 impl Gpu {
+    /// `C += op(A) . op(B)` through cuBLAS SGEMM (`gemm` hands it a zeroed C).
     fn sgemm(
         &self,
         a: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
         g: Gemm,
-        beta: f32,
     ) -> Result<()> {
         use cudarc::cublas::{Gemm as _, GemmConfig, sys::cublasOperation_t as Op};
         let shapes = format!("{g:?}");
-        check("gemm.a", a.len(), g.m * g.k)?;
-        check("gemm.b", b.len(), g.k * g.n)?;
-        check("gemm.c", c.len(), g.m * g.n)?;
-        if g.m == 0 || g.n == 0 {
+        check_len("gemm.a", a, g.m * g.k)?;
+        check_len("gemm.b", b, g.k * g.n)?;
+        check_len("gemm.c", c, g.m * g.n)?;
+        if g.m == 0 || g.n == 0 || g.k == 0 {
             return Ok(());
         }
         // cuBLAS runs on the thread's current context, which nothing before may have set.
@@ -116,9 +92,9 @@ impl Gpu {
             .bind_to_thread()
             .map_err(cuda_err("cublas_sgemm", &shapes))?;
         let (m, n, k) = (
-            i32_of("gemm.m", g.m)?,
-            i32_of("gemm.n", g.n)?,
-            i32_of("gemm.k", g.k)?,
+            dim("gemm.m", g.m)?,
+            dim("gemm.n", g.n)?,
+            dim("gemm.k", g.k)?,
         );
         let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
         // Row-major C[m, n] is column-major C^T[n, m] = op(B)^T . op(A)^T.
@@ -127,22 +103,13 @@ impl Gpu {
             transb: op(g.a_t),
             m: n,
             n: m,
-            k: k.max(1),
+            k,
             alpha: 1.0f32,
-            lda: if g.b_t { k.max(1) } else { n },
-            ldb: if g.a_t { m } else { k.max(1) },
-            beta,
+            lda: if g.b_t { k } else { n },
+            ldb: if g.a_t { m } else { k },
+            beta: 1.0f32,
             ldc: n,
         };
-        if g.k == 0 {
-            // Nothing to multiply: C = beta * C, which for the overwrite case is zeros.
-            if beta == 0.0 {
-                self.stream()
-                    .memset_zeros(c)
-                    .map_err(cuda_err("gemm", &shapes))?;
-            }
-            return Ok(());
-        }
         // SAFETY: a, b and c hold at least the elements their shapes need (checked above) and the
         // leading dimensions describe those row-major shapes as column-major operands.
         unsafe { self.blas()?.gemm(cfg, b, a, c) }.map_err(|e| KernelError::Cuda {
@@ -173,7 +140,7 @@ impl Gpu {
         if n * width == 0 {
             return Ok(());
         }
-        let (nn, w) = (n as i64, i32_of("rows.width", width)?);
+        let (nn, w) = (n as i64, dim("rows.width", width)?);
         let f = self.function(&MODEL, kernel)?;
         let mut b = self.stream().launch_builder(&f);
         let null = 0u64;
@@ -185,7 +152,7 @@ impl Gpu {
         b.arg(dst).arg(&nn).arg(&w);
         // SAFETY: the caller's checks (see above); a null scale is a null pointer of the
         // kernel's `const float*`.
-        unsafe { b.launch(flat(n * width)) }
+        unsafe { b.launch(grid_stride(n * width, 256)) }
             .map_err(cuda_err(kernel, format!("[{n}, {width}]")))?;
         Ok(())
     }
@@ -238,7 +205,7 @@ impl Backend for Gpu {
 
     fn gemm(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>, g: Gemm) -> Result<CudaSlice<f32>> {
         let mut c = Gpu::zeros(self, "gemm.c", g.m * g.n)?;
-        self.sgemm(a, b, &mut c, g, 0.0)?;
+        self.sgemm(a, b, &mut c, g)?;
         Ok(c)
     }
 
@@ -249,14 +216,14 @@ impl Backend for Gpu {
         c: &mut CudaSlice<f32>,
         g: Gemm,
     ) -> Result<()> {
-        self.sgemm(a, b, c, g, 1.0)
+        self.sgemm(a, b, c, g)
     }
 
     fn add_into(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
         let n = y.len();
-        check("add.x", x.len(), n)?;
+        check_len("add.x", x, n)?;
         let nn = n as i64;
-        launch!(self, MODEL, "add_into", format!("[{n}]"), flat(n); y, x, &nn);
+        launch!(self, MODEL, "add_into", format!("[{n}]"), grid_stride(n, 256); y, x, &nn);
         Ok(())
     }
 
@@ -282,10 +249,10 @@ impl Backend for Gpu {
         dw: &mut CudaSlice<f32>,
     ) -> Result<CudaSlice<f32>> {
         let dx = self.rmsnorm_backward_input(x, w, dy, rows, d, eps)?;
-        check("rmsnorm.dweight", dw.len(), d)?;
+        check_len("rmsnorm.dweight", dw, d)?;
         if rows * d > 0 {
             let shapes = format!("x [{rows}, {d}]");
-            let (r, dd) = (i32_of("rmsnorm.rows", rows)?, i32_of("rmsnorm.d", d)?);
+            let (r, dd) = (dim("rmsnorm.rows", rows)?, dim("rmsnorm.d", d)?);
             let mut rstd = Gpu::zeros::<f32>(self, "rmsnorm.rstd", rows)?;
             launch!(self, MODEL, "row_rstd", &shapes, warps(rows); x, &mut rstd, &r, &dd, &eps);
             let cfg = LaunchConfig {
@@ -348,7 +315,7 @@ impl Backend for Gpu {
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let rows = d.batch * d.seq * d.heads;
         let shapes = format!("{d:?}");
-        check_attention(&d, q.len(), k.len(), v.len())?;
+        check_attention(&d, q, k, v)?;
         let mut out = Gpu::zeros(self, "attention.out", rows * d.dv)?;
         let mut lse = Gpu::zeros(self, "attention.lse", rows)?;
         if rows > 0 {
@@ -371,10 +338,10 @@ impl Backend for Gpu {
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let rows = d.batch * d.seq * d.heads;
         let shapes = format!("{d:?}");
-        check_attention(&d, q.len(), k.len(), v.len())?;
-        check("attention.dout", dout.len(), rows * d.dv)?;
-        check("attention.out", out.len(), rows * d.dv)?;
-        check("attention.lse", lse.len(), rows)?;
+        check_attention(&d, q, k, v)?;
+        check_len("attention.dout", dout, rows * d.dv)?;
+        check_len("attention.out", out, rows * d.dv)?;
+        check_len("attention.lse", lse, rows)?;
         let mut dq = Gpu::zeros(self, "attention.dq", rows * d.dk)?;
         let mut dk_ = Gpu::zeros(self, "attention.dk", rows * d.dk)?;
         let mut dv_ = Gpu::zeros(self, "attention.dv", rows * d.dv)?;
@@ -399,9 +366,9 @@ impl Backend for Gpu {
         ids.check("embedding.ids", n, table.len().checked_div(d).unwrap_or(0))?;
         let mut out = Gpu::zeros(self, "embedding.out", n * d)?;
         if n * d > 0 {
-            let dd = i32_of("embedding.d", d)?;
+            let dd = dim("embedding.d", d)?;
             let nn = n as i64;
-            launch!(self, MODEL, "embedding_gather", format!("[{n}, {d}] of {}", table.len()), flat(n * d); table, &ids.ids, &mut out, &nn, &dd);
+            launch!(self, MODEL, "embedding_gather", format!("[{n}, {d}] of {}", table.len()), grid_stride(n * d, 256); table, &ids.ids, &mut out, &nn, &dd);
         }
         Ok(out)
     }
@@ -414,7 +381,7 @@ impl Backend for Gpu {
         dtable: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let vocab = dtable.len().checked_div(d).unwrap_or(0);
-        check("embedding.dy", dy.len(), ids.len() * d)?;
+        check_len("embedding.dy", dy, ids.len() * d)?;
         if let Some((position, &id)) = ids.iter().enumerate().find(|(_, i)| **i as usize >= vocab) {
             return Err(KernelError::IndexOutOfRange {
                 operand: "embedding.ids",
@@ -443,11 +410,8 @@ impl Backend for Gpu {
             Gpu::upload(self, "embedding.ids", &off)?,
             Gpu::upload(self, "embedding.ids", &order)?,
         );
-        let (nu, dd) = (
-            i32_of("embedding.ids", uniq.len())?,
-            i32_of("embedding.d", d)?,
-        );
-        launch!(self, MODEL, "embedding_scatter", format!("[{}, {d}]", ids.len()), flat(uniq.len() * d); dy, &u, &o, &r, dtable, &nu, &dd);
+        let (nu, dd) = (dim("embedding.ids", uniq.len())?, dim("embedding.d", d)?);
+        launch!(self, MODEL, "embedding_scatter", format!("[{}, {d}]", ids.len()), grid_stride(uniq.len() * d, 256); dy, &u, &o, &r, dtable, &nu, &dd);
         Ok(())
     }
 
@@ -496,10 +460,10 @@ impl Backend for Gpu {
             c.rows, c.groups, c.width, c.src_ld, c.src_off, c.src_gs, c.dst_ld, c.dst_off, c.dst_gs,
         ]
         .iter()
-        .map(|&v| i32_of("copy_cols", v))
+        .map(|&v| dim("copy_cols", v))
         .collect::<Result<Vec<i32>>>()?;
         let acc = i32::from(c.accumulate);
-        launch!(self, MODEL, "copy_cols", format!("{c:?}"), flat(n); src, dst, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &acc);
+        launch!(self, MODEL, "copy_cols", format!("{c:?}"), grid_stride(n, 256); src, dst, &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &acc);
         Ok(())
     }
 
@@ -517,7 +481,7 @@ impl Backend for Gpu {
             src.len().checked_div(width).unwrap_or(0),
         )?;
         if let Some(s) = scale {
-            check("gather_rows.scale", s.len(), n)?;
+            check_len("gather_rows.scale", s, n)?;
         }
         let mut out = Gpu::zeros(self, "gather_rows.out", n * width)?;
         // SAFETY: src holds every row idx names (checked against its bound above), idx and scale
@@ -540,9 +504,9 @@ impl Backend for Gpu {
             n,
             dst.len().checked_div(width).unwrap_or(0),
         )?;
-        check("scatter_add_rows.src", src.len(), n * width)?;
+        check_len("scatter_add_rows.src", src, n * width)?;
         if let Some(s) = scale {
-            check("scatter_add_rows.scale", s.len(), n)?;
+            check_len("scatter_add_rows.scale", s, n)?;
         }
         // SAFETY: src holds n x width values, dst every row idx names (checked above), and the
         // indices of one call are distinct (the trait's contract): no two threads write one value.
@@ -558,28 +522,33 @@ impl Backend for Gpu {
         width: usize,
     ) -> Result<Vec<f32>> {
         idx.check("row_dots.idx", n, a.len().checked_div(width).unwrap_or(0))?;
-        check("row_dots.b", b.len(), n * width)?;
+        check_len("row_dots.b", b, n * width)?;
         let mut out = Gpu::zeros(self, "row_dots.out", n)?;
         if n > 0 {
-            let (nn, w) = (i32_of("row_dots.n", n)?, i32_of("row_dots.width", width)?);
+            let (nn, w) = (dim("row_dots.n", n)?, dim("row_dots.width", width)?);
             launch!(self, MODEL, "row_dots", format!("[{n}, {width}]"), warps(n); a, &idx.ids, b, &mut out, &nn, &w);
         }
         Gpu::download(self, "row_dots.out", &out, n)
     }
 
-    fn sum_sq(&self, x: &CudaSlice<f32>) -> Result<f64> {
-        let n = x.len();
-        let mut partial = Gpu::zeros::<f64>(self, "sum_sq.partial", SUM_BLOCKS)?;
-        let nn = n as i64;
+    fn sum_sq(&self, xs: &[&CudaSlice<f32>]) -> Result<f64> {
+        // Every buffer's partial sums side by side, downloaded once and added in order.
+        let mut partial = Gpu::zeros::<f64>(self, "sum_sq.partial", SUM_BLOCKS * xs.len())?;
         let cfg = LaunchConfig {
             grid_dim: (SUM_BLOCKS as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, MODEL, "sum_sq_partial", format!("[{n}]"), cfg; x, &mut partial, &nn);
-        Ok(Gpu::download(self, "sum_sq.partial", &partial, SUM_BLOCKS)?
-            .iter()
-            .sum())
+        for (i, x) in xs.iter().enumerate() {
+            let nn = x.len() as i64;
+            let mut part = partial.slice_mut(i * SUM_BLOCKS..(i + 1) * SUM_BLOCKS);
+            launch!(self, MODEL, "sum_sq_partial", format!("[{nn}]"), cfg; *x, &mut part, &nn);
+        }
+        Ok(
+            Gpu::download(self, "sum_sq.partial", &partial, SUM_BLOCKS * xs.len())?
+                .iter()
+                .sum(),
+        )
     }
 
     fn adamw(
@@ -599,7 +568,12 @@ impl Backend for Gpu {
     }
 }
 
-fn check_attention(d: &AttnDims, q: usize, k: usize, v: usize) -> Result<()> {
+fn check_attention(
+    d: &AttnDims,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+) -> Result<()> {
     let rows = d.batch * d.seq * d.heads;
     if d.dk > 256 || d.dv > 128 {
         return Err(KernelError::invalid(
@@ -610,17 +584,17 @@ fn check_attention(d: &AttnDims, q: usize, k: usize, v: usize) -> Result<()> {
             ),
         ));
     }
-    check("attention.q", q, rows * d.dk)?;
-    check("attention.k", k, rows * d.dk)?;
-    check("attention.v", v, rows * d.dv)
+    check_len("attention.q", q, rows * d.dk)?;
+    check_len("attention.k", k, rows * d.dk)?;
+    check_len("attention.v", v, rows * d.dv)
 }
 
 fn attn_args(d: &AttnDims) -> Result<(i32, i32, i32, i32, i32)> {
     Ok((
-        i32_of("attention.batch", d.batch)?,
-        i32_of("attention.seq", d.seq)?,
-        i32_of("attention.heads", d.heads)?,
-        i32_of("attention.dk", d.dk)?,
-        i32_of("attention.dv", d.dv)?,
+        dim("attention.batch", d.batch)?,
+        dim("attention.seq", d.seq)?,
+        dim("attention.heads", d.heads)?,
+        dim("attention.dk", d.dk)?,
+        dim("attention.dv", d.dv)?,
     ))
 }

@@ -9,12 +9,12 @@
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use half::bf16;
 use std::ffi::c_void;
 
 use super::device::{Gpu, cuda_err};
-use super::launch::GpuFp8;
+use super::launch::{GpuFp8, dim, grid_stride, launch};
 use super::source::QUANT;
 use crate::fp8::Fp8Format;
 use crate::quant::{Granularity, blocks};
@@ -73,7 +73,7 @@ impl<T: Copy> Drop for Owned<T> {
 impl Gpu {
     /// The cuBLASLt handle and workspace of this GPU, created on first use.
     fn lt(&self) -> Result<&LtState> {
-        if let Some(s) = self.lt_slot().get() {
+        if let Some(s) = self.lt.get() {
             return Ok(s);
         }
         // SAFETY: only tries to open the library with `libloading`; no function of it is called.
@@ -94,11 +94,11 @@ impl Gpu {
                 return Err(e);
             }
         };
-        if let Err(lost) = self.lt_slot().set(LtState { handle, workspace }) {
+        if let Err(lost) = self.lt.set(LtState { handle, workspace }) {
             // Another thread's state got there first: dropping ours destroys its handle.
             drop(lost);
         }
-        self.lt_slot().get().ok_or_else(|| KernelError::Cuda {
+        self.lt.get().ok_or_else(|| KernelError::Cuda {
             kernel: "cublaslt_create",
             shapes: String::new(),
             reason: "the cuBLASLt state was not kept".into(),
@@ -155,22 +155,18 @@ impl Gpu {
         // The scales in cuBLASLt's layouts.
         let mut sa = self.zeros::<f32>("cublaslt.a_scales", kb * m)?;
         let mut sb = self.zeros::<f32>("cublaslt.b_scales", nb * ld)?;
-        {
-            let (r, c) = (dim32(m)?, dim32(kb)?);
-            let f = self.function(&QUANT, "transpose_f32")?;
-            let mut l = self.stream().launch_builder(&f);
-            l.arg(&a.scales).arg(&mut sa).arg(&r).arg(&c);
-            // SAFETY: a.scales holds the m x kb tile-scale grid and sa as many; the arguments
-            // match `transpose_f32` in quant.cu.
-            unsafe { l.launch(flat(m * kb)) }.map_err(cuda_err("transpose_f32", &shapes))?;
-            let (r, c, l32) = (dim32(nb)?, dim32(kb)?, dim32(ld)?);
-            let f = self.function(&QUANT, "pad_rows_f32")?;
-            let mut l = self.stream().launch_builder(&f);
-            l.arg(&b.scales).arg(&mut sb).arg(&r).arg(&c).arg(&l32);
-            // SAFETY: b.scales holds the nb x kb block-scale grid, sb holds nb rows of ld >= kb;
-            // the arguments match `pad_rows_f32` in quant.cu.
-            unsafe { l.launch(flat(nb * kb)) }.map_err(cuda_err("pad_rows_f32", &shapes))?;
-        }
+        // a.scales holds the m x kb tile-scale grid and sa as many; b.scales the nb x kb block
+        // grid, sb nb rows of ld >= kb.
+        let (rm, ckb) = (
+            dim("fp8_gemm_cublaslt.m", m)?,
+            dim("fp8_gemm_cublaslt.k", kb)?,
+        );
+        launch!(self, QUANT, "transpose_f32", &shapes, grid_stride(m * kb, 256); &a.scales, &mut sa, &rm, &ckb);
+        let (rnb, ld32) = (
+            dim("fp8_gemm_cublaslt.n", nb)?,
+            dim("fp8_gemm_cublaslt.k", ld)?,
+        );
+        launch!(self, QUANT, "pad_rows_f32", &shapes, grid_stride(nb * kb, 256); &b.scales, &mut sb, &rnb, &ckb, &ld32);
         let mut d = self.zeros::<bf16>("fp8_gemm_cublaslt.out", m * n)?;
         let stream = self.stream().clone();
         let err = lt_err(kernel, &shapes);
@@ -205,43 +201,24 @@ impl Gpu {
         let (pw, _gw) = state.workspace.device_ptr(&stream);
         let (pd, _gd) = d.device_ptr_mut(&stream);
         use sys::cublasLtMatmulDescAttributes_t as A;
-        let set = |attr: A, v: *const c_void, size: usize| {
-            // SAFETY: the descriptor is alive; `v` points at `size` readable bytes.
-            unsafe { lt::set_matmul_desc_attribute(desc.raw, attr, v, size) }.map_err(&err)
+        // Every attribute set here is an i32 (transposes, scale modes) or a u64 (device
+        // pointers), passed by address and size.
+        let set_i32 = |attr: A, v: i32| {
+            // SAFETY: the descriptor is alive; `v` is the 4 readable bytes the attribute wants.
+            unsafe { lt::set_matmul_desc_attribute(desc.raw, attr, (&v as *const i32).cast(), 4) }
+                .map_err(&err)
         };
-        let (t, nt) = (1i32, 0i32);
-        let i32_size = std::mem::size_of::<i32>();
-        let ptr_size = std::mem::size_of::<u64>();
-        set(
-            A::CUBLASLT_MATMUL_DESC_TRANSA,
-            (&t as *const i32).cast(),
-            i32_size,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_TRANSB,
-            (&nt as *const i32).cast(),
-            i32_size,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            (&SCALE_BLK128X128_32F as *const i32).cast(),
-            i32_size,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            (&SCALE_VEC128_32F as *const i32).cast(),
-            i32_size,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-            (&psa as *const u64).cast(),
-            ptr_size,
-        )?;
-        set(
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-            (&psb as *const u64).cast(),
-            ptr_size,
-        )?;
+        let set_u64 = |attr: A, v: u64| {
+            // SAFETY: as above, 8 bytes.
+            unsafe { lt::set_matmul_desc_attribute(desc.raw, attr, (&v as *const u64).cast(), 8) }
+                .map_err(&err)
+        };
+        set_i32(A::CUBLASLT_MATMUL_DESC_TRANSA, 1)?;
+        set_i32(A::CUBLASLT_MATMUL_DESC_TRANSB, 0)?;
+        set_i32(A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, SCALE_BLK128X128_32F)?;
+        set_i32(A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, SCALE_VEC128_32F)?;
+        set_u64(A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, psa)?;
+        set_u64(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, psb)?;
         let ws = WORKSPACE_BYTES as u64;
         // SAFETY: the preference descriptor is alive; the value is a u64 as the attribute wants.
         unsafe {
@@ -293,22 +270,5 @@ impl Gpu {
         .map_err(&err)?;
         drop((_ga, _gb, _gsa, _gsb, _gw, _gd));
         Ok(d)
-    }
-}
-
-fn dim32(v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| {
-        KernelError::invalid(
-            "fp8_gemm_cublaslt",
-            format!("{v} does not fit a 32-bit index"),
-        )
-    })
-}
-
-fn flat(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
     }
 }

@@ -144,7 +144,8 @@ pub struct Gpu {
     modules: [OnceLock<Arc<CudaModule>>; SOURCES.len()],
     defines: Vec<&'static str>,
     blas: OnceLock<cudarc::cublas::CudaBlas>,
-    lt: OnceLock<super::blaslt::LtState>,
+    /// The cuBLASLt handle and workspace, created on first use (see `blaslt.rs`).
+    pub(super) lt: OnceLock<super::blaslt::LtState>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -248,11 +249,6 @@ impl Gpu {
                 reason: format!("{e:?}"),
             })?;
         Ok(self.blas.get_or_init(|| b))
-    }
-
-    /// Where the cuBLASLt state lives (see `blaslt.rs`).
-    pub(crate) fn lt_slot(&self) -> &OnceLock<super::blaslt::LtState> {
-        &self.lt
     }
 
     /// Copies `data` to a new device buffer.

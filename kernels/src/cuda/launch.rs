@@ -82,13 +82,13 @@ fn fmt_code(f: Fp8Format) -> i32 {
 }
 
 /// An `i32` kernel argument, or an error naming `what` when the value does not fit.
-fn dim(what: &'static str, v: usize) -> Result<i32> {
+pub(crate) fn dim(what: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         KernelError::invalid(what, format!("{v} does not fit the kernel's 32-bit index"))
     })
 }
 
-fn check_len<T>(operand: &'static str, buf: &CudaSlice<T>, n: usize) -> Result<()> {
+pub(crate) fn check_len<T>(operand: &'static str, buf: &CudaSlice<T>, n: usize) -> Result<()> {
     if buf.len() < n {
         return Err(KernelError::shape(
             operand,
@@ -99,7 +99,7 @@ fn check_len<T>(operand: &'static str, buf: &CudaSlice<T>, n: usize) -> Result<(
     Ok(())
 }
 
-fn grid_stride(n: usize, threads: u32) -> LaunchConfig {
+pub(crate) fn grid_stride(n: usize, threads: u32) -> LaunchConfig {
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535 * 8) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),

@@ -364,14 +364,7 @@ pub fn adamw_step_scaled(
     let k = AdamCoeffs::new(cfg, lr, t, grad_scale);
 
     match &mut state.moments {
-        Moments::F32 { m, v } => {
-            params
-                .par_chunks_mut(CHUNK)
-                .zip(grads.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((pc, gc), mc), vc)| update_f32(&k, pc, gc, mc, vc));
-        }
+        Moments::F32 { m, v } => adamw_apply_f32(&k, params, grads, m, v)?,
         Moments::Bf16 { m, v } => {
             params
                 .par_chunks_mut(CHUNK)

@@ -58,56 +58,20 @@ impl<B: Backend> Fw<'_, B> {
         Ok(self.be.rmsnorm(x, &self.p[id.index()], rows, d, eps)?)
     }
 
-    /// Column blocks `[off, off + width)` of every group of `gs` columns (`groups` of them) of a
-    /// `[rows, ld]` matrix, as a new `[rows, groups * width]` matrix.
+    /// Copies `groups` column blocks of `width` of every row from `src` (at `from`) into `dst`
+    /// (at `to`), adding when `accumulate`.
     #[allow(clippy::too_many_arguments)]
-    pub fn take(
+    pub fn copy(
         &self,
         src: &B::Buf,
-        rows: usize,
-        ld: usize,
-        off: usize,
-        gs: usize,
-        groups: usize,
-        width: usize,
-    ) -> Result<B::Buf> {
-        let mut dst = self.be.zeros("columns", rows * groups * width)?;
-        self.be.copy_cols(
-            src,
-            &mut dst,
-            ColCopy {
-                rows,
-                groups,
-                width,
-                src_ld: ld,
-                src_off: off,
-                src_gs: gs,
-                dst_ld: groups * width,
-                dst_off: 0,
-                dst_gs: width,
-                accumulate: false,
-            },
-        )?;
-        Ok(dst)
-    }
-
-    /// The inverse of [`Fw::take`]: writes (or adds) `src: [rows, groups * width]` into those
-    /// column blocks of `dst: [rows, ld]`. `src_gs = 0` repeats one block in every group.
-    #[allow(clippy::too_many_arguments)]
-    pub fn put(
-        &self,
-        src: &B::Buf,
-        src_gs: usize,
+        from: Cols,
         dst: &mut B::Buf,
+        to: Cols,
         rows: usize,
-        ld: usize,
-        off: usize,
-        gs: usize,
         groups: usize,
         width: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let src_ld = if src_gs == 0 { width } else { groups * width };
         Ok(self.be.copy_cols(
             src,
             dst,
@@ -115,15 +79,58 @@ impl<B: Backend> Fw<'_, B> {
                 rows,
                 groups,
                 width,
-                src_ld,
-                src_off: 0,
-                src_gs,
-                dst_ld: ld,
-                dst_off: off,
-                dst_gs: gs,
+                src_ld: from.ld,
+                src_off: from.off,
+                src_gs: from.gs,
+                dst_ld: to.ld,
+                dst_off: to.off,
+                dst_gs: to.gs,
                 accumulate,
             },
         )?)
+    }
+
+    /// The column blocks of `src` at `from` as a new dense `[rows, groups * width]` matrix.
+    pub fn take(
+        &self,
+        src: &B::Buf,
+        from: Cols,
+        rows: usize,
+        groups: usize,
+        width: usize,
+    ) -> Result<B::Buf> {
+        let mut dst = self.be.zeros("columns", rows * groups * width)?;
+        self.copy(
+            src,
+            from,
+            &mut dst,
+            Cols::dense(groups, width),
+            rows,
+            groups,
+            width,
+            false,
+        )?;
+        Ok(dst)
+    }
+}
+
+/// Where column blocks sit in a row-major matrix: its row stride, the first block's offset, and
+/// the stride between blocks (heads). A stride of 0 repeats one block.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Cols {
+    pub ld: usize,
+    pub off: usize,
+    pub gs: usize,
+}
+
+impl Cols {
+    pub fn at(ld: usize, off: usize, gs: usize) -> Self {
+        Self { ld, off, gs }
+    }
+
+    /// `groups` blocks of `width` side by side, nothing else on the row.
+    pub fn dense(groups: usize, width: usize) -> Self {
+        Self::at(groups * width, 0, width)
     }
 }
 
@@ -206,26 +213,29 @@ pub(super) fn mla_forward<B: Backend>(
         }
         QProj::Plain(w) => (f.lin(&x, *w, t)?, None),
     };
-    let ckv_w = m.kv_lora + m.rope;
+    let (ckv_w, kv_w) = (m.kv_lora + m.rope, m.nope + m.v);
+    let (ckv_at, q_at, kv_at) = (
+        |off| Cols::at(ckv_w, off, 0),
+        |off| Cols::at(hd * qk, off, qk),
+        |off| Cols::at(hd * kv_w, off, kv_w),
+    );
     let ckv = f.lin(&x, m.kv_a, t)?;
-    let c = f.take(&ckv, t, ckv_w, 0, 0, 1, m.kv_lora)?;
-    let k_pe = f.take(&ckv, t, ckv_w, m.kv_lora, 0, 1, m.rope)?;
+    let c = f.take(&ckv, ckv_at(0), t, 1, m.kv_lora)?;
+    let k_pe = f.take(&ckv, ckv_at(m.kv_lora), t, 1, m.rope)?;
     let cn = f.norm(&c, m.kv_norm, t, LATENT_NORM_EPS)?;
-    let kv_w = m.nope + m.v;
     let kv = f.lin(&cn, m.kv_b, t)?;
     // Queries: the rope part of every head rotated in place.
-    let q_pe = f.take(&q, t, hd * qk, m.nope, qk, hd, m.rope)?;
+    let q_pe = f.take(&q, q_at(m.nope), t, hd, m.rope)?;
     let q_pe =
         f.be.rope(&q_pe, rope, [ctx.batch, ctx.seq, hd, m.rope], false)?;
     let mut q_full = q;
-    f.put(
+    let rope_cols = Cols::dense(hd, m.rope);
+    f.copy(
         &q_pe,
-        m.rope,
+        rope_cols,
         &mut q_full,
+        q_at(m.nope),
         t,
-        hd * qk,
-        m.nope,
-        qk,
         hd,
         m.rope,
         false,
@@ -234,31 +244,18 @@ pub(super) fn mla_forward<B: Backend>(
     let k_pe =
         f.be.rope(&k_pe, rope, [ctx.batch, ctx.seq, 1, m.rope], false)?;
     let mut k_full = f.be.zeros("mla.k", t * hd * qk)?;
-    f.put(
-        &f.take(&kv, t, hd * kv_w, 0, kv_w, hd, m.nope)?,
-        m.nope,
-        &mut k_full,
-        t,
-        hd * qk,
-        0,
-        qk,
-        hd,
-        m.nope,
-        false,
-    )?;
-    f.put(
+    f.copy(&kv, kv_at(0), &mut k_full, q_at(0), t, hd, m.nope, false)?;
+    f.copy(
         &k_pe,
-        0,
+        Cols::at(m.rope, 0, 0),
         &mut k_full,
+        q_at(m.nope),
         t,
-        hd * qk,
-        m.nope,
-        qk,
         hd,
         m.rope,
         false,
     )?;
-    let v = f.take(&kv, t, hd * kv_w, m.nope, kv_w, hd, m.v)?;
+    let v = f.take(&kv, kv_at(m.nope), t, hd, m.v)?;
     let (out, lse) = f.be.attention(&q_full, &k_full, &v, attn_dims(m, ctx))?;
     let y = f.lin(&out, m.o, t)?;
     Ok((
@@ -292,17 +289,20 @@ pub(super) fn mla_backward<B: Backend>(
     let d_out = w.lin_b(dy, &s.out, m.o, t)?;
     let (mut dq, dk, dv) =
         be.attention_backward(&d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, attn_dims(m, ctx))?;
+    let (q_at, kv_at) = (
+        |off| Cols::at(hd * qk, off, qk),
+        |off| Cols::at(hd * kv_w, off, kv_w),
+    );
     // Undo the assembly: the rope parts rotated back, the shared key's gradient summed over heads.
-    let dq_pe = w.fw.take(&dq, t, hd * qk, m.nope, qk, hd, m.rope)?;
+    let f = &w.fw;
+    let dq_pe = f.take(&dq, q_at(m.nope), t, hd, m.rope)?;
     let dq_pe = be.rope(&dq_pe, rope, [ctx.batch, ctx.seq, hd, m.rope], true)?;
-    w.fw.put(
+    f.copy(
         &dq_pe,
-        m.rope,
+        Cols::dense(hd, m.rope),
         &mut dq,
+        q_at(m.nope),
         t,
-        hd * qk,
-        m.nope,
-        qk,
         hd,
         m.rope,
         false,
@@ -310,32 +310,27 @@ pub(super) fn mla_backward<B: Backend>(
     let mut dk_pe = be.zeros("mla.dk_pe", t * m.rope)?;
     for h in 0..hd {
         // One head at a time: the heads add into the same values.
-        let part = w.fw.take(&dk, t, hd * qk, h * qk + m.nope, qk, 1, m.rope)?;
-        be.add_into(&mut dk_pe, &part)?;
+        let head = Cols::at(hd * qk, h * qk + m.nope, 0);
+        f.copy(
+            &dk,
+            head,
+            &mut dk_pe,
+            Cols::dense(1, m.rope),
+            t,
+            1,
+            m.rope,
+            true,
+        )?;
     }
     let dk_pe = be.rope(&dk_pe, rope, [ctx.batch, ctx.seq, 1, m.rope], true)?;
     let mut dkv = be.zeros("mla.dkv", t * hd * kv_w)?;
-    let dk_nope = w.fw.take(&dk, t, hd * qk, 0, qk, hd, m.nope)?;
-    w.fw.put(
-        &dk_nope,
-        m.nope,
-        &mut dkv,
-        t,
-        hd * kv_w,
-        0,
-        kv_w,
-        hd,
-        m.nope,
-        false,
-    )?;
-    w.fw.put(
+    f.copy(&dk, q_at(0), &mut dkv, kv_at(0), t, hd, m.nope, false)?;
+    f.copy(
         &dv,
-        m.v,
+        Cols::dense(hd, m.v),
         &mut dkv,
+        kv_at(m.nope),
         t,
-        hd * kv_w,
-        m.nope,
-        kv_w,
         hd,
         m.v,
         false,
@@ -343,11 +338,27 @@ pub(super) fn mla_backward<B: Backend>(
     let dcn = w.lin_b(&dkv, &s.cn, m.kv_b, t)?;
     let dc = w.norm_b(&dcn, &s.c, m.kv_norm, t, LATENT_NORM_EPS)?;
     let mut dckv = be.zeros("mla.dckv", t * ckv_w)?;
-    w.fw.put(
-        &dc, m.kv_lora, &mut dckv, t, ckv_w, 0, 0, 1, m.kv_lora, false,
+    let ckv_at = |off| Cols::at(ckv_w, off, 0);
+    let f = &w.fw;
+    f.copy(
+        &dc,
+        Cols::dense(1, m.kv_lora),
+        &mut dckv,
+        ckv_at(0),
+        t,
+        1,
+        m.kv_lora,
+        false,
     )?;
-    w.fw.put(
-        &dk_pe, m.rope, &mut dckv, t, ckv_w, m.kv_lora, 0, 1, m.rope, false,
+    f.copy(
+        &dk_pe,
+        Cols::dense(1, m.rope),
+        &mut dckv,
+        ckv_at(m.kv_lora),
+        t,
+        1,
+        m.rope,
+        false,
     )?;
     let mut dx = w.lin_b(&dckv, &s.x, m.kv_a, t)?;
     let dx_q = match (&m.q, &s.q_lora) {

@@ -15,7 +15,7 @@ use shoal_kernels::backend::Backend;
 use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, clip_coefficient};
 use shoal_kernels::ops::linear::Precision;
 
-use self::layers::{BlockSaved, Bw, Fw, block_backward, block_forward};
+use self::layers::{BlockSaved, Bw, Cols, Fw, block_backward, block_forward};
 use super::params::ParamId;
 use super::{Model, Objective, StepOutput, TokenBatch, split_micro};
 use crate::{Result, WorkerError};
@@ -252,21 +252,6 @@ impl<B: Backend> DeviceModel<B> {
         Ok(())
     }
 
-    fn check_ids(&self, b: &TokenBatch<'_>) -> Result<()> {
-        let vocab = self.model.config().vocab_size;
-        for (what, ids) in [("batch.inputs", b.inputs), ("batch.targets", b.targets)] {
-            if let Some((pos, id)) = ids.iter().enumerate().find(|(_, i)| **i as usize >= vocab) {
-                return Err(WorkerError::invalid(
-                    what,
-                    format!(
-                        "token {id} at position {pos} is not below the vocabulary size {vocab}"
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Losses of a forward pass only.
     pub fn evaluate(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<StepOutput> {
         Ok(self.forward(b, obj)?.out)
@@ -282,8 +267,9 @@ impl<B: Backend> DeviceModel<B> {
     }
 
     fn forward(&self, b: &TokenBatch<'_>, obj: &Objective) -> Result<Forward<B>> {
+        // Token ids are checked where they are used: the backend's embedding (against the
+        // table) and cross-entropy (against the vocabulary).
         self.model.check_batch(b)?;
-        self.check_ids(b)?;
         let model = &self.model;
         let cfg = model.config();
         let (be, hidden, vocab) = (&self.be, cfg.hidden_size, cfg.vocab_size);
@@ -340,31 +326,11 @@ impl<B: Backend> DeviceModel<B> {
             )?;
             let en = f.norm(&e, m.enorm, tk, ctx.eps)?;
             let pn = f.norm(&prev, m.hnorm, tk, ctx.eps)?;
+            // [enorm(e); hnorm(prev)] side by side.
             let mut cat = be.zeros("mtp.cat", tk * 2 * hidden)?;
-            f.put(
-                &en,
-                hidden,
-                &mut cat,
-                tk,
-                2 * hidden,
-                0,
-                0,
-                1,
-                hidden,
-                false,
-            )?;
-            f.put(
-                &pn,
-                hidden,
-                &mut cat,
-                tk,
-                2 * hidden,
-                hidden,
-                0,
-                1,
-                hidden,
-                false,
-            )?;
+            let (row, half) = (Cols::dense(1, hidden), |off| Cols::at(2 * hidden, off, 0));
+            f.copy(&en, row, &mut cat, half(0), tk, 1, hidden, false)?;
+            f.copy(&pn, row, &mut cat, half(hidden), tk, 1, hidden, false)?;
             let hk = f.lin(&cat, m.eh_proj, tk)?;
             let mctx = ctx.with_seq(len);
             let (out, bs, st) = block_forward(&f, &self.rope, &m.block, hk, &mctx)?;
@@ -463,8 +429,9 @@ impl<B: Backend> DeviceModel<B> {
             let mctx = ctx.with_seq(s.len);
             let dhk = block_backward(&mut w, rope, &m.block, s.block, &dout, &mctx)?;
             let dcat = w.lin_b(&dhk, &s.cat, m.eh_proj, tk)?;
-            let den = w.fw.take(&dcat, tk, 2 * hidden, 0, 0, 1, hidden)?;
-            let dpn = w.fw.take(&dcat, tk, 2 * hidden, hidden, 0, 1, hidden)?;
+            let half = |off| Cols::at(2 * hidden, off, 0);
+            let den = w.fw.take(&dcat, half(0), tk, 1, hidden)?;
+            let dpn = w.fw.take(&dcat, half(hidden), tk, 1, hidden)?;
             let de = w.norm_b(&den, &s.e, m.enorm, tk, ctx.eps)?;
             let dprev_k = w.norm_b(&dpn, &s.prev, m.hnorm, tk, ctx.eps)?;
             be.embedding_backward(&de, &s.ids, hidden, &mut w.g[embed])?;
@@ -525,11 +492,8 @@ impl<B: Backend> DeviceModel<B> {
             .filter(|(id, _, _)| self.model.params().trainable(*id))
             .map(|(id, _, _)| (id.index(), self.model.params().decays(id)))
             .collect();
-        let mut sq = 0.0;
-        for &(i, _) in &trainable {
-            sq += self.be.sum_sq(&self.g[i])?;
-        }
-        let grad_norm = sq.sqrt();
+        let grads: Vec<&B::Buf> = trainable.iter().map(|&(i, _)| &self.g[i]).collect();
+        let grad_norm = self.be.sum_sq(&grads)?.sqrt();
         if !grad_norm.is_finite() {
             return Err(shoal_kernels::KernelError::NonFinite {
                 operand: "clip_grad_norm.grads",
