@@ -134,8 +134,8 @@ fn check_transfer(
 
 /// Refuses, by name, `ranks` ranks' blocks that cannot all be resident on `g` at once (the
 /// protocol needs every block running).
-fn check_resident(g: &Gpu, ranks: usize, cfg: &TransferConfig, shapes: &str) -> Result<u32> {
-    let threads = 32 * (2 + cfg.receivers) as u32;
+fn check_resident(g: &Gpu, ranks: usize, cfg: &TransferConfig, shapes: &str) -> Result<()> {
+    let threads = block_threads(cfg);
     let f = g.function(&DISPATCH, "two_hop")?;
     let per_sm = f
         .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
@@ -152,7 +152,12 @@ fn check_resident(g: &Gpu, ranks: usize, cfg: &TransferConfig, shapes: &str) -> 
             ),
         ));
     }
-    Ok(threads)
+    Ok(())
+}
+
+/// Threads per block: the sender and forwarder warps and the receivers.
+fn block_threads(cfg: &TransferConfig) -> u32 {
+    32 * (2 + cfg.receivers) as u32
 }
 
 /// Rank `s`'s buffers on its GPU; its rings too unless they live elsewhere (`rings: false`).
@@ -213,7 +218,6 @@ fn launch_ranks(
     (len0, len1): (usize, usize),
     combine: bool,
     cfg: &TransferConfig,
-    threads: u32,
     shapes: &str,
 ) -> Result<()> {
     let geo = Geometry::new(routing.ranks, (len0, len1), cfg);
@@ -228,7 +232,7 @@ fn launch_ranks(
     let spin = cfg.spin_limit_cycles;
     let lc = LaunchConfig {
         grid_dim: (cfg.sms as u32, count as u32, 1),
-        block_dim: (threads, 1, 1),
+        block_dim: (block_threads(cfg), 1, 1),
         shared_mem_bytes: 0,
     };
     launch!(g, DISPATCH, "two_hop", shapes, lc;
@@ -314,9 +318,8 @@ pub fn two_hop_across(
             None => per_device.push((g.info().ordinal, n, g)),
         }
     }
-    let mut threads = 0;
     for &(_, n, g) in &per_device {
-        threads = check_resident(g, n, &cfg, &shapes)?;
+        check_resident(g, n, &cfg, &shapes)?;
     }
     for a in gpus {
         for b in gpus {
@@ -365,7 +368,7 @@ pub fn two_hop_across(
     let mut base = 0;
     for ((g, &n), (desc, error)) in gpus.iter().zip(placement).zip(launches.iter_mut()) {
         launch_ranks(
-            g, desc, error, base, n, routing, parts, combine, &cfg, threads, &shapes,
+            g, desc, error, base, n, routing, parts, combine, &cfg, &shapes,
         )?;
         base += n;
     }
@@ -423,7 +426,7 @@ impl Gpu {
         }
         crate::two_hop::check_inputs(&rows[first..first + count], inputs, parts.0, parts.1)?;
         let shapes = format!("{shapes}, ranks {first}..{} here", first + count);
-        let threads = check_resident(self, count, &cfg, &shapes)?;
+        check_resident(self, count, &cfg, &shapes)?;
         let bufs = inputs
             .iter()
             .enumerate()
@@ -447,7 +450,7 @@ impl Gpu {
         self.synchronize("two_hop", "uploads")?;
         let started = std::time::Instant::now();
         launch_ranks(
-            self, &desc, &mut error, first, count, routing, parts, combine, &cfg, threads, &shapes,
+            self, &desc, &mut error, first, count, routing, parts, combine, &cfg, &shapes,
         )?;
         self.synchronize("two_hop", &shapes)?;
         let kernel_seconds = started.elapsed().as_secs_f64();
