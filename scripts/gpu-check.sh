@@ -48,6 +48,9 @@ status=0
 "$bins/gpu" --test-threads=1 2>&1 | tee "$out/gpu-tests.log" || status=1
 "$bins/device_step_gpu" --test-threads=1 2>&1 | tee "$out/device-step-tests.log" || status=1
 "$bins/gpu_bench" "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.log" || status=1
-"$bins/device_step" --backend cuda --json "$out/device-step.json" 2>&1 | tee "$out/device-step.log" || status=1
+for p in fp32 fp8; do
+  "$bins/device_step" --backend cuda --precision "$p" --json "$out/device-step-$p.json" 2>&1 |
+    tee "$out/device-step-$p.log" || status=1
+done
 echo "exit $status" | tee "$out/status.txt"
 exit "$status"

@@ -2,7 +2,8 @@
 // (forward keeping the log-sum-exp, backward recomputing the probabilities from it), the RMSNorm
 // weight gradient, embedding rows and their table gradient, column and row copies (the heads'
 // split/join, MoE gathers and weighted scatters), per-row dot products, y += x and a sum of
-// squares. Every reduction runs in a fixed order (no atomics), so a step is deterministic.
+// squares, and the BF16 conversions of the mixed-precision linears. Every reduction runs in a
+// fixed order (no atomics), so a step is deterministic.
 
 // ---- attention ---------------------------------------------------------------------------------
 // q, k: [batch, seq, heads, dk]; v, out, dout: [batch, seq, heads, dv]; lse: [batch, heads, seq].
@@ -246,4 +247,19 @@ extern "C" __global__ void sum_sq_partial(const float* __restrict__ x, double* _
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) partial[blockIdx.x] = s;
   }
+}
+
+// ---- BF16 operands -----------------------------------------------------------------------------
+// The mixed-precision linear layers' conversions (round to nearest even, as the CPU reference).
+
+// y = x as BF16.
+extern "C" __global__ void to_bf16(const float* __restrict__ x, u16* __restrict__ y, i64 n) {
+  for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (i64)gridDim.x * blockDim.x)
+    y[e] = bf16_from_f32(x[e]);
+}
+
+// x = x rounded to a BF16 value (kept in FP32).
+extern "C" __global__ void round_bf16(float* __restrict__ x, i64 n) {
+  for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (i64)gridDim.x * blockDim.x)
+    x[e] = bf16_to_f32(bf16_from_f32(x[e]));
 }

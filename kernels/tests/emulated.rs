@@ -1394,3 +1394,51 @@ fn the_model_step_kernels_match_the_cpu() {
     let got: f64 = partial.iter().sum();
     assert!((got - want).abs() <= 1e-12 * want, "sum_sq {got} vs {want}");
 }
+
+/// The mixed-precision linears' BF16 conversions round as the CPU does (to nearest, ties to
+/// even; NaN kept a NaN), on every float class: bit-exact.
+#[test]
+fn the_bf16_conversions_equal_the_cpu_rounding() {
+    let _serial = serial();
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut x = randn(&mut rng, 1000, 3.0);
+    // Ties (both parities), subnormals, the largest finite values, infinities, NaN, zeros.
+    x.extend([
+        f32::from_bits(0x3F80_8000),
+        f32::from_bits(0x3F81_8000),
+        f32::from_bits(0x0000_8001),
+        f32::MIN_POSITIVE / 3.0,
+        f32::MAX,
+        -f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        0.0,
+        -0.0,
+    ]);
+    let n = x.len();
+    let mut codes = vec![0u16; n];
+    let mut rounded = x.clone();
+    // SAFETY: codes and rounded hold n elements, as x.
+    unsafe {
+        kernel::<unsafe extern "C" fn(*const f32, *mut u16, i64)>("emu_to_bf16")(
+            x.as_ptr(),
+            codes.as_mut_ptr(),
+            n as i64,
+        );
+        kernel::<unsafe extern "C" fn(*mut f32, i64)>("emu_round_bf16")(
+            rounded.as_mut_ptr(),
+            n as i64,
+        );
+    }
+    let mut want = x.clone();
+    shoal_kernels::matmul::round_bf16(&mut want);
+    for (i, &v) in x.iter().enumerate() {
+        assert_eq!(
+            codes[i],
+            half::bf16::from_f32(v).to_bits(),
+            "to_bf16({v:e})"
+        );
+        assert_eq!(rounded[i].to_bits(), want[i].to_bits(), "round_bf16({v:e})");
+    }
+}

@@ -841,13 +841,97 @@ fn the_gpu_backend_matches_the_host_backend_op_by_op() {
             .map(|x| x.abs())
             .collect::<Vec<_>>(),
     );
-    let (mut hp, mut hm, mut hv2) = (p0.clone(), m0.clone(), v0.clone());
-    h.adamw(&mut hp, &gr, &mut hm, &mut hv2, &coeffs).unwrap();
-    let (mut gp, mut gm, mut gv2) = (up(&p0), up(&m0), up(&v0));
-    Backend::adamw(&g, &mut gp, &up(&gr), &mut gm, &mut gv2, &coeffs).unwrap();
-    check(&down(&gp), &hp, 0.0, "adamw params");
-    check(&down(&gm), &hm, 0.0, "adamw m");
-    check(&down(&gv2), &hv2, 0.0, "adamw v");
+    for bf16_moments in [false, true] {
+        let (mut hp, mut hm, mut hv2) = (p0.clone(), m0.clone(), v0.clone());
+        h.adamw(&mut hp, &gr, &mut hm, &mut hv2, &coeffs, bf16_moments)
+            .unwrap();
+        let (mut gp, mut gm, mut gv2) = (up(&p0), up(&m0), up(&v0));
+        Backend::adamw(
+            &g,
+            &mut gp,
+            &up(&gr),
+            &mut gm,
+            &mut gv2,
+            &coeffs,
+            bf16_moments,
+        )
+        .unwrap();
+        check(&down(&gp), &hp, 0.0, "adamw params");
+        check(&down(&gm), &hm, 0.0, "adamw m");
+        check(&down(&gv2), &hv2, 0.0, "adamw v");
+    }
+}
+
+/// The mixed-precision linear layers (BF16 through cuBLAS, FP8 through the quantization kernels
+/// and the FP8 GEMM) against the host backend, which runs the CPU recipe: forward, input
+/// gradient and accumulated weight gradient, with a token count that is not a multiple of the
+/// GEMM's 16 (the weight gradient pads it) and a partial 128-wide tile. The GPU sums in other
+/// orders and, for FP8, with the tensor cores' accumulator, so an output may sit one BF16 unit
+/// away: the error is measured against the largest output.
+#[test]
+fn the_gpu_mixed_precision_linears_match_the_host_backend() {
+    use shoal_kernels::backend::{Backend, Host};
+    use shoal_kernels::ops::linear::Precision;
+    let g = gpu();
+    let h = Host;
+    let mut rng = StdRng::seed_from_u64(43);
+    let up = |x: &[f32]| g.upload("x", x).unwrap();
+    let down = |x: &cudarc::driver::CudaSlice<f32>| Backend::download(&g, "x", x).unwrap();
+    let near = |got: &[f32], want: &[f32], tol: f32, what: &str| {
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got[..want.len()]
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= tol * scale,
+            "{what}: worst error {worst:e} against a largest value of {scale:e}"
+        );
+    };
+    let (rows, out_f, in_f) = (37, 48, 160);
+    let w = randn(&mut rng, out_f * in_f, 0.1);
+    let x = randn(&mut rng, rows * in_f, 1.0);
+    let dy = randn(&mut rng, rows * out_f, 1.0);
+    let dw0 = randn(&mut rng, out_f * in_f, 1.0);
+    for p in [Precision::Bf16, Precision::Fp8] {
+        let hw = h.weight_operand(&w, out_f, in_f, p).unwrap();
+        let gw = g.weight_operand(&up(&w), out_f, in_f, p).unwrap();
+        near(
+            &down(&g.linear_mp(&up(&x), &gw, rows).unwrap()),
+            &h.linear_mp(&x, &hw, rows).unwrap(),
+            1e-2,
+            &format!("{p:?} forward"),
+        );
+        near(
+            &down(&g.linear_mp_input_grad(&up(&dy), &gw, rows).unwrap()),
+            &h.linear_mp_input_grad(&dy, &hw, rows).unwrap(),
+            1e-2,
+            &format!("{p:?} input gradient"),
+        );
+        let mut hdw = dw0.clone();
+        h.linear_mp_weight_grad_acc(&dy, &x, &hw, rows, &mut hdw)
+            .unwrap();
+        let mut gdw = up(&dw0);
+        g.linear_mp_weight_grad_acc(&up(&dy), &up(&x), &gw, rows, &mut gdw)
+            .unwrap();
+        near(&down(&gdw), &hdw, 1e-2, &format!("{p:?} weight gradient"));
+    }
+    // An FP8 layer whose width the GEMM cannot take is refused by name, before any launch.
+    let e = g
+        .weight_operand(&up(&w[..40 * in_f]), 40, in_f, Precision::Fp8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("linear.weight") && e.contains("multiple of 16"),
+        "{e}"
+    );
+    let e = g
+        .weight_operand(&up(&w), out_f, in_f, Precision::Fp32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("linear.precision"), "{e}");
 }
 
 /// Ranks placed on several GPUs of one process: two launches on this GPU (two handles, two

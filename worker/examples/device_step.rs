@@ -7,8 +7,9 @@
 //! cargo run --release -p shoal-worker --features cuda --example device_step -- --backend cuda --json out.json
 //! ```
 //!
-//! Options: `--backend cpu|cuda` (`cpu`: the CPU reference backend), `--steps N` (default 6),
-//! `--batch B` (8), `--seq S` (256), `--json PATH`.
+//! Options: `--backend cpu|cuda` (`cpu`: the CPU reference backend), `--precision
+//! fp32|bf16|fp8` (default fp8, a job's default; FP8 and BF16 keep BF16 moments when the job
+//! defaults do), `--steps N` (default 6), `--batch B` (8), `--seq S` (256), `--json PATH`.
 
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ use shoal_worker::train::{TrainOptions, Trainer};
 
 struct Args {
     backend: String,
+    precision: Precision,
     steps: u64,
     batch: usize,
     seq: usize,
@@ -32,6 +34,7 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         backend: "cpu".into(),
+        precision: Precision::Fp8,
         steps: 6,
         batch: 8,
         seq: 256,
@@ -43,6 +46,16 @@ fn parse() -> Result<Args, String> {
         let num = |v: String| v.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
             "--backend" => a.backend = value()?,
+            "--precision" => {
+                a.precision = match value()?.as_str() {
+                    "fp32" => Precision::Fp32,
+                    "bf16" => Precision::Bf16,
+                    "fp8" => Precision::Fp8,
+                    other => {
+                        return Err(format!("--precision {other}: expected fp32, bf16 or fp8"));
+                    }
+                }
+            }
             "--steps" => a.steps = num(value()?)? as u64,
             "--batch" => a.batch = num(value()?)?,
             "--seq" => a.seq = num(value()?)?,
@@ -93,8 +106,9 @@ fn batcher(cfg: &ModelConfig, a: &Args) -> Result<Batcher, String> {
 
 fn run<B: Backend>(be: B, a: &Args) -> Result<(), String> {
     let cfg = ModelConfig::tiny();
-    let model = Model::<f32>::new(&cfg, Precision::Fp32, 0).map_err(|e| e.to_string())?;
-    let opts = TrainOptions::defaults(a.steps, Precision::Fp32);
+    let model = Model::<f32>::new(&cfg, a.precision, 0).map_err(|e| e.to_string())?;
+    let opts = TrainOptions::defaults(a.steps, a.precision);
+    let precision = format!("{:?}", a.precision).to_lowercase();
     let mut cpu =
         Trainer::new(model.clone(), batcher(&cfg, a)?, opts.clone()).map_err(|e| e.to_string())?;
     let mut dev = DeviceModel::new(be, &model).map_err(|e| e.to_string())?;
@@ -103,7 +117,7 @@ fn run<B: Backend>(be: B, a: &Args) -> Result<(), String> {
     let mut rows = Vec::new();
     let (mut cpu_s, mut dev_s, mut tokens) = (0.0, 0.0, 0usize);
     eprintln!(
-        "tiny, batch {} x {} tokens, fp32: cpu trainer vs {device}",
+        "tiny, batch {} x {} tokens, {precision}: cpu trainer vs {device}",
         a.batch, a.seq
     );
     for step in 0..a.steps {
@@ -147,7 +161,7 @@ fn run<B: Backend>(be: B, a: &Args) -> Result<(), String> {
         a.steps - 1
     );
     let report = json!({
-        "model": "tiny", "precision": "fp32", "batch": a.batch, "seq": a.seq,
+        "model": "tiny", "precision": precision, "bf16_moments": opts.bf16_moments, "batch": a.batch, "seq": a.seq,
         "device": device, "cpu_threads": rayon::current_num_threads(),
         "steps": rows, "cpu_tokens_per_s": cpu_tps, "device_tokens_per_s": dev_tps,
         "device_over_cpu": dev_tps / cpu_tps,

@@ -696,18 +696,27 @@ mod tests {
     fn devices_a_gpu_run_without_a_gpu_fails_with_the_typed_error() {
         let dir = tempfile::tempdir().unwrap();
         let spec = gpu_spec(dir.path());
-        if shoal_kernels::cuda::driver_present() {
-            // A machine with a driver: the run trains on its GPU.
-            assert!(matches!(run_on_gpu(&spec).unwrap(), RunEnd::Finished(_)));
-        } else {
-            let e = run_on_gpu(&spec).unwrap_err().to_string();
-            assert!(
-                e.contains("cuda unavailable") && e.contains("libcuda"),
-                "{e}"
-            );
-        }
+        // FP32, and the report's FP8 recipe with BF16 moments (a job's defaults): both train on
+        // the GPU.
         let mut fp8 = spec.clone();
         fp8.precision = shoal_spec::job::Precision::Fp8;
-        assert!(matches!(run_on_gpu(&fp8).unwrap(), RunEnd::Finished(_)));
+        for s in [&spec, &fp8] {
+            if shoal_kernels::cuda::driver_present() {
+                // A machine with a driver: the run trains on its GPU.
+                assert!(matches!(run_on_gpu(s).unwrap(), RunEnd::Finished(_)));
+            } else {
+                let e = run_on_gpu(s).unwrap_err().to_string();
+                assert!(
+                    e.contains("cuda unavailable") && e.contains("libcuda"),
+                    "{e}"
+                );
+            }
+        }
+        let mut two_ranks = spec.clone();
+        two_ranks.parallelism.dp = 2;
+        assert!(matches!(
+            run_on_gpu(&two_ranks).unwrap(),
+            RunEnd::Finished(_)
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! The device step on the CPU reference backend ([`Host`]): the conformance suite of
 //! `common/device.rs`, which `device_step_gpu.rs` runs on a GPU. On the host the operators are
-//! the CPU model's own, so the forward pass routes identically and the losses agree to rounding.
+//! the CPU model's own, so the forward pass routes identically and the losses agree to rounding,
+//! in FP32 and in the BF16 and FP8 recipes alike.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,6 +11,7 @@ use common::device::{
     Tolerance, one_pass_matches_the_cpu_model, training_steps_match_the_cpu_trainer,
 };
 use shoal_kernels::backend::Host;
+use shoal_kernels::ops::linear::Precision;
 
 const HOST: Tolerance = Tolerance {
     loss: 1e-6,
@@ -20,17 +22,39 @@ const HOST: Tolerance = Tolerance {
 
 #[test]
 fn one_pass_of_the_small_model_matches_the_cpu_model() {
-    one_pass_matches_the_cpu_model(Host, &common::small_cfg(), 4, HOST);
+    one_pass_matches_the_cpu_model(Host, &common::small_cfg(), Precision::Fp32, 4, HOST);
 }
 
 #[test]
 fn one_pass_of_the_tiny_preset_matches_the_cpu_model() {
-    one_pass_matches_the_cpu_model(Host, &shoal_spec::ModelConfig::tiny(), 2, HOST);
+    let tiny = shoal_spec::ModelConfig::tiny();
+    one_pass_matches_the_cpu_model(Host, &tiny, Precision::Fp32, 2, HOST);
 }
 
 #[test]
 fn three_training_steps_match_the_cpu_trainer() {
-    training_steps_match_the_cpu_trainer(Host, 3, HOST);
+    training_steps_match_the_cpu_trainer(Host, &common::small_cfg(), Precision::Fp32, 3, HOST);
+}
+
+#[test]
+fn one_pass_in_bf16_matches_the_cpu_model() {
+    let small = common::small_cfg();
+    one_pass_matches_the_cpu_model(Host, &small, Precision::Bf16, 4, HOST);
+}
+
+#[test]
+fn one_pass_in_fp8_matches_the_cpu_model() {
+    let small = common::small_cfg();
+    one_pass_matches_the_cpu_model(Host, &small, Precision::Fp8, 4, HOST);
+    let tiny = shoal_spec::ModelConfig::tiny();
+    one_pass_matches_the_cpu_model(Host, &tiny, Precision::Fp8, 2, HOST);
+}
+
+#[test]
+fn three_training_steps_in_bf16_and_fp8_match_the_cpu_trainer() {
+    for p in [Precision::Bf16, Precision::Fp8] {
+        training_steps_match_the_cpu_trainer(Host, &common::small_cfg(), p, 3, HOST);
+    }
 }
 
 fn host_trainer(
@@ -50,9 +74,18 @@ fn attach_host(t: &mut shoal_worker::train::Trainer) {
 /// and optimizer state as the CPU trainer does: the same losses, and the same weights after.
 #[test]
 fn a_trainer_with_a_device_attached_trains_as_the_cpu_trainer_does() {
-    use shoal_kernels::ops::linear::Precision;
-    let mut cpu = host_trainer(Precision::Fp32, 4);
-    let mut dev = host_trainer(Precision::Fp32, 4);
+    a_trainer_on_the_host_device_matches(Precision::Fp32);
+}
+
+/// The same in the report's FP8 recipe with BF16 moments (a job's defaults).
+#[test]
+fn a_trainer_with_a_device_attached_trains_in_fp8_as_the_cpu_trainer_does() {
+    a_trainer_on_the_host_device_matches(Precision::Fp8);
+}
+
+fn a_trainer_on_the_host_device_matches(precision: Precision) {
+    let mut cpu = host_trainer(precision, 4);
+    let mut dev = host_trainer(precision, 4);
     attach_host(&mut dev);
     assert!(dev.device().unwrap().starts_with("cpu"));
     for _ in 0..4 {
@@ -60,7 +93,7 @@ fn a_trainer_with_a_device_attached_trains_as_the_cpu_trainer_does() {
         assert_eq!(a.step, b.step);
         assert!(
             common::rel(b.loss, a.loss) < 1e-6,
-            "loss {} vs {}",
+            "{precision:?}: loss {} vs {}",
             b.loss,
             a.loss
         );
@@ -73,7 +106,7 @@ fn a_trainer_with_a_device_attached_trains_as_the_cpu_trainer_does() {
             .iter()
             .zip(b.data())
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(worst < 1e-5, "{name} differs by {worst:e}");
+        assert!(worst < 1e-5, "{precision:?}: {name} differs by {worst:e}");
     }
 }
 
@@ -81,7 +114,6 @@ fn a_trainer_with_a_device_attached_trains_as_the_cpu_trainer_does() {
 /// same losses and weights as the run that never stopped.
 #[test]
 fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
-    use shoal_kernels::ops::linear::Precision;
     use shoal_worker::train::Trainer;
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
@@ -115,9 +147,17 @@ fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
 /// Runs the device step does not cover are refused by name, and the trainer stays on the CPU.
 #[test]
 fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
-    use shoal_kernels::ops::linear::Precision;
+    let mut pipelined = common::opts(Precision::Fp32, 2, 1, 1, 2);
+    pipelined.pipeline = Some(shoal_worker::train::PipelineOptions {
+        pp: 2,
+        schedule: "1f1b".into(),
+        overlap: true,
+    });
     for (t, why) in [
-        (host_trainer(Precision::Fp8, 2), "fp8 precision"),
+        (
+            common::trainer(Precision::Fp32, pipelined, 9),
+            "pipeline parallelism",
+        ),
         (
             common::trainer(
                 Precision::Fp32,
@@ -141,19 +181,12 @@ fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
         assert!(t.device().is_none());
         t.train_step().unwrap();
     }
-    let fp8 =
-        shoal_worker::model::Model::<f32>::new(&common::small_cfg(), Precision::Fp8, 9).unwrap();
-    let e = shoal_worker::model::device::DeviceModel::new(Host, &fp8)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("precision") && e.contains("fp32"), "{e}");
 }
 
 /// A token id outside the vocabulary is refused by the backend's embedding, by name, and a
 /// target outside it by its cross-entropy: no read outside the table.
 #[test]
 fn token_ids_outside_the_vocabulary_are_refused_by_name() {
-    use shoal_kernels::ops::linear::Precision;
     use shoal_worker::model::{Model, Objective, TokenBatch};
     let cfg = common::small_cfg();
     let model = Model::<f32>::new(&cfg, Precision::Fp32, 1).unwrap();

@@ -12,6 +12,8 @@ use common::device::{
     Tolerance, one_pass_matches_the_cpu_model, training_steps_match_the_cpu_trainer,
 };
 use shoal_kernels::cuda::Gpu;
+use shoal_kernels::ops::linear::Precision;
+use shoal_worker::model::device::DeviceModel;
 
 const GPU: Tolerance = Tolerance {
     loss: 1e-4,
@@ -24,17 +26,70 @@ fn gpu() -> Gpu {
     Gpu::open(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
 
+/// BF16 and FP8: cuBLAS's BF16 GEMMs and the FP8 GEMM's tensor-core accumulation sum in other
+/// orders and widths than the CPU's FP32 sums, and an output on the other side of a BF16
+/// rounding tie moves by one BF16 unit.
+const GPU_MIXED: Tolerance = Tolerance {
+    loss: 2e-3,
+    grad: 3e-2,
+    same_routing: false,
+    params_over_lr: None,
+};
+
 #[test]
 fn one_pass_of_the_small_model_matches_the_cpu_model() {
-    one_pass_matches_the_cpu_model(gpu(), &common::small_cfg(), 4, GPU);
+    one_pass_matches_the_cpu_model(gpu(), &common::small_cfg(), Precision::Fp32, 4, GPU);
 }
 
 #[test]
 fn one_pass_of_the_tiny_preset_matches_the_cpu_model() {
-    one_pass_matches_the_cpu_model(gpu(), &shoal_spec::ModelConfig::tiny(), 2, GPU);
+    let tiny = shoal_spec::ModelConfig::tiny();
+    one_pass_matches_the_cpu_model(gpu(), &tiny, Precision::Fp32, 2, GPU);
 }
 
 #[test]
 fn five_training_steps_match_the_cpu_trainer() {
-    training_steps_match_the_cpu_trainer(gpu(), 5, GPU);
+    training_steps_match_the_cpu_trainer(gpu(), &common::small_cfg(), Precision::Fp32, 5, GPU);
+}
+
+/// The tiny preset (every FP8 layer's dimensions are multiples of 16, as the GPU's FP8 GEMM
+/// needs; the small test model's are not).
+#[test]
+fn one_pass_in_bf16_and_fp8_matches_the_cpu_model() {
+    let tiny = shoal_spec::ModelConfig::tiny();
+    for p in [Precision::Bf16, Precision::Fp8] {
+        one_pass_matches_the_cpu_model(gpu(), &tiny, p, 2, GPU_MIXED);
+    }
+}
+
+#[test]
+fn training_steps_in_bf16_and_fp8_match_the_cpu_trainer() {
+    let small = common::small_cfg();
+    training_steps_match_the_cpu_trainer(gpu(), &small, Precision::Bf16, 3, GPU_MIXED);
+    let tiny = shoal_spec::ModelConfig::tiny();
+    training_steps_match_the_cpu_trainer(gpu(), &tiny, Precision::Fp8, 3, GPU_MIXED);
+}
+
+/// An FP8 layer whose inner dimension the GPU GEMM cannot take is refused by name.
+#[test]
+fn an_fp8_layer_of_unsupported_width_is_refused_by_name() {
+    use shoal_worker::model::{Model, Objective, TokenBatch};
+    let small = common::small_cfg();
+    let model = Model::<f32>::new(&small, Precision::Fp8, 1).unwrap();
+    let mut dev = DeviceModel::new(gpu(), &model).unwrap();
+    let ids: Vec<u32> = (0..16).collect();
+    let b = TokenBatch {
+        batch: 2,
+        seq: 8,
+        inputs: &ids,
+        targets: &ids,
+    };
+    let e = dev
+        .forward_backward(&b, &Objective::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("linear.weight") && e.contains("multiple of 16"),
+        "{e}"
+    );
 }

@@ -145,6 +145,12 @@ EXPORT void emu_row_dots(const float* a, const unsigned* idx, const float* b, fl
 EXPORT void emu_add_into(float* y, const float* x, long long n) {
   emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { add_into(y, x, n); });
 }
+EXPORT void emu_to_bf16(const float* x, unsigned short* y, long long n) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { to_bf16(x, y, n); });
+}
+EXPORT void emu_round_bf16(float* x, long long n) {
+  emu::launch_seq(dim3{2, 1, 1}, dim3{64, 1, 1}, [&] { round_bf16(x, n); });
+}
 EXPORT void emu_sum_sq_partial(const float* x, double* partial, long long n, unsigned blocks) {
   emu::launch_seq(dim3{blocks, 1, 1}, dim3{256, 1, 1}, [&] { sum_sq_partial(x, partial, n); });
 }

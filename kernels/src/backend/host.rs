@@ -1,14 +1,20 @@
 //! [`Host`]: the [`Backend`] of this crate's CPU reference operators, on `Vec` buffers.
 
 use super::{AttnDims, Backend, ColCopy, Gemm};
-use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new};
+use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, round_bf16, rounded_bf16};
 use crate::ops::adamw::{AdamCoeffs, adamw_apply_f32, sum_sq};
 use crate::ops::attention::{AttentionSaved, attention_backward, attention_forward};
 use crate::ops::cross_entropy::{CrossEntropy, cross_entropy_backward, cross_entropy_forward};
 use crate::ops::embedding::embedding_forward;
+use crate::ops::linear::{
+    Precision, SavedInput, linear_backward_input_bf16, linear_backward_input_fp8,
+    linear_backward_weight_into, linear_backward_weight_mp, linear_forward_bf16,
+    linear_forward_fp8,
+};
 use crate::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_backward_weight, rmsnorm_forward};
 use crate::ops::rope::{RopeLayout, RopeTable, rope_backward, rope_forward};
 use crate::ops::swiglu::{swiglu_backward, swiglu_forward};
+use crate::quant::{Fp8Matrix, QuantConfig};
 use crate::real::add_into;
 use crate::{KernelError, Result, Tensor};
 
@@ -63,11 +69,42 @@ fn check_idx(what: &'static str, idx: &[u32], n: usize, rows: usize) -> Result<(
     Ok(())
 }
 
+/// A weight as [`Host`]'s mixed-precision linear layers read it.
+#[derive(Clone, Debug)]
+pub enum HostWeight {
+    /// Rounded to BF16 values, `[out, in]`.
+    Bf16(Tensor<f32>),
+    /// Quantized in 128x128 blocks, and its transpose.
+    Fp8 {
+        /// `W`, `[out, in]`.
+        w: Fp8Matrix,
+        /// `W^T`, `[in, out]`.
+        wt: Fp8Matrix,
+    },
+}
+
+impl HostWeight {
+    /// `(out_features, in_features)`.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            HostWeight::Bf16(w) => (w.rows(), w.last_dim()),
+            HostWeight::Fp8 { w, .. } => (w.rows(), w.cols()),
+        }
+    }
+}
+
+/// The first `rows * cols` values of `x` as a `[rows, cols]` tensor.
+fn matrix(what: &'static str, x: &[f32], rows: usize, cols: usize) -> Result<Tensor<f32>> {
+    check_len(what, x, rows * cols)?;
+    tensor([rows, cols], &x[..rows * cols])
+}
+
 impl Backend for Host {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
     type Ce = CrossEntropy<f32>;
     type Rope = (RopeTable, RopeLayout);
+    type Weight = HostWeight;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -108,6 +145,80 @@ impl Backend for Host {
             operand(b, g.k, g.n, g.b_t)?,
             true,
         )
+    }
+
+    fn weight_operand(
+        &self,
+        w: &Vec<f32>,
+        out_f: usize,
+        in_f: usize,
+        precision: Precision,
+    ) -> Result<HostWeight> {
+        let w = matrix("linear.weight", w, out_f, in_f)?;
+        match precision {
+            Precision::Fp32 => Err(KernelError::invalid(
+                "linear.precision",
+                "fp32 layers use the plain gemms",
+            )),
+            Precision::Bf16 => Ok(HostWeight::Bf16(rounded_bf16(&w))),
+            Precision::Fp8 => {
+                let q = Fp8Matrix::quantize_blocks(w.data(), out_f, in_f, QuantConfig::default())?;
+                Ok(HostWeight::Fp8 {
+                    wt: q.transpose()?,
+                    w: q,
+                })
+            }
+        }
+    }
+
+    fn linear_mp(&self, x: &Vec<f32>, w: &HostWeight, rows: usize) -> Result<Vec<f32>> {
+        let x = matrix("linear.x", x, rows, w.dims().1)?;
+        Ok(match w {
+            HostWeight::Bf16(w) => linear_forward_bf16(&x, w)?.0,
+            HostWeight::Fp8 { w, .. } => linear_forward_fp8(&x, w)?.0,
+        }
+        .into_data())
+    }
+
+    fn linear_mp_input_grad(&self, dy: &Vec<f32>, w: &HostWeight, rows: usize) -> Result<Vec<f32>> {
+        let dy = matrix("linear.dy", dy, rows, w.dims().0)?;
+        Ok(match w {
+            HostWeight::Bf16(w) => linear_backward_input_bf16(&dy, w)?.0,
+            HostWeight::Fp8 { wt, .. } => linear_backward_input_fp8(&dy, wt)?,
+        }
+        .into_data())
+    }
+
+    fn linear_mp_weight_grad_acc(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &HostWeight,
+        rows: usize,
+        dw: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (out_f, in_f) = w.dims();
+        let dy = matrix("linear.dy", dy, rows, out_f)?;
+        let x = matrix("linear.x", x, rows, in_f)?;
+        check_len("linear.dweight", dw, out_f * in_f)?;
+        match w {
+            HostWeight::Bf16(_) => {
+                // Accumulated inside the GEMM, as the CPU model's weight gradient is.
+                let tail = dw.split_off(out_f * in_f);
+                let mut acc = Tensor::from_parts(vec![out_f, in_f], std::mem::take(dw));
+                let r =
+                    linear_backward_weight_into(&mut acc, &rounded_bf16(&dy), &rounded_bf16(&x));
+                *dw = acc.into_data();
+                dw.extend(tail);
+                r
+            }
+            HostWeight::Fp8 { .. } => {
+                let xq = Fp8Matrix::quantize_tiles(x.data(), rows, in_f, QuantConfig::default())?;
+                let g = linear_backward_weight_mp(&dy, &SavedInput::Fp8(xq))?;
+                add_into(&mut dw[..out_f * in_f], g.data());
+                Ok(())
+            }
+        }
     }
 
     fn add_into(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
@@ -396,8 +507,14 @@ impl Backend for Host {
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
         k: &AdamCoeffs,
+        bf16_moments: bool,
     ) -> Result<()> {
-        adamw_apply_f32(k, p, g, m, v)
+        adamw_apply_f32(k, p, g, m, v)?;
+        if bf16_moments {
+            round_bf16(m);
+            round_bf16(v);
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {

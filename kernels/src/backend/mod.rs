@@ -9,6 +9,13 @@
 //!
 //! Every buffer is FP32 and row-major; shapes travel as arguments. Operations that return a
 //! buffer allocate it; `*_into` and `*_acc` operations write into one they are given.
+//!
+//! The mixed-precision linear layers ([`Backend::weight_operand`] and the `linear_mp*`
+//! operations) compute what `ops::linear` computes for [`Precision::Bf16`] and
+//! [`Precision::Fp8`]: BF16 or E4M3 operands (1x128 activation tiles, 128x128 weight blocks),
+//! FP32 accumulation, outputs rounded to BF16 values, FP32 weight gradients. Their buffers stay
+//! FP32: the activations a layer keeps are converted again when its weight gradient needs them,
+//! which gives the operands a cached copy would hold.
 
 mod host;
 
@@ -16,6 +23,7 @@ pub use host::Host;
 
 use crate::Result;
 use crate::ops::adamw::AdamCoeffs;
+use crate::ops::linear::Precision;
 use crate::ops::rope::{RopeLayout, RopeTable};
 
 /// One GEMM on row-major operands: `C[m, n] = op(A) . op(B)`, where `A` is stored `[m, k]`
@@ -151,6 +159,8 @@ pub trait Backend: Send + Sync {
     type Ce: Send + Sync;
     /// A RoPE table in the backend's memory.
     type Rope: Send + Sync;
+    /// A linear layer's weight as the mixed-precision GEMMs read it.
+    type Weight: Send + Sync;
 
     /// What computes, for logs and reports (`cpu`, `NVIDIA H200 (sm_90a)`).
     fn describe(&self) -> String;
@@ -171,6 +181,40 @@ pub trait Backend: Send + Sync {
     fn gemm(&self, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<Self::Buf>;
     /// `C += op(A) . op(B)`.
     fn gemm_acc(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm) -> Result<()>;
+    /// The weight `w[out_f, in_f]` prepared for `precision`: rounded to BF16, or quantized to
+    /// E4M3 in 128x128 blocks together with its transpose (which B multiplies by). A step
+    /// prepares each weight once. FP32 layers use the plain GEMMs: asking for
+    /// [`Precision::Fp32`] is an error.
+    fn weight_operand(
+        &self,
+        w: &Self::Buf,
+        out_f: usize,
+        in_f: usize,
+        precision: Precision,
+    ) -> Result<Self::Weight>;
+    /// A mixed-precision linear layer's forward: `y[rows, out] = x[rows, in] . W^T`, the input
+    /// rounded to BF16 or quantized in 1x128 tiles, the output rounded to BF16.
+    fn linear_mp(&self, x: &Self::Buf, w: &Self::Weight, rows: usize) -> Result<Self::Buf>;
+    /// Its input gradient (B): `dx[rows, in] = dy[rows, out] . W`, `dy` rounded to BF16 or
+    /// quantized in 1x128 tiles, the output rounded to BF16.
+    fn linear_mp_input_grad(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+    ) -> Result<Self::Buf>;
+    /// Its weight gradient (W), added into `dw[out, in]` in FP32: `dy^T . x` with both operands
+    /// rounded to BF16, or, under FP8, `dy` quantized in 128x1 tiles (along the tokens) and `x`
+    /// quantized as the forward pass did (1x128 tiles), dequantized, and quantized again in 128x1
+    /// tiles.
+    fn linear_mp_weight_grad_acc(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        rows: usize,
+        dw: &mut Self::Buf,
+    ) -> Result<()>;
     /// `y += x`.
     fn add_into(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
     /// RMSNorm of `rows` rows of `d`.
@@ -301,7 +345,9 @@ pub trait Backend: Send + Sync {
     /// The sum of squares of every value of `xs`, in FP64, buffer by buffer in order (one
     /// result for many buffers: a device waits once, not once per buffer).
     fn sum_sq(&self, xs: &[&Self::Buf]) -> Result<f64>;
-    /// One AdamW step with FP32 master weights and FP32 moments.
+    /// One AdamW step with FP32 master weights. With `bf16_moments` the moments are BF16 values
+    /// (held in FP32 buffers): each is rounded to BF16 after its update, which is the update of
+    /// BF16-stored moments (`ops::adamw` with `bf16_moments`).
     fn adamw(
         &self,
         p: &mut Self::Buf,
@@ -309,6 +355,7 @@ pub trait Backend: Send + Sync {
         m: &mut Self::Buf,
         v: &mut Self::Buf,
         k: &AdamCoeffs,
+        bf16_moments: bool,
     ) -> Result<()>;
     /// Waits for queued work (a no-op where nothing is queued); timing needs it.
     fn synchronize(&self) -> Result<()>;

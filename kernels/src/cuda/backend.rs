@@ -6,9 +6,11 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::device::{Gpu, cuda_err};
 use super::launch::{check_len, dim, grid_stride, launch};
+use super::mixed::GpuWeight;
 use super::source::MODEL;
 use crate::backend::{AttnDims, Backend, ColCopy, Gemm};
 use crate::ops::adamw::AdamCoeffs;
+use crate::ops::linear::Precision;
 use crate::ops::rope::{RopeLayout, RopeTable};
 use crate::{KernelError, Result};
 
@@ -163,6 +165,7 @@ impl Backend for Gpu {
     type Ids = GpuIds;
     type Ce = GpuCe;
     type Rope = GpuRope;
+    type Weight = GpuWeight;
 
     fn describe(&self) -> String {
         format!("{} ({})", self.info().name, self.info().arch())
@@ -217,6 +220,40 @@ impl Backend for Gpu {
         g: Gemm,
     ) -> Result<()> {
         self.sgemm(a, b, c, g)
+    }
+
+    fn weight_operand(
+        &self,
+        w: &CudaSlice<f32>,
+        out_f: usize,
+        in_f: usize,
+        precision: Precision,
+    ) -> Result<GpuWeight> {
+        self.mp_weight(w, out_f, in_f, precision)
+    }
+
+    fn linear_mp(&self, x: &CudaSlice<f32>, w: &GpuWeight, rows: usize) -> Result<CudaSlice<f32>> {
+        self.mp_forward(x, w, rows)
+    }
+
+    fn linear_mp_input_grad(
+        &self,
+        dy: &CudaSlice<f32>,
+        w: &GpuWeight,
+        rows: usize,
+    ) -> Result<CudaSlice<f32>> {
+        self.mp_input_grad(dy, w, rows)
+    }
+
+    fn linear_mp_weight_grad_acc(
+        &self,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &GpuWeight,
+        rows: usize,
+        dw: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.mp_weight_grad_acc(dy, x, w, rows, dw)
     }
 
     fn add_into(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
@@ -558,9 +595,15 @@ impl Backend for Gpu {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
         k: &AdamCoeffs,
+        bf16_moments: bool,
     ) -> Result<()> {
         let n = p.len();
-        self.adamw_f32(p, g, m, v, n, *k)
+        self.adamw_f32(p, g, m, v, n, *k)?;
+        if bf16_moments {
+            self.round_bf16(m, n)?;
+            self.round_bf16(v, n)?;
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {

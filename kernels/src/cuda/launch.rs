@@ -108,22 +108,75 @@ pub(crate) fn grid_stride(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// The quantizations of quant.cu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Quant {
+    /// 1x128 tiles of `x[rows, cols]`.
+    Tiles,
+    /// 1x128 tiles of the `[cols, rows]` transpose, fused with the transpose.
+    TilesTransposed,
+    /// 128x128 blocks.
+    Blocks,
+}
+
+/// Whether a quantization waits to report a non-finite input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FiniteCheck {
+    /// Wait for the kernel and return an error naming the input.
+    Now,
+    /// Do not wait: a non-finite input gives non-finite codes, which reach the training step's
+    /// gradient norm (checked once per step) instead of costing a round trip per GEMM.
+    ByGradientNorm,
+}
+
 impl Gpu {
-    #[allow(clippy::too_many_arguments)]
-    fn quantize_with(
+    /// Quantizes `x[rows, cols]` as `kind` says.
+    pub(crate) fn quantize(
         &self,
-        kernel: &'static str,
+        kind: Quant,
         x: &CudaSlice<f32>,
         rows: usize,
         cols: usize,
         cfg: QuantConfig,
-        out_rows: usize,
-        out_cols: usize,
-        granularity: Granularity,
-        launch: LaunchConfig,
+        check: FiniteCheck,
     ) -> Result<GpuFp8> {
         let shapes = format!("x [{rows}, {cols}]");
         check_len("quantize.input", x, rows * cols)?;
+        let (kernel, out_rows, out_cols, granularity, launch) = match kind {
+            Quant::Tiles => (
+                "quantize_tiles",
+                rows,
+                cols,
+                Granularity::Tile1x128,
+                grid_stride(rows * blocks(cols) * 32, 256),
+            ),
+            Quant::TilesTransposed => (
+                "quantize_tiles_transposed",
+                cols,
+                rows,
+                Granularity::Tile1x128,
+                LaunchConfig {
+                    grid_dim: (
+                        cols.div_ceil(32).max(1) as u32,
+                        blocks(rows).max(1) as u32,
+                        1,
+                    ),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+            Quant::Blocks => (
+                "quantize_blocks",
+                rows,
+                cols,
+                Granularity::Block128x128,
+                LaunchConfig {
+                    grid_dim: (blocks(cols).max(1) as u32, blocks(rows).max(1) as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
+        };
         let (r, c) = (dim("quantize.rows", rows)?, dim("quantize.cols", cols)?);
         let scale_rows = match granularity {
             Granularity::Tile1x128 => out_rows,
@@ -149,9 +202,11 @@ impl Gpu {
             // signature in quant.cu.
             unsafe { b.launch(launch) }.map_err(cuda_err(kernel, &shapes))?;
         }
-        let flag = self.download("quantize.flag", &bad, 1)?;
-        if flag.first().copied().unwrap_or(0) != 0 {
-            return Err(KernelError::invalid("quantize.input", "non-finite value"));
+        if check == FiniteCheck::Now {
+            let flag = self.download("quantize.flag", &bad, 1)?;
+            if flag.first().copied().unwrap_or(0) != 0 {
+                return Err(KernelError::invalid("quantize.input", "non-finite value"));
+            }
         }
         Ok(GpuFp8 {
             rows: out_rows,
@@ -171,19 +226,7 @@ impl Gpu {
         cols: usize,
         cfg: QuantConfig,
     ) -> Result<GpuFp8> {
-        let tiles = rows * blocks(cols);
-        let launch = grid_stride(tiles * 32, 256);
-        self.quantize_with(
-            "quantize_tiles",
-            x,
-            rows,
-            cols,
-            cfg,
-            rows,
-            cols,
-            Granularity::Tile1x128,
-            launch,
-        )
+        self.quantize(Quant::Tiles, x, rows, cols, cfg, FiniteCheck::Now)
     }
 
     /// [`Fp8Matrix::quantize_tiles_transposed`] on the GPU: the `[cols, rows]` transpose in 1x128
@@ -195,26 +238,7 @@ impl Gpu {
         cols: usize,
         cfg: QuantConfig,
     ) -> Result<GpuFp8> {
-        let launch = LaunchConfig {
-            grid_dim: (
-                cols.div_ceil(32).max(1) as u32,
-                blocks(rows).max(1) as u32,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.quantize_with(
-            "quantize_tiles_transposed",
-            x,
-            rows,
-            cols,
-            cfg,
-            cols,
-            rows,
-            Granularity::Tile1x128,
-            launch,
-        )
+        self.quantize(Quant::TilesTransposed, x, rows, cols, cfg, FiniteCheck::Now)
     }
 
     /// [`Fp8Matrix::quantize_blocks`] on the GPU: `w[rows, cols]` in 128x128 blocks.
@@ -225,22 +249,7 @@ impl Gpu {
         cols: usize,
         cfg: QuantConfig,
     ) -> Result<GpuFp8> {
-        let launch = LaunchConfig {
-            grid_dim: (blocks(cols).max(1) as u32, blocks(rows).max(1) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.quantize_with(
-            "quantize_blocks",
-            w,
-            rows,
-            cols,
-            cfg,
-            rows,
-            cols,
-            Granularity::Block128x128,
-            launch,
-        )
+        self.quantize(Quant::Blocks, w, rows, cols, cfg, FiniteCheck::Now)
     }
 
     /// Dequantizes to FP32 on the GPU.

@@ -17,6 +17,7 @@ pub mod device;
 pub mod dispatch;
 pub mod ipc;
 pub mod launch;
+pub mod mixed;
 pub mod nccl;
 pub mod source;
 

@@ -75,7 +75,8 @@ pub const DISPATCH: Source = Source {
 };
 
 /// The rest of the model's training step: attention, the RMSNorm weight gradient, embeddings,
-/// column and row copies, row dot products, sums.
+/// column and row copies, row dot products, sums, and the BF16 conversions of the
+/// mixed-precision linears.
 pub const MODEL: Source = Source {
     name: "model",
     text: include_str!("../../cuda/model.cu"),
@@ -94,6 +95,8 @@ pub const MODEL: Source = Source {
         "row_dots",
         "add_into",
         "sum_sq_partial",
+        "to_bf16",
+        "round_bf16",
     ],
     fmad: false,
 };

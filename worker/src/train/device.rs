@@ -5,13 +5,14 @@
 //! run resumed on the CPU, or on another device, continues from the same state).
 //!
 //! Which runs can: one data-parallel rank in this process, no pipeline or expert parallelism,
-//! FP32 weights with FP32 AdamW moments ([`Trainer::device_eligibility`] says why not).
+//! any precision and moments ([`Trainer::device_eligibility`] says why not).
 
 use std::time::Instant;
 
+use half::bf16;
+
 use shoal_kernels::backend::Backend;
 use shoal_kernels::ops::adamw::{AdamWState, Moments};
-use shoal_kernels::ops::linear::Precision;
 
 use super::{StepMetrics, Trainer, max_violation};
 use crate::model::device::{DeviceModel, DeviceStep, StepHyper};
@@ -72,16 +73,6 @@ impl Trainer {
         if o.ep != 1 {
             return Some("expert parallelism runs on the cpu path".into());
         }
-        let p = self.model().precision();
-        if p != Precision::Fp32 {
-            return Some(format!(
-                "{} precision: the device step computes in fp32",
-                super::state::precision_name(p)
-            ));
-        }
-        if o.bf16_moments {
-            return Some("bf16 adamw moments: the device step keeps fp32 moments".into());
-        }
         None
     }
 
@@ -94,18 +85,15 @@ impl Trainer {
         }
         let states = self.param_moments()?;
         let step = states.first().map_or(0, |(_, s)| s.step);
-        let mut moments = Vec::with_capacity(states.len());
-        for (id, s) in &states {
-            match &s.moments {
-                Moments::F32 { m, v } => moments.push((*id, m.as_slice(), v.as_slice())),
-                Moments::Bf16 { .. } => {
-                    return Err(WorkerError::invalid(
-                        "device",
-                        "bf16 adamw moments: the device step keeps fp32 moments",
-                    ));
-                }
-            }
-        }
+        // BF16 moments travel as their FP32 values (exact both ways).
+        let values: Vec<(ParamId, Vec<f32>, Vec<f32>)> = states
+            .iter()
+            .map(|(id, s)| (*id, s.moments.first_f32(), s.moments.second_f32()))
+            .collect();
+        let moments: Vec<(ParamId, &[f32], &[f32])> = values
+            .iter()
+            .map(|(id, m, v)| (*id, m.as_slice(), v.as_slice()))
+            .collect();
         device.set_moments(step, &moments)?;
         tracing::info!(device = %device.describe(), step = self.step, "training on the device");
         self.device = Some(device);
@@ -133,13 +121,23 @@ impl Trainer {
         let sync = tracing::debug_span!("device.sync").entered();
         device.params_into(&mut self.replicas[0].model)?;
         let (steps, moments) = device.moments()?;
+        let bf16 = self.opts.bf16_moments;
         let states: Vec<(ParamId, AdamWState)> = moments
             .into_iter()
             .map(|(id, m, v)| {
+                let moments = if bf16 {
+                    // The device's moments are BF16 values: the conversion is exact.
+                    Moments::Bf16 {
+                        m: m.iter().map(|&x| bf16::from_f32(x)).collect(),
+                        v: v.iter().map(|&x| bf16::from_f32(x)).collect(),
+                    }
+                } else {
+                    Moments::F32 { m, v }
+                };
                 (
                     id,
                     AdamWState {
-                        moments: Moments::F32 { m, v },
+                        moments,
                         step: steps,
                     },
                 )

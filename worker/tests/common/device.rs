@@ -9,7 +9,7 @@ use shoal_worker::model::device::DeviceModel;
 use shoal_worker::model::{Model, Objective, TokenBatch};
 use shoal_worker::train::Trainer;
 
-use super::{batcher, batcher_of, opts, rel, small_cfg};
+use super::{batcher, batcher_of, opts, rel};
 
 /// How close a backend must come to the CPU.
 #[derive(Clone, Copy, Debug)]
@@ -34,15 +34,16 @@ fn batch_of(b: &shoal_worker::data::Batch) -> TokenBatch<'_> {
     }
 }
 
-/// One forward and backward pass of `cfg` (seeded), on the CPU model and on the backend: the
-/// losses, the expert loads and every parameter's gradient.
+/// One forward and backward pass of `cfg` (seeded) in `precision`, on the CPU model and on the
+/// backend: the losses, the expert loads and every parameter's gradient.
 pub fn one_pass_matches_the_cpu_model<B: Backend>(
     be: B,
     cfg: &ModelConfig,
+    precision: Precision,
     batch: usize,
     tol: Tolerance,
 ) {
-    let model = Model::<f32>::new(cfg, Precision::Fp32, 7).unwrap();
+    let model = Model::<f32>::new(cfg, precision, 7).unwrap();
     let mut data = batcher_of(7, 50_000, batch);
     let b = data.next_batch();
     let tb = batch_of(&b);
@@ -113,11 +114,17 @@ pub fn one_pass_matches_the_cpu_model<B: Backend>(
     }
 }
 
-/// `steps` optimizer steps of the small model on the backend and in the CPU trainer, from the
-/// same weights on the same batches: every step's losses and gradient norm, then the weights.
-pub fn training_steps_match_the_cpu_trainer<B: Backend>(be: B, steps: u64, tol: Tolerance) {
-    let o = opts(Precision::Fp32, steps, 1, 1, 2);
-    let model = Model::<f32>::new(&small_cfg(), Precision::Fp32, 3).unwrap();
+/// `steps` optimizer steps of `cfg` in `precision` on the backend and in the CPU trainer, from
+/// the same weights on the same batches: every step's losses and gradient norm, then the weights.
+pub fn training_steps_match_the_cpu_trainer<B: Backend>(
+    be: B,
+    cfg: &ModelConfig,
+    precision: Precision,
+    steps: u64,
+    tol: Tolerance,
+) {
+    let o = opts(precision, steps, 1, 1, 2);
+    let model = Model::<f32>::new(cfg, precision, 3).unwrap();
     let mut cpu = Trainer::new(model.clone(), batcher(3), o.clone()).unwrap();
     let mut dev = DeviceModel::new(be, &model).unwrap();
     let what = dev.backend().describe();

@@ -10,8 +10,11 @@
 //! logits: the top-k choice is the CPU gate's, so a step on any backend routes exactly as the
 //! CPU model does. Everything per token and per feature stays on the backend.
 
+use std::sync::OnceLock;
+
 use shoal_kernels::Tensor;
 use shoal_kernels::backend::{AttnDims, Backend, ColCopy, Gemm};
+use shoal_kernels::ops::linear::Precision;
 use shoal_kernels::ops::moe_gate::{GateOutput, expert_load, gate_backward, gate_forward};
 
 use super::super::block::{Block, Ffn};
@@ -29,6 +32,10 @@ pub(super) struct Fw<'a, B: Backend> {
     pub shapes: &'a [Vec<usize>],
     /// Host copies of the parameters the host reads (the MoE biases).
     pub host: &'a super::super::params::ParamStore<f32>,
+    /// The precision of the linear layers (the router and the head are always FP32).
+    pub prec: Precision,
+    /// The weights as the mixed-precision linears read them, made on first use.
+    pub ops: &'a [OnceLock<B::Weight>],
 }
 
 /// A forward view plus the gradient buffers: what a backward pass writes.
@@ -45,12 +52,33 @@ fn dims2(shape: &[usize]) -> (usize, usize) {
 }
 
 impl<B: Backend> Fw<'_, B> {
-    /// `x[rows, in] . W^T`.
+    /// `x[rows, in] . W^T` in the model's precision.
     pub fn lin(&self, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
+        match self.prec {
+            Precision::Fp32 => self.lin32(x, id, rows),
+            _ => Ok(self.be.linear_mp(x, self.operand(id)?, rows)?),
+        }
+    }
+
+    /// `x[rows, in] . W^T` in FP32 (the router and the head).
+    pub fn lin32(&self, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
         let (o, i) = dims2(&self.shapes[id.index()]);
         Ok(self
             .be
             .gemm(x, &self.p[id.index()], Gemm::forward(rows, o, i))?)
+    }
+
+    /// Weight `id` as the mixed-precision linears read it (made once per step).
+    fn operand(&self, id: ParamId) -> Result<&B::Weight> {
+        let slot = &self.ops[id.index()];
+        if let Some(w) = slot.get() {
+            return Ok(w);
+        }
+        let (o, i) = dims2(&self.shapes[id.index()]);
+        let w = self
+            .be
+            .weight_operand(&self.p[id.index()], o, i, self.prec)?;
+        Ok(slot.get_or_init(|| w))
     }
 
     pub fn norm(&self, x: &B::Buf, id: ParamId, rows: usize, eps: f64) -> Result<B::Buf> {
@@ -135,8 +163,21 @@ impl Cols {
 }
 
 impl<B: Backend> Bw<'_, B> {
-    /// B and W of `y = x . W^T`: returns `dx`, adds `dy^T . x` into W's gradient.
+    /// B and W of `y = x . W^T` in the model's precision: returns `dx`, adds `dy^T . x` into
+    /// W's gradient.
     pub fn lin_b(&mut self, dy: &B::Buf, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
+        if self.fw.prec == Precision::Fp32 {
+            return self.lin_b32(dy, x, id, rows);
+        }
+        let be = self.fw.be;
+        let w = self.fw.operand(id)?;
+        let dx = be.linear_mp_input_grad(dy, w, rows)?;
+        be.linear_mp_weight_grad_acc(dy, x, w, rows, &mut self.g[id.index()])?;
+        Ok(dx)
+    }
+
+    /// B and W of `y = x . W^T` in FP32 (the router and the head).
+    pub fn lin_b32(&mut self, dy: &B::Buf, x: &B::Buf, id: ParamId, rows: usize) -> Result<B::Buf> {
         let (o, i) = dims2(&self.fw.shapes[id.index()]);
         let be = self.fw.be;
         let dx = be.gemm(dy, &self.fw.p[id.index()], Gemm::input_grad(rows, o, i))?;
@@ -441,7 +482,7 @@ pub(super) fn moe_forward<B: Backend>(
     let t = ctx.tokens();
     let (e, k) = (m.gate.n_routed_experts, m.gate.top_k);
     let hidden = f.shapes[m.router.index()][1];
-    let logits = f.be.download("moe.logits", &f.lin(&x, m.router, t)?)?;
+    let logits = f.be.download("moe.logits", &f.lin32(&x, m.router, t)?)?;
     let gate = gate_forward(
         &Tensor::new([t, e], logits)?,
         f.host.get(m.bias).data(),
@@ -555,7 +596,7 @@ pub(super) fn moe_backward<B: Backend>(
         ));
     }
     let dl = be.upload("moe.dlogits", dlogits.data())?;
-    let dxr = w.lin_b(&dl, &s.x, m.router, t)?;
+    let dxr = w.lin_b32(&dl, &s.x, m.router, t)?;
     be.add_into(&mut dx, &dxr)?;
     Ok(dx)
 }

@@ -4,16 +4,19 @@
 //! update, as [`crate::train::Trainer`] computes them on the CPU for one data-parallel rank.
 //!
 //! [`DeviceModel`] runs the whole model (embedding, MLA and dense/MoE blocks, the head and the
-//! MTP modules) in FP32: the GEMMs are `Backend::gemm`, everything else the backend's operators.
-//! The router's top-k selection runs on the host (see `layers.rs`). Pipeline and expert
-//! parallelism, and the BF16 and FP8 recipes, are the CPU path's only.
+//! MTP modules) in the model's precision, as the CPU model does: under BF16 and FP8 the linear
+//! layers of MLA, the MLPs, the experts and the MTP projections are the backend's
+//! mixed-precision linears (each weight converted once per step), while the router and the
+//! output head stay FP32 GEMMs, like the norms, attention and everything else. The router's
+//! top-k selection runs on the host (see `layers.rs`). Pipeline and expert parallelism are the
+//! CPU path's only.
 
 mod layers;
 
 use shoal_kernels::Tensor;
 use shoal_kernels::backend::Backend;
 use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, clip_coefficient};
-use shoal_kernels::ops::linear::Precision;
+use std::sync::OnceLock;
 
 use self::layers::{BlockSaved, Bw, Cols, Fw, block_backward, block_forward};
 use super::params::ParamId;
@@ -34,7 +37,8 @@ pub struct DeviceStep {
 pub struct StepHyper {
     /// Learning rate of this step.
     pub lr: f32,
-    /// AdamW (weight decay applies to matrices only; moments are FP32 on the device).
+    /// AdamW (weight decay applies to matrices only; with `bf16_moments` the moments are BF16
+    /// values, held in FP32 buffers).
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this.
     pub grad_clip: f32,
@@ -87,6 +91,9 @@ pub struct DeviceModel<B: Backend> {
     m: Vec<B::Buf>,
     v: Vec<B::Buf>,
     rope: B::Rope,
+    /// Each weight as this step's mixed-precision linears read it, made on first use; cleared
+    /// whenever the parameters change.
+    ops: Vec<OnceLock<B::Weight>>,
     adam_step: u64,
 }
 
@@ -100,18 +107,9 @@ impl<B: Backend> std::fmt::Debug for DeviceModel<B> {
 }
 
 impl<B: Backend> DeviceModel<B> {
-    /// `model`'s parameters copied to `be`, with zero gradients and moments. The model must be
-    /// FP32 (the device step has no BF16 or FP8 recipe).
+    /// `model`'s parameters copied to `be`, with zero gradients and moments; the steps run in
+    /// the model's precision.
     pub fn new(be: B, model: &Model<f32>) -> Result<Self> {
-        if model.precision() != Precision::Fp32 {
-            return Err(WorkerError::invalid(
-                "precision",
-                format!(
-                    "the device step computes in fp32; {:?} runs on the CPU path",
-                    model.precision()
-                ),
-            ));
-        }
         let n = model.params().layout().len();
         let (mut shapes, mut p, mut g, mut m, mut v) = (
             Vec::with_capacity(n),
@@ -151,6 +149,7 @@ impl<B: Backend> DeviceModel<B> {
             m,
             v,
             rope,
+            ops: (0..n).map(|_| OnceLock::new()).collect(),
             adam_step: 0,
         })
     }
@@ -194,7 +193,8 @@ impl<B: Backend> DeviceModel<B> {
         Ok(())
     }
 
-    /// The AdamW steps taken, and the FP32 moments `(m, v)` of every trainable parameter.
+    /// The AdamW steps taken, and the moments `(m, v)` of every trainable parameter (BF16 values
+    /// when the steps keep BF16 moments).
     #[allow(clippy::type_complexity)]
     pub fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)> {
         let mut out = Vec::new();
@@ -213,7 +213,7 @@ impl<B: Backend> DeviceModel<B> {
     }
 
     /// Replaces the AdamW state (a resumed run's): the steps taken and each trainable
-    /// parameter's FP32 moments.
+    /// parameter's moments.
     pub fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()> {
         for (id, m, v) in moments {
             let n: usize = self.shapes[id.index()].iter().product();
@@ -278,6 +278,8 @@ impl<B: Backend> DeviceModel<B> {
             p: &self.p,
             shapes: &self.shapes,
             host: model.params(),
+            prec: model.precision(),
+            ops: &self.ops,
         };
         let ctx = model.ctx(b.batch, b.seq, obj.balance_alpha);
         let t = ctx.tokens();
@@ -295,7 +297,7 @@ impl<B: Backend> DeviceModel<B> {
             h = h2;
         }
         let hn = f.norm(&h, model.norm, t, ctx.eps)?;
-        let logits = f.lin(&hn, model.head, t)?;
+        let logits = f.lin32(&hn, model.head, t)?;
         let targets = be.upload_ids("batch.targets", b.targets)?;
         let (main, count, ce) = be.cross_entropy(&logits, &targets, t, vocab)?;
 
@@ -339,7 +341,7 @@ impl<B: Backend> DeviceModel<B> {
                 loads.push(st.load);
             }
             let hn_k = f.norm(&out, m.head_norm, tk, ctx.eps)?;
-            let logits_k = f.lin(&hn_k, model.head, tk)?;
+            let logits_k = f.lin32(&hn_k, model.head, tk)?;
             let targets_up = be.upload_ids("mtp.targets", &targets_k)?;
             let (loss_k, _, ce_k) = be.cross_entropy(&logits_k, &targets_up, tk, vocab)?;
             mtp_losses.push(loss_k);
@@ -391,6 +393,7 @@ impl<B: Backend> DeviceModel<B> {
             p,
             g,
             rope,
+            ops,
             ..
         } = self;
         let be: &B = be;
@@ -402,6 +405,8 @@ impl<B: Backend> DeviceModel<B> {
                 p,
                 shapes,
                 host: model.params(),
+                prec: model.precision(),
+                ops,
             },
             g,
         };
@@ -421,7 +426,7 @@ impl<B: Backend> DeviceModel<B> {
                 vocab,
                 obj.loss_scale * obj.mtp_lambda / d,
             )?;
-            let dhn = w.lin_b(&dlogits, &s.hn, model.head, tk)?;
+            let dhn = w.lin_b32(&dlogits, &s.hn, model.head, tk)?;
             let mut dout = w.norm_b(&dhn, &s.out, m.head_norm, tk, ctx.eps)?;
             if let Some(gp) = dprev.take() {
                 be.add_into(&mut dout, &gp)?;
@@ -447,7 +452,7 @@ impl<B: Backend> DeviceModel<B> {
             vocab,
             obj.loss_scale,
         )?;
-        let dhn = w.lin_b(&dlogits, &fwd.hn, model.head, t)?;
+        let dhn = w.lin_b32(&dlogits, &fwd.hn, model.head, t)?;
         let mut dh = w.norm_b(&dhn, &fwd.h, model.norm, t, ctx.eps)?;
         if let Some(gp) = dprev {
             be.add_into(&mut dh, &gp)?;
@@ -463,12 +468,6 @@ impl<B: Backend> DeviceModel<B> {
     /// clipping, AdamW on every trainable parameter and the expert-bias update.
     pub fn train_step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep> {
         h.adamw.validate()?;
-        if h.adamw.bf16_moments {
-            return Err(WorkerError::invalid(
-                "bf16_moments",
-                "the device step keeps FP32 AdamW moments",
-            ));
-        }
         self.zero_grads()?;
         let micro = h.micro_batches.clamp(1, b.batch.max(1));
         let parts = split_micro(b, micro)?;
@@ -512,7 +511,10 @@ impl<B: Backend> DeviceModel<B> {
             let c = if decays { &h.adamw } else { &no_decay };
             let k = AdamCoeffs::new(c, h.lr, self.adam_step, clip);
             let Self { be, p, g, m, v, .. } = self;
-            be.adamw(&mut p[i], &g[i], &mut m[i], &mut v[i], &k)?;
+            be.adamw(&mut p[i], &g[i], &mut m[i], &mut v[i], &k, c.bf16_moments)?;
+        }
+        for op in &mut self.ops {
+            op.take();
         }
         // Auxiliary-loss-free balancing: each bias moves by gamma against its expert's load.
         let biases = self.model.expert_biases();
