@@ -8,6 +8,12 @@
 //! proxy's own rows for its node followed by what it received, in source order. Phase 2 keeps the
 //! global positions, so every destination's rows land exactly where [`cpu_transfer`] puts them;
 //! [`restore_provenance`] turns phase 2's provenance back into the original sources'.
+//!
+//! Each rank runs its own side of phase 1 from the plan alone: [`phase1_messages`] (what it
+//! sends, one message per proxy), [`phase1_receives`] (what it expects, and from whom) and
+//! [`phase2_input`] (its phase-2 rows, from its own rows and the messages). The messages carry
+//! only row bytes; both ends know their sizes from the plan. `cuda::Gpu::inter_node_phase1`
+//! exchanges them through NCCL.
 
 use crate::two_hop::{Layout, Received, Routing, Rows, check_inputs};
 use crate::{KernelError, Result};
@@ -131,48 +137,141 @@ pub fn plan(routing: &Routing, layout: &Layout) -> Result<InterNode> {
     Ok(InterNode { sends, nodes: out })
 }
 
-/// Phase 2's inputs of node `n`: each local rank's rows in the order [`plan`] gives them, from
-/// the sources' `inputs` (its own, and what phase 1 brought from the other nodes).
-pub fn node_inputs(
-    plan: &InterNode,
-    n: usize,
-    inputs: &[Rows],
+/// Rank `me`'s place: its node and local index, checked against the plan.
+fn place(plan: &InterNode, me: usize) -> Result<(usize, usize, usize)> {
+    let ranks = plan.sends.len();
+    let local = plan.nodes.first().map_or(1, |n| n.routing.local.max(1));
+    if me >= ranks {
+        return Err(KernelError::IndexOutOfRange {
+            operand: "inter_node.rank",
+            position: 0,
+            index: me,
+            bound: ranks,
+        });
+    }
+    Ok((me / local, me % local, local))
+}
+
+/// The bytes of row `row` of `rows`, both parts, or an error naming the source.
+fn row_of<'a>(
+    rows: &'a Rows,
+    row: usize,
     (len0, len1): (usize, usize),
-) -> Result<Vec<Rows>> {
-    let phase = plan
-        .nodes
-        .get(n)
-        .ok_or_else(|| KernelError::invalid("inter_node.node", format!("no node {n}")))?;
-    phase
-        .origin
+    what: &'static str,
+    source: usize,
+) -> Result<(&'a [u8], &'a [u8])> {
+    match (
+        rows.part0.get(row * len0..(row + 1) * len0),
+        rows.part1.get(row * len1..(row + 1) * len1),
+    ) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(KernelError::shape(
+            what,
+            format!("row {row} of rank {source}"),
+            format!("{} + {} bytes", rows.part0.len(), rows.part1.len()),
+        )),
+    }
+}
+
+/// Rank `me`'s phase-1 messages: one per proxy it sends to (in [`plan`]'s order), holding the
+/// rows `plan.sends[me]` lists for it, their first parts back to back, then their second parts.
+/// The receiver knows the row count from the plan, so a message carries nothing else.
+pub fn phase1_messages(
+    plan: &InterNode,
+    me: usize,
+    own: &Rows,
+    parts: (usize, usize),
+) -> Result<Vec<(usize, Vec<u8>)>> {
+    place(plan, me)?;
+    plan.sends[me]
         .iter()
-        .map(|rows| {
-            let mut r = Rows::default();
-            for &(s, row, _) in rows {
-                let inp = inputs.get(s).ok_or_else(|| {
-                    KernelError::invalid("inter_node.inputs", format!("no rank {s}"))
-                })?;
-                let (a, b) = (
-                    inp.part0.get(row * len0..(row + 1) * len0),
-                    inp.part1.get(row * len1..(row + 1) * len1),
-                );
-                match (a, b) {
-                    (Some(a), Some(b)) => {
-                        r.part0.extend_from_slice(a);
-                        r.part1.extend_from_slice(b);
-                    }
-                    _ => {
-                        return Err(KernelError::shape(
-                            "inter_node.inputs",
-                            format!("row {row} of rank {s}"),
-                            format!("{} bytes", inp.part0.len()),
-                        ));
-                    }
-                }
+        .map(|(proxy, rows)| {
+            let mut head = Vec::with_capacity(rows.len() * (parts.0 + parts.1));
+            let mut tail = Vec::with_capacity(rows.len() * parts.1);
+            for &row in rows {
+                let (a, b) = row_of(own, row, parts, "inter_node.inputs", me)?;
+                head.extend_from_slice(a);
+                tail.extend_from_slice(b);
             }
-            Ok(r)
+            head.extend_from_slice(&tail);
+            Ok((*proxy, head))
         })
         .collect()
+}
+
+/// The phase-1 messages rank `me` receives: `(source rank, rows)` for each rank of the same local
+/// index on another node that sends to it, by node.
+pub fn phase1_receives(plan: &InterNode, me: usize) -> Result<Vec<(usize, usize)>> {
+    let (n, q, local) = place(plan, me)?;
+    Ok((0..plan.nodes.len())
+        .filter(|&sn| sn != n)
+        .filter_map(|sn| {
+            let s = sn * local + q;
+            plan.sends[s]
+                .iter()
+                .find(|(p, _)| *p == me)
+                .map(|(_, rows)| (s, rows.len()))
+        })
+        .collect())
+}
+
+/// Rank `me`'s phase-2 input, in the order [`plan`] gives its rows: its own rows with a
+/// destination on its node and the rows of `received`, the messages [`phase1_receives`] lists
+/// (one each, in that order). Every message must have the size its row count gives.
+pub fn phase2_input(
+    plan: &InterNode,
+    me: usize,
+    own: &Rows,
+    received: &[Vec<u8>],
+    (len0, len1): (usize, usize),
+) -> Result<Rows> {
+    let (n, q, _) = place(plan, me)?;
+    let expected = phase1_receives(plan, me)?;
+    if received.len() != expected.len() {
+        return Err(KernelError::shape(
+            "inter_node.received",
+            format!("{} messages (one per sending rank)", expected.len()),
+            format!("{}", received.len()),
+        ));
+    }
+    // Each message as rows: the k-th row from source s is its k-th row in phase 2's order.
+    let mut messages = Vec::with_capacity(expected.len());
+    for (&(s, rows), msg) in expected.iter().zip(received) {
+        if msg.len() != rows * (len0 + len1) {
+            return Err(KernelError::shape(
+                "inter_node.received",
+                format!("{} bytes from rank {s} ({rows} rows)", rows * (len0 + len1)),
+                format!("{}", msg.len()),
+            ));
+        }
+        let (a, b) = msg.split_at(rows * len0);
+        messages.push((
+            s,
+            Rows {
+                part0: a.to_vec(),
+                part1: b.to_vec(),
+            },
+            0usize,
+        ));
+    }
+    let mut out = Rows::default();
+    for &(s, row, _) in &plan.nodes[n].origin[q] {
+        let (a, b) = if s == me {
+            row_of(own, row, (len0, len1), "inter_node.inputs", s)?
+        } else {
+            let (_, rows, next) = messages
+                .iter_mut()
+                .find(|(src, _, _)| *src == s)
+                .ok_or_else(|| {
+                    KernelError::invalid("inter_node.received", format!("no message from rank {s}"))
+                })?;
+            *next += 1;
+            row_of(rows, *next - 1, (len0, len1), "inter_node.received", s)?
+        };
+        out.part0.extend_from_slice(a);
+        out.part1.extend_from_slice(b);
+    }
+    Ok(out)
 }
 
 /// Turns phase 2's provenance (local source, phase-2 row, entry) of node `n`'s received rows into
@@ -208,9 +307,11 @@ pub fn restore_provenance(plan: &InterNode, n: usize, received: &mut [Received])
     Ok(())
 }
 
-/// The whole transfer through both phases on the CPU (phase 1 as copies, phase 2 by `node`,
-/// which moves one node's rows: [`crate::two_hop::cpu_transfer`], or a GPU's kernel). Equals the
-/// one-phase transfer; what the tests hold the plan to.
+/// The whole transfer through both phases in this process: phase 1 as each rank's messages
+/// ([`phase1_messages`]) handed to their proxies, which build their phase-2 inputs
+/// ([`phase2_input`]) as they would from the network; phase 2 by `node`, which moves one node's
+/// rows ([`crate::two_hop::cpu_transfer`], or a GPU's kernel). Equals the one-phase transfer;
+/// what the tests hold the protocol to.
 pub fn transfer_in_phases(
     routing: &Routing,
     layout: &Layout,
@@ -221,9 +322,33 @@ pub fn transfer_in_phases(
     let rows = routing.validate()?;
     check_inputs(&rows, inputs, parts.0, parts.1)?;
     let p = plan(routing, layout)?;
+    // Phase 1: every rank's messages, delivered to their proxies' mailboxes.
+    let mut mailbox: Vec<Vec<(usize, Vec<u8>)>> = vec![Vec::new(); routing.ranks];
+    for (s, own) in inputs.iter().enumerate() {
+        for (proxy, msg) in phase1_messages(&p, s, own, parts)? {
+            mailbox[proxy].push((s, msg));
+        }
+    }
+    let local = routing.local.max(1);
     let mut out = Vec::with_capacity(routing.ranks);
     for n in 0..p.nodes.len() {
-        let ins = node_inputs(&p, n, inputs, parts)?;
+        let mut ins = Vec::with_capacity(local);
+        for me in n * local..(n + 1) * local {
+            let mut got = std::mem::take(&mut mailbox[me]);
+            let msgs = phase1_receives(&p, me)?
+                .into_iter()
+                .map(|(s, _)| {
+                    let i = got.iter().position(|(src, _)| *src == s).ok_or_else(|| {
+                        KernelError::invalid(
+                            "inter_node.received",
+                            format!("no message from rank {s}"),
+                        )
+                    })?;
+                    Ok(got.swap_remove(i).1)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            ins.push(phase2_input(&p, me, &inputs[me], &msgs, parts)?);
+        }
         let mut got = node(&p.nodes[n], &ins)?;
         restore_provenance(&p, n, &mut got)?;
         out.extend(got);
@@ -283,8 +408,18 @@ mod tests {
             .unwrap();
             assert_eq!(got, want, "{ranks} ranks in nodes of {local}");
             // Phase 1 crosses nodes once per (row, destination node), always to the same local
-            // index.
+            // index, and every message is what its proxy expects from that rank.
             let p = plan(&r, &layout).unwrap();
+            for (s, own) in inputs.iter().enumerate() {
+                for (proxy, msg) in phase1_messages(&p, s, own, (8, 4)).unwrap() {
+                    let rows = phase1_receives(&p, proxy)
+                        .unwrap()
+                        .into_iter()
+                        .find(|&(src, _)| src == s)
+                        .map(|(_, n)| n);
+                    assert_eq!(Some(msg.len()), rows.map(|n| n * 12), "{s} -> {proxy}");
+                }
+            }
             for (s, sends) in p.sends.iter().enumerate() {
                 for (proxy, rows) in sends {
                     assert_eq!(proxy % local, s % local);
@@ -300,12 +435,39 @@ mod tests {
         let r = routing(5, 8, 4, 5, 3);
         let mut layout = r.layout().unwrap();
         let p = plan(&r, &layout).unwrap();
+        let own = Rows {
+            part0: vec![1; 5 * 8],
+            part1: vec![2; 5 * 4],
+        };
+        let e = phase1_messages(&p, 9, &own, (8, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inter_node.rank"), "{e}");
+        // A proxy that expects messages: a missing one, and one of the wrong size, are refused.
+        let me = (0..8)
+            .find(|&m| !phase1_receives(&p, m).unwrap().is_empty())
+            .unwrap();
+        let expected = phase1_receives(&p, me).unwrap();
+        let e = phase2_input(&p, me, &own, &[], (8, 4))
+            .unwrap_err()
+            .to_string();
         assert!(
-            node_inputs(&p, 9, &[], (8, 4))
-                .unwrap_err()
-                .to_string()
-                .contains("inter_node.node")
+            e.contains("inter_node.received") && e.contains("messages"),
+            "{e}"
         );
+        let short: Vec<Vec<u8>> = expected.iter().map(|&(_, n)| vec![0; n * 12 - 1]).collect();
+        let e = phase2_input(&p, me, &own, &short, (8, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("inter_node.received") && e.contains("bytes"),
+            "{e}"
+        );
+        // Rows the rank does not have are refused by name.
+        let e = phase1_messages(&p, me, &Rows::default(), (8, 4)).map(|_| ());
+        if !p.sends[me].is_empty() {
+            assert!(e.unwrap_err().to_string().contains("inter_node.inputs"));
+        }
         if let Some(x) = layout.pos[0].iter_mut().find(|x| **x >= 0) {
             *x = 10_000;
         }

@@ -1104,3 +1104,73 @@ fn a_transfer_between_processes_over_cuda_ipc_equals_the_cpu_transport() {
     }
     drop(theirs);
 }
+
+/// Phase 1 of a multi-node transfer through NCCL point-to-point: every local GPU is one node of
+/// one rank (its own thread and `ncclCommInitRank` communicator), each sends its rows for the
+/// other nodes to their proxies, and each proxy's phase-2 input equals what the in-process
+/// protocol gives it; phase 2 on the GPU then delivers what the one-phase CPU transport does.
+/// On a machine with one GPU there is one node, and the exchange runs with no message.
+#[test]
+fn phase_one_of_a_multi_node_transfer_through_nccl_equals_the_cpu_protocol() {
+    use shoal_kernels::cuda::nccl::{Collectives, unique_id};
+    use shoal_kernels::inter_node::{phase1_messages, phase1_receives, phase2_input, plan};
+    let n = shoal_kernels::cuda::probe().unwrap().len();
+    let mut rng = StdRng::seed_from_u64(61);
+    let (rows, parts) = (29, (160, 8));
+    let r = random_routing(&mut rng, n, 1, rows, 4, 0.4);
+    let layout = r.layout().unwrap();
+    let inputs = random_rows(&mut rng, n, rows, parts);
+    let p = plan(&r, &layout).unwrap();
+    // What each rank's phase-2 input must be, from the in-process protocol.
+    let want: Vec<Rows> = (0..n)
+        .map(|me| {
+            let msgs: Vec<Vec<u8>> = phase1_receives(&p, me)
+                .unwrap()
+                .into_iter()
+                .map(|(s, _)| {
+                    phase1_messages(&p, s, &inputs[s], parts)
+                        .unwrap()
+                        .into_iter()
+                        .find(|(proxy, _)| *proxy == me)
+                        .unwrap()
+                        .1
+                })
+                .collect();
+            phase2_input(&p, me, &inputs[me], &msgs, parts).unwrap()
+        })
+        .collect();
+    let id = unique_id().unwrap();
+    let got: Vec<Rows> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|me| {
+                let (p, inputs) = (&p, &inputs);
+                scope.spawn(move || {
+                    let g = Gpu::open(me).unwrap();
+                    let c = Collectives::from_rank(&g, me, n, id).unwrap();
+                    c.inter_node_phase1(&g, p, me, &inputs[me], parts).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(got, want);
+    // Phase 2 (each node one rank here) on the GPU from those inputs: the one-phase transport.
+    let g = gpu();
+    let one_phase = cpu_transfer(&r, &layout, &inputs, parts.0, parts.1).unwrap();
+    for (node, (phase, ins)) in p.nodes.iter().zip(got.chunks(1)).enumerate() {
+        let mut received = g
+            .two_hop(
+                &phase.routing,
+                &phase.layout,
+                ins,
+                parts,
+                false,
+                TransferConfig::default(),
+            )
+            .unwrap()
+            .received;
+        shoal_kernels::inter_node::restore_provenance(&p, node, &mut received).unwrap();
+        assert_eq!(received[0], one_phase[node], "node {node}");
+    }
+    eprintln!("phase 1 through nccl over {n} node(s) of one gpu each");
+}

@@ -6,6 +6,8 @@ use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp, result};
 
 use super::device::Gpu;
+use crate::inter_node::{self, InterNode};
+use crate::two_hop::Rows;
 use crate::{KernelError, Result};
 
 /// Whether the NCCL library (`libnccl.so`) can be loaded; checked before any NCCL call.
@@ -181,6 +183,43 @@ impl Collectives {
         }
         result::group_end().map_err(nccl_err("exchange", shapes.clone()))?;
         res.map_err(nccl_err("exchange", shapes))
+    }
+
+    /// Rank `me`'s side of a multi-node transfer's phase 1 (see [`crate::inter_node`]): its
+    /// messages to the other nodes' proxies go out and the ones addressed to it come in, all in
+    /// one NCCL group, and it returns its phase-2 input. This process's communicator must be rank
+    /// `me` of the transfer's ranks (`from_rank`). The rows are staged through host memory, as
+    /// the transfers of `dispatch.rs` take and return them.
+    pub fn inter_node_phase1(
+        &self,
+        gpu: &Gpu,
+        plan: &InterNode,
+        me: usize,
+        own: &Rows,
+        parts: (usize, usize),
+    ) -> Result<Rows> {
+        let sends = inter_node::phase1_messages(plan, me, own, parts)?;
+        let expected = inter_node::phase1_receives(plan, me)?;
+        let (len0, len1) = parts;
+        let send_bufs = sends
+            .iter()
+            .map(|(p, m)| Ok((*p, gpu.upload("inter_node.send", m)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut recv_bufs = expected
+            .iter()
+            .map(|&(s, rows)| Ok((s, gpu.zeros::<u8>("inter_node.recv", rows * (len0 + len1))?)))
+            .collect::<Result<Vec<_>>>()?;
+        let send_refs: Vec<(usize, &CudaSlice<u8>)> =
+            send_bufs.iter().map(|(p, b)| (*p, b)).collect();
+        let mut recv_refs: Vec<(usize, &mut CudaSlice<u8>)> =
+            recv_bufs.iter_mut().map(|(s, b)| (*s, b)).collect();
+        self.exchange(&send_refs, &mut recv_refs)?;
+        let received = recv_bufs
+            .iter()
+            .zip(&expected)
+            .map(|((_, b), &(_, rows))| gpu.download("inter_node.recv", b, rows * (len0 + len1)))
+            .collect::<Result<Vec<_>>>()?;
+        inter_node::phase2_input(plan, me, own, &received, parts)
     }
 
     fn check(&self, op: &'static str, send: usize, recv: usize) -> Result<()> {
