@@ -330,8 +330,6 @@ pub fn run_on(
     })
 }
 
-/// Keeps the lines of `metrics.jsonl` of steps up to `step` (a run that goes back to a
-/// checkpoint redoes the later ones).
 /// Puts the trainer's steps on GPU `ordinal` when the run is eligible; warns and leaves them on
 /// the CPU otherwise.
 fn attach_gpu(trainer: &mut Trainer, ordinal: usize) -> Result<()> {
@@ -355,6 +353,8 @@ fn attach_gpu(trainer: &mut Trainer, ordinal: usize) -> Result<()> {
     }
 }
 
+/// Keeps the lines of `metrics.jsonl` of steps up to `step` (a run that goes back to a
+/// checkpoint redoes the later ones).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,

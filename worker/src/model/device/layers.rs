@@ -77,7 +77,8 @@ impl<B: Backend> Fw<'_, B> {
         let (o, i) = dims2(&self.shapes[id.index()]);
         let w = self
             .be
-            .weight_operand(&self.p[id.index()], o, i, self.prec)?;
+            .weight_operand(&self.p[id.index()], o, i, self.prec)
+            .map_err(|e| super::named(self.host.name(id), e))?;
         Ok(slot.get_or_init(|| w))
     }
 

@@ -541,6 +541,6 @@ fn truncate(mut v: Vec<f32>, shape: &[usize]) -> Vec<f32> {
     v
 }
 
-fn named(name: &str, e: shoal_kernels::KernelError) -> WorkerError {
+pub(super) fn named(name: &str, e: shoal_kernels::KernelError) -> WorkerError {
     WorkerError::invalid(name, e.to_string())
 }
