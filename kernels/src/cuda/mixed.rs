@@ -227,6 +227,21 @@ impl Gpu {
         Ok(y)
     }
 
+    /// `x` (`[g.m, g.k]`) rounded to BF16 times the BF16 weight as `g` says, the output rounded
+    /// to BF16 values.
+    fn bf16_product(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<CudaSlice<f32>> {
+        let xb = self.to_bf16(x, g.m * g.k)?;
+        let mut y = self.zeros::<f32>("linear.out", g.m * g.n)?;
+        self.gemm_bf16_f32(&xb, w, &mut y, g)?;
+        self.round_bf16(&mut y, g.m * g.n)?;
+        Ok(y)
+    }
+
     /// [`crate::backend::Backend::linear_mp`].
     pub(crate) fn mp_forward(
         &self,
@@ -237,13 +252,7 @@ impl Gpu {
         let (out_f, in_f) = w.dims();
         check_len("linear.x", x, rows * in_f)?;
         match w {
-            GpuWeight::Bf16 { w, .. } => {
-                let xb = self.to_bf16(x, rows * in_f)?;
-                let mut y = self.zeros::<f32>("linear.y", rows * out_f)?;
-                self.gemm_bf16_f32(&xb, w, &mut y, Gemm::forward(rows, out_f, in_f))?;
-                self.round_bf16(&mut y, rows * out_f)?;
-                Ok(y)
-            }
+            GpuWeight::Bf16 { w, .. } => self.bf16_product(x, w, Gemm::forward(rows, out_f, in_f)),
             GpuWeight::Fp8 { w, .. } => self.fp8_product(x, rows, w),
         }
     }
@@ -259,11 +268,7 @@ impl Gpu {
         check_len("linear.dy", dy, rows * out_f)?;
         match w {
             GpuWeight::Bf16 { w, .. } => {
-                let dyb = self.to_bf16(dy, rows * out_f)?;
-                let mut dx = self.zeros::<f32>("linear.dx", rows * in_f)?;
-                self.gemm_bf16_f32(&dyb, w, &mut dx, Gemm::input_grad(rows, out_f, in_f))?;
-                self.round_bf16(&mut dx, rows * in_f)?;
-                Ok(dx)
+                self.bf16_product(dy, w, Gemm::input_grad(rows, out_f, in_f))
             }
             GpuWeight::Fp8 { wt, .. } => self.fp8_product(dy, rows, wt),
         }
