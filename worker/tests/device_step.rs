@@ -100,6 +100,8 @@ fn a_trainer_on_the_host_device_matches(precision: Precision) {
         assert_eq!(a.expert_loads, b.expert_loads);
         assert_eq!(a.lr, b.lr);
     }
+    // The host copy follows the device only when synced (checkpoints sync).
+    dev.sync_device().unwrap();
     for ((_, name, a), (_, _, b)) in cpu.model().params().iter().zip(dev.model().params().iter()) {
         let worst = a
             .data()
@@ -111,37 +113,85 @@ fn a_trainer_on_the_host_device_matches(precision: Precision) {
 }
 
 /// A device run checkpoints its host state; resumed (on the device again) it continues to the
-/// same losses and weights as the run that never stopped.
+/// same losses and weights as the run that never stopped: in FP32, and in FP8 with BF16 moments
+/// (which cross between the device and the checkpoint as their exact FP32 values).
 #[test]
 fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
     use shoal_worker::train::Trainer;
+    for precision in [Precision::Fp32, Precision::Fp8] {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        let mut straight = host_trainer(precision, 6);
+        attach_host(&mut straight);
+        let losses: Vec<f64> = (0..6)
+            .map(|_| straight.train_step().unwrap().loss)
+            .collect();
+        let mut first = host_trainer(precision, 6);
+        attach_host(&mut first);
+        for _ in 0..3 {
+            first.train_step().unwrap();
+        }
+        first.save_checkpoint(&ckpt).unwrap();
+        drop(first);
+        let opts = Trainer::read_state(&ckpt).unwrap().options;
+        assert_eq!(opts.bf16_moments, precision == Precision::Fp8);
+        let mut resumed = Trainer::resume(&ckpt, common::batcher(9), opts).unwrap();
+        attach_host(&mut resumed);
+        let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
+        assert_eq!(tail, losses[3..], "{precision:?}");
+        straight.sync_device().unwrap();
+        resumed.sync_device().unwrap();
+        for ((_, name, a), (_, _, b)) in straight
+            .model()
+            .params()
+            .iter()
+            .zip(resumed.model().params().iter())
+        {
+            assert_eq!(a, b, "{precision:?}: {name} differs after resume");
+        }
+    }
+}
+
+/// A job's checkpoint of a device run (the sharded snapshot the background writer commits) holds
+/// the device's state, not a stale host copy: restored, the run continues to the losses of the
+/// run that never stopped.
+#[test]
+fn a_device_runs_sharded_checkpoint_holds_the_devices_state() {
+    use shoal_worker::checkpoint::background::BackgroundWriter;
+    use shoal_worker::checkpoint::sharded::latest_valid;
+    use shoal_worker::train::Trainer;
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = dir.path().join("ckpt");
-    let mut straight = host_trainer(Precision::Fp32, 6);
+    let root = dir.path().join("checkpoints");
+    let mut straight = host_trainer(Precision::Fp8, 5);
     attach_host(&mut straight);
-    let losses: Vec<f64> = (0..6)
+    let losses: Vec<f64> = (0..5)
         .map(|_| straight.train_step().unwrap().loss)
         .collect();
-    let mut first = host_trainer(Precision::Fp32, 6);
+    let mut first = host_trainer(Precision::Fp8, 5);
     attach_host(&mut first);
-    for _ in 0..3 {
+    for _ in 0..2 {
         first.train_step().unwrap();
     }
-    first.save_checkpoint(&ckpt).unwrap();
-    drop(first);
+    let snap = first
+        .checkpoint_snapshot(
+            &root,
+            serde_json::Value::Null,
+            std::time::Duration::from_secs(30),
+            2,
+        )
+        .unwrap();
+    let mut writer = BackgroundWriter::start().unwrap();
+    writer.submit(snap);
+    for (step, r) in writer.finish() {
+        r.unwrap_or_else(|e| panic!("checkpoint of step {step}: {e}"));
+    }
+    let (ckpt, manifest) = latest_valid(&root).unwrap().unwrap();
+    assert_eq!(manifest.step, 2);
     let opts = Trainer::read_state(&ckpt).unwrap().options;
-    let mut resumed = Trainer::resume(&ckpt, common::batcher(9), opts).unwrap();
+    let mut resumed = Trainer::restore_sharded(&ckpt, common::batcher(9), opts, None).unwrap();
     attach_host(&mut resumed);
     let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
-    assert_eq!(tail, losses[3..]);
-    for ((_, name, a), (_, _, b)) in straight
-        .model()
-        .params()
-        .iter()
-        .zip(resumed.model().params().iter())
-    {
-        assert_eq!(a, b, "{name} differs after resume");
-    }
+    assert_eq!(tail, losses[2..]);
 }
 
 /// Runs the device step does not cover are refused by name, and the trainer stays on the CPU.

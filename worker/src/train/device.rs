@@ -1,8 +1,9 @@
 //! Training on a compute backend. A [`Trainer`] with a device attached runs each step's forward,
-//! backward, clipping, AdamW and bias update on the device ([`DeviceModel`]); after every step
-//! the parameters, expert biases and AdamW moments are copied back into the trainer's host model
-//! and optimizer state, so checkpoints, resumption and every report read them unchanged (and a
-//! run resumed on the CPU, or on another device, continues from the same state).
+//! backward, clipping, AdamW and bias update on the device ([`DeviceModel`]), and the state stays
+//! there between steps. [`Trainer::sync_device`] copies the parameters, expert biases and AdamW
+//! moments back into the trainer's host model and optimizer state, as the CPU path would hold
+//! them; checkpoints sync first, so they, resumption and every report read the same state (and a
+//! run resumed on the CPU, or on another device, continues from it).
 //!
 //! Which runs can: one data-parallel rank in this process, no pipeline or expert parallelism,
 //! any precision and moments ([`Trainer::device_eligibility`] says why not).
@@ -117,8 +118,41 @@ impl Trainer {
             .as_mut()
             .ok_or_else(|| WorkerError::invalid("device", "no device attached"))?;
         let r = device.step(&tb, &h)?;
-        // The host copy: parameters, biases and moments, as the CPU path would hold them.
-        let sync = tracing::debug_span!("device.sync").entered();
+        self.host_behind = true;
+        self.step += 1;
+        let out = r.out;
+        let mtp = super::mean_mtp(&out);
+        let seconds = t0.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.step,
+            loss: out.loss,
+            main_loss: out.main_loss,
+            mtp_loss: mtp,
+            balance_loss: out.balance_loss,
+            grad_norm: r.grad_norm,
+            lr: h.lr,
+            max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
+            expert_loads: out.expert_loads,
+            bubble_s: 0.0,
+            tokens: out.tokens,
+            seconds,
+            busy_s: seconds,
+            bytes_sent: 0,
+            comm: Default::default(),
+            exposed_comm_s: 0.0,
+            max_target_nodes: 0,
+            wire_s: 0.0,
+        })
+    }
+
+    /// Brings the host copy up to date with the device: parameters, expert biases and AdamW
+    /// moments, as the CPU path would hold them after the same steps. Checkpoints call it; a
+    /// no-op when nothing has stepped since the last sync or no device is attached.
+    pub fn sync_device(&mut self) -> Result<()> {
+        let Some(device) = self.device.as_ref().filter(|_| self.host_behind) else {
+            return Ok(());
+        };
+        let _span = tracing::debug_span!("device.sync", step = self.step).entered();
         device.params_into(&mut self.replicas[0].model)?;
         let (steps, moments) = device.moments()?;
         let bf16 = self.opts.bf16_moments;
@@ -144,30 +178,7 @@ impl Trainer {
             })
             .collect();
         self.set_param_moments(&states)?;
-        drop(sync);
-        self.step += 1;
-        let out = r.out;
-        let mtp = super::mean_mtp(&out);
-        let seconds = t0.elapsed().as_secs_f64();
-        Ok(StepMetrics {
-            step: self.step,
-            loss: out.loss,
-            main_loss: out.main_loss,
-            mtp_loss: mtp,
-            balance_loss: out.balance_loss,
-            grad_norm: r.grad_norm,
-            lr: h.lr,
-            max_vio: out.expert_loads.iter().map(|l| max_violation(l)).collect(),
-            expert_loads: out.expert_loads,
-            bubble_s: 0.0,
-            tokens: out.tokens,
-            seconds,
-            busy_s: seconds,
-            bytes_sent: 0,
-            comm: Default::default(),
-            exposed_comm_s: 0.0,
-            max_target_nodes: 0,
-            wire_s: 0.0,
-        })
+        self.host_behind = false;
+        Ok(())
     }
 }

@@ -370,6 +370,9 @@ pub struct Trainer {
     step: u64,
     /// Where the steps run when not on the CPU replicas (see `device.rs`).
     device: Option<Box<dyn device::DeviceStepper>>,
+    /// The device has stepped since the host copy (weights, biases, moments) was last brought up
+    /// to date ([`Self::sync_device`]).
+    host_behind: bool,
 }
 
 /// MaxVio of a load vector: `max / mean - 1` (0 for an empty layer).
@@ -544,6 +547,7 @@ impl Trainer {
             opts,
             step: 0,
             device: None,
+            host_behind: false,
         })
     }
 
@@ -559,13 +563,21 @@ impl Trainer {
     /// Replica 0's model (every data-parallel replica holds the same weights). With expert
     /// parallelism it holds only its own routed experts (the others are empty): see
     /// [`Self::consolidated_model`].
+    ///
+    /// With a device attached, the host copy is the device's as of the last
+    /// [`Self::sync_device`] (checkpoints sync first): sync before reading weights.
     pub fn model(&self) -> &Model<f32> {
+        debug_assert!(!self.host_behind, "Trainer::model read before sync_device");
         &self.replicas[0].model
     }
 
     /// Every parameter under its Hugging Face name, each routed expert taken from a rank that
     /// holds it.
     pub fn named_f32(&self) -> Vec<(String, Tensor<f32>)> {
+        debug_assert!(
+            !self.host_behind,
+            "Trainer::named_f32 read before sync_device"
+        );
         let mut named = self.replicas[0].model.named_f32();
         let ids: Vec<ParamId> = self.params().iter().map(|(id, _, _)| id).collect();
         for (slot, id) in named.iter_mut().zip(ids) {

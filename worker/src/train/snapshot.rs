@@ -19,8 +19,13 @@ use crate::{Result, WorkerError};
 
 impl Trainer {
     /// This process's devices' shards: each device's ZeRO-1 segments (master values and
-    /// moments) and every untrained parameter it holds (the expert biases).
+    /// moments) and every untrained parameter it holds (the expert biases). With a device
+    /// attached, [`Self::sync_device`] first.
     pub fn shard_snapshot(&self) -> Vec<DeviceShard> {
+        debug_assert!(
+            !self.host_behind,
+            "Trainer::shard_snapshot read before sync_device"
+        );
         self.replicas
             .iter()
             .zip(&self.ranks)
@@ -61,14 +66,16 @@ impl Trainer {
 
     /// A snapshot of the current step for the background writer: this process's shards, and in
     /// the process holding device 0 the configuration, trainer state and the manifest to commit
-    /// once every process's shards are written (waiting at most `wait`, keeping `keep`).
+    /// once every process's shards are written (waiting at most `wait`, keeping `keep`). Brings
+    /// the host copy up to date with an attached device first.
     pub fn checkpoint_snapshot(
-        &self,
+        &mut self,
         root: &Path,
         plan: serde_json::Value,
         wait: std::time::Duration,
         keep: usize,
     ) -> Result<Snapshot> {
+        self.sync_device()?;
         let shards = self.shard_snapshot();
         let (extra, commit) = if self.holds_rank0() {
             let cfg = self.model().config().to_hf_json();

@@ -88,6 +88,7 @@ impl Trainer {
     /// several processes, every process calls it at the same step: the state is gathered onto
     /// the process holding rank 0, which writes it; the others write nothing.
     pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.sync_device()?;
         let (named, states) = if self.is_distributed() {
             match self.gather_checkpoint()? {
                 Some(g) => g,
