@@ -571,17 +571,35 @@ pub(super) fn moe_backward<B: Backend>(
         (Some(sm), Some(ss)) => mlp_backward(w, sm, ss, dy, t)?,
         _ => be.zeros("moe.dx", t * hidden)?,
     };
-    let mut dweights = vec![0f32; t * k];
+    // The gate weights' gradients, `<dy[token], out[expert, token]>`: every expert's outputs side
+    // by side, one dot-product call for the layer (a device waits once, not once per expert).
+    let routed: usize = s.experts.iter().flatten().map(|es| es.rows.len()).sum();
+    let mut outs = be.zeros("moe.outs", routed * hidden)?;
+    let mut places: Vec<(usize, usize)> = Vec::with_capacity(routed);
     for (j, es) in s.experts.into_iter().enumerate() {
         let Some(es) = es else { continue };
         let n = es.rows.len();
-        let dots = be.row_dots(dy, &es.idx, &es.out, n, hidden)?;
-        for ((&r, &slot), d) in es.rows.iter().zip(&es.slots).zip(dots) {
-            dweights[r * k + slot] = d;
-        }
+        w.fw.copy(
+            &es.out,
+            Cols::dense(1, hidden),
+            &mut outs,
+            Cols::at(hidden, places.len() * hidden, 0),
+            n,
+            1,
+            hidden,
+            false,
+        )?;
+        places.extend(es.rows.iter().zip(&es.slots).map(|(&r, &slot)| (r, slot)));
         let dye = be.gather_rows(dy, &es.idx, n, hidden, Some(&es.weights))?;
         let dxe = mlp_backward(w, &m.experts[j], es.mlp, &dye, n)?;
         be.scatter_add_rows(&dxe, &es.idx, n, hidden, None, &mut dx)?;
+    }
+    let mut dweights = vec![0f32; t * k];
+    let tokens: Vec<u32> = places.iter().map(|&(r, _)| r as u32).collect();
+    let idx = be.upload_ids("moe.rows", &tokens)?;
+    let dots = be.row_dots(dy, &idx, &outs, routed, hidden)?;
+    for (&(r, slot), d) in places.iter().zip(dots) {
+        dweights[r * k + slot] = d;
     }
     // The router: gate weights and the balance loss back to the logits on the host, then the
     // FP32 router's B and W on the backend.
