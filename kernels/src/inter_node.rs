@@ -271,6 +271,14 @@ pub fn phase2_input(
         out.part0.extend_from_slice(a);
         out.part1.extend_from_slice(b);
     }
+    for ((s, _, used), &(_, rows)) in messages.iter().zip(&expected) {
+        if *used != rows {
+            return Err(KernelError::invalid(
+                "inter_node.received",
+                format!("the plan reads {used} of the {rows} rows of rank {s}'s message"),
+            ));
+        }
+    }
     Ok(out)
 }
 
@@ -347,6 +355,12 @@ pub fn transfer_in_phases(
                     Ok(got.swap_remove(i).1)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            if let Some((s, _)) = got.first() {
+                return Err(KernelError::invalid(
+                    "inter_node.received",
+                    format!("rank {me} got a message from rank {s} that the plan does not send"),
+                ));
+            }
             ins.push(phase2_input(&p, me, &inputs[me], &msgs, parts)?);
         }
         let mut got = node(&p.nodes[n], &ins)?;

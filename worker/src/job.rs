@@ -339,8 +339,13 @@ fn attach_gpu(trainer: &mut Trainer, ordinal: usize) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
+        use crate::model::device::DeviceModel;
         let gpu = shoal_kernels::cuda::Gpu::open(ordinal)?;
-        let device = crate::model::device::DeviceModel::new(gpu, trainer.model())?;
+        if let Some(why) = DeviceModel::unsupported(&gpu, trainer.model()) {
+            tracing::warn!(gpu = ordinal, reason = %why, "training on the cpu, not the gpu");
+            return Ok(());
+        }
+        let device = DeviceModel::new(gpu, trainer.model())?;
         trainer.attach_device(Box::new(device))
     }
     #[cfg(not(feature = "cuda"))]

@@ -233,6 +233,43 @@ fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
     }
 }
 
+/// The weights whose linears run in the model's precision are the CPU model's: every matrix but
+/// the embedding, the output head and the routers; the host backend takes all of them.
+#[test]
+fn the_mixed_precision_weights_are_every_matrix_but_embedding_head_and_routers() {
+    use shoal_worker::model::Model;
+    use shoal_worker::model::device::DeviceModel;
+    let model = Model::<f32>::new(&common::small_cfg(), Precision::Fp8, 1).unwrap();
+    let names: Vec<String> = model
+        .mixed_precision_weights()
+        .into_iter()
+        .map(|id| model.params().name(id).to_string())
+        .collect();
+    for kept in ["embed_tokens", "lm_head", "mlp.gate.weight"] {
+        assert!(
+            !names.iter().any(|n| n.contains(kept)),
+            "{kept} in {names:?}"
+        );
+    }
+    for mixed in [
+        "self_attn.kv_a_proj_with_mqa.weight",
+        "self_attn.o_proj.weight",
+        "mlp.experts.7.down_proj.weight",
+        "mlp.shared_experts.up_proj.weight",
+        "eh_proj.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n.contains(mixed)),
+            "{mixed} not in {names:?}"
+        );
+    }
+    assert!(names.iter().all(|n| {
+        let id = model.params().find(n).unwrap();
+        model.params().layout_shape(id).len() == 2
+    }));
+    assert_eq!(DeviceModel::unsupported(&Host, &model), None);
+}
+
 /// A token id outside the vocabulary is refused by the backend's embedding, by name, and a
 /// target outside it by its cross-entropy: no read outside the table.
 #[test]

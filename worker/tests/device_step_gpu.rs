@@ -71,28 +71,24 @@ fn training_steps_in_bf16_and_fp8_match_the_cpu_trainer() {
 }
 
 /// An FP8 layer whose width the GPU GEMM cannot take (the small model's `kv_a_proj_with_mqa`:
-/// 40 outputs) is refused, naming the parameter.
+/// 40 outputs) is refused when the device model is made, naming the parameter (a job then trains
+/// on the CPU and says why).
 #[test]
 fn an_fp8_layer_of_unsupported_width_is_refused_by_name() {
-    use shoal_worker::model::{Model, Objective, TokenBatch};
+    use shoal_worker::model::Model;
     let small = common::small_cfg();
     let model = Model::<f32>::new(&small, Precision::Fp8, 1).unwrap();
-    let mut dev = DeviceModel::new(gpu(), &model).unwrap();
-    let ids: Vec<u32> = (0..16).collect();
-    let b = TokenBatch {
-        batch: 2,
-        seq: 8,
-        inputs: &ids,
-        targets: &ids,
-    };
-    let e = dev
-        .forward_backward(&b, &Objective::default())
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("kv_a_proj_with_mqa")
-            && e.contains("linear.weight")
-            && e.contains("multiple of 16"),
-        "{e}"
-    );
+    let why = DeviceModel::unsupported(&gpu(), &model).unwrap();
+    let e = DeviceModel::new(gpu(), &model).unwrap_err().to_string();
+    for text in [&why, &e] {
+        assert!(
+            text.contains("kv_a_proj_with_mqa")
+                && text.contains("linear.weight")
+                && text.contains("multiple of 16"),
+            "{text}"
+        );
+    }
+    // BF16 has no such limit.
+    let bf16 = Model::<f32>::new(&small, Precision::Bf16, 1).unwrap();
+    assert_eq!(DeviceModel::unsupported(&gpu(), &bf16), None);
 }

@@ -147,6 +147,10 @@ impl Backend for Host {
         )
     }
 
+    fn check_linear(&self, _out_f: usize, _in_f: usize, _precision: Precision) -> Result<()> {
+        Ok(())
+    }
+
     fn weight_operand(
         &self,
         w: &Vec<f32>,

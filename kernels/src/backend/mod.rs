@@ -181,6 +181,9 @@ pub trait Backend: Send + Sync {
     fn gemm(&self, a: &Self::Buf, b: &Self::Buf, g: Gemm) -> Result<Self::Buf>;
     /// `C += op(A) . op(B)`.
     fn gemm_acc(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm) -> Result<()>;
+    /// Whether this backend's mixed-precision linears take a weight of `[out_f, in_f]` in
+    /// `precision`; an error naming `linear.weight` and the reason otherwise.
+    fn check_linear(&self, out_f: usize, in_f: usize, precision: Precision) -> Result<()>;
     /// The weight `w[out_f, in_f]` prepared for `precision`: rounded to BF16, or quantized to
     /// E4M3 in 128x128 blocks together with its transpose (which B multiplies by). A step
     /// prepares each weight once. FP32 layers use the plain GEMMs: asking for

@@ -222,6 +222,10 @@ impl Backend for Gpu {
         self.sgemm(a, b, c, g)
     }
 
+    fn check_linear(&self, out_f: usize, in_f: usize, precision: Precision) -> Result<()> {
+        self.mp_check(out_f, in_f, precision)
+    }
+
     fn weight_operand(
         &self,
         w: &CudaSlice<f32>,

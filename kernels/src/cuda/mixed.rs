@@ -165,6 +165,25 @@ impl Gpu {
         Ok(y)
     }
 
+    /// [`crate::backend::Backend::check_linear`]: an FP8 layer's widths are the inner
+    /// dimensions of its GEMMs (forward and B), which the FP8 GEMM takes in multiples of 16.
+    pub(crate) fn mp_check(&self, out_f: usize, in_f: usize, precision: Precision) -> Result<()> {
+        if precision == Precision::Fp8 {
+            for (what, v) in [("in_features", in_f), ("out_features", out_f)] {
+                if v % FP8_K_MULTIPLE != 0 {
+                    return Err(KernelError::invalid(
+                        "linear.weight",
+                        format!(
+                            "{what} {v} of an fp8 layer must be a multiple of {FP8_K_MULTIPLE} \
+                             on the gpu (the inner dimension of its gemms)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// [`crate::backend::Backend::weight_operand`].
     pub(crate) fn mp_weight(
         &self,
@@ -185,17 +204,7 @@ impl Gpu {
                 in_f,
             }),
             Precision::Fp8 => {
-                for (what, v) in [("in_features", in_f), ("out_features", out_f)] {
-                    if v % FP8_K_MULTIPLE != 0 {
-                        return Err(KernelError::invalid(
-                            "linear.weight",
-                            format!(
-                                "{what} {v} of an fp8 layer must be a multiple of \
-                                 {FP8_K_MULTIPLE} on the gpu (the inner dimension of its gemms)"
-                            ),
-                        ));
-                    }
-                }
+                self.mp_check(out_f, in_f, precision)?;
                 let q = self.quantize(
                     Quant::Blocks,
                     w,
@@ -302,17 +311,20 @@ impl Gpu {
                 let cfg = QuantConfig::default();
                 let check = FiniteCheck::ByGradientNorm;
                 let padded = rows.next_multiple_of(FP8_K_MULTIPLE);
-                let dyt = self.quantize(
-                    Quant::TilesTransposed,
-                    &self.pad_rows(dy, rows, out_f, padded)?,
-                    padded,
-                    out_f,
-                    cfg,
-                    check,
-                )?;
+                let dy_padded;
+                let dy = if padded == rows {
+                    dy
+                } else {
+                    dy_padded = self.pad_rows(dy, rows, out_f, padded)?;
+                    &dy_padded
+                };
+                let dyt = self.quantize(Quant::TilesTransposed, dy, padded, out_f, cfg, check)?;
                 // x as the forward pass quantized it, then in 128x1 tiles.
                 let xq = self.quantize(Quant::Tiles, x, rows, in_f, cfg, check)?;
-                let xd = self.pad_rows(&self.dequantize(&xq)?, rows, in_f, padded)?;
+                let mut xd = self.dequantize(&xq)?;
+                if padded != rows {
+                    xd = self.pad_rows(&xd, rows, in_f, padded)?;
+                }
                 let xt = self.quantize(Quant::TilesTransposed, &xd, padded, in_f, cfg, check)?;
                 let g = self.fp8_gemm_grouped(&dyt, &[out_f], &GroupedWeights::single(&xt))?;
                 let n = out_f * in_f;

@@ -198,6 +198,14 @@ impl Collectives {
         own: &Rows,
         parts: (usize, usize),
     ) -> Result<Rows> {
+        if let [comm] = self.comms.as_slice()
+            && comm.rank() != me
+        {
+            return Err(KernelError::invalid(
+                "inter_node.rank",
+                format!("rank {me} through the communicator of rank {}", comm.rank()),
+            ));
+        }
         let sends = inter_node::phase1_messages(plan, me, own, parts)?;
         let expected = inter_node::phase1_receives(plan, me)?;
         let (len0, len1) = parts;

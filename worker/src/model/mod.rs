@@ -388,6 +388,27 @@ impl<T: ModelFloat> Model<T> {
         self.precision
     }
 
+    /// The weights whose linear layers run in the model's precision: every matrix but the
+    /// embedding, the output head and the MoE routers (which stay FP32, as the report keeps them).
+    pub fn mixed_precision_weights(&self) -> Vec<ParamId> {
+        let routers: Vec<ParamId> = self
+            .blocks
+            .iter()
+            .chain(self.mtp.iter().map(|m| &m.block))
+            .filter_map(|b| b.moe().map(|m| m.router))
+            .collect();
+        self.params
+            .iter()
+            .filter(|(id, _, t)| {
+                t.shape().len() == 2
+                    && *id != self.embed
+                    && *id != self.head
+                    && !routers.contains(id)
+            })
+            .map(|(id, _, _)| id)
+            .collect()
+    }
+
     /// The expert-bias parameters of every MoE layer, in the order of `StepOutput::expert_loads`.
     pub fn expert_biases(&self) -> Vec<ParamId> {
         self.blocks

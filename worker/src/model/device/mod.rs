@@ -22,6 +22,7 @@ use self::layers::{BlockSaved, Bw, Cols, Fw, block_backward, block_forward};
 use super::params::ParamId;
 use super::{Model, Objective, StepOutput, TokenBatch, split_micro};
 use crate::{Result, WorkerError};
+use shoal_kernels::ops::linear::Precision;
 
 /// What one device step computed.
 #[derive(Clone, Debug, PartialEq)]
@@ -107,9 +108,29 @@ impl<B: Backend> std::fmt::Debug for DeviceModel<B> {
 }
 
 impl<B: Backend> DeviceModel<B> {
+    /// Why `be` cannot run `model`'s steps (a mixed-precision layer of a shape its linears do
+    /// not take), naming the first such weight; `None` when it can.
+    pub fn unsupported(be: &B, model: &Model<f32>) -> Option<String> {
+        let precision = model.precision();
+        if precision == Precision::Fp32 {
+            return None;
+        }
+        model.mixed_precision_weights().into_iter().find_map(|id| {
+            let shape = model.params().layout_shape(id);
+            let (o, i) = (shape[0], shape[1]);
+            be.check_linear(o, i, precision)
+                .err()
+                .map(|e| format!("{}: {e}", model.params().name(id)))
+        })
+    }
+
     /// `model`'s parameters copied to `be`, with zero gradients and moments; the steps run in
-    /// the model's precision.
+    /// the model's precision. Fails, naming the weight, when the backend cannot run a layer
+    /// ([`Self::unsupported`]).
     pub fn new(be: B, model: &Model<f32>) -> Result<Self> {
+        if let Some(why) = Self::unsupported(&be, model) {
+            return Err(WorkerError::invalid("device", why));
+        }
         let n = model.params().layout().len();
         let (mut shapes, mut p, mut g, mut m, mut v) = (
             Vec::with_capacity(n),
@@ -502,6 +523,11 @@ impl<B: Backend> DeviceModel<B> {
             .into());
         }
         let clip = clip_coefficient(grad_norm, h.grad_clip)?;
+        // The weights change from here on: their converted copies go (an update that fails part
+        // way must not leave old copies behind).
+        for op in &mut self.ops {
+            op.take();
+        }
         self.adam_step += 1;
         let no_decay = AdamWConfig {
             weight_decay: 0.0,
@@ -512,9 +538,6 @@ impl<B: Backend> DeviceModel<B> {
             let k = AdamCoeffs::new(c, h.lr, self.adam_step, clip);
             let Self { be, p, g, m, v, .. } = self;
             be.adamw(&mut p[i], &g[i], &mut m[i], &mut v[i], &k, c.bf16_moments)?;
-        }
-        for op in &mut self.ops {
-            op.take();
         }
         // Auxiliary-loss-free balancing: each bias moves by gamma against its expert's load.
         let biases = self.model.expert_biases();
