@@ -141,14 +141,11 @@ fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
         assert_eq!(tail, losses[3..], "{precision:?}");
         straight.sync_device().unwrap();
         resumed.sync_device().unwrap();
-        for ((_, name, a), (_, _, b)) in straight
-            .model()
-            .params()
-            .iter()
-            .zip(resumed.model().params().iter())
-        {
-            assert_eq!(a, b, "{precision:?}: {name} differs after resume");
-        }
+        common::assert_same_weights(
+            straight.model(),
+            resumed.model(),
+            &format!("{precision:?}, resumed"),
+        );
     }
 }
 

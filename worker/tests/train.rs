@@ -59,14 +59,11 @@ fn resuming_from_a_checkpoint_changes_nothing() {
         assert_eq!(resumed.step(), 3);
         let tail: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
         assert_eq!(tail, losses[3..], "{precision:?}");
-        for ((_, name, a), (_, _, b)) in straight
-            .model()
-            .params()
-            .iter()
-            .zip(resumed.model().params().iter())
-        {
-            assert_eq!(a, b, "{precision:?}: {name} differs after resume");
-        }
+        common::assert_same_weights(
+            straight.model(),
+            resumed.model(),
+            &format!("{precision:?}, resumed"),
+        );
     }
 }
 

@@ -71,6 +71,13 @@ pub fn trainer(precision: Precision, o: TrainOptions, seed: u64) -> Trainer {
     Trainer::new(model, batcher(seed), o).unwrap()
 }
 
+/// Every parameter of `a` equals `b`'s, bit for bit (`what` names the comparison).
+pub fn assert_same_weights(a: &Model<f32>, b: &Model<f32>, what: &str) {
+    for ((_, name, x), (_, _, y)) in a.params().iter().zip(b.params().iter()) {
+        assert_eq!(x, y, "{what}: {name} differs");
+    }
+}
+
 /// `|a - b| / |b|`.
 pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
