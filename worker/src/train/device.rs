@@ -84,6 +84,8 @@ impl Trainer {
         if let Some(why) = self.device_eligibility() {
             return Err(WorkerError::invalid("device", why));
         }
+        // A device already attached hands over its state, not a stale host copy.
+        self.sync_device()?;
         let states = self.param_moments()?;
         let step = states.first().map_or(0, |(_, s)| s.step);
         // BF16 moments travel as their FP32 values (exact both ways).

@@ -607,6 +607,10 @@ impl Trainer {
 
     /// Data-parallel replica `r`'s copy of the model (ZeRO-1 keeps the replicas identical).
     pub fn replica(&self, r: usize) -> Option<&Model<f32>> {
+        debug_assert!(
+            !self.host_behind,
+            "Trainer::replica read before sync_device"
+        );
         self.replicas.get(r).map(|rep| &rep.model)
     }
 
@@ -700,6 +704,10 @@ impl Trainer {
 
     /// The optimizer state of every trained parameter, joined from the shards.
     pub(crate) fn param_moments(&self) -> Result<Vec<(ParamId, AdamWState)>> {
+        debug_assert!(
+            !self.host_behind,
+            "Trainer::param_moments read before sync_device"
+        );
         let mut all = Vec::new();
         for (li, layout) in self.layouts.iter().enumerate() {
             // The members holding this layout's shards, in shard order.
