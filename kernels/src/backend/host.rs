@@ -8,8 +8,7 @@ use crate::ops::cross_entropy::{CrossEntropy, cross_entropy_backward, cross_entr
 use crate::ops::embedding::embedding_forward;
 use crate::ops::linear::{
     Precision, SavedInput, linear_backward_input_bf16, linear_backward_input_fp8,
-    linear_backward_weight_into, linear_backward_weight_mp, linear_forward_bf16,
-    linear_forward_fp8,
+    linear_backward_weight_mp, linear_forward_bf16, linear_forward_fp8,
 };
 use crate::ops::rmsnorm::{rmsnorm_backward_input, rmsnorm_backward_weight, rmsnorm_forward};
 use crate::ops::rope::{RopeLayout, RopeTable, rope_backward, rope_forward};
@@ -206,16 +205,13 @@ impl Backend for Host {
         let x = matrix("linear.x", x, rows, in_f)?;
         check_len("linear.dweight", dw, out_f * in_f)?;
         match w {
-            HostWeight::Bf16(_) => {
-                // Accumulated inside the GEMM, as the CPU model's weight gradient is.
-                let tail = dw.split_off(out_f * in_f);
-                let mut acc = Tensor::from_parts(vec![out_f, in_f], std::mem::take(dw));
-                let r =
-                    linear_backward_weight_into(&mut acc, &rounded_bf16(&dy), &rounded_bf16(&x));
-                *dw = acc.into_data();
-                dw.extend(tail);
-                r
-            }
+            // Both operands rounded, accumulated inside the GEMM as the CPU model's W is.
+            HostWeight::Bf16(_) => self.gemm_acc(
+                &rounded_bf16(&dy).into_data(),
+                &rounded_bf16(&x).into_data(),
+                dw,
+                Gemm::weight_grad(rows, out_f, in_f),
+            ),
             HostWeight::Fp8 { .. } => {
                 let xq = Fp8Matrix::quantize_tiles(x.data(), rows, in_f, QuantConfig::default())?;
                 let g = linear_backward_weight_mp(&dy, &SavedInput::Fp8(xq))?;

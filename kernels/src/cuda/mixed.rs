@@ -15,7 +15,7 @@ use super::launch::{
     FiniteCheck, GpuFp8, GroupedWeights, Quant, check_len, dim, grid_stride, launch,
 };
 use super::source::MODEL;
-use crate::backend::Gemm;
+use crate::backend::{Backend, Gemm};
 use crate::ops::linear::Precision;
 use crate::quant::QuantConfig;
 use crate::{KernelError, Result};
@@ -327,10 +327,7 @@ impl Gpu {
                 }
                 let xt = self.quantize(Quant::TilesTransposed, &xd, padded, in_f, cfg, check)?;
                 let g = self.fp8_gemm_grouped(&dyt, &[out_f], &GroupedWeights::single(&xt))?;
-                let n = out_f * in_f;
-                let nn = n as i64;
-                launch!(self, MODEL, "add_into", format!("[{out_f}, {in_f}]"), grid_stride(n, 256); dw, &g, &nn);
-                Ok(())
+                Backend::add_into(self, dw, &g)
             }
         }
     }

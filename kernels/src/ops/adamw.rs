@@ -153,6 +153,18 @@ impl Moments {
         }
     }
 
+    /// Moments from FP32 values, stored in BF16 (rounded to nearest even) when `bf16` is set.
+    pub fn from_f32(m: Vec<f32>, v: Vec<f32>, bf16: bool) -> Self {
+        if bf16 {
+            Self::Bf16 {
+                m: m.into_iter().map(bf16::from_f32).collect(),
+                v: v.into_iter().map(bf16::from_f32).collect(),
+            }
+        } else {
+            Self::F32 { m, v }
+        }
+    }
+
     /// Whether the moments are stored in BF16.
     pub fn is_bf16(&self) -> bool {
         matches!(self, Self::Bf16 { .. })

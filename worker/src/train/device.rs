@@ -10,8 +10,6 @@
 
 use std::time::Instant;
 
-use half::bf16;
-
 use shoal_kernels::backend::Backend;
 use shoal_kernels::ops::adamw::{AdamWState, Moments};
 
@@ -147,6 +145,14 @@ impl Trainer {
         })
     }
 
+    /// Debug builds: fails if `what` reads the host copy while the device is ahead of it.
+    pub(super) fn assert_host_current(&self, what: &str) {
+        debug_assert!(
+            !self.host_behind,
+            "Trainer::{what} read the host copy before sync_device"
+        );
+    }
+
     /// Brings the host copy up to date with the device: parameters, expert biases and AdamW
     /// moments, as the CPU path would hold them after the same steps. Checkpoints call it; a
     /// no-op when nothing has stepped since the last sync or no device is attached.
@@ -161,15 +167,8 @@ impl Trainer {
         let states: Vec<(ParamId, AdamWState)> = moments
             .into_iter()
             .map(|(id, m, v)| {
-                let moments = if bf16 {
-                    // The device's moments are BF16 values: the conversion is exact.
-                    Moments::Bf16 {
-                        m: m.iter().map(|&x| bf16::from_f32(x)).collect(),
-                        v: v.iter().map(|&x| bf16::from_f32(x)).collect(),
-                    }
-                } else {
-                    Moments::F32 { m, v }
-                };
+                // With BF16 moments the device's values are BF16 values: the conversion is exact.
+                let moments = Moments::from_f32(m, v, bf16);
                 (
                     id,
                     AdamWState {

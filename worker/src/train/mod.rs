@@ -567,17 +567,14 @@ impl Trainer {
     /// With a device attached, the host copy is the device's as of the last
     /// [`Self::sync_device`] (checkpoints sync first): sync before reading weights.
     pub fn model(&self) -> &Model<f32> {
-        debug_assert!(!self.host_behind, "Trainer::model read before sync_device");
+        self.assert_host_current("model");
         &self.replicas[0].model
     }
 
     /// Every parameter under its Hugging Face name, each routed expert taken from a rank that
     /// holds it.
     pub fn named_f32(&self) -> Vec<(String, Tensor<f32>)> {
-        debug_assert!(
-            !self.host_behind,
-            "Trainer::named_f32 read before sync_device"
-        );
+        self.assert_host_current("named_f32");
         let mut named = self.replicas[0].model.named_f32();
         let ids: Vec<ParamId> = self.params().iter().map(|(id, _, _)| id).collect();
         for (slot, id) in named.iter_mut().zip(ids) {
@@ -607,10 +604,7 @@ impl Trainer {
 
     /// Data-parallel replica `r`'s copy of the model (ZeRO-1 keeps the replicas identical).
     pub fn replica(&self, r: usize) -> Option<&Model<f32>> {
-        debug_assert!(
-            !self.host_behind,
-            "Trainer::replica read before sync_device"
-        );
+        self.assert_host_current("replica");
         self.replicas.get(r).map(|rep| &rep.model)
     }
 
@@ -704,10 +698,7 @@ impl Trainer {
 
     /// The optimizer state of every trained parameter, joined from the shards.
     pub(crate) fn param_moments(&self) -> Result<Vec<(ParamId, AdamWState)>> {
-        debug_assert!(
-            !self.host_behind,
-            "Trainer::param_moments read before sync_device"
-        );
+        self.assert_host_current("param_moments");
         let mut all = Vec::new();
         for (li, layout) in self.layouts.iter().enumerate() {
             // The members holding this layout's shards, in shard order.

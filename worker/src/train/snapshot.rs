@@ -22,10 +22,7 @@ impl Trainer {
     /// moments) and every untrained parameter it holds (the expert biases). With a device
     /// attached, [`Self::sync_device`] first.
     pub fn shard_snapshot(&self) -> Vec<DeviceShard> {
-        debug_assert!(
-            !self.host_behind,
-            "Trainer::shard_snapshot read before sync_device"
-        );
+        self.assert_host_current("shard_snapshot");
         self.replicas
             .iter()
             .zip(&self.ranks)
@@ -143,17 +140,10 @@ impl Trainer {
                 let got = moments.remove(name).ok_or_else(|| {
                     WorkerError::checkpoint(dir, format!("no moments for {name}"))
                 })?;
-                Ok(match (got, fresh) {
-                    (got @ Moments::F32 { .. }, Moments::F32 { .. })
-                    | (got @ Moments::Bf16 { .. }, Moments::Bf16 { .. }) => got,
-                    (Moments::F32 { m, v }, Moments::Bf16 { .. }) => Moments::Bf16 {
-                        m: m.into_iter().map(half::bf16::from_f32).collect(),
-                        v: v.into_iter().map(half::bf16::from_f32).collect(),
-                    },
-                    (Moments::Bf16 { m, v }, Moments::F32 { .. }) => Moments::F32 {
-                        m: m.into_iter().map(half::bf16::to_f32).collect(),
-                        v: v.into_iter().map(half::bf16::to_f32).collect(),
-                    },
+                Ok(if got.is_bf16() == fresh.is_bf16() {
+                    got
+                } else {
+                    Moments::from_f32(got.first_f32(), got.second_f32(), fresh.is_bf16())
                 })
             },
         )

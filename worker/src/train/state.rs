@@ -170,13 +170,7 @@ impl Trainer {
                     })
                 };
                 let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
-                Ok(match fresh {
-                    Moments::F32 { .. } => Moments::F32 { m, v },
-                    Moments::Bf16 { .. } => Moments::Bf16 {
-                        m: m.into_iter().map(half::bf16::from_f32).collect(),
-                        v: v.into_iter().map(half::bf16::from_f32).collect(),
-                    },
-                })
+                Ok(Moments::from_f32(m, v, fresh.is_bf16()))
             },
         )
     }
