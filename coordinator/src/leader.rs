@@ -21,8 +21,10 @@ use crate::{CoordinatorError, Result};
 /// The key the leader holds.
 pub const LEADER_KEY: &str = "leader";
 
-/// The leader lease's TTL, unless configured otherwise: a standby takes over within it.
-pub const DEFAULT_LEADER_LEASE: Duration = Duration::from_secs(5);
+/// The leader lease's TTL in milliseconds, unless configured otherwise: a standby takes over
+/// within it. A leader rides out a store outage shorter than 4/5 of it less one renewal period
+/// (an etcd restart or re-election takes seconds), so it is Kubernetes' leader-election default.
+pub const DEFAULT_LEADER_LEASE_MS: u64 = 15_000;
 
 /// Who holds (or wants) the leadership; the value of [`LEADER_KEY`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

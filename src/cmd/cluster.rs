@@ -166,8 +166,8 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// TTL of the leader's lease in etcd: a standby takes over within it after the leader dies.
-    /// A leader that cannot renew it for 4/5 of it exits.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    /// A leader that cannot renew it for 4/5 of it exits, so a store outage must be shorter.
+    #[arg(long, default_value_t = shoal_coordinator::leader::DEFAULT_LEADER_LEASE_MS, value_name = "MS")]
     pub leader_lease_ms: u64,
 }
 
