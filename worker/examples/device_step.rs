@@ -111,7 +111,7 @@ fn run<B: Backend>(be: B, a: &Args) -> Result<(), String> {
     let precision = format!("{:?}", a.precision).to_lowercase();
     let mut cpu =
         Trainer::new(model.clone(), batcher(&cfg, a)?, opts.clone()).map_err(|e| e.to_string())?;
-    let mut dev = DeviceModel::new(be, &model).map_err(|e| e.to_string())?;
+    let mut dev = DeviceModel::new(be, &model, opts.bf16_moments).map_err(|e| e.to_string())?;
     let device = dev.backend().describe();
     let mut data = batcher(&cfg, a)?;
     let mut rows = Vec::new();

@@ -345,7 +345,7 @@ fn attach_gpu(trainer: &mut Trainer, ordinal: usize) -> Result<()> {
             tracing::warn!(gpu = ordinal, reason = %why, "training on the cpu, not the gpu");
             return Ok(());
         }
-        let device = DeviceModel::new(gpu, trainer.model())?;
+        let device = DeviceModel::new(gpu, trainer.model(), trainer.options().bf16_moments)?;
         trainer.attach_device(Box::new(device))
     }
     #[cfg(not(feature = "cuda"))]

@@ -66,7 +66,9 @@ fn host_trainer(
 }
 
 fn attach_host(t: &mut shoal_worker::train::Trainer) {
-    let dev = shoal_worker::model::device::DeviceModel::new(Host, t.model()).unwrap();
+    let dev =
+        shoal_worker::model::device::DeviceModel::new(Host, t.model(), t.options().bf16_moments)
+            .unwrap();
     t.attach_device(Box::new(dev)).unwrap();
 }
 
@@ -222,7 +224,7 @@ fn runs_the_device_step_does_not_cover_are_refused_with_the_reason() {
         let model =
             shoal_worker::model::Model::<f32>::new(&common::small_cfg(), Precision::Fp32, 9)
                 .unwrap();
-        let dev = shoal_worker::model::device::DeviceModel::new(Host, &model).unwrap();
+        let dev = shoal_worker::model::device::DeviceModel::new(Host, &model, false).unwrap();
         let e = t.attach_device(Box::new(dev)).unwrap_err().to_string();
         assert!(e.contains("device") && e.contains(why), "{e}");
         assert!(t.device().is_none());
@@ -274,7 +276,7 @@ fn token_ids_outside_the_vocabulary_are_refused_by_name() {
     use shoal_worker::model::{Model, Objective, TokenBatch};
     let cfg = common::small_cfg();
     let model = Model::<f32>::new(&cfg, Precision::Fp32, 1).unwrap();
-    let mut dev = shoal_worker::model::device::DeviceModel::new(Host, &model).unwrap();
+    let mut dev = shoal_worker::model::device::DeviceModel::new(Host, &model, false).unwrap();
     let good: Vec<u32> = (0..16).collect();
     let mut bad = good.clone();
     bad[5] = cfg.vocab_size as u32;
@@ -294,4 +296,57 @@ fn token_ids_outside_the_vocabulary_are_refused_by_name() {
             .to_string();
         assert!(e.contains(what), "{e}");
     }
+}
+
+/// A device model keeps its moments in the precision it was made with (BF16: half the memory)
+/// and refuses the other one by name, for a restored state and for a step's optimizer settings,
+/// changing nothing; steps with the right settings keep them BF16.
+#[test]
+fn a_device_model_stores_its_moments_in_one_precision_and_refuses_the_other() {
+    use shoal_kernels::ops::adamw::Moments;
+    use shoal_worker::model::Model;
+    use shoal_worker::model::device::DeviceModel;
+    let model = Model::<f32>::new(&common::small_cfg(), Precision::Fp8, 1).unwrap();
+    let mut dev = DeviceModel::new(Host, &model, true).unwrap();
+    let (steps, start) = dev.moments().unwrap();
+    assert_eq!(steps, 0);
+    assert!(!start.is_empty() && start.iter().all(|(_, s)| s.is_bf16()));
+    let (id, s) = &start[0];
+    let (n, _) = s.lens();
+    let fp32 = Moments::zeros(n, false);
+    let e = dev.set_moments(5, &[(*id, &fp32)]).unwrap_err().to_string();
+    assert!(
+        e.contains("adamw.state") && e.contains("fp32 moments") && e.contains("stores bf16"),
+        "{e}"
+    );
+    assert_eq!(
+        dev.moments().unwrap().0,
+        0,
+        "a refused state changes nothing"
+    );
+
+    let mut o = common::opts(Precision::Fp8, 2, 1, 1, 1);
+    let mut data = common::batcher(1);
+    let b = data.next_batch();
+    let tb = common::device::batch_of(&b);
+    o.bf16_moments = false;
+    let e = dev
+        .train_step(&tb, &o.step_hyper(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adamw.bf16_moments") && e.contains("bf16"),
+        "{e}"
+    );
+    assert_eq!(
+        dev.moments().unwrap(),
+        (0, start.clone()),
+        "nothing stepped"
+    );
+    o.bf16_moments = true;
+    dev.train_step(&tb, &o.step_hyper(0)).unwrap();
+    let (steps, after) = dev.moments().unwrap();
+    assert_eq!(steps, 1);
+    assert!(after.iter().all(|(_, s)| s.is_bf16()));
+    assert!(after != start, "the step moved the moments");
 }

@@ -79,7 +79,9 @@ fn an_fp8_layer_of_unsupported_width_is_refused_by_name() {
     let small = common::small_cfg();
     let model = Model::<f32>::new(&small, Precision::Fp8, 1).unwrap();
     let why = DeviceModel::unsupported(&gpu(), &model).unwrap();
-    let e = DeviceModel::new(gpu(), &model).unwrap_err().to_string();
+    let e = DeviceModel::new(gpu(), &model, false)
+        .unwrap_err()
+        .to_string();
     for text in [&why, &e] {
         assert!(
             text.contains("kv_a_proj_with_mqa")

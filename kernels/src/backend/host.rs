@@ -1,8 +1,8 @@
 //! [`Host`]: the [`Backend`] of this crate's CPU reference operators, on `Vec` buffers.
 
 use super::{AttnDims, Backend, ColCopy, Gemm};
-use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, round_bf16, rounded_bf16};
-use crate::ops::adamw::{AdamCoeffs, adamw_apply_f32, sum_sq};
+use crate::matmul::{MatMut, MatRef, gemm_into, gemm_new, rounded_bf16};
+use crate::ops::adamw::{AdamCoeffs, Moments, adamw_apply, sum_sq};
 use crate::ops::attention::{AttentionSaved, attention_backward, attention_forward};
 use crate::ops::cross_entropy::{CrossEntropy, cross_entropy_backward, cross_entropy_forward};
 use crate::ops::embedding::embedding_forward;
@@ -104,6 +104,7 @@ impl Backend for Host {
     type Ce = CrossEntropy<f32>;
     type Rope = (RopeTable, RopeLayout);
     type Weight = HostWeight;
+    type Moments = Moments;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -500,21 +501,16 @@ impl Backend for Host {
         Ok(xs.iter().map(|x| sum_sq(x)).sum())
     }
 
-    fn adamw(
-        &self,
-        p: &mut Vec<f32>,
-        g: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
-        k: &AdamCoeffs,
-        bf16_moments: bool,
-    ) -> Result<()> {
-        adamw_apply_f32(k, p, g, m, v)?;
-        if bf16_moments {
-            round_bf16(m);
-            round_bf16(v);
-        }
-        Ok(())
+    fn upload_moments(&self, s: &Moments) -> Result<Moments> {
+        Ok(s.clone())
+    }
+
+    fn download_moments(&self, s: &Moments) -> Result<Moments> {
+        Ok(s.clone())
+    }
+
+    fn adamw(&self, p: &mut Vec<f32>, g: &Vec<f32>, s: &mut Moments, k: &AdamCoeffs) -> Result<()> {
+        adamw_apply(k, p, g, s)
     }
 
     fn synchronize(&self) -> Result<()> {

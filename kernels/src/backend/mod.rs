@@ -22,7 +22,7 @@ mod host;
 pub use host::Host;
 
 use crate::Result;
-use crate::ops::adamw::AdamCoeffs;
+use crate::ops::adamw::{AdamCoeffs, Moments};
 use crate::ops::linear::Precision;
 use crate::ops::rope::{RopeLayout, RopeTable};
 
@@ -161,6 +161,8 @@ pub trait Backend: Send + Sync {
     type Rope: Send + Sync;
     /// A linear layer's weight as the mixed-precision GEMMs read it.
     type Weight: Send + Sync;
+    /// One parameter's AdamW moments `(m, v)`, stored in FP32 or in BF16 (half the memory).
+    type Moments: Send + Sync;
 
     /// What computes, for logs and reports (`cpu`, `NVIDIA H200 (sm_90a)`).
     fn describe(&self) -> String;
@@ -348,17 +350,19 @@ pub trait Backend: Send + Sync {
     /// The sum of squares of every value of `xs`, in FP64, buffer by buffer in order (one
     /// result for many buffers: a device waits once, not once per buffer).
     fn sum_sq(&self, xs: &[&Self::Buf]) -> Result<f64>;
-    /// One AdamW step with FP32 master weights. With `bf16_moments` the moments are BF16 values
-    /// (held in FP32 buffers): each is rounded to BF16 after its update, which is the update of
-    /// BF16-stored moments (`ops::adamw` with `bf16_moments`).
+    /// A copy of the moments `s` in the backend's memory, stored in the precision they have.
+    fn upload_moments(&self, s: &Moments) -> Result<Self::Moments>;
+    /// The moments on the host, in the precision they are stored in.
+    fn download_moments(&self, s: &Self::Moments) -> Result<Moments>;
+    /// One AdamW step with FP32 master weights on moments stored in FP32 or BF16 (the update of
+    /// [`crate::ops::adamw::adamw_apply`]: BF16 moments are updated in FP32 and stored rounded
+    /// to nearest even).
     fn adamw(
         &self,
         p: &mut Self::Buf,
         g: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
+        s: &mut Self::Moments,
         k: &AdamCoeffs,
-        bf16_moments: bool,
     ) -> Result<()>;
     /// Waits for queued work (a no-op where nothing is queued); timing needs it.
     fn synchronize(&self) -> Result<()>;

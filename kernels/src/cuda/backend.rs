@@ -9,10 +9,41 @@ use super::launch::{check_len, dim, grid_stride, launch};
 use super::mixed::GpuWeight;
 use super::source::MODEL;
 use crate::backend::{AttnDims, Backend, ColCopy, Gemm};
-use crate::ops::adamw::AdamCoeffs;
+use crate::ops::adamw::{AdamCoeffs, Moments};
 use crate::ops::linear::Precision;
 use crate::ops::rope::{RopeLayout, RopeTable};
 use crate::{KernelError, Result};
+
+/// One parameter's AdamW moments on the GPU: FP32, or BF16 bit patterns (half the memory, as the
+/// recipe keeps them); `len` values each.
+pub enum GpuMoments {
+    /// FP32 moments.
+    F32 {
+        /// First moment.
+        m: CudaSlice<f32>,
+        /// Second moment.
+        v: CudaSlice<f32>,
+        /// Values in each.
+        len: usize,
+    },
+    /// BF16 moments.
+    Bf16 {
+        /// First moment.
+        m: CudaSlice<u16>,
+        /// Second moment.
+        v: CudaSlice<u16>,
+        /// Values in each.
+        len: usize,
+    },
+}
+
+impl GpuMoments {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32 { len, .. } | Self::Bf16 { len, .. } => *len,
+        }
+    }
+}
 
 /// A RoPE table on the GPU: cos and sin `[positions, dim / 2]` in FP32.
 pub struct GpuRope {
@@ -166,6 +197,7 @@ impl Backend for Gpu {
     type Ce = GpuCe;
     type Rope = GpuRope;
     type Weight = GpuWeight;
+    type Moments = GpuMoments;
 
     fn describe(&self) -> String {
         format!("{} ({})", self.info().name, self.info().arch())
@@ -592,22 +624,59 @@ impl Backend for Gpu {
         )
     }
 
+    fn upload_moments(&self, s: &Moments) -> Result<GpuMoments> {
+        Ok(match s {
+            Moments::F32 { m, v } => GpuMoments::F32 {
+                m: Gpu::upload(self, "adamw.m", m)?,
+                v: Gpu::upload(self, "adamw.v", v)?,
+                len: m.len(),
+            },
+            Moments::Bf16 { m, v } => {
+                let bits = |x: &[half::bf16]| x.iter().map(|b| b.to_bits()).collect::<Vec<u16>>();
+                GpuMoments::Bf16 {
+                    m: Gpu::upload(self, "adamw.m", &bits(m))?,
+                    v: Gpu::upload(self, "adamw.v", &bits(v))?,
+                    len: m.len(),
+                }
+            }
+        })
+    }
+
+    fn download_moments(&self, s: &GpuMoments) -> Result<Moments> {
+        Ok(match s {
+            GpuMoments::F32 { m, v, len } => Moments::F32 {
+                m: Gpu::download(self, "adamw.m", m, *len)?,
+                v: Gpu::download(self, "adamw.v", v, *len)?,
+            },
+            GpuMoments::Bf16 { m, v, len } => {
+                let values = |x: Vec<u16>| x.into_iter().map(half::bf16::from_bits).collect();
+                Moments::Bf16 {
+                    m: values(Gpu::download(self, "adamw.m", m, *len)?),
+                    v: values(Gpu::download(self, "adamw.v", v, *len)?),
+                }
+            }
+        })
+    }
+
     fn adamw(
         &self,
         p: &mut CudaSlice<f32>,
         g: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        s: &mut GpuMoments,
         k: &AdamCoeffs,
-        bf16_moments: bool,
     ) -> Result<()> {
         let n = p.len();
-        self.adamw_f32(p, g, m, v, n, *k)?;
-        if bf16_moments {
-            self.round_bf16(m, n)?;
-            self.round_bf16(v, n)?;
+        if s.len() != n {
+            return Err(KernelError::shape(
+                "adamw.state",
+                format!("moments of {n} elements (one per parameter)"),
+                format!("{} elements", s.len()),
+            ));
         }
-        Ok(())
+        match s {
+            GpuMoments::F32 { m, v, .. } => self.adamw_f32(p, g, m, v, n, *k),
+            GpuMoments::Bf16 { m, v, .. } => self.adamw_bf16(p, g, m, v, n, *k),
+        }
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -171,7 +171,7 @@ impl Moments {
     }
 
     /// The lengths of `m` and `v`.
-    fn lens(&self) -> (usize, usize) {
+    pub fn lens(&self) -> (usize, usize) {
         match self {
             Self::F32 { m, v } => (m.len(), v.len()),
             Self::Bf16 { m, v } => (m.len(), v.len()),
@@ -375,19 +375,41 @@ pub fn adamw_step_scaled(
 
     let k = AdamCoeffs::new(cfg, lr, t, grad_scale);
 
-    match &mut state.moments {
-        Moments::F32 { m, v } => adamw_apply_f32(&k, params, grads, m, v)?,
+    adamw_apply(&k, params, grads, &mut state.moments)?;
+    state.step = t;
+    Ok(())
+}
+
+/// The element-wise update of one AdamW step with precomputed coefficients, on moments stored
+/// in FP32 or BF16 (BF16 ones are updated in FP32 and stored rounded to nearest even): what
+/// [`adamw_step_scaled`] runs after its checks. Fails if the parameters, gradients and moments
+/// differ in length (operand `adamw.state`).
+pub fn adamw_apply(
+    k: &AdamCoeffs,
+    params: &mut [f32],
+    grads: &[f32],
+    moments: &mut Moments,
+) -> Result<()> {
+    match moments {
+        Moments::F32 { m, v } => adamw_apply_f32(k, params, grads, m, v),
         Moments::Bf16 { m, v } => {
+            let n = params.len();
+            if grads.len() != n || m.len() != n || v.len() != n {
+                return Err(KernelError::shape(
+                    "adamw.state",
+                    format!("parameters, gradients and moments of {n} elements each"),
+                    format!("{}, {} and {}", grads.len(), m.len(), v.len()),
+                ));
+            }
             params
                 .par_chunks_mut(CHUNK)
                 .zip(grads.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((pc, gc), mc), vc)| update_bf16(&k, pc, gc, mc, vc));
+                .for_each(|(((pc, gc), mc), vc)| update_bf16(k, pc, gc, mc, vc));
+            Ok(())
         }
     }
-    state.step = t;
-    Ok(())
 }
 
 /// The element-wise update of one AdamW step with precomputed coefficients and FP32 moments

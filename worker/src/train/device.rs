@@ -27,11 +27,10 @@ pub trait DeviceStepper: Send {
     fn step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep>;
     /// Copies the parameters into `model`.
     fn params_into(&self, model: &mut Model<f32>) -> Result<()>;
-    /// The AdamW steps taken and every trainable parameter's `(m, v)`.
-    #[allow(clippy::type_complexity)]
-    fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)>;
+    /// The AdamW steps taken and every trainable parameter's moments.
+    fn moments(&self) -> Result<(u64, Vec<(ParamId, Moments)>)>;
     /// Replaces the AdamW state.
-    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()>;
+    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &Moments)]) -> Result<()>;
 }
 
 impl<B: Backend + 'static> DeviceStepper for DeviceModel<B> {
@@ -47,11 +46,11 @@ impl<B: Backend + 'static> DeviceStepper for DeviceModel<B> {
         DeviceModel::params_into(self, model)
     }
 
-    fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)> {
+    fn moments(&self) -> Result<(u64, Vec<(ParamId, Moments)>)> {
         DeviceModel::moments(self)
     }
 
-    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()> {
+    fn set_moments(&mut self, step: u64, moments: &[(ParamId, &Moments)]) -> Result<()> {
         DeviceModel::set_moments(self, step, moments)
     }
 }
@@ -86,15 +85,8 @@ impl Trainer {
         self.sync_device()?;
         let states = self.param_moments()?;
         let step = states.first().map_or(0, |(_, s)| s.step);
-        // BF16 moments travel as their FP32 values (exact both ways).
-        let values: Vec<(ParamId, Vec<f32>, Vec<f32>)> = states
-            .iter()
-            .map(|(id, s)| (*id, s.moments.first_f32(), s.moments.second_f32()))
-            .collect();
-        let moments: Vec<(ParamId, &[f32], &[f32])> = values
-            .iter()
-            .map(|(id, m, v)| (*id, m.as_slice(), v.as_slice()))
-            .collect();
+        let moments: Vec<(ParamId, &Moments)> =
+            states.iter().map(|(id, s)| (*id, &s.moments)).collect();
         device.set_moments(step, &moments)?;
         tracing::info!(device = %device.describe(), step = self.step, "training on the device");
         self.device = Some(device);
@@ -163,12 +155,9 @@ impl Trainer {
         let _span = tracing::debug_span!("device.sync", step = self.step).entered();
         device.params_into(&mut self.replicas[0].model)?;
         let (steps, moments) = device.moments()?;
-        let bf16 = self.opts.bf16_moments;
         let states: Vec<(ParamId, AdamWState)> = moments
             .into_iter()
-            .map(|(id, m, v)| {
-                // With BF16 moments the device's values are BF16 values: the conversion is exact.
-                let moments = Moments::from_f32(m, v, bf16);
+            .map(|(id, moments)| {
                 (
                     id,
                     AdamWState {

@@ -25,7 +25,7 @@ pub struct Tolerance {
     pub params_over_lr: Option<f64>,
 }
 
-fn batch_of(b: &shoal_worker::data::Batch) -> TokenBatch<'_> {
+pub fn batch_of(b: &shoal_worker::data::Batch) -> TokenBatch<'_> {
     TokenBatch {
         batch: b.batch,
         seq: b.seq_len,
@@ -53,7 +53,7 @@ pub fn one_pass_matches_the_cpu_model<B: Backend>(
     };
     let mut grads = model.params().zero_grads();
     let want = model.forward_backward(&tb, &obj, &mut grads).unwrap();
-    let mut dev = DeviceModel::new(be, &model).unwrap();
+    let mut dev = DeviceModel::new(be, &model, false).unwrap();
     let got = dev.forward_backward(&tb, &obj).unwrap();
     let what = dev.backend().describe();
     assert!(
@@ -126,7 +126,7 @@ pub fn training_steps_match_the_cpu_trainer<B: Backend>(
     let o = opts(precision, steps, 1, 1, 2);
     let model = Model::<f32>::new(cfg, precision, 3).unwrap();
     let mut cpu = Trainer::new(model.clone(), batcher(3), o.clone()).unwrap();
-    let mut dev = DeviceModel::new(be, &model).unwrap();
+    let mut dev = DeviceModel::new(be, &model, o.bf16_moments).unwrap();
     let what = dev.backend().describe();
     let mut data = batcher(3);
     for step in 0..steps {

@@ -15,7 +15,7 @@ mod layers;
 
 use shoal_kernels::Tensor;
 use shoal_kernels::backend::Backend;
-use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, clip_coefficient};
+use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, Moments, clip_coefficient};
 use std::sync::OnceLock;
 
 use self::layers::{BlockSaved, Bw, Cols, Fw, block_backward, block_forward};
@@ -38,8 +38,8 @@ pub struct DeviceStep {
 pub struct StepHyper {
     /// Learning rate of this step.
     pub lr: f32,
-    /// AdamW (weight decay applies to matrices only; with `bf16_moments` the moments are BF16
-    /// values, held in FP32 buffers).
+    /// AdamW (weight decay applies to matrices only; `bf16_moments` must be the precision the
+    /// device model stores its moments in).
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this.
     pub grad_clip: f32,
@@ -89,8 +89,9 @@ pub struct DeviceModel<B: Backend> {
     shapes: Vec<Vec<usize>>,
     p: Vec<B::Buf>,
     g: Vec<B::Buf>,
-    m: Vec<B::Buf>,
-    v: Vec<B::Buf>,
+    /// Each parameter's AdamW moments (empty for frozen ones), in BF16 when `bf16_moments`.
+    s: Vec<B::Moments>,
+    bf16_moments: bool,
     rope: B::Rope,
     /// Each weight as this step's mixed-precision linears read it, made on first use; cleared
     /// whenever the parameters change.
@@ -124,16 +125,15 @@ impl<B: Backend> DeviceModel<B> {
         })
     }
 
-    /// `model`'s parameters copied to `be`, with zero gradients and moments; the steps run in
-    /// the model's precision. Fails, naming the weight, when the backend cannot run a layer
-    /// ([`Self::unsupported`]).
-    pub fn new(be: B, model: &Model<f32>) -> Result<Self> {
+    /// `model`'s parameters copied to `be`, with zero gradients and moments (stored in BF16 when
+    /// `bf16_moments`, in FP32 otherwise); the steps run in the model's precision. Fails, naming
+    /// the weight, when the backend cannot run a layer ([`Self::unsupported`]).
+    pub fn new(be: B, model: &Model<f32>, bf16_moments: bool) -> Result<Self> {
         if let Some(why) = Self::unsupported(&be, model) {
             return Err(WorkerError::invalid("device", why));
         }
         let n = model.params().layout().len();
-        let (mut shapes, mut p, mut g, mut m, mut v) = (
-            Vec::with_capacity(n),
+        let (mut shapes, mut p, mut g, mut s) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -148,8 +148,7 @@ impl<B: Backend> DeviceModel<B> {
             } else {
                 0
             };
-            m.push(be.zeros("adamw.m", moments)?);
-            v.push(be.zeros("adamw.v", moments)?);
+            s.push(be.upload_moments(&Moments::zeros(moments, bf16_moments))?);
         }
         let mut host = model.clone();
         let biases = host.expert_biases();
@@ -167,8 +166,8 @@ impl<B: Backend> DeviceModel<B> {
             shapes,
             p,
             g,
-            m,
-            v,
+            s,
+            bf16_moments,
             rope,
             ops: (0..n).map(|_| OnceLock::new()).collect(),
             adam_step: 0,
@@ -214,43 +213,51 @@ impl<B: Backend> DeviceModel<B> {
         Ok(())
     }
 
-    /// The AdamW steps taken, and the moments `(m, v)` of every trainable parameter (BF16 values
-    /// when the steps keep BF16 moments).
-    #[allow(clippy::type_complexity)]
-    pub fn moments(&self) -> Result<(u64, Vec<(ParamId, Vec<f32>, Vec<f32>)>)> {
+    /// The AdamW steps taken, and the moments of every trainable parameter, in the precision
+    /// they are stored in.
+    pub fn moments(&self) -> Result<(u64, Vec<(ParamId, Moments)>)> {
         let mut out = Vec::new();
         for (id, _, _) in self.model.params().iter() {
-            if !self.model.params().trainable(id) {
-                continue;
+            if self.model.params().trainable(id) {
+                out.push((id, self.be.download_moments(&self.s[id.index()])?));
             }
-            let n: usize = self.shapes[id.index()].iter().product();
-            let mut m = self.be.download("adamw.m", &self.m[id.index()])?;
-            let mut v = self.be.download("adamw.v", &self.v[id.index()])?;
-            m.truncate(n);
-            v.truncate(n);
-            out.push((id, m, v));
         }
         Ok((self.adam_step, out))
     }
 
     /// Replaces the AdamW state (a resumed run's): the steps taken and each trainable
-    /// parameter's moments.
-    pub fn set_moments(&mut self, step: u64, moments: &[(ParamId, &[f32], &[f32])]) -> Result<()> {
-        for (id, m, v) in moments {
+    /// parameter's moments, which must be stored in this model's precision. Changes nothing on
+    /// bad input.
+    pub fn set_moments(&mut self, step: u64, moments: &[(ParamId, &Moments)]) -> Result<()> {
+        for (id, s) in moments {
             let n: usize = self.shapes[id.index()].iter().product();
-            if m.len() != n || v.len() != n || !self.model.params().trainable(*id) {
+            let (m, v) = s.lens();
+            if m != n || v != n || !self.model.params().trainable(*id) {
                 return Err(WorkerError::invalid(
                     "adamw.state",
                     format!(
-                        "{}: moments of {} and {} for {n} trained values",
+                        "{}: moments of {m} and {v} for {n} trained values",
                         self.model.params().name(*id),
-                        m.len(),
-                        v.len()
                     ),
                 ));
             }
-            self.m[id.index()] = self.be.upload("adamw.m", m)?;
-            self.v[id.index()] = self.be.upload("adamw.v", v)?;
+            if s.is_bf16() != self.bf16_moments {
+                let (has, wants) = if self.bf16_moments {
+                    ("fp32", "bf16")
+                } else {
+                    ("bf16", "fp32")
+                };
+                return Err(WorkerError::invalid(
+                    "adamw.state",
+                    format!(
+                        "{}: {has} moments for a device that stores {wants}",
+                        self.model.params().name(*id),
+                    ),
+                ));
+            }
+        }
+        for (id, s) in moments {
+            self.s[id.index()] = self.be.upload_moments(s)?;
         }
         self.adam_step = step;
         Ok(())
@@ -489,6 +496,16 @@ impl<B: Backend> DeviceModel<B> {
     /// clipping, AdamW on every trainable parameter and the expert-bias update.
     pub fn train_step(&mut self, b: &TokenBatch<'_>, h: &StepHyper) -> Result<DeviceStep> {
         h.adamw.validate()?;
+        if h.adamw.bf16_moments != self.bf16_moments {
+            return Err(WorkerError::invalid(
+                "adamw.bf16_moments",
+                format!(
+                    "is {} but the device stores its moments in {}",
+                    h.adamw.bf16_moments,
+                    if self.bf16_moments { "bf16" } else { "fp32" }
+                ),
+            ));
+        }
         self.zero_grads()?;
         let micro = h.micro_batches.clamp(1, b.batch.max(1));
         let parts = split_micro(b, micro)?;
@@ -536,8 +553,8 @@ impl<B: Backend> DeviceModel<B> {
         for &(i, decays) in &trainable {
             let c = if decays { &h.adamw } else { &no_decay };
             let k = AdamCoeffs::new(c, h.lr, self.adam_step, clip);
-            let Self { be, p, g, m, v, .. } = self;
-            be.adamw(&mut p[i], &g[i], &mut m[i], &mut v[i], &k, c.bf16_moments)?;
+            let Self { be, p, g, s, .. } = self;
+            be.adamw(&mut p[i], &g[i], &mut s[i], &k)?;
         }
         // Auxiliary-loss-free balancing: each bias moves by gamma against its expert's load.
         let biases = self.model.expert_biases();
