@@ -495,7 +495,17 @@ impl<S: Store> Actor<S> {
                     Some(msg) => self.handle(msg).await,
                     None => break,
                 },
-                _ = tick.tick() => self.check_liveness().await,
+                _ = tick.tick() => {
+                    // Heartbeats that queued while the actor waited (a slow store write) count
+                    // before anyone is judged silent: handle what is queued now, then judge.
+                    for _ in 0..rx.len() {
+                        let Ok(msg) = rx.try_recv() else { break };
+                        if let Err(e) = self.handle(msg).await {
+                            tracing::error!(error = %e, "control actor");
+                        }
+                    }
+                    self.check_liveness().await
+                }
                 () = next_replan(&self.replan_at) => self.replan_due().await,
                 ev = next_live(&mut self.live_watch) => self.live_event(ev).await,
             };

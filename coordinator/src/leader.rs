@@ -205,7 +205,7 @@ mod tests {
         (dir, s)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_standby_takes_over_when_the_leader_resigns() {
         let (_dir, s) = store();
         let ttl = Duration::from_secs(2);
@@ -237,7 +237,7 @@ mod tests {
         drop(b);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_dead_leaders_lease_expires_and_a_standby_takes_over_within_it() {
         let (_dir, s) = store();
         let ttl = Duration::from_secs(1);
@@ -260,7 +260,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_leader_whose_lease_is_gone_hears_it_lost() {
         let (_dir, s) = store();
         let ttl = Duration::from_secs(1);
@@ -273,7 +273,7 @@ mod tests {
         assert!(why.contains("expired"), "{why}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_short_lease_is_refused_naming_the_field() {
         let (_dir, s) = store();
         let e = campaign(s, &candidate("a"), Duration::from_millis(100), |_| {})

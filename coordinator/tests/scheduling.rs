@@ -998,3 +998,127 @@ async fn a_node_back_without_the_job_recovers_it_and_stale_attempts_are_revoked(
         vec![job.clone(), "job-77".to_string()]
     );
 }
+
+/// The embedded store, with its next write (put or compare-and-set) held back for
+/// `stall_next_ms` (a slow disk, a busy etcd): the control actor waits on it, as it does on
+/// every store write.
+#[derive(Clone)]
+struct Stalling {
+    inner: EmbeddedStore,
+    stall_next_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+mod stalling {
+    use super::Stalling;
+    use shoal_coordinator::Result;
+    use shoal_coordinator::store::{Ephemeral, Expect, LeaseId, Store, Versioned, Watch};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    impl Stalling {
+        async fn stall(&self) {
+            let ms = self.stall_next_ms.swap(0, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+
+    impl Store for Stalling {
+        async fn get(&self, key: &str) -> Result<Option<Versioned>> {
+            self.inner.get(key).await
+        }
+        async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64> {
+            self.stall().await;
+            self.inner.put(key, value).await
+        }
+        async fn compare_and_set(
+            &self,
+            key: &str,
+            expect: Expect,
+            value: Vec<u8>,
+        ) -> Result<Result<u64, Option<Versioned>>> {
+            self.stall().await;
+            self.inner.compare_and_set(key, expect, value).await
+        }
+        async fn delete(&self, key: &str) -> Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>> {
+            self.inner.list(prefix).await
+        }
+        async fn put_ephemeral(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            ttl: Duration,
+        ) -> Result<Ephemeral> {
+            self.inner.put_ephemeral(key, value, ttl).await
+        }
+        async fn create_ephemeral(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            ttl: Duration,
+        ) -> Result<Option<Ephemeral>> {
+            self.inner.create_ephemeral(key, value, ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke(&self, lease: LeaseId) -> Result<bool> {
+            self.inner.revoke(lease).await
+        }
+        async fn watch(&self, prefix: &str) -> Result<Watch> {
+            self.inner.watch(prefix).await
+        }
+    }
+}
+
+/// Heartbeats that queue while the control actor waits on a store write longer than the
+/// heartbeat timeout still count: a node that kept heartbeating through it is not failed. (Were
+/// the overdue liveness check to run before the queued heartbeats, about half of these stalls
+/// would fail the node.)
+#[tokio::test(start_paused = true)]
+async fn heartbeats_queued_behind_a_slow_store_write_still_count() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stall_next_ms = std::sync::Arc::new(AtomicU64::new(0));
+    let store = Stalling {
+        inner: EmbeddedStore::open(&dir.path().join("s.redb")).expect("store"),
+        stall_next_ms: stall_next_ms.clone(),
+    };
+    let config = ControlConfig {
+        heartbeat_timeout: TIMEOUT,
+        ..Default::default()
+    };
+    let c = Control::start_with(store, config).await.expect("start").0;
+    let (_n1, e1) = node(&c, "n1", 1).await;
+    // n1 heartbeats every interval, as an agent does, whatever the actor is doing.
+    let beat = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval()).await;
+                c.heartbeat("n1", e1).await;
+            }
+        })
+    };
+    let stall = TIMEOUT + Duration::from_secs(1);
+    for round in 0..10 {
+        stall_next_ms.store(stall.as_millis() as u64, Ordering::SeqCst);
+        let before = Instant::now();
+        c.submit(spec(&format!("j{round}"), 1, 0))
+            .await
+            .expect("submit");
+        assert!(
+            before.elapsed() >= stall,
+            "the submission waited on the store"
+        );
+        tokio::time::sleep(2 * interval()).await;
+        assert_eq!(
+            node_state(&c, "n1").await,
+            (NodeState::Healthy, e1),
+            "after stall {round}"
+        );
+    }
+    beat.abort();
+}

@@ -7,10 +7,32 @@
 
 // ---- attention ---------------------------------------------------------------------------------
 // q, k: [batch, seq, heads, dk]; v, out, dout: [batch, seq, heads, dv]; lse: [batch, heads, seq].
-// Query i attends to keys 0..=i. One warp per (batch, head, row): lanes split the head dimensions
-// of each dot product and own output dimensions lane, lane + 32, ... (dv <= 128).
+// Query i attends to keys 0..=i. Each block of ATT_BR warps takes ATT_BR consecutive rows of one
+// (batch, head) (grid: batch * heads * ceil(seq / ATT_BR) blocks, see `att_block`); the other
+// side's rows stream through shared memory ATT_BC at a time, loaded once for the block's ATT_BR
+// warps, so each K/V (or Q/dO) row is read from global memory once per block rather than once per
+// warp. Within a warp, lanes split the head dimensions of each dot product and own output
+// dimensions lane, lane + 32, ... (dk <= ATT_MAX_DK, dv <= ATT_MAX_DV). Every warp visits its keys
+// (queries) one at a time in increasing order, so the arithmetic, and the result, do not depend on
+// the tiling.
 
+#define ATT_BR 8
+#define ATT_BC 16
+#define ATT_MAX_DK 256
 #define ATT_MAX_DV 128
+
+// The block's (batch, head) and first row; this warp's row is `first + warp`.
+struct AttBlock {
+  int b, h, first;
+};
+__device__ __forceinline__ AttBlock att_block(int seq, int heads) {
+  const int tiles = (seq + ATT_BR - 1) / ATT_BR;
+  AttBlock r;
+  r.first = (int)(blockIdx.x % tiles) * ATT_BR;
+  r.h = (int)((blockIdx.x / tiles) % heads);
+  r.b = (int)(blockIdx.x / ((unsigned)tiles * heads));
+  return r;
+}
 
 // The (sequence, head, position) of warp-row `row`, rows ordered [batch, heads, seq].
 struct AttRow {
@@ -30,36 +52,58 @@ __device__ __forceinline__ float warp_dot(const float* a, const float* b, int n,
   return warp_sum(s);
 }
 
+// Copies rows first..first+n-1 of (b, h) from x ([batch, seq, heads, d]) into tile [n, d], with
+// every thread of the block.
+__device__ __forceinline__ void att_load(float* tile, const float* __restrict__ x, int b, int h, int first, int n,
+                                         int seq, int heads, int d) {
+  for (int t = threadIdx.x; t < n * d; t += blockDim.x) {
+    const int r = t / d, c = t - r * d;
+    tile[t] = x[(((i64)b * seq + first + r) * heads + h) * d + c];
+  }
+}
+
 extern "C" __global__ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                                              const float* __restrict__ v, float* __restrict__ out,
                                              float* __restrict__ lse, int batch, int seq, int heads,
                                              int dk, int dv, float scale) {
+  __shared__ float ks[ATT_BC * ATT_MAX_DK];
+  __shared__ float vs[ATT_BC * ATT_MAX_DV];
   const int lane = threadIdx.x & 31;
-  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // (b, h, i)
-  if (row >= (i64)batch * heads * seq) return;
-  const AttRow at = att_row(row, seq, heads);
-  const int i = at.i, h = at.h, b = at.b;
-  const float* qi = q + (((i64)b * seq + i) * heads + h) * dk;
+  const AttBlock at = att_block(seq, heads);
+  const int b = at.b, h = at.h;
+  const int i = at.first + (int)(threadIdx.x >> 5);
+  const int last = min(at.first + ATT_BR, seq) - 1;  // the block's last query row
+  const bool active = i < seq;                         // idle warps still load and synchronize
+  const float* qi = q + (((i64)b * seq + min(i, seq - 1)) * heads + h) * dk;
   float acc[ATT_MAX_DV / 32];
   for (int c = 0; c < ATT_MAX_DV / 32; c++) acc[c] = 0.0f;
   float m = -1.0f / 0.0f, l = 0.0f;
-  for (int j = 0; j <= i; j++) {
-    const i64 kj = (((i64)b * seq + j) * heads + h);
-    const float s = warp_dot(qi, k + kj * dk, dk, lane) * scale;
-    const float m2 = fmaxf(m, s);
-    const float corr = expf(m - m2);
-    const float p = expf(s - m2);
-    l = l * corr + p;
-    const float* vj = v + kj * dv;
-    for (int c = 0; c * 32 + lane < dv; c++) acc[c] = acc[c] * corr + p * vj[c * 32 + lane];
-    m = m2;
+  for (int j0 = 0; j0 <= last; j0 += ATT_BC) {
+    const int n = min(ATT_BC, last + 1 - j0);
+    att_load(ks, k, b, h, j0, n, seq, heads, dk);
+    att_load(vs, v, b, h, j0, n, seq, heads, dv);
+    __syncthreads();
+    if (active) {
+      for (int jj = 0; jj < n && j0 + jj <= i; jj++) {
+        const float s = warp_dot(qi, ks + jj * dk, dk, lane) * scale;
+        const float m2 = fmaxf(m, s);
+        const float corr = expf(m - m2);
+        const float p = expf(s - m2);
+        l = l * corr + p;
+        const float* vj = vs + jj * dv;
+        for (int c = 0; c * 32 + lane < dv; c++) acc[c] = acc[c] * corr + p * vj[c * 32 + lane];
+        m = m2;
+      }
+    }
+    __syncthreads();
   }
+  if (!active) return;
   float* oi = out + (((i64)b * seq + i) * heads + h) * dv;
   for (int c = 0; c * 32 + lane < dv; c++) oi[c * 32 + lane] = acc[c] / l;
   if (lane == 0) lse[((i64)b * heads + h) * seq + i] = m + logf(l);
 }
 
-// delta[b, h, i] = <dout_i, out_i> (the rowsum of P * dP).
+// delta[b, h, i] = <dout_i, out_i> (the rowsum of P * dP), one warp per row.
 extern "C" __global__ void attention_delta(const float* __restrict__ dout, const float* __restrict__ out,
                                            float* __restrict__ delta, int batch, int seq, int heads,
                                            int dv) {
@@ -73,56 +117,90 @@ extern "C" __global__ void attention_delta(const float* __restrict__ dout, const
   if (lane == 0) delta[((i64)b * heads + h) * seq + i] = d;
 }
 
-// dq_i = scale * sum_{j <= i} P_ij (dP_ij - delta_i) k_j, one warp per query row (dk <= 256).
+// dq_i = scale * sum_{j <= i} P_ij (dP_ij - delta_i) k_j, a warp per query row, the keys and
+// values streaming through shared memory.
 extern "C" __global__ void attention_backward_q(const float* __restrict__ dout, const float* __restrict__ q,
                                                 const float* __restrict__ k, const float* __restrict__ v,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
                                                 float* __restrict__ dq, int batch, int seq, int heads,
                                                 int dk, int dv, float scale) {
+  __shared__ float ks[ATT_BC * ATT_MAX_DK];
+  __shared__ float vs[ATT_BC * ATT_MAX_DV];
   const int lane = threadIdx.x & 31;
-  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  if (row >= (i64)batch * heads * seq) return;
-  const AttRow at = att_row(row, seq, heads);
-  const int i = at.i, h = at.h, b = at.b;
-  const i64 qi = ((i64)b * seq + i) * heads + h;
+  const AttBlock at = att_block(seq, heads);
+  const int b = at.b, h = at.h;
+  const int i = at.first + (int)(threadIdx.x >> 5);
+  const int last = min(at.first + ATT_BR, seq) - 1;
+  const bool active = i < seq;
+  const i64 qi = ((i64)b * seq + min(i, seq - 1)) * heads + h;
   const i64 bh = ((i64)b * heads + h) * seq;
-  const float li = lse[bh + i], di = delta[bh + i];
-  float acc[8];
-  for (int c = 0; c < 8; c++) acc[c] = 0.0f;
-  for (int j = 0; j <= i; j++) {
-    const i64 kj = ((i64)b * seq + j) * heads + h;
-    const float p = expf(warp_dot(q + qi * dk, k + kj * dk, dk, lane) * scale - li);
-    const float dp = warp_dot(dout + qi * dv, v + kj * dv, dv, lane);
-    const float ds = p * (dp - di);
-    for (int c = 0; c * 32 + lane < dk; c++) acc[c] += ds * k[kj * dk + c * 32 + lane];
+  const float li = active ? lse[bh + i] : 0.0f, di = active ? delta[bh + i] : 0.0f;
+  float acc[ATT_MAX_DK / 32];
+  for (int c = 0; c < ATT_MAX_DK / 32; c++) acc[c] = 0.0f;
+  for (int j0 = 0; j0 <= last; j0 += ATT_BC) {
+    const int n = min(ATT_BC, last + 1 - j0);
+    att_load(ks, k, b, h, j0, n, seq, heads, dk);
+    att_load(vs, v, b, h, j0, n, seq, heads, dv);
+    __syncthreads();
+    if (active) {
+      for (int jj = 0; jj < n && j0 + jj <= i; jj++) {
+        const float* kj = ks + jj * dk;
+        const float p = expf(warp_dot(q + qi * dk, kj, dk, lane) * scale - li);
+        const float dp = warp_dot(dout + qi * dv, vs + jj * dv, dv, lane);
+        const float ds = p * (dp - di);
+        for (int c = 0; c * 32 + lane < dk; c++) acc[c] += ds * kj[c * 32 + lane];
+      }
+    }
+    __syncthreads();
   }
+  if (!active) return;
   for (int c = 0; c * 32 + lane < dk; c++) dq[qi * dk + c * 32 + lane] = acc[c] * scale;
 }
 
-// dk_j = scale * sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij dout_i, one warp per key row.
+// dk_j = scale * sum_{i >= j} dS_ij q_i and dv_j = sum_{i >= j} P_ij dout_i, a warp per key row,
+// the queries, output gradients, log-sum-exps and deltas streaming through shared memory.
 extern "C" __global__ void attention_backward_kv(const float* __restrict__ dout, const float* __restrict__ q,
                                                  const float* __restrict__ k, const float* __restrict__ v,
                                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                                  float* __restrict__ dk_out, float* __restrict__ dv_out,
                                                  int batch, int seq, int heads, int dk, int dv, float scale) {
+  __shared__ float qs[ATT_BC * ATT_MAX_DK];
+  __shared__ float os[ATT_BC * ATT_MAX_DV];
+  __shared__ float ls[ATT_BC], ds_[ATT_BC];
   const int lane = threadIdx.x & 31;
-  const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  if (row >= (i64)batch * heads * seq) return;
-  const AttRow at = att_row(row, seq, heads);
-  const int j = at.i, h = at.h, b = at.b;
-  const i64 kj = ((i64)b * seq + j) * heads + h;
+  const AttBlock at = att_block(seq, heads);
+  const int b = at.b, h = at.h;
+  const int j = at.first + (int)(threadIdx.x >> 5);
+  const bool active = j < seq;
+  const i64 kj = ((i64)b * seq + min(j, seq - 1)) * heads + h;
   const i64 bh = ((i64)b * heads + h) * seq;
-  float ak[8], av[ATT_MAX_DV / 32];
-  for (int c = 0; c < 8; c++) ak[c] = 0.0f;
+  float ak[ATT_MAX_DK / 32], av[ATT_MAX_DV / 32];
+  for (int c = 0; c < ATT_MAX_DK / 32; c++) ak[c] = 0.0f;
   for (int c = 0; c < ATT_MAX_DV / 32; c++) av[c] = 0.0f;
-  for (int i = j; i < seq; i++) {
-    const i64 qi = ((i64)b * seq + i) * heads + h;
-    const float p = expf(warp_dot(q + qi * dk, k + kj * dk, dk, lane) * scale - lse[bh + i]);
-    const float dp = warp_dot(dout + qi * dv, v + kj * dv, dv, lane);
-    const float ds = p * (dp - delta[bh + i]);
-    for (int c = 0; c * 32 + lane < dk; c++) ak[c] += ds * q[qi * dk + c * 32 + lane];
-    for (int c = 0; c * 32 + lane < dv; c++) av[c] += p * dout[qi * dv + c * 32 + lane];
+  // Queries before the block's first key attend to none of its keys.
+  for (int i0 = at.first; i0 < seq; i0 += ATT_BC) {
+    const int n = min(ATT_BC, seq - i0);
+    att_load(qs, q, b, h, i0, n, seq, heads, dk);
+    att_load(os, dout, b, h, i0, n, seq, heads, dv);
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+      ls[t] = lse[bh + i0 + t];
+      ds_[t] = delta[bh + i0 + t];
+    }
+    __syncthreads();
+    if (active) {
+      for (int ii = (j > i0 ? j - i0 : 0); ii < n; ii++) {
+        const float* qi = qs + ii * dk;
+        const float* oi = os + ii * dv;
+        const float p = expf(warp_dot(qi, k + kj * dk, dk, lane) * scale - ls[ii]);
+        const float dp = warp_dot(oi, v + kj * dv, dv, lane);
+        const float ds = p * (dp - ds_[ii]);
+        for (int c = 0; c * 32 + lane < dk; c++) ak[c] += ds * qi[c * 32 + lane];
+        for (int c = 0; c * 32 + lane < dv; c++) av[c] += p * oi[c * 32 + lane];
+      }
+    }
+    __syncthreads();
   }
+  if (!active) return;
   for (int c = 0; c * 32 + lane < dk; c++) dk_out[kj * dk + c * 32 + lane] = ak[c] * scale;
   for (int c = 0; c * 32 + lane < dv; c++) dv_out[kj * dv + c * 32 + lane] = av[c];
 }

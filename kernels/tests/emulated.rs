@@ -1062,22 +1062,21 @@ fn a_row_sent_to_more_ranks_behind_one_proxy_than_a_slot_holds_reaches_all_of_th
     }
 }
 
-/// The model-step kernels of model.cu: attention forward and backward, the RMSNorm weight
-/// gradient, embedding rows and their deterministic table gradient, column and row copies, row
-/// dot products, y += x and the sum of squares, each against the CPU.
-#[test]
-fn the_model_step_kernels_match_the_cpu() {
-    use shoal_kernels::ops::{attention, embedding};
-    let _serial = serial();
-    let mut rng = StdRng::seed_from_u64(17);
-
-    // Attention: 2 sequences of 19 tokens, 3 heads, dk 48 (two partial warps of lanes), dv 40.
-    let (b, s, h, dk, dv) = (2usize, 19usize, 3usize, 48usize, 40usize);
+/// model.cu's attention forward and backward against the CPU on random `[b, s, h, d]` inputs.
+#[allow(clippy::unwrap_used)]
+fn attention_matches_the_cpu(
+    rng: &mut StdRng,
+    (b, s, h, dk, dv): (usize, usize, usize, usize, usize),
+) {
+    use shoal_kernels::ops::attention;
+    let what = format!("b {b} s {s} h {h} dk {dk} dv {dv}");
     let scale = 0.2f32;
-    let q = randn(&mut rng, b * s * h * dk, 0.5);
-    let k = randn(&mut rng, b * s * h * dk, 0.5);
-    let v = randn(&mut rng, b * s * h * dv, 1.0);
-    let dout = randn(&mut rng, b * s * h * dv, 1.0);
+    // Logits of the same spread at every dk: 0.5 at dk 48.
+    let qk = 0.5 * (48.0 / dk as f32).sqrt();
+    let q = randn(rng, b * s * h * dk, qk);
+    let k = randn(rng, b * s * h * dk, qk);
+    let v = randn(rng, b * s * h * dv, 1.0);
+    let dout = randn(rng, b * s * h * dv, 1.0);
     let t = |d: &[f32], w| Tensor::new([b, s, h, w], d.to_vec()).unwrap();
     let (want_out, saved) =
         attention::attention_forward(&t(&q, dk), &t(&k, dk), &t(&v, dv), f64::from(scale)).unwrap();
@@ -1167,11 +1166,37 @@ fn the_model_step_kernels_match_the_cpu() {
             scale,
         );
     }
-    close(&out, want_out.data(), 1e-5, "attention.out");
-    close(&lse, saved.lse.data(), 1e-5, "attention.lse");
-    close(&dq, want_dq.data(), 1e-4, "attention.dq");
-    close(&dkk, want_dk.data(), 1e-4, "attention.dk");
-    close(&dvv, want_dv.data(), 1e-4, "attention.dv");
+    close(
+        &out,
+        want_out.data(),
+        1e-5,
+        &format!("attention.out {what}"),
+    );
+    close(
+        &lse,
+        saved.lse.data(),
+        1e-5,
+        &format!("attention.lse {what}"),
+    );
+    close(&dq, want_dq.data(), 1e-4, &format!("attention.dq {what}"));
+    close(&dkk, want_dk.data(), 1e-4, &format!("attention.dk {what}"));
+    close(&dvv, want_dv.data(), 1e-4, &format!("attention.dv {what}"));
+}
+
+/// The model-step kernels of model.cu: attention forward and backward, the RMSNorm weight
+/// gradient, embedding rows and their deterministic table gradient, column and row copies, row
+/// dot products, y += x and the sum of squares, each against the CPU.
+#[test]
+fn the_model_step_kernels_match_the_cpu() {
+    use shoal_kernels::ops::embedding;
+    let _serial = serial();
+    let mut rng = StdRng::seed_from_u64(17);
+
+    // Attention: 2 sequences of 19 tokens (a partial block of 8 query rows, a partial tile of 16
+    // keys), 3 heads, dk 48 (two partial warps of lanes), dv 40; then DeepSeek-V3's head
+    // dimensions (dk 192, dv 128, the kernels' largest dv) over 3 key tiles.
+    attention_matches_the_cpu(&mut rng, (2, 19, 3, 48, 40));
+    attention_matches_the_cpu(&mut rng, (1, 37, 2, 192, 128));
 
     // RMSNorm weight gradient, accumulated into an existing gradient.
     let (rows, d) = (37usize, 70usize);

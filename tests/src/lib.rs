@@ -260,7 +260,8 @@ impl Etcd {
             .endpoint
             .parse()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let timeout = std::time::Duration::from_secs(1);
+        // Generous: a loaded machine can keep etcd's JSON gateway waiting for seconds.
+        let timeout = std::time::Duration::from_secs(10);
         let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         let req = format!(

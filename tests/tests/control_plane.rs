@@ -207,9 +207,9 @@ fn two_node_agents_run_jobs(
         reason,
         format!("node {node} sent no heartbeat for {HEARTBEAT_TIMEOUT_MS} ms (heartbeat timeout)")
     );
-    // Its last heartbeat came at most one interval (500 ms) before the stop.
+    // Its last heartbeat came about one interval (500 ms) before the stop, later under load.
     assert!(
-        noticed >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - 500),
+        noticed >= Duration::from_millis(HEARTBEAT_TIMEOUT_MS - 1000),
         "failed {noticed:?} after the stop"
     );
     let all = nodes(&url);
@@ -561,7 +561,7 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_and_the_job_runs_on() {
     let etcd = shoal_tests::Etcd::start(dir.path());
     let store = format!("etcd://{}", etcd.endpoint);
     let (pa, pb) = (shoal_tests::free_port(), shoal_tests::free_port());
-    let lease_ms = 2000u64;
+    let lease_ms = 3000u64;
     let coordinator = |name: &str, port: u16| {
         Background::start(&[
             "coordinator",
@@ -629,7 +629,7 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_and_the_job_runs_on() {
     assert!(line.contains("leading as b"), "{line}");
     let takeover = led_at - killed;
     assert!(
-        takeover < Duration::from_millis(lease_ms + 1500),
+        takeover < Duration::from_millis(lease_ms + 4000),
         "took the lead {takeover:?} after the kill (lease {lease_ms} ms)"
     );
     // The new leader adopted the job, which reports progress to it.
@@ -655,7 +655,7 @@ fn a_standby_coordinator_takes_over_from_a_killed_leader_and_the_job_runs_on() {
         takeover.as_millis(),
         resumed.as_millis()
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let watched = loop {
         if let Some(s) = watcher.child.try_wait().expect("try_wait") {
             break s;

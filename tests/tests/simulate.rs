@@ -161,8 +161,8 @@ fn a_hung_node_is_caught_by_the_heartbeat_timeout() {
         .collect();
     assert!(!hung.is_empty(), "{r}");
     for d in hung {
-        // The timeout, plus at most one check interval (500 ms) and some slack.
-        assert!((1000.0..2500.0).contains(&d), "{r}");
+        // The timeout, plus about one check interval (500 ms) and slack for a loaded machine.
+        assert!((1000.0..4000.0).contains(&d), "{r}");
     }
 }
 

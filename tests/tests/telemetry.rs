@@ -305,10 +305,11 @@ fn an_unreachable_collector_costs_one_warning_not_the_run() {
         Some(3),
         "{summary}"
     );
-    // Batches went out every 100 ms and all failed: one warning (rate-limited) from each
-    // process that exported (the run's and its two node agents'), naming the endpoint.
-    let warnings = err.matches("spans not exported").count();
-    assert!((1..=3).contains(&warnings), "{err}");
+    // Batches went out every 100 ms and all failed: warnings rate-limited to one per 30 s from
+    // each process that exported (the run's and its two node agents'), naming the endpoint.
+    let warnings = err.matches("spans not exported").count() as u64;
+    let most = 3 * (1 + took.as_secs() / 30);
+    assert!((1..=most).contains(&warnings), "{err}");
     assert!(err.contains(&endpoint), "{err}");
     assert!(took < Duration::from_secs(60), "{took:?}");
 }

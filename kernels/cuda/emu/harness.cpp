@@ -102,9 +102,13 @@ EXPORT void emu_combine_reduce(const u16* staged, const int* dest, float* out, i
 
 // ---- model.cu: warp-per-row kernels run 8 warps per block ----
 static dim3 warps_grid(long long rows) { return dim3{(unsigned)((rows + 7) / 8), 1, 1}; }
+// The attention kernels' blocks: 8 rows of one (batch, head) each.
+static dim3 attention_grid(int batch, int heads, int seq) {
+  return dim3{(unsigned)((long long)batch * heads * ((seq + 7) / 8)), 1, 1};
+}
 EXPORT void emu_attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int batch, int seq,
                                   int heads, int dk, int dv, float scale) {
-  emu::launch_seq(warps_grid((long long)batch * heads * seq), dim3{256, 1, 1},
+  emu::launch_seq(attention_grid(batch, heads, seq), dim3{256, 1, 1},
                   [&] { attention_forward(q, k, v, out, lse, batch, seq, heads, dk, dv, scale); });
 }
 EXPORT void emu_attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* out,
@@ -112,9 +116,10 @@ EXPORT void emu_attention_backward(const float* dout, const float* q, const floa
                                    int heads, int dk, int dv, float scale) {
   const dim3 g = warps_grid((long long)batch * heads * seq);
   emu::launch_seq(g, dim3{256, 1, 1}, [&] { attention_delta(dout, out, delta, batch, seq, heads, dv); });
-  emu::launch_seq(g, dim3{256, 1, 1},
+  const dim3 a = attention_grid(batch, heads, seq);
+  emu::launch_seq(a, dim3{256, 1, 1},
                   [&] { attention_backward_q(dout, q, k, v, lse, delta, dq, batch, seq, heads, dk, dv, scale); });
-  emu::launch_seq(g, dim3{256, 1, 1},
+  emu::launch_seq(a, dim3{256, 1, 1},
                   [&] { attention_backward_kv(dout, q, k, v, lse, delta, dk_, dv_, batch, seq, heads, dk, dv, scale); });
 }
 EXPORT void emu_rmsnorm_backward_weight(const float* x, const float* dy, float* rstd, float* dw, int rows, int d, double eps) {

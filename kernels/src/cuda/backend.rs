@@ -99,6 +99,16 @@ fn warps(rows: usize) -> LaunchConfig {
     }
 }
 
+/// Blocks of the attention kernels: 8 warps each, on 8 rows of one (batch, head) (`ATT_BR` and
+/// `att_block` in model.cu).
+fn attention_blocks(d: &AttnDims) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((d.batch * d.heads * d.seq.div_ceil(8)).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Blocks of the sum-of-squares reduction: a fixed count, so the partial sums (added on the host
 /// in order) make the result independent of timing.
 const SUM_BLOCKS: usize = 256;
@@ -394,7 +404,7 @@ impl Backend for Gpu {
         if rows > 0 {
             let (b, s, h, dk, dv) = attn_args(&d)?;
             let scale = d.scale as f32;
-            launch!(self, MODEL, "attention_forward", &shapes, warps(rows); q, k, v, &mut out, &mut lse, &b, &s, &h, &dk, &dv, &scale);
+            launch!(self, MODEL, "attention_forward", &shapes, attention_blocks(&d); q, k, v, &mut out, &mut lse, &b, &s, &h, &dk, &dv, &scale);
         }
         Ok((out, lse))
     }
@@ -423,8 +433,8 @@ impl Backend for Gpu {
             let scale = d.scale as f32;
             let mut delta = Gpu::zeros::<f32>(self, "attention.delta", rows)?;
             launch!(self, MODEL, "attention_delta", &shapes, warps(rows); dout, out, &mut delta, &b, &s, &h, &dv);
-            launch!(self, MODEL, "attention_backward_q", &shapes, warps(rows); dout, q, k, v, lse, &delta, &mut dq, &b, &s, &h, &dk, &dv, &scale);
-            launch!(self, MODEL, "attention_backward_kv", &shapes, warps(rows); dout, q, k, v, lse, &delta, &mut dk_, &mut dv_, &b, &s, &h, &dk, &dv, &scale);
+            launch!(self, MODEL, "attention_backward_q", &shapes, attention_blocks(&d); dout, q, k, v, lse, &delta, &mut dq, &b, &s, &h, &dk, &dv, &scale);
+            launch!(self, MODEL, "attention_backward_kv", &shapes, attention_blocks(&d); dout, q, k, v, lse, &delta, &mut dk_, &mut dv_, &b, &s, &h, &dk, &dv, &scale);
         }
         Ok((dq, dk_, dv_))
     }
