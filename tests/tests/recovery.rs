@@ -286,7 +286,10 @@ fn a_stopped_agent_is_failed_by_its_heartbeat_and_replaced() {
     // The default heartbeat timeout is 5 s; detection takes that plus about one check (500 ms),
     // less when the last heartbeat left early, more when a loaded machine delays the check.
     let detect = r["detected_unix_ms"].as_u64().unwrap_or(0) - stopped;
-    assert!((4000..10_000).contains(&detect), "detected after {detect} ms");
+    assert!(
+        (4000..10_000).contains(&detect),
+        "detected after {detect} ms"
+    );
     assert!(run.stderr.contains("replacing its agent"), "{}", run.stderr);
 }
 

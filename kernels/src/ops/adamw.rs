@@ -392,23 +392,7 @@ pub fn adamw_apply(
 ) -> Result<()> {
     match moments {
         Moments::F32 { m, v } => adamw_apply_f32(k, params, grads, m, v),
-        Moments::Bf16 { m, v } => {
-            let n = params.len();
-            if grads.len() != n || m.len() != n || v.len() != n {
-                return Err(KernelError::shape(
-                    "adamw.state",
-                    format!("parameters, gradients and moments of {n} elements each"),
-                    format!("{}, {} and {}", grads.len(), m.len(), v.len()),
-                ));
-            }
-            params
-                .par_chunks_mut(CHUNK)
-                .zip(grads.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((pc, gc), mc), vc)| update_bf16(k, pc, gc, mc, vc));
-            Ok(())
-        }
+        Moments::Bf16 { m, v } => apply_chunks(k, params, grads, m, v, update_bf16),
     }
 }
 
@@ -421,6 +405,22 @@ pub fn adamw_apply_f32(
     grads: &[f32],
     m: &mut [f32],
     v: &mut [f32],
+) -> Result<()> {
+    apply_chunks(k, params, grads, m, v, update_f32)
+}
+
+/// The element-wise update of one chunk, on moments stored as `M`.
+type Update<M> = fn(&AdamCoeffs, &mut [f32], &[f32], &mut [M], &mut [M]);
+
+/// `update` over matching chunks of the parameters, gradients and moments (stored as `M`), in
+/// parallel; fails if their lengths differ (operand `adamw.state`).
+fn apply_chunks<M: Send>(
+    k: &AdamCoeffs,
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [M],
+    v: &mut [M],
+    update: Update<M>,
 ) -> Result<()> {
     let n = params.len();
     if grads.len() != n || m.len() != n || v.len() != n {
@@ -435,7 +435,7 @@ pub fn adamw_apply_f32(
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((pc, gc), mc), vc)| update_f32(k, pc, gc, mc, vc));
+        .for_each(|(((pc, gc), mc), vc)| update(k, pc, gc, mc, vc));
     Ok(())
 }
 
