@@ -8,7 +8,7 @@
 // ---- attention ---------------------------------------------------------------------------------
 // q, k: [batch, seq, heads, dk]; v, out, dout: [batch, seq, heads, dv]; lse: [batch, heads, seq].
 // Query i attends to keys 0..=i. Each block of ATT_BR warps takes ATT_BR consecutive rows of one
-// (batch, head) (grid: batch * heads * ceil(seq / ATT_BR) blocks, see `att_block`); the other
+// (batch, head) (grid: batch * heads * ceil(seq / ATT_BR) blocks, see `att_warp`); the other
 // side's rows stream through shared memory ATT_BC at a time, loaded once for the block's ATT_BR
 // warps, so each K/V (or Q/dO) row is read from global memory once per block rather than once per
 // warp. Within a warp, lanes split the head dimensions of each dot product and own output
@@ -21,16 +21,26 @@
 #define ATT_MAX_DK 256
 #define ATT_MAX_DV 128
 
-// The block's (batch, head) and first row; this warp's row is `first + warp`.
-struct AttBlock {
-  int b, h, first;
+// This warp's place: the block's (batch, head), first and last rows, and the warp's row `row`
+// (`first + warp`), which is `active` when inside the sequence (idle warps still load tiles and
+// synchronize); `at` indexes the row (clamped into the sequence) in [batch, seq, heads], `bh` the
+// (batch, head) in [batch, heads, seq].
+struct AttWarp {
+  int b, h, first, last, row;
+  bool active;
+  i64 at, bh;
 };
-__device__ __forceinline__ AttBlock att_block(int seq, int heads) {
+__device__ __forceinline__ AttWarp att_warp(int seq, int heads) {
   const int tiles = (seq + ATT_BR - 1) / ATT_BR;
-  AttBlock r;
+  AttWarp r;
   r.first = (int)(blockIdx.x % tiles) * ATT_BR;
   r.h = (int)((blockIdx.x / tiles) % heads);
   r.b = (int)(blockIdx.x / ((unsigned)tiles * heads));
+  r.last = min(r.first + ATT_BR, seq) - 1;
+  r.row = r.first + (int)(threadIdx.x >> 5);
+  r.active = r.row < seq;
+  r.at = ((i64)r.b * seq + min(r.row, seq - 1)) * heads + r.h;
+  r.bh = ((i64)r.b * heads + r.h) * seq;
   return r;
 }
 
@@ -69,12 +79,10 @@ extern "C" __global__ void attention_forward(const float* __restrict__ q, const 
   __shared__ float ks[ATT_BC * ATT_MAX_DK];
   __shared__ float vs[ATT_BC * ATT_MAX_DV];
   const int lane = threadIdx.x & 31;
-  const AttBlock at = att_block(seq, heads);
-  const int b = at.b, h = at.h;
-  const int i = at.first + (int)(threadIdx.x >> 5);
-  const int last = min(at.first + ATT_BR, seq) - 1;  // the block's last query row
-  const bool active = i < seq;                         // idle warps still load and synchronize
-  const float* qi = q + (((i64)b * seq + min(i, seq - 1)) * heads + h) * dk;
+  const AttWarp w = att_warp(seq, heads);
+  const int b = w.b, h = w.h, i = w.row, last = w.last;
+  const bool active = w.active;
+  const float* qi = q + w.at * dk;
   float acc[ATT_MAX_DV / 32];
   for (int c = 0; c < ATT_MAX_DV / 32; c++) acc[c] = 0.0f;
   float m = -1.0f / 0.0f, l = 0.0f;
@@ -127,13 +135,10 @@ extern "C" __global__ void attention_backward_q(const float* __restrict__ dout, 
   __shared__ float ks[ATT_BC * ATT_MAX_DK];
   __shared__ float vs[ATT_BC * ATT_MAX_DV];
   const int lane = threadIdx.x & 31;
-  const AttBlock at = att_block(seq, heads);
-  const int b = at.b, h = at.h;
-  const int i = at.first + (int)(threadIdx.x >> 5);
-  const int last = min(at.first + ATT_BR, seq) - 1;
-  const bool active = i < seq;
-  const i64 qi = ((i64)b * seq + min(i, seq - 1)) * heads + h;
-  const i64 bh = ((i64)b * heads + h) * seq;
+  const AttWarp w = att_warp(seq, heads);
+  const int b = w.b, h = w.h, i = w.row, last = w.last;
+  const bool active = w.active;
+  const i64 qi = w.at, bh = w.bh;
   const float li = active ? lse[bh + i] : 0.0f, di = active ? delta[bh + i] : 0.0f;
   float acc[ATT_MAX_DK / 32];
   for (int c = 0; c < ATT_MAX_DK / 32; c++) acc[c] = 0.0f;
@@ -168,17 +173,15 @@ extern "C" __global__ void attention_backward_kv(const float* __restrict__ dout,
   __shared__ float os[ATT_BC * ATT_MAX_DV];
   __shared__ float ls[ATT_BC], ds_[ATT_BC];
   const int lane = threadIdx.x & 31;
-  const AttBlock at = att_block(seq, heads);
-  const int b = at.b, h = at.h;
-  const int j = at.first + (int)(threadIdx.x >> 5);
-  const bool active = j < seq;
-  const i64 kj = ((i64)b * seq + min(j, seq - 1)) * heads + h;
-  const i64 bh = ((i64)b * heads + h) * seq;
+  const AttWarp w = att_warp(seq, heads);
+  const int b = w.b, h = w.h, j = w.row;
+  const bool active = w.active;
+  const i64 kj = w.at, bh = w.bh;
   float ak[ATT_MAX_DK / 32], av[ATT_MAX_DV / 32];
   for (int c = 0; c < ATT_MAX_DK / 32; c++) ak[c] = 0.0f;
   for (int c = 0; c < ATT_MAX_DV / 32; c++) av[c] = 0.0f;
   // Queries before the block's first key attend to none of its keys.
-  for (int i0 = at.first; i0 < seq; i0 += ATT_BC) {
+  for (int i0 = w.first; i0 < seq; i0 += ATT_BC) {
     const int n = min(ATT_BC, seq - i0);
     att_load(qs, q, b, h, i0, n, seq, heads, dk);
     att_load(os, dout, b, h, i0, n, seq, heads, dv);

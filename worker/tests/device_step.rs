@@ -116,7 +116,7 @@ fn a_trainer_on_the_host_device_matches(precision: Precision) {
 
 /// A device run checkpoints its host state; resumed (on the device again) it continues to the
 /// same losses and weights as the run that never stopped: in FP32, and in FP8 with BF16 moments
-/// (which cross between the device and the checkpoint as their exact FP32 values).
+/// (which cross between the device and the checkpoint as BF16 values, unchanged).
 #[test]
 fn a_device_run_resumed_from_a_checkpoint_continues_unchanged() {
     use shoal_worker::train::Trainer;

@@ -165,6 +165,19 @@ impl Moments {
         }
     }
 
+    /// These moments stored in BF16 when `bf16` is set, in FP32 otherwise (unchanged when they
+    /// already are).
+    pub fn into_precision(self, bf16: bool) -> Self {
+        match self {
+            Self::F32 { m, v } if bf16 => Self::from_f32(m, v, true),
+            Self::Bf16 { m, v } if !bf16 => Self::F32 {
+                m: m.into_iter().map(bf16::to_f32).collect(),
+                v: v.into_iter().map(bf16::to_f32).collect(),
+            },
+            same => same,
+        }
+    }
+
     /// Whether the moments are stored in BF16.
     pub fn is_bf16(&self) -> bool {
         matches!(self, Self::Bf16 { .. })
@@ -357,14 +370,13 @@ pub fn adamw_step_scaled(
         ));
     }
     if state.moments.is_bf16() != cfg.bf16_moments {
-        let (has, wants) = if cfg.bf16_moments {
-            ("fp32", "bf16")
-        } else {
-            ("bf16", "fp32")
-        };
         return Err(KernelError::invalid(
             "adamw.state",
-            format!("holds {has} moments but the config asks for {wants}"),
+            format!(
+                "holds {} moments but the config asks for {}",
+                moment_precision(!cfg.bf16_moments),
+                moment_precision(cfg.bf16_moments)
+            ),
         ));
     }
     crate::error::check_finite("adamw.grads", grads)?;
@@ -378,6 +390,11 @@ pub fn adamw_step_scaled(
     adamw_apply(&k, params, grads, &mut state.moments)?;
     state.step = t;
     Ok(())
+}
+
+/// The name of a moment precision in messages: `bf16` or `fp32`.
+pub fn moment_precision(bf16: bool) -> &'static str {
+    if bf16 { "bf16" } else { "fp32" }
 }
 
 /// The element-wise update of one AdamW step with precomputed coefficients, on moments stored
@@ -520,6 +537,28 @@ pub fn clip_coefficient(norm: f64, max_norm: f32) -> Result<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moments_change_precision_rounding_to_bf16_and_widening_exactly() {
+        let (m, v) = (vec![1.0f32 + 1e-3, -3.3e-5], vec![2.5e-7, 7.0]);
+        let fp32 = Moments::F32 {
+            m: m.clone(),
+            v: v.clone(),
+        };
+        let b = fp32.clone().into_precision(true);
+        assert!(b.is_bf16());
+        let want: Vec<f32> = m.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+        assert_eq!(b.first_f32(), want);
+        assert_ne!(b.first_f32(), m, "1.001 is not a bf16 value");
+        let back = b.clone().into_precision(false);
+        assert!(!back.is_bf16());
+        assert_eq!(back.first_f32(), b.first_f32());
+        assert_eq!(back.second_f32(), b.second_f32());
+        assert_eq!(b.clone().into_precision(true), b);
+        assert_eq!(fp32.clone().into_precision(false), fp32);
+        assert_eq!(moment_precision(true), "bf16");
+        assert_eq!(moment_precision(false), "fp32");
+    }
 
     fn cfg(bf16_moments: bool) -> AdamWConfig {
         AdamWConfig {

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use shoal_kernels::ops::adamw::Moments;
 use shoal_spec::ModelConfig;
 
 use super::Trainer;
@@ -140,11 +139,7 @@ impl Trainer {
                 let got = moments.remove(name).ok_or_else(|| {
                     WorkerError::checkpoint(dir, format!("no moments for {name}"))
                 })?;
-                Ok(if got.is_bf16() == fresh.is_bf16() {
-                    got
-                } else {
-                    Moments::from_f32(got.first_f32(), got.second_f32(), fresh.is_bf16())
-                })
+                Ok(got.into_precision(fresh.is_bf16()))
             },
         )
     }

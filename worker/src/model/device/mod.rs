@@ -15,7 +15,9 @@ mod layers;
 
 use shoal_kernels::Tensor;
 use shoal_kernels::backend::Backend;
-use shoal_kernels::ops::adamw::{AdamCoeffs, AdamWConfig, Moments, clip_coefficient};
+use shoal_kernels::ops::adamw::{
+    AdamCoeffs, AdamWConfig, Moments, clip_coefficient, moment_precision,
+};
 use std::sync::OnceLock;
 
 use self::layers::{BlockSaved, Bw, Cols, Fw, block_backward, block_forward};
@@ -242,16 +244,13 @@ impl<B: Backend> DeviceModel<B> {
                 ));
             }
             if s.is_bf16() != self.bf16_moments {
-                let (has, wants) = if self.bf16_moments {
-                    ("fp32", "bf16")
-                } else {
-                    ("bf16", "fp32")
-                };
                 return Err(WorkerError::invalid(
                     "adamw.state",
                     format!(
-                        "{}: {has} moments for a device that stores {wants}",
+                        "{}: {} moments for a device that stores {}",
                         self.model.params().name(*id),
+                        moment_precision(s.is_bf16()),
+                        moment_precision(self.bf16_moments)
                     ),
                 ));
             }
@@ -502,7 +501,7 @@ impl<B: Backend> DeviceModel<B> {
                 format!(
                     "is {} but the device stores its moments in {}",
                     h.adamw.bf16_moments,
-                    if self.bf16_moments { "bf16" } else { "fp32" }
+                    moment_precision(self.bf16_moments)
                 ),
             ));
         }
